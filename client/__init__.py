@@ -1,0 +1,1 @@
+"""loomnet.client — network layer, offer table, routing and the client library."""

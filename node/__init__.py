@@ -1,0 +1,1 @@
+"""loomnet.node — the executor daemon, its backends and the ``loomnet`` CLI."""

@@ -1,0 +1,1 @@
+"""LLM runtime adapters behind one small interface."""

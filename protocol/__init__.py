@@ -1,0 +1,1 @@
+"""loomnet.protocol — sans-IO schemas, encoding, signing, framing and stream rules."""

@@ -1,0 +1,246 @@
+"""One exception tree and one registry of stable error codes for all of loomnet.
+
+The same integer codes travel in error frames, sit on every exception raised by
+loomnet code, appear in CLI output and are listed in ``docs/errors.md``. A code is
+never renumbered or reused; retired codes stay commented out.
+
+Hierarchy::
+
+    LoomError                       root; every error carries ``code``
+    ├── ProtocolError               the peer broke the wire protocol
+    │   ├── FrameError              bad length prefix, frame over the hard maximum
+    │   ├── MessageDecodeError      bytes that do not decode to the expected message
+    │   ├── UnexpectedFrame         a valid frame in the wrong place in a stream
+    │   └── StreamTruncated         a stream ended without its terminal frame
+    ├── SignatureError              envelope signature or signer check failed
+    ├── RequestRejected             the executor refused a request (audience,
+    │                               freshness, nonce, price, model, capacity, ...)
+    ├── RemoteError                 the peer answered with an error frame
+    ├── BackendError                the LLM runtime behind an executor failed
+    ├── NetworkError                dial, stream open, read or write failed
+    │   └── NetworkTimeout          ... or did not finish before its deadline
+    ├── NoOfferError                no live offer matches what was asked
+    ├── ReceiptError                a receipt does not match what was streamed
+    ├── LedgerError                 the ledger could not be written or read
+    └── ConfigError                 configuration or identity is unusable
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "ErrorCode",
+    "FrameError",
+    "LedgerError",
+    "LoomError",
+    "MessageDecodeError",
+    "NetworkError",
+    "NetworkTimeout",
+    "NoOfferError",
+    "ProtocolError",
+    "ReceiptError",
+    "RemoteError",
+    "RequestRejected",
+    "SignatureError",
+    "StreamTruncated",
+    "UnexpectedFrame",
+]
+
+
+class ErrorCode(enum.IntEnum):
+    """Stable wire and exit codes. Grouped by hundreds; never renumber."""
+
+    # 1xx: the wire protocol itself
+    #: A frame's length prefix is malformed.
+    MALFORMED_FRAME = 100
+    #: A frame is larger than the hard maximum.
+    FRAME_TOO_LARGE = 101
+    #: A frame's bytes do not decode to the expected message.
+    MALFORMED_MESSAGE = 102
+    #: A well-formed frame arrived where the stream state does not allow it.
+    UNEXPECTED_FRAME = 103
+    #: The stream ended before its terminal frame (receipt or error).
+    STREAM_TRUNCATED = 104
+
+    # 2xx: an executor refused the request
+    #: The envelope's signature does not verify.
+    BAD_SIGNATURE = 200
+    #: The request's signer is not the peer at the other end of the stream.
+    SIGNER_MISMATCH = 201
+    #: The request is addressed to another executor.
+    WRONG_AUDIENCE = 202
+    #: The request's nonce was seen before.
+    REPLAYED_NONCE = 203
+    #: The request is older than the executor accepts.
+    REQUEST_EXPIRED = 204
+    #: The request is dated too far in the future.
+    REQUEST_FROM_FUTURE = 205
+    #: The advertised price is above the request's price cap.
+    PRICE_CAP_EXCEEDED = 206
+    #: The executor does not serve the requested model.
+    UNKNOWN_MODEL = 207
+    #: The executor has no free generation slot.
+    OVER_CAPACITY = 208
+    #: The request is well-formed but its contents are unusable.
+    BAD_REQUEST = 209
+    #: The request did not arrive before the executor's read deadline.
+    REQUEST_TIMEOUT = 210
+
+    # 3xx: the LLM runtime behind the executor
+    #: The backend cannot be reached or is not ready.
+    BACKEND_UNAVAILABLE = 300
+    #: The backend answered with an error.
+    BACKEND_ERROR = 301
+    #: The backend did not answer in time.
+    BACKEND_TIMEOUT = 302
+    #: The backend does not support a feature the request needs.
+    UNSUPPORTED_FEATURE = 303
+
+    # 4xx: what the client sees of the network
+    #: No live offer matches the model, category or price cap asked for.
+    NO_OFFER = 400
+    #: A receipt is unsigned, wrongly signed, or about another request.
+    RECEIPT_INVALID = 401
+    #: A receipt's counts or text digest disagree with what was streamed.
+    RECEIPT_MISMATCH = 402
+    #: Could not dial the peer or open a stream to it.
+    CONNECT_FAILED = 403
+    #: A read, write, dial or stream open passed its deadline.
+    NETWORK_TIMEOUT = 404
+    #: The stream broke (reset, closed) while in use.
+    STREAM_FAILED = 405
+
+    # 5xx: local problems
+    #: The configuration is invalid.
+    CONFIG_INVALID = 500
+    #: The node identity file is unusable.
+    IDENTITY_INVALID = 501
+    #: The ledger could not be written or read.
+    LEDGER_FAILED = 502
+    #: A bug: an error no other code describes.
+    INTERNAL = 503
+
+
+class LoomError(Exception):
+    """Root of every loomnet error. ``code`` is an :class:`ErrorCode`."""
+
+    code: ErrorCode = ErrorCode.INTERNAL
+    #: Whether trying again (elsewhere, or later) may succeed.
+    retryable: bool = False
+
+    def __init__(
+        self, message: str, *, code: ErrorCode | None = None, retryable: bool | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = ErrorCode(code)
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        return f"[{int(self.code)} {self.code.name}] {self.message}"
+
+
+class ProtocolError(LoomError):
+    """The peer broke the wire protocol."""
+
+    code = ErrorCode.MALFORMED_MESSAGE
+
+
+class FrameError(ProtocolError):
+    """A length prefix is malformed or announces a frame over the hard maximum."""
+
+    code = ErrorCode.MALFORMED_FRAME
+
+
+class MessageDecodeError(ProtocolError):
+    """Bytes that do not decode to the expected message type."""
+
+    code = ErrorCode.MALFORMED_MESSAGE
+
+
+class UnexpectedFrame(ProtocolError):
+    """A valid frame in a place the stream state machine does not allow."""
+
+    code = ErrorCode.UNEXPECTED_FRAME
+
+
+class StreamTruncated(ProtocolError):
+    """The stream ended without a terminal frame: the peer crashed, reset or quit."""
+
+    code = ErrorCode.STREAM_TRUNCATED
+    retryable = True
+
+
+class SignatureError(LoomError):
+    """An envelope's signature, or its signer, did not check out."""
+
+    code = ErrorCode.BAD_SIGNATURE
+
+
+class RequestRejected(LoomError):
+    """An executor refused a request; ``code`` says why."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class RemoteError(LoomError):
+    """The peer answered with an error frame; ``code`` and ``retryable`` are the peer's."""
+
+
+class BackendError(LoomError):
+    """The LLM runtime failed. ``retry_after`` is in seconds when the runtime said."""
+
+    code = ErrorCode.BACKEND_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, code=code, retryable=retryable)
+        self.retry_after = retry_after
+
+
+class NetworkError(LoomError):
+    """A dial, stream open, read or write failed."""
+
+    code = ErrorCode.STREAM_FAILED
+    retryable = True
+
+
+class NetworkTimeout(NetworkError):
+    """A dial, stream open, read or write did not finish before its deadline."""
+
+    code = ErrorCode.NETWORK_TIMEOUT
+
+
+class NoOfferError(LoomError):
+    """No live offer matches the model, category or price cap asked for."""
+
+    code = ErrorCode.NO_OFFER
+
+
+class ReceiptError(LoomError):
+    """A receipt is invalid or disagrees with what was streamed."""
+
+    code = ErrorCode.RECEIPT_INVALID
+
+
+class LedgerError(LoomError):
+    """The ledger could not be written or read."""
+
+    code = ErrorCode.LEDGER_FAILED
+
+
+class ConfigError(LoomError):
+    """The configuration or the identity file is unusable."""
+
+    code = ErrorCode.CONFIG_INVALID
