@@ -1,1 +1,73 @@
-"""loomnet.protocol — sans-IO schemas, encoding, signing, framing and stream rules."""
+"""loomnet.protocol — sans-IO schemas, encoding, signing, framing and stream rules.
+
+Knows bytes and messages, nothing about sockets or clocks: every check that depends
+on time takes ``now`` as an argument, and nonces and keys are passed in.
+"""
+
+from ._errors import (
+    BackendError as BackendError,
+    ConfigError as ConfigError,
+    ErrorCode as ErrorCode,
+    FrameError as FrameError,
+    LedgerError as LedgerError,
+    LoomError as LoomError,
+    MessageDecodeError as MessageDecodeError,
+    NetworkError as NetworkError,
+    NetworkTimeout as NetworkTimeout,
+    NoOfferError as NoOfferError,
+    ProtocolError as ProtocolError,
+    ReceiptError as ReceiptError,
+    RemoteError as RemoteError,
+    RequestRejected as RequestRejected,
+    SignatureError as SignatureError,
+    StreamTruncated as StreamTruncated,
+    UnexpectedFrame as UnexpectedFrame,
+)
+from ._framing import END as END, NEED_DATA as NEED_DATA, FrameDecoder as FrameDecoder, encode_frame as encode_frame
+from ._identity import (
+    SigningKey as SigningKey,
+    peer_id_from_public_key as peer_id_from_public_key,
+    public_key_from_peer_id as public_key_from_peer_id,
+    verify_signature as verify_signature,
+)
+from ._messages import (
+    MAX_FRAME_SIZE as MAX_FRAME_SIZE,
+    AckFrame as AckFrame,
+    Advert as Advert,
+    AdvertFrame as AdvertFrame,
+    ChatMessage as ChatMessage,
+    ChunkFrame as ChunkFrame,
+    CountSource as CountSource,
+    Envelope as Envelope,
+    ErrorFrame as ErrorFrame,
+    InferenceRequest as InferenceRequest,
+    ModelOffer as ModelOffer,
+    Receipt as Receipt,
+    ReceiptAck as ReceiptAck,
+    ReceiptFrame as ReceiptFrame,
+    RequestFrame as RequestFrame,
+    StreamFrame as StreamFrame,
+    decode_frame as decode_frame,
+    encode_frame_body as encode_frame_body,
+    encode_payload as encode_payload,
+)
+from ._pricing import cost_of as cost_of, credits_to_micro as credits_to_micro
+from ._replay import ReplayGuard as ReplayGuard
+from ._signing import SignedKind as SignedKind, digest as digest, open_envelope as open_envelope, seal as seal
+from ._stream import (
+    EndOfStream as EndOfStream,
+    InferenceConnection as InferenceConnection,
+    Role as Role,
+    StreamState as StreamState,
+)
+
+#: Gossip topic on which executors publish their signed adverts.
+ADVERT_TOPIC = "/loomnet/adverts/1"
+#: Stream protocol for one inference request.
+INFER_PROTOCOL = "/loomnet/infer/1"
+#: Stream protocol on which a peer hands over the adverts it holds.
+ADVERTS_PROTOCOL = "/loomnet/adverts/1"
+
+__all__ = sorted(
+    name for name in dir() if not name.startswith("_")
+)

@@ -1,0 +1,484 @@
+"""The libp2p adapter: the only module in loomnet that imports ``libp2p``.
+
+py-libp2p 0.8.1 works, but six of its defaults hurt a daemon (see
+``reference/libp2p.md``). Every workaround lives here, so the rest of loomnet sees
+plain trio channels, ``str`` peer ids, ``bytes`` and loomnet exceptions:
+
+- A. ``max_connections_per_peer=1``: otherwise every dial waits out a 250 ms
+  happy-eyeballs delay even when it has already succeeded.
+- B. Stream handlers are guarded: one exception escaping a handler kills the swarm.
+- C. Both ends close or reset every stream in a ``finally``: yamux frees one of its
+  256 outbound stream slots only when the *local* side closes or resets.
+- D. Gossipsub gets a 1 s heartbeat (default 120 s), no self-rate-limiting spam
+  protection (10 msg/s per topic, own publishes included) and no adaptive gossip
+  (which, in a small or new mesh, silently raises the heartbeat to 30-60 s). Our
+  subscriptions are drained continuously (libp2p's queue holds 32 and drops
+  silently), and oversized publishes raise instead of vanishing.
+- E. Every dial, stream open, read and write has a deadline: nothing in libp2p
+  notices a frozen peer.
+- F. Shutdown closes the host *inside* ``host.run()`` and stops pubsub's sweeper
+  thread; leaving ``run()`` alone leaks the dialed sockets.
+- H. Importing libp2p detaches its logger from the root logger; undone below.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import msgspec
+import trio
+
+import libp2p  # noqa: F401  (imported first, for the logging fix right below)
+
+# Trap H: importing libp2p runs its setup_logging(), which clears the "libp2p"
+# logger's handlers and sets propagate=False, so its warnings bypass the
+# application's logging config. Re-attach it; the CLI decides where logs go.
+logging.getLogger("libp2p").propagate = True
+
+from libp2p import new_host  # noqa: E402
+from libp2p.crypto.ed25519 import Ed25519PrivateKey  # noqa: E402
+from libp2p.crypto.keys import KeyPair  # noqa: E402
+from libp2p.custom_types import TProtocol  # noqa: E402
+from libp2p.network.config import ConnectionConfig  # noqa: E402
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset  # noqa: E402
+from libp2p.peer.id import ID  # noqa: E402
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr  # noqa: E402
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub  # noqa: E402
+from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset  # noqa: E402
+from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
+from multiaddr import Multiaddr  # noqa: E402
+
+from loomnet.protocol._errors import ErrorCode, FrameError, LoomError, NetworkError, NetworkTimeout  # noqa: E402
+
+__all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PNode", "P2PStatistics", "P2PStream"]
+
+logger = logging.getLogger("loomnet.p2p")
+
+#: Largest gossip payload that still fits libp2p's 1 MiB RPC limit with its envelope.
+MAX_GOSSIP_BYTES = 1_000_000
+_CLEANUP_TIMEOUT = 2.0  # s; bounds each close/reset and the host shutdown
+_POLL_INTERVAL = 0.05  # s; wait_for_topic_peers
+_EOF_ERRORS = (StreamEOF, StreamReset, MuxedStreamEOF, MuxedStreamReset)
+
+
+class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a node joins the network. Times are in seconds."""
+
+    listen: list[str] = msgspec.field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = []  # full multiaddrs ending in /p2p/<peer id>
+    topics: list[str] = []  # gossip topics subscribed to at start
+    dial_timeout: float = 5.0  # connect + stream open, when a call gives no timeout
+    gossip_heartbeat: float = 1.0  # mesh maintenance period (libp2p's default is 120 s)
+    gossip_queue: int = 256  # received gossip buffered for gossip_messages()
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """What ``run()`` reports once listening: who we are and where to dial us."""
+
+    peer_id: str
+    addrs: list[str]  # dialable, with the real port and /p2p/<peer id>
+
+
+class GossipMessage(msgspec.Struct, frozen=True):
+    """One gossip message; ``sender`` is the original, signature-checked publisher."""
+
+    topic: str
+    sender: str
+    data: bytes
+
+
+class P2PStatistics(msgspec.Struct, frozen=True):
+    """A snapshot of the node's counters (trio's ``statistics()`` convention)."""
+
+    connected_peers: int
+    gossip_received: int
+    gossip_dropped: int
+    streams_opened: int
+    streams_accepted: int
+    handler_errors: int
+
+
+@contextlib.contextmanager
+def _map_libp2p_errors(what: str, code: ErrorCode = ErrorCode.CONNECT_FAILED) -> Iterator[None]:
+    """Turn whatever libp2p, multiaddr or trio raise into loomnet's tree.
+
+    libp2p raises from a wide, undocumented set (``SwarmException``,
+    ``StreamFailure``, ``MultiselectClientError``, ``OSError``, ``ValueError`` from
+    multiaddr, ...), so everything but our own errors and cancellation becomes a
+    ``NetworkError`` with ``code``; a passed deadline becomes ``NetworkTimeout``.
+    """
+    try:
+        yield
+    except LoomError:
+        raise
+    except trio.TooSlowError as exc:
+        raise NetworkTimeout(f"{what}: deadline passed") from exc
+    except Exception as exc:  # noqa: BLE001 - the boundary: nothing foreign leaves
+        raise NetworkError(f"{what}: {type(exc).__name__}: {exc}", code=code) from exc
+
+
+async def _bounded_cleanup(fn: Callable[[], Awaitable[Any]]) -> None:
+    """Run a close/reset that must happen even while we are being cancelled."""
+    with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+        try:
+            await fn()
+        except Exception as exc:  # noqa: BLE001 - cleanup never raises
+            logger.debug("stream cleanup failed: %r", exc)
+
+
+class P2PStream:
+    """One libp2p stream, with a deadline on every read and write.
+
+    ``remote_peer`` was authenticated by the Noise handshake, so an executor may
+    compare it with a request's signer.
+    """
+
+    def __init__(self, net_stream: Any) -> None:
+        self._stream = net_stream
+        self._closed = False
+        self._reset = False
+        self.remote_peer: str = net_stream.muxed_conn.peer_id.to_base58()
+        self.protocol: str = str(net_stream.get_protocol())
+
+    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes:
+        """Wait for up to ``max_bytes`` bytes; ``b""`` means the stream is over.
+
+        libp2p reports a clean close, a reset and a crashed peer alike, so ``b""``
+        does not mean success: the protocol needs an explicit terminal frame.
+
+        Raises:
+            NetworkTimeout: nothing arrived within ``timeout`` seconds.
+
+        Cancellation: safe; unread bytes stay buffered in the stream.
+        """
+        if self._reset:
+            return b""
+        with _map_libp2p_errors("receive", ErrorCode.STREAM_FAILED):
+            try:
+                with trio.fail_after(timeout):
+                    return bytes(await self._stream.read(max_bytes))
+            except _EOF_ERRORS:
+                return b""
+
+    async def send_all(self, data: bytes, *, timeout: float) -> None:
+        """Write all of ``data``; libp2p chunks it to the muxer's frame size.
+
+        Raises:
+            NetworkError: the stream was reset or closed (code ``STREAM_FAILED``).
+            NetworkTimeout: the peer's window stayed shut past ``timeout`` seconds.
+
+        Cancellation: an interrupted write leaves the stream unusable; reset it.
+        """
+        with _map_libp2p_errors("send", ErrorCode.STREAM_FAILED), trio.fail_after(timeout):
+            await self._stream.write(data)
+
+    async def close(self) -> None:
+        """Half-close our side: the peer reads EOF, we may still read.
+
+        Resource handling: frees this stream's yamux slot (trap C). Never raises,
+        is idempotent, and finishes (bounded) even when the caller is cancelled.
+        """
+        if self._closed or self._reset:
+            return
+        self._closed = True
+        await _bounded_cleanup(self._stream.close)
+
+    async def reset(self) -> None:
+        """Abort both directions. Never raises; idempotent; survives cancellation."""
+        if self._reset:
+            return
+        self._reset = True
+        await _bounded_cleanup(self._stream.reset)
+
+
+def _content_id(msg: Any) -> bytes:
+    # Content-hash message ids make republishing the same bytes idempotent.
+    return hashlib.sha256(msg.data).digest()
+
+
+def _dialable(addr: Multiaddr) -> str:
+    text = str(addr)
+    return text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1).replace("/ip6/::/", "/ip6/::1/", 1)
+
+
+class P2PNode:
+    """A libp2p host with gossipsub, as plain trio channels and loomnet types.
+
+    Build it, register stream handlers and validators, then ``await
+    nursery.start(node.run)``. A node runs once; ``stop()`` ends it.
+    """
+
+    def __init__(self, seed: bytes, config: P2PConfig) -> None:
+        if len(seed) != 32:
+            raise ValueError("the host key seed is 32 bytes")
+        self._config = config
+        sk = Ed25519PrivateKey.from_bytes(seed)
+        with _map_libp2p_errors("listen address", ErrorCode.CONFIG_INVALID):
+            self._listen = [Multiaddr(a) for a in config.listen]
+        self._host = new_host(
+            key_pair=KeyPair(sk, sk.get_public_key()),
+            listen_addrs=self._listen,
+            connection_config=ConnectionConfig(max_connections_per_peer=1),  # trap A
+        )
+        self.peer_id: str = self._host.get_id().to_base58()
+        self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
+        self._validators: dict[str, Callable[[Any, Any], bool]] = {}
+        self._gossip_send, self._gossip_recv = trio.open_memory_channel[GossipMessage](
+            config.gossip_queue
+        )
+        self._stop_requested = trio.Event()
+        self._started = False
+        self._counts = dict.fromkeys(
+            ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted",
+             "handler_errors"), 0
+        )
+
+    # -- stream handlers ---------------------------------------------------------
+
+    def set_stream_handler(
+        self, protocol: str, handler: Callable[[P2PStream], Awaitable[None]]
+    ) -> None:
+        """Serve ``protocol`` with ``handler``, one task per inbound stream.
+
+        Error handling: an exception from ``handler`` is logged to ``loomnet.p2p``,
+        counted, and resets the stream; it never reaches libp2p, where it would
+        kill the whole swarm (trap B).
+
+        Resource handling: the stream is closed after ``handler`` returns, so
+        handlers need not (trap C).
+        """
+
+        async def guarded(net_stream: Any) -> None:
+            self._counts["streams_accepted"] += 1
+            try:
+                stream = P2PStream(net_stream)
+            except Exception:  # noqa: BLE001 - a stream torn down before we saw it
+                await _bounded_cleanup(net_stream.reset)
+                return
+            try:
+                await handler(stream)
+            except Exception:  # noqa: BLE001 - trap B: never let it escape
+                self._counts["handler_errors"] += 1
+                logger.exception("handler for %s from %s failed", protocol, stream.remote_peer)
+                await stream.reset()
+            finally:
+                await stream.close()
+
+        self._host.set_stream_handler(TProtocol(protocol), guarded)
+
+    # -- gossip --------------------------------------------------------------------
+
+    def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
+        """Drop (and never forward) gossip on ``topic`` that ``validator`` rejects.
+
+        ``validator(sender, data)`` gets the original publisher's peer id, already
+        signature-checked by libp2p. It also sees our own publishes. An exception
+        counts as a rejection. Verdicts are cached by content for 300 s.
+        """
+
+        def libp2p_validator(forwarder: ID, msg: Any) -> bool:
+            try:
+                return bool(validator(ID(msg.from_id).to_base58(), bytes(msg.data)))
+            except Exception:  # noqa: BLE001 - a crashing validator rejects
+                logger.warning("validator for topic %r raised; message dropped", topic,
+                               exc_info=True)
+                return False
+
+        self._validators[topic] = libp2p_validator
+        if self._pubsub is not None:
+            self._pubsub.set_topic_validator(topic, libp2p_validator, is_async_validator=False)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Gossip ``data`` on ``topic`` (we need not be subscribed).
+
+        Raises:
+            FrameError: ``data`` is over 1,000,000 bytes; libp2p would drop it silently.
+            NetworkError: the node is not running.
+        """
+        if len(data) > MAX_GOSSIP_BYTES:
+            raise FrameError(
+                f"gossip payload of {len(data)} bytes is over {MAX_GOSSIP_BYTES}",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        with _map_libp2p_errors(f"publish on {topic!r}", ErrorCode.STREAM_FAILED):
+            await self._require_pubsub().publish(topic, bytes(data))
+
+    def gossip_messages(self) -> trio.MemoryReceiveChannel[GossipMessage]:
+        """Gossip received on our topics, except our own; closed when ``run()`` ends.
+
+        When the consumer falls ``gossip_queue`` messages behind, new messages are
+        dropped and counted in ``statistics().gossip_dropped``.
+        """
+        return self._gossip_recv
+
+    async def wait_for_topic_peers(self, topic: str, n: int = 1, *, timeout: float) -> None:
+        """Wait until ``n`` peers would receive what we publish on ``topic``.
+
+        For a topic we subscribe to that means our gossip mesh (formed at a
+        heartbeat); otherwise, the peers known to subscribe to it.
+
+        Raises:
+            NetworkTimeout: fewer than ``n`` peers after ``timeout`` seconds.
+        """
+        with _map_libp2p_errors(f"wait for {n} peers on {topic!r}"), trio.fail_after(timeout):
+            while self._topic_peer_count(topic) < n:
+                await trio.sleep(_POLL_INTERVAL)
+
+    def _topic_peer_count(self, topic: str) -> int:
+        if self._pubsub is None:
+            return 0
+        if topic in self._pubsub.topic_ids:
+            return len(self._pubsub.router.mesh.get(topic, ()))
+        return len(self._pubsub.peer_topics.get(topic, ()))
+
+    def _require_pubsub(self) -> Pubsub:
+        if self._pubsub is None:
+            raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
+        return self._pubsub
+
+    async def _drain(self, topic: str, subscription: Any) -> None:
+        # libp2p's subscription queue holds 32 and drops silently, so never block here.
+        async for msg in subscription:
+            sender = ID(msg.from_id).to_base58()
+            if sender == self.peer_id:
+                continue
+            try:
+                self._gossip_send.send_nowait(GossipMessage(topic, sender, bytes(msg.data)))
+            except (trio.WouldBlock, trio.BrokenResourceError):
+                self._counts["gossip_dropped"] += 1
+            else:
+                self._counts["gossip_received"] += 1
+
+    # -- connections -------------------------------------------------------------
+
+    async def connect(self, addr: str, *, timeout: float | None = None) -> str:
+        """Dial ``addr`` (ending in ``/p2p/<peer id>``); returns the peer id.
+
+        Raises:
+            NetworkError: bad address or failed dial (code ``CONNECT_FAILED``).
+            NetworkTimeout: no connection within ``timeout`` (default ``dial_timeout``).
+
+        Cancellation: safe; a half-made connection is torn down by libp2p.
+        """
+        with _map_libp2p_errors(f"bad peer address {addr!r}"):
+            info = info_from_p2p_addr(Multiaddr(addr))
+        with _map_libp2p_errors(f"connect to {addr}"), trio.fail_after(self._timeout(timeout)):
+            await self._host.connect(info)
+        return info.peer_id.to_base58()
+
+    async def open_stream(
+        self,
+        peer_id: str,
+        protocol: str,
+        *,
+        addrs: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> P2PStream:
+        """Open a ``protocol`` stream to ``peer_id``, dialing ``addrs`` if needed.
+
+        Resource handling: the caller must ``close()`` or ``reset()`` the stream in
+        a ``finally`` (trap C: a connection allows only 256 unclosed streams).
+
+        Raises:
+            NetworkError: no route, failed dial or protocol not supported by the
+                peer (code ``CONNECT_FAILED``).
+            NetworkTimeout: the deadline (default ``dial_timeout``) covers dial and
+                protocol negotiation, so a frozen peer cannot hang us (trap E).
+        """
+        what = f"open {protocol} to {peer_id}"
+        with _map_libp2p_errors(what):
+            pid = ID.from_base58(peer_id)
+            maddrs = [Multiaddr(a) for a in addrs]
+        with _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
+            if maddrs and not self._host.get_network().get_connections(pid):
+                await self._host.connect(PeerInfo(pid, maddrs))
+            net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+        self._counts["streams_opened"] += 1
+        return P2PStream(net_stream)
+
+    def connected_peers(self) -> list[str]:
+        """Peer ids with an open connection (a crashed peer may linger briefly)."""
+        return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    def statistics(self) -> P2PStatistics:
+        """A frozen snapshot of this node's counters."""
+        return P2PStatistics(connected_peers=len(self._host.get_connected_peers()), **self._counts)
+
+    def _timeout(self, timeout: float | None) -> float:
+        return self._config.dial_timeout if timeout is None else timeout
+
+    async def _bootstrap(self, addr: str) -> None:
+        try:
+            await self.connect(addr)
+        except NetworkError as exc:
+            logger.warning("bootstrap peer unreachable: %s", exc)
+
+    # -- lifetime ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask ``run()`` to shut down cleanly and return."""
+        self._stop_requested.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, gossip and serve streams until ``stop()`` or cancellation.
+
+        Calls ``task_status.started(NodeInfo)`` once listening, with pubsub ready,
+        our topics subscribed and every bootstrap dial finished (each bounded by
+        ``dial_timeout``; failures are logged, not fatal).
+
+        Resource handling: on the way out the host is closed inside libp2p's
+        ``run()`` (otherwise dialed sockets leak), pubsub's sweeper thread is
+        stopped and ``gossip_messages()`` is closed. Shutdown takes at most a few
+        seconds.
+
+        Error handling: a node runs once; a second ``run()`` raises RuntimeError.
+
+        Cancellation: cancelling ``run()`` shuts down as ``stop()`` does.
+        """
+        if self._started:
+            raise RuntimeError("a P2PNode runs only once")
+        self._started = True
+        router = GossipSub(  # trap D
+            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=self._config.gossip_heartbeat,  # type: ignore[arg-type]
+            spam_protection_enabled=False,
+            adaptive_gossip_enabled=False,
+        )
+        pubsub = Pubsub(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        for topic, validator in self._validators.items():
+            pubsub.set_topic_validator(topic, validator, is_async_validator=False)
+        try:
+            async with self._host.run(listen_addrs=self._listen):
+                try:
+                    async with background_trio_service(pubsub), background_trio_service(router):
+                        await self._serve(pubsub, task_status)
+                finally:
+                    with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):  # trap F
+                        await self._host.close()
+        finally:
+            self._pubsub = None
+            pubsub.seen_messages.stop()  # its sweeper thread outlives the service
+            self._gossip_send.close()
+
+    async def _serve(self, pubsub: Pubsub, task_status: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            await pubsub.wait_until_ready()
+            self._pubsub = pubsub
+            for topic in dict.fromkeys(self._config.topics):
+                nursery.start_soon(self._drain, topic, await pubsub.subscribe(topic))
+            async with trio.open_nursery() as dials:
+                for addr in self._config.bootstrap:
+                    dials.start_soon(self._bootstrap, addr)
+            task_status.started(
+                NodeInfo(self.peer_id, [_dialable(a) for a in self._host.get_addrs()])
+            )
+            await self._stop_requested.wait()
+            nursery.cancel_scope.cancel()

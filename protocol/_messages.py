@@ -1,0 +1,237 @@
+"""Every message loomnet puts on the wire, as msgspec Structs with hard size limits.
+
+Two families:
+
+* **Signed payloads** (:class:`Advert`, :class:`InferenceRequest`, :class:`Receipt`,
+  :class:`ReceiptAck`) are encoded once by their author, signed as bytes, and carried in
+  an :class:`Envelope`. Readers verify the bytes before decoding them (``_signing``).
+* **Frames** are what travels on a stream: a tagged union (``"t"`` field) of envelopes
+  and unsigned frames (:class:`ChunkFrame`, :class:`ErrorFrame`). Chunks need no signature
+  of their own: the stream runs over Noise, which authenticates the remote peer, and the
+  receipt at the end signs a digest of the whole streamed text.
+
+Schema evolution: unknown fields are skipped (msgspec's default), so an older node reads
+a newer peer's messages. New fields go at the end with defaults; no tag, field name or
+type ever changes. Every string, bytes and list has a maximum, and a frame has a hard
+maximum (``MAX_FRAME_SIZE``), so nothing a peer sends makes us allocate without bound.
+
+Money: prices are integers in **micro-credits per million tokens**; costs are integers
+in **micro-credits**. Floats never touch a bill.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import msgspec
+from msgspec import Meta, Struct
+
+from ._errors import MessageDecodeError
+
+__all__ = [
+    "Advert",
+    "AdvertFrame",
+    "AckFrame",
+    "ChatMessage",
+    "ChunkFrame",
+    "CountSource",
+    "Envelope",
+    "ErrorFrame",
+    "InferenceRequest",
+    "MAX_FRAME_SIZE",
+    "ModelOffer",
+    "Receipt",
+    "ReceiptAck",
+    "ReceiptFrame",
+    "RequestFrame",
+    "StreamFrame",
+    "decode_frame",
+    "encode_frame_body",
+    "encode_payload",
+]
+
+#: Hard maximum size of one frame, length prefix excluded (1 MiB).
+MAX_FRAME_SIZE = 1 << 20
+
+# Shared field types. The limits are generous for honest peers and small enough
+# that the worst a hostile one can do is bounded by MAX_FRAME_SIZE anyway.
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Label = Annotated[str, Meta(max_length=64)]
+PeerIdText = Annotated[str, Meta(min_length=1, max_length=64)]
+Multiaddr = Annotated[str, Meta(min_length=1, max_length=256)]
+Digest = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Nonce = Annotated[bytes, Meta(min_length=16, max_length=32)]
+Tokens = Annotated[int, Meta(ge=0, le=1 << 31)]
+Micro = Annotated[int, Meta(ge=0, le=1 << 62)]
+Seconds = Annotated[float, Meta(ge=0.0, le=1e11)]
+Text = Annotated[str, Meta(max_length=512 * 1024)]
+
+#: Where a receipt's token counts come from, best first.
+CountSource = Literal["backend", "tokenizer", "tiktoken", "estimate"]
+
+
+class Envelope(Struct, frozen=True):
+    """Signed bytes: ``sig`` is ``signer``'s Ed25519 signature of a kind prefix + ``payload``."""
+
+    payload: Annotated[bytes, Meta(max_length=MAX_FRAME_SIZE)]
+    signer: Annotated[bytes, Meta(min_length=32, max_length=32)]
+    sig: Annotated[bytes, Meta(min_length=64, max_length=64)]
+
+
+# ---------------------------------------------------------------- signed payloads
+
+
+class ModelOffer(Struct, frozen=True, kw_only=True):
+    """One model an executor serves, and on what terms."""
+
+    name: Name
+    aliases: Annotated[list[Name], Meta(max_length=32)] = []
+    categories: Annotated[list[Label], Meta(max_length=16)] = []
+    context_length: Tokens = 0
+    #: micro-credits per million input / output tokens
+    price_in: Micro = 0
+    price_out: Micro = 0
+    #: True when the model runs on a local runtime, False behind a hosted API.
+    on_premise: bool = True
+    capabilities: Annotated[list[Label], Meta(max_length=16)] = []
+    #: measured output speed, tokens per second (0 = not measured yet)
+    tokens_per_second: Annotated[float, Meta(ge=0.0, le=1e7)] = 0.0
+
+
+class Advert(Struct, frozen=True, kw_only=True):
+    """An executor's signed offer, published on the gossip topic.
+
+    Never carries endpoints, API keys or which hosted provider sits behind a model.
+    ``seq`` grows with every advert an executor issues, so "freshest" is well defined
+    even when two arrive out of order.
+    """
+
+    seq: Annotated[int, Meta(ge=0, le=1 << 62)]
+    issued_at: Seconds
+    #: seconds after ``issued_at`` that the advert stays valid
+    ttl: Annotated[float, Meta(gt=0.0, le=86400.0)]
+    addrs: Annotated[list[Multiaddr], Meta(max_length=16)] = []
+    models: Annotated[list[ModelOffer], Meta(max_length=256)] = []
+    #: concurrent generations the executor accepts, and how many run now
+    capacity: Annotated[int, Meta(ge=0, le=1 << 20)] = 1
+    load: Annotated[int, Meta(ge=0, le=1 << 20)] = 0
+    #: True when every model runs on premise
+    on_premise: bool = True
+    #: what the executor keeps of prompts: "none" unless the operator says otherwise
+    prompt_retention: Label = "none"
+
+
+class ChatMessage(Struct, frozen=True):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class InferenceRequest(Struct, frozen=True, kw_only=True):
+    """A client's signed request, addressed to one executor (``audience``)."""
+
+    audience: PeerIdText
+    nonce: Nonce
+    created_at: Seconds
+    model: Name
+    messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
+    #: price caps, micro-credits per million tokens; None = no cap
+    max_price_in: Micro | None = None
+    max_price_out: Micro | None = None
+
+
+class Receipt(Struct, frozen=True, kw_only=True):
+    """The executor's signed account of one request: what was used and what it costs."""
+
+    #: sha256 of the signed request payload: binds the receipt to exactly one request
+    request_digest: Digest
+    client: PeerIdText
+    model: Name
+    input_tokens: Tokens
+    output_tokens: Tokens
+    count_source: CountSource
+    price_in: Micro
+    price_out: Micro
+    #: micro-credits, rounded up: see ``_pricing.cost_of``
+    cost: Micro
+    #: sha256 of the UTF-8 text streamed in chunk frames, in order
+    output_digest: Digest
+    chunks: Annotated[int, Meta(ge=0, le=1 << 31)]
+    finish_reason: Label
+    issued_at: Seconds
+
+
+class ReceiptAck(Struct, frozen=True, kw_only=True):
+    """The client's counter-signature: it checked the receipt and booked it."""
+
+    #: sha256 of the receipt payload bytes
+    receipt_digest: Digest
+    accepted_at: Seconds
+    #: the client's own count of the streamed output, for the record
+    client_output_tokens: Tokens
+
+
+# ------------------------------------------------------------------------ frames
+
+
+class _Frame(Struct, frozen=True, tag_field="t"):
+    pass
+
+
+class RequestFrame(_Frame, tag="req"):
+    envelope: Envelope
+
+
+class ChunkFrame(_Frame, tag="chunk"):
+    #: 0, 1, 2, ... with no gaps
+    seq: Annotated[int, Meta(ge=0, le=1 << 31)]
+    text: Text
+
+
+class ReceiptFrame(_Frame, tag="receipt"):
+    envelope: Envelope
+
+
+class ErrorFrame(_Frame, tag="error", kw_only=True):
+    #: an ErrorCode value; kept an int so codes from newer peers still decode
+    code: Annotated[int, Meta(ge=0, le=65535)]
+    message: Annotated[str, Meta(max_length=2048)]
+    retryable: bool = False
+    #: seconds; None when the peer gave no hint
+    retry_after: Annotated[float, Meta(ge=0.0, le=86400.0)] | None = None
+
+
+class AckFrame(_Frame, tag="ack"):
+    envelope: Envelope
+
+
+class AdvertFrame(_Frame, tag="advert"):
+    envelope: Envelope
+
+
+StreamFrame = Union[RequestFrame, ChunkFrame, ReceiptFrame, ErrorFrame, AckFrame, AdvertFrame]
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(StreamFrame)
+
+
+def encode_payload(message: Struct) -> bytes:
+    """The canonical bytes of a payload, to be signed exactly as they are."""
+    return _encoder.encode(message)
+
+
+def encode_frame_body(frame: StreamFrame) -> bytes:
+    """A frame's bytes, without the length prefix (see ``_framing``)."""
+    return _encoder.encode(frame)
+
+
+def decode_frame(body: bytes) -> StreamFrame:
+    """Decode one frame body. Raises ``MessageDecodeError`` and nothing else."""
+    if len(body) > MAX_FRAME_SIZE:
+        raise MessageDecodeError(f"frame of {len(body)} bytes is over the maximum")
+    try:
+        return _frame_decoder.decode(body)
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
+        raise MessageDecodeError(f"undecodable frame: {str(exc)[:200]}") from None
