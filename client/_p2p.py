@@ -53,7 +53,14 @@ from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset  # n
 from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
 from multiaddr import Multiaddr  # noqa: E402
 
-from loomnet.protocol._errors import ErrorCode, FrameError, LoomError, NetworkError, NetworkTimeout  # noqa: E402
+from loomnet.protocol._errors import (  # noqa: E402
+    ConfigError,
+    ErrorCode,
+    FrameError,
+    LoomError,
+    NetworkError,
+    NetworkTimeout,
+)
 
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PNode", "P2PStatistics", "P2PStream"]
 
@@ -215,11 +222,13 @@ class P2PNode:
 
     def __init__(self, seed: bytes, config: P2PConfig) -> None:
         if len(seed) != 32:
-            raise ValueError("the host key seed is 32 bytes")
+            raise ConfigError("the host key seed is 32 bytes", code=ErrorCode.IDENTITY_INVALID)
         self._config = config
         sk = Ed25519PrivateKey.from_bytes(seed)
-        with _map_libp2p_errors("listen address", ErrorCode.CONFIG_INVALID):
+        try:
             self._listen = [Multiaddr(a) for a in config.listen]
+        except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
+            raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
@@ -395,7 +404,7 @@ class P2PNode:
             pid = ID.from_base58(peer_id)
             maddrs = [Multiaddr(a) for a in addrs]
         with _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
-            if maddrs and not self._host.get_network().get_connections(pid):
+            if maddrs:  # no dial if already connected; the addrs go to the peerstore
                 await self._host.connect(PeerInfo(pid, maddrs))
             net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
         self._counts["streams_opened"] += 1

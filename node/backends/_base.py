@@ -1,0 +1,107 @@
+"""The one small interface every LLM runtime adapter implements.
+
+An executor only ever talks to a backend through :class:`Backend`: stream a chat,
+list models, check health, count tokens with the model's own tokenizer when the
+runtime has one. Adapters map every foreign exception to
+:class:`loomnet.protocol.BackendError` (with ``retryable`` and, when the runtime
+says, ``retry_after``) at their boundary; nothing from httpx or llama-cpp leaks out.
+"""
+
+from __future__ import annotations
+
+import abc
+from contextlib import AbstractAsyncContextManager
+from typing import AsyncIterator, Literal, Union
+
+import msgspec
+
+from loomnet.protocol import ChatMessage, CountSource
+
+__all__ = ["Backend", "ChatParams", "Finished", "ModelInfo", "StreamEvent", "TextDelta", "Usage"]
+
+
+class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
+    """What a backend needs to run one chat."""
+
+    model: str
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    input_tokens: int
+    output_tokens: int
+    source: CountSource
+
+
+class TextDelta(msgspec.Struct, frozen=True):
+    """A piece of generated text, in order."""
+
+    text: str
+
+
+class Finished(msgspec.Struct, frozen=True, kw_only=True):
+    """The last event of every successful stream."""
+
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "interrupted"] | str
+    #: what the runtime reported, or None when it reports nothing for streams
+    usage: Usage | None = None
+
+
+StreamEvent = Union[TextDelta, Finished]
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What the runtime knows of one model."""
+
+    name: str
+    context_length: int = 0
+    capabilities: list[str] = []
+    quantization: str | None = None
+
+
+class Backend(abc.ABC):
+    """One LLM runtime. Use as ``async with backend:``; streams are context managers."""
+
+    #: short kind name for logs and config ("embedded", "openai", ...); never a secret
+    kind: str = "abstract"
+    #: True when the models run on this machine's runtime, False behind a hosted API
+    on_premise: bool = True
+
+    @abc.abstractmethod
+    def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
+        """``async with backend.stream_chat(p) as events: async for ev in events: ...``
+
+        Yields :class:`TextDelta` events then exactly one :class:`Finished`. Leaving the
+        ``async with`` early (client gone, cancelled) stops the generation.
+
+        Raises:
+            BackendError: the runtime failed, before or during the stream.
+        """
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[ModelInfo]:
+        """The models this runtime serves now."""
+
+    @abc.abstractmethod
+    async def health(self) -> bool:
+        """True when the runtime can take a request now."""
+
+    async def count_tokens(self, model: str, text: str) -> int | None:
+        """Tokens in ``text`` by the model's own tokenizer, or None if the runtime has none."""
+        return None
+
+    async def count_prompt_tokens(self, params: ChatParams) -> int | None:
+        """Tokens of the whole formatted prompt (template included), or None if unknown."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release connections, threads and models."""
+
+    async def __aenter__(self) -> "Backend":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
