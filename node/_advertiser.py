@@ -1,0 +1,91 @@
+"""Publishes this executor's signed advert: at start, on every change, and periodically.
+
+Changes (load going up or down) can come in bursts, so adverts are spaced at least
+``min_gap`` seconds apart; the periodic one keeps the advert alive in tables whose
+entries expire after ``advert_ttl``. ``seq`` is the issue time in milliseconds, forced
+to grow, so it keeps growing across restarts too and peers always keep the newest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import trio
+
+from loomnet.client import Member
+from loomnet.protocol import Advert, Envelope, LoomError, SignedKind, SigningKey, seal
+
+from ._catalog import Catalog
+from .config import ExecutorConfig
+
+__all__ = ["Advertiser"]
+
+log = logging.getLogger("loomnet.advertiser")
+
+
+class Advertiser:
+    def __init__(
+        self,
+        key: SigningKey,
+        member: Member,
+        catalog: Catalog,
+        config: ExecutorConfig,
+        *,
+        load: Callable[[], int],
+        addrs: Callable[[], list[str]],
+        clock: Callable[[], float] = time.time,
+        min_gap: float = 1.0,
+    ) -> None:
+        self._key = key
+        self._member = member
+        self._catalog = catalog
+        self._config = config
+        self._load = load
+        self._addrs = addrs
+        self._clock = clock
+        self._min_gap = min_gap
+        self._seq = 0
+        self._changed = trio.Event()
+        #: the last advert issued; served on the adverts request stream
+        self.current: Envelope | None = None
+
+    def build(self) -> Envelope:
+        now = self._clock()
+        self._seq = max(self._seq + 1, int(now * 1000))
+        offers = self._catalog.offers
+        advert = Advert(
+            seq=self._seq,
+            issued_at=now,
+            ttl=self._config.advert_ttl,
+            addrs=self._addrs(),
+            models=offers,
+            capacity=self._config.capacity,
+            load=self._load(),
+            on_premise=all(o.on_premise for o in offers),
+            prompt_retention=self._config.prompt_retention,
+        )
+        self.current = seal(SignedKind.ADVERT, advert, self._key)
+        self._member.add_advert(self.current)
+        return self.current
+
+    def poke(self) -> None:
+        """Something advertised changed: publish soon (sync, never blocks)."""
+        self._changed.set()
+
+    async def publish_now(self) -> None:
+        try:
+            await self._member.publish_advert(self.build())
+        except LoomError as exc:
+            log.warning("could not publish advert: %s", exc)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self.publish_now()
+        task_status.started()
+        while True:
+            with trio.move_on_after(self._config.advert_interval):
+                await self._changed.wait()
+            self._changed = trio.Event()
+            await self.publish_now()
+            await trio.sleep(self._min_gap)

