@@ -1,72 +1,70 @@
 """The libp2p adapter: the only module in loomnet that imports ``libp2p``.
 
-py-libp2p 0.8.1 works, but six of its defaults hurt a daemon (see
-``reference/libp2p.md``). Every workaround lives here, so the rest of loomnet sees
-plain trio channels, ``str`` peer ids, ``bytes`` and loomnet exceptions:
+It applies every workaround from ``reference/libp2p.md`` in one place and hands the
+rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our exceptions:
 
-- A. ``max_connections_per_peer=1``: otherwise every dial waits out a 250 ms
-  happy-eyeballs delay even when it has already succeeded.
-- B. Stream handlers are guarded: one exception escaping a handler kills the swarm.
-- C. Both ends close or reset every stream in a ``finally``: yamux frees one of its
-  256 outbound stream slots only when the *local* side closes or resets.
-- D. Gossipsub gets a 1 s heartbeat (default 120 s), no self-rate-limiting spam
-  protection (10 msg/s per topic, own publishes included) and no adaptive gossip
-  (which, in a small or new mesh, silently raises the heartbeat to 30-60 s). Our
-  subscriptions are drained continuously (libp2p's queue holds 32 and drops
-  silently), and oversized publishes raise instead of vanishing.
-- E. Every dial, stream open, read and write has a deadline: nothing in libp2p
-  notices a frozen peer.
-- F. Shutdown closes the host *inside* ``host.run()`` and stops pubsub's sweeper
-  thread; leaving ``run()`` alone leaks the dialed sockets.
-- H. Importing libp2p detaches its logger from the root logger; undone below.
+- A. ``max_connections_per_peer=1``, or every dial waits out a 250 ms delay.
+- B. Guarded stream handlers: one escaped exception kills the whole swarm.
+- C. Streams closed or reset in a ``finally``: yamux frees one of its 256 outbound
+  stream slots only when the *local* side closes or resets.
+- D. Gossipsub: 1 s heartbeat (default 120 s); no spam protection (10 msg/s per
+  topic, own publishes included); no adaptive gossip (measured: it raised a 2-node
+  mesh's heartbeat from 1 s to 30 s after 30 s). Its 32-slot queues drop silently,
+  so delivery skips the subscription queue and ``publish()`` waits for room in the
+  per-peer send queue; oversized publishes raise instead of vanishing.
+- E. A deadline on every dial, stream open, read and write: nothing notices a
+  frozen peer.
+- F. Shutdown under a shield, closing the host *inside* ``host.run()`` and
+  stopping pubsub's sweeper thread; otherwise dialed sockets leak.
+- H. The logging fix right after the imports.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import msgspec
 import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import Ed25519PrivateKey
+from libp2p.crypto.keys import KeyPair
+from libp2p.custom_types import TProtocol
+from libp2p.network import auto_connector
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
 
-import libp2p  # noqa: F401  (imported first, for the logging fix right below)
+from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
+
+from ._p2p_types import (
+    _CLEANUP_TIMEOUT,
+    GossipMessage,
+    NodeInfo,
+    P2PConfig,
+    P2PStatistics,
+    P2PStream,
+    _bounded_cleanup,
+    _content_id,
+    _dialable,
+    _map_libp2p_errors,
+    _single_error,
+)
 
 # Trap H: importing libp2p runs its setup_logging(), which clears the "libp2p"
-# logger's handlers and sets propagate=False, so its warnings bypass the
-# application's logging config. Re-attach it; the CLI decides where logs go.
+# logger's handlers and sets propagate=False, so its warnings would bypass the
+# application's logging config; and auto_connector pins its logger at INFO (two
+# lines every 10 s while a node has under 50 connections). Undo both, so the
+# application decides. (Nothing logs between those imports and this.)
 logging.getLogger("libp2p").propagate = True
-
-from libp2p.network import auto_connector  # noqa: E402
-
-# Its module also pins its own logger at INFO (two lines every 10 s while a node
-# has fewer than 50 connections); let it inherit the "libp2p" level instead.
 logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
-
-from libp2p import new_host  # noqa: E402
-from libp2p.crypto.ed25519 import Ed25519PrivateKey  # noqa: E402
-from libp2p.crypto.keys import KeyPair  # noqa: E402
-from libp2p.custom_types import TProtocol  # noqa: E402
-from libp2p.network.config import ConnectionConfig  # noqa: E402
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset  # noqa: E402
-from libp2p.peer.id import ID  # noqa: E402
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr  # noqa: E402
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub  # noqa: E402
-from libp2p.pubsub.pubsub import Pubsub  # noqa: E402
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset  # noqa: E402
-from libp2p.tools.anyio_service import background_trio_service  # noqa: E402
-from multiaddr import Multiaddr  # noqa: E402
-
-from loomnet.protocol._errors import (  # noqa: E402
-    ConfigError,
-    ErrorCode,
-    FrameError,
-    LoomError,
-    NetworkError,
-    NetworkTimeout,
-)
 
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PNode", "P2PStatistics", "P2PStream"]
 
@@ -74,158 +72,23 @@ logger = logging.getLogger("loomnet.p2p")
 
 #: Largest gossip payload that still fits libp2p's 1 MiB RPC limit with its envelope.
 MAX_GOSSIP_BYTES = 1_000_000
-_CLEANUP_TIMEOUT = 2.0  # s; bounds each stream close/reset and the host close
 _SHUTDOWN_TIMEOUT = 3.0  # s; after stop(), libp2p's own shutdown is cut short
-_POLL_INTERVAL = 0.05  # s; wait_for_topic_peers
 _QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
 _PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
-_BACKPRESSURE_POLL = 0.002  # s
 _EOF_ERRORS = (StreamEOF, StreamReset, MuxedStreamEOF, MuxedStreamReset)
 
 
-class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How a node joins the network. Times are in seconds."""
-
-    listen: list[str] = msgspec.field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
-    bootstrap: list[str] = []  # full multiaddrs ending in /p2p/<peer id>
-    topics: list[str] = []  # gossip topics subscribed to at start
-    dial_timeout: float = 5.0  # connect + stream open, when a call gives no timeout
-    gossip_heartbeat: float = 1.0  # mesh maintenance period (libp2p's default is 120 s)
-    gossip_queue: int = 256  # received gossip buffered for gossip_messages()
-
-
-class NodeInfo(msgspec.Struct, frozen=True):
-    """What ``run()`` reports once listening: who we are and where to dial us."""
-
-    peer_id: str
-    addrs: list[str]  # dialable, with the real port and /p2p/<peer id>
-
-
-class GossipMessage(msgspec.Struct, frozen=True):
-    """One gossip message; ``sender`` is the original, signature-checked publisher."""
-
-    topic: str
-    sender: str
-    data: bytes
-
-
-class P2PStatistics(msgspec.Struct, frozen=True):
-    """A snapshot of the node's counters (trio's ``statistics()`` convention)."""
-
-    connected_peers: int
-    gossip_received: int
-    gossip_dropped: int
-    streams_opened: int
-    streams_accepted: int
-    handler_errors: int
-
-
-@contextlib.contextmanager
-def _map_libp2p_errors(what: str, code: ErrorCode = ErrorCode.CONNECT_FAILED) -> Iterator[None]:
-    """Turn whatever libp2p, multiaddr or trio raise into loomnet's tree.
-
-    libp2p raises from a wide, undocumented set (``SwarmException``,
-    ``StreamFailure``, ``MultiselectClientError``, ``OSError``, ``ValueError`` from
-    multiaddr, ...), so everything but our own errors and cancellation becomes a
-    ``NetworkError`` with ``code``; a passed deadline becomes ``NetworkTimeout``.
-    """
-    try:
-        yield
-    except LoomError:
-        raise
-    except trio.TooSlowError as exc:
-        raise NetworkTimeout(f"{what}: deadline passed") from exc
-    except Exception as exc:  # noqa: BLE001 - the boundary: nothing foreign leaves
-        raise NetworkError(f"{what}: {type(exc).__name__}: {exc}", code=code) from exc
-
-
-async def _bounded_cleanup(fn: Callable[[], Awaitable[Any]]) -> None:
-    """Run a close/reset that must happen even while we are being cancelled."""
-    with trio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
-        try:
-            await fn()
-        except Exception as exc:  # noqa: BLE001 - cleanup never raises
-            logger.debug("stream cleanup failed: %r", exc)
-
-
-class P2PStream:
-    """One libp2p stream, with a deadline on every read and write.
-
-    ``remote_peer`` was authenticated by the Noise handshake, so an executor may
-    compare it with a request's signer.
-    """
-
-    def __init__(self, net_stream: Any) -> None:
-        self._stream = net_stream
-        self._closed = False
-        self._reset = False
-        self.remote_peer: str = net_stream.muxed_conn.peer_id.to_base58()
-        self.protocol: str = str(net_stream.get_protocol())
-
-    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes:
-        """Wait for up to ``max_bytes`` bytes; ``b""`` means the stream is over.
-
-        libp2p reports a clean close, a reset and a crashed peer alike, so ``b""``
-        does not mean success: the protocol needs an explicit terminal frame.
-
-        Raises:
-            NetworkTimeout: nothing arrived within ``timeout`` seconds.
-
-        Cancellation: safe; unread bytes stay buffered in the stream.
-        """
-        if self._reset:
-            return b""
-        with _map_libp2p_errors("receive", ErrorCode.STREAM_FAILED):
-            try:
-                with trio.fail_after(timeout):
-                    return bytes(await self._stream.read(max_bytes))
-            except _EOF_ERRORS:
-                return b""
-
-    async def send_all(self, data: bytes, *, timeout: float) -> None:
-        """Write all of ``data``; libp2p chunks it to the muxer's frame size.
-
-        Raises:
-            NetworkError: the stream was reset or closed (code ``STREAM_FAILED``).
-            NetworkTimeout: the peer's window stayed shut past ``timeout`` seconds.
-
-        Cancellation: an interrupted write leaves the stream unusable; reset it.
-        """
-        with _map_libp2p_errors("send", ErrorCode.STREAM_FAILED), trio.fail_after(timeout):
-            await self._stream.write(data)
-
-    async def close(self) -> None:
-        """Half-close our side: the peer reads EOF, we may still read.
-
-        Resource handling: frees this stream's yamux slot (trap C). Never raises,
-        is idempotent, and finishes (bounded) even when the caller is cancelled.
-        """
-        if self._closed or self._reset:
-            return
-        self._closed = True
-        await _bounded_cleanup(self._stream.close)
-
-    async def reset(self) -> None:
-        """Abort both directions. Never raises; idempotent; survives cancellation."""
-        if self._reset:
-            return
-        self._reset = True
-        await _bounded_cleanup(self._stream.reset)
-
-
-def _content_id(msg: Any) -> bytes:
-    # Content-hash message ids make republishing the same bytes idempotent.
-    return hashlib.sha256(msg.data).digest()
+def _wrap_stream(net_stream: Any) -> P2PStream:
+    remote = net_stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
+    protocol = str(net_stream.get_protocol())
+    return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
 class _Pubsub(Pubsub):
     """Pubsub that hands each accepted message straight to ``deliver``.
 
-    libp2p queues messages for a subscription in a 32-slot channel and drops the
-    rest with a warning. Its reader pushes a whole RPC batch without a checkpoint,
-    so even a task draining that channel nonstop loses messages (40 back-to-back
-    publishes arrived as 32). Delivering synchronously into our own bounded channel
-    makes the only drop point ours, and counted.
+    libp2p's subscription channel holds 32 and drops the rest with only a warning;
+    skipping it leaves one drop point, ours, which counts (and no drain task).
     """
 
     deliver: Callable[[str, Any], None]
@@ -234,11 +97,6 @@ class _Pubsub(Pubsub):
         for topic in publish_message.topicIDs:
             if topic in self.topic_ids:
                 self.deliver(topic, publish_message)
-
-
-def _dialable(addr: Multiaddr) -> str:
-    text = str(addr)
-    return text.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1).replace("/ip6/::/", "/ip6/::1/", 1)
 
 
 class P2PNode:
@@ -265,18 +123,13 @@ class P2PNode:
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
-        self._gossip_send, self._gossip_recv = trio.open_memory_channel[GossipMessage](
-            config.gossip_queue
-        )
+        channel = trio.open_memory_channel[GossipMessage](config.gossip_queue)
+        self._gossip_send, self._gossip_recv = channel
         self._stop_requested = trio.Event()
         self._shield: trio.CancelScope | None = None  # set by run(); see there
         self._startup: trio.CancelScope | None = None  # the bootstrap dials
-        self._counts = dict.fromkeys(
-            ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted",
-             "handler_errors"), 0
-        )
-
-    # -- stream handlers ---------------------------------------------------------
+        names = ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted")
+        self._counts = dict.fromkeys((*names, "handler_errors"), 0)
 
     def set_stream_handler(
         self, protocol: str, handler: Callable[[P2PStream], Awaitable[None]]
@@ -294,7 +147,7 @@ class P2PNode:
         async def guarded(net_stream: Any) -> None:
             self._counts["streams_accepted"] += 1
             try:
-                stream = P2PStream(net_stream)
+                stream = _wrap_stream(net_stream)
             except Exception:  # noqa: BLE001 - a stream torn down before we saw it
                 await _bounded_cleanup(net_stream.reset)
                 return
@@ -309,8 +162,6 @@ class P2PNode:
 
         self._host.set_stream_handler(TProtocol(protocol), guarded)
 
-    # -- gossip --------------------------------------------------------------------
-
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
         """Drop (and never forward) gossip on ``topic`` that ``validator`` rejects.
 
@@ -323,8 +174,9 @@ class P2PNode:
             try:
                 return bool(validator(ID(msg.from_id).to_base58(), bytes(msg.data)))
             except Exception:  # noqa: BLE001 - a crashing validator rejects
-                logger.warning("validator for topic %r raised; message dropped", topic,
-                               exc_info=True)
+                logger.warning(
+                    "validator for topic %r raised; message dropped", topic, exc_info=True
+                )
                 return False
 
         self._validators[topic] = libp2p_validator
@@ -337,19 +189,20 @@ class P2PNode:
         Raises:
             FrameError: ``data`` is over 1,000,000 bytes; libp2p would drop it silently.
             NetworkError: the node is not running.
+
+        Cancellation: safe; waits at most ~1 s for a congested peer's send queue.
         """
         if len(data) > MAX_GOSSIP_BYTES:
-            raise FrameError(
-                f"gossip payload of {len(data)} bytes is over {MAX_GOSSIP_BYTES}",
-                code=ErrorCode.FRAME_TOO_LARGE,
-            )
-        pubsub = self._require_pubsub()
+            message = f"gossip payload of {len(data)} bytes is over {MAX_GOSSIP_BYTES}"
+            raise FrameError(message, code=ErrorCode.FRAME_TOO_LARGE)
+        if (pubsub := self._pubsub) is None:
+            raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
         # libp2p's per-peer outbound queue holds 32 RPCs and publish() never waits
         # for it: 40 back-to-back publishes arrived as 32. Wait (bounded, so one
         # stuck peer cannot stall us) until every queue has room.
         with trio.move_on_after(_PUBLISH_BACKPRESSURE):
             while any(len(q) >= _QUEUE_ROOM for q in list(pubsub.peer_queues.values())):
-                await trio.sleep(_BACKPRESSURE_POLL)
+                await trio.sleep(0.002)
         with _map_libp2p_errors(f"publish on {topic!r}", ErrorCode.STREAM_FAILED):
             await pubsub.publish(topic, bytes(data))
 
@@ -364,15 +217,16 @@ class P2PNode:
     async def wait_for_topic_peers(self, topic: str, n: int = 1, *, timeout: float) -> None:
         """Wait until ``n`` peers would receive what we publish on ``topic``.
 
-        For a topic we subscribe to that means our gossip mesh (formed at a
-        heartbeat); otherwise, the peers known to subscribe to it.
+        For a topic we subscribe to that means our gossip mesh (peers are grafted
+        as they subscribe, or at a heartbeat); otherwise, the peers known to
+        subscribe to it.
 
         Raises:
             NetworkTimeout: fewer than ``n`` peers after ``timeout`` seconds.
         """
         with _map_libp2p_errors(f"wait for {n} peers on {topic!r}"), trio.fail_after(timeout):
             while self._topic_peer_count(topic) < n:
-                await trio.sleep(_POLL_INTERVAL)
+                await trio.sleep(0.05)
 
     def _topic_peer_count(self, topic: str) -> int:
         if self._pubsub is None:
@@ -380,11 +234,6 @@ class P2PNode:
         if topic in self._pubsub.topic_ids:
             return len(self._pubsub.router.mesh.get(topic, ()))
         return len(self._pubsub.peer_topics.get(topic, ()))
-
-    def _require_pubsub(self) -> Pubsub:
-        if self._pubsub is None:
-            raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
-        return self._pubsub
 
     def _deliver(self, topic: str, msg: Any) -> None:
         # Called synchronously by libp2p for each accepted message; never blocks.
@@ -397,8 +246,6 @@ class P2PNode:
             self._counts["gossip_dropped"] += 1
         else:
             self._counts["gossip_received"] += 1
-
-    # -- connections -------------------------------------------------------------
 
     async def connect(self, addr: str, *, timeout: float | None = None) -> str:
         """Dial ``addr`` (ending in ``/p2p/<peer id>``); returns the peer id.
@@ -443,7 +290,7 @@ class P2PNode:
                 await self._host.connect(PeerInfo(pid, maddrs))
             net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
         self._counts["streams_opened"] += 1
-        return P2PStream(net_stream)
+        return _wrap_stream(net_stream)
 
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection (a crashed peer may linger briefly)."""
@@ -461,8 +308,6 @@ class P2PNode:
             await self.connect(addr)
         except NetworkError as exc:
             logger.warning("bootstrap peer unreachable: %s", exc)
-
-    # -- lifetime ----------------------------------------------------------------
 
     def stop(self) -> None:
         """Ask ``run()`` to shut down cleanly; it returns within a few seconds."""
@@ -494,19 +339,12 @@ class P2PNode:
         if self._shield is not None:
             raise RuntimeError("a P2PNode runs only once")
         self._shield = trio.CancelScope(shield=True)
-        try:
+        with _single_error():  # not ExceptionGroups from our and libp2p's nurseries
             async with trio.open_nursery() as guard:
                 guard.start_soon(self._stop_when_cancelled)
                 with self._shield:
                     await self._run_libp2p(task_status)
                 guard.cancel_scope.cancel()
-        except BaseExceptionGroup as group:  # from our and libp2p's nurseries
-            exc: BaseException = group
-            while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]
-            if exc is group:
-                raise
-            raise exc from exc.__cause__
 
     async def _stop_when_cancelled(self) -> None:
         try:
@@ -516,7 +354,7 @@ class P2PNode:
 
     async def _run_libp2p(self, task_status: Any) -> None:
         router = GossipSub(  # trap D
-            protocols=[PROTOCOL_ID_V11, PROTOCOL_ID],
+            [PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
             degree_low=4,
             degree_high=12,
@@ -536,10 +374,7 @@ class P2PNode:
                 except Exception as exc:  # noqa: BLE001 - OSError, libp2p errors, ...
                     raise ConfigError(f"cannot listen on {self._config.listen}: {exc}") from exc
                 if len(bound) < len(self._listen):  # libp2p only logs a failed bind
-                    raise ConfigError(
-                        f"cannot listen on all of {self._config.listen} (bound: "
-                        f"{[str(a) for a in bound]}); is the port in use?"
-                    )
+                    raise ConfigError(f"cannot listen on all of {self._config.listen}; in use?")
                 stack.push_async_callback(self._close_host)  # trap F: inside host.run()
                 await stack.enter_async_context(background_trio_service(pubsub))
                 await stack.enter_async_context(background_trio_service(router))
@@ -552,7 +387,7 @@ class P2PNode:
                         for addr in self._config.bootstrap:
                             dials.start_soon(self._bootstrap, addr)
                 self._startup = None
-                addrs = [_dialable(a) for a in self._host.get_addrs()]
+                addrs = [_dialable(str(a)) for a in self._host.get_addrs()]
                 task_status.started(NodeInfo(self.peer_id, addrs))
                 await self._stop_requested.wait()
         finally:

@@ -188,7 +188,8 @@ async def test_concurrent_requests_are_serialized(backend, stock_llama):
                 first = trio.current_time() if first is None else first
                 if isinstance(event, TextDelta):
                     texts[key] = texts.get(key, "") + event.text
-        spans[key] = (first, trio.current_time())
+                else:  # Finished comes while the stream still holds the model
+                    spans[key] = (first, trio.current_time())
 
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
@@ -245,7 +246,8 @@ async def test_missing_model_file_is_unavailable(tmp_path):
     backend = EmbeddedBackend(EmbeddedConfig(model_path=str(path)))
     assert not await backend.health()
     with pytest.raises(BackendError) as info:
-        await backend.load()
+        async with backend:
+            pass
     assert info.value.code == ErrorCode.BACKEND_UNAVAILABLE
     assert str(path) in info.value.message and "not found" in info.value.message
 

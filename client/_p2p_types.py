@@ -1,0 +1,193 @@
+"""The libp2p-free half of the adapter: its plain types, error mapping and streams.
+
+``_p2p`` must stay the only module that imports libp2p, and small; the parts that
+need no libp2p names live here. ``P2PStream`` is handed the libp2p exceptions that
+mean "end of stream" rather than importing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import msgspec
+import trio
+
+from loomnet.protocol._errors import ErrorCode, LoomError, NetworkError, NetworkTimeout
+
+__all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PStatistics", "P2PStream"]
+
+logger = logging.getLogger("loomnet.p2p")
+
+_CLEANUP_TIMEOUT = 2.0  # s; bounds each stream close/reset and the host close
+
+
+class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a node joins the network. Times are in seconds."""
+
+    listen: list[str] = msgspec.field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = []  # full multiaddrs ending in /p2p/<peer id>
+    topics: list[str] = []  # gossip topics subscribed to at start
+    dial_timeout: float = 5.0  # connect + stream open, when a call gives no timeout
+    gossip_heartbeat: float = 1.0  # mesh maintenance period (libp2p's default is 120 s)
+    gossip_queue: int = 256  # received gossip buffered for gossip_messages()
+
+
+class NodeInfo(msgspec.Struct, frozen=True):
+    """What ``run()`` reports once listening: who we are and where to dial us."""
+
+    peer_id: str
+    addrs: list[str]  # dialable, with the real port and /p2p/<peer id>
+
+
+class GossipMessage(msgspec.Struct, frozen=True):
+    """One gossip message; ``sender`` is the original, signature-checked publisher."""
+
+    topic: str
+    sender: str
+    data: bytes
+
+
+class P2PStatistics(msgspec.Struct, frozen=True):
+    """A snapshot of the node's counters (trio's ``statistics()`` convention)."""
+
+    connected_peers: int
+    gossip_received: int
+    gossip_dropped: int
+    streams_opened: int
+    streams_accepted: int
+    handler_errors: int
+
+
+@contextlib.contextmanager
+def _map_libp2p_errors(what: str, code: ErrorCode = ErrorCode.CONNECT_FAILED) -> Iterator[None]:
+    """Turn whatever libp2p, multiaddr or trio raise into loomnet's tree.
+
+    libp2p raises from a wide, undocumented set (``SwarmException``,
+    ``StreamFailure``, ``MultiselectClientError``, ``OSError``, ``ValueError`` from
+    multiaddr, ...), so everything but our own errors and cancellation becomes a
+    ``NetworkError`` with ``code``; a passed deadline becomes ``NetworkTimeout``.
+    """
+    try:
+        yield
+    except LoomError:
+        raise
+    except trio.TooSlowError as exc:
+        raise NetworkTimeout(f"{what}: deadline passed") from exc
+    except Exception as exc:  # noqa: BLE001 - the boundary: nothing foreign leaves
+        raise NetworkError(f"{what}: {type(exc).__name__}: {exc}", code=code) from exc
+
+
+@contextlib.contextmanager
+def _single_error() -> Iterator[None]:
+    """Re-raise a lone exception wrapped in (nested) one-member ExceptionGroups.
+
+    libp2p's context managers run nurseries, so even a plain ``OSError`` would
+    reach our caller as a group of a group.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from exc.__cause__
+
+
+def _content_id(msg: Any) -> bytes:
+    """Gossip message id: a content hash, so republishing the same bytes is idempotent."""
+    return hashlib.sha256(msg.data).digest()
+
+
+def _dialable(addr: str) -> str:
+    """A listen address as peers can dial it (a wildcard bind means loopback too)."""
+    return addr.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1).replace("/ip6/::/", "/ip6/::1/", 1)
+
+
+async def _bounded_cleanup(fn: Callable[[], Awaitable[Any]]) -> None:
+    """Run a close/reset that must happen even while we are being cancelled."""
+    with trio.CancelScope(deadline=trio.current_time() + _CLEANUP_TIMEOUT, shield=True):
+        try:
+            await fn()
+        except Exception as exc:  # noqa: BLE001 - cleanup never raises
+            logger.debug("stream cleanup failed: %r", exc)
+
+
+class P2PStream:
+    """One libp2p stream, with a deadline on every read and write.
+
+    ``remote_peer`` was authenticated by the Noise handshake, so an executor may
+    compare it with a request's signer.
+    """
+
+    def __init__(
+        self,
+        net_stream: Any,
+        *,
+        remote_peer: str,
+        protocol: str,
+        eof_errors: tuple[type[BaseException], ...],
+    ) -> None:
+        self._stream = net_stream
+        self._eof_errors = eof_errors  # what libp2p raises for close, reset and crash
+        self._closed = False
+        self._reset = False
+        self.remote_peer = remote_peer
+        self.protocol = protocol
+
+    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes:
+        """Wait for up to ``max_bytes`` bytes; ``b""`` means the stream is over.
+
+        libp2p reports a clean close, a reset and a crashed peer alike, so ``b""``
+        does not mean success: the protocol needs an explicit terminal frame.
+
+        Raises:
+            NetworkTimeout: nothing arrived within ``timeout`` seconds.
+
+        Cancellation: a timeout or cancel can land after yamux has taken bytes off
+        its buffer (while it sends the window update), losing them: after
+        ``NetworkTimeout`` or cancellation, treat the stream as broken and reset it.
+        """
+        if self._reset:
+            return b""
+        with _map_libp2p_errors("receive", ErrorCode.STREAM_FAILED):
+            try:
+                with trio.fail_after(timeout):
+                    return bytes(await self._stream.read(max_bytes))
+            except self._eof_errors:
+                return b""
+
+    async def send_all(self, data: bytes, *, timeout: float) -> None:
+        """Write all of ``data``; libp2p chunks it to the muxer's frame size.
+
+        Raises:
+            NetworkError: the stream was reset or closed (code ``STREAM_FAILED``).
+            NetworkTimeout: the peer's window stayed shut past ``timeout`` seconds.
+
+        Cancellation: an interrupted write leaves the stream unusable; reset it.
+        """
+        with _map_libp2p_errors("send", ErrorCode.STREAM_FAILED), trio.fail_after(timeout):
+            await self._stream.write(data)
+
+    async def close(self) -> None:
+        """Half-close our side: the peer reads EOF, we may still read.
+
+        Resource handling: frees this stream's yamux slot (trap C). Never raises,
+        is idempotent, and finishes (bounded) even when the caller is cancelled.
+        """
+        if self._closed or self._reset:
+            return
+        self._closed = True
+        await _bounded_cleanup(self._stream.close)
+
+    async def reset(self) -> None:
+        """Abort both directions. Never raises; idempotent; survives cancellation."""
+        if self._reset:
+            return
+        self._reset = True
+        await _bounded_cleanup(self._stream.reset)
