@@ -164,6 +164,7 @@ class Member:
                 decoder.receive_data(await stream.receive_some(timeout=self.read_timeout))
                 while (body := decoder.next_frame()) is not NEED_DATA:
                     if body is END:
+                        await stream.close()
                         return changed
                     frame = decode_frame(body)  # type: ignore[arg-type]
                     if isinstance(frame, AdvertFrame) and self._note(frame.envelope):
@@ -172,4 +173,4 @@ class Member:
             log.debug("adverts from %s cut short: %s", peer, exc)
             return changed
         finally:
-            await stream.close()
+            await stream.reset()  # no-op after a clean close; after a failure, frees the stream now

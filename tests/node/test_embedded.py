@@ -133,12 +133,16 @@ async def test_trio_loop_keeps_running_during_generation(backend):
             gaps.append(now - last)
             last = now
 
+    # A long prompt: evaluating it takes about a second, so it must not run on the loop.
+    notes = " ".join(f"Note {i}: the oven was at {150 + i} degrees." for i in range(40))
+    messages = [ChatMessage(role="user", content=f"{notes}\n\n{STORY[0].content}")]
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
-            _, finished = await collect(backend, chat(STORY, max_tokens=48))
+            _, finished = await collect(backend, chat(messages, max_tokens=48))
             done.set()
     assert finished.usage is not None and finished.usage.output_tokens >= 40
+    assert finished.usage.input_tokens > 400
     assert len(gaps) >= 10
     assert max(gaps) < 0.5, f"the trio loop stalled for {max(gaps):.3f} s"
 
