@@ -1,0 +1,52 @@
+"""Adverts over gossip, capacity, and a client that walks away mid-stream."""
+
+import msgspec
+import pytest
+import trio
+
+from loomnet.protocol import ChatMessage, ErrorCode, RemoteError
+
+pytestmark = [pytest.mark.integration, pytest.mark.model]
+
+LONG = [ChatMessage("user", "Write a long story about a lighthouse keeper.")]
+
+
+async def wait_until(predicate, timeout=10.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_advert_says_what_is_offered_and_nothing_secret(executor, client):
+    await client.wait_for_offers(timeout=10)
+    advert = client.member.table.advert_of(executor.peer_id, now=trio.current_time() * 0 + __import__("time").time())
+    assert advert is not None
+    [model] = advert.models
+    assert model.name == "smollm2-135m" and model.aliases == ["smol"] and model.categories == ["fast"]
+    assert model.context_length > 0 and model.on_premise and advert.on_premise
+    assert advert.prompt_retention == "none"
+    assert all(a.startswith("/ip4/") and "/p2p/" + executor.peer_id in a for a in advert.addrs)
+    text = msgspec.json.encode(advert).decode()
+    assert "gguf" not in text.lower() and "http" not in text and "smollm2_" not in text
+
+
+async def test_capacity_load_adverts_and_walking_away(executor, client):
+    import time
+
+    await client.wait_for_offers(timeout=10)
+    assert executor.server.load == 0
+    async with client.stream_chat(LONG, model="smol", max_tokens=400) as stream:
+        async for _ in stream:
+            break  # the first chunk is here: the executor is busy generating
+        assert executor.server.load == 1
+        # the load change is gossiped as a fresh advert
+        await wait_until(lambda: (a := client.member.table.advert_of(executor.peer_id, now=time.time())) and a.load == 1)
+        # capacity is 1: a second request is refused, retryably
+        with pytest.raises(RemoteError) as info:
+            await client.chat([ChatMessage("user", "hi")], model="smol", max_tokens=4)
+        assert info.value.code == ErrorCode.OVER_CAPACITY and info.value.retryable
+    # we walked away mid-stream: the executor stops generating and frees the slot soon
+    await wait_until(lambda: executor.server.load == 0, timeout=10)
+    await wait_until(lambda: client.member.table.advert_of(executor.peer_id, now=time.time()).load == 0)
+    result = await client.chat([ChatMessage("user", "hi")], model="smol", max_tokens=4)
+    assert result.receipt.output_tokens <= 4
