@@ -39,12 +39,17 @@ __all__ = [
     "ErrorFrame",
     "InferenceRequest",
     "MAX_FRAME_SIZE",
+    "ImagePart",
     "ModelOffer",
     "Receipt",
     "ReceiptAck",
     "ReceiptFrame",
     "RequestFrame",
+    "ResponseFormat",
     "StreamFrame",
+    "ToolCall",
+    "ToolSpec",
+    "encode_tool_calls",
     "decode_frame",
     "encode_frame_body",
     "encode_payload",
@@ -121,9 +126,45 @@ class Advert(Struct, frozen=True, kw_only=True):
     prompt_retention: Label = "none"
 
 
+class ImagePart(Struct, frozen=True, kw_only=True):
+    """An image given to a vision model, as bytes (never a URL to fetch)."""
+
+    media_type: Annotated[str, Meta(pattern=r"^image/[a-z0-9.+-]{1,40}$")]
+    data: Annotated[bytes, Meta(min_length=1, max_length=MAX_FRAME_SIZE)]
+
+
+class ToolCall(Struct, frozen=True, kw_only=True):
+    """A function call the model asks for; ``arguments`` is a JSON object as text."""
+
+    id: Annotated[str, Meta(max_length=128)]
+    name: Name
+    arguments: Text = "{}"
+
+
+class ToolSpec(Struct, frozen=True, kw_only=True):
+    """A function the model may call; ``parameters`` is a JSON Schema as JSON text."""
+
+    name: Name
+    description: Annotated[str, Meta(max_length=8192)] = ""
+    parameters: Text = "{}"
+
+
+class ResponseFormat(Struct, frozen=True, kw_only=True):
+    """Ask for JSON output: any JSON object, or one matching ``schema`` (JSON text)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    schema: Text | None = None
+    name: Label = "response"
+
+
 class ChatMessage(Struct, frozen=True):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    """One chat turn. ``tool`` turns answer the ``tool_calls`` of an assistant turn."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Text = ""
+    images: Annotated[list[ImagePart], Meta(max_length=16)] = []
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] = []
+    tool_call_id: Annotated[str, Meta(max_length=128)] | None = None
 
 
 class InferenceRequest(Struct, frozen=True, kw_only=True):
@@ -140,6 +181,10 @@ class InferenceRequest(Struct, frozen=True, kw_only=True):
     #: price caps, micro-credits per million tokens; None = no cap
     max_price_in: Micro | None = None
     max_price_out: Micro | None = None
+    tools: Annotated[list[ToolSpec], Meta(max_length=128)] = []
+    #: "auto", "none", "required", or the name of one tool
+    tool_choice: Annotated[str, Meta(max_length=128)] | None = None
+    response_format: ResponseFormat | None = None
 
 
 class Receipt(Struct, frozen=True, kw_only=True):
@@ -161,6 +206,8 @@ class Receipt(Struct, frozen=True, kw_only=True):
     chunks: Annotated[int, Meta(ge=0, le=1 << 31)]
     finish_reason: Label
     issued_at: Seconds
+    #: sha256 of the msgpack list of tool calls streamed in chunk frames; empty when none
+    tool_calls_digest: Annotated[bytes, Meta(max_length=32)] = b""
 
 
 class ReceiptAck(Struct, frozen=True, kw_only=True):
@@ -188,6 +235,8 @@ class ChunkFrame(_Frame, tag="chunk"):
     #: 0, 1, 2, ... with no gaps
     seq: Annotated[int, Meta(ge=0, le=1 << 31)]
     text: Text
+    #: complete tool calls (sent once each, usually in the last chunk)
+    tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] = []
 
 
 class ReceiptFrame(_Frame, tag="receipt"):
@@ -201,6 +250,8 @@ class ErrorFrame(_Frame, tag="error", kw_only=True):
     retryable: bool = False
     #: seconds; None when the peer gave no hint
     retry_after: Annotated[float, Meta(ge=0.0, le=86400.0)] | None = None
+    #: when output was already streamed before the failure: the signed receipt for it
+    receipt: Envelope | None = None
 
 
 class AckFrame(_Frame, tag="ack"):
@@ -225,6 +276,11 @@ def encode_payload(message: Struct) -> bytes:
 def encode_frame_body(frame: StreamFrame) -> bytes:
     """A frame's bytes, without the length prefix (see ``_framing``)."""
     return _encoder.encode(frame)
+
+
+def encode_tool_calls(calls: list[ToolCall]) -> bytes:
+    """The canonical bytes of streamed tool calls; a receipt signs their sha256."""
+    return _encoder.encode(calls) if calls else b""
 
 
 def decode_frame(body: bytes) -> StreamFrame:

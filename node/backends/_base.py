@@ -15,7 +15,7 @@ from typing import AsyncIterator, Literal, Union
 
 import msgspec
 
-from loomnet.protocol import ChatMessage, CountSource
+from loomnet.protocol import ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
 
 __all__ = ["Backend", "ChatParams", "Finished", "ModelInfo", "StreamEvent", "TextDelta", "Usage"]
 
@@ -28,6 +28,21 @@ class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
+    tools: list[ToolSpec] = []
+    #: "auto", "none", "required", or one tool's name
+    tool_choice: str | None = None
+    response_format: ResponseFormat | None = None
+
+    def needs(self) -> set[str]:
+        """The capabilities this request needs beyond plain chat."""
+        needed = set()
+        if self.tools or any(m.tool_calls or m.role == "tool" for m in self.messages):
+            needed.add("tools")
+        if self.response_format is not None and self.response_format.type != "text":
+            needed.add("json")
+        if any(m.images for m in self.messages):
+            needed.add("vision")
+        return needed
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,6 +63,8 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "interrupted"] | str
     #: what the runtime reported, or None when it reports nothing for streams
     usage: Usage | None = None
+    #: complete tool calls the model asked for (adapters assemble streamed fragments)
+    tool_calls: list[ToolCall] = []
 
 
 StreamEvent = Union[TextDelta, Finished]
@@ -58,6 +75,7 @@ class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     context_length: int = 0
+    #: "chat" always; "tools", "json", "vision" where the runtime supports them
     capabilities: list[str] = []
     quantization: str | None = None
 

@@ -1,0 +1,240 @@
+"""What every HTTP backend shares: one pooled client, retries, error mapping, stream parsing.
+
+Retries happen only before any output has been streamed (a retried stream would
+bill and show text twice). They back off exponentially with jitter and honour the
+server's ``retry-after-ms`` / ``retry-after`` (seconds or an HTTP date) and
+``x-should-retry`` headers, as the OpenAI and Anthropic SDKs do. A wait longer than
+``MAX_RETRY_WAIT`` is not slept: the error goes up, retryable, with ``retry_after``
+set, so the client can fail over to another executor instead.
+
+Stream parsers bound every line (``MAX_LINE``): a runtime that never sends a newline
+cannot make the executor buffer without limit.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+import msgspec
+import trio
+
+from loomnet.protocol import BackendError, ErrorCode
+
+from ._base import Backend
+from ._config import BackendConfig, redact
+
+__all__ = [
+    "MAX_LINE",
+    "HttpBackend",
+    "SSEEvent",
+    "error_for_status",
+    "iter_lines",
+    "iter_ndjson",
+    "iter_sse",
+    "retry_after_seconds",
+]
+
+MAX_LINE = 4 * 1024 * 1024
+MAX_RETRY_WAIT = 20.0
+_RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504, 529}
+
+
+class SSEEvent(msgspec.Struct, frozen=True):
+    event: str
+    data: str
+
+
+def retry_after_seconds(headers: httpx.Headers) -> float | None:
+    """The server's requested wait, from ``retry-after-ms`` or ``retry-after``."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(float(ms) / 1000.0, 0.0)
+        except ValueError:
+            pass
+    if (value := headers.get("retry-after")) is not None:
+        try:
+            return max(float(value), 0.0)
+        except ValueError:
+            parsed = email.utils.parsedate_tz(value)
+            if parsed is not None:
+                return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+    return None
+
+
+def _message_from_body(body: bytes) -> str:
+    """The human message in any of the error shapes the wire facts list."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode("utf-8", "replace").strip()[:300] or "no body"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, str):  # Ollama: {"error": "..."}
+            return error[:500]
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"][:500]  # OpenAI, vLLM (both shapes), Anthropic, Gemini, llama.cpp
+    return body.decode("utf-8", "replace")[:300]
+
+
+def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label: str) -> BackendError:
+    """Map an HTTP error response to a :class:`BackendError` with a stable code."""
+    message = f"{label} answered HTTP {status}: {_message_from_body(body)}"
+    should_retry = headers.get("x-should-retry")
+    retryable = status in _RETRY_STATUSES if should_retry is None else should_retry.lower() == "true"
+    code = ErrorCode.BACKEND_ERROR
+    if status in (401, 403, 402):
+        code = ErrorCode.BACKEND_UNAVAILABLE  # misconfigured key or spent credits: not the client's fault
+    elif status == 404:
+        code, retryable = ErrorCode.UNKNOWN_MODEL, True
+    elif status in (400, 413, 422):
+        code = ErrorCode.BAD_REQUEST
+    elif status in (429, 503, 529):
+        code = ErrorCode.OVER_CAPACITY
+    elif status in (408, 504):
+        code = ErrorCode.BACKEND_TIMEOUT
+    return BackendError(message, code=code, retryable=retryable, retry_after=retry_after_seconds(headers))
+
+
+async def iter_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """Lines of a streamed body (without line endings), each at most ``MAX_LINE``."""
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        pending += chunk
+        while True:
+            cut = pending.find(b"\n")
+            if cut < 0:
+                break
+            line, pending = pending[:cut], pending[cut + 1:]
+            yield line.rstrip(b"\r").decode("utf-8", "replace")
+        if len(pending) > MAX_LINE:
+            raise BackendError(f"backend sent a line over {MAX_LINE} bytes", code=ErrorCode.BACKEND_ERROR)
+    if pending:
+        yield pending.rstrip(b"\r").decode("utf-8", "replace")
+
+
+async def iter_sse(response: httpx.Response) -> AsyncIterator[SSEEvent]:
+    """Server-sent events. Comments (``: OPENROUTER PROCESSING``, pings) are skipped;
+    llama-server's non-standard ``error: {json}`` lines come out as ``error`` events."""
+    event, data = "", []
+    async for line in iter_lines(response):
+        if not line:
+            if data:
+                yield SSEEvent(event or "message", "\n".join(data))
+            event, data = "", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                event = value
+            elif field == "error":
+                yield SSEEvent("error", value)
+    if data:
+        yield SSEEvent(event or "message", "\n".join(data))
+
+
+async def iter_ndjson(response: httpx.Response) -> AsyncIterator[dict]:
+    """One JSON object per line (Ollama's native streaming)."""
+    async for line in iter_lines(response):
+        if line.strip():
+            try:
+                value = json.loads(line)
+            except ValueError:
+                raise BackendError("backend sent a line that is not JSON", code=ErrorCode.BACKEND_ERROR) from None
+            if isinstance(value, dict):
+                yield value
+
+
+class HttpBackend(Backend):
+    """Base of every HTTP adapter: one pooled ``httpx.AsyncClient`` per backend.
+
+    Args:
+        config: the backend's configuration (endpoint, key, timeout, retries).
+        default_endpoint: used when ``config.endpoint`` is None.
+        transport: an httpx transport to use instead of the network (tests).
+    """
+
+    def __init__(
+        self,
+        config: BackendConfig,
+        *,
+        default_endpoint: str,
+        headers: dict[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self.endpoint = (config.endpoint or default_endpoint).rstrip("/")
+        self.client = httpx.AsyncClient(
+            base_url=self.endpoint,
+            headers=headers or {},
+            timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0)),
+            transport=transport,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+        )
+
+    @property
+    def label(self) -> str:
+        return self.config.label
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _error(self, message: str, **kwargs) -> BackendError:
+        return BackendError(redact(message, self.config.api_key), **kwargs)
+
+    @asynccontextmanager
+    async def map_errors(self, doing: str):
+        """Turn httpx's exceptions into :class:`BackendError` (no httpx error leaves)."""
+        try:
+            yield
+        except BackendError:
+            raise
+        except httpx.TimeoutException as exc:
+            raise self._error(f"{self.label} timed out while {doing}", code=ErrorCode.BACKEND_TIMEOUT, retryable=True) from exc
+        except (httpx.ConnectError, httpx.ProxyError) as exc:
+            raise self._error(
+                f"{self.label} is unreachable at {self.endpoint} while {doing}: {exc}",
+                code=ErrorCode.BACKEND_UNAVAILABLE,
+                retryable=True,
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise self._error(f"{self.label} failed while {doing}: {type(exc).__name__}: {exc}", retryable=True) from exc
+
+    @asynccontextmanager
+    async def open_stream(self, send: Callable[[], Awaitable[httpx.Response]], doing: str):
+        """Send (with retries) until a 2xx response whose body is still unread; yield it.
+
+        ``send`` must build a fresh ``client.send(request, stream=True)`` each call.
+        """
+        attempt = 0
+        while True:
+            try:
+                async with self.map_errors(doing):
+                    response = await send()
+                    if response.status_code >= 400:
+                        body = await response.aread()
+                        await response.aclose()
+                        e = error_for_status(response.status_code, body, response.headers, label=self.label)
+                        raise self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after)
+                break
+            except BackendError as error:
+                attempt += 1
+                backoff = min(0.5 * 2 ** (attempt - 1), 8.0) * (0.75 + random.random() / 2)
+                wait = error.retry_after if error.retry_after is not None else backoff
+                if not error.retryable or attempt > self.config.max_retries or wait > MAX_RETRY_WAIT:
+                    raise
+            await trio.sleep(wait)
+        try:
+            async with self.map_errors(doing):
+                yield response
+        finally:
+            await response.aclose()
