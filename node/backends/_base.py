@@ -17,7 +17,7 @@ import msgspec
 
 from loomnet.protocol import ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
 
-__all__ = ["Backend", "ChatParams", "Finished", "ModelInfo", "StreamEvent", "TextDelta", "Usage"]
+__all__ = ["Backend", "ChatParams", "Completion", "Finished", "ModelInfo", "StreamEvent", "TextDelta", "Usage"]
 
 
 class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,6 +70,15 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True):
 StreamEvent = Union[TextDelta, Finished]
 
 
+class Completion(msgspec.Struct, frozen=True, kw_only=True):
+    """A whole (non-streamed) answer."""
+
+    text: str
+    finish_reason: str
+    usage: Usage | None = None
+    tool_calls: list[ToolCall] = []
+
+
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
     """What the runtime knows of one model."""
 
@@ -98,6 +107,22 @@ class Backend(abc.ABC):
         Raises:
             BackendError: the runtime failed, before or during the stream.
         """
+
+    async def chat(self, params: ChatParams) -> Completion:
+        """The whole answer at once. Adapters whose runtime has a non-streamed call
+        override this to use it; the default collects :meth:`stream_chat`."""
+        parts: list[str] = []
+        finished: Finished | None = None
+        async with self.stream_chat(params) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    parts.append(event.text)
+                else:
+                    finished = event
+        assert finished is not None, "a stream always ends with Finished"
+        return Completion(
+            text="".join(parts), finish_reason=finished.finish_reason, usage=finished.usage, tool_calls=finished.tool_calls
+        )
 
     @abc.abstractmethod
     async def list_models(self) -> list[ModelInfo]:
