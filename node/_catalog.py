@@ -7,14 +7,18 @@ the same way the client's router matches them.
 
 from __future__ import annotations
 
+import logging
+
 import msgspec
 
-from loomnet.protocol import ModelOffer, credits_to_micro
+from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
 from .backends._base import Backend
 from .config import ExecutorConfig
 
 __all__ = ["Catalog", "CatalogEntry"]
+
+log = logging.getLogger("loomnet.catalog")
 
 
 class CatalogEntry(msgspec.Struct, frozen=True):
@@ -34,10 +38,23 @@ class Catalog:
 
     @classmethod
     async def build(cls, backends: list[Backend], config: ExecutorConfig) -> "Catalog":
+        """Ask every backend for its models; the first backend to serve a name wins it."""
         entries = []
+        seen: set[str] = set()
+        failures = []
         for backend in backends:
-            for info in await backend.list_models():
-                terms = config.terms_for(info.name)
+            try:
+                models = await backend.list_models()
+            except BackendError as exc:
+                failures.append(f"{backend.kind}: {exc.message}")
+                log.warning("backend %s is not serving: %s", backend.kind, exc)
+                continue
+            for info in models:
+                if info.name.casefold() in seen:
+                    log.warning("model %s is served by two backends; the first one is used", info.name)
+                    continue
+                seen.add(info.name.casefold())
+                terms = config.terms_for(info.name, backend.kind)
                 offer = ModelOffer(
                     name=info.name,
                     aliases=list(terms.aliases),
@@ -49,6 +66,9 @@ class Catalog:
                     capabilities=list(info.capabilities),
                 )
                 entries.append(CatalogEntry(offer, backend, info.name))
+        if not entries:
+            detail = "; ".join(failures) or "the backends list no models"
+            raise BackendError(f"no model to serve ({detail})", code=ErrorCode.BACKEND_UNAVAILABLE)
         return cls(entries)
 
     def lookup(self, name: str) -> CatalogEntry | None:

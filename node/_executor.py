@@ -31,7 +31,7 @@ from ._advertiser import Advertiser
 from ._catalog import Catalog
 from ._server import InferenceServer
 from .backends._base import Backend
-from .backends.embedded import EmbeddedBackend
+from .backends._registry import make_backend
 from .config import ExecutorConfig
 
 __all__ = ["Executor", "ExecutorInfo"]
@@ -71,7 +71,9 @@ class Executor:
         return self.key.peer_id
 
     def _make_backends(self) -> list[Backend]:
-        return self._backends if self._backends is not None else [EmbeddedBackend(self.config.embedded)]
+        if self._backends is not None:
+            return self._backends
+        return [make_backend(b, embedded=self.config.embedded) for b in self.config.effective_backends]
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled.

@@ -15,6 +15,7 @@ client's counter-signature, which it books too.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import trio
 from loomnet.client import Ledger, P2PStream, TokenCounter
 from loomnet.protocol import (
     NEED_DATA,
+    BackendError,
+    NetworkError,
     AckFrame,
     ChunkFrame,
     ErrorCode,
@@ -32,7 +35,6 @@ from loomnet.protocol import (
     InferenceRequest,
     LoomError,
     NetworkTimeout,
-    Receipt,
     ReceiptAck,
     ReceiptFrame,
     RequestFrame,
@@ -42,15 +44,13 @@ from loomnet.protocol import (
     SignedKind,
     SigningKey,
     StreamState,
-    cost_of,
-    digest,
     encode_frame,
     encode_frame_body,
     open_envelope,
-    seal,
 )
 
 from ._catalog import Catalog, CatalogEntry
+from ._metering import Meter, Output
 from .backends._base import ChatParams, Finished, TextDelta
 from .config import ExecutorConfig
 
@@ -81,6 +81,7 @@ class InferenceServer:
         self.ledger = ledger
         self.tokens = tokens or TokenCounter()
         self.clock = clock
+        self.meter = Meter(key, ledger, self.tokens, clock=lambda: self.clock())
         self.replay = ReplayGuard(key.peer_id, max_age=config.max_request_age, max_skew=config.max_clock_skew)
         self.slots = trio.CapacityLimiter(config.capacity)
         self._on_load_change = on_load_change
@@ -161,6 +162,7 @@ class InferenceServer:
             message=exc.message[:2000],
             retryable=exc.retryable,
             retry_after=getattr(exc, "retry_after", None),
+            receipt=getattr(exc, "receipt", None),
         )
         try:
             if conn.state in (StreamState.IDLE, StreamState.OPEN):
@@ -190,18 +192,52 @@ class InferenceServer:
             max_tokens=request.max_tokens,
             temperature=request.temperature,
             seed=request.seed,
+            tools=list(request.tools),
+            tool_choice=request.tool_choice,
+            response_format=request.response_format,
         )
-        sent: list[str] = []
+        missing = params.needs() - set(entry.offer.capabilities)
+        if missing:
+            raise RequestRejected(
+                f"model {entry.offer.name!r} does not support {', '.join(sorted(missing))}",
+                code=ErrorCode.UNSUPPORTED_FEATURE,
+            )
+        output = Output()
+        book = functools.partial(
+            self.meter.book, request_payload=request_payload, client=stream.remote_peer, entry=entry, params=params
+        )
+        try:
+            finished = await self._generate(stream, conn, entry, params, output)
+        except BackendError as exc:
+            if output.chunks:  # the client got part of an answer: bill exactly that, and say so
+                exc.receipt, _ = await book(output=output, finish_reason="error", usage=None)  # type: ignore[attr-defined]
+                self.served += 1
+            raise
+        except NetworkError:
+            if output.chunks:  # the client left mid-stream: book what it was sent
+                await book(output=output, finish_reason="client_gone", usage=None)
+            raise
+        envelope, receipt_digest = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
+        self.served += 1
+        await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
+        await self._await_ack(stream, conn, receipt_digest)
+
+    async def _generate(
+        self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, params: ChatParams, output: Output
+    ) -> Finished:
+        """Run the backend, batching text into chunk frames; returns its Finished event."""
         pending: list[str] = []
         finished: Finished | None = None
         timeout = self.config.ack_timeout
 
-        async def flush() -> None:
+        async def flush(tool_calls: list | None = None) -> None:
             text = "".join(pending)
             pending.clear()
-            if text:
-                await stream.send_all(conn.send(ChunkFrame(seq=len(sent), text=text)), timeout=timeout)
-                sent.append(text)
+            if text or tool_calls:
+                frame = ChunkFrame(seq=len(output.chunks), text=text, tool_calls=tool_calls or [])
+                await stream.send_all(conn.send(frame), timeout=timeout)
+                output.chunks.append(text)
+                output.tool_calls.extend(tool_calls or [])
 
         last_flush = trio.current_time()
         async with entry.backend.stream_chat(params) as events:
@@ -216,52 +252,10 @@ class InferenceServer:
                         last_flush = trio.current_time()
                 elif isinstance(event, Finished):
                     finished = event
-        await flush()
         if finished is None:  # pragma: no cover - backends always finish or raise
-            raise LoomError("backend ended without finishing", code=ErrorCode.BACKEND_ERROR)
-        text = "".join(sent)
-        input_tokens, output_tokens, source = await self._count(entry, params, finished, text)
-        offer = entry.offer
-        receipt = Receipt(
-            request_digest=digest(request_payload),
-            client=stream.remote_peer,
-            model=offer.name,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            count_source=source,
-            price_in=offer.price_in,
-            price_out=offer.price_out,
-            cost=cost_of(input_tokens, output_tokens, offer.price_in, offer.price_out),
-            output_digest=digest(text.encode()),
-            chunks=len(sent),
-            finish_reason=str(finished.finish_reason)[:64],
-            issued_at=self.clock(),
-        )
-        envelope = seal(SignedKind.RECEIPT, receipt, self.key)
-        with trio.CancelScope(shield=True):  # once signed, it is booked before anything else
-            receipt_digest = await self.ledger.record_receipt(
-                envelope, receipt, role="executor", executor=self.key.peer_id, now=self.clock()
-            )
-        self.served += 1
-        await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=timeout)
-        await self._await_ack(stream, conn, receipt_digest)
-
-    async def _count(self, entry: CatalogEntry, params: ChatParams, finished: Finished, text: str):
-        """Backend usage first, the model's own tokenizer next, tiktoken next, an estimate last."""
-        if finished.usage is not None:
-            u = finished.usage
-            return u.input_tokens, u.output_tokens, u.source
-        backend = entry.backend
-        output_tokens = await backend.count_tokens(params.model, text)
-        input_tokens = await backend.count_prompt_tokens(params)
-        if output_tokens is not None and input_tokens is not None:
-            return input_tokens, output_tokens, "tokenizer"
-        prompt = "\n".join(m.content for m in params.messages)
-        (inp, src_in), (out, src_out) = await trio.to_thread.run_sync(
-            lambda: (self.tokens.count(prompt, params.model), self.tokens.count(text, params.model))
-        )
-        source = "tiktoken" if src_in == src_out == "tiktoken" else "estimate"
-        return inp, out, source
+            raise BackendError("backend ended without finishing", code=ErrorCode.BACKEND_ERROR)
+        await flush(list(finished.tool_calls))
+        return finished
 
     async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> None:
         """Book the client's counter-signature if it comes soon; it is optional."""

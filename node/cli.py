@@ -13,6 +13,7 @@ import shlex
 import signal
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 import trio
@@ -35,7 +36,7 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("libp2p").setLevel(logging.ERROR)
 
 
-def _fail(exc: BaseException) -> "NoReturn":  # type: ignore[name-defined]  # noqa: F821
+def _fail(exc: BaseException) -> NoReturn:
     if isinstance(exc, LoomError):
         click.echo(f"error [{int(exc.code)} {exc.code.name}]: {exc.message}", err=True)
     else:

@@ -3,21 +3,35 @@
 Keys are kebab-case in TOML (``advert-interval``); unknown keys are errors, so a typo
 never silently falls back to a default. Any top-level scalar or list setting can be
 overridden from the environment as ``LOOMNET_<NAME>`` (``LOOMNET_LISTEN``,
-``LOOMNET_ADVERT_INTERVAL``, ...); lists are comma-separated. With no ``[embedded]``
-section and no other backend the executor serves the embedded SmolLM2 model.
+``LOOMNET_ADVERT_INTERVAL``, ...); lists are comma-separated.
+
+Backends are ``[[backends]]`` tables. Secrets are written ``${ENV_VAR}`` and expanded
+at load; a variable that is not set is an error, never an empty key. With no
+``[[backends]]`` at all, the single-backend variables operators of older tools use
+(``LLM_PROVIDER``, ``LLM_ENDPOINT``, ``LLM_MODEL``, ``LLM_API_KEY``,
+``LLM_TIMEOUT_SECONDS``, ``LLM_MAX_RETRIES``; for the embedded model ``LLM_MODEL_PATH``,
+``LLM_CONTEXT_SIZE``, ``LLM_THREADS``, ``LLM_MAX_TOKENS``, ``LLM_TEMPERATURE``) make one;
+and with none of those either, the executor serves the embedded SmolLM2 model.
+
+A model is named either plainly (``llama3.2``: whichever backend serves it) or as
+``provider:model`` (``ollama:llama3.2``) wherever the executor config names one:
+in a backend's ``models`` list and in ``[[models]]`` terms.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 import msgspec
 
-from loomnet.protocol import ConfigError
+from loomnet.protocol import ConfigError, LoomError
 
+from .backends._config import BackendConfig
+from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
 
 __all__ = ["ExecutorConfig", "ModelTerms", "load_config"]
@@ -72,7 +86,11 @@ class ExecutorConfig(_Config):
     prompt_retention: str = "none"
     #: announce this executor to clients on the same machine (state file)
     announce_local: bool = True
+    #: refuse to start with any hosted-API backend (banks, air-gapped sites)
+    on_premise_only: bool = False
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
+    #: the runtimes and hosted APIs served; none = the embedded model
+    backends: list[BackendConfig] = []
     models: list[ModelTerms] = []
 
     def __post_init__(self) -> None:
@@ -85,19 +103,103 @@ class ExecutorConfig(_Config):
             raise ValueError("advert-ttl must be at least advert-interval, or adverts lapse between rounds")
         if not self.listen:
             raise ValueError("listen needs at least one address")
+        for backend in self.backends:
+            provider = canonical_provider(backend.provider)
+            if self.on_premise_only and provider in HOSTED_PROVIDERS:
+                raise ValueError(
+                    f"on-premise-only is set, but backend {backend.label!r} ({provider}) is a hosted API; "
+                    "remove it or unset on-premise-only"
+                )
 
-    def terms_for(self, model: str) -> ModelTerms:
+    @property
+    def effective_backends(self) -> list[BackendConfig]:
+        """The configured backends, or the embedded model when there are none."""
+        return list(self.backends) or [BackendConfig(provider="embedded")]
+
+    def terms_for(self, model: str, provider: str | None = None) -> ModelTerms:
+        """The operator's terms for ``model``: ``provider:model`` entries win over plain ones."""
+        plain = None
         for terms in self.models:
-            if terms.name == model:
+            prefix, sep, name = terms.name.partition(":")
+            if sep and provider is not None and name == model and _same_provider(prefix, provider):
                 return terms
-        return ModelTerms(name=model)
+            if terms.name == model and plain is None:
+                plain = terms
+        return plain or ModelTerms(name=model)
+
+
+def _same_provider(a: str, b: str) -> bool:
+    try:
+        return canonical_provider(a) == canonical_provider(b)
+    except LoomError:
+        return False
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+#: LLM_* zero-config variables → (section, key)
+_LLM_BACKEND_VARS = {
+    "LLM_PROVIDER": "provider",
+    "LLM_ENDPOINT": "endpoint",
+    "LLM_API_KEY": "api-key",
+    "LLM_TIMEOUT_SECONDS": "timeout",
+    "LLM_MAX_RETRIES": "max-retries",
+}
+_LLM_EMBEDDED_VARS = {
+    "LLM_MODEL_PATH": "model-path",
+    "LLM_CONTEXT_SIZE": "context-size",
+    "LLM_THREADS": "threads",
+    "LLM_MAX_TOKENS": "max-tokens",
+    "LLM_TEMPERATURE": "temperature",
+}
+
+
+def _expand_secrets(value: object, where: str, environ: Mapping[str, str]) -> object:
+    """Replace ``${VAR}`` in every string under ``value``; unset variables are errors."""
+    if isinstance(value, str):
+        def sub(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in environ:
+                raise ConfigError(f"environment variable {name} (used in {where}) is not set")
+            return environ[name]
+
+        return _ENV_REF.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand_secrets(v, f"{where}[{i}]", environ) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand_secrets(v, f"{where}.{k}", environ) for k, v in value.items()}
+    return value
+
+
+def _llm_zero_config(raw: dict[str, object], environ: Mapping[str, str]) -> None:
+    """Apply the LLM_* variables when the file configures no backend."""
+    if raw.get("backends"):
+        return
+    embedded = {key: environ[var] for var, key in _LLM_EMBEDDED_VARS.items() if environ.get(var)}
+    provider = environ.get("LLM_PROVIDER", "").strip()
+    if embedded:
+        section = raw.setdefault("embedded", {})
+        if isinstance(section, dict):
+            section.update(embedded)
+    if not provider:
+        if environ.get("LLM_MODEL") and isinstance(raw.get("embedded"), dict):
+            raw["embedded"].setdefault("model-name", environ["LLM_MODEL"])  # type: ignore[union-attr]
+        return
+    canonical_provider(provider)  # an unknown provider is a start-up error, never a fallback
+    backend = {key: environ[var] for var, key in _LLM_BACKEND_VARS.items() if environ.get(var)}
+    if environ.get("LLM_MODEL"):
+        if canonical_provider(provider) == "embedded":
+            raw.setdefault("embedded", {}).setdefault("model-name", environ["LLM_MODEL"])  # type: ignore[union-attr]
+        else:
+            backend["models"] = [environ["LLM_MODEL"]]
+    raw["backends"] = [backend]
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     overrides: dict[str, object] = {}
     for field in msgspec.structs.fields(ExecutorConfig):
         value = environ.get("LOOMNET_" + field.name.upper())
-        if value is None or field.name in ("embedded", "models"):
+        if value is None or field.name in ("embedded", "models", "backends"):
             continue
         is_list = getattr(field.type, "__origin__", None) is list
         overrides[field.encode_name] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value
@@ -124,6 +226,11 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
             raise ConfigError(f"config {where} is not valid TOML: {exc}") from None
     raw.update(_env_overrides(environ))
     try:
+        _llm_zero_config(raw, environ)
+        if isinstance(raw.get("backends"), list):
+            raw["backends"] = _expand_secrets(raw["backends"], "backends", environ)
         return msgspec.convert(raw, ExecutorConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config {where}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"config {where}: {exc.message}") from None
