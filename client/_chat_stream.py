@@ -37,8 +37,12 @@ from loomnet.protocol import (
     SignedKind,
     StreamState,
     StreamTruncated,
+    ToolCall,
+    ToolSpec,
+    ResponseFormat,
     cost_of,
     digest,
+    encode_tool_calls,
     open_envelope,
     seal,
 )
@@ -54,6 +58,9 @@ __all__ = ["ChatResult", "ChatStream", "RequestOptions", "check_receipt"]
 
 
 class RequestOptions(msgspec.Struct, frozen=True, kw_only=True):
+    tools: list[ToolSpec] = []
+    tool_choice: str | None = None
+    response_format: ResponseFormat | None = None
     max_tokens: int | None = None
     temperature: float | None = None
     seed: int | None = None
@@ -67,6 +74,8 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
 
     text: str
     executor: str
+    #: function calls the model asked for (complete; arguments are JSON text)
+    tool_calls: list[ToolCall] = []
     receipt: Receipt
     receipt_envelope: Envelope
     #: the client's own count of the output tokens (tiktoken or estimate)
@@ -82,6 +91,7 @@ def check_receipt(
     text: str,
     chunks: int,
     own_output_tokens: int,
+    tool_calls: list[ToolCall] = (),  # type: ignore[assignment]
     price_in_limit: int,
     price_out_limit: int,
 ) -> Receipt:
@@ -102,8 +112,12 @@ def check_receipt(
     if receipt.request_digest != digest(request_payload) or receipt.client != client:
         raise ReceiptError("receipt is for another request")
     mismatch = []
+    calls = list(tool_calls)
+    expected_calls = digest(encode_tool_calls(calls)) if calls else b""
     if receipt.output_digest != digest(text.encode()) or receipt.chunks != chunks:
         mismatch.append("it covers other text than was streamed")
+    if receipt.tool_calls_digest != expected_calls:
+        mismatch.append("it covers other tool calls than were streamed")
     if receipt.price_in > price_in_limit or receipt.price_out > price_out_limit:
         mismatch.append("its prices are above the offer or the cap")
     if receipt.cost != cost_of(receipt.input_tokens, receipt.output_tokens, receipt.price_in, receipt.price_out):
@@ -126,6 +140,7 @@ class ChatStream:
         self._conn = InferenceConnection(Role.CLIENT)
         self._stream: P2PStream | None = None
         self._parts: list[str] = []
+        self._tool_calls: list[ToolCall] = []
         self._request_payload = b""
         self.result: ChatResult | None = None
 
@@ -148,6 +163,9 @@ class ChatStream:
             seed=opts.seed,
             max_price_in=opts.max_price_in,
             max_price_out=opts.max_price_out,
+            tools=list(opts.tools),
+            tool_choice=opts.tool_choice,
+            response_format=opts.response_format,
         )
         envelope = seal(SignedKind.REQUEST, request, self._client.key)
         self._request_payload = envelope.payload
@@ -170,26 +188,37 @@ class ChatStream:
             timeout = cfg.idle_timeout
             if isinstance(event, ChunkFrame):
                 self._parts.append(event.text)
-                yield event.text
+                self._tool_calls.extend(event.tool_calls)
+                if event.text:
+                    yield event.text
             elif isinstance(event, ReceiptFrame):
                 await self._settle(event.envelope)
                 return
             elif isinstance(event, ErrorFrame):
                 code = event.code if event.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
-                raise RemoteError(
-                    f"executor {self.executor[-8:]} refused: {event.message}",
+                error = RemoteError(
+                    f"executor {self.executor[-8:]} failed: {event.message}",
                     code=ErrorCode(code),
                     retryable=event.retryable,
                 )
+                error.retry_after = event.retry_after  # type: ignore[attr-defined]
+                #: the receipt for output streamed before the failure, verified and booked
+                error.result = await self._settle(event.receipt, ack=False) if event.receipt else None  # type: ignore[attr-defined]
+                raise error
             elif isinstance(event, EndOfStream):  # pragma: no cover - the state machine raises first
                 raise StreamTruncated("stream ended before its receipt")
 
-    async def _settle(self, envelope: Envelope) -> None:
-        """Check the receipt, book it, counter-sign it, book the counter-signature."""
+    async def _settle(self, envelope: Envelope, *, ack: bool = True) -> ChatResult:
+        """Check the receipt, book it, counter-sign it, book the counter-signature.
+
+        ``ack=False`` for a receipt that came with an error frame: the stream is over,
+        so the counter-signature stays in our ledger only.
+        """
         client = self._client
         text = "".join(self._parts)
         own_count, _ = await trio.to_thread.run_sync(client.tokens.count, text, self.offer.model.name)
         opts = self._options
+        no_cap = 1 << 62
         receipt = check_receipt(
             envelope,
             executor=self.executor,
@@ -198,32 +227,34 @@ class ChatStream:
             text=text,
             chunks=len(self._parts),
             own_output_tokens=own_count,
-            price_in_limit=min(self.offer.model.price_in, opts.max_price_in if opts.max_price_in is not None else 1 << 62),
-            price_out_limit=min(
-                self.offer.model.price_out, opts.max_price_out if opts.max_price_out is not None else 1 << 62
-            ),
+            price_in_limit=min(self.offer.model.price_in, no_cap if opts.max_price_in is None else opts.max_price_in),
+            price_out_limit=min(self.offer.model.price_out, no_cap if opts.max_price_out is None else opts.max_price_out),
+            tool_calls=self._tool_calls,
         )
         assert client.ledger is not None and self._stream is not None
         receipt_digest = await client.ledger.record_receipt(
             envelope, receipt, role="client", executor=self.executor, now=time.time()
         )
-        ack = seal(
+        signed_ack = seal(
             SignedKind.RECEIPT_ACK,
             ReceiptAck(receipt_digest=receipt_digest, accepted_at=time.time(), client_output_tokens=own_count),
             client.key,
         )
-        await client.ledger.record_ack(receipt_digest, ack)
+        await client.ledger.record_ack(receipt_digest, signed_ack)
         self.result = ChatResult(
             text=text,
             executor=self.executor,
+            tool_calls=list(self._tool_calls),
             receipt=receipt,
             receipt_envelope=envelope,
             client_output_tokens=own_count,
         )
-        try:
-            await self._stream.send_all(self._conn.send(AckFrame(ack)), timeout=client.config.idle_timeout)
-        except LoomError:
-            pass  # the receipt stands without the executor seeing our counter-signature
+        if ack:
+            try:
+                await self._stream.send_all(self._conn.send(AckFrame(signed_ack)), timeout=client.config.idle_timeout)
+            except LoomError:
+                pass  # the receipt stands without the executor seeing our counter-signature
+        return self.result
 
     async def aclose(self) -> None:
         """Close cleanly after a receipt; otherwise reset, so the executor stops."""

@@ -29,6 +29,8 @@ import trio
 
 from loomnet.protocol import (
     ChatMessage,
+    ResponseFormat,
+    ToolSpec,
     ErrorCode,
     NoOfferError,
     SigningKey,
@@ -154,6 +156,9 @@ class LoomClient:
         messages: Sequence[ChatMessage],
         *,
         model: str | None = None,
+        tools: Sequence[ToolSpec] = (),
+        tool_choice: str | None = None,
+        response_format: ResponseFormat | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
         seed: int | None = None,
@@ -162,7 +167,9 @@ class LoomClient:
     ) -> AsyncIterator[ChatStream]:
         """Open a streamed chat with the best offer; iterate the context value for text.
 
-        After the iteration ends, ``stream.result`` holds the verified receipt.
+        After the iteration ends, ``stream.result`` holds the verified receipt and any
+        tool calls. A ``RemoteError`` after some text carries ``.result``: the receipt
+        for exactly what was streamed, verified and booked.
 
         Raises:
             NoOfferError, RemoteError, NetworkError, ProtocolError, ReceiptError.
@@ -172,6 +179,9 @@ class LoomClient:
         offers = await self.wait_for_offers(model=model, max_price_in=max_price_in, max_price_out=max_price_out)
         offer = offers[0]
         options = RequestOptions(
+            tools=list(tools),
+            tool_choice=tool_choice,
+            response_format=response_format,
             max_tokens=max_tokens,
             temperature=temperature,
             seed=seed,

@@ -1,0 +1,326 @@
+"""The Ollama adapter: Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/show``).
+
+Theory of operation: a chat is one ``POST /api/chat``. Streamed, Ollama answers NDJSON
+(one JSON object a line, not SSE): ``done: false`` lines carry ``message.content`` text
+and whole tool calls (arguments as a JSON *object*), and one last ``done: true`` line
+carries ``done_reason`` and the token counts (``prompt_eval_count`` / ``eval_count``),
+which become the usage. A failure after HTTP 200 arrives as an ``{"error": "..."}`` line,
+and a stream that ends without its ``done`` line was cut: both are errors, never text.
+HTTP errors (503 "server busy" when Ollama's queue is full) are retried by
+:class:`HttpBackend` before the first byte only.
+
+What Ollama cannot do: there is no ``tool_choice`` (requests with one other than
+``"auto"`` fail with ``UNSUPPORTED_FEATURE`` so another executor can serve them), no
+tokenize endpoint (``count_tokens`` is None; usage comes from the ``done`` line), and
+tool calls have no id (we number them ``call_0``, ``call_1``, ... in each answer).
+``thinking`` text is never passed on as output.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from contextlib import AbstractAsyncContextManager, suppress
+from typing import Any, AsyncGenerator, AsyncIterator
+
+import httpx
+import trio
+
+from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
+
+from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
+from ._config import BackendConfig
+from ._http import MAX_LINE, HttpBackend, iter_ndjson
+
+__all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_request"]
+
+#: Ollama's default ``OLLAMA_HOST``
+DEFAULT_ENDPOINT = "http://127.0.0.1:11434"
+#: ``/api/show`` requests in flight at once while listing models
+SHOW_CONCURRENCY = 4
+_BAD_REQUEST = ErrorCode.BAD_REQUEST
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """JSON text that must hold an object (Ollama wants objects where we carry text)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise BackendError(f"{what} is not valid JSON", code=_BAD_REQUEST) from None
+    if not isinstance(value, dict):
+        raise BackendError(f"{what} is not a JSON object", code=_BAD_REQUEST)
+    return value
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Our chat turns as Ollama's: images as base64, tool arguments as objects, and tool
+    turns named by the latest earlier assistant call with their ``tool_call_id``."""
+    tool_names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.images:
+            item["images"] = [base64.b64encode(image.data).decode("ascii") for image in m.images]
+        if m.tool_calls:
+            item["tool_calls"] = [
+                {"function": {"name": c.name, "arguments": _json_object(c.arguments, f"arguments of tool call {c.name!r}")}}
+                for c in m.tool_calls
+            ]
+            tool_names.update((c.id, c.name) for c in m.tool_calls)
+        if m.role == "tool" and m.tool_call_id in tool_names:
+            item["tool_name"] = tool_names[m.tool_call_id]
+        out.append(item)
+    return out
+
+
+def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
+    """The ``POST /api/chat`` body for ``params``. Pure: no I/O.
+
+    Raises:
+        BackendError: ``UNSUPPORTED_FEATURE`` (retryable: another executor may serve it)
+            for a ``tool_choice`` other than None or ``"auto"``; ``BAD_REQUEST`` when tool
+            arguments, tool parameters or a response schema are not JSON objects.
+    """
+    if params.tool_choice not in (None, "auto"):
+        message = f"Ollama has no tool_choice; cannot honour {params.tool_choice!r}"
+        raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, retryable=True)
+    body: dict[str, Any] = {"model": params.model, "messages": _messages(params.messages), "stream": stream}
+    if params.tools:
+        body["tools"] = [
+            {"type": "function", "function": {"name": t.name, "description": t.description,
+                                              "parameters": _json_object(t.parameters, f"parameters of tool {t.name!r}")}}
+            for t in params.tools
+        ]
+    fmt = params.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
+        body["format"] = _json_object(fmt.schema, "the response schema")
+    elif fmt is not None and fmt.type != "text":
+        body["format"] = "json"
+    settings = (("temperature", params.temperature), ("seed", params.seed), ("num_predict", params.max_tokens))
+    if options := {key: value for key, value in settings if value is not None}:
+        body["options"] = options
+    return body
+
+
+def _tool_calls(message: dict[str, Any], first: int) -> list[ToolCall]:
+    """Whole tool calls of one line, numbered from ``first``; arguments as compact JSON."""
+    calls = []
+    for n, raw in enumerate(message.get("tool_calls") or [], first):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise BackendError("Ollama sent a tool call without a function name", retryable=True)
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+        calls.append(ToolCall(id=f"call_{n}", name=name, arguments=arguments))
+    return calls
+
+
+def _ending(line: dict[str, Any], calls: list[ToolCall]) -> tuple[str, Usage | None]:
+    """Finish reason and usage of a ``done: true`` object. Ollama omits zero counts."""
+    reason = "tool_calls" if calls else str(line.get("done_reason") or "stop")[:64]
+    if "prompt_eval_count" not in line and "eval_count" not in line:
+        return reason, None
+    counts = [line.get(key, 0) for key in ("prompt_eval_count", "eval_count")]
+    if not all(isinstance(c, int) and c >= 0 for c in counts):
+        raise BackendError(f"Ollama sent token counts that are not counts: {counts}", retryable=True)
+    return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
+
+
+def _message(line: dict[str, Any]) -> dict[str, Any]:
+    message = line.get("message")
+    return message if isinstance(message, dict) else {}
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+class OllamaBackend(HttpBackend):
+    """An Ollama server's native API; use as ``async with OllamaBackend(config):``.
+
+    Args:
+        config: ``endpoint`` defaults to :data:`DEFAULT_ENDPOINT`. ``api_key`` is usually
+            None; when set it is sent as ``Authorization: Bearer`` (for proxies in front
+            of Ollama) and never appears in requests' bodies or in errors.
+        transport: an httpx transport to use instead of the network (tests).
+
+    Error handling: every failure is a :class:`BackendError`; HTTP statuses map as in
+    ``error_for_status`` (404 ``UNKNOWN_MODEL``: not pulled; 503 ``OVER_CAPACITY``: queue
+    full, retried). A model outside a non-empty ``config.models`` is ``UNKNOWN_MODEL``.
+    """
+
+    kind = "ollama"
+    on_premise = True
+
+    def __init__(self, config: BackendConfig, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+        super().__init__(config, default_endpoint=DEFAULT_ENDPOINT, headers=headers, transport=transport)
+
+    def _request(self, params: ChatParams, *, stream: bool) -> dict[str, Any]:
+        if self.config.models and params.model not in self.config.models:
+            message = f"model {params.model!r} is not served by {self.label}"
+            raise BackendError(message, code=ErrorCode.UNKNOWN_MODEL, retryable=True)
+        return build_chat_request(params, stream=stream)
+
+    def _sender(self, method: str, path: str, body: dict[str, Any] | None = None):
+        """What ``open_stream`` calls for each attempt: a fresh request each time."""
+        return lambda: self.client.send(self.client.build_request(method, path, json=body), stream=True)
+
+    def _line_error(self, line: dict[str, Any]) -> BackendError:
+        """An ``{"error": ...}`` object after HTTP 200: Ollama failed mid-answer."""
+        return self._error(f"{self.label} failed mid-answer: {str(line['error'])[:500]}", retryable=True)
+
+    def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
+        """``TextDelta`` per ``message.content``, then :class:`Finished` with Ollama's usage.
+
+        Resource handling: one pooled connection, released when the ``async with`` exits.
+        Cancellation: leaving the ``async with`` closes the response; Ollama stops
+        generating when its client goes.
+
+        Raises:
+            BackendError: ``UNSUPPORTED_FEATURE`` / ``BAD_REQUEST`` / ``UNKNOWN_MODEL`` at
+                once, before any request. Later ones (HTTP status after retries;
+                ``BACKEND_TIMEOUT`` when no byte comes within ``config.timeout``; a mid-stream
+                error line, a dropped connection or a stream without its ``done`` line,
+                all ``BACKEND_ERROR`` and retryable) end the ``async for``, then
+                ``async with`` raises.
+        """
+        return self._stream(self._request(params, stream=True))
+
+    @trio.as_safe_channel
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
+        calls: list[ToolCall] = []
+        async with self.open_stream(self._sender("POST", "/api/chat", body), "streaming a chat") as response:
+            async for line in iter_ndjson(response):
+                if "error" in line:
+                    raise self._line_error(line)
+                message = _message(line)
+                if text := _text(message):
+                    yield TextDelta(text)
+                calls += _tool_calls(message, len(calls))
+                if line.get("done") is True:
+                    reason, usage = _ending(line, calls)
+                    yield Finished(finish_reason=reason, usage=usage, tool_calls=calls)
+                    return
+        raise self._error(f"{self.label}: the chat stream ended early, without its done line", retryable=True)
+
+    async def chat(self, params: ChatParams) -> Completion:
+        """The whole answer in one object (``"stream": false``).
+
+        Raises:
+            BackendError: as :meth:`stream_chat`, retried on retryable HTTP statuses.
+        """
+        body = self._request(params, stream=False)
+        answer = await self._fetch_json("POST", "/api/chat", body, "waiting for a chat")
+        if "error" in answer:
+            raise self._line_error(answer)
+        if answer.get("done") is not True:
+            raise self._error(f"{self.label} answered a chat without done: true", retryable=True)
+        message = _message(answer)
+        calls = _tool_calls(message, 0)
+        reason, usage = _ending(answer, calls)
+        return Completion(text=_text(message), finish_reason=reason, usage=usage, tool_calls=calls)
+
+    async def _fetch_json(self, method: str, path: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
+        """One JSON object (retried like a stream's start), read to at most ``MAX_LINE`` bytes."""
+        async with self.open_stream(self._sender(method, path, body), doing) as response:
+            data = bytearray()
+            async for chunk in response.aiter_bytes():
+                data += chunk
+                if len(data) > MAX_LINE:
+                    raise self._error(f"{self.label} sent over {MAX_LINE} bytes while {doing}")
+        try:
+            value = json.loads(data)
+        except ValueError:
+            raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True) from None
+        if not isinstance(value, dict):
+            raise self._error(f"{self.label} sent JSON that is not an object while {doing}", retryable=True)
+        return value
+
+    async def list_models(self) -> list[ModelInfo]:
+        """``GET /api/tags``, then ``POST /api/show`` per model (at most
+        :data:`SHOW_CONCURRENCY` at once) for context length and capabilities.
+
+        Only models that can chat (``"completion"``) are listed; with ``config.models``
+        set, only those, under their configured names (``"qwen2.5"`` matches Ollama's
+        ``"qwen2.5:latest"``). ``context_length`` is the model's trained window
+        (``<arch>.context_length``); Ollama may run it with a smaller ``num_ctx``.
+
+        Raises:
+            BackendError: when Ollama cannot be reached or answers an error (a model
+                removed between the two calls is skipped).
+        """
+        tags = await self._fetch_json("GET", "/api/tags", None, "listing models")
+        entries = [e for e in tags.get("models") or [] if isinstance(e, dict)]
+        chosen = self._select(entries)
+        found: dict[int, ModelInfo | None] = {}
+        failures: list[BackendError] = []
+        limiter = trio.CapacityLimiter(SHOW_CONCURRENCY)
+
+        async def describe(i: int, name: str, entry: dict[str, Any]) -> None:
+            async with limiter:
+                try:
+                    found[i] = await self._describe(name, entry)
+                except BackendError as error:
+                    failures.append(error)
+
+        async with trio.open_nursery() as nursery:
+            for i, (name, entry) in enumerate(chosen):
+                nursery.start_soon(describe, i, name, entry)
+        if failures:
+            raise failures[0]
+        return [info for i in range(len(chosen)) if (info := found.get(i)) is not None]
+
+    def _select(self, entries: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        """``(name to publish, /api/tags entry)`` for the models to list, in order."""
+        if not self.config.models:
+            return [(e["name"], e) for e in entries if isinstance(e.get("name"), str) and e["name"]]
+        by_name: dict[str, dict[str, Any]] = {}
+        for entry in entries:
+            for key in ("name", "model"):
+                if isinstance(entry.get(key), str):
+                    by_name.setdefault(entry[key], entry)
+        chosen = []
+        for wanted in dict.fromkeys(self.config.models):
+            entry = by_name.get(wanted) or by_name.get(f"{wanted}:latest")
+            if entry is not None:
+                chosen.append((wanted, entry))
+        return chosen
+
+    async def _describe(self, name: str, entry: dict[str, Any]) -> ModelInfo | None:
+        """One model's :class:`ModelInfo` from ``/api/show``; None when it cannot chat."""
+        try:
+            show = await self._fetch_json("POST", "/api/show", {"model": name}, f"describing {name}")
+        except BackendError as error:
+            if error.code == ErrorCode.UNKNOWN_MODEL:
+                return None  # deleted since /api/tags answered
+            raise
+        theirs = show.get("capabilities")
+        theirs = theirs if isinstance(theirs, list) else ["completion"]  # older Ollama: no list
+        if "completion" not in theirs:
+            return None  # an embedding model
+        capabilities = ["chat"] + (["tools"] if "tools" in theirs else []) + ["json"]
+        capabilities += ["vision"] if "vision" in theirs else []
+        info = show.get("model_info") if isinstance(show.get("model_info"), dict) else {}
+        arch = info.get("general.architecture")
+        context = info.get(f"{arch}.context_length") if isinstance(arch, str) else None
+        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+        quantization = details.get("quantization_level")
+        return ModelInfo(
+            name=name,
+            context_length=context if isinstance(context, int) and context > 0 else 0,
+            capabilities=capabilities,
+            quantization=quantization if isinstance(quantization, str) and quantization else None,
+        )
+
+    async def health(self) -> bool:
+        """True when ``GET /`` answers 200 ("Ollama is running"); False on anything else,
+        an unreachable server included. Never raises (except cancellation)."""
+        with suppress(BackendError):
+            async with self.map_errors("checking health"):
+                response = await self.client.get("/")
+            return response.status_code == 200
+        return False

@@ -1,0 +1,167 @@
+"""A faithful fake of the Anthropic Messages API, an ASGI app for ``serve_app``.
+
+It checks what the real API checks that our adapter could get wrong (``x-api-key``,
+``anthropic-version``, required ``model`` / ``max_tokens`` / ``messages``, roles that
+alternate, no ``system`` role, a known model), records every request, and answers as
+the wire facts (A6) describe: named SSE events without ``[DONE]``, ``ping`` events,
+``message_start`` input usage with a placeholder output count, a cumulative
+``output_tokens`` in ``message_delta``, errors as ``{"type": "error", "error": {...}}``.
+
+Configure it per test by setting attributes; faults are opt-in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import trio
+
+from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+
+KEY = "sk-ant-SECRET123"
+MODEL = "claude-test-1"
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: dict
+
+
+@dataclass
+class Failure:
+    """One error response, served in order before any normal answer."""
+
+    status: int
+    type: str
+    message: str = "something went wrong"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeAnthropic:
+    key: str = KEY
+    url: str = ""  #: set by the fixture once served
+    requests: list[Recorded] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    models: dict[str, int] = field(default_factory=lambda: {MODEL: 200_000})  #: id -> max_input_tokens
+    # the answer
+    text: list[str] = field(default_factory=lambda: ["Hello", ", world", "!"])
+    #: (id, name, input JSON fragments) of tool_use blocks after the text
+    tool_calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    stop_reason: str = "end_turn"
+    input_tokens: int = 12
+    output_tokens: int = 7
+    cache_creation: int = 3
+    cache_read: int = 5
+    # stream faults
+    error_event: str | None = None  #: error type sent after the first text delta
+    drop_after_first_delta: bool = False
+    omit_message_stop: bool = False
+    first_byte_delay: float = 0.0  #: seconds before the response starts
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        body = await read_json(receive) if scope["method"] == "POST" else {}
+        self.requests.append(Recorded(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
+        if self.first_byte_delay:
+            await trio.sleep(self.first_byte_delay)
+        if (problem := self._check(scope, headers, body)) is not None:
+            return await _error(send, problem)
+        if self.failures:
+            return await _error(send, self.failures.pop(0))
+        if scope["method"] == "GET" and scope["path"] == "/v1/models":
+            data = [self._model(m) for m in self.models]
+            page = {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
+            return await send_json(send, 200, page)
+        if scope["method"] == "GET" and scope["path"].startswith("/v1/models/"):
+            return await send_json(send, 200, self._model(scope["path"].rsplit("/", 1)[1]))
+        if body.get("stream"):
+            return await self._stream(send, body["model"])
+        content = [{"type": "text", "text": "".join(self.text)}] if self.text else []
+        content += [{"type": "tool_use", "id": i, "name": n, "input": json.loads("".join(p))} for i, n, p in self.tool_calls]
+        message = self._message(body["model"], content, self.stop_reason)
+        message["usage"]["output_tokens"] = self.output_tokens
+        await send_json(send, 200, message, {"request-id": "req_1"})
+
+    def _check(self, scope, headers: dict[str, str], body: dict) -> Failure | None:
+        if headers.get("x-api-key") != self.key:
+            return Failure(401, "authentication_error", "invalid x-api-key")
+        if headers.get("anthropic-version") != "2023-06-01":
+            return Failure(400, "invalid_request_error", "anthropic-version: header is required")
+        if scope["path"].startswith("/v1/models/") and scope["path"].rsplit("/", 1)[1] not in self.models:
+            return Failure(404, "not_found_error", "model not found")
+        if scope["method"] == "GET":
+            return None
+        if scope["path"] != "/v1/messages":
+            return Failure(404, "not_found_error", f"Not Found: {scope['path']}")
+        for name in ("model", "max_tokens", "messages"):
+            if name not in body:
+                return Failure(400, "invalid_request_error", f"{name}: Field required")
+        roles = [m.get("role") for m in body["messages"]]
+        if any(role not in ("user", "assistant") for role in roles):
+            return Failure(400, "invalid_request_error", "messages: roles must be user or assistant (system is top-level)")
+        if any(a == b for a, b in zip(roles, roles[1:])):
+            return Failure(400, "invalid_request_error", "messages: roles must alternate between user and assistant")
+        if body["model"] not in self.models:
+            return Failure(404, "not_found_error", f"model: {body['model']}")
+        return None
+
+    def _model(self, model_id: str) -> dict:
+        return {"type": "model", "id": model_id, "display_name": model_id, "created_at": "2026-01-01T00:00:00Z",
+                "max_input_tokens": self.models[model_id], "max_tokens": 64_000}
+
+    def _message(self, model: str, content: list, stop_reason: str | None) -> dict:
+        usage = {"input_tokens": self.input_tokens, "cache_creation_input_tokens": self.cache_creation,
+                 "cache_read_input_tokens": self.cache_read, "output_tokens": 1}
+        return {"id": "msg_1", "type": "message", "role": "assistant", "content": content, "model": model,
+                "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
+
+    async def _stream(self, send, model: str) -> None:
+        await start_stream(send, "text/event-stream; charset=utf-8")
+
+        async def event(data: dict) -> None:
+            await send_chunk(send, f"event: {data['type']}\ndata: {json.dumps(data)}\n\n")
+
+        await event({"type": "message_start", "message": self._message(model, [], None)})
+        await event({"type": "ping"})
+        index = 0
+        if self.text:
+            await event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            for n, piece in enumerate(self.text):
+                await event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+                if n == 0 and self.error_event:
+                    body = {"type": "error", "error": {"type": self.error_event, "message": "Overloaded"}}
+                    await send_chunk(send, f"event: error\ndata: {json.dumps(body)}\n\n", more=False)
+                    return
+                if n == 0 and self.drop_after_first_delta:
+                    raise DropConnection
+                await event({"type": "ping"})
+            await event({"type": "content_block_stop", "index": 0})
+            index = 1
+        for call_id, name, fragments in self.tool_calls:
+            block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
+            await event({"type": "content_block_start", "index": index, "content_block": block})
+            for fragment in ["", *fragments]:
+                delta = {"type": "input_json_delta", "partial_json": fragment}
+                await event({"type": "content_block_delta", "index": index, "delta": delta})
+            await event({"type": "content_block_stop", "index": index})
+            index += 1
+        delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
+        await event({"type": "message_delta", "delta": delta, "usage": {"output_tokens": self.output_tokens}})
+        if not self.omit_message_stop:
+            await event({"type": "message_stop"})
+        await send_chunk(send, b"", more=False)
+
+
+async def _error(send, failure: Failure) -> None:
+    body = {"type": "error", "error": {"type": failure.type, "message": failure.message}, "request_id": "req_1"}
+    await send_json(send, failure.status, body, failure.headers)
