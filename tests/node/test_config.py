@@ -1,17 +1,37 @@
+import re
 from pathlib import Path
 
 import pytest
 
+from loomnet.node.backends._registry import HOSTED_PROVIDERS, PROVIDERS, canonical_provider, make_backend
 from loomnet.node.config import ExecutorConfig, load_config
 from loomnet.protocol import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+def secrets_for(path) -> dict[str, str]:
+    """Dummy values for every ${VAR} a config refers to."""
+    return {name: f"dummy-{name}" for name in re.findall(r"\$\{(\w+)\}", path.read_text())}
+
+
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_every_example_config_loads(path):
-    config = load_config(path, environ={})
+def test_every_example_config_loads_and_builds_its_backends(path):
+    config = load_config(path, environ=secrets_for(path))
     assert isinstance(config, ExecutorConfig)
+    for backend in config.effective_backends:
+        built = make_backend(backend, embedded=config.embedded)
+        assert built.kind == canonical_provider(backend.provider)
+        assert built.on_premise == (built.kind not in HOSTED_PROVIDERS)
+        if backend.api_key:  # the secret came from the environment, and never shows
+            assert backend.api_key.startswith("dummy-") and backend.api_key not in repr(backend)
+
+
+def test_example_configs_cover_every_provider():
+    providers = set()
+    for path in CONFIGS.glob("*.toml"):
+        providers |= {canonical_provider(b.provider) for b in load_config(path, environ=secrets_for(path)).effective_backends}
+    assert providers == set(PROVIDERS)
 
 
 def test_example_executor_config_values():
@@ -60,3 +80,61 @@ def test_bad_config_is_a_clear_error(tmp_path, text, fragment):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_backends_secrets_and_provider_model_names(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[backends]]\nprovider = "openai"\napi-key = "${MY_KEY}"\nmodels = ["openai:gpt-4o-mini"]\n'
+        '[[models]]\nname = "openai:gpt-4o-mini"\nprice-in = 0.15\n'
+        '[[models]]\nname = "gpt-4o-mini"\nprice-in = 9.0\n'
+    )
+    config = load_config(path, environ={"MY_KEY": "sk-live-123456"})
+    [backend] = config.backends
+    assert backend.api_key == "sk-live-123456" and "sk-live-123456" not in repr(backend)
+    assert config.terms_for("gpt-4o-mini", "openai").price_in == 0.15  # provider:model wins
+    assert config.terms_for("gpt-4o-mini", "ollama").price_in == 9.0
+    built = make_backend(backend)
+    assert built.config.models == ["gpt-4o-mini"]  # the provider prefix is stripped for the adapter
+
+
+def test_unset_secret_is_an_error_naming_the_variable(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[backends]]\nprovider = "anthropic"\napi-key = "${NOPE_KEY}"\nmodels = ["m"]\n')
+    with pytest.raises(ConfigError, match="NOPE_KEY"):
+        load_config(path, environ={})
+
+
+def test_on_premise_only_refuses_hosted_backends(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('on-premise-only = true\n[[backends]]\nprovider = "groq"\napi-key = "k"\nmodels = ["m"]\n')
+    with pytest.raises(ConfigError, match="on-premise-only"):
+        load_config(path, environ={})
+    path.write_text('on-premise-only = true\n[[backends]]\nprovider = "ollama"\n')
+    assert load_config(path, environ={}).on_premise_only
+
+
+def test_unknown_provider_is_a_start_up_error(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[[backends]]\nprovider = "olama"\n')
+    with pytest.raises(ConfigError, match="unknown provider 'olama'"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="unknown provider"):
+        load_config(None, environ={"LLM_PROVIDER": "gpt"})
+
+
+def test_llm_zero_config_variables():
+    config = load_config(None, environ={
+        "LLM_PROVIDER": "lmstudio", "LLM_ENDPOINT": "http://127.0.0.1:1234/v1", "LLM_MODEL": "qwen",
+        "LLM_API_KEY": "lm-studio", "LLM_TIMEOUT_SECONDS": "12.5", "LLM_MAX_RETRIES": "4",
+    })
+    [backend] = config.backends
+    assert (backend.provider, backend.endpoint, backend.models, backend.timeout, backend.max_retries) == (
+        "lmstudio", "http://127.0.0.1:1234/v1", ["qwen"], 12.5, 4)
+    embedded = load_config(None, environ={
+        "LLM_MODEL_PATH": "/models/x.gguf", "LLM_CONTEXT_SIZE": "4096", "LLM_THREADS": "1",
+        "LLM_MAX_TOKENS": "64", "LLM_TEMPERATURE": "0.5",
+    })
+    assert embedded.effective_backends[0].provider == "embedded"
+    e = embedded.embedded
+    assert (e.model_path, e.context_size, e.threads, e.max_tokens, e.temperature) == ("/models/x.gguf", 4096, 1, 64, 0.5)
