@@ -124,7 +124,6 @@ __all__ = [
     "ToolCall",
     "ToolSpec",
     "UnexpectedFrame",
-    "an",
     "cost_of",
     "credits_to_micro",
     "decode_frame",

@@ -1,11 +1,9 @@
 """The Anthropic Messages API (``POST /v1/messages``), streamed as named SSE events.
 
-Theory of operation: a chat becomes one Messages request. System turns are joined into
-the top-level ``system`` string; the other turns become alternating ``user`` /
-``assistant`` turns of content blocks (consecutive turns of one role are merged; tool
-turns become ``tool_result`` blocks of a user turn; images become base64 ``image``
-blocks). ``max_tokens`` is required by the API: :data:`DEFAULT_MAX_TOKENS` when the
-request gives none.
+Theory of operation: system turns are joined into the top-level ``system``; the others
+become alternating ``user`` / ``assistant`` turns of content blocks (consecutive turns
+of one role merged; tool turns become ``tool_result`` blocks of a user turn, images
+base64 ``image`` blocks). ``max_tokens`` is required: :data:`DEFAULT_MAX_TOKENS` if unset.
 
 The stream is a sequence of named events: ``message_start`` carries the input usage,
 ``content_block_start`` / ``content_block_delta`` carry text and tool-use input JSON
@@ -46,18 +44,19 @@ API_VERSION = "2023-06-01"
 #: tokens; the API requires ``max_tokens``; this is sent when a request gives none
 DEFAULT_MAX_TOKENS = 4096
 
-_FINISH = {
-    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
-    "tool_use": "tool_calls", "refusal": "content_filter",
-}
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+           "refusal": "content_filter"}
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 #: the HTTP status each error type is documented with: an ``error`` event maps like it
-_ERROR_STATUS = {
-    "invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
-    "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
-    "rate_limit_error": 429, "api_error": 500, "timeout_error": 504, "overloaded_error": 529,
-}
+_ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+                 "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else ``{}``: odd shapes never raise a TypeError."""
+    return value if isinstance(value, dict) else {}
 
 
 def _loads(text: str, what: str) -> Any:
@@ -106,12 +105,8 @@ def _request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
             turns[-1]["content"].extend(_blocks(message))
         else:
             turns.append({"role": role, "content": _blocks(message)})
-    body: dict[str, Any] = {
-        "model": params.model,
-        "max_tokens": params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS,
-        "messages": turns,
-        "stream": stream,
-    }
+    max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
+    body: dict[str, Any] = {"model": params.model, "max_tokens": max_tokens, "messages": turns, "stream": stream}
     if system := "\n\n".join(m.content for m in params.messages if m.role == "system" and m.content):
         body["system"] = system
     if params.temperature is not None:
@@ -128,7 +123,7 @@ def _request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
 
 
 def _counts(usage: Any) -> dict[str, int]:
-    return {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
+    return {k: v for k, v in _obj(usage).items() if isinstance(v, int)}
 
 
 def _usage(counts: dict[str, int]) -> Usage | None:
@@ -183,7 +178,7 @@ class AnthropicBackend(HttpBackend):
         if not isinstance(data, dict):
             raise self._error(f"{self.label} sent a message that is not a JSON object", retryable=True)
         if data.get("type") == "error":
-            error = data.get("error") if isinstance(data.get("error"), dict) else {}
+            error = _obj(data.get("error"))
             kind = str(error.get("type", "api_error"))
             mapped = error_for_status(_ERROR_STATUS.get(kind, 500), b"", httpx.Headers(), label=self.label)
             message = f"{self.label} sent an error after HTTP 200: {kind}: {str(error.get('message', ''))[:500]}"
@@ -216,22 +211,23 @@ class AnthropicBackend(HttpBackend):
             async for sse in iter_sse(response):
                 data = self._decode(sse.data)
                 kind, index = data.get("type", sse.event), data.get("index")
+                index = index if isinstance(index, int) else -1
                 if kind == "content_block_delta":
-                    delta = data.get("delta") or {}
+                    delta = _obj(data.get("delta"))
                     if delta.get("type") == "text_delta" and delta.get("text"):
-                        yield TextDelta(delta["text"])
+                        yield TextDelta(str(delta["text"]))
                     elif delta.get("type") == "input_json_delta" and index in tools:
                         tools[index][3].append(str(delta.get("partial_json", "")))
                 elif kind == "content_block_start":
-                    block = data.get("content_block") or {}
+                    block = _obj(data.get("content_block"))
                     if block.get("type") == "text" and block.get("text"):
-                        yield TextDelta(block["text"])
-                    elif block.get("type") == "tool_use" and isinstance(index, int):
+                        yield TextDelta(str(block["text"]))
+                    elif block.get("type") == "tool_use" and index >= 0:
                         tools[index] = (str(block.get("id", "")), str(block.get("name", "")), block.get("input"), [])
                 elif kind == "message_start":
-                    counts.update(_counts((data.get("message") or {}).get("usage")))
+                    counts.update(_counts(_obj(data.get("message")).get("usage")))
                 elif kind == "message_delta":
-                    stop_reason = (data.get("delta") or {}).get("stop_reason") or stop_reason
+                    stop_reason = _obj(data.get("delta")).get("stop_reason") or stop_reason
                     counts.update(_counts(data.get("usage")))  # cumulative: the last value wins
                 elif kind == "message_stop":
                     stopped = True  # read on to the end of the body: the connection is reused
@@ -253,14 +249,15 @@ class AnthropicBackend(HttpBackend):
         async with self.open_stream(lambda: self._post(body), "answering a chat") as response:
             data = self._decode(await response.aread())
         texts, calls = [], []
-        for block in data.get("content") or []:
+        for block in map(_obj, data.get("content") or []):
             if block.get("type") == "text":
                 texts.append(str(block.get("text", "")))
             elif block.get("type") == "tool_use":
                 arguments = json.dumps(block.get("input") or {})
-                calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")), arguments=arguments))
-        return Completion(text="".join(texts), finish_reason=_finish(data.get("stop_reason")),
-                          usage=_usage(_counts(data.get("usage"))), tool_calls=calls)
+                calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")),
+                                      arguments=arguments))
+        finish, usage = _finish(data.get("stop_reason")), _usage(_counts(data.get("usage")))
+        return Completion(text="".join(texts), finish_reason=finish, usage=usage, tool_calls=calls)
 
     async def list_models(self) -> list[ModelInfo]:
         """The configured models (chat, tools, vision), with ``max_input_tokens`` as the
@@ -272,31 +269,30 @@ class AnthropicBackend(HttpBackend):
         if not self.config.models:
             message = f"backend {self.label}: a hosted API needs its models listed (models = [\"claude-...\"])"
             raise BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
-        return [
-            ModelInfo(name=name, context_length=await self._context_length(name), capabilities=["chat", "tools", "vision"])
-            for name in self.config.models
-        ]
+        capabilities = ["chat", "tools", "vision"]
+        return [ModelInfo(name=name, context_length=await self._context_length(name), capabilities=capabilities)
+                for name in self.config.models]
 
     async def _context_length(self, model: str) -> int:
         if model not in self._context_lengths and self.config.api_key:
+            response = await self._get(f"/v1/models/{quote(model, safe='')}")
             try:
-                async with self.map_errors("looking up a model"):
-                    response = await self.client.get(f"/v1/models/{quote(model, safe='')}",
-                                                      timeout=min(self.config.timeout, 10.0))
-                value = response.json().get("max_input_tokens") if response.status_code == 200 else None
-            except (BackendError, ValueError, AttributeError):
+                value = response.json().get("max_input_tokens") if response and response.status_code == 200 else None
+            except (ValueError, AttributeError):  # not JSON, or not an object
                 value = None
             if isinstance(value, int) and value > 0:
                 self._context_lengths[model] = value
         return self._context_lengths.get(model, 0)
 
+    async def _get(self, path: str) -> httpx.Response | None:
+        """One quick GET (no retries, at most 10 s); None when it got no answer."""
+        try:
+            async with self.map_errors("checking the API"):
+                return await self.client.get(path, timeout=min(self.config.timeout, 10.0))
+        except BackendError:
+            return None
+
     async def health(self) -> bool:
         """True when a key is configured and ``GET /v1/models`` answers 200; never raises."""
-        if not self.config.api_key:
-            return False
-        try:
-            async with self.map_errors("checking health"):
-                response = await self.client.get("/v1/models", timeout=min(self.config.timeout, 10.0))
-        except BackendError:
-            return False
-        return response.status_code == 200
+        response = await self._get("/v1/models") if self.config.api_key else None
+        return response is not None and response.status_code == 200

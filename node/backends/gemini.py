@@ -46,6 +46,11 @@ _FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", 
 _MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
 
 
+def _obj(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else ``{}``: odd shapes never raise a TypeError."""
+    return value if isinstance(value, dict) else {}
+
+
 def _loads(text: str, what: str) -> Any:
     """JSON text from the request (tool arguments, schemas), or ``BAD_REQUEST``."""
     try:
@@ -69,12 +74,14 @@ def _request_body(params: ChatParams) -> dict[str, Any]:
         parts: list[dict[str, Any]] = []
         if message.role == "tool":
             if message.tool_call_id not in names:
-                raise BackendError(f"tool turn answers unknown call {message.tool_call_id!r}", code=ErrorCode.BAD_REQUEST)
+                message_text = f"a tool turn answers no earlier tool call (id {message.tool_call_id!r})"
+                raise BackendError(message_text, code=ErrorCode.BAD_REQUEST)
             response = {"name": names[message.tool_call_id], "response": {"content": message.content}}
             parts.append({"functionResponse": response})
         else:
-            parts += [{"inlineData": {"mimeType": image.media_type, "data": base64.b64encode(image.data).decode("ascii")}}
-                      for image in message.images]
+            for image in message.images:
+                data = base64.b64encode(image.data).decode("ascii")
+                parts.append({"inlineData": {"mimeType": image.media_type, "data": data}})
             if message.content or not (parts or message.tool_calls):
                 parts.append({"text": message.content})
             for call in message.tool_calls:
@@ -131,15 +138,12 @@ class _Answer:
         candidates = frame.get("candidates")
         if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
             candidate = candidates[0]
-            for part in (candidate.get("content") or {}).get("parts") or []:
-                if not isinstance(part, dict):
-                    continue
+            for part in map(_obj, _obj(candidate.get("content")).get("parts") or []):
                 if isinstance(text := part.get("text"), str) and text:
                     texts.append(text)
                 elif isinstance(call := part.get("functionCall"), dict):
-                    arguments = json.dumps(call.get("args") or {})
-                    self.calls.append(ToolCall(id=f"call_{len(self.calls)}", name=str(call.get("name", "")),
-                                               arguments=arguments))
+                    name, arguments = str(call.get("name", "")), json.dumps(call.get("args") or {})
+                    self.calls.append(ToolCall(id=f"call_{len(self.calls)}", name=name, arguments=arguments))
             if candidate.get("finishReason"):
                 self.finish_reason = str(candidate["finishReason"])
         if isinstance(frame.get("usageMetadata"), dict):
@@ -153,9 +157,10 @@ class _Answer:
             finish = "tool_calls"
         usage = None
         if self.usage is not None:
-            count = lambda key: int(self.usage.get(key) or 0)  # noqa: E731
-            usage = Usage(input_tokens=count("promptTokenCount") + count("toolUsePromptTokenCount"),
-                          output_tokens=count("candidatesTokenCount") + count("thoughtsTokenCount"), source="backend")
+            n = {key: value for key, value in self.usage.items() if isinstance(value, int)}
+            usage = Usage(input_tokens=n.get("promptTokenCount", 0) + n.get("toolUsePromptTokenCount", 0),
+                          output_tokens=n.get("candidatesTokenCount", 0) + n.get("thoughtsTokenCount", 0),
+                          source="backend")
         return Finished(finish_reason=finish, usage=usage, tool_calls=self.calls)
 
 
@@ -191,7 +196,8 @@ class GeminiBackend(HttpBackend):
     async def _post(self, model: str, method: str, body: dict[str, Any]) -> httpx.Response:
         model = model.removeprefix("models/")
         query = {"alt": "sse"} if method == "streamGenerateContent" else None
-        request = self.client.build_request("POST", f"/models/{quote(model, safe='')}:{method}", params=query, json=body)
+        path = f"/models/{quote(model, safe='')}:{method}"
+        request = self.client.build_request("POST", path, params=query, json=body)
         return await self.client.send(request, stream=True)
 
     def _decode(self, raw: str | bytes) -> dict[str, Any]:
@@ -204,7 +210,8 @@ class GeminiBackend(HttpBackend):
         if isinstance(error := data.get("error"), dict):
             status = error.get("code") if isinstance(error.get("code"), int) else 500
             mapped = error_for_status(status, b"", httpx.Headers(), label=self.label)
-            message = f"{self.label} sent an error after HTTP 200: {error.get('status', status)}: {str(error.get('message', ''))[:500]}"
+            detail = f"{error.get('status', status)}: {str(error.get('message', ''))[:500]}"
+            message = f"{self.label} sent an error after HTTP 200: {detail}"
             raise self._error(message, code=mapped.code, retryable=mapped.retryable)
         return data
 

@@ -1,13 +1,12 @@
 """The Ollama adapter: Ollama's native API (``/api/chat``, ``/api/tags``, ``/api/show``).
 
 Theory of operation: a chat is one ``POST /api/chat``. Streamed, Ollama answers NDJSON
-(one JSON object a line, not SSE): ``done: false`` lines carry ``message.content`` text
-and whole tool calls (arguments as a JSON *object*), and one last ``done: true`` line
-carries ``done_reason`` and the token counts (``prompt_eval_count`` / ``eval_count``),
-which become the usage. A failure after HTTP 200 arrives as an ``{"error": "..."}`` line,
-and a stream that ends without its ``done`` line was cut: both are errors, never text.
-HTTP errors (503 "server busy" when Ollama's queue is full) are retried by
-:class:`HttpBackend` before the first byte only.
+(a JSON object a line, not SSE): ``done: false`` lines carry ``message.content`` and whole
+tool calls (arguments as a JSON *object*); one last ``done: true`` line carries
+``done_reason`` and the usage (``prompt_eval_count`` / ``eval_count``). A failure after
+HTTP 200 is an ``{"error": "..."}`` line, and a stream without its ``done`` line was cut:
+both are errors, never text. HTTP errors (503 "server busy": Ollama's queue is full) are
+retried by :class:`HttpBackend`, before the first byte only.
 
 What Ollama cannot do: there is no ``tool_choice`` (requests with one other than
 ``"auto"`` fail with ``UNSUPPORTED_FEATURE`` so another executor can serve them), no
@@ -38,7 +37,6 @@ __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_
 DEFAULT_ENDPOINT = "http://127.0.0.1:11434"
 #: ``/api/show`` requests in flight at once while listing models
 SHOW_CONCURRENCY = 4
-_BAD_REQUEST = ErrorCode.BAD_REQUEST
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
@@ -46,9 +44,9 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=_BAD_REQUEST) from None
+        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
     if not isinstance(value, dict):
-        raise BackendError(f"{what} is not a JSON object", code=_BAD_REQUEST)
+        raise BackendError(f"{what} is not a JSON object", code=ErrorCode.BAD_REQUEST)
     return value
 
 
@@ -62,10 +60,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         if m.images:
             item["images"] = [base64.b64encode(image.data).decode("ascii") for image in m.images]
         if m.tool_calls:
-            item["tool_calls"] = [
-                {"function": {"name": c.name, "arguments": _json_object(c.arguments, f"arguments of tool call {c.name!r}")}}
-                for c in m.tool_calls
-            ]
+            args = [_json_object(c.arguments, f"arguments of tool call {c.name!r}") for c in m.tool_calls]
+            item["tool_calls"] = [{"function": {"name": c.name, "arguments": a}} for c, a in zip(m.tool_calls, args)]
             tool_names.update((c.id, c.name) for c in m.tool_calls)
         if m.role == "tool" and m.tool_call_id in tool_names:
             item["tool_name"] = tool_names[m.tool_call_id]
@@ -86,11 +82,9 @@ def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
         raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, retryable=True)
     body: dict[str, Any] = {"model": params.model, "messages": _messages(params.messages), "stream": stream}
     if params.tools:
-        body["tools"] = [
-            {"type": "function", "function": {"name": t.name, "description": t.description,
-                                              "parameters": _json_object(t.parameters, f"parameters of tool {t.name!r}")}}
-            for t in params.tools
-        ]
+        body["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description,
+            "parameters": _json_object(t.parameters, f"parameters of tool {t.name!r}")}} for t in params.tools]
     fmt = params.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
         body["format"] = _json_object(fmt.schema, "the response schema")
@@ -118,7 +112,8 @@ def _tool_calls(message: dict[str, Any], first: int) -> list[ToolCall]:
 
 
 def _ending(line: dict[str, Any], calls: list[ToolCall]) -> tuple[str, Usage | None]:
-    """Finish reason and usage of a ``done: true`` object. Ollama omits zero counts."""
+    """Finish reason and usage of a ``done: true`` object; a missing count is 0, none at all
+    is no usage (the executor then counts itself)."""
     reason = "tool_calls" if calls else str(line.get("done_reason") or "stop")[:64]
     if "prompt_eval_count" not in line and "eval_count" not in line:
         return reason, None
@@ -128,14 +123,14 @@ def _ending(line: dict[str, Any], calls: list[ToolCall]) -> tuple[str, Usage | N
     return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
 
 
-def _message(line: dict[str, Any]) -> dict[str, Any]:
-    message = line.get("message")
-    return message if isinstance(message, dict) else {}
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
-def _text(message: dict[str, Any]) -> str:
-    content = message.get("content")
-    return content if isinstance(content, str) else ""
+def _message(line: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A line's ``message`` object and its text ("" when absent)."""
+    message = _dict(line.get("message"))
+    return message, message["content"] if isinstance(message.get("content"), str) else ""
 
 
 class OllamaBackend(HttpBackend):
@@ -177,16 +172,13 @@ class OllamaBackend(HttpBackend):
         """``TextDelta`` per ``message.content``, then :class:`Finished` with Ollama's usage.
 
         Resource handling: one pooled connection, released when the ``async with`` exits.
-        Cancellation: leaving the ``async with`` closes the response; Ollama stops
-        generating when its client goes.
+        Cancellation: leaving the ``async with`` closes the response and its connection.
 
         Raises:
-            BackendError: ``UNSUPPORTED_FEATURE`` / ``BAD_REQUEST`` / ``UNKNOWN_MODEL`` at
-                once, before any request. Later ones (HTTP status after retries;
-                ``BACKEND_TIMEOUT`` when no byte comes within ``config.timeout``; a mid-stream
-                error line, a dropped connection or a stream without its ``done`` line,
-                all ``BACKEND_ERROR`` and retryable) end the ``async for``, then
-                ``async with`` raises.
+            BackendError: ``UNSUPPORTED_FEATURE`` / ``BAD_REQUEST`` / ``UNKNOWN_MODEL`` at once.
+                Later ones end the ``async for``, then ``async with`` raises: an HTTP status
+                (after retries); ``BACKEND_TIMEOUT`` when no byte comes in ``config.timeout``;
+                ``BACKEND_ERROR``, retryable, for an error line, a dropped connection or no done line.
         """
         return self._stream(self._request(params, stream=True))
 
@@ -197,8 +189,8 @@ class OllamaBackend(HttpBackend):
             async for line in iter_ndjson(response):
                 if "error" in line:
                     raise self._line_error(line)
-                message = _message(line)
-                if text := _text(message):
+                message, text = _message(line)
+                if text:
                     yield TextDelta(text)
                 calls += _tool_calls(message, len(calls))
                 if line.get("done") is True:
@@ -213,16 +205,15 @@ class OllamaBackend(HttpBackend):
         Raises:
             BackendError: as :meth:`stream_chat`, retried on retryable HTTP statuses.
         """
-        body = self._request(params, stream=False)
-        answer = await self._fetch_json("POST", "/api/chat", body, "waiting for a chat")
+        answer = await self._fetch_json("POST", "/api/chat", self._request(params, stream=False), "waiting for a chat")
         if "error" in answer:
             raise self._line_error(answer)
         if answer.get("done") is not True:
             raise self._error(f"{self.label} answered a chat without done: true", retryable=True)
-        message = _message(answer)
+        message, text = _message(answer)
         calls = _tool_calls(message, 0)
         reason, usage = _ending(answer, calls)
-        return Completion(text=_text(message), finish_reason=reason, usage=usage, tool_calls=calls)
+        return Completion(text=text, finish_reason=reason, usage=usage, tool_calls=calls)
 
     async def _fetch_json(self, method: str, path: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
         """One JSON object (retried like a stream's start), read to at most ``MAX_LINE`` bytes."""
@@ -241,17 +232,15 @@ class OllamaBackend(HttpBackend):
         return value
 
     async def list_models(self) -> list[ModelInfo]:
-        """``GET /api/tags``, then ``POST /api/show`` per model (at most
-        :data:`SHOW_CONCURRENCY` at once) for context length and capabilities.
-
-        Only models that can chat (``"completion"``) are listed; with ``config.models``
-        set, only those, under their configured names (``"qwen2.5"`` matches Ollama's
-        ``"qwen2.5:latest"``). ``context_length`` is the model's trained window
-        (``<arch>.context_length``); Ollama may run it with a smaller ``num_ctx``.
+        """``GET /api/tags``, then ``POST /api/show`` per model (:data:`SHOW_CONCURRENCY` at
+        once). Only models that can chat (``"completion"``) are listed; with ``config.models``
+        set, only those, under their configured names (``"qwen2.5"`` finds ``"qwen2.5:latest"``).
+        ``context_length`` is the trained window (``<arch>.context_length``): Ollama may run
+        a model with a smaller ``num_ctx``.
 
         Raises:
-            BackendError: when Ollama cannot be reached or answers an error (a model
-                removed between the two calls is skipped).
+            BackendError: Ollama is unreachable or answers an error (a model deleted
+                between the two calls is skipped).
         """
         tags = await self._fetch_json("GET", "/api/tags", None, "listing models")
         entries = [e for e in tags.get("models") or [] if isinstance(e, dict)]
@@ -264,7 +253,7 @@ class OllamaBackend(HttpBackend):
             async with limiter:
                 try:
                     found[i] = await self._describe(name, entry)
-                except BackendError as error:
+                except BackendError as error:  # kept for the parent: no exception group leaves
                     failures.append(error)
 
         async with trio.open_nursery() as nursery:
@@ -278,17 +267,9 @@ class OllamaBackend(HttpBackend):
         """``(name to publish, /api/tags entry)`` for the models to list, in order."""
         if not self.config.models:
             return [(e["name"], e) for e in entries if isinstance(e.get("name"), str) and e["name"]]
-        by_name: dict[str, dict[str, Any]] = {}
-        for entry in entries:
-            for key in ("name", "model"):
-                if isinstance(entry.get(key), str):
-                    by_name.setdefault(entry[key], entry)
-        chosen = []
-        for wanted in dict.fromkeys(self.config.models):
-            entry = by_name.get(wanted) or by_name.get(f"{wanted}:latest")
-            if entry is not None:
-                chosen.append((wanted, entry))
-        return chosen
+        by_name = {e[key]: e for e in reversed(entries) for key in ("model", "name") if isinstance(e.get(key), str)}
+        chosen = [(w, by_name.get(w) or by_name.get(f"{w}:latest")) for w in dict.fromkeys(self.config.models)]
+        return [(wanted, entry) for wanted, entry in chosen if entry is not None]
 
     async def _describe(self, name: str, entry: dict[str, Any]) -> ModelInfo | None:
         """One model's :class:`ModelInfo` from ``/api/show``; None when it cannot chat."""
@@ -299,22 +280,15 @@ class OllamaBackend(HttpBackend):
                 return None  # deleted since /api/tags answered
             raise
         theirs = show.get("capabilities")
-        theirs = theirs if isinstance(theirs, list) else ["completion"]  # older Ollama: no list
-        if "completion" not in theirs:
+        if isinstance(theirs, list) and "completion" not in theirs:
             return None  # an embedding model
-        capabilities = ["chat"] + (["tools"] if "tools" in theirs else []) + ["json"]
-        capabilities += ["vision"] if "vision" in theirs else []
-        info = show.get("model_info") if isinstance(show.get("model_info"), dict) else {}
-        arch = info.get("general.architecture")
-        context = info.get(f"{arch}.context_length") if isinstance(arch, str) else None
-        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
-        quantization = details.get("quantization_level")
-        return ModelInfo(
-            name=name,
-            context_length=context if isinstance(context, int) and context > 0 else 0,
-            capabilities=capabilities,
-            quantization=quantization if isinstance(quantization, str) and quantization else None,
-        )
+        theirs = theirs if isinstance(theirs, list) else []  # an older Ollama: plain chat
+        capabilities = ["chat"] + ["tools"] * ("tools" in theirs) + ["json"] + ["vision"] * ("vision" in theirs)
+        info = _dict(show.get("model_info"))
+        context = info.get(f"{info.get('general.architecture')}.context_length")
+        quantization = _dict(entry.get("details")).get("quantization_level")
+        return ModelInfo(name=name, context_length=context if isinstance(context, int) and context > 0 else 0,
+                         capabilities=capabilities, quantization=str(quantization) if quantization else None)
 
     async def health(self) -> bool:
         """True when ``GET /`` answers 200 ("Ollama is running"); False on anything else,

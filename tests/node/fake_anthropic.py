@@ -87,7 +87,9 @@ class FakeAnthropic:
         if body.get("stream"):
             return await self._stream(send, body["model"])
         content = [{"type": "text", "text": "".join(self.text)}] if self.text else []
-        content += [{"type": "tool_use", "id": i, "name": n, "input": json.loads("".join(p))} for i, n, p in self.tool_calls]
+        for call_id, name, fragments in self.tool_calls:
+            arguments = json.loads("".join(fragments) or "{}")
+            content.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
         message = self._message(body["model"], content, self.stop_reason)
         message["usage"]["output_tokens"] = self.output_tokens
         await send_json(send, 200, message, {"request-id": "req_1"})
@@ -108,7 +110,7 @@ class FakeAnthropic:
                 return Failure(400, "invalid_request_error", f"{name}: Field required")
         roles = [m.get("role") for m in body["messages"]]
         if any(role not in ("user", "assistant") for role in roles):
-            return Failure(400, "invalid_request_error", "messages: roles must be user or assistant (system is top-level)")
+            return Failure(400, "invalid_request_error", "messages: roles must be user or assistant")
         if any(a == b for a, b in zip(roles, roles[1:])):
             return Failure(400, "invalid_request_error", "messages: roles must alternate between user and assistant")
         if body["model"] not in self.models:

@@ -160,7 +160,7 @@ class FakeOllama:
                     return 400, "illegal base64 data at input byte 0"
             for call in message.get("tool_calls") or []:
                 if not isinstance(call.get("function", {}).get("arguments"), dict):
-                    return 400, "json: cannot unmarshal string into Go struct field of type api.ToolCallFunctionArguments"
+                    return 400, "json: cannot unmarshal string into Go value of type api.ToolCallFunctionArguments"
         return None
 
     def _final(self, model: str, content: str, *, tools: bool) -> dict:

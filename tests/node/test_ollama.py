@@ -8,6 +8,7 @@ import functools
 import json
 import socket
 
+import httpx
 import pytest
 import trio
 
@@ -21,6 +22,7 @@ from .fake_ollama import BUSY, FakeModel, FakeOllama, Failure
 
 MODEL = "llama3.2"
 HELLO = [ChatMessage(role="user", content="Say hello")]
+HELLO_WIRE = [{"role": "user", "content": "Say hello"}]
 WEATHER = ToolSpec(name="get_weather", description="Weather in a city",
                    parameters='{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}')
 
@@ -97,7 +99,8 @@ async def test_whole_answer(fake):
     async with backend(fake) as b:
         completion = await b.chat(params())
     assert completion.text == "Hello, world!" and completion.finish_reason == "stop"
-    assert (completion.usage.input_tokens, completion.usage.output_tokens, completion.usage.source) == (31, 9, "backend")
+    usage = completion.usage
+    assert (usage.input_tokens, usage.output_tokens, usage.source) == (31, 9, "backend")
     assert fake.last_request["stream"] is False
 
 
@@ -142,10 +145,11 @@ async def test_consumer_leaving_early_keeps_backend_usable(fake):
 @fail_after(10)
 async def test_request_mapping(fake):
     png = b"\x89PNG\r\n\x1a\n-fake-image"
+    call = ToolCall(id="call_0", name="get_weather", arguments='{"city": "Paris"}')
     history = [
         ChatMessage(role="system", content="Be brief."),
-        ChatMessage(role="user", content="What is this, and the weather?", images=[ImagePart(media_type="image/png", data=png)]),
-        ChatMessage(role="assistant", tool_calls=[ToolCall(id="call_0", name="get_weather", arguments='{"city": "Paris"}')]),
+        ChatMessage(role="user", content="What is this?", images=[ImagePart(media_type="image/png", data=png)]),
+        ChatMessage(role="assistant", tool_calls=[call]),
         ChatMessage(role="tool", content='{"temp": 21}', tool_call_id="call_0"),
         ChatMessage(role="tool", content="orphan", tool_call_id="unknown"),
     ]
@@ -157,8 +161,9 @@ async def test_request_mapping(fake):
     sent = fake.last_request
     assert sent["messages"] == [
         {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is this, and the weather?", "images": [base64.b64encode(png).decode()]},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "user", "content": "What is this?", "images": [base64.b64encode(png).decode()]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
         {"role": "tool", "content": '{"temp": 21}', "tool_name": "get_weather"},
         {"role": "tool", "content": "orphan"},
     ]
@@ -304,7 +309,8 @@ async def test_health_when_server_is_down():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    async with OllamaBackend(BackendConfig(provider="ollama", endpoint=f"http://127.0.0.1:{port}")) as b:
+    config = BackendConfig(provider="ollama", endpoint=f"http://127.0.0.1:{port}", max_retries=0)
+    async with OllamaBackend(config) as b:
         assert await b.health() is False
         with pytest.raises(BackendError) as info:
             await b.list_models()
@@ -414,3 +420,23 @@ async def test_slow_first_byte_times_out(fake, delay):
                 await b.chat(params())
             assert info.value.code == ErrorCode.BACKEND_TIMEOUT
     assert texts == [] and (error.code, error.retryable) == (ErrorCode.BACKEND_TIMEOUT, True)
+
+
+@fail_after(10)
+async def test_fake_refuses_what_ollama_refuses(fake):
+    """The fake itself: what our adapter must never send is refused as Ollama would."""
+    chat = {"model": MODEL, "stream": False}
+    async with httpx.AsyncClient(base_url=fake.url) as http:
+        assert (await http.get("/")).text == "Ollama is running"
+        assert "version" in (await http.get("/api/version")).json()
+        string_args = {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": '{"x": 1}'}}]}
+        for bad in ({**chat, "messages": [string_args]},
+                    {**chat, "messages": [{"role": "user", "content": "hi", "images": ["not base64!"]}]},
+                    {**chat, "messages": HELLO_WIRE, "format": "yaml"}):
+            response = await http.post("/api/chat", json=bad)
+            assert response.status_code == 400 and set(response.json()) == {"error"}
+        streamed = await http.post("/api/chat", json={"model": MODEL, "messages": HELLO_WIRE})
+    assert streamed.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in streamed.text.splitlines()]
+    assert [line["done"] for line in lines] == [False] * 4 + [True]
+    assert lines[-1]["prompt_eval_count"] == 26 and lines[-1]["done_reason"] == "stop"

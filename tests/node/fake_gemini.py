@@ -1,0 +1,153 @@
+"""A faithful fake of Google's Gemini API (v1beta), an ASGI app for ``serve_app``.
+
+Served under ``/v1beta``. It checks the ``x-goog-api-key`` header, the
+``models/{model}:generateContent`` / ``:streamGenerateContent`` paths, roles
+``user`` / ``model`` and non-empty parts, records every request, and answers as the
+wire facts (A7) describe: with ``alt=sse`` one ``GenerateContentResponse`` per
+``data:`` event and no ``[DONE]``, partial ``usageMetadata`` on every frame and the
+complete one with ``finishReason`` on the last; without ``alt=sse`` a JSON array;
+errors as ``{"error": {"code", "message", "status"}}``.
+
+Configure it per test by setting attributes; faults are opt-in.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import trio
+
+from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+
+KEY = "sk-ant-SECRET123"  # a recognisable secret: it must never show in an error
+MODEL = "gemini-test-flash"
+PREFIX = "/v1beta"
+_STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
+           500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: dict
+
+
+@dataclass
+class Failure:
+    """One error response, served in order before any normal answer."""
+
+    code: int
+    message: str = "something went wrong"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class FakeGemini:
+    key: str = KEY
+    url: str = ""  #: the base URL with ``/v1beta``, set by the fixture once served
+    requests: list[Recorded] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    models: list[str] = field(default_factory=lambda: [MODEL])
+    # the answer
+    text: list[str] = field(default_factory=lambda: ["Hello", ", world", "!"])
+    #: (name, args object) of functionCall parts on the last frame
+    function_calls: list[tuple[str, dict]] = field(default_factory=list)
+    finish_reason: str = "STOP"
+    usage: dict = field(default_factory=lambda: {
+        "promptTokenCount": 11, "candidatesTokenCount": 6, "thoughtsTokenCount": 4,
+        "toolUsePromptTokenCount": 2, "cachedContentTokenCount": 5, "totalTokenCount": 23})
+    # stream faults
+    error_frame: int | None = None  #: an error code sent as a frame after the first text
+    drop_after_first_frame: bool = False
+    omit_finish_reason: bool = False
+    first_byte_delay: float = 0.0  #: seconds before the response starts
+
+    @property
+    def last(self) -> Recorded:
+        return self.requests[-1]
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        body = await read_json(receive) if scope["method"] == "POST" else {}
+        self.requests.append(Recorded(scope["method"], scope["path"], scope["query_string"].decode(), headers, body))
+        if self.first_byte_delay:
+            await trio.sleep(self.first_byte_delay)
+        path = scope["path"].removeprefix(PREFIX)
+        if (problem := self._check(scope["method"], path, headers, body)) is not None:
+            return await _error(send, problem)
+        if self.failures:
+            return await _error(send, self.failures.pop(0))
+        if scope["method"] == "GET":
+            models = [{"name": f"models/{m}", "displayName": m, "inputTokenLimit": 1_048_576} for m in self.models]
+            return await send_json(send, 200, {"models": models})
+        frames = self._frames()
+        if path.endswith(":generateContent"):
+            return await send_json(send, 200, _merge(frames))
+        if "alt=sse" not in scope["query_string"].decode():
+            return await send_json(send, 200, frames)  # without alt=sse: one JSON array
+        await start_stream(send, "text/event-stream")
+        for n, frame in enumerate(frames):
+            await send_chunk(send, f"data: {json.dumps(frame)}\r\n\r\n")
+            if n == 0 and self.error_frame is not None:
+                code = self.error_frame
+                error = {"error": {"code": code, "message": "The model is overloaded.", "status": _STATUS[code]}}
+                await send_chunk(send, f"data: {json.dumps(error)}\r\n\r\n", more=False)
+                return
+            if n == 0 and self.drop_after_first_frame:
+                raise DropConnection
+        await send_chunk(send, b"", more=False)
+
+    def _check(self, method: str, path: str, headers: dict[str, str], body: dict) -> Failure | None:
+        if "x-goog-api-key" not in headers:
+            return Failure(403, "Method doesn't allow unregistered callers (callers without established identity).")
+        if headers["x-goog-api-key"] != self.key:
+            return Failure(400, "API key not valid. Please pass a valid API key.")
+        if method == "GET":
+            return None if path == "/models" else Failure(404, f"{path} not found")
+        name, _, action = path.removeprefix("/models/").partition(":")
+        if not path.startswith("/models/") or action not in ("generateContent", "streamGenerateContent"):
+            return Failure(404, f"{path} not found")
+        if name not in self.models:
+            return Failure(404, f"models/{name} is not found for API version v1beta")
+        for content in body.get("contents") or [None]:
+            if not content or content.get("role") not in ("user", "model") or not content.get("parts"):
+                return Failure(400, "* GenerateContentRequest.contents: contents is not specified or malformed")
+            for part in content["parts"]:
+                if "functionResponse" in part and not part["functionResponse"].get("name"):
+                    return Failure(400, "* function_response.name: Name cannot be empty.")
+        return None
+
+    def _frames(self) -> list[dict]:
+        frames = []
+        pieces = self.text or [""]
+        for n, piece in enumerate(pieces):
+            parts: list[dict] = [{"text": piece}] if piece else []
+            candidate: dict = {"content": {"parts": parts, "role": "model"}, "index": 0}
+            usage = {"promptTokenCount": self.usage["promptTokenCount"], "candidatesTokenCount": n + 1,
+                     "totalTokenCount": self.usage["promptTokenCount"] + n + 1}
+            if n == len(pieces) - 1:
+                parts += [{"functionCall": {"name": name, "args": args}} for name, args in self.function_calls]
+                if not self.omit_finish_reason:
+                    candidate["finishReason"] = self.finish_reason
+                    usage = dict(self.usage)
+            frames.append({"candidates": [candidate], "usageMetadata": usage, "modelVersion": self.models[0]})
+        return frames
+
+
+def _merge(frames: list[dict]) -> dict:
+    """The one response ``generateContent`` gives for what the stream would send."""
+    parts = [p for f in frames for p in f["candidates"][0]["content"]["parts"]]
+    texts = "".join(p["text"] for p in parts if "text" in p)
+    merged = ([{"text": texts}] if texts else []) + [p for p in parts if "text" not in p]
+    candidate = dict(frames[-1]["candidates"][0], content={"parts": merged, "role": "model"})
+    return dict(frames[-1], candidates=[candidate])
+
+
+async def _error(send, failure: Failure) -> None:
+    status = _STATUS.get(failure.code, "UNKNOWN")
+    await send_json(send, failure.code, {"error": {"code": failure.code, "message": failure.message, "status": status}},
+                    failure.headers)
