@@ -240,18 +240,22 @@ class InferenceServer:
                 output.tool_calls.extend(tool_calls or [])
 
         last_flush = trio.current_time()
-        async with entry.backend.stream_chat(params) as events:
-            async for event in events:
-                if isinstance(event, TextDelta):
-                    pending.append(event.text)
-                    if (
-                        trio.current_time() - last_flush >= self.config.chunk_interval
-                        or len(pending) >= _MAX_DELTAS_PER_CHUNK
-                    ):
-                        await flush()
-                        last_flush = trio.current_time()
-                elif isinstance(event, Finished):
-                    finished = event
+        try:
+            async with entry.backend.stream_chat(params) as events:
+                async for event in events:
+                    if isinstance(event, TextDelta):
+                        pending.append(event.text)
+                        if (
+                            trio.current_time() - last_flush >= self.config.chunk_interval
+                            or len(pending) >= _MAX_DELTAS_PER_CHUNK
+                        ):
+                            await flush()
+                            last_flush = trio.current_time()
+                    elif isinstance(event, Finished):
+                        finished = event
+        except BackendError:
+            await flush()  # what the backend produced before failing still goes out, and is billed
+            raise
         if finished is None:  # pragma: no cover - backends always finish or raise
             raise BackendError("backend ended without finishing", code=ErrorCode.BACKEND_ERROR)
         await flush(list(finished.tool_calls))

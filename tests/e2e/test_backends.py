@@ -1,0 +1,123 @@
+"""Every backend behind one executor, end to end over libp2p: counts, tools, failures.
+
+The runtimes that cannot run here are faithful fakes on real loopback HTTP
+(``tests/node/fake_*.py``); the receipt a client verifies must carry exactly the
+usage the backend reported.
+"""
+
+import pytest
+import trio
+
+from loomnet.client import ClientConfig, LoomClient
+from loomnet.node import Executor, ExecutorConfig, ModelTerms
+from loomnet.node.backends._config import BackendConfig
+from loomnet.node.backends.ollama import OllamaBackend
+from loomnet.protocol import ChatMessage, ErrorCode, RemoteError, ToolSpec
+
+from ..node.asgi_server import serve_app
+from ..node.fake_ollama import FakeOllama
+
+pytestmark = pytest.mark.integration
+
+HELLO = [ChatMessage("user", "Say hello.")]
+
+
+async def start_pair(nursery, tmp_path, backends, models=()):
+    config = ExecutorConfig(
+        data_dir=str(tmp_path / "executor"),
+        listen=["/ip4/127.0.0.1/tcp/0"],
+        models=list(models),
+        announce_local=False,
+        request_read_timeout=5.0,
+        ack_timeout=5.0,
+    )
+    executor = Executor(config, backends=backends)
+    await nursery.start(executor.run)
+    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]], discover_local=False))
+    await nursery.start(client.run)
+    return executor, client
+
+
+async def booked_on_both_sides(executor, client, result):
+    from loomnet.protocol import digest
+
+    key = digest(result.receipt_envelope.payload)
+    mine = await client.ledger.get(key)
+    with trio.fail_after(10):
+        while (theirs := await executor.server.ledger.get(key)) is None:
+            await trio.sleep(0.02)
+    assert mine.receipt_payload == theirs.receipt_payload
+
+
+async def test_ollama_receipt_carries_the_reported_usage(nursery, tmp_path):
+    fake = FakeOllama()
+    fake.pieces = ["Hel", "lo ", "there", "!"]
+    fake.prompt_eval_count, fake.eval_count = 31, 4
+    url = await serve_app(nursery, fake)
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
+    executor, client = await start_pair(
+        nursery, tmp_path, [backend], [ModelTerms(name="ollama:llama3.2", aliases=["llama"], price_in=1.0, price_out=2.0)]
+    )
+    with trio.fail_after(30):
+        result = await client.chat(HELLO, model="llama")
+    assert result.text == "Hello there!"
+    r = result.receipt
+    assert (r.input_tokens, r.output_tokens, r.count_source) == (31, 4, "backend")
+    assert (r.price_in, r.price_out) == (1_000_000, 2_000_000)
+    offer = client.offers()[0].model
+    assert offer.name == "llama3.2" and offer.on_premise and "tools" in offer.capabilities
+    await booked_on_both_sides(executor, client, result)
+
+
+async def test_tool_calls_pass_through_and_are_signed_for(nursery, tmp_path):
+    fake = FakeOllama()
+    fake.pieces = []
+    fake.tool_calls = [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]
+    url = await serve_app(nursery, fake)
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    tool = ToolSpec(name="get_weather", description="Weather now", parameters='{"type":"object","properties":{"city":{"type":"string"}}}')
+    with trio.fail_after(30):
+        result = await client.chat(HELLO, model="llama3.2", tools=[tool])
+    [call] = result.tool_calls
+    assert call.name == "get_weather" and '"Oslo"' in call.arguments
+    assert result.receipt.finish_reason == "tool_calls" and result.receipt.tool_calls_digest
+    sent = fake.last_request
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+
+
+async def test_unsupported_feature_is_refused_before_the_backend_is_called(nursery, tmp_path):
+    from loomnet.protocol import ImagePart
+
+    fake = FakeOllama()  # the default fake model has no vision capability
+    url = await serve_app(nursery, fake)
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    picture = [ChatMessage("user", "What is this?", images=[ImagePart(media_type="image/png", data=b"\x89PNG...")])]
+    before = len(fake.chat_requests)
+    with trio.fail_after(30), pytest.raises(RemoteError) as info:
+        await client.chat(picture, model="llama3.2")
+    assert info.value.code == ErrorCode.UNSUPPORTED_FEATURE
+    assert len(fake.chat_requests) == before
+
+
+async def test_backend_dying_mid_stream_bills_exactly_what_was_sent(nursery, tmp_path):
+    fake = FakeOllama()
+    fake.pieces = ["one ", "two ", "three ", "four"]
+    fake.error_after = 2  # two content lines, then an {"error"} line with HTTP 200
+    url = await serve_app(nursery, fake)
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"], max_retries=0))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    received = []
+    with trio.fail_after(30), pytest.raises(RemoteError) as info:
+        async with client.stream_chat(HELLO, model="llama3.2") as stream:
+            async for text in stream:
+                received.append(text)
+    error = info.value
+    assert error.code == ErrorCode.BACKEND_ERROR and error.retryable
+    assert "".join(received) == "one two "
+    partial = error.result
+    assert partial.receipt.finish_reason == "error" and partial.text == "one two "
+    assert partial.receipt.count_source in ("tiktoken", "estimate")  # the runtime's usage never came
+    assert partial.receipt.output_tokens > 0
+    await booked_on_both_sides(executor, client, partial)
