@@ -224,13 +224,20 @@ class HttpBackend(Backend):
                         body = await response.aread()
                         await response.aclose()
                         e = error_for_status(response.status_code, body, response.headers, label=self.label)
-                        raise self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after)
+                        error = self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after)
+                        # `retryable` tells the client it may fail over (a 404 may be served
+                        # elsewhere); only these statuses are worth asking *this* backend again
+                        error.retry_here = e.retryable and (  # type: ignore[attr-defined]
+                            response.status_code in _RETRY_STATUSES or "x-should-retry" in response.headers
+                        )
+                        raise error
                 break
             except BackendError as error:
                 attempt += 1
                 backoff = min(0.5 * 2 ** (attempt - 1), 8.0) * (0.75 + random.random() / 2)
                 wait = error.retry_after if error.retry_after is not None else backoff
-                if not error.retryable or attempt > self.config.max_retries or wait > MAX_RETRY_WAIT:
+                retry_here = getattr(error, "retry_here", error.retryable)
+                if not retry_here or attempt > self.config.max_retries or wait > MAX_RETRY_WAIT:
                     raise
             await trio.sleep(wait)
         try:
