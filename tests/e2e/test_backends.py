@@ -121,3 +121,35 @@ async def test_backend_dying_mid_stream_bills_exactly_what_was_sent(nursery, tmp
     assert partial.receipt.count_source in ("tiktoken", "estimate")  # the runtime's usage never came
     assert partial.receipt.output_tokens > 0
     await booked_on_both_sides(executor, client, partial)
+
+
+async def test_hosted_backends_report_usage_and_are_advertised_as_hosted(nursery, tmp_path):
+    from loomnet.node.backends.anthropic import AnthropicBackend
+    from loomnet.node.backends.gemini import GeminiBackend
+
+    from ..node import fake_anthropic, fake_gemini
+
+    anthropic = fake_anthropic.FakeAnthropic()
+    anthropic.text = ["Bonjour", "!"]
+    gemini = fake_gemini.FakeGemini()
+    gemini.text = ["Hallo", "!"]
+    a_url = await serve_app(nursery, anthropic)
+    g_url = await serve_app(nursery, gemini)
+    backends = [
+        AnthropicBackend(BackendConfig(provider="anthropic", endpoint=a_url, api_key=fake_anthropic.KEY, models=[fake_anthropic.MODEL])),
+        GeminiBackend(BackendConfig(provider="gemini", endpoint=g_url + fake_gemini.PREFIX, api_key=fake_gemini.KEY, models=[fake_gemini.MODEL])),
+    ]
+    executor, client = await start_pair(nursery, tmp_path, backends)
+    with trio.fail_after(30):
+        a = await client.chat(HELLO, model=fake_anthropic.MODEL, max_tokens=50)
+        g = await client.chat(HELLO, model=fake_gemini.MODEL, max_tokens=50)
+    assert a.text == "Bonjour!" and g.text == "Hallo!"
+    # Anthropic bills input + cache writes + cache reads; output is the cumulative count, once
+    ra = a.receipt
+    assert (ra.input_tokens, ra.output_tokens, ra.count_source) == (12 + 3 + 5, 7, "backend")
+    rg = g.receipt
+    assert (rg.input_tokens, rg.output_tokens, rg.count_source) == (11 + 2, 6 + 4, "backend")
+    advert = client.member.table.advert_of(executor.peer_id, now=__import__("time").time())
+    assert not advert.on_premise and not any(m.on_premise for m in advert.models)
+    wire = __import__("msgspec").json.encode(advert).decode()
+    assert fake_anthropic.KEY not in wire and "anthropic" not in wire.lower() and "127.0.0.1:" + a_url.rsplit(":", 1)[1] not in wire
