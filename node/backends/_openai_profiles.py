@@ -3,21 +3,27 @@
 One adapter (``openai_compat``) speaks to every OpenAI-compatible runtime; what differs
 between them is data, one :class:`Profile` per ``provider`` (the wire facts, A1-A7):
 
-=================  ==============================  =======  ====  =====================  =============  ===============
-provider           default endpoint                on-prem  key   max-tokens field       stream usage   health probe
-=================  ==============================  =======  ====  =====================  =============  ===============
-openai             https://api.openai.com/v1       no       yes   max_completion_tokens  asked          GET /models
-groq               https://api.groq.com/openai/v1  no       yes   max_tokens             asked          GET /models
-openrouter         https://openrouter.ai/api/v1    no       yes   max_tokens             always sent    GET /models
-lmstudio           http://localhost:1234/v1        yes      no    max_tokens             asked          GET /api/v0/models
-llamacpp           http://127.0.0.1:8080/v1        yes      no    max_tokens             asked          GET /health
-                   (then :9931, probed)
-llama-cpp-python   http://localhost:8000/v1        yes      no    max_tokens             never          TCP connect
-vllm               http://localhost:8000/v1        yes      no    max_tokens             asked          GET /health
-=================  ==============================  =======  ====  =====================  =============  ===============
+================  ==============================  ====  ====  =====================  ======  ==================
+provider          default endpoint                here  key   max-tokens field       usage   health probe
+================  ==============================  ====  ====  =====================  ======  ==================
+openai            https://api.openai.com/v1       no    yes   max_completion_tokens  asked   GET /models
+groq              https://api.groq.com/openai/v1  no    yes   max_tokens             asked   GET /models
+openrouter        https://openrouter.ai/api/v1    no    yes   max_tokens             always  GET /models
+lmstudio          http://localhost:1234/v1        yes   no    max_tokens             asked   GET /api/v0/models
+llamacpp          http://127.0.0.1:8080/v1        yes   no    max_tokens             asked   GET /health
+                  (then :9931, probed)
+llama-cpp-python  http://localhost:8000/v1        yes   no    max_tokens             never   TCP connect
+vllm              http://localhost:8000/v1        yes   no    max_tokens             asked   GET /health
+================  ==============================  ====  ====  =====================  ======  ==================
 
-"asked" = ``stream_options.include_usage`` is sent; OpenRouter always sends usage (the
-option is a deprecated no-op there) and llama-cpp-python never does (it ignores it).
+"here" = ``on_premise``; "usage" = in streams: "asked" = ``stream_options.include_usage`` is
+sent; OpenRouter always sends usage (the option is a deprecated no-op there) and
+llama-cpp-python never does (it ignores the option).
+
+Capabilities advertised: "chat" always; openai and openrouter add tools, json, vision; groq,
+lmstudio, llamacpp and vllm add tools and json (plus vision per model where LM Studio says
+``type: "vlm"`` or llama-server lists an image input modality); llama-cpp-python adds json
+only (its ``response_format`` works with any GGUF; tool calls need special chat handlers).
 
 Everything below is pure: request bodies from :class:`ChatParams`, stream events folded
 by :class:`StreamParser`, whole answers and model lists parsed. Malformed input raises
@@ -36,8 +42,8 @@ from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
 
 from ._base import ChatParams, Completion, ModelInfo, Usage
 
-__all__ = ["PROFILES", "Profile", "StreamParser", "build_body", "parse_completion", "parse_models", "parse_usage",
-           "root_of"]
+__all__ = ["PROFILES", "TOKENIZE", "Profile", "StreamParser", "build_body", "parse_completion", "parse_models",
+           "parse_usage", "root_of", "served_context", "token_count"]
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +67,8 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     #: what every model behind this provider can do (runtimes may add "vision" per model)
     capabilities: tuple[str, ...] = ("chat", "tools", "json")
     headers: tuple[tuple[str, str], ...] = ()
+    #: one request at a time: the runtime cuts a running stream when another request arrives
+    serial: bool = False
 
 
 _HOSTED = {"on_premise": False, "needs_key": True, "health": "models"}
@@ -75,9 +83,32 @@ PROFILES: dict[str, Profile] = {
     "llamacpp": Profile(endpoint="http://127.0.0.1:8080/v1", fallback_endpoints=("http://127.0.0.1:9931/v1",),
                         health="health", tokenizer="llama-server"),
     "llama-cpp-python": Profile(endpoint="http://localhost:8000/v1", ask_stream_usage=False, health="tcp",
-                                tokenizer="llama-cpp-python", capabilities=("chat", "json")),
+                                tokenizer="llama-cpp-python", capabilities=("chat", "json"), serial=True),
     "vllm": Profile(endpoint="http://localhost:8000/v1", health="health", tokenizer="vllm"),
 }
+
+
+#: tokenizer kind -> (model, text) -> (path under the server root, request body)
+TOKENIZE = {
+    "llama-server": lambda model, text: ("/tokenize", {"content": text}),
+    "llama-cpp-python": lambda model, text: ("/extras/tokenize/count", {"model": model, "input": text}),
+    "vllm": lambda model, text: ("/tokenize", {"model": model, "prompt": text}),
+}
+
+
+def token_count(data: Any) -> int | None:
+    """The count in a tokenizer answer: ``{"tokens": [...]}`` or ``{"count": n}``."""
+    value = data.get("count", data.get("tokens")) if isinstance(data, dict) else None
+    if isinstance(value, list):
+        return len(value)
+    return value if type(value) is int and value >= 0 else None
+
+
+def served_context(props: Any) -> int:
+    """llama-server's served context (``/props`` ``default_generation_settings.n_ctx``), or 0."""
+    settings = props.get("default_generation_settings") if isinstance(props, dict) else None
+    n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
+    return n_ctx if type(n_ctx) is int and n_ctx > 0 else 0
 
 
 def root_of(endpoint: str) -> str:
@@ -180,6 +211,7 @@ class StreamParser:
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
         self.done = False  #: ``[DONE]`` arrived
+        self.chunks = 0  #: JSON chunks seen
         self._calls: dict[int, list[Any]] = {}  # index -> [id, name, argument fragments]
 
     def feed(self, event: str, data: str) -> str:
@@ -197,6 +229,7 @@ class StreamParser:
         chunk = _maybe_json(data)
         if chunk is data:
             raise BackendError("backend sent a stream event that is not JSON", retryable=True)
+        self.chunks += 1
         if not isinstance(chunk, dict):
             return ""
         x_groq = chunk.get("x_groq") if isinstance(chunk.get("x_groq"), dict) else {}
@@ -283,7 +316,8 @@ def parse_models(profile: Profile, data: Any, *, n_ctx: int = 0) -> list[ModelIn
         context = next((n for n in lengths if type(n) is int and n > 0), 0)
         capabilities = list(profile.capabilities)
         arch = item.get("architecture") if isinstance(item.get("architecture"), dict) else {}
-        if "vision" not in capabilities and (item.get("type") == "vlm" or "image" in (arch.get("input_modalities") or ())):
+        sees = item.get("type") == "vlm" or "image" in (arch.get("input_modalities") or ())
+        if sees and "vision" not in capabilities:
             capabilities.append("vision")
         quant = item.get("quantization")
         models.append(ModelInfo(name=item["id"], context_length=context, capabilities=capabilities,

