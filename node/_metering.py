@@ -67,12 +67,18 @@ class Meter:
         input_tokens = await backend.count_prompt_tokens(params)
         if output_tokens is not None and input_tokens is not None:
             return input_tokens, output_tokens, "tokenizer"
+        # Whatever the model's tokenizer could not count, tiktoken counts; the receipt
+        # names the weakest source used, so it never overstates its precision.
         prompt = "\n".join(m.content for m in params.messages)
-        (inp, src_in), (out, src_out) = await trio.to_thread.run_sync(
-            lambda: (self.tokens.count(prompt, params.model), self.tokens.count(text, params.model))
-        )
-        source: CountSource = "tiktoken" if src_in == src_out == "tiktoken" else "estimate"
-        return inp, out, source
+        sources: list[str] = []
+        if input_tokens is None:
+            input_tokens, src = await trio.to_thread.run_sync(self.tokens.count, prompt, params.model)
+            sources.append(src)
+        if output_tokens is None:
+            output_tokens, src = await trio.to_thread.run_sync(self.tokens.count, text, params.model)
+            sources.append(src)
+        source: CountSource = "estimate" if "estimate" in sources else "tiktoken"
+        return input_tokens, output_tokens, source
 
     async def book(
         self,

