@@ -153,3 +153,25 @@ async def test_hosted_backends_report_usage_and_are_advertised_as_hosted(nursery
     assert not advert.on_premise and not any(m.on_premise for m in advert.models)
     wire = __import__("msgspec").json.encode(advert).decode()
     assert fake_anthropic.KEY not in wire and "anthropic" not in wire.lower() and "127.0.0.1:" + a_url.rsplit(":", 1)[1] not in wire
+
+
+@pytest.mark.parametrize("provider", ["openai", "groq", "openrouter", "lmstudio", "llamacpp", "vllm"])
+async def test_openai_compatible_receipts_carry_the_reported_usage(nursery, tmp_path, provider):
+    from loomnet.node.backends.openai_compat import OpenAICompatBackend
+
+    from ..node.fake_openai import USAGE, FakeOpenAI
+
+    fake = FakeOpenAI(flavour=provider)
+    url = await serve_app(nursery, fake)
+    hosted = provider in ("openai", "groq", "openrouter")
+    backend = OpenAICompatBackend(
+        BackendConfig(provider=provider, endpoint=url + "/v1", api_key="sk-test-SECRET123" if hosted else None, models=["m1"])
+    )
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    with trio.fail_after(30):
+        result = await client.chat(HELLO, model="m1")
+    assert result.text == "Hello, world!"
+    r = result.receipt
+    assert (r.input_tokens, r.output_tokens, r.count_source) == (USAGE["prompt_tokens"], USAGE["completion_tokens"], "backend")
+    assert client.offers()[0].model.on_premise is not hosted
+    await booked_on_both_sides(executor, client, result)

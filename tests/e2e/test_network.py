@@ -4,7 +4,7 @@ import msgspec
 import pytest
 import trio
 
-from loomnet.protocol import ChatMessage, ErrorCode, RemoteError
+from loomnet.protocol import ChatMessage, ErrorCode, Receipt, RemoteError
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -45,8 +45,12 @@ async def test_capacity_load_adverts_and_walking_away(executor, client):
         with pytest.raises(RemoteError) as info:
             await client.chat([ChatMessage("user", "hi")], model="smol", max_tokens=4)
         assert info.value.code == ErrorCode.OVER_CAPACITY and info.value.retryable
-    # we walked away mid-stream: the executor stops generating and frees the slot soon
+    # we walked away mid-stream: the executor stops generating and frees the slot soon,
+    # and books a receipt for exactly what it had sent us
     await wait_until(lambda: executor.server.load == 0, timeout=10)
+    receipts = [msgspec.msgpack.decode(e.receipt_payload, type=Receipt) for e in await executor.server.ledger.entries()]
+    [gone] = [r for r in receipts if r.finish_reason == "client_gone"]
+    assert gone.chunks >= 1 and gone.output_tokens >= 1 and gone.client == client.peer_id
     await wait_until(lambda: client.member.table.advert_of(executor.peer_id, now=time.time()).load == 0)
     result = await client.chat([ChatMessage("user", "hi")], model="smol", max_tokens=4)
     assert result.receipt.output_tokens <= 4
