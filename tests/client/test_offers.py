@@ -1,5 +1,4 @@
 import msgspec
-import pytest
 
 from loomnet.client import OfferTable, rank_offers
 from loomnet.protocol import Advert, ModelOffer, SignedKind, SigningKey, seal

@@ -1,7 +1,6 @@
 """Real components: an executor on the embedded model and a client, both libp2p hosts on 127.0.0.1."""
 
 import pytest
-import trio
 
 from loomnet.client import ClientConfig, LoomClient
 from loomnet.node import Executor

@@ -8,7 +8,6 @@ from loomnet.protocol import (
     InferenceRequest,
     SigningKey,
     MessageDecodeError,
-    Receipt,
     SignatureError,
     SignedKind,
     digest,
