@@ -201,9 +201,8 @@ class ChatStream:
                     code=ErrorCode(code),
                     retryable=event.retryable,
                 )
-                error.retry_after = event.retry_after  # type: ignore[attr-defined]
-                #: the receipt for output streamed before the failure, verified and booked
-                error.result = await self._settle(event.receipt, ack=False) if event.receipt else None  # type: ignore[attr-defined]
+                error.retry_after = event.retry_after
+                error.result = await self._settle(event.receipt, ack=False) if event.receipt else None
                 raise error
             elif isinstance(event, EndOfStream):  # pragma: no cover - the state machine raises first
                 raise StreamTruncated("stream ended before its receipt")

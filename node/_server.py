@@ -97,18 +97,7 @@ class InferenceServer:
         conn = InferenceConnection(Role.EXECUTOR)
         try:
             envelope_payload, request, entry = await self._admit(stream, conn)
-            try:
-                self.slots.acquire_on_behalf_of_nowait(conn)
-            except trio.WouldBlock:
-                raise RequestRejected(
-                    "all generation slots are busy", code=ErrorCode.OVER_CAPACITY, retryable=True
-                ) from None
-            self._on_load_change()
-            try:
-                await self._serve(stream, conn, envelope_payload, request, entry)
-            finally:
-                self.slots.release_on_behalf_of(conn)
-                self._on_load_change()
+            await self._serve(stream, conn, envelope_payload, request, entry)
         except LoomError as exc:
             self.refused += 1
             log.info("request from %s ended with %s", stream.remote_peer, exc)
@@ -206,17 +195,27 @@ class InferenceServer:
         book = functools.partial(
             self.meter.book, request_payload=request_payload, client=stream.remote_peer, entry=entry, params=params
         )
+        # A slot is held while the backend generates, not while the receipt is settled:
+        # a client's next request must not be refused because its last ack is in flight.
+        try:
+            self.slots.acquire_on_behalf_of_nowait(conn)
+        except trio.WouldBlock:
+            raise RequestRejected("all generation slots are busy", code=ErrorCode.OVER_CAPACITY, retryable=True) from None
+        self._on_load_change()
         try:
             finished = await self._generate(stream, conn, entry, params, output)
         except BackendError as exc:
             if output.chunks:  # the client got part of an answer: bill exactly that, and say so
-                exc.receipt, _ = await book(output=output, finish_reason="error", usage=None)  # type: ignore[attr-defined]
+                exc.receipt, _ = await book(output=output, finish_reason="error", usage=None)
                 self.served += 1
             raise
         except NetworkError:
             if output.chunks:  # the client left mid-stream: book what it was sent
                 await book(output=output, finish_reason="client_gone", usage=None)
             raise
+        finally:
+            self.slots.release_on_behalf_of(conn)
+            self._on_load_change()
         envelope, receipt_digest = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)

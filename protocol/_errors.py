@@ -191,6 +191,12 @@ class RequestRejected(LoomError):
 class RemoteError(LoomError):
     """The peer answered with an error frame; ``code`` and ``retryable`` are the peer's."""
 
+    #: seconds the peer asked us to wait before trying it again, if it said
+    retry_after: float | None = None
+    #: when part of an answer streamed before the failure: the client's verified
+    #: result for exactly that part (its receipt is booked in the client's ledger)
+    result: object | None = None
+
 
 class BackendError(LoomError):
     """The LLM runtime failed. ``retry_after`` is in seconds when the runtime said."""
@@ -207,6 +213,11 @@ class BackendError(LoomError):
     ) -> None:
         super().__init__(message, code=code, retryable=retryable)
         self.retry_after = retry_after
+        #: whether asking the same backend again is worth it (a 404 is retryable
+        #: elsewhere, not here); None = same as ``retryable``
+        self.retry_here: bool | None = None
+        #: the signed receipt for output already streamed when this error ended it
+        self.receipt: object | None = None
 
 
 class NetworkError(LoomError):

@@ -227,7 +227,7 @@ class HttpBackend(Backend):
                         error = self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after)
                         # `retryable` tells the client it may fail over (a 404 may be served
                         # elsewhere); only these statuses are worth asking *this* backend again
-                        error.retry_here = e.retryable and (  # type: ignore[attr-defined]
+                        error.retry_here = e.retryable and (
                             response.status_code in _RETRY_STATUSES or "x-should-retry" in response.headers
                         )
                         raise error
@@ -236,7 +236,7 @@ class HttpBackend(Backend):
                 attempt += 1
                 backoff = min(0.5 * 2 ** (attempt - 1), 8.0) * (0.75 + random.random() / 2)
                 wait = error.retry_after if error.retry_after is not None else backoff
-                retry_here = getattr(error, "retry_here", error.retryable)
+                retry_here = error.retryable if error.retry_here is None else error.retry_here
                 if not retry_here or attempt > self.config.max_retries or wait > MAX_RETRY_WAIT:
                     raise
             await trio.sleep(wait)

@@ -5,6 +5,9 @@ The runtimes that cannot run here are faithful fakes on real loopback HTTP
 usage the backend reported.
 """
 
+import time
+
+import msgspec
 import pytest
 import trio
 
@@ -149,9 +152,9 @@ async def test_hosted_backends_report_usage_and_are_advertised_as_hosted(nursery
     assert (ra.input_tokens, ra.output_tokens, ra.count_source) == (12 + 3 + 5, 7, "backend")
     rg = g.receipt
     assert (rg.input_tokens, rg.output_tokens, rg.count_source) == (11 + 2, 6 + 4, "backend")
-    advert = client.member.table.advert_of(executor.peer_id, now=__import__("time").time())
+    advert = client.member.table.advert_of(executor.peer_id, now=time.time())
     assert not advert.on_premise and not any(m.on_premise for m in advert.models)
-    wire = __import__("msgspec").json.encode(advert).decode()
+    wire = msgspec.json.encode(advert).decode()
     assert fake_anthropic.KEY not in wire and "anthropic" not in wire.lower() and "127.0.0.1:" + a_url.rsplit(":", 1)[1] not in wire
 
 
@@ -175,3 +178,15 @@ async def test_openai_compatible_receipts_carry_the_reported_usage(nursery, tmp_
     assert (r.input_tokens, r.output_tokens, r.count_source) == (USAGE["prompt_tokens"], USAGE["completion_tokens"], "backend")
     assert client.offers()[0].model.on_premise is not hosted
     await booked_on_both_sides(executor, client, result)
+
+
+async def test_back_to_back_requests_are_not_refused_while_the_last_ack_settles(nursery, tmp_path):
+    # capacity 1 limits generations, not receipt settlement: a client's next request may
+    # arrive before the executor has booked its counter-signature for the last one
+    url = await serve_app(nursery, FakeOllama())
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    with trio.fail_after(60):
+        for _ in range(8):
+            assert (await client.chat(HELLO, model="llama3.2")).text == "Hello, world!"
+    assert executor.server.refused == 0
