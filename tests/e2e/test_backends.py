@@ -187,6 +187,6 @@ async def test_back_to_back_requests_are_not_refused_while_the_last_ack_settles(
     backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
     executor, client = await start_pair(nursery, tmp_path, [backend])
     with trio.fail_after(60):
-        for _ in range(8):
+        for _ in range(25):
             assert (await client.chat(HELLO, model="llama3.2")).text == "Hello, world!"
     assert executor.server.refused == 0
