@@ -180,13 +180,33 @@ async def test_openai_compatible_receipts_carry_the_reported_usage(nursery, tmp_
     await booked_on_both_sides(executor, client, result)
 
 
-async def test_back_to_back_requests_are_not_refused_while_the_last_ack_settles(nursery, tmp_path):
-    # capacity 1 limits generations, not receipt settlement: a client's next request may
-    # arrive before the executor has booked its counter-signature for the last one
+async def test_a_pending_ack_does_not_hold_the_generation_slot(nursery, tmp_path):
+    # capacity 1 limits generations, not receipt settlement: while the executor still
+    # waits for the counter-signature of one answer, the next request is served
+    import os
+
+    from loomnet.protocol import (
+        END, INFER_PROTOCOL, NEED_DATA, FrameDecoder, InferenceRequest, ReceiptFrame, RequestFrame,
+        SignedKind, decode_frame, encode_frame, encode_frame_body, seal,
+    )
+
     url = await serve_app(nursery, FakeOllama())
     backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"]))
     executor, client = await start_pair(nursery, tmp_path, [backend])
-    with trio.fail_after(60):
-        for _ in range(25):
+    request = InferenceRequest(
+        audience=executor.peer_id, nonce=os.urandom(16), created_at=time.time(), model="llama3.2", messages=HELLO
+    )
+    frame = encode_frame(encode_frame_body(RequestFrame(seal(SignedKind.REQUEST, request, client.key))))
+    with trio.fail_after(30):
+        stream = await client.member.node.open_stream(executor.peer_id, INFER_PROTOCOL, addrs=executor.info.addrs, timeout=5)
+        await stream.send_all(frame, timeout=5)
+        decoder, got_receipt = FrameDecoder(), False
+        while not got_receipt:  # read up to the receipt, and never acknowledge it
+            decoder.receive_data(await stream.receive_some(timeout=10))
+            while (body := decoder.next_frame()) not in (NEED_DATA, END):
+                got_receipt |= isinstance(decode_frame(body), ReceiptFrame)
+        assert executor.server.load == 0
+        for _ in range(3):
             assert (await client.chat(HELLO, model="llama3.2")).text == "Hello, world!"
+        await stream.reset()
     assert executor.server.refused == 0
