@@ -87,8 +87,9 @@ class LoomClient:
         bootstrap = list(config.bootstrap)
         if config.discover_local:
             for local in local_executors():
-                if local.peer_id != self.key.peer_id:
-                    bootstrap += [a for a in local.addrs if a not in bootstrap]
+                if local.peer_id != self.key.peer_id:  # same machine: loopback is enough
+                    addrs = [a for a in local.addrs if "/127.0.0.1/" in a] or local.addrs
+                    bootstrap += [a for a in addrs if a not in bootstrap]
         self.member = Member(
             self.key,
             P2PConfig(listen=config.listen, bootstrap=bootstrap, dial_timeout=config.connect_timeout),

@@ -386,7 +386,7 @@ class P2PNode:
                         for addr in self._config.bootstrap:
                             dials.start_soon(self._bootstrap, addr)
                 self._startup = None
-                addrs = [_dialable(str(a)) for a in self._host.get_addrs()]
+                addrs = [d for a in self._host.get_addrs() for d in _dialable(str(a))]
                 task_status.started(NodeInfo(self.peer_id, addrs))
                 await self._stop_requested.wait()
         finally:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
+import ifaddr
 import trio
 
 from loomnet.protocol._errors import ErrorCode, LoomError, NetworkError, NetworkTimeout
@@ -104,9 +105,33 @@ def _content_id(msg: Any) -> bytes:
     return hashlib.sha256(msg.data).digest()
 
 
-def _dialable(addr: str) -> str:
-    """A listen address as peers can dial it (a wildcard bind means loopback too)."""
-    return addr.replace("/ip4/0.0.0.0/", "/ip4/127.0.0.1/", 1).replace("/ip6/::/", "/ip6/::1/", 1)
+def _dialable(addr: str) -> list[str]:
+    """A listen address as peers can dial it.
+
+    A wildcard bind (``0.0.0.0``) is reachable on loopback and on every interface
+    address, so it is reported as 127.0.0.1 first (local clients) and then each of
+    this machine's other IPv4 addresses (peers on the LAN): an advert that only said
+    127.0.0.1 would be useless to every other machine.
+    """
+    if "/ip6/::/" in addr:
+        return [addr.replace("/ip6/::/", "/ip6/::1/", 1)]
+    if "/ip4/0.0.0.0/" not in addr:
+        return [addr]
+    return [addr.replace("/ip4/0.0.0.0/", f"/ip4/{ip}/", 1) for ip in ["127.0.0.1", *_interface_ipv4()]]
+
+
+def _interface_ipv4() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (no network traffic: reads interfaces)."""
+    try:
+        adapters = ifaddr.get_adapters()
+    except Exception:  # noqa: BLE001 - no interface list is no reason to fail a node
+        return []
+    found = []
+    for adapter in adapters:
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str) and not ip.ip.startswith("127.") and ip.ip not in found:
+                found.append(ip.ip)
+    return found
 
 
 async def _bounded_cleanup(fn: Callable[[], Awaitable[Any]]) -> None:

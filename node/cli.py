@@ -103,8 +103,13 @@ def _print_ready(info) -> None:
     click.echo(f"  models  : {models}")
     click.echo("\nChat with it from a second terminal (same machine, no flags needed):")
     click.echo(f"  {loomnet} chat \"Hello, who are you?\"")
-    click.echo("From another machine (use this machine's address in place of 127.0.0.1):")
-    click.echo(f"  {loomnet} chat --bootstrap {local[0]} \"Hello\"")
+    remote = [a for a in info.addrs if "/127.0.0.1/" not in a and "/::1/" not in a]
+    if remote:
+        click.echo("From another machine:")
+        click.echo(f"  {loomnet} chat --bootstrap {remote[0]} \"Hello\"")
+    else:
+        click.echo("From another machine (listen on 0.0.0.0 or this machine's address first):")
+        click.echo(f"  {loomnet} chat --bootstrap {local[0].replace('127.0.0.1', '<this machine>')} \"Hello\"")
     click.echo("Stop with Ctrl-C.", err=False)
     sys.stdout.flush()
 
