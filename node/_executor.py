@@ -75,6 +75,13 @@ class Executor:
             return self._backends
         return [make_backend(b, embedded=self.config.embedded) for b in self.config.effective_backends]
 
+    async def _watch_backends(self, catalog: Catalog) -> None:
+        """Probe the backends every ``health-interval``; re-advertise when offers change."""
+        while True:
+            await trio.sleep(self.config.health_interval)
+            if await catalog.check_health(timeout=self.config.health_interval) and self.advertiser:
+                self.advertiser.poke()
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled.
 
@@ -105,6 +112,7 @@ class Executor:
                 if cfg.announce_local:
                     write_local_executor(self.key.peer_id, list(node_info.addrs))
                     announced = True
+                nursery.start_soon(self._watch_backends, catalog)
                 self.info = ExecutorInfo(peer_id=self.key.peer_id, addrs=list(node_info.addrs), models=catalog.offers)
                 log.info("executor %s serving %s", self.key.peer_id, [o.name for o in catalog.offers])
                 task_status.started(self.info)

@@ -134,6 +134,12 @@ class InferenceServer:
             raise RequestRejected(
                 f"model {request.model!r} is not served here (serving: {served})", code=ErrorCode.UNKNOWN_MODEL
             )
+        if not self.catalog.is_up(entry.backend):
+            raise RequestRejected(
+                f"the runtime behind {request.model!r} is down; try another executor",
+                code=ErrorCode.BACKEND_UNAVAILABLE,
+                retryable=True,
+            )
         offer = entry.offer
         if (request.max_price_in is not None and offer.price_in > request.max_price_in) or (
             request.max_price_out is not None and offer.price_out > request.max_price_out

@@ -82,6 +82,8 @@ class ExecutorConfig(_Config):
     ack_timeout: float = 5.0
     #: stream chunks are flushed at least this often (seconds) while tokens flow
     chunk_interval: float = 0.05
+    #: seconds between health probes of every backend (a failing one leaves the advert)
+    health_interval: float = 15.0
     #: what the executor keeps of prompts, stated in the advert
     prompt_retention: str = "none"
     #: announce this executor to clients on the same machine (state file)
@@ -96,7 +98,9 @@ class ExecutorConfig(_Config):
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
-        for name in ("advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval"):
+        for name in (
+            "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval", "health_interval"
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.advert_ttl < self.advert_interval:

@@ -15,7 +15,7 @@ from loomnet.client import ClientConfig, LoomClient
 from loomnet.node import Executor, ExecutorConfig, ModelTerms
 from loomnet.node.backends._config import BackendConfig
 from loomnet.node.backends.ollama import OllamaBackend
-from loomnet.protocol import ChatMessage, ErrorCode, RemoteError, ToolSpec
+from loomnet.protocol import ChatMessage, ErrorCode, NoOfferError, RemoteError, ToolSpec
 
 from ..node.asgi_server import serve_app
 from ..node.fake_ollama import FakeOllama
@@ -25,8 +25,9 @@ pytestmark = pytest.mark.integration
 HELLO = [ChatMessage("user", "Say hello.")]
 
 
-async def start_pair(nursery, tmp_path, backends, models=()):
+async def start_pair(nursery, tmp_path, backends, models=(), **settings):
     config = ExecutorConfig(
+        **settings,
         data_dir=str(tmp_path / "executor"),
         listen=["/ip4/127.0.0.1/tcp/0"],
         models=list(models),
@@ -36,7 +37,9 @@ async def start_pair(nursery, tmp_path, backends, models=()):
     )
     executor = Executor(config, backends=backends)
     await nursery.start(executor.run)
-    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]], discover_local=False))
+    client = LoomClient(ClientConfig(
+        data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]], discover_local=False, offer_timeout=2.0
+    ))
     await nursery.start(client.run)
     return executor, client
 
@@ -210,3 +213,29 @@ async def test_a_pending_ack_does_not_hold_the_generation_slot(nursery, tmp_path
             assert (await client.chat(HELLO, model="llama3.2")).text == "Hello, world!"
         await stream.reset()
     assert executor.server.refused == 0
+
+
+async def test_a_backend_that_goes_down_leaves_the_advert_and_comes_back(nursery, tmp_path):
+    fake = FakeOllama()
+    url = await serve_app(nursery, fake)
+    backend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"], max_retries=0))
+    executor, client = await start_pair(nursery, tmp_path, [backend], health_interval=0.1)
+
+    def offered() -> list[str]:
+        advert = client.member.table.advert_of(executor.peer_id, now=time.time())
+        return [m.name for m in advert.models] if advert else []
+
+    async def wait_for(names):
+        with trio.fail_after(10):
+            while offered() != names:
+                await client.member.table_changed.wait()
+
+    await wait_for(["llama3.2"])
+    fake.root_status = 500  # Ollama stops answering its liveness probe
+    await wait_for([])
+    with pytest.raises(NoOfferError):
+        await client.chat(HELLO, model="llama3.2", max_tokens=4)
+    fake.root_status = 200
+    await wait_for(["llama3.2"])
+    with trio.fail_after(10):
+        assert (await client.chat(HELLO, model="llama3.2")).text == "Hello, world!"
