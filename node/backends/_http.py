@@ -33,10 +33,12 @@ __all__ = [
     "MAX_LINE",
     "HttpBackend",
     "SSEEvent",
+    "as_object",
     "error_for_status",
     "iter_lines",
     "iter_ndjson",
     "iter_sse",
+    "request_json",
     "retry_after_seconds",
 ]
 
@@ -152,6 +154,23 @@ async def iter_ndjson(response: httpx.Response) -> AsyncIterator[dict]:
                 raise BackendError("backend sent a line that is not JSON", code=ErrorCode.BACKEND_ERROR) from None
             if isinstance(value, dict):
                 yield value
+
+
+def as_object(value: object) -> dict:
+    """``value`` if it is a JSON object, else ``{}``: odd shapes from a runtime never raise."""
+    return value if isinstance(value, dict) else {}
+
+
+def request_json(text: str, what: str) -> object:
+    """JSON carried as text in a request (tool arguments, schemas); empty text is ``{}``.
+
+    Raises:
+        BackendError: ``BAD_REQUEST`` when ``text`` is not JSON.
+    """
+    try:
+        return json.loads(text) if text.strip() else {}
+    except ValueError:
+        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
 
 
 class HttpBackend(Backend):

@@ -38,9 +38,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
+from loomnet.protocol import BackendError, ChatMessage, ToolCall
 
 from ._base import ChatParams, Completion, ModelInfo, Usage
+from ._http import request_json
 
 __all__ = ["PROFILES", "TOKENIZE", "Profile", "StreamParser", "build_body", "parse_completion", "parse_models",
            "parse_usage", "root_of", "served_context", "token_count"]
@@ -117,13 +118,6 @@ def root_of(endpoint: str) -> str:
     return endpoint[:-3] if endpoint.endswith("/v1") else endpoint
 
 
-def _json_text(text: str, what: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
-
-
 def _message(m: ChatMessage) -> dict[str, Any]:
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.images:
@@ -160,14 +154,14 @@ def build_body(profile: Profile, params: ChatParams, *, stream: bool) -> dict[st
     if params.tools:
         body["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description,
-            "parameters": _json_text(t.parameters, f"parameters of tool {t.name!r}")}} for t in params.tools]
+            "parameters": request_json(t.parameters, f"parameters of tool {t.name!r}")}} for t in params.tools]
     if params.tool_choice in ("auto", "none", "required"):
         body["tool_choice"] = params.tool_choice
     elif params.tool_choice is not None:
         body["tool_choice"] = {"type": "function", "function": {"name": params.tool_choice}}
     rf = params.response_format
     if rf is not None and rf.type == "json_schema" and rf.schema is not None:
-        schema = _json_text(rf.schema, "the response format's schema")
+        schema = request_json(rf.schema, "the response format's schema")
         body["response_format"] = {"type": "json_schema", "json_schema": {"name": rf.name, "schema": schema}}
     elif rf is not None and rf.type != "text":
         body["response_format"] = {"type": "json_object"}

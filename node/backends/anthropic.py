@@ -35,6 +35,7 @@ from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
 from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
 from ._config import BackendConfig
 from ._http import HttpBackend, error_for_status, iter_sse
+from ._http import as_object as _obj, request_json as _loads
 
 __all__ = ["API_VERSION", "DEFAULT_ENDPOINT", "DEFAULT_MAX_TOKENS", "AnthropicBackend"]
 
@@ -52,19 +53,6 @@ _ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "bil
                  "permission_error": 403, "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
                  "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
 _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    """``value`` if it is a JSON object, else ``{}``: odd shapes never raise a TypeError."""
-    return value if isinstance(value, dict) else {}
-
-
-def _loads(text: str, what: str) -> Any:
-    """JSON text from the request (tool arguments, schemas), or ``BAD_REQUEST``."""
-    try:
-        return json.loads(text) if text.strip() else {}
-    except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
 
 
 def _blocks(message: ChatMessage) -> list[dict[str, Any]]:

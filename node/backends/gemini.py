@@ -36,6 +36,7 @@ from loomnet.protocol import BackendError, ErrorCode, ToolCall
 from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
 from ._config import BackendConfig
 from ._http import HttpBackend, error_for_status, iter_sse
+from ._http import as_object as _obj, request_json as _loads
 
 __all__ = ["DEFAULT_ENDPOINT", "GeminiBackend"]
 
@@ -44,19 +45,6 @@ DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com/v1beta"
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
 _FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
 _MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    """``value`` if it is a JSON object, else ``{}``: odd shapes never raise a TypeError."""
-    return value if isinstance(value, dict) else {}
-
-
-def _loads(text: str, what: str) -> Any:
-    """JSON text from the request (tool arguments, schemas), or ``BAD_REQUEST``."""
-    try:
-        return json.loads(text) if text.strip() else {}
-    except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
 
 
 def _request_body(params: ChatParams) -> dict[str, Any]:

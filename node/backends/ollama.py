@@ -29,7 +29,7 @@ from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
 
 from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
 from ._config import BackendConfig
-from ._http import MAX_LINE, HttpBackend, iter_ndjson
+from ._http import MAX_LINE, HttpBackend, iter_ndjson, request_json
 
 __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_request"]
 
@@ -41,10 +41,7 @@ SHOW_CONCURRENCY = 4
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
     """JSON text that must hold an object (Ollama wants objects where we carry text)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
+    value = request_json(text, what)
     if not isinstance(value, dict):
         raise BackendError(f"{what} is not a JSON object", code=ErrorCode.BAD_REQUEST)
     return value
