@@ -29,6 +29,7 @@ from loomnet.protocol._errors import (
     NetworkTimeout,
 )
 from loomnet.protocol._identity import SigningKey, peer_id_from_public_key
+from ..limits import fail_after
 
 pytestmark = pytest.mark.integration
 
@@ -40,20 +41,6 @@ GOSSIP = P2PConfig(topics=[TOPIC])
 Starter = Callable[..., Awaitable[tuple[P2PNode, NodeInfo]]]
 
 
-def fail_after(seconds: float) -> Callable[[Any], Any]:
-    """Fail (not hang) a test that takes longer than ``seconds`` of Trio time."""
-
-    def decorate(fn: Any) -> Any:
-        @functools.wraps(fn)
-        async def wrapper(*args: Any, **kwargs: Any) -> None:
-            with trio.move_on_after(seconds) as scope:
-                await fn(*args, **kwargs)
-            if scope.cancelled_caught:
-                pytest.fail(f"test did not finish within {seconds} s")
-
-        return wrapper
-
-    return decorate
 
 
 @pytest.fixture

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import functools
 import json
 
 import pytest
-import trio
 
 from loomnet.node.backends._base import ChatParams, Finished, TextDelta, Usage
 from loomnet.node.backends._config import BackendConfig
@@ -16,22 +14,9 @@ from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ImagePart, Re
 
 from .asgi_server import serve_app
 from .fake_gemini import KEY, MODEL, PREFIX, Failure, FakeGemini
+from ..limits import fail_after
 
 
-def fail_after(seconds: float):
-    """Fail (not hang) an I/O test that runs longer than ``seconds`` on the Trio clock."""
-
-    def decorate(fn):
-        @functools.wraps(fn)
-        async def wrapper(*args, **kwargs):
-            with trio.move_on_after(seconds) as scope:
-                await fn(*args, **kwargs)
-            if scope.cancelled_caught:
-                pytest.fail(f"test did not finish within {seconds} s")
-
-        return wrapper
-
-    return decorate
 
 
 @pytest.fixture
