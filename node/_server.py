@@ -152,9 +152,9 @@ class InferenceServer:
         return frame.envelope.payload, request, entry
 
     async def _send_error(self, stream: P2PStream, conn: InferenceConnection, exc: LoomError) -> None:
-        frame = ErrorFrame(
+        frame = ErrorFrame(  # a peer gets loomnet's words only; exc.message went to the log
             code=int(exc.code),
-            message=exc.message[:2000],
+            message=exc.peer_message[:2000],
             retryable=exc.retryable,
             retry_after=getattr(exc, "retry_after", None),
             receipt=getattr(exc, "receipt", None),

@@ -4,6 +4,15 @@ Knows bytes and messages, nothing about sockets or clocks: every check that depe
 on time takes ``now`` as an argument, and nonces and keys are passed in.
 """
 
+from ._accounting import (
+    PART_SLACK as PART_SLACK,
+    TOOL_CALL_SLACK as TOOL_CALL_SLACK,
+    OutputBreakdown as OutputBreakdown,
+    OutputCaps as OutputCaps,
+    apportion as apportion,
+    breakdown_problems as breakdown_problems,
+    output_caps as output_caps,
+)
 from ._errors import (
     BackendError as BackendError,
     ConfigError as ConfigError,
@@ -103,6 +112,13 @@ __all__ = [
     "NEED_DATA",
     "NetworkError",
     "NetworkTimeout",
+    "OutputBreakdown",
+    "OutputCaps",
+    "PART_SLACK",
+    "TOOL_CALL_SLACK",
+    "apportion",
+    "breakdown_problems",
+    "output_caps",
     "NoOfferError",
     "ProtocolError",
     "Receipt",

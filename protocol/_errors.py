@@ -88,6 +88,9 @@ class ErrorCode(enum.IntEnum):
     BAD_REQUEST = 209
     #: The request did not arrive before the executor's read deadline.
     REQUEST_TIMEOUT = 210
+    #: The peer holds more connections, streams or buffered bytes than the executor
+    #: allows one peer (or all peers together); retry once some finish.
+    PEER_LIMIT = 211
 
     # 3xx: the LLM runtime behind the executor
     #: The backend cannot be reached or is not ready.
@@ -98,6 +101,9 @@ class ErrorCode(enum.IntEnum):
     BACKEND_TIMEOUT = 302
     #: The backend does not support a feature the request needs.
     UNSUPPORTED_FEATURE = 303
+    #: The backend refused to answer this prompt (content filter, safety, recitation);
+    #: the same prompt will be refused again.
+    CONTENT_FILTERED = 304
 
     # 4xx: what the client sees of the network
     #: No live offer matches the model, category or price cap asked for.
@@ -124,22 +130,67 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 503
 
 
+#: What a peer is told for an error whose own message is not for peers (see
+#: :attr:`LoomError.peer_message`): loomnet's words, one line per code.
+PEER_MESSAGES: dict[ErrorCode, str] = {
+    ErrorCode.BACKEND_UNAVAILABLE: "the model's runtime is unavailable; try another executor",
+    ErrorCode.BACKEND_ERROR: "the model's runtime failed",
+    ErrorCode.BACKEND_TIMEOUT: "the model's runtime did not answer in time",
+    ErrorCode.UNSUPPORTED_FEATURE: "the model's runtime does not support a feature this request needs",
+    ErrorCode.UNKNOWN_MODEL: "the model's runtime does not serve this model now",
+    ErrorCode.OVER_CAPACITY: "the model's runtime is over capacity",
+    ErrorCode.BAD_REQUEST: "the model's runtime refused this request as malformed",
+    ErrorCode.CONTENT_FILTERED: "the model's runtime refused to answer this prompt",
+    ErrorCode.LEDGER_FAILED: "the executor could not book this request",
+    ErrorCode.CONFIG_INVALID: "the executor is misconfigured",
+    ErrorCode.STREAM_FAILED: "the executor's stream failed",
+    ErrorCode.NETWORK_TIMEOUT: "the executor's stream timed out",
+}
+
+
 class LoomError(Exception):
-    """Root of every loomnet error. ``code`` is an :class:`ErrorCode`."""
+    """Root of every loomnet error. ``code`` is an :class:`ErrorCode`.
+
+    Two texts: ``message`` is for the operator's log and the local caller; it may
+    quote a library, an endpoint or a file. ``peer_message`` is what a *peer* may be
+    told in an error frame: loomnet's own words only, never a provider, an endpoint,
+    a key or a library's text. Classes whose messages are built only from loomnet's
+    words about the peer's own request (``RequestRejected``, ``ProtocolError``,
+    ``SignatureError``) send ``message``; every other class sends ``public`` when
+    given, else the generic line for its code.
+    """
 
     code: ErrorCode = ErrorCode.INTERNAL
     #: Whether trying again (elsewhere, or later) may succeed.
     retryable: bool = False
+    #: Whether ``message`` may go to a peer verbatim (see the class doc).
+    message_is_public: bool = False
 
     def __init__(
-        self, message: str, *, code: ErrorCode | None = None, retryable: bool | None = None
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        retryable: bool | None = None,
+        public: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        self.public = public
         if code is not None:
             self.code = ErrorCode(code)
         if retryable is not None:
             self.retryable = retryable
+
+    @property
+    def peer_message(self) -> str:
+        """The text a peer may see: ``public``, else ``message`` if the class allows it,
+        else a generic line for ``code``. Never a library's text."""
+        if self.public is not None:
+            return self.public
+        if self.message_is_public:
+            return self.message
+        return PEER_MESSAGES.get(self.code, "the executor failed")
 
     def __str__(self) -> str:
         return f"[{int(self.code)} {self.code.name}] {self.message}"
@@ -147,6 +198,8 @@ class LoomError(Exception):
 
 class ProtocolError(LoomError):
     """The peer broke the wire protocol."""
+
+    message_is_public = True
 
     code = ErrorCode.MALFORMED_MESSAGE
 
@@ -179,11 +232,15 @@ class StreamTruncated(ProtocolError):
 class SignatureError(LoomError):
     """An envelope's signature, or its signer, did not check out."""
 
+    message_is_public = True
+
     code = ErrorCode.BAD_SIGNATURE
 
 
 class RequestRejected(LoomError):
     """An executor refused a request; ``code`` says why."""
+
+    message_is_public = True
 
     code = ErrorCode.BAD_REQUEST
 
@@ -199,7 +256,12 @@ class RemoteError(LoomError):
 
 
 class BackendError(LoomError):
-    """The LLM runtime failed. ``retry_after`` is in seconds when the runtime said."""
+    """The LLM runtime failed. ``retry_after`` is in seconds when the runtime said.
+
+    ``message`` may quote the runtime (its status, its error text) and goes to the
+    operator's log only, redacted; ``public`` is what the client may learn, in
+    loomnet's words (e.g. ``"the backend refused the prompt (content filter: SAFETY)"``).
+    """
 
     code = ErrorCode.BACKEND_ERROR
 
@@ -210,8 +272,9 @@ class BackendError(LoomError):
         code: ErrorCode | None = None,
         retryable: bool | None = None,
         retry_after: float | None = None,
+        public: str | None = None,
     ) -> None:
-        super().__init__(message, code=code, retryable=retryable)
+        super().__init__(message, code=code, retryable=retryable, public=public)
         self.retry_after = retry_after
         #: whether asking the same backend again is worth it (a 404 is retryable
         #: elsewhere, not here); None = same as ``retryable``

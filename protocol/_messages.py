@@ -208,6 +208,23 @@ class Receipt(Struct, frozen=True, kw_only=True):
     issued_at: Seconds
     #: sha256 of the msgpack list of tool calls streamed in chunk frames; empty when none
     tool_calls_digest: Annotated[bytes, Meta(max_length=32)] = b""
+    # What the output tokens were spent on (all included in ``output_tokens``; the
+    # visible text's share is what is left). See ``_accounting`` for the bounds a
+    # client checks each part against.
+    #: sha256 of the UTF-8 concatenation of the reasoning streamed in chunk frames; empty when none
+    reasoning_digest: Annotated[bytes, Meta(max_length=32)] = b""
+    #: output tokens of the reasoning streamed in chunk frames
+    reasoning_tokens: Tokens = 0
+    #: output tokens of reasoning the backend counted but never returned (e.g. Gemini thoughts)
+    hidden_reasoning_tokens: Tokens = 0
+    #: output tokens of the tool calls streamed in chunk frames (wrappers included)
+    tool_call_tokens: Tokens = 0
+
+    @property
+    def text_tokens(self) -> int:
+        """Output tokens of the visible text: ``output_tokens`` less every other part (may be
+        negative only in a receipt whose parts do not add up, which a client rejects)."""
+        return self.output_tokens - self.reasoning_tokens - self.hidden_reasoning_tokens - self.tool_call_tokens
 
 
 class ReceiptAck(Struct, frozen=True, kw_only=True):
@@ -232,11 +249,22 @@ class RequestFrame(_Frame, tag="req"):
 
 
 class ChunkFrame(_Frame, tag="chunk"):
+    """A piece of the answer. A chunk with no text, reasoning or tool calls is a
+    *progress* chunk: the executor is alive while its backend is silent (a reasoning
+    model thinking, a long prompt loading), so the client's idle deadline measures the
+    executor, not the model. Older peers read it as an empty chunk."""
+
     #: 0, 1, 2, ... with no gaps
     seq: Annotated[int, Meta(ge=0, le=1 << 31)]
     text: Text
     #: complete tool calls (sent once each, usually in the last chunk)
     tool_calls: Annotated[list[ToolCall], Meta(max_length=64)] = []
+    #: reasoning ("thinking") text the backend returned, in order; not part of ``text``
+    reasoning: Text = ""
+
+    @property
+    def is_progress(self) -> bool:
+        return not (self.text or self.reasoning or self.tool_calls)
 
 
 class ReceiptFrame(_Frame, tag="receipt"):

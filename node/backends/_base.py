@@ -17,7 +17,7 @@ import msgspec
 
 from loomnet.protocol import ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
 
-__all__ = ["Backend", "ChatParams", "Completion", "Finished", "ModelInfo", "StreamEvent", "TextDelta", "Usage"]
+__all__ = ["Backend", "ChatParams", "Completion", "Finished", "ModelInfo", "ReasoningDelta", "StreamEvent", "TextDelta", "Usage"]
 
 
 class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -46,13 +46,29 @@ class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    input_tokens: int
-    output_tokens: int
+    """Token counts a runtime reported. A count it left out is None (older Ollama omits
+    ``prompt_eval_count`` for a cached prompt): the executor counts that one another
+    way, and the receipt names the weaker source. Never fill a missing count with 0."""
+
+    input_tokens: int | None
+    output_tokens: int | None
     source: CountSource
+    #: reasoning tokens the runtime reported *inside* ``output_tokens`` (OpenAI
+    #: ``completion_tokens_details.reasoning_tokens``, Gemini ``thoughtsTokenCount``,
+    #: which the adapter adds to ``output_tokens``), or None when it did not say
+    reasoning_tokens: int | None = None
 
 
 class TextDelta(msgspec.Struct, frozen=True):
     """A piece of generated text, in order."""
+
+    text: str
+
+
+class ReasoningDelta(msgspec.Struct, frozen=True):
+    """A piece of the model's reasoning ("thinking") the runtime returned as text:
+    Ollama ``thinking``, OpenAI-compatible ``reasoning_content``/``reasoning``,
+    Anthropic thinking blocks. It streams to the client as its own kind of delta."""
 
     text: str
 
@@ -67,7 +83,7 @@ class Finished(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: list[ToolCall] = []
 
 
-StreamEvent = Union[TextDelta, Finished]
+StreamEvent = Union[TextDelta, ReasoningDelta, Finished]
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,7 +117,9 @@ class Backend(abc.ABC):
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
         """``async with backend.stream_chat(p) as events: async for ev in events: ...``
 
-        Yields :class:`TextDelta` events then exactly one :class:`Finished`. Leaving the
+        Yields :class:`TextDelta` and :class:`ReasoningDelta` events then exactly one
+        :class:`Finished`. A runtime that refused the prompt (content filter, safety)
+        raises ``BackendError(CONTENT_FILTERED)`` instead of finishing empty. Leaving the
         ``async with`` early (client gone, cancelled) stops the generation.
 
         Raises:
@@ -117,7 +135,7 @@ class Backend(abc.ABC):
             async for event in events:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
-                else:
+                elif isinstance(event, Finished):
                     finished = event
         assert finished is not None, "a stream always ends with Finished"
         return Completion(
