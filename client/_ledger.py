@@ -9,6 +9,13 @@ with ``synchronous=FULL`` means a write is on disk when its call returns, and wr
 shielded so a shutdown cannot drop one. SQLite blocks, so it never runs on the trio
 thread: one connection (``check_same_thread=False``) serves worker threads one call at a
 time through a ``CapacityLimiter(1)``. sqlite3 and OS errors become ``LedgerError`` here.
+
+Both ledgers hold the same set of receipts: every receipt the executor signed and sent
+(its ``status`` is ``acknowledged`` once the client's counter-signature came back,
+``unacknowledged`` otherwise), and on the client every such receipt it received, the
+ones it accepted (``accepted``, with its ack) and the ones it did not (``disputed``,
+with the reason, never acknowledged). Only a receipt whose signature does not verify
+is booked nowhere: it cannot be the executor's.
 """
 
 from __future__ import annotations
@@ -25,36 +32,70 @@ import trio
 
 from loomnet.protocol import Envelope, LedgerError, Receipt, ReceiptAck, digest
 
-__all__ = ["Ledger", "LedgerEntry", "LedgerTotals"]
+__all__ = ["Ledger", "LedgerEntry", "LedgerTotals", "STATUSES"]
 
-#: ``PRAGMA user_version`` of the schema below; a later version migrates from it.
-SCHEMA_VERSION = 1
+#: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
+SCHEMA_VERSION = 2
 #: Seconds SQLite waits for another process (say ``loomnet ledger`` reading) to let go.
 _BUSY_TIMEOUT = 5.0
 _ROLES = ("executor", "client")
+#: The statuses a row may have, per role (see the module doc).
+STATUSES: dict[str, tuple[str, ...]] = {
+    "client": ("accepted", "disputed"),
+    "executor": ("acknowledged", "unacknowledged"),
+}
+_ALL_STATUSES = tuple(s for statuses in STATUSES.values() for s in statuses)
 
-# Version 0 is a new, empty file; a later version adds its migration next to this.
-_SCHEMA = f"""
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS receipts (
+_TABLE = """
+CREATE TABLE {name} (
     receipt_digest BLOB PRIMARY KEY, receipt_payload BLOB NOT NULL,
     receipt_signer BLOB NOT NULL, receipt_sig BLOB NOT NULL,
     role TEXT NOT NULL CHECK (role IN ('executor', 'client')),
     executor TEXT NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
     input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost INTEGER NOT NULL,
     count_source TEXT NOT NULL, issued_at REAL NOT NULL, recorded_at REAL NOT NULL,
-    ack_payload BLOB, ack_signer BLOB, ack_sig BLOB
+    ack_payload BLOB, ack_signer BLOB, ack_sig BLOB,
+    status TEXT NOT NULL CHECK (
+        (role = 'client' AND status IN ('accepted', 'disputed'))
+        OR (role = 'executor' AND status IN ('acknowledged', 'unacknowledged'))),
+    dispute_reason TEXT CHECK ((status = 'disputed') = (dispute_reason IS NOT NULL))
 );
-CREATE INDEX IF NOT EXISTS receipts_by_recorded_at ON receipts (recorded_at);
-PRAGMA user_version = {SCHEMA_VERSION};
-COMMIT;
 """
+_INDEXES = (
+    "CREATE INDEX receipts_by_recorded_at ON receipts (recorded_at)",
+    "CREATE INDEX receipts_by_status ON receipts (status)",
+)
+_V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, role, executor, client, model, "
+               "input_tokens, output_tokens, cost, count_source, issued_at, recorded_at, ack_payload, ack_signer, "
+               "ack_sig")  # fmt: skip
+
+# Version 0 is a new, empty file. Version 1 had no status: its client rows were all
+# accepted (a v1 client booked nothing else), its executor rows acknowledged when they
+# carry an ack. SQLite cannot add a checked column to rows that exist, so the table is
+# rebuilt. Each entry brings its version straight to SCHEMA_VERSION, in one transaction
+# with the version bump: a crash leaves the file as it was.
+_MIGRATIONS: dict[int, list[str]] = {
+    0: [_TABLE.format(name="receipts"), *_INDEXES],
+    1: [
+        _TABLE.format(name="receipts_v2"),
+        f"""INSERT INTO receipts_v2 ({_V1_COLUMNS}, status, dispute_reason)
+            SELECT {_V1_COLUMNS}, CASE WHEN role = 'client' THEN 'accepted'
+                                       WHEN ack_payload IS NULL THEN 'unacknowledged'
+                                       ELSE 'acknowledged' END, NULL
+            FROM receipts ORDER BY rowid""",
+        "DROP TABLE receipts",
+        "ALTER TABLE receipts_v2 RENAME TO receipts",
+        *_INDEXES,
+    ],
+}
 
 
 class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     """One row: a signed receipt (the exact bytes, their sha256, the executor's key and
-    signature), what it says, which side wrote it (``role``), and the client's ack once
-    there is one. ``cost`` is in micro-credits, times in seconds since the epoch.
+    signature), what it says, which side wrote it (``role``), the client's ack once
+    there is one, and the row's ``status`` (see :data:`STATUSES`) with, for a disputed
+    receipt, why the client did not accept it. ``cost`` is in micro-credits, times in
+    seconds since the epoch.
     """
 
     receipt_digest: bytes
@@ -74,10 +115,13 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     ack_payload: bytes | None = None
     ack_signer: bytes | None = None
     ack_sig: bytes | None = None
+    status: str
+    #: why the client disputes the receipt; None unless ``status`` is ``"disputed"``
+    dispute_reason: str | None = None
 
 
 class LedgerTotals(msgspec.Struct, frozen=True):
-    """Sums over every receipt in a ledger; ``cost`` in micro-credits."""
+    """Sums over the receipts in a ledger (or those of one status); ``cost`` in micro-credits."""
 
     receipts: int
     input_tokens: int
@@ -89,9 +133,10 @@ _COLUMNS = LedgerEntry.__struct_fields__
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM receipts"
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS))
 _INSERT = f"INSERT OR IGNORE INTO receipts ({', '.join(_COLUMNS)}) VALUES ({_PLACEHOLDERS})"
-_ACK = "UPDATE receipts SET ack_payload = ?, ack_signer = ?, ack_sig = ? WHERE receipt_digest = ?"
-_TOTALS = ("SELECT COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
-           "COALESCE(SUM(cost), 0) FROM receipts")  # fmt: skip
+_ACK = ("UPDATE receipts SET ack_payload = ?, ack_signer = ?, ack_sig = ?, "
+        "status = CASE role WHEN 'executor' THEN 'acknowledged' ELSE status END "
+        "WHERE receipt_digest = ? AND status != 'disputed'")  # fmt: skip
+_SUMS = "COUNT(*), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), COALESCE(SUM(cost), 0)"
 _ack_decoder = msgspec.msgpack.Decoder(ReceiptAck)
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
 
@@ -101,6 +146,14 @@ def _decode(decoder: msgspec.msgpack.Decoder[Any], payload: bytes) -> Any:
         return decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
         raise ValueError(f"the envelope does not carry what was expected: {exc}") from None
+
+
+def _status_filter(status: str | None) -> tuple[str, tuple[str, ...]]:
+    if status is None:
+        return "", ()
+    if status not in _ALL_STATUSES:
+        raise ValueError(f"status must be one of {_ALL_STATUSES}, not {status!r}")
+    return " WHERE status = ?", (status,)
 
 
 @contextlib.contextmanager
@@ -119,16 +172,29 @@ def _connect(path: Path) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        (version,) = conn.execute("PRAGMA user_version").fetchone()
-        if version > SCHEMA_VERSION:
-            raise LedgerError(f"ledger {str(path)!r} has schema version {version}, newer "
-                              f"than this loomnet's {SCHEMA_VERSION}")  # fmt: skip
-        if version < SCHEMA_VERSION:
-            conn.executescript(_SCHEMA)
+        if _schema_version(conn, path) < SCHEMA_VERSION:
+            conn.execute("BEGIN IMMEDIATE")  # another process may be migrating: read again, locked
+            try:
+                version = _schema_version(conn, path)
+                for statement in _MIGRATIONS.get(version, ()):  # nothing left if another process migrated
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise LedgerError(f"ledger {str(path)!r} has schema version {version}, newer "
+                          f"than this loomnet's {SCHEMA_VERSION}")  # fmt: skip
+    return version
 
 
 class Ledger:
@@ -178,37 +244,53 @@ class Ledger:
             return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
     async def record_receipt(
-        self, envelope: Envelope, receipt: Receipt, *, role: str, executor: str, now: float
+        self,
+        envelope: Envelope,
+        receipt: Receipt,
+        *,
+        role: str,
+        executor: str,
+        now: float,
+        dispute: str | None = None,
     ) -> bytes:
         """Durably store a signed receipt; returns its digest (sha256 of the payload).
 
         Stores ``envelope.payload`` exactly as given (``receipt`` is that payload,
         decoded); recording it again keeps the first row. ``role`` is the writing side,
         ``"executor"`` or ``"client"``; ``now`` (seconds) is stored as ``recorded_at``.
-        Returns only once the commit is on disk.
+        The row's status starts as ``unacknowledged`` on the executor (see
+        :meth:`record_ack`) and ``accepted`` on the client, or ``disputed`` when the
+        client gives ``dispute``, why it does not accept the receipt. Returns only once
+        the commit is on disk.
 
         Raises:
             LedgerError: the write failed.
-            ValueError: a bad ``role``, or ``receipt`` is not what ``envelope`` carries.
+            ValueError: a bad ``role``, a ``dispute`` from the executor or an empty one,
+                or ``receipt`` is not what ``envelope`` carries.
         """
         if role not in _ROLES:
             raise ValueError(f"role must be one of {_ROLES}, not {role!r}")
+        if dispute is not None and (role != "client" or not dispute):
+            raise ValueError("only the client disputes a receipt, and it must say why")
         if _decode(_receipt_decoder, envelope.payload) != receipt:
             raise ValueError("the receipt passed does not match the envelope's payload")
         key = digest(envelope.payload)
+        status = "unacknowledged" if role == "executor" else "accepted" if dispute is None else "disputed"
         r = receipt
         values = (key, envelope.payload, envelope.signer, envelope.sig, role, executor,
                   r.client, r.model, r.input_tokens, r.output_tokens, r.cost,
-                  r.count_source, r.issued_at, now, None, None, None)  # fmt: skip
+                  r.count_source, r.issued_at, now, None, None, None, status, dispute)  # fmt: skip
         with trio.CancelScope(shield=True):
             await self._query("record a receipt", _INSERT, values)
         return key
 
     async def record_ack(self, receipt_digest: bytes, ack: Envelope) -> None:
-        """Attach the client's counter-signature to a recorded receipt, durably.
+        """Attach the client's counter-signature to a recorded receipt, durably; an
+        executor's row becomes ``acknowledged``.
 
         Raises:
-            LedgerError: there is no receipt with that digest, or the write failed.
+            LedgerError: there is no receipt with that digest, or only a disputed one
+                (a client never counter-signs what it disputes), or the write failed.
             ValueError: ``ack`` does not carry a receipt ack for ``receipt_digest``.
         """
         if _decode(_ack_decoder, ack.payload).receipt_digest != receipt_digest:
@@ -217,7 +299,7 @@ class Ledger:
             params = (ack.payload, ack.signer, ack.sig, receipt_digest)
             updated, _ = await self._query("record an ack", _ACK, params)
         if updated == 0:
-            raise LedgerError(f"ledger: no receipt {receipt_digest.hex()} to acknowledge")
+            raise LedgerError(f"ledger: no undisputed receipt {receipt_digest.hex()} to acknowledge")
 
     async def get(self, receipt_digest: bytes) -> LedgerEntry | None:
         """The entry for ``receipt_digest``, or None if there is none."""
@@ -225,18 +307,28 @@ class Ledger:
         _, rows = await self._query("read a receipt", sql, (receipt_digest,))
         return LedgerEntry(**dict(zip(_COLUMNS, rows[0]))) if rows else None
 
-    async def entries(self, *, limit: int = 100) -> list[LedgerEntry]:
-        """Up to ``limit`` entries, the most recently recorded first."""
+    async def entries(self, *, limit: int = 100, status: str | None = None) -> list[LedgerEntry]:
+        """Up to ``limit`` entries, the most recently recorded first; only those with
+        ``status`` when given (one of :data:`STATUSES`, else ``ValueError``)."""
         if limit < 0:
             raise ValueError("limit cannot be negative")
-        sql = f"{_SELECT} ORDER BY recorded_at DESC, rowid DESC LIMIT ?"
-        _, rows = await self._query("list receipts", sql, (limit,))
+        where, params = _status_filter(status)
+        sql = f"{_SELECT}{where} ORDER BY recorded_at DESC, rowid DESC LIMIT ?"
+        _, rows = await self._query("list receipts", sql, (*params, limit))
         return [LedgerEntry(**dict(zip(_COLUMNS, row))) for row in rows]
 
-    async def totals(self) -> LedgerTotals:
-        """Counts and sums over every receipt in the ledger."""
-        _, rows = await self._query("sum receipts", _TOTALS)
+    async def totals(self, *, status: str | None = None) -> LedgerTotals:
+        """Counts and sums over every receipt in the ledger, or over those with
+        ``status`` (say ``"accepted"``: what a client agreed to pay)."""
+        where, params = _status_filter(status)
+        _, rows = await self._query("sum receipts", f"SELECT {_SUMS} FROM receipts{where}", params)
         return LedgerTotals(*rows[0])
+
+    async def totals_by_status(self) -> dict[str, LedgerTotals]:
+        """Counts and sums per status, for the statuses that have receipts."""
+        sql = f"SELECT status, {_SUMS} FROM receipts GROUP BY status ORDER BY status"
+        _, rows = await self._query("sum receipts", sql)
+        return {row[0]: LedgerTotals(*row[1:]) for row in rows}
 
     async def aclose(self) -> None:
         """Close the database; idempotent. Waits for a call in flight to finish."""

@@ -94,6 +94,7 @@ async def test_round_trip_keeps_the_signed_bytes_and_the_fields(ledger):
         count_source="backend",
         issued_at=1000.0,
         recorded_at=2000.5,
+        status="unacknowledged",
     )
     # What the ledger holds still verifies, as evidence on its own.
     stored = Envelope(entry.receipt_payload, entry.receipt_signer, entry.receipt_sig)
@@ -150,6 +151,7 @@ async def test_ack_is_recorded_and_read_back(ledger):
     await ledger.record_ack(key, ack)
     entry = await ledger.get(key)
     assert (entry.ack_payload, entry.ack_signer, entry.ack_sig) == (ack.payload, ack.signer, ack.sig)
+    assert entry.status == "accepted"
     stored = Envelope(entry.ack_payload, entry.ack_signer, entry.ack_sig)
     opened, signer = open_envelope(SignedKind.RECEIPT_ACK, stored)
     assert opened.receipt_digest == key and signer == CLIENT.peer_id
@@ -318,3 +320,126 @@ async def test_a_receipt_write_finishes_even_when_cancelled(ledger):
         )
     assert key == digest(envelope.payload)
     assert await ledger.get(key) is not None
+
+
+# ------------------------------------------------------------ statuses (schema 2)
+
+
+async def test_rows_start_with_their_sides_status(ledger):
+    executor_key, _, _ = await record(ledger, 0, role="executor")
+    client_key, _, _ = await record(ledger, 1, role="client")
+    assert (await ledger.get(executor_key)).status == "unacknowledged"
+    assert (await ledger.get(client_key)).status == "accepted"
+    assert (await ledger.get(client_key)).dispute_reason is None
+
+
+async def test_an_ack_makes_the_executors_row_acknowledged(ledger):
+    key, _, _ = await record(ledger, role="executor")
+    await ledger.record_ack(key, make_ack(key))
+    assert (await ledger.get(key)).status == "acknowledged"
+
+
+async def test_a_disputed_receipt_is_booked_with_its_reason_and_never_acknowledged(ledger):
+    envelope, receipt = signed_receipt()
+    key = await ledger.record_receipt(
+        envelope, receipt, role="client", executor=EXECUTOR.peer_id, now=1.0, dispute="it bills too much"
+    )
+    entry = await ledger.get(key)
+    assert (entry.status, entry.dispute_reason) == ("disputed", "it bills too much")
+    assert entry.receipt_payload == envelope.payload
+    with pytest.raises(LedgerError, match="undisputed"):
+        await ledger.record_ack(key, make_ack(key))
+    assert (await ledger.get(key)).ack_payload is None
+
+
+@pytest.mark.parametrize(("role", "dispute"), [("executor", "no"), ("client", "")])
+async def test_only_a_client_disputes_and_always_says_why(ledger, role, dispute):
+    envelope, receipt = signed_receipt()
+    with pytest.raises(ValueError, match="say why"):
+        await ledger.record_receipt(envelope, receipt, role=role, executor="x", now=0.0, dispute=dispute)
+    assert (await ledger.totals()).receipts == 0
+
+
+async def test_totals_and_entries_by_status(ledger):
+    accepted = [(await record(ledger, n, now=10.0 + n))[0] for n in range(2)]
+    envelope, receipt = signed_receipt(5)
+    disputed = await ledger.record_receipt(
+        envelope, receipt, role="client", executor=EXECUTOR.peer_id, now=20.0, dispute="bad"
+    )
+    assert [e.receipt_digest for e in await ledger.entries(status="accepted")] == accepted[::-1]
+    assert [e.receipt_digest for e in await ledger.entries(status="disputed")] == [disputed]
+    assert await ledger.entries(status="acknowledged") == []
+    both = sum(make_receipt(n).cost for n in range(2))
+    assert await ledger.totals(status="accepted") == LedgerTotals(2, 21, 41, both)
+    assert await ledger.totals(status="disputed") == LedgerTotals(1, 15, 25, receipt.cost)
+    assert (await ledger.totals()).receipts == 3
+    assert await ledger.totals_by_status() == {
+        "accepted": LedgerTotals(2, 21, 41, both),
+        "disputed": LedgerTotals(1, 15, 25, receipt.cost),
+    }
+    with pytest.raises(ValueError, match="status"):
+        await ledger.totals(status="paid")
+    with pytest.raises(ValueError, match="status"):
+        await ledger.entries(status="paid")
+
+
+# The schema loomnet 0.1 wrote (version 1), verbatim.
+_V1_SCHEMA = """
+CREATE TABLE IF NOT EXISTS receipts (
+    receipt_digest BLOB PRIMARY KEY, receipt_payload BLOB NOT NULL,
+    receipt_signer BLOB NOT NULL, receipt_sig BLOB NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('executor', 'client')),
+    executor TEXT NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
+    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost INTEGER NOT NULL,
+    count_source TEXT NOT NULL, issued_at REAL NOT NULL, recorded_at REAL NOT NULL,
+    ack_payload BLOB, ack_signer BLOB, ack_sig BLOB
+);
+CREATE INDEX IF NOT EXISTS receipts_by_recorded_at ON receipts (recorded_at);
+PRAGMA user_version = 1;
+"""
+
+
+def write_v1_ledger(path, rows) -> None:
+    raw = sqlite3.connect(path)
+    try:
+        raw.executescript(_V1_SCHEMA)
+        for role, n, acked in rows:
+            envelope, r = signed_receipt(n)
+            key = digest(envelope.payload)
+            ack = make_ack(key) if acked else Envelope(None, None, None)
+            raw.execute(
+                "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (key, envelope.payload, envelope.signer, envelope.sig, role, EXECUTOR.peer_id, r.client, r.model,
+                 r.input_tokens, r.output_tokens, r.cost, r.count_source, r.issued_at, 100.0 + n,
+                 ack.payload, ack.signer, ack.sig),
+            )  # fmt: skip
+        raw.commit()
+    finally:
+        raw.close()
+
+
+async def test_a_version_1_ledger_is_migrated_with_every_row_and_its_status(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    write_v1_ledger(path, [("executor", 0, True), ("executor", 1, False), ("client", 2, True), ("client", 3, False)])
+    async with await Ledger.open(path) as ledger:
+        entries = await ledger.entries()
+        assert [e.receipt_digest for e in entries] == [digest(signed_receipt(n)[0].payload) for n in (3, 2, 1, 0)]
+        assert [e.status for e in entries] == ["accepted", "accepted", "unacknowledged", "acknowledged"]
+        assert all(e.dispute_reason is None for e in entries)
+        old = entries[-1]
+        assert old.receipt_payload == signed_receipt(0)[0].payload and old.ack_payload == make_ack(old.receipt_digest).payload
+        # The migrated table takes new rows of every kind, and acks still update status.
+        await ledger.record_ack(entries[2].receipt_digest, make_ack(entries[2].receipt_digest))
+        assert (await ledger.get(entries[2].receipt_digest)).status == "acknowledged"
+        envelope, receipt = signed_receipt(9)
+        await ledger.record_receipt(envelope, receipt, role="client", executor="x", now=1.0, dispute="why")
+        assert (await ledger.totals_by_status())["disputed"].receipts == 1
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone() == (_ledger.SCHEMA_VERSION,)
+        with pytest.raises(sqlite3.IntegrityError):  # the status check holds on the migrated table
+            raw.execute("UPDATE receipts SET status = 'accepted' WHERE role = 'executor'")
+    finally:
+        raw.close()
+    async with await Ledger.open(path) as reopened:  # opening again migrates nothing twice
+        assert (await reopened.totals()).receipts == 5
