@@ -5,12 +5,18 @@ the offer table) and how it asks for work (``LoomClient``). The executor in
 ``loomnet.node`` joins through the same ``Member``. Only ``_p2p`` imports libp2p.
 """
 
-from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream, check_receipt as check_receipt
+from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream
 from ._client import (
     ClientConfig as ClientConfig,
     LoomClient as LoomClient,
     default_data_dir as default_data_dir,
     open_client as open_client,
+)
+from ._events import (
+    ChatEvent as ChatEvent,
+    ReasoningDelta as ReasoningDelta,
+    TextDelta as TextDelta,
+    ToolCallsDelta as ToolCallsDelta,
 )
 from ._identity_file import load_or_create_identity as load_or_create_identity
 from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
@@ -23,10 +29,12 @@ from ._local import (
 from ._member import Member as Member
 from ._offers import Offer as Offer, OfferTable as OfferTable
 from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
+from ._receipts import check_receipt as check_receipt
 from ._router import rank_offers as rank_offers
-from ._tokens import TokenCounter as TokenCounter, plausible_output_count as plausible_output_count
+from ._tokens import TokenCounter as TokenCounter
 
 __all__ = [
+    "ChatEvent",
     "ChatResult",
     "ChatStream",
     "ClientConfig",
@@ -41,13 +49,15 @@ __all__ = [
     "P2PConfig",
     "P2PNode",
     "P2PStream",
+    "ReasoningDelta",
+    "TextDelta",
     "TokenCounter",
+    "ToolCallsDelta",
     "check_receipt",
     "default_data_dir",
     "load_or_create_identity",
     "local_executors",
     "open_client",
-    "plausible_output_count",
     "rank_offers",
     "remove_local_executor",
     "state_dir",

@@ -3,13 +3,34 @@
 I/O happens inline in the iterator the caller drives: no background task, so a
 caller that stops iterating (or is cancelled) simply leaves, and ``aclose`` resets
 the stream, which tells the executor to stop generating.
+
+Deadlines, each one deadline over its whole span and never per read (an executor
+that drips one byte at a time cannot stretch them), all on trio's clock:
+
+* **first byte**: from the request sent to the first *complete* frame. Any frame
+  counts, a progress chunk too: it is the executor saying it is alive while its
+  backend thinks.
+* **idle**: from asking for the next frame to having all of it, once the answer
+  streams. Time the caller spends between two deltas is not the executor's.
+* **total**: from opening the stream to the terminal frame, whatever streams.
+
+A deadline that passes raises ``NetworkTimeout`` (NETWORK_TIMEOUT, retryable) naming
+it, and the stream is reset, so the executor stops generating.
+
+Settling: the receipt's signature must verify as the executor's, or it is logged and
+booked nowhere (it cannot be in the executor's ledger either). A verified receipt is
+booked whatever else is wrong with it: *accepted* and counter-signed, or *disputed*
+with the reason (``_receipts``), so the two ledgers hold the same receipts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
@@ -27,34 +48,54 @@ from loomnet.protocol import (
     InferenceConnection,
     InferenceRequest,
     LoomError,
+    NetworkTimeout,
     Receipt,
     ReceiptAck,
     ReceiptError,
     ReceiptFrame,
     RemoteError,
     RequestFrame,
+    ResponseFormat,
     Role,
     SignedKind,
+    StreamFrame,
     StreamState,
     StreamTruncated,
     ToolCall,
     ToolSpec,
-    ResponseFormat,
-    cost_of,
-    digest,
-    encode_tool_calls,
-    open_envelope,
     seal,
 )
 
+from ._events import ChatEvent, ReasoningDelta, TextDelta, ToolCallsDelta
 from ._offers import Offer
-from ._p2p import P2PStream
-from ._tokens import plausible_output_count
+from ._receipts import open_receipt, receipt_problems, rejection
+from ._request_check import check_request
 
 if TYPE_CHECKING:
     from ._client import LoomClient
 
-__all__ = ["ChatResult", "ChatStream", "RequestOptions", "check_receipt"]
+__all__ = ["ByteStream", "ChatResult", "ChatStream", "RequestOptions", "StreamOpener"]
+
+log = logging.getLogger("loomnet.client")
+
+_NO_CAP = 1 << 62
+
+
+class ByteStream(Protocol):
+    """What a chat needs of a stream: ``P2PStream``, or an in-memory fake in tests."""
+
+    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes: ...
+    async def send_all(self, data: bytes, *, timeout: float) -> None: ...
+    async def close(self) -> None: ...
+    async def reset(self) -> None: ...
+
+
+class StreamOpener(Protocol):
+    """What opens a stream to an executor: ``P2PNode``, or a fake in tests."""
+
+    async def open_stream(
+        self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), timeout: float | None = None
+    ) -> ByteStream: ...
 
 
 class RequestOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -78,81 +119,55 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: list[ToolCall] = []
     receipt: Receipt
     receipt_envelope: Envelope
-    #: the client's own count of the output tokens (tiktoken or estimate)
+    #: the client's own count of the output tokens (tiktoken or estimate), for the record
     client_output_tokens: int
-
-
-def check_receipt(
-    envelope: Envelope,
-    *,
-    executor: str,
-    client: str,
-    request_payload: bytes,
-    text: str,
-    chunks: int,
-    own_output_tokens: int,
-    tool_calls: list[ToolCall] = (),  # type: ignore[assignment]
-    price_in_limit: int,
-    price_out_limit: int,
-) -> Receipt:
-    """Verify a receipt against what was asked and what was streamed.
-
-    Raises:
-        ReceiptError: RECEIPT_INVALID if it is not the executor's receipt for this
-            request; RECEIPT_MISMATCH if its text digest, chunk count, prices, cost
-            or (beyond tokenizer differences) token count disagree with the stream.
-    """
-    try:
-        receipt, signer = open_envelope(SignedKind.RECEIPT, envelope)
-    except LoomError as exc:
-        raise ReceiptError(f"receipt does not verify: {exc.message}") from None
-    assert isinstance(receipt, Receipt)
-    if signer != executor:
-        raise ReceiptError(f"receipt signed by {signer}, not by the executor {executor}")
-    if receipt.request_digest != digest(request_payload) or receipt.client != client:
-        raise ReceiptError("receipt is for another request")
-    mismatch = []
-    calls = list(tool_calls)
-    expected_calls = digest(encode_tool_calls(calls)) if calls else b""
-    if receipt.output_digest != digest(text.encode()) or receipt.chunks != chunks:
-        mismatch.append("it covers other text than was streamed")
-    if receipt.tool_calls_digest != expected_calls:
-        mismatch.append("it covers other tool calls than were streamed")
-    if receipt.price_in > price_in_limit or receipt.price_out > price_out_limit:
-        mismatch.append("its prices are above the offer or the cap")
-    if receipt.cost != cost_of(receipt.input_tokens, receipt.output_tokens, receipt.price_in, receipt.price_out):
-        mismatch.append(f"its cost {receipt.cost} does not follow from its counts and prices")
-    if not plausible_output_count(receipt.output_tokens, own_output_tokens):
-        mismatch.append(f"it bills {receipt.output_tokens} output tokens where we counted {own_output_tokens}")
-    if mismatch:
-        raise ReceiptError("receipt rejected: " + "; ".join(mismatch), code=ErrorCode.RECEIPT_MISMATCH)
-    return receipt
+    #: the model's reasoning ("thinking") the executor streamed; never part of ``text``
+    reasoning: str = ""
 
 
 class ChatStream:
-    """Iterate for text deltas; ``result`` is set once the receipt is verified."""
+    """Iterate for text deltas, or :meth:`events` for typed deltas; ``result`` is set
+    once the receipt is verified and booked.
 
-    def __init__(self, client: "LoomClient", offer: Offer, messages: list[ChatMessage], options: RequestOptions) -> None:
+    Args:
+        client: the running client (config, key, ledger, token counter).
+        offer: the executor and model to ask.
+        messages, options: the request.
+        opener: opens the stream; the client's libp2p node when None.
+    """
+
+    def __init__(
+        self,
+        client: "LoomClient",
+        offer: Offer,
+        messages: list[ChatMessage],
+        options: RequestOptions,
+        *,
+        opener: StreamOpener | None = None,
+    ) -> None:
         self._client = client
         self.offer = offer
         self._messages = messages
         self._options = options
+        self._opener = opener
         self._conn = InferenceConnection(Role.CLIENT)
-        self._stream: P2PStream | None = None
-        self._parts: list[str] = []
+        self._stream: ByteStream | None = None
+        self._texts: list[str] = []
+        self._reasoning: list[str] = []
         self._tool_calls: list[ToolCall] = []
         self._request_payload = b""
+        self._frames = 0
+        self._done = False
+        self._first_byte_deadline = self._total_deadline = float("inf")
         self.result: ChatResult | None = None
 
     @property
     def executor(self) -> str:
         return self.offer.executor
 
-    async def open(self) -> None:
-        """Sign the request, dial the executor and send it."""
-        cfg = self._client.config
+    def _request(self) -> InferenceRequest:
         opts = self._options
-        request = InferenceRequest(
+        return InferenceRequest(
             audience=self.offer.executor,
             nonce=os.urandom(16),
             created_at=time.time(),
@@ -167,73 +182,145 @@ class ChatStream:
             tool_choice=opts.tool_choice,
             response_format=opts.response_format,
         )
+
+    async def open(self) -> None:
+        """Check and sign the request, dial the executor and send it.
+
+        Raises:
+            InvalidRequest: the request breaks the protocol's schema; nothing was sent.
+            NetworkError, NetworkTimeout: the dial or the send failed.
+        """
+        cfg = self._client.config
+        started = trio.current_time()
+        self._total_deadline = started + cfg.total_timeout
+        request = self._request()
+        check_request(request)  # before any traffic
         envelope = seal(SignedKind.REQUEST, request, self._client.key)
         self._request_payload = envelope.payload
-        self._stream = await self._client.member.node.open_stream(
-            self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=cfg.connect_timeout
+        data = self._conn.send(RequestFrame(envelope))
+        opener = self._opener or self._client.member.node
+        self._stream = await opener.open_stream(
+            self.offer.executor,
+            INFER_PROTOCOL,
+            addrs=self.offer.advert.addrs,
+            timeout=min(cfg.connect_timeout, self._total_deadline - trio.current_time()),
         )
-        await self._stream.send_all(self._conn.send(RequestFrame(envelope)), timeout=cfg.idle_timeout)
+        await self._stream.send_all(data, timeout=min(cfg.idle_timeout, self._total_deadline - trio.current_time()))
+        self._first_byte_deadline = trio.current_time() + cfg.first_byte_timeout
 
-    async def _next_event(self, timeout: float):
-        assert self._stream is not None
-        while (event := self._conn.next_event()) is NEED_DATA:
-            self._conn.receive_data(await self._stream.receive_some(timeout=timeout))
-        return event
-
-    async def __aiter__(self):
+    async def _next_frame(self) -> StreamFrame | EndOfStream:
+        """The next complete frame, under one deadline (see the module doc)."""
+        assert self._stream is not None, "open() first"
         cfg = self._client.config
-        timeout = cfg.first_byte_timeout
-        while True:
-            event = await self._next_event(timeout)
-            timeout = cfg.idle_timeout
-            if isinstance(event, ChunkFrame):
-                self._parts.append(event.text)
-                self._tool_calls.extend(event.tool_calls)
-                if event.text:
-                    yield event.text
-            elif isinstance(event, ReceiptFrame):
-                await self._settle(event.envelope)
-                return
-            elif isinstance(event, ErrorFrame):
-                code = event.code if event.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
-                error = RemoteError(
-                    f"executor {self.executor[-8:]} failed: {event.message}",
-                    code=ErrorCode(code),
-                    retryable=event.retryable,
-                )
-                error.retry_after = event.retry_after
-                error.result = await self._settle(event.receipt, ack=False) if event.receipt else None
-                raise error
-            elif isinstance(event, EndOfStream):  # pragma: no cover - the state machine raises first
+        if self._frames == 0:
+            deadline, what = self._first_byte_deadline, f"first-byte deadline ({cfg.first_byte_timeout:g} s)"
+        else:
+            deadline, what = trio.current_time() + cfg.idle_timeout, f"idle deadline ({cfg.idle_timeout:g} s)"
+        if self._total_deadline < deadline:
+            deadline, what = self._total_deadline, f"total deadline ({cfg.total_timeout:g} s)"
+        with trio.move_on_at(deadline):
+            while (event := self._conn.next_event()) is NEED_DATA:
+                # the stream's own per-read limit stays behind ours, which is the one that counts
+                limit = max(deadline - trio.current_time(), 0.0) + 1.0
+                self._conn.receive_data(await self._stream.receive_some(timeout=limit))
+            self._frames += 1
+            return event
+        raise NetworkTimeout(f"executor {self.executor[-8:]} sent no complete frame within the {what}")
+
+    async def events(self) -> AsyncIterator[ChatEvent]:
+        """Typed deltas as they arrive: :class:`ReasoningDelta`, :class:`TextDelta`,
+        :class:`ToolCallsDelta`. Progress chunks yield nothing. Ends once the receipt is
+        verified and booked (``result`` is set).
+
+        Raises:
+            RemoteError: the executor answered with an error. If part of an answer
+                streamed, ``.result`` is its verified, booked receipt; when that receipt
+                was not accepted, ``.result`` is None and ``__cause__`` says why.
+            ReceiptError: the receipt is not the executor's (not booked), or disagrees
+                with the stream (booked as disputed).
+            NetworkTimeout: a deadline passed; NetworkError: the stream broke.
+            ProtocolError: the executor broke the protocol.
+        """
+        while not self._done:
+            frame = await self._next_frame()
+            if isinstance(frame, ChunkFrame):
+                self._texts.append(frame.text)
+                self._reasoning.append(frame.reasoning)
+                self._tool_calls.extend(frame.tool_calls)
+                if frame.reasoning:
+                    yield ReasoningDelta(frame.reasoning)
+                if frame.text:
+                    yield TextDelta(frame.text)
+                if frame.tool_calls:
+                    yield ToolCallsDelta(list(frame.tool_calls))
+            elif isinstance(frame, ReceiptFrame):
+                self._done = True
+                await self._settle(frame.envelope)
+            elif isinstance(frame, ErrorFrame):
+                self._done = True
+                await self._fail(frame)
+            else:  # pragma: no cover - the state machine raises StreamTruncated first
                 raise StreamTruncated("stream ended before its receipt")
 
+    async def __aiter__(self) -> AsyncIterator[str]:
+        """The answer's text, delta by delta (see :meth:`events` for what it raises)."""
+        async with contextlib.aclosing(self.events()) as events:
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    yield event.text
+
+    async def _fail(self, frame: ErrorFrame) -> None:
+        code = frame.code if frame.code in ErrorCode._value2member_map_ else ErrorCode.INTERNAL
+        error = RemoteError(
+            f"executor {self.executor[-8:]} failed: {frame.message}", code=ErrorCode(code), retryable=frame.retryable
+        )
+        error.retry_after = frame.retry_after
+        if frame.receipt is not None:
+            try:
+                error.result = await self._settle(frame.receipt, ack=False)
+            except LoomError as exc:  # the executor's error is what the caller must see
+                raise error from exc
+        raise error
+
     async def _settle(self, envelope: Envelope, *, ack: bool = True) -> ChatResult:
-        """Check the receipt, book it, counter-sign it, book the counter-signature.
+        """Check the receipt and book it: accepted (counter-signed) or disputed.
 
         ``ack=False`` for a receipt that came with an error frame: the stream is over,
         so the counter-signature stays in our ledger only.
         """
         client = self._client
-        text = "".join(self._parts)
-        own_count, _ = await trio.to_thread.run_sync(client.tokens.count, text, self.offer.model.name)
-        opts = self._options
-        no_cap = 1 << 62
-        receipt = check_receipt(
-            envelope,
-            executor=self.executor,
+        assert client.ledger is not None and self._stream is not None
+        text, reasoning = "".join(self._texts), "".join(self._reasoning)
+        try:
+            receipt = open_receipt(envelope, executor=self.executor)
+        except ReceiptError as exc:
+            log.warning("receipt from executor %s not booked: %s", self.executor, exc.message)
+            raise
+        opts, model = self._options, self.offer.model
+        problems = receipt_problems(
+            receipt,
             client=client.peer_id,
             request_payload=self._request_payload,
             text=text,
-            chunks=len(self._parts),
-            own_output_tokens=own_count,
-            price_in_limit=min(self.offer.model.price_in, no_cap if opts.max_price_in is None else opts.max_price_in),
-            price_out_limit=min(self.offer.model.price_out, no_cap if opts.max_price_out is None else opts.max_price_out),
+            chunks=len(self._texts),
+            reasoning=reasoning,
             tool_calls=self._tool_calls,
+            price_in_limit=min(model.price_in, _NO_CAP if opts.max_price_in is None else opts.max_price_in),
+            price_out_limit=min(model.price_out, _NO_CAP if opts.max_price_out is None else opts.max_price_out),
+            max_hidden_reasoning_tokens=client.config.max_hidden_reasoning_tokens,
         )
-        assert client.ledger is not None and self._stream is not None
+        if problems:
+            error = rejection(problems)
+            reason = "; ".join(r for _, r in problems)
+            await client.ledger.record_receipt(
+                envelope, receipt, role="client", executor=self.executor, now=time.time(), dispute=reason
+            )
+            log.warning("receipt from executor %s booked as disputed: %s", self.executor, reason)
+            raise error
         receipt_digest = await client.ledger.record_receipt(
             envelope, receipt, role="client", executor=self.executor, now=time.time()
         )
+        own_count, _ = await trio.to_thread.run_sync(client.tokens.count, text + reasoning, model.name)
         signed_ack = seal(
             SignedKind.RECEIPT_ACK,
             ReceiptAck(receipt_digest=receipt_digest, accepted_at=time.time(), client_output_tokens=own_count),
@@ -247,6 +334,7 @@ class ChatStream:
             receipt=receipt,
             receipt_envelope=envelope,
             client_output_tokens=own_count,
+            reasoning=reasoning,
         )
         if ack:
             try:
@@ -256,11 +344,11 @@ class ChatStream:
         return self.result
 
     async def aclose(self) -> None:
-        """Close cleanly after a receipt; otherwise reset, so the executor stops."""
+        """Close cleanly once the answer is over; otherwise reset, so the executor stops."""
         stream, self._stream = self._stream, None
         if stream is None:
             return
-        if self._conn.state is StreamState.CLOSED:
+        if self._conn.state in (StreamState.CLOSED, StreamState.SETTLING):
             await stream.close()
         else:
             await stream.reset()

@@ -9,6 +9,14 @@ Typical use::
                 print(text, end="")
         print(stream.result.receipt.output_tokens)
 
+Reasoning models stream their thinking apart from the answer: ``stream.events()``
+yields typed deltas (``ReasoningDelta``, ``TextDelta``, ``ToolCallsDelta``) and
+``result.reasoning`` holds it all; ``async for text in stream`` yields only text.
+
+Errors raise as themselves, never wrapped in an ``ExceptionGroup``, so
+``except RemoteError:`` works around ``open_client`` as around any call. A request
+that breaks the protocol's limits raises ``InvalidRequest`` before any traffic.
+
 Every request is signed by the client's key and addressed to the chosen executor.
 The stream's remote peer is authenticated by libp2p's Noise handshake, so each
 chunk provably comes from the executor we dialed; the signed receipt at the end
@@ -29,11 +37,12 @@ import trio
 
 from loomnet.protocol import (
     ChatMessage,
-    ResponseFormat,
-    ToolSpec,
     ErrorCode,
+    InferenceRequest,
     NoOfferError,
+    ResponseFormat,
     SigningKey,
+    ToolSpec,
 )
 
 from ._chat_stream import ChatResult, ChatStream, RequestOptions
@@ -43,6 +52,8 @@ from ._local import local_executors
 from ._member import Member
 from ._offers import Offer
 from ._p2p import NodeInfo, P2PConfig
+from ._receipts import DEFAULT_MAX_HIDDEN_REASONING_TOKENS
+from ._request_check import check_request
 from ._router import rank_offers
 from ._tokens import TokenCounter
 
@@ -57,8 +68,12 @@ def default_data_dir() -> Path:
     return Path(base) / "loomnet"
 
 
-class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How a client joins and how long it waits. Times are seconds."""
+class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
+    """How a client joins, how long it waits and what it pays for. Times are seconds.
+
+    The three answer deadlines are each one deadline over their whole span, never per
+    read (see ``_chat_stream``); a deadline that passes raises ``NetworkTimeout``.
+    """
 
     #: identity and ledger live in ``<data_dir>/client``; None = ``default_data_dir()``
     data_dir: str | None = None
@@ -67,13 +82,22 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     bootstrap: list[str] = []
     #: also join through executors announced on this machine (see ``_local``)
     discover_local: bool = True
+    #: longest dial and stream open
     connect_timeout: float = 5.0
-    #: longest wait for the first chunk (or terminal frame) of an answer
+    #: longest wait from the request sent to the first complete frame (a progress chunk
+    #: counts: the executor sends one every few seconds while its backend is silent)
     first_byte_timeout: float = 60.0
-    #: longest silence between two frames once the answer streams
+    #: longest wait for each next complete frame once the answer streams
     idle_timeout: float = 30.0
+    #: longest a whole request may take, dial to receipt; generous, because a reasoning
+    #: model may think for minutes before it answers
+    total_timeout: float = 900.0
     #: how long ``chat`` waits for a matching offer to appear
     offer_timeout: float = 5.0
+    #: most output tokens of reasoning a receipt may bill without streaming it (Gemini's
+    #: thoughts, OpenAI's ``reasoning_tokens``): there are no bytes to check them against,
+    #: so a receipt over this is booked as disputed and raises RECEIPT_MISMATCH
+    max_hidden_reasoning_tokens: int = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
 
 
 class LoomClient:
@@ -168,17 +192,17 @@ class LoomClient:
     ) -> AsyncIterator[ChatStream]:
         """Open a streamed chat with the best offer; iterate the context value for text.
 
-        After the iteration ends, ``stream.result`` holds the verified receipt and any
-        tool calls. A ``RemoteError`` after some text carries ``.result``: the receipt
-        for exactly what was streamed, verified and booked.
+        After the iteration ends, ``stream.result`` holds the verified receipt, any
+        tool calls and any reasoning; ``stream.events()`` yields typed deltas instead of
+        text. A ``RemoteError`` after some text carries ``.result``: the receipt for
+        exactly what was streamed, verified and booked.
 
         Raises:
-            NoOfferError, RemoteError, NetworkError, ProtocolError, ReceiptError.
+            InvalidRequest: the request breaks the protocol's schema (``field`` names
+                the field); raised before any offer is looked up or stream opened.
+            NoOfferError, RemoteError, NetworkError (NetworkTimeout), ProtocolError,
+            ReceiptError: see :meth:`ChatStream.events`.
         """
-        if self.ledger is None:
-            raise RuntimeError("the client is not running: use open_client() or run()")
-        offers = await self.wait_for_offers(model=model, max_price_in=max_price_in, max_price_out=max_price_out)
-        offer = offers[0]
         options = RequestOptions(
             tools=list(tools),
             tool_choice=tool_choice,
@@ -189,12 +213,43 @@ class LoomClient:
             max_price_in=max_price_in,
             max_price_out=max_price_out,
         )
-        stream = ChatStream(self, offer, list(messages), options)
+        self.check_request(messages, model=model, options=options)
+        if self.ledger is None:
+            raise RuntimeError("the client is not running: use open_client() or run()")
+        offers = await self.wait_for_offers(model=model, max_price_in=max_price_in, max_price_out=max_price_out)
+        stream = ChatStream(self, offers[0], list(messages), options)
         try:
             await stream.open()
             yield stream
         finally:
             await stream.aclose()
+
+    def check_request(self, messages: Sequence[ChatMessage], *, model: str | None, options: RequestOptions) -> None:
+        """Refuse a request the protocol's schema forbids, before routing it anywhere.
+
+        The executor and model are not chosen yet, so they are stand-ins here; the
+        request is checked again, whole, just before it is sent.
+
+        Raises:
+            InvalidRequest: naming the offending field.
+        """
+        check_request(
+            InferenceRequest(
+                audience=self.peer_id,
+                nonce=bytes(16),
+                created_at=time.time(),
+                model="any" if model is None else model,
+                messages=list(messages),
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                seed=options.seed,
+                max_price_in=options.max_price_in,
+                max_price_out=options.max_price_out,
+                tools=list(options.tools),
+                tool_choice=options.tool_choice,
+                response_format=options.response_format,
+            )
+        )
 
     async def chat(self, messages: Sequence[ChatMessage], **kwargs) -> ChatResult:
         """Like :meth:`stream_chat`, collected: returns the text and the verified receipt."""
@@ -206,13 +261,29 @@ class LoomClient:
 
 
 @asynccontextmanager
-async def open_client(config: ClientConfig | None = None, *, key: SigningKey | None = None):
-    """Run a :class:`LoomClient` for the duration of the ``async with`` block."""
+async def open_client(config: ClientConfig | None = None, *, key: SigningKey | None = None) -> AsyncIterator[LoomClient]:
+    """Run a :class:`LoomClient` for the duration of the ``async with`` block.
+
+    Error handling: an error raised in the block (``NoOfferError``, ``RemoteError``,
+    the caller's own) leaves it as itself, as httpx's clients do, not wrapped in the
+    ``ExceptionGroup`` of the nursery that runs the client; so does an error starting
+    the client (an unusable identity or ledger). Cancellation and ``KeyboardInterrupt``
+    pass through untouched.
+    """
     client = LoomClient(config or ClientConfig(), key=key)
+    error: Exception | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(client.run)
         try:
-            yield client
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                client.member.stop()
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # re-raised below, outside the nursery, so it is not grouped
+            error = exc
+    if error is not None:
+        try:
+            raise error
         finally:
-            client.member.stop()
-            nursery.cancel_scope.cancel()
+            error = None  # no reference cycle through the traceback

@@ -41,7 +41,6 @@ __all__ = [
     "TokenCounter",
     "estimate_tokens",
     "materialize_tiktoken_cache",
-    "plausible_output_count",
 ]
 
 log = logging.getLogger(__name__)
@@ -241,16 +240,3 @@ class TokenCounter:
 def estimate_tokens(text: str) -> int:
     """A tokenizer-free guess: one token per 4 UTF-8 bytes, rounded up (0 only for "")."""
     return -(-len(text.encode("utf-8", "surrogatepass")) // 4)
-
-
-def plausible_output_count(reported: int, own_count: int) -> bool:
-    """Whether an executor's reported output count is believable next to our own count.
-
-    The executor may count with the model's own tokenizer (or its backend's usage), the
-    client with tiktoken; on the same text these differ by tens of percent, and by up
-    to about 2x for code or non-Latin scripts. So the band is wide but bounded:
-    ``floor(own/2) - 8 <= reported <= 2*own + 8``. The 8 tokens of slack cover short
-    outputs, where template and end-of-turn tokens dominate; the factor 2 means an
-    executor can never bill much more than twice the text it sent.
-    """
-    return 0 <= reported and own_count // 2 - 8 <= reported <= own_count * 2 + 8

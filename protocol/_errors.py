@@ -15,6 +15,8 @@ Hierarchy::
     ├── SignatureError              envelope signature or signer check failed
     ├── RequestRejected             the executor refused a request (audience,
     │                               freshness, nonce, price, model, capacity, ...)
+    ├── InvalidRequest              the caller's own request breaks the protocol's
+    │                               limits: refused locally, before any traffic
     ├── RemoteError                 the peer answered with an error frame
     ├── BackendError                the LLM runtime behind an executor failed
     ├── NetworkError                dial, stream open, read or write failed
@@ -34,6 +36,7 @@ __all__ = [
     "ConfigError",
     "ErrorCode",
     "FrameError",
+    "InvalidRequest",
     "LedgerError",
     "LoomError",
     "MessageDecodeError",
@@ -243,6 +246,24 @@ class RequestRejected(LoomError):
     message_is_public = True
 
     code = ErrorCode.BAD_REQUEST
+
+
+class InvalidRequest(LoomError, ValueError):
+    """The caller's request breaks a limit of the protocol's schema (temperature NaN or
+    above 2, ``max_tokens`` 0, no messages, an unknown role, a request over the frame
+    maximum, ...). The client library refuses it before any traffic; ``field`` names the
+    offending field as a path (``"temperature"``, ``"messages[0].role"``), or is None
+    when the request as a whole is at fault. Also a ``ValueError``: it is the caller's
+    argument that is wrong.
+
+    .. versionadded:: issue 7
+    """
+
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class RemoteError(LoomError):

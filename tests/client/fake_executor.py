@@ -1,0 +1,212 @@
+"""An executor's side of one inference stream, scripted by a test, over trio memory streams.
+
+The client side is the real ``ChatStream``; only the transport is in memory, with
+``P2PStream``'s interface (per-read timeout mapped to ``NetworkTimeout``, end of stream
+as ``b""``), so trio's autojump clock can drive deadlines without real sleeps.
+"""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from loomnet.client import ClientConfig, Ledger, LoomClient
+from loomnet.client._chat_stream import ChatStream, RequestOptions
+from loomnet.client._offers import Offer
+from loomnet.protocol import (
+    NEED_DATA,
+    Advert,
+    ChatMessage,
+    ChunkFrame,
+    EndOfStream,
+    ErrorFrame,
+    InferenceConnection,
+    InferenceRequest,
+    ModelOffer,
+    NetworkError,
+    NetworkTimeout,
+    Receipt,
+    ReceiptFrame,
+    RequestFrame,
+    Role,
+    SignedKind,
+    SigningKey,
+    StreamFrame,
+    ToolCall,
+    apportion,
+    cost_of,
+    digest,
+    encode_tool_calls,
+    open_envelope,
+    output_caps,
+    seal,
+)
+
+EXECUTOR_KEY = SigningKey(b"x" * 32)
+CLIENT_KEY = SigningKey(b"y" * 32)
+MODEL = ModelOffer(name="tiny", price_in=1_000_000, price_out=2_000_000)
+OFFER = Offer(
+    executor=EXECUTOR_KEY.peer_id,
+    model=MODEL,
+    advert=Advert(seq=1, issued_at=0.0, ttl=60.0, models=[MODEL]),
+    expires_at=float("inf"),
+)
+HELLO = [ChatMessage("user", "Hello?")]
+
+
+class MemoryByteStream:
+    """One end of a memory stream pair, shaped like ``P2PStream``."""
+
+    def __init__(self, stream: trio.abc.HalfCloseableStream) -> None:
+        self._stream = stream
+        self.reset_called = False
+
+    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes:
+        try:
+            with trio.fail_after(timeout):
+                return await self._stream.receive_some(max_bytes)
+        except trio.TooSlowError:
+            raise NetworkTimeout("receive: deadline passed") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def send_all(self, data: bytes, *, timeout: float) -> None:
+        try:
+            with trio.fail_after(timeout):
+                await self._stream.send_all(data)
+        except trio.TooSlowError:
+            raise NetworkTimeout("send: deadline passed") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise NetworkError(f"send: {exc!r}") from None
+
+    async def close(self) -> None:
+        try:
+            await self._stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def reset(self) -> None:
+        self.reset_called = True
+        await self._stream.aclose()
+
+
+class FakeExecutor:
+    """Opens streams for the client (``open_stream``) and plays the executor on them."""
+
+    def __init__(self, key: SigningKey = EXECUTOR_KEY) -> None:
+        self.key = key
+        self.opened = 0
+        self.client_end: MemoryByteStream | None = None
+        self._server_end: trio.abc.HalfCloseableStream | None = None
+        self._ready = trio.Event()
+        self.conn = InferenceConnection(Role.EXECUTOR)
+        self.request: InferenceRequest | None = None
+        self.request_payload = b""
+        self.sent_text: list[str] = []
+        self.sent_reasoning: list[str] = []
+        self.sent_calls: list[ToolCall] = []
+        self.chunks = 0
+
+    async def open_stream(self, peer_id, protocol, *, addrs=(), timeout=None) -> MemoryByteStream:
+        assert peer_id == self.key.peer_id
+        self.opened += 1
+        client_end, self._server_end = trio.testing.memory_stream_pair()
+        self.client_end = MemoryByteStream(client_end)
+        self._ready.set()
+        return self.client_end
+
+    async def read_request(self) -> InferenceRequest:
+        await self._ready.wait()
+        assert self._server_end is not None
+        while (event := self.conn.next_event()) is NEED_DATA:
+            self.conn.receive_data(await self._server_end.receive_some())
+        assert isinstance(event, RequestFrame)
+        self.request, _ = open_envelope(SignedKind.REQUEST, event.envelope)
+        self.request_payload = event.envelope.payload
+        return self.request
+
+    async def read_rest(self) -> list:
+        """Every frame the client sends after the answer, until it closes its side."""
+        frames = []
+        while True:
+            try:
+                data = await self._server_end.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return frames
+            self.conn.receive_data(data)
+            while (event := self.conn.next_event()) is not NEED_DATA:
+                if isinstance(event, EndOfStream):
+                    return frames
+                frames.append(event)
+
+    async def send(self, frame: StreamFrame) -> None:
+        if isinstance(frame, ChunkFrame):
+            self.sent_text.append(frame.text)
+            self.sent_reasoning.append(frame.reasoning)
+            self.sent_calls.extend(frame.tool_calls)
+            self.chunks += 1
+        await self._server_end.send_all(self.conn.send(frame))
+
+    async def chunk(self, text: str = "", *, reasoning: str = "", tool_calls=()) -> None:
+        await self.send(ChunkFrame(seq=self.chunks, text=text, reasoning=reasoning, tool_calls=list(tool_calls)))
+
+    async def drip(self, data: bytes, every: float) -> None:
+        """Send ``data`` one byte at a time, ``every`` seconds apart (trio's clock)."""
+        for i in range(len(data)):
+            await trio.sleep(every)
+            await self._server_end.send_all(data[i : i + 1])
+
+    def raw(self, frame: StreamFrame) -> bytes:
+        """A frame's bytes, for the test to send as it likes (say, dripping)."""
+        if isinstance(frame, ChunkFrame):
+            self.chunks += 1
+        return self.conn.send(frame)
+
+    def receipt(self, *, output_tokens: int | None = None, finish_reason: str = "stop", **parts: int):
+        """A signed receipt for what was sent; honestly split unless parts are given."""
+        text, reasoning = "".join(self.sent_text), "".join(self.sent_reasoning)
+        if output_tokens is None:
+            caps = output_caps(text, reasoning, self.sent_calls)
+            output_tokens = len(text.encode()) + caps.reasoning // 2 + caps.tool_calls // 2  # within every bound
+            split = apportion(output_tokens, caps=caps, counted_text=len(text), counted_reasoning=len(reasoning))
+            parts = dict(reasoning_tokens=split.reasoning, tool_call_tokens=split.tool_calls)
+        assert self.request is not None
+        receipt = Receipt(
+            request_digest=digest(self.request_payload),
+            client=CLIENT_KEY.peer_id,
+            model=MODEL.name,
+            input_tokens=12,
+            output_tokens=output_tokens,
+            count_source="backend",
+            price_in=MODEL.price_in,
+            price_out=MODEL.price_out,
+            cost=cost_of(12, output_tokens, MODEL.price_in, MODEL.price_out),
+            output_digest=digest(text.encode()),
+            chunks=self.chunks,
+            finish_reason=finish_reason,
+            issued_at=1.0,
+            tool_calls_digest=digest(encode_tool_calls(self.sent_calls)) if self.sent_calls else b"",
+            reasoning_digest=digest(reasoning.encode()) if reasoning else b"",
+            **parts,
+        )
+        return seal(SignedKind.RECEIPT, receipt, self.key)
+
+    async def finish(self, **receipt_fields) -> None:
+        await self.send(ReceiptFrame(self.receipt(**receipt_fields)))
+
+    async def fail(self, code: int, message: str, *, with_receipt: bool = False) -> None:
+        receipt = self.receipt(finish_reason="error") if with_receipt else None
+        await self.send(ErrorFrame(code=code, message=message, retryable=True, receipt=receipt))
+
+
+async def make_client(tmp_path, **config) -> LoomClient:
+    """A real client, not joined to any network (the fake executor is its transport),
+    with its real ledger open. Close with ``await client.ledger.aclose()``."""
+    cfg = ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False, **config)
+    client = LoomClient(cfg, key=CLIENT_KEY)
+    client.ledger = await Ledger.open(client.home / "ledger.sqlite")
+    return client
+
+
+def chat_stream(client: LoomClient, executor: FakeExecutor, **options) -> ChatStream:
+    return ChatStream(client, OFFER, list(HELLO), RequestOptions(**options), opener=executor)
