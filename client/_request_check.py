@@ -15,14 +15,19 @@ import re
 
 import msgspec
 
-from loomnet.protocol import MAX_FRAME_SIZE, InferenceRequest, InvalidRequest, encode_payload
+from loomnet.protocol import (
+    MAX_FRAME_SIZE,
+    Envelope,
+    InferenceRequest,
+    InvalidRequest,
+    RequestFrame,
+    encode_frame_body,
+    encode_payload,
+)
 
 __all__ = ["check_request"]
 
 _decoder = msgspec.msgpack.Decoder(InferenceRequest)
-#: Bytes a request frame adds around the signed payload: tag, envelope keys, the
-#: signer's key (32) and signature (64), msgpack headers. Measured: 139; rounded up.
-_FRAME_OVERHEAD = 256
 #: msgspec's "<what> - at `$.<path>`" error suffix.
 _AT = re.compile(r"^(?P<reason>.*) - at `\$\.?(?P<path>[^`]*)`$", re.DOTALL)
 
@@ -47,10 +52,12 @@ def check_request(request: InferenceRequest) -> bytes:
         field = match["path"] if match else None
         reason = match["reason"] if match else text
         raise InvalidRequest(f"invalid request: {field or 'the request'}: {reason}", field=field or None) from None
-    if len(payload) + _FRAME_OVERHEAD > MAX_FRAME_SIZE:
+    # The frame as it will travel, with a signer and signature of their fixed sizes.
+    frame = encode_frame_body(RequestFrame(Envelope(payload=payload, signer=bytes(32), sig=bytes(64))))
+    if len(frame) > MAX_FRAME_SIZE:
         raise InvalidRequest(
-            f"invalid request: it is {len(payload)} bytes, over what one frame carries "
-            f"({MAX_FRAME_SIZE - _FRAME_OVERHEAD} bytes); send fewer or smaller messages or images",
+            f"invalid request: its frame is {len(frame)} bytes, over the protocol's maximum of "
+            f"{MAX_FRAME_SIZE}; send fewer or smaller messages or images",
             field="messages",
         )
     return payload

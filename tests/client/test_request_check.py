@@ -1,0 +1,128 @@
+"""Obviously invalid requests are refused locally, before any traffic, naming the field.
+
+Every constraint of the ``InferenceRequest`` schema has a case here; the check is the
+protocol's own decoder, so a new constraint there applies here without a change.
+"""
+
+import msgspec
+import pytest
+
+from loomnet.client._chat_stream import RequestOptions
+from loomnet.client._request_check import check_request
+from loomnet.protocol import (
+    MAX_FRAME_SIZE,
+    ChatMessage,
+    Envelope,
+    ErrorCode,
+    ImagePart,
+    InferenceRequest,
+    InvalidRequest,
+    RequestFrame,
+    ResponseFormat,
+    ToolCall,
+    ToolSpec,
+    encode_frame_body,
+)
+
+from ..limits import fail_after
+from .fake_executor import FakeExecutor, chat_stream, make_client
+
+HI = [ChatMessage("user", "Hi")]
+BIG = "x" * (512 * 1024)
+
+#: (messages, options, model, the field named); None messages = ``HI``
+CASES = [
+    (None, dict(temperature=float("nan")), None, "temperature"),
+    (None, dict(temperature=-1.0), None, "temperature"),
+    (None, dict(temperature=2.5), None, "temperature"),
+    (None, dict(temperature=float("inf")), None, "temperature"),
+    (None, dict(temperature="hot"), None, "temperature"),
+    (None, dict(max_tokens=0), None, "max_tokens"),
+    (None, dict(max_tokens=-3), None, "max_tokens"),
+    (None, dict(max_tokens=(1 << 20) + 1), None, "max_tokens"),
+    ([], {}, None, "messages"),
+    ([ChatMessage("user", "x")] * 1025, {}, None, "messages"),
+    ([ChatMessage("wizard", "Hi")], {}, None, "messages[0].role"),
+    ([ChatMessage("user", "ok"), ChatMessage("robot", "Hi")], {}, None, "messages[1].role"),
+    ([ChatMessage("user", BIG + "x")], {}, None, "messages[0].content"),
+    ([ChatMessage("user", "look", images=[ImagePart(media_type="text/plain", data=b"x")])], {}, None,
+     "messages[0].images[0].media_type"),
+    ([ChatMessage("user", "look", images=[ImagePart(media_type="image/png", data=b"")])], {}, None,
+     "messages[0].images[0].data"),
+    ([ChatMessage("user", "look", images=[ImagePart(media_type="image/png", data=b"x")] * 17)], {}, None,
+     "messages[0].images"),
+    ([ChatMessage("assistant", "", tool_calls=[ToolCall(id="c", name="")])], {}, None, "messages[0].tool_calls[0].name"),
+    ([ChatMessage("tool", "42", tool_call_id="c" * 129)], {}, None, "messages[0].tool_call_id"),
+    (None, dict(seed=-1), None, "seed"),
+    (None, dict(seed=1 << 31), None, "seed"),
+    (None, dict(max_price_in=-1), None, "max_price_in"),
+    (None, dict(max_price_out=(1 << 62) + 1), None, "max_price_out"),
+    (None, dict(tools=[ToolSpec(name="")]), None, "tools[0].name"),
+    (None, dict(tools=[ToolSpec(name="f", description="d" * 8193)]), None, "tools[0].description"),
+    (None, dict(tools=[ToolSpec(name=f"f{i}") for i in range(129)]), None, "tools"),
+    (None, dict(tool_choice="t" * 129), None, "tool_choice"),
+    (None, dict(response_format=ResponseFormat(type="xml")), None, "response_format.type"),
+    (None, {}, "", "model"),
+    (None, {}, "m" * 129, "model"),
+    # the whole request must fit one frame (1 MiB), which no single field says
+    ([ChatMessage("user", BIG), ChatMessage("user", BIG)], {}, None, "messages"),
+]
+IDS = [f"{field}-{i}" for i, (*_, field) in enumerate(CASES)]
+
+
+def probe(messages, options, model) -> InferenceRequest:
+    return InferenceRequest(
+        audience="12D3KooWexecutor",
+        nonce=bytes(16),
+        created_at=1.0,
+        model="any" if model is None else model,
+        messages=HI if messages is None else messages,
+        **options,
+    )
+
+
+@pytest.mark.parametrize(("messages", "options", "model", "field"), CASES, ids=IDS)
+def test_every_schema_constraint_is_refused_with_the_field_named(messages, options, model, field):
+    with pytest.raises(InvalidRequest) as info:
+        check_request(probe(messages, options, model))
+    error = info.value
+    assert error.field == field
+    assert error.code == ErrorCode.BAD_REQUEST and isinstance(error, ValueError)
+    assert field in error.message
+
+
+def test_what_cannot_be_encoded_at_all_is_refused_too():
+    with pytest.raises(InvalidRequest, match="cannot be encoded") as info:
+        check_request(probe([object()], {}, None))
+    assert info.value.field is None
+
+
+def test_a_valid_request_passes_and_its_bytes_decode_as_the_executor_will():
+    request = probe(None, dict(temperature=0.0, max_tokens=1, seed=0, tools=[ToolSpec(name="f")]), None)
+    payload = check_request(request)
+    assert msgspec.msgpack.decode(payload, type=InferenceRequest) == request
+    limits = dict(temperature=2.0, max_tokens=1 << 20)
+    half = len(BIG) - 300
+    fits = probe([ChatMessage("user", "x" * half), ChatMessage("user", "x" * half)], limits, None)
+    frame = len(encode_frame_body(RequestFrame(Envelope(check_request(fits), bytes(32), bytes(64)))))
+    assert MAX_FRAME_SIZE - 400 < frame <= MAX_FRAME_SIZE  # up to the frame maximum, not short of it
+
+
+@pytest.mark.parametrize(("messages", "options", "model", "field"), CASES, ids=IDS)
+@fail_after(30)
+async def test_no_stream_is_opened_for_an_invalid_request(tmp_path, messages, options, model, field):
+    client = await make_client(tmp_path)
+    executor = FakeExecutor()
+    try:
+        with pytest.raises(InvalidRequest) as info:
+            client.check_request(HI if messages is None else messages, model=model, options=RequestOptions(**options))
+        assert info.value.field == field
+        if model is None:  # the offer fixes the model; everything else is checked again at open
+            stream = chat_stream(client, executor, **options)
+            stream._messages = HI if messages is None else messages
+            with pytest.raises(InvalidRequest):
+                await stream.open()
+            await stream.aclose()
+        assert executor.opened == 0
+    finally:
+        await client.ledger.aclose()
