@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from loomnet.client import ClientConfig, LoomClient
+from loomnet.client import ClientConfig, LoomClient, TextDelta
 from loomnet.protocol import ChatMessage, ErrorCode, NoOfferError, SignedKind, cost_of, credits_to_micro, digest, open_envelope
 
 from .conftest import PRICE_IN, PRICE_OUT
@@ -38,6 +38,7 @@ async def test_streamed_chat_with_receipt_in_both_ledgers(executor, client):
         while (theirs := await executor.server.ledger.get(receipt_digest)) is None or theirs.ack_payload is None:
             await trio.sleep(0.05)
     assert mine.role == "client" and theirs.role == "executor"
+    assert (mine.status, theirs.status) == ("accepted", "acknowledged")
     assert mine.receipt_payload == theirs.receipt_payload == result.receipt_envelope.payload  # byte-identical
     assert mine.receipt_sig == theirs.receipt_sig
     assert mine.ack_payload == theirs.ack_payload
@@ -50,6 +51,15 @@ def result_ack_envelope(entry):
     from loomnet.protocol import Envelope
 
     return Envelope(payload=entry.ack_payload, signer=entry.ack_signer, sig=entry.ack_sig)
+
+
+async def test_events_yield_typed_deltas(executor, client):
+    with trio.fail_after(60):
+        async with client.stream_chat(HELLO, model="smol", max_tokens=8) as stream:
+            events = [event async for event in stream.events()]
+    assert events and all(isinstance(e, TextDelta) for e in events)  # the embedded model does not reason aloud
+    assert "".join(e.text for e in events) == stream.result.text
+    assert stream.result.reasoning == ""
 
 
 async def test_chat_collects_and_any_model_will_do(executor, client):
