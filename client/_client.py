@@ -261,7 +261,9 @@ class LoomClient:
 
 
 @asynccontextmanager
-async def open_client(config: ClientConfig | None = None, *, key: SigningKey | None = None) -> AsyncIterator[LoomClient]:
+async def open_client(
+    config: ClientConfig | None = None, *, key: SigningKey | None = None
+) -> AsyncIterator[LoomClient]:
     """Run a :class:`LoomClient` for the duration of the ``async with`` block.
 
     Error handling: an error raised in the block (``NoOfferError``, ``RemoteError``,

@@ -2,6 +2,7 @@
 on every path, and deadlines that are real deadlines (trio's autojump clock, no sleeps).
 """
 
+import contextlib
 import logging
 import math
 
@@ -231,7 +232,8 @@ async def timed_out(client, executor, script) -> tuple[NetworkTimeout, float]:
         nonlocal sent_at
         await executor.read_request()
         sent_at = trio.current_time()
-        await script(executor)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):  # the client reset
+            await script(executor)
         await trio.sleep_forever()
 
     async with trio.open_nursery() as nursery:
@@ -280,13 +282,13 @@ async def test_progress_chunks_keep_an_answer_alive_until_the_total_deadline(cli
 
     async def script(ex):
         while True:  # a backend thinking silently, for ever
-            await trio.sleep(5)
+            await trio.sleep(7)
             await ex.chunk()
 
     error, elapsed = await timed_out(client, executor, script)
     assert "total deadline (900 s)" in error.message
     assert 900 <= elapsed < 901
-    assert executor.chunks > 900 / 5 - 2  # it was alive (and accepted as such) all along
+    assert executor.chunks == 900 // 7  # it was alive (and accepted as such) all along
 
 
 @fail_after(100_000)

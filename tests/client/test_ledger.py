@@ -427,7 +427,8 @@ async def test_a_version_1_ledger_is_migrated_with_every_row_and_its_status(tmp_
         assert [e.status for e in entries] == ["accepted", "accepted", "unacknowledged", "acknowledged"]
         assert all(e.dispute_reason is None for e in entries)
         old = entries[-1]
-        assert old.receipt_payload == signed_receipt(0)[0].payload and old.ack_payload == make_ack(old.receipt_digest).payload
+        assert old.receipt_payload == signed_receipt(0)[0].payload
+        assert old.ack_payload == make_ack(old.receipt_digest).payload
         # The migrated table takes new rows of every kind, and acks still update status.
         await ledger.record_ack(entries[2].receipt_digest, make_ack(entries[2].receipt_digest))
         assert (await ledger.get(entries[2].receipt_digest)).status == "acknowledged"

@@ -50,7 +50,8 @@ def receipt(*, text=TEXT, reasoning="", tool_calls=(), chunks=2, **overrides) ->
         tool_calls_digest=digest(encode_tool_calls(list(tool_calls))) if tool_calls else b"",
     )
     fields.update(overrides)
-    fields.setdefault("cost", cost_of(fields["input_tokens"], fields["output_tokens"], fields["price_in"], fields["price_out"]))
+    counts = (fields["input_tokens"], fields["output_tokens"], fields["price_in"], fields["price_out"])
+    fields.setdefault("cost", cost_of(*counts))
     return Receipt(**fields)
 
 
@@ -137,7 +138,10 @@ def test_everything_billed_as_text_passes_within_the_byte_bound():
 @given(
     text=st.text(max_size=80),
     reasoning=st.text(max_size=80),
-    calls=st.lists(st.builds(ToolCall, id=st.just("c"), name=st.text(min_size=1, max_size=8), arguments=st.text(max_size=20)), max_size=2),
+    calls=st.lists(
+        st.builds(ToolCall, id=st.just("c"), name=st.text(min_size=1, max_size=8), arguments=st.text(max_size=20)),
+        max_size=2,
+    ),
     share=st.floats(0, 1),
     counted=st.integers(0, 400),
 )
@@ -194,7 +198,8 @@ BYTES = len(TEXT.encode())
         ({"output_tokens": 100, "tool_call_tokens": 90}, {}, "tool calls"),
         # hidden reasoning over the client's limit
         ({"output_tokens": 6 + 40_000, "hidden_reasoning_tokens": 40_000}, {}, "hidden reasoning"),
-        ({"output_tokens": 6 + 2_000, "hidden_reasoning_tokens": 2_000}, {"max_hidden_reasoning_tokens": 1_000}, "limit of 1000"),
+        ({"output_tokens": 6 + 2_000, "hidden_reasoning_tokens": 2_000}, {"max_hidden_reasoning_tokens": 1_000},
+         "limit of 1000"),
         # parts that add up to more than the output
         ({"output_tokens": 5, "hidden_reasoning_tokens": 6}, {}, "add up"),
     ],
