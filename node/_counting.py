@@ -6,9 +6,9 @@ llama-server that died mid-stream refuses the connection) or hang, so each step 
 fails falls to the next, and the caller learns which source each count came from.
 
 One :class:`CountingChain` serves one receipt. Once the backend's tokenizer has failed
-or said it has none, the chain stops asking it; and all the tokenizer's calls for one
-receipt share one deadline (``budget`` seconds), so a frozen runtime delays a receipt
-by at most that much. tiktoken runs in a worker thread (counting is CPU-bound, and the
+or timed out, the chain stops asking it (and a question it said it cannot answer is
+not asked again); all the tokenizer's calls for one receipt share one deadline
+(``budget`` seconds), so a frozen runtime delays a receipt by at most that much. tiktoken runs in a worker thread (counting is CPU-bound, and the
 first use of an encoding loads it); if it raises, the estimate (one token per four
 UTF-8 bytes) answers, and that never fails.
 """
@@ -81,6 +81,7 @@ class CountingChain:
         self.tokens = tokens
         self._deadline = trio.current_time() + budget
         self._tokenizer_usable = True
+        self._unanswerable: set[str] = set()
 
     async def prompt(self, params: ChatParams) -> Count:
         """Tokens of the whole prompt: the runtime's formatted count, else the texts in it."""
@@ -109,8 +110,13 @@ class CountingChain:
         return Count(tokens, "tiktoken" if source == "tiktoken" else "estimate")
 
     async def _ask_tokenizer(self, what: str, fn: Callable[..., Awaitable[int | None]], *args: object) -> int | None:
-        """The backend tokenizer's answer, or None when it has none, fails, or is too slow."""
-        if not self._tokenizer_usable:
+        """The backend tokenizer's answer, or None when it has none, fails, or is too slow.
+
+        A failure or a timeout stops the chain asking the backend at all; "none" (the
+        runtime cannot count this kind of thing, e.g. a formatted prompt) only stops
+        asking that question.
+        """
+        if not self._tokenizer_usable or what in self._unanswerable:
             return None
         answer: object = None
         with trio.move_on_at(self._deadline) as scope:
@@ -118,10 +124,17 @@ class CountingChain:
                 answer = await fn(*args)
             except Exception as exc:  # noqa: BLE001 - any failure of a counting step falls back
                 log.warning("backend %s could not %s (%s); counting with tiktoken", self.backend.kind, what, exc)
-                answer = None
+                self._tokenizer_usable = False
+                return None
         if scope.cancelled_caught:
             log.warning("backend %s took too long to %s; counting with tiktoken", self.backend.kind, what)
-        if isinstance(answer, int) and not isinstance(answer, bool) and answer >= 0:
-            return answer
-        self._tokenizer_usable = False  # none, failed, too slow or nonsense: not asked again
-        return None
+            self._tokenizer_usable = False
+            return None
+        if answer is None:
+            self._unanswerable.add(what)
+            return None
+        if not isinstance(answer, int) or isinstance(answer, bool) or answer < 0:
+            log.warning("backend %s answered %r to %s; counting with tiktoken", self.backend.kind, answer, what)
+            self._tokenizer_usable = False
+            return None
+        return answer
