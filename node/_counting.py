@@ -8,9 +8,10 @@ fails falls to the next, and the caller learns which source each count came from
 One :class:`CountingChain` serves one receipt. Once the backend's tokenizer has failed
 or timed out, the chain stops asking it (and a question it said it cannot answer is
 not asked again); all the tokenizer's calls for one receipt share one deadline
-(``budget`` seconds), so a frozen runtime delays a receipt by at most that much. tiktoken runs in a worker thread (counting is CPU-bound, and the
-first use of an encoding loads it); if it raises, the estimate (one token per four
-UTF-8 bytes) answers, and that never fails.
+(``budget`` seconds), so a frozen runtime delays a receipt by at most that much.
+tiktoken runs in a worker thread (counting is CPU-bound, and the first use of an
+encoding loads it); if it raises, the estimate (one token per four UTF-8 bytes)
+answers, and that never fails.
 """
 
 from __future__ import annotations

@@ -107,7 +107,8 @@ class InferenceServer:
         except LoomError as exc:
             self.refused += 1
             log.info("request from %s ended with %s", stream.remote_peer, exc)
-            await self._send_error(stream, conn, exc)
+            if not isinstance(exc, ClientGone):  # nobody is left to read it
+                await self._send_error(stream, conn, exc)
         except Exception:  # a bug must not kill the node, and the client deserves a code
             self.refused += 1
             log.exception("internal error serving %s", stream.remote_peer)
@@ -232,7 +233,8 @@ class InferenceServer:
             self._on_load_change()
         if failure is not None:
             raise await self._settle_failure(failure, output, book)
-        envelope, receipt_digest = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
+        finish_reason = str(finished.finish_reason)
+        envelope, receipt_digest = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
         await self._await_ack(stream, conn, receipt_digest)
@@ -250,7 +252,7 @@ class InferenceServer:
         if isinstance(failure, LoomError):
             error = failure
         else:  # a bug in an adapter: the log gets everything, the peer a code
-            log.error("the backend raised an unexpected error", exc_info=failure)
+            log.error("generation failed with an unexpected error", exc_info=failure)
             error = LoomError(f"internal error: {type(failure).__name__}", code=ErrorCode.INTERNAL)
         if not output.has_content:
             return error
