@@ -183,3 +183,33 @@ async def test_a_handler_cancelled_mid_generation_leaves_the_backend(tmp_path, c
         nursery.cancel_scope.cancel()
     assert backend.exited == 1 and harness.server.load == 0
     assert end.conn.state is StreamState.OPEN  # no terminal frame: the stream just ends
+
+
+@fail_after(30)
+async def test_a_client_leaving_a_silent_http_backend_closes_the_response(nursery, tmp_path):
+    # real time, the real Ollama adapter over real HTTP: the model sits silent before its
+    # first line; the client leaves; the executor leaves the adapter's stream, whose
+    # response is closed, and the slot is free at once
+    from loomnet.node.backends._config import BackendConfig
+    from loomnet.node.backends.ollama import OllamaBackend
+
+    from .asgi_server import serve_app
+    from .fake_ollama import FakeOllama
+
+    fake = FakeOllama()
+    fake.first_line_delay = 3600
+    url = await serve_app(nursery, fake)
+    async with OllamaBackend(BackendConfig(provider="ollama", endpoint=url, models=["llama3.2"])) as backend:
+        harness = await Harness.start(tmp_path, [backend], progress_interval=0.2)
+        async with trio.open_nursery() as inner:
+            end = await harness.open(inner, "llama3.2")
+            await end.read_answer(until=lambda a: len(a.chunks) == 2)
+            assert all(c.is_progress for c in end.answer.chunks) and harness.server.load == 1
+            left_at = trio.current_time()
+            await end.stream.reset()
+            with trio.fail_after(5):
+                while harness.server.load:
+                    await trio.sleep(0.01)
+            assert trio.current_time() - left_at < 1
+        await harness.aclose()
+    assert len(fake.chat_requests) == 1
