@@ -7,10 +7,19 @@ replay guard passes it (audience, age, nonce); the model is served; the advertis
 price is within the request's caps; a generation slot is free. Every refusal is an
 error frame with a stable code, never a bare reset.
 
-Then the backend streams; text is batched into chunk frames (a frame costs ~0.2 ms
-of CPU, so never one per token). At the end the executor counts tokens, signs a
+Then the backend streams (``_relay``): text and reasoning are batched into chunk
+frames (a frame costs ~0.2 ms of CPU, so never one per token), a progress chunk goes
+out whenever the backend has been silent for ``progress-interval`` seconds, and a
+client that leaves is noticed at once and stops the generation. The slot is freed as
+soon as the backend is done. Then the executor counts tokens (``_metering``: a
+counting step that fails falls back, so a receipt is never lost to a count), signs a
 receipt, writes it to its ledger *before* sending it, and waits briefly for the
-client's counter-signature, which it books too.
+client's counter-signature, which it books too. When the answer fails part-way, the
+receipt for what was sent rides on the error frame, and a failure to book it never
+replaces the original error.
+
+What a peer is told is loomnet's words only (``LoomError.peer_message``): library
+text, endpoints and configuration go to the operator's log, never into a frame.
 """
 
 from __future__ import annotations
@@ -18,17 +27,15 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from loomnet.client import Ledger, P2PStream, TokenCounter
 from loomnet.protocol import (
     NEED_DATA,
-    BackendError,
-    NetworkError,
     AckFrame,
-    ChunkFrame,
+    Envelope,
     ErrorCode,
     ErrorFrame,
     InferenceConnection,
@@ -51,14 +58,13 @@ from loomnet.protocol import (
 
 from ._catalog import Catalog, CatalogEntry
 from ._metering import Meter, Output
-from .backends._base import ChatParams, Finished, TextDelta
+from ._relay import ClientGone, relay_answer
+from .backends._base import ChatParams
 from .config import ExecutorConfig
 
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger("loomnet.server")
-
-_MAX_DELTAS_PER_CHUNK = 32
 
 
 class InferenceServer:
@@ -81,7 +87,7 @@ class InferenceServer:
         self.ledger = ledger
         self.tokens = tokens or TokenCounter()
         self.clock = clock
-        self.meter = Meter(key, ledger, self.tokens, clock=lambda: self.clock())
+        self.meter = Meter(key, ledger, self.tokens, clock=lambda: self.clock(), count_timeout=config.count_timeout)
         self.replay = ReplayGuard(key.peer_id, max_age=config.max_request_age, max_skew=config.max_clock_skew)
         self.slots = trio.CapacityLimiter(config.capacity)
         self._on_load_change = on_load_change
@@ -101,7 +107,8 @@ class InferenceServer:
         except LoomError as exc:
             self.refused += 1
             log.info("request from %s ended with %s", stream.remote_peer, exc)
-            await self._send_error(stream, conn, exc)
+            if not isinstance(exc, ClientGone):  # nobody is left to read it
+                await self._send_error(stream, conn, exc)
         except Exception:  # a bug must not kill the node, and the client deserves a code
             self.refused += 1
             log.exception("internal error serving %s", stream.remote_peer)
@@ -201,70 +208,64 @@ class InferenceServer:
         book = functools.partial(
             self.meter.book, request_payload=request_payload, client=stream.remote_peer, entry=entry, params=params
         )
-        # A slot is held while the backend generates, not while the receipt is settled:
-        # a client's next request must not be refused because its last ack is in flight.
+        # A slot is held while the backend generates, not while the receipt is counted and
+        # settled: a client's next request must not be refused because its last ack is in flight.
         try:
             self.slots.acquire_on_behalf_of_nowait(conn)
         except trio.WouldBlock:
             raise RequestRejected("all generation slots are busy", code=ErrorCode.OVER_CAPACITY, retryable=True) from None
         self._on_load_change()
+        failure: Exception | None = None
         try:
-            finished = await self._generate(stream, conn, entry, params, output)
-        except BackendError as exc:
-            if output.chunks:  # the client got part of an answer: bill exactly that, and say so
-                exc.receipt, _ = await book(output=output, finish_reason="error", usage=None)
-                self.served += 1
-            raise
-        except NetworkError:
-            if output.chunks:  # the client left mid-stream: book what it was sent
-                await book(output=output, finish_reason="client_gone", usage=None)
-            raise
+            finished = await relay_answer(
+                stream,
+                conn,
+                functools.partial(entry.backend.stream_chat, params),
+                output,
+                chunk_interval=self.config.chunk_interval,
+                progress_interval=self.config.progress_interval,
+                send_timeout=self.config.ack_timeout,
+            )
+        except Exception as exc:  # settled below, once the slot is free
+            failure = exc
         finally:
             self.slots.release_on_behalf_of(conn)
             self._on_load_change()
-        envelope, receipt_digest = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
+        if failure is not None:
+            raise await self._settle_failure(failure, output, book)
+        finish_reason = str(finished.finish_reason)
+        envelope, receipt_digest = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
         await self._await_ack(stream, conn, receipt_digest)
 
-    async def _generate(
-        self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, params: ChatParams, output: Output
-    ) -> Finished:
-        """Run the backend, batching text into chunk frames; returns its Finished event."""
-        pending: list[str] = []
-        finished: Finished | None = None
-        timeout = self.config.ack_timeout
+    async def _settle_failure(
+        self, failure: Exception, output: Output, book: Callable[..., Awaitable[tuple[Envelope, bytes]]]
+    ) -> LoomError:
+        """Book a receipt for what the client was sent before ``failure``; returns the error
+        to answer with (the original one: an error while booking is only logged).
 
-        async def flush(tool_calls: list | None = None) -> None:
-            text = "".join(pending)
-            pending.clear()
-            if text or tool_calls:
-                frame = ChunkFrame(seq=len(output.chunks), text=text, tool_calls=tool_calls or [])
-                await stream.send_all(conn.send(frame), timeout=timeout)
-                output.chunks.append(text)
-                output.tool_calls.extend(tool_calls or [])
-
-        last_flush = trio.current_time()
+        Only content is billed: a stream that carried progress chunks alone gets no receipt.
+        The receipt of a client that left is booked on this side only ("client_gone");
+        otherwise it rides on the error frame ("error").
+        """
+        if isinstance(failure, LoomError):
+            error = failure
+        else:  # a bug in an adapter: the log gets everything, the peer a code
+            log.error("generation failed with an unexpected error", exc_info=failure)
+            error = LoomError(f"internal error: {type(failure).__name__}", code=ErrorCode.INTERNAL)
+        if not output.has_content:
+            return error
+        gone = isinstance(failure, ClientGone)
         try:
-            async with entry.backend.stream_chat(params) as events:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        pending.append(event.text)
-                        if (
-                            trio.current_time() - last_flush >= self.config.chunk_interval
-                            or len(pending) >= _MAX_DELTAS_PER_CHUNK
-                        ):
-                            await flush()
-                            last_flush = trio.current_time()
-                    elif isinstance(event, Finished):
-                        finished = event
-        except BackendError:
-            await flush()  # what the backend produced before failing still goes out, and is billed
-            raise
-        if finished is None:  # pragma: no cover - backends always finish or raise
-            raise BackendError("backend ended without finishing", code=ErrorCode.BACKEND_ERROR)
-        await flush(list(finished.tool_calls))
-        return finished
+            envelope, _ = await book(output=output, finish_reason="client_gone" if gone else "error", usage=None)
+        except Exception:  # noqa: BLE001 - never replace the original error
+            log.exception("could not book the partial receipt after %s", error)
+            return error
+        self.served += 1
+        if not gone:
+            error.receipt = envelope  # type: ignore[attr-defined]  # _send_error sends it
+        return error
 
     async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> None:
         """Book the client's counter-signature if it comes soon; it is optional."""

@@ -82,6 +82,12 @@ class ExecutorConfig(_Config):
     ack_timeout: float = 5.0
     #: stream chunks are flushed at least this often (seconds) while tokens flow
     chunk_interval: float = 0.05
+    #: seconds without any chunk after which a progress chunk goes out while the backend
+    #: is silent (thinking, reading a long prompt); well under a client's idle deadline (30 s)
+    progress_interval: float = 3.0
+    #: seconds a backend's tokenizer may take, in all, to count one receipt; after that
+    #: (or when it fails) the executor counts with tiktoken, then estimates
+    count_timeout: float = 5.0
     #: seconds between health probes of every backend (a failing one leaves the advert)
     health_interval: float = 15.0
     #: what the executor keeps of prompts, stated in the advert
@@ -101,6 +107,9 @@ class ExecutorConfig(_Config):
         for name in (
             "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval", "health_interval"
         ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        for name in ("progress_interval", "count_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.advert_ttl < self.advert_interval:

@@ -48,7 +48,10 @@ async def test_capacity_load_adverts_and_walking_away(executor, client):
     # we walked away mid-stream: the executor stops generating and frees the slot soon,
     # and books a receipt for exactly what it had sent us
     await wait_until(lambda: executor.server.load == 0, timeout=10)
-    receipts = [msgspec.msgpack.decode(e.receipt_payload, type=Receipt) for e in await executor.server.ledger.entries()]
+    with trio.fail_after(10):  # the slot is freed first, then the receipt is counted and booked
+        while not (entries := await executor.server.ledger.entries()):
+            await trio.sleep(0.02)
+    receipts = [msgspec.msgpack.decode(e.receipt_payload, type=Receipt) for e in entries]
     [gone] = [r for r in receipts if r.finish_reason == "client_gone"]
     assert gone.chunks >= 1 and gone.output_tokens >= 1 and gone.client == client.peer_id
     await wait_until(lambda: client.member.table.advert_of(executor.peer_id, now=time.time()).load == 0)
