@@ -200,13 +200,14 @@ class ChatStream:
         data = self._conn.send(RequestFrame(envelope))
         opener = self._opener or self._client.member.node
         self._stream = await opener.open_stream(
-            self.offer.executor,
-            INFER_PROTOCOL,
-            addrs=self.offer.advert.addrs,
-            timeout=min(cfg.connect_timeout, self._total_deadline - trio.current_time()),
+            self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=self._left(cfg.connect_timeout)
         )
-        await self._stream.send_all(data, timeout=min(cfg.idle_timeout, self._total_deadline - trio.current_time()))
+        await self._stream.send_all(data, timeout=self._left(cfg.idle_timeout))
         self._first_byte_deadline = trio.current_time() + cfg.first_byte_timeout
+
+    def _left(self, limit: float) -> float:
+        """``limit`` seconds, or what is left of the total deadline if that is less."""
+        return max(0.0, min(limit, self._total_deadline - trio.current_time()))
 
     async def _next_frame(self) -> StreamFrame | EndOfStream:
         """The next complete frame, under one deadline (see the module doc)."""

@@ -337,3 +337,26 @@ async def test_time_the_caller_spends_between_deltas_is_not_the_executors(client
             await events.aclose()
             await stream.aclose()
             nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def out_of_time(tmp_path):
+    """A client whose total deadline passes at once. (Its ledger closes here, outside the
+    test's clock limit: an autojump clock reads a worker thread as everyone asleep.)"""
+    client = await make_client(tmp_path, total_timeout=0.0)
+    try:
+        yield client
+    finally:
+        await client.ledger.aclose()
+
+
+@fail_after(100_000)
+async def test_the_total_deadline_bounds_the_whole_request(out_of_time, autojump_clock):
+    stream = chat_stream(out_of_time, FakeExecutor())
+    try:
+        with pytest.raises(NetworkTimeout, match="deadline"):
+            await stream.open()
+            async for _ in stream.events():
+                pass
+    finally:
+        await stream.aclose()
