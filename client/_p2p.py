@@ -17,33 +17,44 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - F. Shutdown under a shield, closing the host *inside* ``host.run()`` and
   stopping pubsub's sweeper thread; otherwise dialed sockets leak.
 - H. The logging fix right after the imports. (G, EOF vs crash, is protocol/'s job.)
+- I. Inbound-connection slots given back when the connection closes (libp2p keeps
+  each until the swarm stops: after 250 connections every new one was refused),
+  and limits per peer on live connections, streams and unread bytes instead
+  (``_p2p_guard``; yamux only). The auto-connector redials bootstrap peers only,
+  not every client that ever connected. Trap and numbers: ``docs/network.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 from libp2p import new_host
+from libp2p.abc import IMuxedConn
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.network import auto_connector
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
+from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, LoomError, NetworkError
 
+from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
@@ -80,6 +91,16 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     remote = net_stream.muxed_conn.peer_id.to_base58()  # authenticated by Noise
     protocol = str(net_stream.get_protocol())
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
+
+
+def _well_formed(addrs: Sequence[str]) -> list[str]:
+    """The addresses that parse as ``.../p2p/<peer id>``; connect() reports the others."""
+    good = []
+    for addr in addrs:
+        with contextlib.suppress(Exception):
+            info_from_p2p_addr(Multiaddr(addr))
+            good.append(addr)
+    return good
 
 
 class _Pubsub(Pubsub):
@@ -123,11 +144,23 @@ class P2PNode:
             self._listen = [Multiaddr(a) for a in config.listen]
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
+        self._guard = guard = PeerGuard(config)
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
-            connection_config=ConnectionConfig(max_connections_per_peer=1),  # trap A
+            # trap I: only yamux (mplex's buffers are unbounded), with bounded buffers and streams
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): guarded_muxer(Yamux, guard)},
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1,  # trap A (for our dials; inbound: the guard)
+                max_connections=config.max_connections,
+                min_connections=0,  # no reserved slots: all of max_connections may be inbound
+                low_watermark=0,
+                high_watermark=config.max_connections,
+            ),
         )
+        swarm = self._host.get_network()
+        guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
+        redial_only(swarm, {info_from_p2p_addr(Multiaddr(a)).peer_id for a in _well_formed(config.bootstrap)})
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
@@ -139,8 +172,22 @@ class P2PNode:
         names = ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted")
         self._counts = dict.fromkeys((*names, "handler_errors"), 0)
 
-    def set_stream_handler(self, protocol: str, handler: Callable[[P2PStream], Awaitable[None]]) -> None:
+    def set_stream_handler(
+        self,
+        protocol: str,
+        handler: Callable[[P2PStream], Awaitable[None]],
+        *,
+        max_streams_per_peer: int | None = None,
+        refuse: Callable[[P2PStream], Awaitable[None]] | None = None,
+    ) -> None:
         """Serve ``protocol`` with ``handler``, one task per inbound stream.
+
+        Args:
+            max_streams_per_peer: streams one peer may have in ``handler`` at once
+                (default: the config's ``max_streams_per_peer``). Past it a stream
+                is refused: ``refuse(stream)`` may tell the peer why (it gets
+                ``_CLEANUP_TIMEOUT`` seconds), then the stream is closed; counted
+                in ``statistics().streams_refused``.
 
         Error handling: an exception from ``handler`` is logged to ``loomnet.p2p``,
         counted, and resets the stream; it never reaches libp2p, where it would
@@ -150,22 +197,9 @@ class P2PNode:
         handlers need not (trap C).
         """
 
-        async def guarded(net_stream: Any) -> None:
-            self._counts["streams_accepted"] += 1
-            try:
-                stream = _wrap_stream(net_stream)
-            except Exception:  # noqa: BLE001 - a stream torn down before we saw it
-                await _bounded_cleanup(net_stream.reset)
-                return
-            try:
-                await handler(stream)
-            except Exception:  # noqa: BLE001 - trap B: never let it escape
-                self._counts["handler_errors"] += 1
-                logger.exception("handler for %s from %s failed", protocol, stream.remote_peer)
-                await stream.reset()
-            finally:
-                await stream.close()
-
+        guarded = self._guard.guarded_handler(
+            protocol, handler, wrap=_wrap_stream, counts=self._counts, limit=max_streams_per_peer, refuse=refuse
+        )
         self._host.set_stream_handler(TProtocol(protocol), guarded)
 
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
@@ -291,13 +325,26 @@ class P2PNode:
         self._counts["streams_opened"] += 1
         return _wrap_stream(net_stream)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``; never raises, bounded in time."""
+        with contextlib.suppress(LoomError), _map_libp2p_errors(f"disconnect {peer_id}"):
+            await _bounded_cleanup(functools.partial(self._host.disconnect, ID.from_base58(peer_id)))
+
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection (a crashed peer may linger briefly)."""
         return [p.to_base58() for p in self._host.get_connected_peers()]
 
     def statistics(self) -> P2PStatistics:
-        """A frozen snapshot of this node's counters."""
-        return P2PStatistics(connected_peers=len(self._host.get_connected_peers()), **self._counts)
+        """A frozen snapshot of this node's counters and of what peers hold now."""
+        guard = self._guard
+        return P2PStatistics(
+            connected_peers=len(self._host.get_connected_peers()),
+            connections_inbound=guard.connections_inbound,
+            streams_inbound=guard.streams_inbound,
+            unread_bytes=guard.unread_bytes(),
+            **self._counts,
+            **guard.counts,
+        )
 
     def _timeout(self, timeout: float | None) -> float:
         return self._config.dial_timeout if timeout is None else timeout
