@@ -54,7 +54,7 @@ from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, LoomError, NetworkError
 
-from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only
+from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
@@ -145,11 +145,11 @@ class P2PNode:
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
+        muxer = guarded_muxer(Yamux, guard)  # trap I: bounded buffers and streams
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
-            # trap I: only yamux (mplex's buffers are unbounded), with bounded buffers and streams
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): guarded_muxer(Yamux, guard)},
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer},  # no mplex: its buffers are unbounded
             connection_config=ConnectionConfig(
                 max_connections_per_peer=1,  # trap A (for our dials; inbound: the guard)
                 max_connections=config.max_connections,
@@ -159,6 +159,7 @@ class P2PNode:
             ),
         )
         swarm = self._host.get_network()
+        use_muxer(swarm, muxer)
         guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
         redial_only(swarm, {info_from_p2p_addr(Multiaddr(a)).peer_id for a in _well_formed(config.bootstrap)})
         self.peer_id: str = self._host.get_id().to_base58()

@@ -31,7 +31,7 @@ import trio
 
 from ._p2p_types import _CLEANUP_TIMEOUT, _YAMUX_WINDOW, P2PConfig, _bounded_cleanup
 
-__all__ = ["Flooded", "PeerGuard", "guarded_muxer", "guard_inbound", "redial_only"]
+__all__ = ["Flooded", "PeerGuard", "guard_inbound", "guarded_muxer", "redial_only", "use_muxer"]
 
 logger = logging.getLogger("loomnet.p2p")
 
@@ -222,6 +222,23 @@ def guarded_muxer(base: type, guard: PeerGuard) -> type:
             return await super()._read_data_body(length)
 
     return GuardedYamux
+
+
+def use_muxer(swarm: Any, muxer: type) -> None:
+    """Build every connection's muxer from ``muxer``.
+
+    Needed because libp2p's ``MuxerMultistream.new_conn`` ignores the class it was
+    configured with when yamux is negotiated and builds a plain ``Yamux``; the
+    configured class is used for every other muxer. ``muxer`` is built as libp2p
+    builds ``Yamux``: ``muxer(secured_conn, peer_id, is_initiator=...)``.
+    """
+    multistream = swarm.upgrader.muxer_multistream
+
+    async def new_conn(conn: Any, peer_id: Any) -> Any:
+        protocol, _ = await multistream._selector.select(conn, conn.is_initiator, multistream.negotiate_timeout)
+        return multistream._annotate_connection(muxer(conn, peer_id, is_initiator=conn.is_initiator), conn, protocol)
+
+    multistream.new_conn = new_conn
 
 
 async def _wait_closed(swarm: Any, muxed_conn: Any) -> None:
