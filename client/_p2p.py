@@ -54,6 +54,7 @@ from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, LoomError, NetworkError
 
+from ._p2p_gossip import delivering_pubsub, topic_peer_count, wait_for_queue_room
 from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
@@ -82,8 +83,6 @@ logger = logging.getLogger("loomnet.p2p")
 #: Largest gossip payload that still fits libp2p's 1 MiB RPC limit with its envelope.
 MAX_GOSSIP_BYTES = 1_000_000
 _SHUTDOWN_TIMEOUT = 3.0  # s; after stop(), libp2p's own shutdown is cut short
-_QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
-_PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
 _EOF_ERRORS = (StreamEOF, StreamReset, MuxedStreamEOF, MuxedStreamReset)
 
 
@@ -93,40 +92,13 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
-def _well_formed(addrs: Sequence[str]) -> list[str]:
-    """The addresses that parse as ``.../p2p/<peer id>``; connect() reports the others."""
-    good = []
+def _peer_ids(addrs: Sequence[str]) -> set[Any]:
+    """libp2p ids of the addresses that parse; connect() reports the others."""
+    ids = set()
     for addr in addrs:
         with contextlib.suppress(Exception):
-            info_from_p2p_addr(Multiaddr(addr))
-            good.append(addr)
-    return good
-
-
-class _Pubsub(Pubsub):
-    """Pubsub that hands each accepted message straight to ``deliver``.
-
-    libp2p's subscription channel holds 32 and drops the rest with only a warning;
-    skipping it leaves one drop point, ours, which counts (and no drain task).
-    """
-
-    deliver: Callable[[str, Any], None]
-
-    def notify_subscriptions(self, publish_message: Any) -> None:
-        for topic in publish_message.topicIDs:
-            if topic in self.topic_ids:
-                self.deliver(topic, publish_message)
-
-    async def stream_handler(self, stream: Any) -> None:
-        # Shutdown race: a message arriving while pubsub stops makes libp2p schedule work
-        # on pubsub's closed nursery; the RuntimeError would fail host.run(). Drop it.
-        try:
-            await super().stream_handler(stream)
-        except RuntimeError as exc:
-            if "closed to new arrivals" not in str(exc):
-                raise
-            with contextlib.suppress(Exception):
-                await stream.reset()
+            ids.add(info_from_p2p_addr(Multiaddr(addr)).peer_id)
+    return ids
 
 
 class P2PNode:
@@ -150,18 +122,17 @@ class P2PNode:
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
             muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer},  # no mplex: its buffers are unbounded
+            # trap A: one connection per peer for our dials (inbound: the guard's limit);
+            # no reserved slots (min_connections): all of max_connections may be inbound
             connection_config=ConnectionConfig(
-                max_connections_per_peer=1,  # trap A (for our dials; inbound: the guard)
-                max_connections=config.max_connections,
-                min_connections=0,  # no reserved slots: all of max_connections may be inbound
-                low_watermark=0,
-                high_watermark=config.max_connections,
+                max_connections_per_peer=1, max_connections=config.max_connections, min_connections=0,
+                low_watermark=0, high_watermark=config.max_connections,
             ),
         )
         swarm = self._host.get_network()
         use_muxer(swarm, muxer)
         guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
-        redial_only(swarm, {info_from_p2p_addr(Multiaddr(a)).peer_id for a in _well_formed(config.bootstrap)})
+        redial_only(swarm, _peer_ids(config.bootstrap))
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
@@ -197,7 +168,6 @@ class P2PNode:
         Resource handling: the stream is closed after ``handler`` returns, so
         handlers need not (trap C).
         """
-
         guarded = self._guard.guarded_handler(
             protocol, handler, wrap=_wrap_stream, counts=self._counts, limit=max_streams_per_peer, refuse=refuse
         )
@@ -236,12 +206,7 @@ class P2PNode:
             raise FrameError(message, code=ErrorCode.FRAME_TOO_LARGE)
         if (pubsub := self._pubsub) is None:
             raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
-        # libp2p's per-peer outbound queue holds 32 RPCs and publish() never waits
-        # for it: 40 back-to-back publishes arrived as 32. Wait (bounded, so one
-        # stuck peer cannot stall us) until every queue has room.
-        with trio.move_on_after(_PUBLISH_BACKPRESSURE):
-            while any(len(q) >= _QUEUE_ROOM for q in list(pubsub.peer_queues.values())):
-                await trio.sleep(0.002)
+        await wait_for_queue_room(pubsub)
         with _map_libp2p_errors(f"publish on {topic!r}", ErrorCode.STREAM_FAILED):
             await pubsub.publish(topic, bytes(data))
 
@@ -264,15 +229,8 @@ class P2PNode:
             NetworkTimeout: fewer than ``n`` peers after ``timeout`` seconds.
         """
         with _map_libp2p_errors(f"wait for {n} peers on {topic!r}"), trio.fail_after(timeout):
-            while self._topic_peer_count(topic) < n:
+            while topic_peer_count(self._pubsub, topic) < n:
                 await trio.sleep(0.05)
-
-    def _topic_peer_count(self, topic: str) -> int:
-        if self._pubsub is None:
-            return 0
-        if topic in self._pubsub.topic_ids:
-            return len(self._pubsub.router.mesh.get(topic, ()))
-        return len(self._pubsub.peer_topics.get(topic, ()))
 
     def _deliver(self, topic: str, msg: Any) -> None:
         # Called synchronously by libp2p for each accepted message; never blocks.
@@ -337,15 +295,8 @@ class P2PNode:
 
     def statistics(self) -> P2PStatistics:
         """A frozen snapshot of this node's counters and of what peers hold now."""
-        guard = self._guard
-        return P2PStatistics(
-            connected_peers=len(self._host.get_connected_peers()),
-            connections_inbound=guard.connections_inbound,
-            streams_inbound=guard.streams_inbound,
-            unread_bytes=guard.unread_bytes(),
-            **self._counts,
-            **guard.counts,
-        )
+        connected = len(self._host.get_connected_peers())
+        return P2PStatistics(connected_peers=connected, **self._counts, **self._guard.statistics())
 
     def _timeout(self, timeout: float | None) -> float:
         return self._config.dial_timeout if timeout is None else timeout
@@ -409,7 +360,7 @@ class P2PNode:
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
-        pubsub = _Pubsub(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        pubsub = delivering_pubsub(Pubsub)(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
         pubsub.deliver = self._deliver
         for topic, validator in self._validators.items():
             pubsub.set_topic_validator(topic, validator, is_async_validator=False)

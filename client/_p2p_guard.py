@@ -191,6 +191,11 @@ class PeerGuard:
             logger.warning("peer %s sent more than we buffer (%d bytes unread); closing its connection", peer, unread)
             raise Flooded
 
+    def statistics(self) -> dict[str, int]:
+        """The counters, and what peers hold now (for ``P2PStatistics``)."""
+        now = {"connections_inbound": self.connections_inbound, "streams_inbound": self.streams_inbound}
+        return {**self.counts, **now, "unread_bytes": self.unread_bytes()}
+
     def unread_bytes(self) -> int:
         """Bytes received on every live connection and not read yet."""
         return sum(_unread(m) for m in list(self._muxers))
