@@ -38,7 +38,7 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     gossip_queue: int = 256  # received gossip buffered for gossip_messages()
     # Limits on what peers may hold of ours (docs/network.md). Connections and
     # streams are counted while live; a closed one frees its place at once.
-    max_connections: int = 1024  # live connections, inbound and outbound together
+    max_connections: int = 1000  # live connections, inbound and outbound (libp2p's resource manager allows 1000)
     max_connections_per_peer: int = 8  # live inbound connections from one peer
     max_streams_per_connection: int = 64  # inbound streams open at once on one connection
     max_streams_per_peer: int = 32  # streams one peer has open at once on one of our protocols

@@ -110,7 +110,10 @@ class Executor:
                 self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke()
             )
             member.node.set_stream_handler(
-                INFER_PROTOCOL, server.handle, max_streams_per_peer=cfg.max_streams_per_peer, refuse=server.intake.refuse_stream
+                INFER_PROTOCOL,
+                server.handle,
+                max_streams_per_peer=cfg.max_streams_per_peer,
+                refuse=server.intake.refuse_stream,  # PEER_LIMIT
             )
             async with trio.open_nursery() as nursery:
                 node_info = await nursery.start(member.run)

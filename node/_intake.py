@@ -137,7 +137,8 @@ class Intake:
     def statistics(self) -> IntakeStatistics:
         b = self.budget
         return IntakeStatistics(
-            buffered_bytes=b.held, buffered_peers=b.peers, peak_bytes=b.peak, peak_peer_bytes=b.peak_peer, **self._counts
+            buffered_bytes=b.held, buffered_peers=b.peers, peak_bytes=b.peak, peak_peer_bytes=b.peak_peer,
+            **self._counts,
         )
 
     async def read_request(self, stream: P2PStream, conn: InferenceConnection) -> object:

@@ -83,7 +83,7 @@ class ExecutorConfig(_Config):
     ack_timeout: float = 5.0
     #: live connections in total, and live inbound connections one peer may hold;
     #: a closed connection frees its place at once (docs/network.md)
-    max_connections: int = 1024
+    max_connections: int = 1000
     max_connections_per_peer: int = 8
     #: inference streams one peer may have open at once; more are refused with
     #: PEER_LIMIT (retryable)
