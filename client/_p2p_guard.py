@@ -15,6 +15,10 @@ a peer sends, flow control or not. ``_p2p`` hooks libp2p at three points and ask
 - yamux is about to read a DATA frame's body: :meth:`PeerGuard.check_unread`, which
   raises :class:`Flooded` to have yamux close the connection.
 
+Two more hooks make those possible or keep a node from wasting itself: ``use_muxer``
+(libp2p ignores the muxer class it is given for yamux) and ``redial_only`` (libp2p's
+auto-connector dials every peer it ever saw).
+
 ``_p2p`` hands in the libp2p classes these hooks need (the yamux base class, the
 raw-connection wrapper, ...), so this module stays free of libp2p imports.
 """
