@@ -8,8 +8,12 @@ connection closes; this test fails without it.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import trio
+
+from loomnet.client import P2PNode
 
 from .test_peer_limits import HI, honest_client, start_peers, wait_until
 
@@ -39,4 +43,10 @@ async def test_over_300_connections_come_and_go_and_the_executor_still_chats(nur
     assert result.receipt.output_tokens >= 1
     stats = executor.member.node.statistics()
     assert stats.connections_refused == 0  # 320 connections, none refused
-    await wait_until(lambda: executor.member.node.statistics().connections_inbound == 1)  # only the client
+    # Only the client is left. A dial racing a disconnect (libp2p's pubsub retries) can
+    # leave a churner with a connection its swarm no longer tracks, closed only by the
+    # garbage collector (a real client closes it by exiting): collect while waiting.
+    with trio.fail_after(20):
+        while executor.member.node.statistics().connections_inbound != 1:
+            gc.collect()
+            await trio.sleep(0.2)
