@@ -17,33 +17,49 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - F. Shutdown under a shield, closing the host *inside* ``host.run()`` and
   stopping pubsub's sweeper thread; otherwise dialed sockets leak.
 - H. The logging fix right after the imports. (G, EOF vs crash, is protocol/'s job.)
+- I. Inbound-connection slots given back when the connection closes (libp2p keeps
+  each until the swarm stops: after 250 connections every new one was refused), and
+  limits per peer on live connections and streams instead (``_p2p_guard``).
+- J. Every connection's muxer built from our yamux class (libp2p ignores the class
+  it is given when yamux is negotiated); mplex is not offered.
+- K. A bound on bytes a peer sent that nobody read yet: yamux buffers past the
+  flow-control window with only a warning.
+- L. The auto-connector redials bootstrap peers only, not every peer ever seen.
+  I to L, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
 from libp2p import new_host
+from libp2p.abc import IMuxedConn
 from libp2p.crypto.ed25519 import Ed25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.network import auto_connector
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
+from ._p2p_gossip import delivering_pubsub, topic_peer_count, wait_for_queue_room
+from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
@@ -71,8 +87,6 @@ logger = logging.getLogger("loomnet.p2p")
 #: Largest gossip payload that still fits libp2p's 1 MiB RPC limit with its envelope.
 MAX_GOSSIP_BYTES = 1_000_000
 _SHUTDOWN_TIMEOUT = 3.0  # s; after stop(), libp2p's own shutdown is cut short
-_QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
-_PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
 _EOF_ERRORS = (StreamEOF, StreamReset, MuxedStreamEOF, MuxedStreamReset)
 
 
@@ -82,30 +96,13 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
-class _Pubsub(Pubsub):
-    """Pubsub that hands each accepted message straight to ``deliver``.
-
-    libp2p's subscription channel holds 32 and drops the rest with only a warning;
-    skipping it leaves one drop point, ours, which counts (and no drain task).
-    """
-
-    deliver: Callable[[str, Any], None]
-
-    def notify_subscriptions(self, publish_message: Any) -> None:
-        for topic in publish_message.topicIDs:
-            if topic in self.topic_ids:
-                self.deliver(topic, publish_message)
-
-    async def stream_handler(self, stream: Any) -> None:
-        # Shutdown race: a message arriving while pubsub stops makes libp2p schedule work
-        # on pubsub's closed nursery; the RuntimeError would fail host.run(). Drop it.
-        try:
-            await super().stream_handler(stream)
-        except RuntimeError as exc:
-            if "closed to new arrivals" not in str(exc):
-                raise
-            with contextlib.suppress(Exception):
-                await stream.reset()
+def _peer_ids(addrs: Sequence[str]) -> set[Any]:
+    """libp2p ids of the addresses that parse; connect() reports the others."""
+    ids = set()
+    for addr in addrs:
+        with contextlib.suppress(Exception):
+            ids.add(info_from_p2p_addr(Multiaddr(addr)).peer_id)
+    return ids
 
 
 class P2PNode:
@@ -123,24 +120,48 @@ class P2PNode:
             self._listen = [Multiaddr(a) for a in config.listen]
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
+        self._guard = guard = PeerGuard(config)
+        muxer = guarded_muxer(Yamux, guard)  # traps J, K: bounded buffers and streams
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
-            connection_config=ConnectionConfig(max_connections_per_peer=1),  # trap A
+            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer},  # no mplex: its buffers are unbounded
+            # trap A for our dials (inbound per peer: the guard); no slots reserved for dials
+            connection_config=ConnectionConfig(
+                max_connections_per_peer=1, max_connections=config.max_connections, min_connections=0,
+                low_watermark=0, high_watermark=config.max_connections,
+            ),
         )
+        swarm = self._host.get_network()
+        use_muxer(swarm, muxer)  # trap J; then I (inbound slots, per-peer connections), L
+        guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
+        redial_only(swarm, _peer_ids(config.bootstrap))  # trap L
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
-        channel = trio.open_memory_channel[GossipMessage](config.gossip_queue)
-        self._gossip_send, self._gossip_recv = channel
+        self._gossip_send, self._gossip_recv = trio.open_memory_channel[GossipMessage](config.gossip_queue)
         self._stop_requested = trio.Event()
         self._shield: trio.CancelScope | None = None  # set by run(); see there
         self._startup: trio.CancelScope | None = None  # the bootstrap dials
-        names = ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted")
-        self._counts = dict.fromkeys((*names, "handler_errors"), 0)
+        names = ("gossip_received", "gossip_dropped", "streams_opened", "streams_accepted", "handler_errors")
+        self._counts = dict.fromkeys(names, 0)
 
-    def set_stream_handler(self, protocol: str, handler: Callable[[P2PStream], Awaitable[None]]) -> None:
+    def set_stream_handler(
+        self,
+        protocol: str,
+        handler: Callable[[P2PStream], Awaitable[None]],
+        *,
+        max_streams_per_peer: int | None = None,
+        refuse: Callable[[P2PStream], Awaitable[None]] | None = None,
+    ) -> None:
         """Serve ``protocol`` with ``handler``, one task per inbound stream.
+
+        Args:
+            max_streams_per_peer: streams one peer may have in ``handler`` at once
+                (default: the config's ``max_streams_per_peer``). Past it a stream
+                is refused: ``refuse(stream)`` may tell the peer why (it gets
+                ``_CLEANUP_TIMEOUT`` seconds), then the stream is closed; counted
+                in ``statistics().streams_refused``.
 
         Error handling: an exception from ``handler`` is logged to ``loomnet.p2p``,
         counted, and resets the stream; it never reaches libp2p, where it would
@@ -149,23 +170,9 @@ class P2PNode:
         Resource handling: the stream is closed after ``handler`` returns, so
         handlers need not (trap C).
         """
-
-        async def guarded(net_stream: Any) -> None:
-            self._counts["streams_accepted"] += 1
-            try:
-                stream = _wrap_stream(net_stream)
-            except Exception:  # noqa: BLE001 - a stream torn down before we saw it
-                await _bounded_cleanup(net_stream.reset)
-                return
-            try:
-                await handler(stream)
-            except Exception:  # noqa: BLE001 - trap B: never let it escape
-                self._counts["handler_errors"] += 1
-                logger.exception("handler for %s from %s failed", protocol, stream.remote_peer)
-                await stream.reset()
-            finally:
-                await stream.close()
-
+        guarded = self._guard.guarded_handler(
+            protocol, handler, wrap=_wrap_stream, counts=self._counts, limit=max_streams_per_peer, refuse=refuse
+        )
         self._host.set_stream_handler(TProtocol(protocol), guarded)
 
     def set_topic_validator(self, topic: str, validator: Callable[[str, bytes], bool]) -> None:
@@ -201,12 +208,7 @@ class P2PNode:
             raise FrameError(message, code=ErrorCode.FRAME_TOO_LARGE)
         if (pubsub := self._pubsub) is None:
             raise NetworkError("the node is not running", code=ErrorCode.STREAM_FAILED)
-        # libp2p's per-peer outbound queue holds 32 RPCs and publish() never waits
-        # for it: 40 back-to-back publishes arrived as 32. Wait (bounded, so one
-        # stuck peer cannot stall us) until every queue has room.
-        with trio.move_on_after(_PUBLISH_BACKPRESSURE):
-            while any(len(q) >= _QUEUE_ROOM for q in list(pubsub.peer_queues.values())):
-                await trio.sleep(0.002)
+        await wait_for_queue_room(pubsub)
         with _map_libp2p_errors(f"publish on {topic!r}", ErrorCode.STREAM_FAILED):
             await pubsub.publish(topic, bytes(data))
 
@@ -229,15 +231,8 @@ class P2PNode:
             NetworkTimeout: fewer than ``n`` peers after ``timeout`` seconds.
         """
         with _map_libp2p_errors(f"wait for {n} peers on {topic!r}"), trio.fail_after(timeout):
-            while self._topic_peer_count(topic) < n:
+            while topic_peer_count(self._pubsub, topic) < n:
                 await trio.sleep(0.05)
-
-    def _topic_peer_count(self, topic: str) -> int:
-        if self._pubsub is None:
-            return 0
-        if topic in self._pubsub.topic_ids:
-            return len(self._pubsub.router.mesh.get(topic, ()))
-        return len(self._pubsub.peer_topics.get(topic, ()))
 
     def _deliver(self, topic: str, msg: Any) -> None:
         # Called synchronously by libp2p for each accepted message; never blocks.
@@ -291,13 +286,19 @@ class P2PNode:
         self._counts["streams_opened"] += 1
         return _wrap_stream(net_stream)
 
+    async def disconnect(self, peer_id: str) -> None:
+        """Close every connection to ``peer_id``; never raises, bounded in time."""
+        with contextlib.suppress(Exception):  # a malformed id is not connected either
+            await _bounded_cleanup(functools.partial(self._host.disconnect, ID.from_base58(peer_id)))
+
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection (a crashed peer may linger briefly)."""
         return [p.to_base58() for p in self._host.get_connected_peers()]
 
     def statistics(self) -> P2PStatistics:
-        """A frozen snapshot of this node's counters."""
-        return P2PStatistics(connected_peers=len(self._host.get_connected_peers()), **self._counts)
+        """A frozen snapshot of this node's counters and of what peers hold now."""
+        connected = len(self._host.get_connected_peers())
+        return P2PStatistics(connected_peers=connected, **self._counts, **self._guard.statistics())
 
     def _timeout(self, timeout: float | None) -> float:
         return self._config.dial_timeout if timeout is None else timeout
@@ -361,7 +362,7 @@ class P2PNode:
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
-        pubsub = _Pubsub(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        pubsub = delivering_pubsub(Pubsub)(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
         pubsub.deliver = self._deliver
         for topic, validator in self._validators.items():
             pubsub.set_topic_validator(topic, validator, is_async_validator=False)

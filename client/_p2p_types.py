@@ -24,6 +24,7 @@ __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PStatistics", "P2PStream
 logger = logging.getLogger("loomnet.p2p")
 
 _CLEANUP_TIMEOUT = 2.0  # s; bounds each stream close/reset and the host close
+_YAMUX_WINDOW = 256 * 1024  # bytes; yamux's initial receive window per stream
 
 
 class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -35,6 +36,26 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     dial_timeout: float = 5.0  # connect + stream open, when a call gives no timeout
     gossip_heartbeat: float = 1.0  # mesh maintenance period (libp2p's default is 120 s)
     gossip_queue: int = 256  # received gossip buffered for gossip_messages()
+    # Limits on what peers may hold of ours (docs/network.md). Connections and
+    # streams are counted while live; a closed one frees its place at once.
+    max_connections: int = 1000  # live connections, inbound and outbound (libp2p's resource manager allows 1000)
+    max_connections_per_peer: int = 8  # live inbound connections from one peer
+    max_streams_per_connection: int = 64  # inbound streams open at once on one connection
+    max_streams_per_peer: int = 32  # streams one peer has open at once on one of our protocols
+    max_unread_bytes_per_connection: int = 8 << 20  # bytes a peer sent that we have not read yet
+    max_unread_bytes: int = 128 << 20  # the same, all connections together
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_connections", "max_connections_per_peer", "max_streams_per_connection", "max_streams_per_peer"
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        # yamux lets an honest peer send one initial window (256 KiB) per stream unasked
+        if self.max_unread_bytes_per_connection < _YAMUX_WINDOW:
+            raise ValueError(f"max_unread_bytes_per_connection must be at least {_YAMUX_WINDOW} bytes")
+        if self.max_unread_bytes < self.max_unread_bytes_per_connection:
+            raise ValueError("max_unread_bytes must be at least max_unread_bytes_per_connection")
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -61,6 +82,18 @@ class P2PStatistics(msgspec.Struct, frozen=True):
     streams_opened: int
     streams_accepted: int
     handler_errors: int
+    #: inbound connections open now
+    connections_inbound: int = 0
+    #: inbound connections closed right after the handshake: the peer held its maximum
+    connections_refused: int = 0
+    #: connections closed because the peer sent more than we buffer unread
+    connections_flooded: int = 0
+    #: inbound streams on our protocols being handled now
+    streams_inbound: int = 0
+    #: inbound streams refused or reset: over a per-peer or per-connection stream limit
+    streams_refused: int = 0
+    #: bytes received from peers and not read yet, all connections together, now
+    unread_bytes: int = 0
 
 
 @contextlib.contextmanager

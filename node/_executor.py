@@ -96,13 +96,25 @@ class Executor:
             catalog = await Catalog.build(backends, cfg)
             member = self.member = Member(
                 self.key,
-                P2PConfig(listen=cfg.listen, bootstrap=cfg.bootstrap),
+                P2PConfig(
+                    listen=cfg.listen,
+                    bootstrap=cfg.bootstrap,
+                    max_connections=cfg.max_connections,
+                    max_connections_per_peer=cfg.max_connections_per_peer,
+                    max_unread_bytes_per_connection=cfg.max_unread_bytes_per_connection,
+                    max_unread_bytes=cfg.max_unread_bytes,
+                ),
                 own_advert=lambda: self.advertiser.current if self.advertiser else None,
             )
             server = self.server = InferenceServer(
                 self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke()
             )
-            member.node.set_stream_handler(INFER_PROTOCOL, server.handle)
+            member.node.set_stream_handler(
+                INFER_PROTOCOL,
+                server.handle,
+                max_streams_per_peer=cfg.max_streams_per_peer,
+                refuse=server.intake.refuse_stream,  # PEER_LIMIT
+            )
             async with trio.open_nursery() as nursery:
                 node_info = await nursery.start(member.run)
                 self.advertiser = Advertiser(

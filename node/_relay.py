@@ -37,7 +37,6 @@ from loomnet.client import P2PStream
 from loomnet.protocol import (
     BackendError,
     ChunkFrame,
-    ErrorCode,
     InferenceConnection,
     LoomError,
     NetworkError,

@@ -41,7 +41,6 @@ from loomnet.protocol import (
     InferenceConnection,
     InferenceRequest,
     LoomError,
-    NetworkTimeout,
     ReceiptAck,
     ReceiptFrame,
     RequestFrame,
@@ -57,6 +56,7 @@ from loomnet.protocol import (
 )
 
 from ._catalog import Catalog, CatalogEntry
+from ._intake import Intake, RequestBudget
 from ._metering import Meter, Output
 from ._relay import ClientGone, relay_answer
 from .backends._base import ChatParams
@@ -91,6 +91,8 @@ class InferenceServer:
         self.replay = ReplayGuard(key.peer_id, max_age=config.max_request_age, max_skew=config.max_clock_skew)
         self.slots = trio.CapacityLimiter(config.capacity)
         self._on_load_change = on_load_change
+        budget = RequestBudget(per_peer=config.max_request_bytes_per_peer, total=config.max_request_bytes)
+        self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
         self.served = 0
         self.refused = 0
 
@@ -122,10 +124,7 @@ class InferenceServer:
         return event
 
     async def _admit(self, stream: P2PStream, conn: InferenceConnection) -> tuple[bytes, InferenceRequest, CatalogEntry]:
-        try:
-            frame = await self._next_event(stream, conn, self.config.request_read_timeout)
-        except NetworkTimeout:
-            raise RequestRejected("no request arrived in time", code=ErrorCode.REQUEST_TIMEOUT) from None
+        frame = await self.intake.read_request(stream, conn)  # one deadline, a byte budget per peer
         if not isinstance(frame, RequestFrame):  # pragma: no cover - the state machine allows nothing else
             raise RequestRejected("expected a request frame", code=ErrorCode.UNEXPECTED_FRAME)
         request, signer = open_envelope(SignedKind.REQUEST, frame.envelope)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from loomnet.protocol import ConfigError, LoomError
+from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
@@ -77,9 +77,26 @@ class ExecutorConfig(_Config):
     #: seconds a signed request stays acceptable, and the clock skew tolerated
     max_request_age: float = 60.0
     max_clock_skew: float = 5.0
-    #: seconds to wait for a client's request frame and for its counter-signature
+    #: seconds to wait for a client's request frame and for its counter-signature;
+    #: the request's is one deadline for the whole frame, however slowly it drips
     request_read_timeout: float = 10.0
     ack_timeout: float = 5.0
+    #: live connections in total, and live inbound connections one peer may hold;
+    #: a closed connection frees its place at once (docs/network.md)
+    max_connections: int = 1000
+    max_connections_per_peer: int = 8
+    #: inference streams one peer may have open at once; more are refused with
+    #: PEER_LIMIT (retryable)
+    max_streams_per_peer: int = 8
+    #: bytes of not yet complete request frames held for one peer, and for all
+    #: peers together; a request that would pass either is refused with PEER_LIMIT
+    max_request_bytes_per_peer: int = 4 << 20
+    max_request_bytes: int = 64 << 20
+    #: bytes a peer may have sent on one connection that the executor has not read
+    #: yet, and the same for all connections together; past either the connection
+    #: is closed (an honest peer stays within yamux's flow-control windows)
+    max_unread_bytes_per_connection: int = 8 << 20
+    max_unread_bytes: int = 128 << 20
     #: stream chunks are flushed at least this often (seconds) while tokens flow
     chunk_interval: float = 0.05
     #: seconds without any chunk after which a progress chunk goes out while the backend
@@ -105,13 +122,22 @@ class ExecutorConfig(_Config):
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
         for name in (
-            "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval", "health_interval"
-        ):
+            "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval",
+            "health_interval", "progress_interval", "count_timeout",
+        ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
-        for name in ("progress_interval", "count_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        for name in ("max_connections", "max_connections_per_peer", "max_streams_per_peer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1")
+        if self.max_request_bytes_per_peer < MAX_FRAME_SIZE + 4:
+            raise ValueError(f"max-request-bytes-per-peer must hold one maximal request ({MAX_FRAME_SIZE + 4} bytes)")
+        if self.max_request_bytes < self.max_request_bytes_per_peer:
+            raise ValueError("max-request-bytes must be at least max-request-bytes-per-peer")
+        if self.max_unread_bytes_per_connection < 256 * 1024:
+            raise ValueError("max-unread-bytes-per-connection must be at least 262144 (one yamux window)")
+        if self.max_unread_bytes < self.max_unread_bytes_per_connection:
+            raise ValueError("max-unread-bytes must be at least max-unread-bytes-per-connection")
         if self.advert_ttl < self.advert_interval:
             raise ValueError("advert-ttl must be at least advert-interval, or adverts lapse between rounds")
         if not self.listen:

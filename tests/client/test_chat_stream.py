@@ -13,7 +13,6 @@ from loomnet.client import ReasoningDelta, TextDelta, ToolCallsDelta
 from loomnet.protocol import (
     AckFrame,
     ChunkFrame,
-    EndOfStream,
     ErrorCode,
     NetworkTimeout,
     ReceiptError,

@@ -1,0 +1,335 @@
+"""Per-peer limits on live connections, streams and unread bytes; libp2p-free.
+
+py-libp2p 0.8.1 has no limit that works per peer on what is live (see
+``docs/network.md``): its inbound-connection slots are never given back, its per-peer
+connection cap spares every connection younger than 20 s, and yamux buffers whatever
+a peer sends, flow control or not. ``_p2p`` hooks libp2p at three points and asks a
+``PeerGuard`` at each:
+
+- an inbound connection has finished its handshake (so the peer id is known):
+  :meth:`PeerGuard.admit_connection`, and :meth:`PeerGuard.connection_closed` when it
+  is gone;
+- yamux hands out an inbound stream, before protocol negotiation:
+  :meth:`PeerGuard.admit_muxed_stream`; and a stream reaches one of our handlers:
+  :meth:`PeerGuard.stream_slot`;
+- yamux is about to read a DATA frame's body: :meth:`PeerGuard.check_unread`, which
+  raises :class:`Flooded` to have yamux close the connection.
+
+Two more hooks make those possible or keep a node from wasting itself: ``use_muxer``
+(libp2p ignores the muxer class it is given for yamux) and ``redial_only`` (libp2p's
+auto-connector dials every peer it ever saw).
+
+``_p2p`` hands in the libp2p classes these hooks need (the yamux base class, the
+raw-connection wrapper, ...), so this module stays free of libp2p imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Any
+
+import trio
+
+from ._p2p_types import _CLEANUP_TIMEOUT, _YAMUX_WINDOW, P2PConfig, _bounded_cleanup
+
+__all__ = ["Flooded", "PeerGuard", "guard_inbound", "guarded_muxer", "redial_only", "use_muxer"]
+
+logger = logging.getLogger("loomnet.p2p")
+
+
+class Flooded(trio.TooSlowError):
+    """A peer sent more than we keep unread; its connection must close.
+
+    A ``TooSlowError`` because that is what yamux's reader answers by closing the
+    connection cleanly (it is how yamux reports a DATA body that never came), with
+    every stream buffer dropped.
+    """
+
+
+def _unread(muxer: Any) -> int:
+    """Bytes buffered in ``muxer`` (a yamux connection) that no reader took yet."""
+    return sum(map(len, list(muxer.stream_buffers.values())))
+
+
+class PeerGuard:
+    """Counts what each peer holds and says whether it may hold more.
+
+    Args:
+        config: the limits (``max_connections_per_peer``, ``max_streams_*``,
+            ``max_unread_*``).
+    """
+
+    def __init__(self, config: P2PConfig) -> None:
+        self._config = config
+        self._inbound: dict[str, int] = {}  # peer id -> live inbound connections
+        self._streams: dict[tuple[str, str], int] = {}  # (protocol, peer) -> live streams
+        self._muxers: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.counts = dict.fromkeys(("connections_refused", "connections_flooded", "streams_refused"), 0)
+
+    # ------------------------------------------------------------- connections
+
+    def admit_connection(self, peer: str) -> bool:
+        """Count a new inbound connection from ``peer``; False if it holds its maximum."""
+        live = self._inbound.get(peer, 0)
+        if live >= self._config.max_connections_per_peer:
+            self.counts["connections_refused"] += 1
+            logger.info("peer %s holds %d connections, its maximum; closing a new one", peer, live)
+            return False
+        self._inbound[peer] = live + 1
+        return True
+
+    def connection_closed(self, peer: str) -> None:
+        """An inbound connection ``admit_connection`` let in is gone."""
+        live = self._inbound.get(peer, 0) - 1
+        if live > 0:
+            self._inbound[peer] = live
+        else:
+            self._inbound.pop(peer, None)  # no entry left behind per departed peer
+
+    @property
+    def connections_inbound(self) -> int:
+        return sum(self._inbound.values())
+
+    # ------------------------------------------------------------------ streams
+
+    def admit_muxed_stream(self, muxer: Any) -> bool:
+        """Whether a new inbound stream fits on ``muxer``'s connection (any protocol)."""
+        if len(muxer.streams) <= self._config.max_streams_per_connection:
+            return True
+        self.counts["streams_refused"] += 1
+        return False
+
+    @contextlib.contextmanager
+    def stream_slot(self, protocol: str, peer: str, limit: int | None = None) -> Iterator[bool]:
+        """Hold one of ``peer``'s places on ``protocol`` for the ``with`` block.
+
+        Yields False (and holds nothing) when ``peer`` already has ``limit``
+        (default ``max_streams_per_peer``) streams open on ``protocol``.
+        """
+        key = (protocol, peer)
+        live = self._streams.get(key, 0)
+        if live >= (limit or self._config.max_streams_per_peer):
+            self.counts["streams_refused"] += 1
+            yield False
+            return
+        self._streams[key] = live + 1
+        try:
+            yield True
+        finally:
+            left = self._streams[key] - 1
+            if left:
+                self._streams[key] = left
+            else:
+                del self._streams[key]
+
+    def guarded_handler(
+        self,
+        protocol: str,
+        handler: Callable[[Any], Awaitable[None]],
+        *,
+        wrap: Callable[[Any], Any],
+        counts: dict[str, int],
+        limit: int | None,
+        refuse: Callable[[Any], Awaitable[None]] | None,
+    ) -> Callable[[Any], Awaitable[None]]:
+        """The libp2p handler for ``protocol``: see ``P2PNode.set_stream_handler``.
+
+        ``wrap`` turns libp2p's stream into a ``P2PStream``; ``counts`` gets
+        ``streams_accepted`` and ``handler_errors``.
+        """
+
+        async def guarded(net_stream: Any) -> None:
+            counts["streams_accepted"] += 1
+            try:
+                stream = wrap(net_stream)
+            except Exception:  # noqa: BLE001 - a stream torn down before we saw it
+                await _bounded_cleanup(net_stream.reset)
+                return
+            try:
+                with self.stream_slot(protocol, stream.remote_peer, limit) as admitted:
+                    if admitted:
+                        await handler(stream)
+                    elif refuse is not None:
+                        with trio.move_on_after(_CLEANUP_TIMEOUT):
+                            await refuse(stream)
+            except Exception:  # noqa: BLE001 - trap B: never let it escape
+                counts["handler_errors"] += 1
+                logger.exception("handler for %s from %s failed", protocol, stream.remote_peer)
+                await stream.reset()
+            finally:
+                await stream.close()
+
+        return guarded
+
+    @property
+    def streams_inbound(self) -> int:
+        return sum(self._streams.values())
+
+    # ------------------------------------------------------------- unread bytes
+
+    def track(self, muxer: Any) -> None:
+        """Watch ``muxer``'s unread bytes (weakly: a dropped connection leaves)."""
+        self._muxers.add(muxer)
+
+    def check_unread(self, muxer: Any, incoming: int, *, peer: str) -> None:
+        """Let ``incoming`` more bytes into ``muxer``'s buffers, or raise.
+
+        An honest peer never has more unread than the flow-control windows allow;
+        one that ignores them (yamux 0.8.1 only logs that) is cut off here. The
+        total over all connections is summed only for a connection that holds more
+        than one initial window, so honest traffic pays one small sum per frame.
+
+        Raises:
+            Flooded: the connection, or all connections together, would hold more
+                than ``max_unread_bytes_per_connection`` / ``max_unread_bytes``.
+        """
+        unread = _unread(muxer) + incoming
+        over = unread > self._config.max_unread_bytes_per_connection
+        if not over and unread > _YAMUX_WINDOW:
+            over = self.unread_bytes() + incoming > self._config.max_unread_bytes
+        if over:
+            self.counts["connections_flooded"] += 1
+            logger.warning("peer %s sent more than we buffer (%d bytes unread); closing its connection", peer, unread)
+            raise Flooded
+
+    def statistics(self) -> dict[str, int]:
+        """The counters, and what peers hold now (for ``P2PStatistics``)."""
+        now = {"connections_inbound": self.connections_inbound, "streams_inbound": self.streams_inbound}
+        return {**self.counts, **now, "unread_bytes": self.unread_bytes()}
+
+    def unread_bytes(self) -> int:
+        """Bytes received on every live connection and not read yet."""
+        return sum(_unread(m) for m in list(self._muxers))
+
+
+# ------------------------------------------------------------------ the hooks
+
+
+def guarded_muxer(base: type, guard: PeerGuard) -> type:
+    """A subclass of libp2p's ``Yamux`` that asks ``guard`` before it takes a stream
+    or buffers a DATA frame. libp2p builds muxers from a class, hence one per node.
+    """
+
+    class GuardedYamux(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            guard.track(self)
+
+        async def accept_stream(self) -> Any:
+            while True:  # a stream over the limit is reset before protocol negotiation
+                stream = await super().accept_stream()
+                if guard.admit_muxed_stream(self):
+                    return stream
+                await _bounded_cleanup(stream.reset)
+
+        async def _read_data_body(self, length: int) -> bytes:
+            # yamux calls this for every DATA frame before reading its body
+            guard.check_unread(self, length, peer=self.peer_id.to_base58())
+            return await super()._read_data_body(length)
+
+    return GuardedYamux
+
+
+def use_muxer(swarm: Any, muxer: type) -> None:
+    """Build every connection's muxer from ``muxer``.
+
+    Needed because libp2p's ``MuxerMultistream.new_conn`` ignores the class it was
+    configured with when yamux is negotiated and builds a plain ``Yamux``; the
+    configured class is used for every other muxer. ``muxer`` is built as libp2p
+    builds ``Yamux``: ``muxer(secured_conn, peer_id, is_initiator=...)``.
+    """
+    multistream = swarm.upgrader.muxer_multistream
+
+    async def new_conn(conn: Any, peer_id: Any) -> Any:
+        protocol, _ = await multistream._selector.select(conn, conn.is_initiator, multistream.negotiate_timeout)
+        return multistream._annotate_connection(muxer(conn, peer_id, is_initiator=conn.is_initiator), conn, protocol)
+
+    multistream.new_conn = new_conn
+
+
+async def _wait_closed(swarm: Any, muxed_conn: Any) -> None:
+    """Return once ``muxed_conn`` is closed (by either side) or the swarm stops."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_then_cancel(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait_then_cancel, muxed_conn.event_closed.wait)
+        nursery.start_soon(wait_then_cancel, swarm.manager.wait_finished)
+
+
+def guard_inbound(
+    swarm: Any, guard: PeerGuard, *, raw_connection: type, muxed_type: type, refused: type[Exception]
+) -> None:
+    """Trap I: an inbound slot is held while its connection is live, not until the swarm stops.
+
+    libp2p's ``Swarm._handle_inbound_connection`` takes a slot of
+    ``_inbound_limiter`` and gives it back when ``_do_handle_inbound_connection``
+    returns, which, after the upgrade, awaits ``swarm.manager.wait_finished()``:
+    the end of the swarm. The replacement returns when the connection closes, so
+    the slot, the task and everything it references go with it. ``add_conn`` is
+    wrapped to refuse (``refused``) a peer that already holds
+    ``max_connections_per_peer`` live inbound connections, before the connection
+    is registered or announced.
+
+    Args:
+        swarm: the libp2p ``Swarm``; its two methods are replaced on the instance.
+        raw_connection: libp2p's ``RawConnection`` (wraps an accepted socket).
+        muxed_type: libp2p's ``IMuxedConn`` (transports that arrive muxed).
+        refused: the exception ``add_conn`` raises for a refused connection.
+    """
+    add_conn = swarm.add_conn
+
+    async def guarded_add_conn(muxed_conn: Any, direction: str = "unknown") -> Any:
+        if direction != "inbound":
+            return await add_conn(muxed_conn, direction)
+        peer = muxed_conn.peer_id.to_base58()
+        if not guard.admit_connection(peer):
+            await _bounded_cleanup(muxed_conn.close)
+            raise refused(f"peer {peer} holds its maximum of connections")
+        try:
+            return await add_conn(muxed_conn, direction)
+        except BaseException:
+            guard.connection_closed(peer)
+            raise
+
+    async def serve_inbound(read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+        remote = swarm._build_remote_multiaddr(read_write_closer)
+        try:
+            if remote is not None and not await swarm.connection_gate.is_allowed(remote):
+                raise refused(f"{remote} is denied by the connection gate")
+            if isinstance(read_write_closer, muxed_type):  # QUIC and such arrive muxed
+                muxed_conn = read_write_closer
+                await swarm.add_conn(muxed_conn, direction="inbound")
+            else:
+                muxed_conn = await swarm.upgrade_inbound_raw_conn(raw_connection(read_write_closer, False), maddr)
+        except Exception as exc:  # noqa: BLE001 - a failed handshake is routine
+            logger.debug("inbound connection from %s failed: %r", remote, exc)
+            await _bounded_cleanup(read_write_closer.close)
+            return
+        try:
+            await _wait_closed(swarm, muxed_conn)
+        finally:
+            guard.connection_closed(muxed_conn.peer_id.to_base58())
+
+    swarm.add_conn = guarded_add_conn
+    swarm._do_handle_inbound_connection = serve_inbound
+
+
+def redial_only(swarm: Any, peers: Collection[Any]) -> None:
+    """Let libp2p's auto-connector redial ``peers`` (libp2p ids), never anyone else.
+
+    By default it dials peers from the peerstore until a node holds 200
+    connections: an executor kept dialing every client that had ever left.
+    """
+    connector = swarm.auto_connector
+    candidates = connector._get_candidate_peers
+
+    async def only_these() -> list[Any]:
+        return [peer for peer in await candidates() if peer in peers]
+
+    connector._get_candidate_peers = only_these
