@@ -34,13 +34,17 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta
+from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent
 from ._config import BackendConfig
 from ._http import HttpBackend, iter_sse
-from ._openai_profiles import (PROFILES, TOKENIZE, Profile, StreamParser, build_body, parse_completion, parse_models,
-                               root_of, served_context, token_count)
+from ._openai_answers import StreamParser, parse_completion
+from ._openai_profiles import PROFILES, TOKENIZE, Profile, build_body, parse_models, root_of, served_context, token_count
 
 __all__ = ["OpenAICompatBackend"]
+
+
+def _raise(error: BackendError) -> None:
+    raise error
 
 _T = TypeVar("_T")
 _UNAVAILABLE = ErrorCode.BACKEND_UNAVAILABLE
@@ -116,7 +120,7 @@ class OpenAICompatBackend(HttpBackend):
         try:
             return fn(*args, **kwargs)
         except BackendError as e:
-            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable)
+            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable, public=e.public)
         raise error from None  # outside ``except``: the unredacted original is not even its context
 
     @asynccontextmanager
@@ -149,7 +153,8 @@ class OpenAICompatBackend(HttpBackend):
     # ------------------------------------------------------------------ chat
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
-        """A :class:`TextDelta` per content delta, then :class:`Finished` with the runtime's
+        """A :class:`ReasoningDelta` per reasoning delta (the profile's fields), a
+        :class:`TextDelta` per content delta, then :class:`Finished` with the runtime's
         usage (None when the stream carried none) and the assembled tool calls.
 
         Resource handling: one pooled connection, released when the ``async with`` ends.
@@ -163,7 +168,8 @@ class OpenAICompatBackend(HttpBackend):
         Raises:
             BackendError: ``BACKEND_UNAVAILABLE`` (no key), ``UNKNOWN_MODEL`` (not in
                 ``config.models``) and ``BAD_REQUEST`` (a tool schema that is not JSON) at
-                once; later failures end the ``async for`` early, then ``async with`` raises.
+                once; later failures end the ``async for`` early, then ``async with`` raises,
+                ``CONTENT_FILTERED`` among them for an answer that is only a refusal.
         """
         self._check_config(params.model)
         return self._stream(self._pure(build_body, self.profile, params, stream=True))
@@ -172,21 +178,22 @@ class OpenAICompatBackend(HttpBackend):
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         await self._ready()
         request = self.client.build_request("POST", "chat/completions", json=body)
-        parser = StreamParser()
+        parser = StreamParser(self.profile)
         self._active_streams += 1
         try:
             async with self._open(request, "streaming a chat") as response:
                 async for event in iter_sse(response):
-                    text = self._pure(parser.feed, event.event, event.data)
-                    if text:
-                        yield TextDelta(text)
+                    for delta in self._pure(parser.feed, event.event, event.data):
+                        yield delta
                     if parser.done:
                         break
         finally:
             self._active_streams -= 1
         if not parser.chunks:
-            message = f"{self.label} answered HTTP 200 without any stream event; is {self.endpoint} OpenAI-compatible?"
+            message = f"{self.label} answered HTTP 200 without any stream event; is {self.where} OpenAI-compatible?"
             raise self._error(message, retryable=True)
+        if (refused := parser.refused()) is not None:
+            self._pure(_raise, refused)
         calls = self._pure(parser.tool_calls)
         yield Finished(finish_reason=parser.finish_reason or "interrupted", usage=parser.usage, tool_calls=calls)
 
@@ -196,7 +203,7 @@ class OpenAICompatBackend(HttpBackend):
         body = self._pure(build_body, self.profile, params, stream=False)
         await self._ready()
         data = await self._fetch_json("POST", "chat/completions", "asking for a chat", json=body)
-        return self._pure(parse_completion, data)
+        return self._pure(parse_completion, self.profile, data)
 
     # ------------------------------------------------------------------ models, health, tokens
 
