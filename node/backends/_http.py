@@ -127,7 +127,7 @@ def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label:
     message = f"{label} answered HTTP {status}: {text}"
     metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
     if status == 403 and ("reasons" in metadata or "flagged_input" in metadata):
-        public = "the model's runtime refused to answer this prompt (content filter: moderation)"
+        public = "the model's runtime refused to answer this prompt (content filter: MODERATION)"
         return BackendError(message, code=ErrorCode.CONTENT_FILTERED, retryable=False, public=public)
     if (public := _context_exceeded(error)) is not None:
         return BackendError(message, code=ErrorCode.BAD_REQUEST, retryable=False, public=public)
