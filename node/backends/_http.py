@@ -36,6 +36,7 @@ from loomnet.protocol import BackendError, ErrorCode
 from .._redact import Redactor
 from ._base import Backend
 from ._config import BackendConfig
+from ._refusal import content_filtered
 
 __all__ = [
     "MAX_LINE",
@@ -127,8 +128,7 @@ def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label:
     message = f"{label} answered HTTP {status}: {text}"
     metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
     if status == 403 and ("reasons" in metadata or "flagged_input" in metadata):
-        public = "the model's runtime refused to answer this prompt (content filter: MODERATION)"
-        return BackendError(message, code=ErrorCode.CONTENT_FILTERED, retryable=False, public=public)
+        return content_filtered(label, "moderation", {"moderation"}, detail=message)
     if (public := _context_exceeded(error)) is not None:
         return BackendError(message, code=ErrorCode.BAD_REQUEST, retryable=False, public=public)
     should_retry = headers.get("x-should-retry")

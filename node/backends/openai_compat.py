@@ -84,7 +84,7 @@ class OpenAICompatBackend(HttpBackend):
         self._turn = trio.Semaphore(1) if profile.serial else None
 
     def __repr__(self) -> str:
-        return f"OpenAICompatBackend(provider={self.kind!r}, endpoint={self.endpoint!r})"
+        return f"OpenAICompatBackend(provider={self.kind!r}, endpoint={self.where!r})"
 
     async def __aenter__(self) -> "OpenAICompatBackend":
         self._check_config()

@@ -69,6 +69,7 @@ class FakeAnthropic:
     delta_usage: bool = True
     # stream faults
     error_event: str | None = None  #: error type sent after the first text delta
+    error_message: str = "Overloaded"  #: its message
     drop_after_first_delta: bool = False
     omit_message_stop: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
@@ -170,7 +171,7 @@ class FakeAnthropic:
                 delta = {"type": "text_delta", "text": piece}
                 await event({"type": "content_block_delta", "index": index, "delta": delta})
                 if n == 0 and self.error_event:
-                    body = {"type": "error", "error": {"type": self.error_event, "message": "Overloaded"}}
+                    body = {"type": "error", "error": {"type": self.error_event, "message": self.error_message}}
                     await send_chunk(send, f"event: error\ndata: {json.dumps(body)}\n\n", more=False)
                     return
                 if n == 0 and self.drop_after_first_delta:

@@ -71,6 +71,7 @@ class FakeGemini:
         "toolUsePromptTokenCount": 2, "cachedContentTokenCount": 5, "totalTokenCount": 23})
     # stream faults
     error_frame: int | None = None  #: an error code sent as a frame after the first text
+    error_message: str = "The model is overloaded."  #: its message
     drop_after_first_frame: bool = False
     omit_finish_reason: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
@@ -103,7 +104,7 @@ class FakeGemini:
             await send_chunk(send, f"data: {json.dumps(frame)}\r\n\r\n")
             if n == 0 and self.error_frame is not None:
                 code = self.error_frame
-                error = {"error": {"code": code, "message": "The model is overloaded.", "status": _STATUS[code]}}
+                error = {"error": {"code": code, "message": self.error_message, "status": _STATUS[code]}}
                 await send_chunk(send, f"data: {json.dumps(error)}\r\n\r\n", more=False)
                 return
             if n == 0 and self.drop_after_first_frame:
