@@ -224,6 +224,9 @@ class HttpBackend(Backend):
         config: the backend's configuration (endpoint, key, timeout, retries).
         default_endpoint: used when ``config.endpoint`` is None.
         transport: an httpx transport to use instead of the network (tests).
+
+    Raises:
+        BackendError: ``BACKEND_UNAVAILABLE`` when the endpoint is not a URL.
     """
 
     def __init__(
@@ -236,7 +239,11 @@ class HttpBackend(Backend):
     ) -> None:
         self.config = config
         self._redact = config.redactor()
-        url = httpx.URL((config.endpoint or default_endpoint).rstrip("/"))
+        try:
+            url = httpx.URL((config.endpoint or default_endpoint).rstrip("/"))
+        except httpx.InvalidURL as exc:
+            message = f"backend {config.label}: endpoint is not a valid URL ({exc})"
+            raise BackendError(self._redact(message), code=ErrorCode.BACKEND_UNAVAILABLE) from None
         # the query goes with every request (not into base_url, where httpx would glue the path onto it)
         self.endpoint = str(url.copy_with(query=None)).rstrip("/")
         self.client = httpx.AsyncClient(

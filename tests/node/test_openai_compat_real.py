@@ -18,7 +18,7 @@ from .test_openai_compat import collect, config, params
 
 #: seconds (trio clock) a test against the real server may take: the model runs on CPU cores
 #: shared with the rest of the suite, so this is generous; starting the server is not counted
-limited = fail_after(60)
+limited = fail_after(180)
 
 # ---------------------------------------------------------------- the real llama_cpp.server
 
@@ -42,6 +42,12 @@ def interrupting_server(tmp_path_factory):
         yield url
 
 
+def real_config(url: str):
+    """The backend's own deadline (per read, and for a turn) is as generous as the test's:
+    the model shares two cores with the rest of the suite."""
+    return config("llama-cpp-python", url, timeout=60.0)
+
+
 def real_params() -> ChatParams:
     return params(model=MODEL, temperature=0.0, seed=42, max_tokens=48)
 
@@ -51,7 +57,7 @@ def real_params() -> ChatParams:
 @needs_model
 @limited
 async def test_real_list_models_and_health(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         assert await backend.list_models() == [ModelInfo(name=MODEL, capabilities=["chat", "json"])]
         assert await backend.health() is True
 
@@ -61,7 +67,7 @@ async def test_real_list_models_and_health(llama_cpp_server):
 @needs_model
 @limited
 async def test_real_whole_chat_reports_usage(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         completion = await backend.chat(real_params())
     assert completion.text and completion.finish_reason in ("stop", "length")
     assert completion.usage is not None and completion.usage.source == "backend"
@@ -73,7 +79,7 @@ async def test_real_whole_chat_reports_usage(llama_cpp_server):
 @needs_model
 @limited
 async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         whole = await backend.chat(real_params())
         text, finished = await collect(backend, real_params())
         counted = await backend.count_tokens(MODEL, text)
@@ -98,7 +104,7 @@ async def test_real_requests_take_turns_so_no_stream_is_cut(interrupting_server)
     story = [ChatMessage(role="user", content="Write a long story about a dragon.")]
     long = params(model=MODEL, messages=story, temperature=0.0, seed=42, max_tokens=40)
     url = interrupting_server
-    async with OpenAICompatBackend(config("llama-cpp-python", url)) as backend:
+    async with OpenAICompatBackend(real_config(url)) as backend:
         results = []
 
         async def run(probe):

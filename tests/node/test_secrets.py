@@ -187,3 +187,9 @@ def test_log_records_and_tracebacks_are_redacted(caplog):
     for record in caplog.records:
         assert leaks(logging.Formatter().format(record)) == [], record.getMessage()
     assert "Illegal header value" in caplog.text and "LocalProtocolError" in caplog.text  # the why stays
+
+
+def test_an_endpoint_that_is_not_a_url_is_a_backend_error_without_its_credentials():
+    with pytest.raises(BackendError) as info:
+        make_backend(BackendConfig(provider="vllm", endpoint=f"http://user:{KEY}@host:99x/v1?api-key={KEY}"))
+    assert "not a valid URL" in info.value.message and leaks(str(info.value)) == []
