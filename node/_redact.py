@@ -107,10 +107,6 @@ class Redactor:
         self._forms |= other._forms
         self.add()
 
-    @property
-    def empty(self) -> bool:
-        return not self._forms
-
     def __call__(self, text: str) -> str:
         """``text`` with every secret form and credential shape replaced by :data:`MASK`."""
         if self._pattern is not None:
