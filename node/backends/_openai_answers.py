@@ -20,7 +20,7 @@ from typing import Any
 
 from loomnet.protocol import BackendError, ToolCall
 
-from ._base import Completion, ReasoningDelta, TextDelta, Usage
+from ._base import Completion, Finished, ReasoningDelta, TextDelta, Usage
 from ._openai_profiles import Profile
 from ._refusal import content_filtered
 
@@ -162,13 +162,19 @@ class StreamParser:
         elif isinstance(function.get("arguments"), dict):
             call[2].append(json.dumps(function["arguments"]))
 
-    def tool_calls(self) -> list[ToolCall]:
-        """The complete tool calls, in index order."""
-        return [_tool_call(i, c[0], c[1], "".join(c[2])) for i, c in sorted(self._calls.items())]
+    def finished(self) -> Finished:
+        """The stream's :class:`Finished`, once it has ended: usage (None when none came),
+        the complete tool calls in index order, and ``"interrupted"`` without a finish
+        reason (llama-cpp-python cut short by a newer request).
 
-    def refused(self) -> BackendError | None:
-        """The error to raise instead of finishing, when the answer is only a refusal."""
-        return refusal_error(self.finish_reason, "".join(self.refusal), self.produced)
+        Raises:
+            BackendError: ``CONTENT_FILTERED`` when the answer is only a refusal; retryable
+                for a tool call without a name.
+        """
+        if (error := refusal_error(self.finish_reason, "".join(self.refusal), self.produced)) is not None:
+            raise error
+        calls = [_tool_call(i, c[0], c[1], "".join(c[2])) for i, c in sorted(self._calls.items())]
+        return Finished(finish_reason=self.finish_reason or "interrupted", usage=self.usage, tool_calls=calls)
 
 
 def _maybe_json(data: str) -> Any:

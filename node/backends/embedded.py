@@ -112,8 +112,7 @@ class _Model:
         prompt_tokens = self.prompt_tokens(messages)
         if prompt_tokens >= self.context_length:
             message = f"prompt has {prompt_tokens} tokens; the context window is {self.context_length}"
-            public = (f"the prompt ({prompt_tokens} tokens) does not fit the model's context window "
-                      f"({self.context_length} tokens)")
+            public = f"the prompt ({prompt_tokens} tokens) does not fit the model's context window ({self.context_length} tokens)"
             raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=public)
         with _map_llama_errors("generation failed"):
             chunks = self.llm.create_chat_completion(messages=messages, stream=True, **options)

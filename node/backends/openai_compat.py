@@ -34,17 +34,13 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent
+from ._base import ChatParams, Completion, ModelInfo, StreamEvent
 from ._config import BackendConfig
 from ._http import HttpBackend, iter_sse
 from ._openai_answers import StreamParser, parse_completion
 from ._openai_profiles import PROFILES, TOKENIZE, Profile, build_body, parse_models, root_of, served_context, token_count
 
 __all__ = ["OpenAICompatBackend"]
-
-
-def _raise(error: BackendError) -> None:
-    raise error
 
 _T = TypeVar("_T")
 _UNAVAILABLE = ErrorCode.BACKEND_UNAVAILABLE
@@ -153,9 +149,8 @@ class OpenAICompatBackend(HttpBackend):
     # ------------------------------------------------------------------ chat
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
-        """A :class:`ReasoningDelta` per reasoning delta (the profile's fields), a
-        :class:`TextDelta` per content delta, then :class:`Finished` with the runtime's
-        usage (None when the stream carried none) and the assembled tool calls.
+        """A :class:`ReasoningDelta` or :class:`TextDelta` per delta, then :class:`Finished`
+        with the runtime's usage (None if the stream had none) and the assembled tool calls.
 
         Resource handling: one pooled connection, released when the ``async with`` ends.
 
@@ -168,8 +163,8 @@ class OpenAICompatBackend(HttpBackend):
         Raises:
             BackendError: ``BACKEND_UNAVAILABLE`` (no key), ``UNKNOWN_MODEL`` (not in
                 ``config.models``) and ``BAD_REQUEST`` (a tool schema that is not JSON) at
-                once; later failures end the ``async for`` early, then ``async with`` raises,
-                ``CONTENT_FILTERED`` among them for an answer that is only a refusal.
+                once; later ones (``CONTENT_FILTERED``: only a refusal) end the ``async for``
+                early, then ``async with`` raises.
         """
         self._check_config(params.model)
         return self._stream(self._pure(build_body, self.profile, params, stream=True))
@@ -192,10 +187,7 @@ class OpenAICompatBackend(HttpBackend):
         if not parser.chunks:
             message = f"{self.label} answered HTTP 200 without any stream event; is {self.where} OpenAI-compatible?"
             raise self._error(message, retryable=True)
-        if (refused := parser.refused()) is not None:
-            self._pure(_raise, refused)
-        calls = self._pure(parser.tool_calls)
-        yield Finished(finish_reason=parser.finish_reason or "interrupted", usage=parser.usage, tool_calls=calls)
+        yield self._pure(parser.finished)
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer from one ``stream: false`` request; see :meth:`stream_chat`."""
