@@ -23,13 +23,14 @@ _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", 
            "refusal": "content_filter", "model_context_window_exceeded": "length"}
 _TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 _CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+_NO_ID = "a tool turn has no tool_call_id"
 
 
 def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
     """One chat turn as Messages content blocks."""
     if message.role == "tool":
         if not message.tool_call_id:
-            raise BackendError("a tool turn has no tool_call_id", code=ErrorCode.BAD_REQUEST)
+            raise BackendError(_NO_ID, code=ErrorCode.BAD_REQUEST, public=_NO_ID)
         return [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}]
     blocks: list[dict[str, Any]] = [
         {"type": "image", "source": {"type": "base64", "media_type": image.media_type,

@@ -57,7 +57,7 @@ def request_body(params: ChatParams) -> dict[str, Any]:
         if message.role == "tool":
             if message.tool_call_id not in names:
                 message_text = f"a tool turn answers no earlier tool call (id {message.tool_call_id!r})"
-                raise BackendError(message_text, code=ErrorCode.BAD_REQUEST)
+                raise BackendError(message_text, code=ErrorCode.BAD_REQUEST, public=message_text[:200])
             response = {"name": names[message.tool_call_id], "response": {"content": message.content}}
             parts.append({"functionResponse": response})
         else:

@@ -214,7 +214,8 @@ def request_json(text: str, what: str) -> object:
     try:
         return json.loads(text) if text.strip() else {}
     except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
+        message = f"{what[:120]} is not valid JSON"  # loomnet's words about the peer's own request
+        raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message) from None
 
 
 class HttpBackend(Backend):

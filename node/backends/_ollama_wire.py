@@ -35,7 +35,8 @@ def _json_object(text: str, what: str) -> dict[str, Any]:
     """JSON text that must hold an object (Ollama wants objects where we carry text)."""
     value = request_json(text, what)
     if not isinstance(value, dict):
-        raise BackendError(f"{what} is not a JSON object", code=ErrorCode.BAD_REQUEST)
+        message = f"{what[:120]} is not a JSON object"  # loomnet's words about the peer's own request
+        raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message)
     return value
 
 

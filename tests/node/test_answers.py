@@ -347,3 +347,21 @@ async def test_gemini_filter_after_text_finishes_as_content_filter(gemini, mode)
     fake.text, fake.finish_reason = ["Once upon", " a time"], "RECITATION"
     _, text, finished = await run(backend, FLASH, mode)
     assert (text, finished.finish_reason) == ("Once upon a time", "content_filter")
+
+
+# ---------------------------------------------------------------- the peer's own mistakes
+
+
+@pytest.mark.parametrize("provider", ["ollama", "openai", "anthropic", "gemini"])
+async def test_a_malformed_tool_schema_is_explained_to_the_peer(provider):
+    from loomnet.node.backends._registry import make_backend
+    from loomnet.protocol import ToolSpec
+
+    backend = make_backend(BackendConfig(provider=provider, endpoint="http://127.0.0.1:9", api_key="sk-test-1234",
+                                         models=["m"]))
+    bad = ChatParams(model="m", messages=HELLO, tools=[ToolSpec(name="f", description="", parameters="{not json")])
+    with pytest.raises(BackendError) as info:  # refused before any request is sent
+        await backend.chat(bad)
+    assert (info.value.code, info.value.retryable) == (ErrorCode.BAD_REQUEST, False)
+    assert info.value.peer_message.removeprefix("the ") == "parameters of tool 'f' is not valid JSON"
+    await backend.aclose()
