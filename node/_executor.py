@@ -29,6 +29,7 @@ from loomnet.protocol import INFER_PROTOCOL, ModelOffer, SigningKey
 
 from ._advertiser import Advertiser
 from ._catalog import Catalog
+from ._redact import Redactor, install_log_redaction
 from ._server import InferenceServer
 from .backends._base import Backend
 from .backends._registry import make_backend
@@ -91,6 +92,11 @@ class Executor:
         cfg = self.config
         ledger = await Ledger.open(self.home / "ledger.sqlite")
         backends = self._make_backends()
+        # every configured secret, in every form, leaves every log record (tracebacks too)
+        redactor = Redactor()
+        for source in (*backends, *cfg.backends):
+            redactor.extend(source.redactor())
+        stop_redacting = install_log_redaction(redactor)
         announced = False
         try:
             catalog = await Catalog.build(backends, cfg)
@@ -129,9 +135,12 @@ class Executor:
                 log.info("executor %s serving %s", self.key.peer_id, [o.name for o in catalog.offers])
                 task_status.started(self.info)
         finally:
-            if announced:
-                remove_local_executor(self.key.peer_id)
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                for backend in backends:
-                    await backend.aclose()
-                await ledger.aclose()
+            try:
+                if announced:
+                    remove_local_executor(self.key.peer_id)
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    for backend in backends:
+                        await backend.aclose()
+                    await ledger.aclose()
+            finally:
+                stop_redacting()

@@ -6,7 +6,10 @@ overridden from the environment as ``LOOMNET_<NAME>`` (``LOOMNET_LISTEN``,
 ``LOOMNET_ADVERT_INTERVAL``, ...); lists are comma-separated.
 
 Backends are ``[[backends]]`` tables. Secrets are written ``${ENV_VAR}`` and expanded
-at load; a variable that is not set is an error, never an empty key. With no
+at load; a variable that is not set is an error, never an empty key. Expanded values
+lose surrounding whitespace (a key read from a file keeps its trailing newline); a
+control character inside one is an error that names the variable, never the value.
+With no
 ``[[backends]]`` at all, the single-backend variables operators of older tools use
 (``LLM_PROVIDER``, ``LLM_ENDPOINT``, ``LLM_MODEL``, ``LLM_API_KEY``,
 ``LLM_TIMEOUT_SECONDS``, ``LLM_MAX_RETRIES``; for the embedded model ``LLM_MODEL_PATH``,
@@ -30,7 +33,7 @@ import msgspec
 
 from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 
-from .backends._config import BackendConfig
+from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
 
@@ -193,6 +196,21 @@ _LLM_EMBEDDED_VARS = {
 }
 
 
+def _env_value(name: str, where: str, environ: Mapping[str, str]) -> str:
+    """``environ[name]`` without surrounding whitespace (a key read from a file keeps its
+    trailing newline).
+
+    Raises:
+        ConfigError: the value holds a control or invisible character inside; the error
+            names the variable and never shows the value.
+    """
+    value = environ[name].strip()
+    if (problem := bad_character(value)) is not None:
+        raise ConfigError(f"environment variable {name} (used in {where}) holds {problem} inside its value; "
+                          "the value is not shown")
+    return value
+
+
 def _expand_secrets(value: object, where: str, environ: Mapping[str, str]) -> object:
     """Replace ``${VAR}`` in every string under ``value``; unset variables are errors."""
     if isinstance(value, str):
@@ -200,7 +218,7 @@ def _expand_secrets(value: object, where: str, environ: Mapping[str, str]) -> ob
             name = match.group(1)
             if name not in environ:
                 raise ConfigError(f"environment variable {name} (used in {where}) is not set")
-            return environ[name]
+            return _env_value(name, where, environ)
 
         return _ENV_REF.sub(sub, value)
     if isinstance(value, list):
@@ -225,7 +243,7 @@ def _llm_zero_config(raw: dict[str, object], environ: Mapping[str, str]) -> None
             raw["embedded"].setdefault("model-name", environ["LLM_MODEL"])  # type: ignore[union-attr]
         return
     canonical_provider(provider)  # an unknown provider is a start-up error, never a fallback
-    backend = {key: environ[var] for var, key in _LLM_BACKEND_VARS.items() if environ.get(var)}
+    backend = {key: _env_value(var, "the LLM_* backend", environ) for var, key in _LLM_BACKEND_VARS.items() if environ.get(var)}
     if environ.get("LLM_MODEL"):
         if canonical_provider(provider) == "embedded":
             raw.setdefault("embedded", {}).setdefault("model-name", environ["LLM_MODEL"])  # type: ignore[union-attr]

@@ -17,6 +17,8 @@ import msgspec
 
 from loomnet.protocol import ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
 
+from .._redact import Redactor
+
 __all__ = ["Backend", "ChatParams", "Completion", "Finished", "ModelInfo", "ReasoningDelta", "StreamEvent", "TextDelta", "Usage"]
 
 
@@ -93,6 +95,8 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: str
     usage: Usage | None = None
     tool_calls: list[ToolCall] = []
+    #: the reasoning text the runtime returned beside the answer ("" when none)
+    reasoning: str = ""
 
 
 class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,9 +122,12 @@ class Backend(abc.ABC):
         """``async with backend.stream_chat(p) as events: async for ev in events: ...``
 
         Yields :class:`TextDelta` and :class:`ReasoningDelta` events then exactly one
-        :class:`Finished`. A runtime that refused the prompt (content filter, safety)
-        raises ``BackendError(CONTENT_FILTERED)`` instead of finishing empty. Leaving the
-        ``async with`` early (client gone, cancelled) stops the generation.
+        :class:`Finished`. A runtime that refused the prompt (content filter, safety,
+        recitation, a refusal) before any text or tool call raises
+        ``BackendError(CONTENT_FILTERED)``, not retryable, instead of finishing empty (a
+        filter that cuts an answer already under way finishes it as ``content_filter``);
+        one that only loaded the model raises a retryable ``BACKEND_UNAVAILABLE``. Leaving
+        the ``async with`` early (client gone, cancelled) stops the generation.
 
         Raises:
             BackendError: the runtime failed, before or during the stream.
@@ -130,17 +137,19 @@ class Backend(abc.ABC):
         """The whole answer at once. Adapters whose runtime has a non-streamed call
         override this to use it; the default collects :meth:`stream_chat`."""
         parts: list[str] = []
+        thoughts: list[str] = []
         finished: Finished | None = None
         async with self.stream_chat(params) as events:
             async for event in events:
                 if isinstance(event, TextDelta):
                     parts.append(event.text)
+                elif isinstance(event, ReasoningDelta):
+                    thoughts.append(event.text)
                 elif isinstance(event, Finished):
                     finished = event
         assert finished is not None, "a stream always ends with Finished"
-        return Completion(
-            text="".join(parts), finish_reason=finished.finish_reason, usage=finished.usage, tool_calls=finished.tool_calls
-        )
+        return Completion(text="".join(parts), finish_reason=finished.finish_reason, usage=finished.usage,
+                          tool_calls=finished.tool_calls, reasoning="".join(thoughts))
 
     @abc.abstractmethod
     async def list_models(self) -> list[ModelInfo]:
@@ -157,6 +166,11 @@ class Backend(abc.ABC):
     async def count_prompt_tokens(self, params: ChatParams) -> int | None:
         """Tokens of the whole formatted prompt (template included), or None if unknown."""
         return None
+
+    def redactor(self) -> Redactor:
+        """What must never appear in a log line or an error about this backend: its key
+        and its endpoint's credentials, in every form. The executor's log filter uses it."""
+        return Redactor()
 
     async def aclose(self) -> None:
         """Release connections, threads and models."""

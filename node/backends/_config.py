@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import msgspec
 
-__all__ = ["BackendConfig", "redact"]
+from .._redact import Redactor, url_secrets
+
+__all__ = ["BackendConfig", "bad_character", "redact"]
+
+
+def bad_character(value: str) -> str | None:
+    """What is wrong with a secret or endpoint that will travel in an HTTP header or
+    URL, or None: a control character (a line break, a NUL, ...), an invisible format
+    character (a zero-width space pasted with the key) or a line separator. Says which
+    kind, never where or what the value is."""
+    for char in value:
+        category = unicodedata.category(char)
+        if category == "Cc":
+            return "a control character (a line break, tab or similar)"
+        if category in ("Cf", "Zl", "Zp"):
+            return "an invisible formatting character"
+    return None
 
 
 class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -29,6 +47,18 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     name: str | None = None
 
     def __post_init__(self) -> None:
+        # Keys read from files keep their trailing newline: strip what surrounds a value,
+        # refuse what is inside it (an HTTP library would quote the key in its error).
+        for field in ("api_key", "endpoint"):
+            value = getattr(self, field)
+            if value is not None:
+                msgspec.structs.force_setattr(self, field, value.strip() or None)
+                problem = bad_character(value.strip())
+                if field == "api_key" and problem is None and not value.isascii():
+                    problem = "a character outside ASCII (HTTP headers cannot carry it)"
+                if problem is not None:
+                    name = field.replace("_", "-")
+                    raise ValueError(f"backend {self.label}: {name} holds {problem}; the value is not shown")
         if self.timeout <= 0:
             raise ValueError(f"backend {self.label}: timeout must be positive")
         if not 0 <= self.max_retries <= 10:
@@ -38,14 +68,17 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     def label(self) -> str:
         return self.name or self.provider
 
+    def redactor(self) -> Redactor:
+        """A :class:`Redactor` for this backend's secrets: the key and the endpoint's
+        credentials (``user:password@``, ``?key=...``)."""
+        return Redactor([self.api_key, *url_secrets(self.endpoint)])
+
     def __repr__(self) -> str:  # never show the key
         key = "<set>" if self.api_key else None
-        return f"BackendConfig(provider={self.provider!r}, endpoint={self.endpoint!r}, api_key={key}, models={self.models!r})"
+        endpoint = self.redactor()(self.endpoint) if self.endpoint else None
+        return f"BackendConfig(provider={self.provider!r}, endpoint={endpoint!r}, api_key={key}, models={self.models!r})"
 
 
 def redact(text: str, *secrets: str | None) -> str:
-    """``text`` with every secret replaced, for messages that may quote a request."""
-    for secret in secrets:
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    """``text`` with every secret replaced in every form (see :mod:`loomnet.node._redact`)."""
+    return Redactor(secrets)(text)

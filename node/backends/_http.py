@@ -9,6 +9,13 @@ set, so the client can fail over to another executor instead.
 
 Stream parsers bound every line (``MAX_LINE``): a runtime that never sends a newline
 cannot make the executor buffer without limit.
+
+Secrets: every :class:`BackendError` an adapter raises is built by ``HttpBackend._error``,
+which redacts the key and the endpoint's credentials in every form (raw, escaped,
+URL-encoded, base64 of ``user:password``); messages name the endpoint only without its
+credentials (:attr:`HttpBackend.where`). An endpoint's query parameters
+(``?api-key=...``, ``?api-version=...``) are sent with every request, and its userinfo as
+HTTP Basic auth (httpx's rule).
 """
 
 from __future__ import annotations
@@ -26,8 +33,10 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode
 
+from .._redact import Redactor
 from ._base import Backend
-from ._config import BackendConfig, redact
+from ._config import BackendConfig
+from ._refusal import content_filtered
 
 __all__ = [
     "MAX_LINE",
@@ -40,6 +49,7 @@ __all__ = [
     "iter_sse",
     "request_json",
     "retry_after_seconds",
+    "shown_url",
 ]
 
 MAX_LINE = 4 * 1024 * 1024
@@ -69,24 +79,58 @@ def retry_after_seconds(headers: httpx.Headers) -> float | None:
     return None
 
 
-def _message_from_body(body: bytes) -> str:
-    """The human message in any of the error shapes the wire facts list."""
+def shown_url(url: str) -> str:
+    """``url`` as messages may show it: without userinfo and query (they may hold keys)."""
+    try:
+        parsed = httpx.URL(url)
+        return str(parsed.copy_with(userinfo=b"", query=None, fragment=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "<an unparsable URL>"
+
+
+def _parse_body(body: bytes) -> tuple[str, dict]:
+    """The human message in any of the error shapes the wire facts list, and the
+    error object (``{}`` when there is none)."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body.decode("utf-8", "replace").strip()[:300] or "no body"
+        return body.decode("utf-8", "replace").strip()[:300] or "no body", {}
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, str):  # Ollama: {"error": "..."}
-            return error[:500]
+            return error[:500], {}
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:500]  # OpenAI, vLLM (both shapes), Anthropic, Gemini, llama.cpp
-    return body.decode("utf-8", "replace")[:300]
+            return error["message"][:500], error  # OpenAI, vLLM (both shapes), Anthropic, Gemini, llama.cpp
+    return body.decode("utf-8", "replace")[:300], {}
+
+
+def _context_exceeded(error: dict) -> str | None:
+    """loomnet's words for a prompt over the context window (llama-server
+    ``exceed_context_size_error`` with ``n_prompt_tokens``/``n_ctx``; OpenAI's
+    ``context_length_exceeded`` code), or None."""
+    if error.get("type") != "exceed_context_size_error" and error.get("code") != "context_length_exceeded":
+        return None
+    prompt, window = error.get("n_prompt_tokens"), error.get("n_ctx")
+    if type(prompt) is int and type(window) is int:
+        return f"the prompt ({prompt} tokens) does not fit the model's context window ({window} tokens)"
+    return "the prompt does not fit the model's context window"
 
 
 def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label: str) -> BackendError:
-    """Map an HTTP error response to a :class:`BackendError` with a stable code."""
-    message = f"{label} answered HTTP {status}: {_message_from_body(body)}"
+    """Map an HTTP error response to a :class:`BackendError` with a stable code.
+
+    ``message`` quotes the runtime (for the operator's log; the adapter redacts it);
+    ``public`` is set where a safe reason exists: a prompt over the context window
+    (``BAD_REQUEST``) or input flagged by moderation (OpenRouter's 403 with
+    ``metadata.reasons``: ``CONTENT_FILTERED``, not retryable).
+    """
+    text, error = _parse_body(body)
+    message = f"{label} answered HTTP {status}: {text}"
+    metadata = error.get("metadata") if isinstance(error.get("metadata"), dict) else {}
+    if status == 403 and ("reasons" in metadata or "flagged_input" in metadata):
+        return content_filtered(label, "moderation", {"moderation"}, detail=message)
+    if (public := _context_exceeded(error)) is not None:
+        return BackendError(message, code=ErrorCode.BAD_REQUEST, retryable=False, public=public)
     should_retry = headers.get("x-should-retry")
     retryable = status in _RETRY_STATUSES if should_retry is None else should_retry.lower() == "true"
     code = ErrorCode.BACKEND_ERROR
@@ -170,7 +214,8 @@ def request_json(text: str, what: str) -> object:
     try:
         return json.loads(text) if text.strip() else {}
     except ValueError:
-        raise BackendError(f"{what} is not valid JSON", code=ErrorCode.BAD_REQUEST) from None
+        message = f"{what[:120]} is not valid JSON"  # loomnet's words about the peer's own request
+        raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message) from None
 
 
 class HttpBackend(Backend):
@@ -180,6 +225,9 @@ class HttpBackend(Backend):
         config: the backend's configuration (endpoint, key, timeout, retries).
         default_endpoint: used when ``config.endpoint`` is None.
         transport: an httpx transport to use instead of the network (tests).
+
+    Raises:
+        BackendError: ``BACKEND_UNAVAILABLE`` when the endpoint is not a URL.
     """
 
     def __init__(
@@ -191,9 +239,17 @@ class HttpBackend(Backend):
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
-        self.endpoint = (config.endpoint or default_endpoint).rstrip("/")
+        self._redact = config.redactor()
+        try:
+            url = httpx.URL((config.endpoint or default_endpoint).rstrip("/"))
+        except httpx.InvalidURL as exc:
+            message = f"backend {config.label}: endpoint is not a valid URL ({exc})"
+            raise BackendError(self._redact(message), code=ErrorCode.BACKEND_UNAVAILABLE) from None
+        # the query goes with every request (not into base_url, where httpx would glue the path onto it)
+        self.endpoint = str(url.copy_with(query=None)).rstrip("/")
         self.client = httpx.AsyncClient(
             base_url=self.endpoint,
+            params=url.params,
             headers=headers or {},
             timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, 10.0)),
             transport=transport,
@@ -204,11 +260,22 @@ class HttpBackend(Backend):
     def label(self) -> str:
         return self.config.label
 
+    @property
+    def where(self) -> str:
+        """The endpoint as messages may name it: no credentials, no query."""
+        return shown_url(self.endpoint)
+
+    def redactor(self) -> Redactor:
+        """The key and the endpoint's credentials, in every form."""
+        return self._redact
+
     async def aclose(self) -> None:
         await self.client.aclose()
 
     def _error(self, message: str, **kwargs) -> BackendError:
-        return BackendError(redact(message, self.config.api_key), **kwargs)
+        """A :class:`BackendError` whose message is redacted in every form; ``public``
+        (loomnet's words for a peer) is passed through as given."""
+        return BackendError(self._redact(message), **kwargs)
 
     @asynccontextmanager
     async def map_errors(self, doing: str):
@@ -221,7 +288,7 @@ class HttpBackend(Backend):
             raise self._error(f"{self.label} timed out while {doing}", code=ErrorCode.BACKEND_TIMEOUT, retryable=True) from exc
         except (httpx.ConnectError, httpx.ProxyError) as exc:
             raise self._error(
-                f"{self.label} is unreachable at {self.endpoint} while {doing}: {exc}",
+                f"{self.label} is unreachable at {self.where} while {doing}: {exc}",
                 code=ErrorCode.BACKEND_UNAVAILABLE,
                 retryable=True,
             ) from exc
@@ -243,7 +310,8 @@ class HttpBackend(Backend):
                         body = await response.aread()
                         await response.aclose()
                         e = error_for_status(response.status_code, body, response.headers, label=self.label)
-                        error = self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after)
+                        error = self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after,
+                                            public=e.public)
                         # `retryable` tells the client it may fail over (a 404 may be served
                         # elsewhere); only these statuses are worth asking *this* backend again
                         error.retry_here = e.retryable and (

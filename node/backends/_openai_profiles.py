@@ -25,26 +25,31 @@ lmstudio, llamacpp and vllm add tools and json (plus vision per model where LM S
 ``type: "vlm"`` or llama-server lists an image input modality); llama-cpp-python adds json
 only (its ``response_format`` works with any GGUF; tool calls need special chat handlers).
 
-Everything below is pure: request bodies from :class:`ChatParams`, stream events folded
-by :class:`StreamParser`, whole answers and model lists parsed. Malformed input raises
+Reasoning text comes back in ``reasoning_content`` (llama-server, vLLM before 0.10, LM
+Studio) or ``reasoning`` (OpenRouter, Groq, newer vLLM and LM Studio): each profile lists
+the fields its runtime uses (``reasoning_fields``), read in order, the first non-empty
+one per delta (OpenRouter may repeat the text under both names). OpenAI's own API and
+llama-cpp-python return none.
+
+Everything below is pure: request bodies from :class:`ChatParams` and model lists
+parsed (answers are parsed in ``_openai_answers``). Malformed input raises
 :class:`BackendError`; the adapter redacts and labels it.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 from typing import Any, Literal
 
 import msgspec
 
-from loomnet.protocol import BackendError, ChatMessage, ToolCall
+from loomnet.protocol import ChatMessage
 
-from ._base import ChatParams, Completion, ModelInfo, Usage
+from ._base import ChatParams, ModelInfo
 from ._http import request_json
 
-__all__ = ["PROFILES", "TOKENIZE", "Profile", "StreamParser", "build_body", "parse_completion", "parse_models",
-           "parse_usage", "root_of", "served_context", "token_count"]
+__all__ = ["PROFILES", "TOKENIZE", "Profile", "build_body", "parse_models", "root_of", "served_context",
+           "token_count"]
 
 
 class Profile(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,21 +75,24 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     headers: tuple[tuple[str, str], ...] = ()
     #: one request at a time: the runtime cuts a running stream when another request arrives
     serial: bool = False
+    #: message/delta fields that carry reasoning text, in the order they are read
+    reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")
 
 
 _HOSTED = {"on_premise": False, "needs_key": True, "health": "models"}
 _VISION = ("chat", "tools", "json", "vision")
 PROFILES: dict[str, Profile] = {
     "openai": Profile(endpoint="https://api.openai.com/v1", max_tokens_field="max_completion_tokens",
-                      capabilities=_VISION, **_HOSTED),
-    "groq": Profile(endpoint="https://api.groq.com/openai/v1", **_HOSTED),
+                      capabilities=_VISION, reasoning_fields=(), **_HOSTED),
+    "groq": Profile(endpoint="https://api.groq.com/openai/v1", reasoning_fields=("reasoning",), **_HOSTED),
     "openrouter": Profile(endpoint="https://openrouter.ai/api/v1", ask_stream_usage=False, capabilities=_VISION,
-                          headers=(("X-OpenRouter-Title", "loomnet"),), **_HOSTED),
+                          headers=(("X-OpenRouter-Title", "loomnet"),), reasoning_fields=("reasoning",), **_HOSTED),
     "lmstudio": Profile(endpoint="http://localhost:1234/v1", health="lmstudio"),
     "llamacpp": Profile(endpoint="http://127.0.0.1:8080/v1", fallback_endpoints=("http://127.0.0.1:9931/v1",),
-                        health="health", tokenizer="llama-server"),
+                        health="health", tokenizer="llama-server", reasoning_fields=("reasoning_content",)),
     "llama-cpp-python": Profile(endpoint="http://localhost:8000/v1", ask_stream_usage=False, health="tcp",
-                                tokenizer="llama-cpp-python", capabilities=("chat", "json"), serial=True),
+                                tokenizer="llama-cpp-python", capabilities=("chat", "json"), serial=True,
+                                reasoning_fields=()),
     "vllm": Profile(endpoint="http://localhost:8000/v1", health="health", tokenizer="vllm"),
 }
 
@@ -166,135 +174,6 @@ def build_body(profile: Profile, params: ChatParams, *, stream: bool) -> dict[st
     elif rf is not None and rf.type != "text":
         body["response_format"] = {"type": "json_object"}
     return body
-
-
-def parse_usage(raw: Any) -> Usage | None:
-    """``{"prompt_tokens", "completion_tokens", ...}`` as :class:`Usage`, or None."""
-    if not isinstance(raw, dict):
-        return None
-    prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
-    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-        return None
-    return Usage(input_tokens=prompt, output_tokens=completion, source="backend")
-
-
-def _error_text(error: Any) -> str:
-    if isinstance(error, dict):
-        error = error.get("message") or error.get("error") or json.dumps(error)[:300]
-    return str(error)[:500]
-
-
-def _tool_call(index: int, call_id: Any, name: Any, arguments: Any) -> ToolCall:
-    if not isinstance(name, str) or not name:
-        raise BackendError("backend sent a tool call without a function name", retryable=True)
-    if not isinstance(arguments, str):  # some runtimes send an object, OpenAI a JSON string
-        arguments = json.dumps(arguments if arguments is not None else {})
-    call_id = call_id if isinstance(call_id, str) and call_id else f"call_{index}"
-    return ToolCall(id=call_id, name=name, arguments=arguments or "{}")
-
-
-class StreamParser:
-    """Folds the SSE events of one streamed chat into text, a finish reason, usage and
-    tool calls. Feed every event in order; read the results once the stream has ended.
-
-    Usage is taken from whichever chunk carries it (``choices`` empty, null, missing or
-    not), and Groq's ``x_groq.usage`` when no standard one came; the last one wins.
-    """
-
-    def __init__(self) -> None:
-        self.finish_reason: str | None = None
-        self.usage: Usage | None = None
-        self.done = False  #: ``[DONE]`` arrived
-        self.chunks = 0  #: JSON chunks seen
-        self._calls: dict[int, list[Any]] = {}  # index -> [id, name, argument fragments]
-
-    def feed(self, event: str, data: str) -> str:
-        """The text one event adds ("" for none).
-
-        Raises:
-            BackendError: ``BACKEND_ERROR``, retryable: an ``error`` event or an ``error``
-                key in a chunk (a failure after HTTP 200), or a chunk that is not JSON.
-        """
-        if event == "error":
-            raise BackendError(f"stream failed: {_error_text(_maybe_json(data))}", retryable=True)
-        if data.strip() == "[DONE]":
-            self.done = True
-            return ""
-        chunk = _maybe_json(data)
-        if chunk is data:
-            raise BackendError("backend sent a stream event that is not JSON", retryable=True)
-        self.chunks += 1
-        if not isinstance(chunk, dict):
-            return ""
-        x_groq = chunk.get("x_groq") if isinstance(chunk.get("x_groq"), dict) else {}
-        if chunk.get("error") or x_groq.get("error"):
-            raise BackendError(f"stream failed: {_error_text(chunk.get('error') or x_groq['error'])}", retryable=True)
-        if (usage := parse_usage(chunk.get("usage")) or parse_usage(x_groq.get("usage"))) is not None:
-            self.usage = usage
-        text = []
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            if isinstance(delta.get("content"), str):
-                text.append(delta["content"])
-            for fragment in delta.get("tool_calls") or ():
-                if isinstance(fragment, dict):
-                    self._add_fragment(fragment)
-            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
-                self.finish_reason = choice["finish_reason"]
-        return "".join(text)
-
-    def _add_fragment(self, fragment: dict[str, Any]) -> None:
-        index, call_id = fragment.get("index"), fragment.get("id")
-        if type(index) is not int:  # no index: a new call when a new id comes, else the last
-            known = [i for i, c in self._calls.items() if c[0] == call_id]
-            index = known[0] if known else (len(self._calls) if call_id or not self._calls else max(self._calls))
-        call = self._calls.setdefault(index, [None, None, []])
-        function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
-        call[0] = call[0] or call_id  # id and name come with the first fragment only
-        call[1] = call[1] or function.get("name")
-        if isinstance(function.get("arguments"), str):
-            call[2].append(function["arguments"])
-        elif isinstance(function.get("arguments"), dict):
-            call[2].append(json.dumps(function["arguments"]))
-
-    def tool_calls(self) -> list[ToolCall]:
-        """The complete tool calls, in index order."""
-        return [_tool_call(i, c[0], c[1], "".join(c[2])) for i, c in sorted(self._calls.items())]
-
-
-def _maybe_json(data: str) -> Any:
-    try:
-        return json.loads(data)
-    except ValueError:
-        return data
-
-
-def parse_completion(data: Any) -> Completion:
-    """A whole ``chat.completion`` answer.
-
-    Raises:
-        BackendError: retryable, when the answer carries an ``error`` or has no choice.
-    """
-    if isinstance(data, dict) and data.get("error"):
-        raise BackendError(f"answer is an error: {_error_text(data['error'])}", retryable=True)
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise BackendError("answer has no choices", retryable=True)
-    message = choices[0].get("message") if isinstance(choices[0].get("message"), dict) else {}
-    content = message.get("content")
-    if isinstance(content, list):  # content parts
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    calls = []
-    for i, call in enumerate(message.get("tool_calls") or ()):
-        function = call.get("function") if isinstance(call, dict) and isinstance(call.get("function"), dict) else {}
-        calls.append(_tool_call(i, call.get("id") if isinstance(call, dict) else None, function.get("name"),
-                                function.get("arguments")))
-    finish = choices[0].get("finish_reason")
-    finish = finish if isinstance(finish, str) and finish else ("tool_calls" if calls else "stop")
-    return Completion(text=content if isinstance(content, str) else "", finish_reason=finish,
-                      usage=parse_usage(data.get("usage")), tool_calls=calls)
 
 
 def parse_models(profile: Profile, data: Any, *, n_ctx: int = 0) -> list[ModelInfo]:

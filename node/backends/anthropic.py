@@ -13,7 +13,15 @@ count (each value replaces the last; nothing is summed), ``message_stop`` ends i
 before ``message_stop`` failed (retryable). An ``error`` event may arrive after HTTP
 200 (``overloaded_error``); it becomes a :class:`BackendError`, never text.
 
+Extended thinking arrives as ``thinking`` blocks (``thinking_delta`` text; the
+``signature_delta`` is not text) and streams as :class:`ReasoningDelta`;
+``redacted_thinking`` blocks carry no text and are only counted in ``output_tokens``.
+``stop_reason: refusal`` before any text or tool use is ``CONTENT_FILTERED`` (see
+``_refusal``); after some, the answer finishes as ``content_filter``.
+
 Billed input = ``input_tokens + cache_creation_input_tokens + cache_read_input_tokens``.
+The output count is ``message_delta``'s (``message_start`` has only a placeholder); a
+count the API left out is None.
 
 Not available in the API as used here: JSON mode (a ``response_format`` other than
 text is refused with ``UNSUPPORTED_FEATURE``) and ``seed`` (ignored: no such field).
@@ -21,7 +29,6 @@ text is refused with ``UNSUPPORTED_FEATURE``) and ``seed`` (ignored: no such fie
 
 from __future__ import annotations
 
-import base64
 import json
 from contextlib import AbstractAsyncContextManager
 from typing import Any, AsyncGenerator, AsyncIterator
@@ -30,99 +37,24 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
+from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
+from ._anthropic_wire import DEFAULT_MAX_TOKENS, block_event, counts_of, finish_of, request_body, usage_of
+from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta
 from ._config import BackendConfig
 from ._http import HttpBackend, error_for_status, iter_sse
-from ._http import as_object as _obj, request_json as _loads
+from ._http import as_object as _obj
 
 __all__ = ["API_VERSION", "DEFAULT_ENDPOINT", "DEFAULT_MAX_TOKENS", "AnthropicBackend"]
 
 DEFAULT_ENDPOINT = "https://api.anthropic.com"
 #: the ``anthropic-version`` header sent with every request
 API_VERSION = "2023-06-01"
-#: tokens; the API requires ``max_tokens``; this is sent when a request gives none
-DEFAULT_MAX_TOKENS = 4096
 
-_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
-           "refusal": "content_filter"}
-_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
 #: the HTTP status each error type is documented with: an ``error`` event maps like it
 _ERROR_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
                  "permission_error": 403, "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
                  "api_error": 500, "timeout_error": 504, "overloaded_error": 529}
-_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
-
-
-def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
-    """One chat turn as Messages content blocks."""
-    if message.role == "tool":
-        if not message.tool_call_id:
-            raise BackendError("a tool turn has no tool_call_id", code=ErrorCode.BAD_REQUEST)
-        return [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}]
-    blocks: list[dict[str, Any]] = [
-        {"type": "image", "source": {"type": "base64", "media_type": image.media_type,
-                                     "data": base64.b64encode(image.data).decode("ascii")}}
-        for image in message.images
-    ]
-    if message.content or not (blocks or message.tool_calls):
-        blocks.append({"type": "text", "text": message.content})
-    for call in message.tool_calls:
-        arguments = _loads(call.arguments, f"the arguments of tool call {call.name!r}")
-        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
-    return blocks
-
-
-def _request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
-    """The Messages request for ``params``.
-
-    Raises:
-        BackendError: ``UNSUPPORTED_FEATURE`` for JSON output; ``BAD_REQUEST`` for tool
-            arguments or schemas that are not JSON, or a tool turn without its call id.
-    """
-    if params.response_format is not None and params.response_format.type != "text":
-        message = f"Anthropic has no JSON mode: response_format {params.response_format.type!r} is not supported"
-        raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE)
-    turns: list[dict[str, Any]] = []
-    for message in params.messages:
-        if message.role == "system":
-            continue
-        role = "assistant" if message.role == "assistant" else "user"
-        if turns and turns[-1]["role"] == role:  # the API wants user and assistant to alternate
-            turns[-1]["content"].extend(_blocks(message))
-        else:
-            turns.append({"role": role, "content": _blocks(message)})
-    max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
-    body: dict[str, Any] = {"model": params.model, "max_tokens": max_tokens, "messages": turns, "stream": stream}
-    if system := "\n\n".join(m.content for m in params.messages if m.role == "system" and m.content):
-        body["system"] = system
-    if params.temperature is not None:
-        body["temperature"] = params.temperature
-    if params.tools:
-        body["tools"] = [
-            {"name": t.name, "description": t.description,
-             "input_schema": _loads(t.parameters, f"the parameters of tool {t.name!r}") or {"type": "object"}}
-            for t in params.tools
-        ]
-        if params.tool_choice:
-            body["tool_choice"] = _TOOL_CHOICE.get(params.tool_choice, {"type": "tool", "name": params.tool_choice})
-    return body
-
-
-def _counts(usage: Any) -> dict[str, int]:
-    return {k: v for k, v in _obj(usage).items() if isinstance(v, int)}
-
-
-def _usage(counts: dict[str, int]) -> Usage | None:
-    if "input_tokens" not in counts and "output_tokens" not in counts:
-        return None
-    billed_input = counts.get("input_tokens", 0) + sum(counts.get(field, 0) for field in _CACHE_FIELDS)
-    return Usage(input_tokens=billed_input, output_tokens=counts.get("output_tokens", 0), source="backend")
-
-
-def _finish(stop_reason: Any) -> str:
-    return _FINISH.get(stop_reason, stop_reason) if isinstance(stop_reason, str) else "stop"
 
 
 class AnthropicBackend(HttpBackend):
@@ -152,7 +84,7 @@ class AnthropicBackend(HttpBackend):
         if not self.config.api_key:
             message = f"backend {self.label}: no api-key configured (set api-key = \"${{ANTHROPIC_API_KEY}}\")"
             raise BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
-        return _request_body(params, stream=stream)
+        return request_body(params, stream=stream)
 
     async def _post(self, body: dict[str, Any]) -> httpx.Response:
         request = self.client.build_request("POST", "/v1/messages", json=body)
@@ -194,29 +126,27 @@ class AnthropicBackend(HttpBackend):
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         counts: dict[str, int] = {}
         tools: dict[int, tuple[str, str, Any, list[str]]] = {}  # index -> id, name, input, fragments
-        stop_reason, stopped = None, False
+        stop_reason, stopped, produced = None, False, False
         async with self.open_stream(lambda: self._post(body), "streaming a chat") as response:
             async for sse in iter_sse(response):
                 data = self._decode(sse.data)
                 kind, index = data.get("type", sse.event), data.get("index")
                 index = index if isinstance(index, int) else -1
-                if kind == "content_block_delta":
-                    delta = _obj(data.get("delta"))
-                    if delta.get("type") == "text_delta" and delta.get("text"):
-                        yield TextDelta(str(delta["text"]))
-                    elif delta.get("type") == "input_json_delta" and index in tools:
-                        tools[index][3].append(str(delta.get("partial_json", "")))
-                elif kind == "content_block_start":
-                    block = _obj(data.get("content_block"))
-                    if block.get("type") == "text" and block.get("text"):
-                        yield TextDelta(str(block["text"]))
-                    elif block.get("type") == "tool_use" and index >= 0:
-                        tools[index] = (str(block.get("id", "")), str(block.get("name", "")), block.get("input"), [])
-                elif kind == "message_start":
-                    counts.update(_counts(_obj(data.get("message")).get("usage")))
+                if kind in ("content_block_delta", "content_block_start"):
+                    event = block_event(data, kind)
+                    if isinstance(event, (TextDelta, ReasoningDelta)):
+                        produced |= isinstance(event, TextDelta)
+                        yield event
+                    elif isinstance(event, tuple) and index >= 0:  # a tool_use block starts
+                        tools[index], produced = (*event, []), True
+                    elif isinstance(event, str) and index in tools:  # its input, a fragment
+                        tools[index][3].append(event)
+                elif kind == "message_start":  # its output_tokens is a placeholder
+                    started = counts_of(_obj(data.get("message")).get("usage"))
+                    counts.update({k: v for k, v in started.items() if k != "output_tokens"})
                 elif kind == "message_delta":
                     stop_reason = _obj(data.get("delta")).get("stop_reason") or stop_reason
-                    counts.update(_counts(data.get("usage")))  # cumulative: the last value wins
+                    counts.update(counts_of(data.get("usage")))  # cumulative: the last value wins
                 elif kind == "message_stop":
                     stopped = True  # read on to the end of the body: the connection is reused
         if not stopped:
@@ -225,7 +155,15 @@ class AnthropicBackend(HttpBackend):
             ToolCall(id=call_id, name=name, arguments="".join(parts) or json.dumps(first or {}))
             for _, (call_id, name, first, parts) in sorted(tools.items())
         ]
-        yield Finished(finish_reason=_finish(stop_reason), usage=_usage(counts), tool_calls=calls)
+        finish = self._finish(stop_reason, produced)
+        yield Finished(finish_reason=finish, usage=usage_of(counts), tool_calls=calls)
+
+    def _finish(self, stop_reason: Any, produced: bool) -> str:
+        try:
+            return finish_of(stop_reason, produced, self.label)
+        except BackendError as e:
+            error = self._error(e.message, code=e.code, retryable=e.retryable, public=e.public)
+        raise error from None
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer from one non-streamed request (retried per ``max_retries``).
@@ -236,16 +174,19 @@ class AnthropicBackend(HttpBackend):
         body = self._prepare(params, stream=False)
         async with self.open_stream(lambda: self._post(body), "answering a chat") as response:
             data = self._decode(await response.aread())
-        texts, calls = [], []
+        texts, thoughts, calls = [], [], []
         for block in map(_obj, data.get("content") or []):
             if block.get("type") == "text":
                 texts.append(str(block.get("text", "")))
+            elif block.get("type") == "thinking":
+                thoughts.append(str(block.get("thinking", "")))
             elif block.get("type") == "tool_use":
                 arguments = json.dumps(block.get("input") or {})
                 calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")),
                                       arguments=arguments))
-        finish, usage = _finish(data.get("stop_reason")), _usage(_counts(data.get("usage")))
-        return Completion(text="".join(texts), finish_reason=finish, usage=usage, tool_calls=calls)
+        finish = self._finish(data.get("stop_reason"), any(texts) or bool(calls))
+        return Completion(text="".join(texts), finish_reason=finish, usage=usage_of(counts_of(data.get("usage"))),
+                          tool_calls=calls, reasoning="".join(thoughts))
 
     async def list_models(self) -> list[ModelInfo]:
         """The configured models (chat, tools, vision), with ``max_input_tokens`` as the

@@ -112,7 +112,8 @@ class _Model:
         prompt_tokens = self.prompt_tokens(messages)
         if prompt_tokens >= self.context_length:
             message = f"prompt has {prompt_tokens} tokens; the context window is {self.context_length}"
-            raise BackendError(message, code=ErrorCode.BAD_REQUEST)
+            public = f"the prompt ({prompt_tokens} tokens) does not fit the model's context window ({self.context_length} tokens)"
+            raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=public)
         with _map_llama_errors("generation failed"):
             chunks = self.llm.create_chat_completion(messages=messages, stream=True, **options)
         return prompt_tokens, chunks

@@ -16,13 +16,14 @@ its ``candidates[0].content.parts`` add text and function calls, the last frame 
 
 Usage: input = ``promptTokenCount + toolUsePromptTokenCount`` (cached tokens are part of
 the prompt count); output = ``candidatesTokenCount + thoughtsTokenCount`` (thinking
-is billed as output). Function calls get ids ``call_0``, ``call_1``, ... in order,
-and a ``STOP`` with function calls finishes as ``"tool_calls"``.
+is billed as output), of which ``thoughtsTokenCount`` is reasoning. Function calls get
+ids ``call_0``, ``call_1``, ... in order, and a ``STOP`` with function calls finishes as
+``"tool_calls"``. A blocked prompt or a filtered answer is ``CONTENT_FILTERED``. The
+mapping itself (bodies, frames, usage, refusals) is in ``_gemini_wire``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from contextlib import AbstractAsyncContextManager
 from typing import Any, AsyncGenerator, AsyncIterator
@@ -31,125 +32,16 @@ from urllib.parse import quote
 import httpx
 import trio
 
-from loomnet.protocol import BackendError, ErrorCode, ToolCall
+from loomnet.protocol import BackendError, ErrorCode
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
+from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta
 from ._config import BackendConfig
+from ._gemini_wire import Answer, request_body
 from ._http import HttpBackend, error_for_status, iter_sse
-from ._http import as_object as _obj, request_json as _loads
 
 __all__ = ["DEFAULT_ENDPOINT", "GeminiBackend"]
 
 DEFAULT_ENDPOINT = "https://generativelanguage.googleapis.com/v1beta"
-
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
-_FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
-_MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
-
-
-def _request_body(params: ChatParams) -> dict[str, Any]:
-    """The ``GenerateContentRequest`` for ``params``.
-
-    Raises:
-        BackendError: ``BAD_REQUEST`` for arguments or schemas that are not JSON, or a
-            tool turn that answers no earlier call.
-    """
-    contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id -> function name, for functionResponse
-    for message in params.messages:
-        if message.role == "system":
-            continue
-        parts: list[dict[str, Any]] = []
-        if message.role == "tool":
-            if message.tool_call_id not in names:
-                message_text = f"a tool turn answers no earlier tool call (id {message.tool_call_id!r})"
-                raise BackendError(message_text, code=ErrorCode.BAD_REQUEST)
-            response = {"name": names[message.tool_call_id], "response": {"content": message.content}}
-            parts.append({"functionResponse": response})
-        else:
-            for image in message.images:
-                data = base64.b64encode(image.data).decode("ascii")
-                parts.append({"inlineData": {"mimeType": image.media_type, "data": data}})
-            if message.content or not (parts or message.tool_calls):
-                parts.append({"text": message.content})
-            for call in message.tool_calls:
-                names[call.id] = call.name
-                args = _loads(call.arguments, f"the arguments of tool call {call.name!r}")
-                parts.append({"functionCall": {"name": call.name, "args": args}})
-        role = "model" if message.role == "assistant" else "user"
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-    body: dict[str, Any] = {"contents": contents}
-    if system := "\n\n".join(m.content for m in params.messages if m.role == "system" and m.content):
-        body["systemInstruction"] = {"parts": [{"text": system}]}
-    config: dict[str, Any] = {}
-    if params.temperature is not None:
-        config["temperature"] = params.temperature
-    if params.max_tokens is not None:
-        config["maxOutputTokens"] = params.max_tokens
-    if params.seed is not None:
-        config["seed"] = params.seed
-    if (fmt := params.response_format) is not None and fmt.type != "text":
-        config["responseMimeType"] = "application/json"
-        if fmt.type == "json_schema" and fmt.schema:
-            config["responseSchema"] = _loads(fmt.schema, "the response_format schema")
-    if config:
-        body["generationConfig"] = config
-    if params.tools:
-        declarations = []
-        for tool in params.tools:
-            declaration: dict[str, Any] = {"name": tool.name, "description": tool.description}
-            if schema := _loads(tool.parameters, f"the parameters of tool {tool.name!r}"):
-                declaration["parameters"] = schema
-            declarations.append(declaration)
-        body["tools"] = [{"functionDeclarations": declarations}]
-        if params.tool_choice:
-            mode = _MODES.get(params.tool_choice)
-            calling = {"mode": mode} if mode else {"mode": "ANY", "allowedFunctionNames": [params.tool_choice]}
-            body["toolConfig"] = {"functionCallingConfig": calling}
-    return body
-
-
-class _Answer:
-    """What the ``GenerateContentResponse`` frames of one answer add up to."""
-
-    def __init__(self) -> None:
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.calls: list[ToolCall] = []
-
-    def feed(self, frame: dict[str, Any]) -> list[str]:
-        """Take one frame; return its text parts in order."""
-        texts: list[str] = []
-        candidates = frame.get("candidates")
-        if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-            candidate = candidates[0]
-            for part in map(_obj, _obj(candidate.get("content")).get("parts") or []):
-                if isinstance(text := part.get("text"), str) and text:
-                    texts.append(text)
-                elif isinstance(call := part.get("functionCall"), dict):
-                    name, arguments = str(call.get("name", "")), json.dumps(call.get("args") or {})
-                    self.calls.append(ToolCall(id=f"call_{len(self.calls)}", name=name, arguments=arguments))
-            if candidate.get("finishReason"):
-                self.finish_reason = str(candidate["finishReason"])
-        if isinstance(frame.get("usageMetadata"), dict):
-            self.usage = frame["usageMetadata"]  # complete on the final frame
-        return texts
-
-    def finished(self) -> Finished:
-        reason = self.finish_reason or "STOP"
-        finish = "content_filter" if reason in _FILTERED else _FINISH.get(reason, reason.lower())
-        if finish == "stop" and self.calls:
-            finish = "tool_calls"
-        usage = None
-        if self.usage is not None:
-            n = {key: value for key, value in self.usage.items() if isinstance(value, int)}
-            usage = Usage(input_tokens=n.get("promptTokenCount", 0) + n.get("toolUsePromptTokenCount", 0),
-                          output_tokens=n.get("candidatesTokenCount", 0) + n.get("thoughtsTokenCount", 0),
-                          source="backend")
-        return Finished(finish_reason=finish, usage=usage, tool_calls=self.calls)
 
 
 class GeminiBackend(HttpBackend):
@@ -179,7 +71,7 @@ class GeminiBackend(HttpBackend):
         if not self.config.api_key:
             message = f"backend {self.label}: no api-key configured (set api-key = \"${{GEMINI_API_KEY}}\")"
             raise BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
-        return _request_body(params)
+        return request_body(params)
 
     async def _post(self, model: str, method: str, body: dict[str, Any]) -> httpx.Response:
         model = model.removeprefix("models/")
@@ -204,7 +96,8 @@ class GeminiBackend(HttpBackend):
         return data
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
-        """Stream one chat: :class:`TextDelta` per text part, then :class:`Finished`.
+        """Stream one chat: :class:`ReasoningDelta` per thought part, :class:`TextDelta` per
+        text part, then :class:`Finished`.
 
         Resource handling: one pooled connection, released when the ``async with`` ends.
 
@@ -215,21 +108,30 @@ class GeminiBackend(HttpBackend):
         Cancellation: leaving the ``async with`` closes the connection.
 
         Raises:
-            BackendError: at once for a missing key or unusable JSON in the request.
+            BackendError: at once for a missing key or unusable JSON in the request;
+                ``CONTENT_FILTERED`` (when the stream ends) for a blocked prompt or an
+                answer a filter stopped before any text.
         """
         return self._stream(params.model, self._prepare(params))
 
     @trio.as_safe_channel
     async def _stream(self, model: str, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
-        answer = _Answer()
+        answer = Answer()
         send = lambda: self._post(model, "streamGenerateContent", body)  # noqa: E731
         async with self.open_stream(send, "streaming a chat") as response:
             async for sse in iter_sse(response):
-                for text in answer.feed(self._decode(sse.data)):
-                    yield TextDelta(text)
-        if answer.finish_reason is None:
+                for event in answer.feed(self._decode(sse.data)):
+                    yield event
+        if not answer.ended:
             raise self._error(f"{self.label} ended the stream without a finishReason", retryable=True)
-        yield answer.finished()
+        yield self._finished(answer)
+
+    def _finished(self, answer: Answer) -> Finished:
+        try:
+            return answer.finished()
+        except BackendError as e:
+            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable, public=e.public)
+        raise error from None
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer from one ``generateContent`` call (retried per ``max_retries``).
@@ -239,12 +141,14 @@ class GeminiBackend(HttpBackend):
         """
         body = self._prepare(params)
         send = lambda: self._post(params.model, "generateContent", body)  # noqa: E731
-        answer = _Answer()
+        answer = Answer()
         async with self.open_stream(send, "answering a chat") as response:
-            text = "".join(answer.feed(self._decode(await response.aread())))
-        finished = answer.finished()
+            events = answer.feed(self._decode(await response.aread()))
+        finished = self._finished(answer)
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        thoughts = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
         return Completion(text=text, finish_reason=finished.finish_reason, usage=finished.usage,
-                          tool_calls=finished.tool_calls)
+                          tool_calls=finished.tool_calls, reasoning=thoughts)
 
     async def list_models(self) -> list[ModelInfo]:
         """The configured models, with capabilities chat, tools, json and vision.

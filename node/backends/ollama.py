@@ -12,12 +12,12 @@ What Ollama cannot do: there is no ``tool_choice`` (requests with one other than
 ``"auto"`` fail with ``UNSUPPORTED_FEATURE`` so another executor can serve them), no
 tokenize endpoint (``count_tokens`` is None; usage comes from the ``done`` line), and
 tool calls have no id (we number them ``call_0``, ``call_1``, ... in each answer).
-``thinking`` text is never passed on as output.
+``thinking`` text streams as :class:`ReasoningDelta`, never as output text. The wire
+mapping itself (bodies, lines, counts) is in ``_ollama_wire``.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any, AsyncGenerator, AsyncIterator
@@ -25,11 +25,12 @@ from typing import Any, AsyncGenerator, AsyncIterator
 import httpx
 import trio
 
-from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
+from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta, Usage
+from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta, Usage
 from ._config import BackendConfig
-from ._http import MAX_LINE, HttpBackend, iter_ndjson, request_json
+from ._http import MAX_LINE, HttpBackend, iter_ndjson
+from ._ollama_wire import build_chat_request, ending, message_of, tool_calls_of
 
 __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_request"]
 
@@ -37,97 +38,6 @@ __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_
 DEFAULT_ENDPOINT = "http://127.0.0.1:11434"
 #: ``/api/show`` requests in flight at once while listing models
 SHOW_CONCURRENCY = 4
-
-
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    """JSON text that must hold an object (Ollama wants objects where we carry text)."""
-    value = request_json(text, what)
-    if not isinstance(value, dict):
-        raise BackendError(f"{what} is not a JSON object", code=ErrorCode.BAD_REQUEST)
-    return value
-
-
-def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Our chat turns as Ollama's: images as base64, tool arguments as objects, and tool
-    turns named by the latest earlier assistant call with their ``tool_call_id``."""
-    tool_names: dict[str, str] = {}
-    out: list[dict[str, Any]] = []
-    for m in messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.images:
-            item["images"] = [base64.b64encode(image.data).decode("ascii") for image in m.images]
-        if m.tool_calls:
-            args = [_json_object(c.arguments, f"arguments of tool call {c.name!r}") for c in m.tool_calls]
-            item["tool_calls"] = [{"function": {"name": c.name, "arguments": a}} for c, a in zip(m.tool_calls, args)]
-            tool_names.update((c.id, c.name) for c in m.tool_calls)
-        if m.role == "tool" and m.tool_call_id in tool_names:
-            item["tool_name"] = tool_names[m.tool_call_id]
-        out.append(item)
-    return out
-
-
-def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
-    """The ``POST /api/chat`` body for ``params``. Pure: no I/O.
-
-    Raises:
-        BackendError: ``UNSUPPORTED_FEATURE`` (retryable: another executor may serve it)
-            for a ``tool_choice`` other than None or ``"auto"``; ``BAD_REQUEST`` when tool
-            arguments, tool parameters or a response schema are not JSON objects.
-    """
-    if params.tool_choice not in (None, "auto"):
-        message = f"Ollama has no tool_choice; cannot honour {params.tool_choice!r}"
-        raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, retryable=True)
-    body: dict[str, Any] = {"model": params.model, "messages": _messages(params.messages), "stream": stream}
-    if params.tools:
-        body["tools"] = [{"type": "function", "function": {
-            "name": t.name, "description": t.description,
-            "parameters": _json_object(t.parameters, f"parameters of tool {t.name!r}")}} for t in params.tools]
-    fmt = params.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
-        body["format"] = _json_object(fmt.schema, "the response schema")
-    elif fmt is not None and fmt.type != "text":
-        body["format"] = "json"
-    settings = (("temperature", params.temperature), ("seed", params.seed), ("num_predict", params.max_tokens))
-    if options := {key: value for key, value in settings if value is not None}:
-        body["options"] = options
-    return body
-
-
-def _tool_calls(message: dict[str, Any], first: int) -> list[ToolCall]:
-    """Whole tool calls of one line, numbered from ``first``; arguments as compact JSON."""
-    calls = []
-    for n, raw in enumerate(message.get("tool_calls") or [], first):
-        function = raw.get("function") if isinstance(raw, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
-            raise BackendError("Ollama sent a tool call without a function name", retryable=True)
-        arguments = function.get("arguments", {})
-        if not isinstance(arguments, str):
-            arguments = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
-        calls.append(ToolCall(id=f"call_{n}", name=name, arguments=arguments))
-    return calls
-
-
-def _ending(line: dict[str, Any], calls: list[ToolCall]) -> tuple[str, Usage | None]:
-    """Finish reason and usage of a ``done: true`` object; a missing count is 0, none at all
-    is no usage (the executor then counts itself)."""
-    reason = "tool_calls" if calls else str(line.get("done_reason") or "stop")[:64]
-    if "prompt_eval_count" not in line and "eval_count" not in line:
-        return reason, None
-    counts = [line.get(key, 0) for key in ("prompt_eval_count", "eval_count")]
-    if not all(isinstance(c, int) and c >= 0 for c in counts):
-        raise BackendError(f"Ollama sent token counts that are not counts: {counts}", retryable=True)
-    return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _message(line: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """A line's ``message`` object and its text ("" when absent)."""
-    message = _dict(line.get("message"))
-    return message, message["content"] if isinstance(message.get("content"), str) else ""
 
 
 class OllamaBackend(HttpBackend):
@@ -157,6 +67,13 @@ class OllamaBackend(HttpBackend):
             raise BackendError(message, code=ErrorCode.UNKNOWN_MODEL, retryable=True)
         return build_chat_request(params, stream=stream)
 
+    def _ending(self, line: dict[str, Any], calls: list[ToolCall], produced: bool) -> tuple[str, Usage | None]:
+        try:
+            return ending(line, calls, produced=produced)
+        except BackendError as e:
+            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable, public=e.public)
+        raise error from None
+
     def _sender(self, method: str, path: str, body: dict[str, Any] | None = None):
         """What ``open_stream`` calls for each attempt: a fresh request each time."""
         return lambda: self.client.send(self.client.build_request(method, path, json=body), stream=True)
@@ -166,7 +83,8 @@ class OllamaBackend(HttpBackend):
         return self._error(f"{self.label} failed mid-answer: {str(line['error'])[:500]}", retryable=True)
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
-        """``TextDelta`` per ``message.content``, then :class:`Finished` with Ollama's usage.
+        """``ReasoningDelta`` per ``message.thinking``, ``TextDelta`` per ``message.content``,
+        then :class:`Finished` with Ollama's usage.
 
         Resource handling: one pooled connection, released when the ``async with`` exits.
         Cancellation: leaving the ``async with`` closes the response and its connection.
@@ -175,23 +93,28 @@ class OllamaBackend(HttpBackend):
             BackendError: ``UNSUPPORTED_FEATURE`` / ``BAD_REQUEST`` / ``UNKNOWN_MODEL`` at once.
                 Later ones end the ``async for``, then ``async with`` raises: an HTTP status
                 (after retries); ``BACKEND_TIMEOUT`` when no byte comes in ``config.timeout``;
-                ``BACKEND_ERROR``, retryable, for an error line, a dropped connection or no done line.
+                ``BACKEND_ERROR``, retryable, for an error line, a dropped connection or no done line;
+                ``BACKEND_UNAVAILABLE``, retryable, when Ollama only loaded the model.
         """
         return self._stream(self._request(params, stream=True))
 
     @trio.as_safe_channel
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         calls: list[ToolCall] = []
+        produced = False
         async with self.open_stream(self._sender("POST", "/api/chat", body), "streaming a chat") as response:
             async for line in iter_ndjson(response):
                 if "error" in line:
                     raise self._line_error(line)
-                message, text = _message(line)
+                message, text, thinking = message_of(line)
+                if thinking:
+                    yield ReasoningDelta(thinking)
                 if text:
                     yield TextDelta(text)
-                calls += _tool_calls(message, len(calls))
+                calls += tool_calls_of(message, len(calls))
+                produced |= bool(text or thinking or calls)
                 if line.get("done") is True:
-                    reason, usage = _ending(line, calls)
+                    reason, usage = self._ending(line, calls, produced)
                     yield Finished(finish_reason=reason, usage=usage, tool_calls=calls)
                     return
         raise self._error(f"{self.label}: the chat stream ended early, without its done line", retryable=True)
@@ -207,10 +130,10 @@ class OllamaBackend(HttpBackend):
             raise self._line_error(answer)
         if answer.get("done") is not True:
             raise self._error(f"{self.label} answered a chat without done: true", retryable=True)
-        message, text = _message(answer)
-        calls = _tool_calls(message, 0)
-        reason, usage = _ending(answer, calls)
-        return Completion(text=text, finish_reason=reason, usage=usage, tool_calls=calls)
+        message, text, thinking = message_of(answer)
+        calls = tool_calls_of(message, 0)
+        reason, usage = self._ending(answer, calls, bool(text or thinking or calls))
+        return Completion(text=text, finish_reason=reason, usage=usage, tool_calls=calls, reasoning=thinking)
 
     async def _fetch_json(self, method: str, path: str, body: dict[str, Any] | None, doing: str) -> dict[str, Any]:
         """One JSON object (retried like a stream's start), read to at most ``MAX_LINE`` bytes."""
@@ -281,9 +204,10 @@ class OllamaBackend(HttpBackend):
             return None  # an embedding model
         theirs = theirs if isinstance(theirs, list) else []  # an older Ollama: plain chat
         capabilities = ["chat"] + ["tools"] * ("tools" in theirs) + ["json"] + ["vision"] * ("vision" in theirs)
-        info = _dict(show.get("model_info"))
+        info = show.get("model_info") if isinstance(show.get("model_info"), dict) else {}
         context = info.get(f"{info.get('general.architecture')}.context_length")
-        quantization = _dict(entry.get("details")).get("quantization_level")
+        details = entry.get("details") if isinstance(entry.get("details"), dict) else {}
+        quantization = details.get("quantization_level")
         return ModelInfo(name=name, context_length=context if isinstance(context, int) and context > 0 else 0,
                          capabilities=capabilities, quantization=str(quantization) if quantization else None)
 

@@ -34,11 +34,11 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode
 
-from ._base import ChatParams, Completion, Finished, ModelInfo, StreamEvent, TextDelta
+from ._base import ChatParams, Completion, ModelInfo, StreamEvent
 from ._config import BackendConfig
 from ._http import HttpBackend, iter_sse
-from ._openai_profiles import (PROFILES, TOKENIZE, Profile, StreamParser, build_body, parse_completion, parse_models,
-                               root_of, served_context, token_count)
+from ._openai_answers import StreamParser, parse_completion
+from ._openai_profiles import PROFILES, TOKENIZE, Profile, build_body, parse_models, root_of, served_context, token_count
 
 __all__ = ["OpenAICompatBackend"]
 
@@ -80,7 +80,7 @@ class OpenAICompatBackend(HttpBackend):
         self._turn = trio.Semaphore(1) if profile.serial else None
 
     def __repr__(self) -> str:
-        return f"OpenAICompatBackend(provider={self.kind!r}, endpoint={self.endpoint!r})"
+        return f"OpenAICompatBackend(provider={self.kind!r}, endpoint={self.where!r})"
 
     async def __aenter__(self) -> "OpenAICompatBackend":
         self._check_config()
@@ -116,7 +116,7 @@ class OpenAICompatBackend(HttpBackend):
         try:
             return fn(*args, **kwargs)
         except BackendError as e:
-            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable)
+            error = self._error(f"{self.label}: {e.message}", code=e.code, retryable=e.retryable, public=e.public)
         raise error from None  # outside ``except``: the unredacted original is not even its context
 
     @asynccontextmanager
@@ -149,8 +149,8 @@ class OpenAICompatBackend(HttpBackend):
     # ------------------------------------------------------------------ chat
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
-        """A :class:`TextDelta` per content delta, then :class:`Finished` with the runtime's
-        usage (None when the stream carried none) and the assembled tool calls.
+        """A :class:`ReasoningDelta` or :class:`TextDelta` per delta, then :class:`Finished`
+        with the runtime's usage (None if the stream had none) and the assembled tool calls.
 
         Resource handling: one pooled connection, released when the ``async with`` ends.
 
@@ -163,7 +163,8 @@ class OpenAICompatBackend(HttpBackend):
         Raises:
             BackendError: ``BACKEND_UNAVAILABLE`` (no key), ``UNKNOWN_MODEL`` (not in
                 ``config.models``) and ``BAD_REQUEST`` (a tool schema that is not JSON) at
-                once; later failures end the ``async for`` early, then ``async with`` raises.
+                once; later ones (``CONTENT_FILTERED``: only a refusal) end the ``async for``
+                early, then ``async with`` raises.
         """
         self._check_config(params.model)
         return self._stream(self._pure(build_body, self.profile, params, stream=True))
@@ -172,23 +173,21 @@ class OpenAICompatBackend(HttpBackend):
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         await self._ready()
         request = self.client.build_request("POST", "chat/completions", json=body)
-        parser = StreamParser()
+        parser = StreamParser(self.profile)
         self._active_streams += 1
         try:
             async with self._open(request, "streaming a chat") as response:
                 async for event in iter_sse(response):
-                    text = self._pure(parser.feed, event.event, event.data)
-                    if text:
-                        yield TextDelta(text)
+                    for delta in self._pure(parser.feed, event.event, event.data):
+                        yield delta
                     if parser.done:
                         break
         finally:
             self._active_streams -= 1
         if not parser.chunks:
-            message = f"{self.label} answered HTTP 200 without any stream event; is {self.endpoint} OpenAI-compatible?"
+            message = f"{self.label} answered HTTP 200 without any stream event; is {self.where} OpenAI-compatible?"
             raise self._error(message, retryable=True)
-        calls = self._pure(parser.tool_calls)
-        yield Finished(finish_reason=parser.finish_reason or "interrupted", usage=parser.usage, tool_calls=calls)
+        yield self._pure(parser.finished)
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer from one ``stream: false`` request; see :meth:`stream_chat`."""
@@ -196,7 +195,7 @@ class OpenAICompatBackend(HttpBackend):
         body = self._pure(build_body, self.profile, params, stream=False)
         await self._ready()
         data = await self._fetch_json("POST", "chat/completions", "asking for a chat", json=body)
-        return self._pure(parse_completion, data)
+        return self._pure(parse_completion, self.profile, data)
 
     # ------------------------------------------------------------------ models, health, tokens
 

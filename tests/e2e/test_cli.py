@@ -56,7 +56,8 @@ def test_executor_prints_how_to_chat_and_chat_streams_with_usage(executor_proces
     assert "peer id : 12D3KooW" in ready and "/p2p/12D3KooW" in ready
     assert 'loomnet chat "Hello, who are you?"' in ready
 
-    chat = run(env, "chat", "Name a colour.", "--max-tokens", "12")
+    # sampling fixed: a sampled model may say nothing at all
+    chat = run(env, "chat", "Name a colour.", "--max-tokens", "12", "--temperature", "0", "--seed", "1")
     assert chat.returncode == 0, chat.stderr
     assert chat.stdout.strip()
     usage = chat.stderr.strip().splitlines()[-1]

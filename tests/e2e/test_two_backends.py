@@ -43,22 +43,26 @@ async def test_embedded_and_openai_compatible_both_served_over_libp2p(nursery, t
     await nursery.start(executor.run)
     client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]], discover_local=False))
     await nursery.start(client.run)
-    with trio.fail_after(120):
+    with trio.fail_after(240):  # two models on two shared cores
         names = {o.model.name for o in await client.wait_for_offers(timeout=10)}
         assert names == {"smollm2-135m", SERVER_MODEL}
         embedded = await client.chat(QUESTION, model="smollm2-135m", max_tokens=16, temperature=0.0)
         served = await client.chat(QUESTION, model="server", max_tokens=16, temperature=0.0, seed=5)
     assert embedded.text and served.text
     assert embedded.receipt.count_source == "tokenizer"
-    # llama_cpp.server sends no usage in streams: the output is counted by its own tokenizer,
-    # and equals the usage it reports for the same request asked whole
+    # llama_cpp.server sends no usage in streams: the output is counted by its own tokenizer
     async with httpx.AsyncClient(timeout=60) as http:
+        counted = (await http.post(llama_server + "/extras/tokenize/count",
+                                   json={"model": SERVER_MODEL, "input": served.text})).json()["count"]
         whole = (await http.post(llama_server + "/v1/chat/completions", json={
             "model": SERVER_MODEL, "messages": [{"role": "user", "content": "Name two animals."}],
             "max_tokens": 16, "temperature": 0.0, "seed": 5,
         })).json()
-    assert whole["choices"][0]["message"]["content"] == served.text
-    assert served.receipt.output_tokens == whole["usage"]["completion_tokens"]
+    assert served.receipt.output_tokens == counted
+    # and, when greedy decoding gave the same text again (nearly always: the cached prompt is
+    # evaluated in another batch shape, so a near tie may flip), what the server bills for it
+    if whole["choices"][0]["message"]["content"] == served.text:
+        assert served.receipt.output_tokens == whole["usage"]["completion_tokens"]
     assert served.receipt.count_source == "tiktoken"  # the prompt needed tiktoken: the weaker source is named
     assert served.receipt.price_out == 1_000_000 and served.receipt.cost > 0
 

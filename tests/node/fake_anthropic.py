@@ -6,6 +6,10 @@ alternate, no ``system`` role, a known model), records every request, and answer
 the wire facts (A6) describe: named SSE events without ``[DONE]``, ``ping`` events,
 ``message_start`` input usage with a placeholder output count, a cumulative
 ``output_tokens`` in ``message_delta``, errors as ``{"type": "error", "error": {...}}``.
+Extended thinking comes first, as a ``thinking`` block (``thinking_delta`` events, then
+a ``signature_delta``; whole: ``{"type": "thinking", "thinking", "signature"}``), or as a
+``redacted_thinking`` block (``data`` only, no text). A refused prompt is HTTP 200 with
+``stop_reason: "refusal"`` and no content.
 
 Configure it per test by setting attributes; faults are opt-in.
 """
@@ -53,13 +57,19 @@ class FakeAnthropic:
     text: list[str] = field(default_factory=lambda: ["Hello", ", world", "!"])
     #: (id, name, input JSON fragments) of tool_use blocks after the text
     tool_calls: list[tuple[str, str, list[str]]] = field(default_factory=list)
+    #: extended thinking, a block before the text
+    thinking: list[str] = field(default_factory=list)
+    redacted_thinking: bool = False
     stop_reason: str = "end_turn"
     input_tokens: int = 12
     output_tokens: int = 7
     cache_creation: int = 3
     cache_read: int = 5
+    #: message_delta carries its usage (the cumulative output count)
+    delta_usage: bool = True
     # stream faults
     error_event: str | None = None  #: error type sent after the first text delta
+    error_message: str = "Overloaded"  #: its message
     drop_after_first_delta: bool = False
     omit_message_stop: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
@@ -86,7 +96,10 @@ class FakeAnthropic:
             return await send_json(send, 200, self._model(scope["path"].rsplit("/", 1)[1]))
         if body.get("stream"):
             return await self._stream(send, body["model"])
-        content = [{"type": "text", "text": "".join(self.text)}] if self.text else []
+        content = [{"type": "thinking", "thinking": "".join(self.thinking), "signature": "EqQBCgIYAh=="}]
+        content = content if self.thinking else []
+        content += [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va=="}] if self.redacted_thinking else []
+        content += [{"type": "text", "text": "".join(self.text)}] if self.text else []
         for call_id, name, fragments in self.tool_calls:
             arguments = json.loads("".join(fragments) or "{}")
             content.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
@@ -136,19 +149,36 @@ class FakeAnthropic:
         await event({"type": "message_start", "message": self._message(model, [], None)})
         await event({"type": "ping"})
         index = 0
+        if self.thinking:
+            block = {"type": "thinking", "thinking": ""}
+            await event({"type": "content_block_start", "index": index, "content_block": block})
+            for piece in self.thinking:
+                delta = {"type": "thinking_delta", "thinking": piece}
+                await event({"type": "content_block_delta", "index": index, "delta": delta})
+            delta = {"type": "signature_delta", "signature": "EqQBCgIYAh=="}
+            await event({"type": "content_block_delta", "index": index, "delta": delta})
+            await event({"type": "content_block_stop", "index": index})
+            index += 1
+        if self.redacted_thinking:
+            block = {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va=="}
+            await event({"type": "content_block_start", "index": index, "content_block": block})
+            await event({"type": "content_block_stop", "index": index})
+            index += 1
         if self.text:
-            await event({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
+            block = {"type": "text", "text": ""}
+            await event({"type": "content_block_start", "index": index, "content_block": block})
             for n, piece in enumerate(self.text):
-                await event({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}})
+                delta = {"type": "text_delta", "text": piece}
+                await event({"type": "content_block_delta", "index": index, "delta": delta})
                 if n == 0 and self.error_event:
-                    body = {"type": "error", "error": {"type": self.error_event, "message": "Overloaded"}}
+                    body = {"type": "error", "error": {"type": self.error_event, "message": self.error_message}}
                     await send_chunk(send, f"event: error\ndata: {json.dumps(body)}\n\n", more=False)
                     return
                 if n == 0 and self.drop_after_first_delta:
                     raise DropConnection
                 await event({"type": "ping"})
-            await event({"type": "content_block_stop", "index": 0})
-            index = 1
+            await event({"type": "content_block_stop", "index": index})
+            index += 1
         for call_id, name, fragments in self.tool_calls:
             block = {"type": "tool_use", "id": call_id, "name": name, "input": {}}
             await event({"type": "content_block_start", "index": index, "content_block": block})
@@ -158,7 +188,8 @@ class FakeAnthropic:
             await event({"type": "content_block_stop", "index": index})
             index += 1
         delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
-        await event({"type": "message_delta", "delta": delta, "usage": {"output_tokens": self.output_tokens}})
+        usage = {"usage": {"output_tokens": self.output_tokens}} if self.delta_usage else {}
+        await event({"type": "message_delta", "delta": delta, **usage})
         if not self.omit_message_stop:
             await event({"type": "message_stop"})
         await send_chunk(send, b"", more=False)

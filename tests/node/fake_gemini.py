@@ -6,7 +6,12 @@ Served under ``/v1beta``. It checks the ``x-goog-api-key`` header, the
 wire facts (A7) describe: with ``alt=sse`` one ``GenerateContentResponse`` per
 ``data:`` event and no ``[DONE]``, partial ``usageMetadata`` on every frame and the
 complete one with ``finishReason`` on the last; without ``alt=sse`` a JSON array;
-errors as ``{"error": {"code", "message", "status"}}``.
+errors as ``{"error": {"code", "message", "status"}}``. ``usageMetadata`` is proto3 JSON:
+a count that is 0 is left out. A blocked prompt is one frame with
+``promptFeedback.blockReason`` and no candidates; a candidate a filter stopped
+(``finishReason: SAFETY``, ...) before any text has no ``content``. Thought summaries
+(what the API sends with ``thinkingConfig.includeThoughts``) are text parts with
+``"thought": true`` before the answer.
 
 Configure it per test by setting attributes; faults are opt-in.
 """
@@ -56,12 +61,17 @@ class FakeGemini:
     text: list[str] = field(default_factory=lambda: ["Hello", ", world", "!"])
     #: (name, args object) of functionCall parts on the last frame
     function_calls: list[tuple[str, dict]] = field(default_factory=list)
+    #: thought summaries, parts with ``"thought": true`` before the text
+    thoughts: list[str] = field(default_factory=list)
     finish_reason: str = "STOP"
+    #: the prompt is blocked: one frame with promptFeedback.blockReason, no candidates
+    block_reason: str | None = None
     usage: dict = field(default_factory=lambda: {
         "promptTokenCount": 11, "candidatesTokenCount": 6, "thoughtsTokenCount": 4,
         "toolUsePromptTokenCount": 2, "cachedContentTokenCount": 5, "totalTokenCount": 23})
     # stream faults
     error_frame: int | None = None  #: an error code sent as a frame after the first text
+    error_message: str = "The model is overloaded."  #: its message
     drop_after_first_frame: bool = False
     omit_finish_reason: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
@@ -94,7 +104,7 @@ class FakeGemini:
             await send_chunk(send, f"data: {json.dumps(frame)}\r\n\r\n")
             if n == 0 and self.error_frame is not None:
                 code = self.error_frame
-                error = {"error": {"code": code, "message": "The model is overloaded.", "status": _STATUS[code]}}
+                error = {"error": {"code": code, "message": self.error_message, "status": _STATUS[code]}}
                 await send_chunk(send, f"data: {json.dumps(error)}\r\n\r\n", more=False)
                 return
             if n == 0 and self.drop_after_first_frame:
@@ -122,10 +132,18 @@ class FakeGemini:
         return None
 
     def _frames(self) -> list[dict]:
+        if self.block_reason is not None:
+            prompt = self.usage["promptTokenCount"]
+            feedback = {"blockReason": self.block_reason, "safetyRatings": _RATINGS}
+            usage = {"promptTokenCount": prompt, "totalTokenCount": prompt}
+            return [{"promptFeedback": feedback, "usageMetadata": usage, "modelVersion": self.models[0]}]
         frames = []
+        thoughts = [{"text": t, "thought": True} for t in self.thoughts]
         pieces = self.text or [""]
         for n, piece in enumerate(pieces):
-            parts: list[dict] = [{"text": piece}] if piece else []
+            parts: list[dict] = ([{"text": piece}] if piece else [])
+            if n == 0:
+                parts = thoughts + parts
             candidate: dict = {"content": {"parts": parts, "role": "model"}, "index": 0}
             usage = {"promptTokenCount": self.usage["promptTokenCount"], "candidatesTokenCount": n + 1,
                      "totalTokenCount": self.usage["promptTokenCount"] + n + 1}
@@ -134,16 +152,29 @@ class FakeGemini:
                 if not self.omit_finish_reason:
                     candidate["finishReason"] = self.finish_reason
                     usage = dict(self.usage)
+                if not parts and self.finish_reason not in ("STOP", "MAX_TOKENS"):
+                    del candidate["content"]  # stopped by a filter before any text
+                    candidate["safetyRatings"] = _RATINGS
+            usage = {key: value for key, value in usage.items() if value != 0}  # proto3 JSON
             frames.append({"candidates": [candidate], "usageMetadata": usage, "modelVersion": self.models[0]})
         return frames
 
 
+_RATINGS = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True}]
+
+
 def _merge(frames: list[dict]) -> dict:
     """The one response ``generateContent`` gives for what the stream would send."""
-    parts = [p for f in frames for p in f["candidates"][0]["content"]["parts"]]
-    texts = "".join(p["text"] for p in parts if "text" in p)
-    merged = ([{"text": texts}] if texts else []) + [p for p in parts if "text" not in p]
-    candidate = dict(frames[-1]["candidates"][0], content={"parts": merged, "role": "model"})
+    if "candidates" not in frames[-1]:  # a blocked prompt
+        return frames[-1]
+    parts = [p for f in frames for p in f["candidates"][0].get("content", {}).get("parts", [])]
+    thoughts = "".join(p["text"] for p in parts if p.get("thought"))
+    texts = "".join(p["text"] for p in parts if "text" in p and not p.get("thought"))
+    merged = ([{"text": thoughts, "thought": True}] if thoughts else []) + ([{"text": texts}] if texts else [])
+    merged += [p for p in parts if "text" not in p]
+    candidate = dict(frames[-1]["candidates"][0])
+    if "content" in candidate:
+        candidate["content"] = {"parts": merged, "role": "model"}
     return dict(frames[-1], candidates=[candidate])
 
 

@@ -9,12 +9,19 @@ built from shared/reference/backend-wire-facts.md §A2 alone:
 * ``POST /api/show`` ``{model}`` → ``details``, ``model_info`` (``general.architecture``,
   ``<arch>.context_length``), ``capabilities``; 404 ``{"error"}`` for a missing model.
 * ``POST /api/chat`` streams NDJSON (``application/x-ndjson``, default ``stream: true``):
-  ``done: false`` lines with ``message.content``, tool calls whole (arguments an object)
-  in a ``done: false`` line, then one ``done: true`` line with ``done_reason``, durations
-  (ns) and ``prompt_eval_count`` / ``eval_count``. ``"stream": false`` → one object with
-  the same fields. Errors are ``{"error": "..."}`` with the HTTP status; after HTTP 200 an
-  ``{"error"}`` line. Like Ollama, a name without a tag means ``:latest``, images must
-  be base64 and tool arguments objects (Go decodes them into ``[]byte`` and a map).
+  a thinking model's ``done: false`` lines with ``message.thinking`` (content ``""``)
+  first, then ``done: false`` lines with ``message.content``, tool calls whole
+  (arguments an object) in a ``done: false`` line, then one ``done: true`` line with
+  ``done_reason``, durations (ns) and ``prompt_eval_count`` / ``eval_count`` (thinking
+  included in ``eval_count``; older Ollama leaves ``prompt_eval_count`` out for a cached
+  prompt: ``omit_counts``). ``"stream": false`` → one object with the same fields
+  (``message.thinking`` joined). Errors are ``{"error": "..."}`` with the HTTP status;
+  after HTTP 200 an ``{"error"}`` line. Like Ollama, a name without a tag means
+  ``:latest``, images must be base64 and tool arguments objects (Go decodes them into
+  ``[]byte`` and a map).
+* A chat with no messages only loads the model (routes.go): one JSON object, streamed
+  or not, ``{"message": {"role": "assistant", "content": ""}, "done_reason": "load",
+  "done": true}`` without counts.
 
 Per test, set the attributes (reply, failures, cuts, delays); the fake records every
 ``/api/chat`` body and the last request's headers.
@@ -66,9 +73,13 @@ class FakeOllama:
         self.pieces: list[str] = ["Hello", ", ", "world", "!"]
         #: Ollama's tool calls, e.g. [{"function": {"name": "f", "arguments": {"x": 1}}}]
         self.tool_calls: list[dict] = []
+        #: a thinking model's reasoning, streamed before the content
+        self.thinking: list[str] = []
         self.done_reason = "stop"
         self.prompt_eval_count = 26
-        self.eval_count: int | None = None  # None = one per piece
+        self.eval_count: int | None = None  # None = one per piece (thinking included)
+        #: counts left out of the done line ("prompt_eval_count": an older Ollama, cached prompt)
+        self.omit_counts: set[str] = set()
         #: answered, one per /api/chat request, before any normal answer
         self.failures: list[Failure] = []
         #: show failures by model name (as asked)
@@ -163,17 +174,20 @@ class FakeOllama:
                     return 400, "json: cannot unmarshal string into Go value of type api.ToolCallFunctionArguments"
         return None
 
-    def _final(self, model: str, content: str, *, tools: bool) -> dict:
+    def _final(self, model: str, content: str, *, whole: bool) -> dict:
         message: dict = {"role": "assistant", "content": content}
-        if tools and self.tool_calls:
+        if whole and self.thinking:
+            message["thinking"] = "".join(self.thinking)
+        if whole and self.tool_calls:
             message["tool_calls"] = self.tool_calls
-        eval_count = len(self.pieces) if self.eval_count is None else self.eval_count
-        return {
+        eval_count = len(self.pieces) + len(self.thinking) if self.eval_count is None else self.eval_count
+        final = {
             "model": model, "created_at": _CREATED_AT, "message": message, "done_reason": self.done_reason,
             "done": True, "total_duration": 4883583458, "load_duration": 1334875,
             "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": 342546000,
             "eval_count": eval_count, "eval_duration": 4535599000,
         }
+        return {key: value for key, value in final.items() if key not in self.omit_counts}
 
     async def _chat(self, body: dict, send) -> None:
         self.chat_requests.append(body)
@@ -185,16 +199,22 @@ class FakeOllama:
         if (refused := self._invalid(body)) is not None:
             return await send_json(send, refused[0], {"error": refused[1]})
         model = body["model"]
+        if not body.get("messages"):  # Ollama only loads the model
+            return await send_json(send, 200, {"model": model, "created_at": _CREATED_AT, "message": {
+                "role": "assistant", "content": ""}, "done_reason": "load", "done": True})
         if body.get("stream", True) is False:
-            return await send_json(send, 200, self._final(model, "".join(self.pieces), tools=True))
-        lines = [{"model": model, "created_at": _CREATED_AT, "message": {"role": "assistant", "content": p},
-                  "done": False} for p in self.pieces]
+            return await send_json(send, 200, self._final(model, "".join(self.pieces), whole=True))
+        lines = [{"model": model, "created_at": _CREATED_AT,
+                  "message": {"role": "assistant", "content": "", "thinking": t}, "done": False}
+                 for t in self.thinking]
+        lines += [{"model": model, "created_at": _CREATED_AT, "message": {"role": "assistant", "content": p},
+                   "done": False} for p in self.pieces]
         if self.tool_calls:
             lines.append({"model": model, "created_at": _CREATED_AT,
                           "message": {"role": "assistant", "content": "", "tool_calls": self.tool_calls},
                           "done": False})
         if not self.omit_done:
-            lines.append(self._final(model, "", tools=False))
+            lines.append(self._final(model, "", whole=False))
         await start_stream(send, "application/x-ndjson")
         if self.first_line_delay:
             await trio.sleep(self.first_line_delay)

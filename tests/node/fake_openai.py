@@ -8,6 +8,14 @@ ping comments; llama-server adds ``timings`` and serves ``/health``, ``/props``,
 ``/tokenize``, ``/apply-template``; vLLM serves ``/health`` and ``/tokenize``; LM Studio
 serves ``/api/v0/models``; Groq repeats the usage in ``x_groq``.
 
+Reasoning models stream their reasoning before the content in the flavour's field
+(``reasoning_content``: llama-server, vLLM, LM Studio; ``reasoning``: OpenRouter, Groq;
+OpenAI's own API returns no reasoning text) and report
+``completion_tokens_details.reasoning_tokens`` inside ``completion_tokens``. A refused
+prompt comes back as HTTP 200 with no content: ``finish_reason: content_filter``, or a
+``refusal`` text (``delta.refusal`` in streams, ``message.refusal`` whole) with
+``content: null`` and ``finish_reason: stop``.
+
 Tests change the public attributes to script a case (usage chunk shape, tool-call
 fragments, failures, a mid-stream error, a dropped connection, a slow first byte,
 ``[DONE]`` without a finish reason) and read ``requests`` to see what the adapter sent.
@@ -104,6 +112,13 @@ class FakeOpenAI:
     usage: dict | None = field(default_factory=lambda: dict(USAGE))
     #: "requested" (include_usage), "always", "never"; None = the flavour's
     stream_usage: Literal["requested", "always", "never"] | None = None
+    #: reasoning deltas sent before the content, in ``reasoning_field`` (None = the flavour's)
+    reasoning: list[str] = field(default_factory=list)
+    reasoning_field: str | None = None
+    #: ``completion_tokens_details.reasoning_tokens`` added to the usage; None = no details
+    reasoning_tokens: int | None = None
+    #: the model's refusal, sent instead of any content (pieces are then not sent)
+    refusal: list[str] = field(default_factory=list)
     #: the usage chunk's ``choices``: [] ("empty"), null, missing, or usage on the final chunk
     usage_choices: Literal["empty", "null", "missing", "final"] = "empty"
     #: Groq only: usage in ``x_groq`` but not in the standard ``usage`` field
@@ -144,6 +159,10 @@ class FakeOpenAI:
                              "llama-cpp-python": [": ping - 2026-01-01 00:00:00.000000+00:00"]}.get(self.flavour, [])
         if self.models is None:
             self.models = _MODELS[self.flavour]
+        if self.reasoning_field is None:
+            self.reasoning_field = {"openrouter": "reasoning", "groq": "reasoning"}.get(self.flavour, "reasoning_content")
+        if self.reasoning_tokens is not None and self.usage is not None:
+            self.usage = {**self.usage, "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens}}
 
     @property
     def last(self) -> Recorded:
@@ -247,7 +266,11 @@ class FakeOpenAI:
         return 200, {"tokens": list(range(words))}
 
     def _whole(self, body: dict) -> dict:
-        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        message: dict[str, Any] = {"role": "assistant", "content": None if self.refusal else self.text or None}
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.reasoning:
+            message[self.reasoning_field] = "".join(self.reasoning)
         if self.tool_calls:
             message["tool_calls"] = [{"id": c["id"], "type": "function",
                                       "function": {"name": c["name"], "arguments": c["arguments"]}}
@@ -286,7 +309,11 @@ class FakeOpenAI:
             await send_chunk(send, f"{comment}\n\n")
         first = {"role": "assistant"} if self.flavour == "llama-cpp-python" else {"role": "assistant", "content": ""}
         await event(chunk(first))
-        for i, piece in enumerate(self.pieces):
+        for thought in self.reasoning:
+            await event(chunk({"content": None, self.reasoning_field: thought}))
+        for piece in self.refusal:
+            await event(chunk({"content": None, "refusal": piece}))
+        for i, piece in enumerate([] if self.refusal else self.pieces):
             if i == self.error_event_after:
                 await send_chunk(send, f"data: {json.dumps(self.error_body)}\n\n")
                 return await send_chunk(send, "", more=False)

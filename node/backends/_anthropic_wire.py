@@ -1,0 +1,128 @@
+"""The Anthropic Messages API as data (sans-IO): request bodies, content blocks, usage.
+
+See ``anthropic`` for the theory of operation; everything here is pure.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from loomnet.protocol import BackendError, ChatMessage, ErrorCode
+
+from ._base import ChatParams, ReasoningDelta, TextDelta, Usage
+from ._http import as_object as _obj, request_json as _loads
+from ._refusal import content_filtered
+
+__all__ = ["DEFAULT_MAX_TOKENS", "block_event", "counts_of", "finish_of", "request_body", "usage_of"]
+
+#: tokens; the API requires ``max_tokens``; this is sent when a request gives none
+DEFAULT_MAX_TOKENS = 4096
+
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length", "tool_use": "tool_calls",
+           "refusal": "content_filter", "model_context_window_exceeded": "length"}
+_TOOL_CHOICE = {"auto": {"type": "auto"}, "required": {"type": "any"}, "none": {"type": "none"}}
+_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
+_NO_ID = "a tool turn has no tool_call_id"
+
+
+def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
+    """One chat turn as Messages content blocks."""
+    if message.role == "tool":
+        if not message.tool_call_id:
+            raise BackendError(_NO_ID, code=ErrorCode.BAD_REQUEST, public=_NO_ID)
+        return [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.content}]
+    blocks: list[dict[str, Any]] = [
+        {"type": "image", "source": {"type": "base64", "media_type": image.media_type,
+                                     "data": base64.b64encode(image.data).decode("ascii")}}
+        for image in message.images
+    ]
+    if message.content or not (blocks or message.tool_calls):
+        blocks.append({"type": "text", "text": message.content})
+    for call in message.tool_calls:
+        arguments = _loads(call.arguments, f"the arguments of tool call {call.name!r}")
+        blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": arguments})
+    return blocks
+
+
+def request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
+    """The Messages request for ``params``.
+
+    Raises:
+        BackendError: ``UNSUPPORTED_FEATURE`` for JSON output; ``BAD_REQUEST`` for tool
+            arguments or schemas that are not JSON, or a tool turn without its call id.
+    """
+    if params.response_format is not None and params.response_format.type != "text":
+        message = f"Anthropic has no JSON mode: response_format {params.response_format.type!r} is not supported"
+        public = "the model's runtime has no JSON output mode"
+        raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, public=public)
+    turns: list[dict[str, Any]] = []
+    for message in params.messages:
+        if message.role == "system":
+            continue
+        role = "assistant" if message.role == "assistant" else "user"
+        if turns and turns[-1]["role"] == role:  # the API wants user and assistant to alternate
+            turns[-1]["content"].extend(_blocks(message))
+        else:
+            turns.append({"role": role, "content": _blocks(message)})
+    max_tokens = params.max_tokens if params.max_tokens is not None else DEFAULT_MAX_TOKENS
+    body: dict[str, Any] = {"model": params.model, "max_tokens": max_tokens, "messages": turns, "stream": stream}
+    if system := "\n\n".join(m.content for m in params.messages if m.role == "system" and m.content):
+        body["system"] = system
+    if params.temperature is not None:
+        body["temperature"] = params.temperature
+    if params.tools:
+        body["tools"] = [
+            {"name": t.name, "description": t.description,
+             "input_schema": _loads(t.parameters, f"the parameters of tool {t.name!r}") or {"type": "object"}}
+            for t in params.tools
+        ]
+        if params.tool_choice:
+            body["tool_choice"] = _TOOL_CHOICE.get(params.tool_choice, {"type": "tool", "name": params.tool_choice})
+    return body
+
+
+def counts_of(usage: Any) -> dict[str, int]:
+    return {k: v for k, v in _obj(usage).items() if isinstance(v, int)}
+
+
+def usage_of(counts: dict[str, int]) -> Usage | None:
+    """Billed input (``None`` without ``input_tokens``) and output, or None for neither."""
+    if "input_tokens" not in counts and "output_tokens" not in counts:
+        return None
+    billed_input = None
+    if "input_tokens" in counts:
+        billed_input = counts["input_tokens"] + sum(counts.get(field, 0) for field in _CACHE_FIELDS)
+    return Usage(input_tokens=billed_input, output_tokens=counts.get("output_tokens"), source="backend")
+
+
+def finish_of(stop_reason: Any, produced: bool, label: str) -> str:
+    """Our finish reason for ``stop_reason``.
+
+    Raises:
+        BackendError: ``CONTENT_FILTERED`` for a refusal before any text or tool use.
+    """
+    if stop_reason == "refusal" and not produced:
+        raise content_filtered(label, "refusal", {"refusal"})
+    return _FINISH.get(stop_reason, stop_reason) if isinstance(stop_reason, str) else "stop"
+
+
+def block_event(data: dict[str, Any], kind: str) -> TextDelta | ReasoningDelta | tuple | str | None:
+    """What a ``content_block_start``/``_delta`` event adds: text, reasoning, a tool_use
+    block's ``(id, name, input)`` or a fragment of its input JSON; None for nothing."""
+    if kind == "content_block_start":
+        block = _obj(data.get("content_block"))
+        if block.get("type") == "tool_use":
+            return str(block.get("id", "")), str(block.get("name", "")), block.get("input")
+        delta = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking")}.get(block.get("type"))
+        block = {**block, "type": delta[0]} if delta else {}
+    else:
+        block = _obj(data.get("delta"))
+    kind = block.get("type")
+    if kind == "text_delta" and block.get("text"):
+        return TextDelta(str(block["text"]))
+    if kind == "thinking_delta" and block.get("thinking"):
+        return ReasoningDelta(str(block["thinking"]))
+    if kind == "input_json_delta":
+        return str(block.get("partial_json", ""))
+    return None

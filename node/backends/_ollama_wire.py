@@ -1,0 +1,132 @@
+"""Ollama's native chat API as data (sans-IO): request bodies and the lines of an answer.
+
+Requests: images as base64, tool arguments as JSON *objects* (Ollama decodes them into a
+map), tool turns named by the earlier call they answer, ``options`` for sampling and
+``num_predict``. Ollama has no ``tool_choice``.
+
+Answers: a ``done: false`` line carries ``message.content``, ``message.thinking`` (the
+reasoning of a thinking model, streamed before the answer) and whole tool calls; the
+``done: true`` line carries ``done_reason`` and the counts ``prompt_eval_count`` (input)
+and ``eval_count`` (output, thinking included). Either count may be missing: older Ollama
+leaves ``prompt_eval_count`` out when the whole prompt came from its cache; a missing
+count is None, never 0. ``done_reason: "load"`` (or ``"unload"``) with nothing generated
+means Ollama only loaded the model: not an answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
+
+from ._base import ChatParams, Usage
+from ._http import request_json
+from ._refusal import only_loaded
+
+__all__ = ["LOAD_ONLY", "build_chat_request", "ending", "message_of", "tool_calls_of"]
+
+#: done reasons of a request that only loaded or unloaded the model
+LOAD_ONLY = frozenset({"load", "unload"})
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """JSON text that must hold an object (Ollama wants objects where we carry text)."""
+    value = request_json(text, what)
+    if not isinstance(value, dict):
+        message = f"{what[:120]} is not a JSON object"  # loomnet's words about the peer's own request
+        raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message)
+    return value
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Our chat turns as Ollama's: images as base64, tool arguments as objects, and tool
+    turns named by the latest earlier assistant call with their ``tool_call_id``."""
+    tool_names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        item: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.images:
+            item["images"] = [base64.b64encode(image.data).decode("ascii") for image in m.images]
+        if m.tool_calls:
+            args = [_json_object(c.arguments, f"arguments of tool call {c.name!r}") for c in m.tool_calls]
+            item["tool_calls"] = [{"function": {"name": c.name, "arguments": a}} for c, a in zip(m.tool_calls, args)]
+            tool_names.update((c.id, c.name) for c in m.tool_calls)
+        if m.role == "tool" and m.tool_call_id in tool_names:
+            item["tool_name"] = tool_names[m.tool_call_id]
+        out.append(item)
+    return out
+
+
+def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
+    """The ``POST /api/chat`` body for ``params``. Pure: no I/O.
+
+    Raises:
+        BackendError: ``UNSUPPORTED_FEATURE`` (retryable: another executor may serve it)
+            for a ``tool_choice`` other than None or ``"auto"``; ``BAD_REQUEST`` when tool
+            arguments, tool parameters or a response schema are not JSON objects.
+    """
+    if params.tool_choice not in (None, "auto"):
+        message = f"Ollama has no tool_choice; cannot honour {params.tool_choice!r}"
+        public = f"the model's runtime has no tool_choice; it cannot honour {params.tool_choice[:64]!r}"
+        raise BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, retryable=True, public=public)
+    body: dict[str, Any] = {"model": params.model, "messages": _messages(params.messages), "stream": stream}
+    if params.tools:
+        body["tools"] = [{"type": "function", "function": {
+            "name": t.name, "description": t.description,
+            "parameters": _json_object(t.parameters, f"parameters of tool {t.name!r}")}} for t in params.tools]
+    fmt = params.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
+        body["format"] = _json_object(fmt.schema, "the response schema")
+    elif fmt is not None and fmt.type != "text":
+        body["format"] = "json"
+    settings = (("temperature", params.temperature), ("seed", params.seed), ("num_predict", params.max_tokens))
+    if options := {key: value for key, value in settings if value is not None}:
+        body["options"] = options
+    return body
+
+
+def tool_calls_of(message: dict[str, Any], first: int) -> list[ToolCall]:
+    """Whole tool calls of one line, numbered from ``first``; arguments as compact JSON."""
+    calls = []
+    for n, raw in enumerate(message.get("tool_calls") or [], first):
+        function = raw.get("function") if isinstance(raw, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise BackendError("Ollama sent a tool call without a function name", retryable=True)
+        arguments = function.get("arguments", {})
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments, separators=(",", ":"), ensure_ascii=False)
+        calls.append(ToolCall(id=f"call_{n}", name=name, arguments=arguments))
+    return calls
+
+
+def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tuple[str, Usage | None]:
+    """Finish reason and usage of a ``done: true`` object. A missing (or null) count is
+    None; no count at all is no usage (the executor then counts itself).
+
+    Args:
+        produced: whether the answer had any text, reasoning or tool call.
+
+    Raises:
+        BackendError: retryable ``BACKEND_UNAVAILABLE`` when Ollama only loaded the model;
+            retryable ``BACKEND_ERROR`` for counts that are not counts.
+    """
+    reason = str(line.get("done_reason") or "stop")[:64]
+    if reason in LOAD_ONLY and not produced:
+        raise only_loaded("Ollama")
+    reason = "tool_calls" if calls else reason
+    counts = [line.get(key) for key in ("prompt_eval_count", "eval_count")]
+    if counts == [None, None]:
+        return reason, None
+    if not all(c is None or (type(c) is int and c >= 0) for c in counts):
+        raise BackendError(f"Ollama sent token counts that are not counts: {str(counts)[:200]}", retryable=True)
+    return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
+
+
+def message_of(line: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
+    """A line's ``message`` object, its text and its thinking ("" when absent)."""
+    message = line.get("message") if isinstance(line.get("message"), dict) else {}
+    text, thinking = message.get("content"), message.get("thinking")
+    return message, text if isinstance(text, str) else "", thinking if isinstance(thinking, str) else ""
