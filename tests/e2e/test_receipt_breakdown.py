@@ -87,8 +87,6 @@ async def test_an_openai_compatible_stream_of_tool_call_fragments_is_accepted(nu
     await assert_booked_on_both_sides(executor, client, result)
 
 
-@pytest.mark.xfail(reason="needs the Gemini adapter reporting thoughtsTokenCount as reasoning "
-                          "(issue 7 §2); remove once merged", strict=True)
 @fail_after(60)
 async def test_gemini_hidden_thoughts_are_accepted(nursery, tmp_path):
     from loomnet.node.backends.gemini import GeminiBackend
