@@ -18,8 +18,8 @@ from typing import NoReturn
 import click
 import trio
 
-from loomnet.client import ClientConfig, open_client
-from loomnet.protocol import ChatMessage, LoomError, credits_to_micro
+from loomnet.client import ClientConfig, ReasoningDelta, TextDelta, open_client
+from loomnet.protocol import ChatMessage, ErrorCode, LoomError, credits_to_micro
 
 from ._executor import Executor
 from .config import load_config
@@ -39,6 +39,8 @@ def _setup_logging(verbose: int) -> None:
 def _fail(exc: BaseException) -> NoReturn:
     if isinstance(exc, LoomError):
         click.echo(f"error [{int(exc.code)} {exc.code.name}]: {exc.message}", err=True)
+        if exc.code is ErrorCode.RECEIPT_MISMATCH:
+            click.echo("the receipt is booked as disputed in your ledger, with this reason", err=True)
     else:
         click.echo(f"error [503 INTERNAL]: {type(exc).__name__}: {exc}", err=True)
     sys.exit(1)
@@ -129,8 +131,13 @@ def _with_client_options(fn):
     return fn
 
 
-def _client_config(bootstrap, data_dir, wait) -> ClientConfig:
-    return ClientConfig(data_dir=data_dir or os.environ.get("LOOMNET_DATA_DIR"), bootstrap=list(bootstrap), offer_timeout=wait)
+def _client_config(bootstrap, data_dir, wait, timeout: float = 900.0) -> ClientConfig:
+    return ClientConfig(
+        data_dir=data_dir or os.environ.get("LOOMNET_DATA_DIR"),
+        bootstrap=list(bootstrap),
+        offer_timeout=wait,
+        total_timeout=timeout,
+    )
 
 
 @main.command()
@@ -142,9 +149,16 @@ def _client_config(bootstrap, data_dir, wait) -> ClientConfig:
 @click.option("--seed", type=click.IntRange(0, (1 << 31) - 1))
 @click.option("--max-price-in", type=click.FloatRange(0), help="Cap, credits per million input tokens.")
 @click.option("--max-price-out", type=click.FloatRange(0), help="Cap, credits per million output tokens.")
+@click.option(
+    "--timeout", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
+    help="Seconds the whole answer may take (the first-byte and idle deadlines apply too).",
+)
 @_with_client_options
-def chat(prompt, model, system, max_tokens, temperature, seed, max_price_in, max_price_out, bootstrap, data_dir, wait):
-    """Send PROMPT to the network and stream the answer."""
+def chat(
+    prompt, model, system, max_tokens, temperature, seed, max_price_in, max_price_out, bootstrap, data_dir, wait, timeout
+):
+    """Send PROMPT to the network and stream the answer (reasoning, if the model shows
+    any, goes dimmed to stderr; the answer to stdout)."""
     messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
     options = dict(
         model=model,
@@ -154,19 +168,25 @@ def chat(prompt, model, system, max_tokens, temperature, seed, max_price_in, max
         max_price_in=None if max_price_in is None else credits_to_micro(max_price_in),
         max_price_out=None if max_price_out is None else credits_to_micro(max_price_out),
     )
-    _run(_chat_main, _client_config(bootstrap, data_dir, wait), messages, options)
+    _run(_chat_main, _client_config(bootstrap, data_dir, wait, timeout), messages, options)
 
 
 async def _chat_main(config: ClientConfig, messages, options) -> None:
     async with open_client(config) as client:
         async with client.stream_chat(messages, **options) as stream:
-            async for text in stream:
-                click.echo(text, nl=False)
-                sys.stdout.flush()
+            async for event in stream.events():
+                if isinstance(event, ReasoningDelta):
+                    click.echo(click.style(event.text, dim=True), nl=False, err=True)
+                elif isinstance(event, TextDelta):
+                    click.echo(event.text, nl=False)
+                    sys.stdout.flush()
         click.echo()
         r = stream.result.receipt
+        spent = [f"{n} {what}" for n, what in ((r.reasoning_tokens, "reasoning"),
+                 (r.hidden_reasoning_tokens, "hidden reasoning"), (r.tool_call_tokens, "tool calls")) if n]  # fmt: skip
         click.echo(
             f"[{r.model} on {stream.executor[:16]}…  in {r.input_tokens} + out {r.output_tokens} tokens "
+            f"{'(' + ', '.join(spent) + ') ' if spent else ''}"
             f"({r.count_source})  cost {r.cost / 1e6:.6f} credits  finish {r.finish_reason}]",
             err=True,
         )
