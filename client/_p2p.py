@@ -25,7 +25,11 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - K. A bound on bytes a peer sent that nobody read yet: yamux buffers past the
   flow-control window with only a warning.
 - L. The auto-connector redials bootstrap peers only, not every peer ever seen.
-  I to L, with measurements: ``docs/network.md``.
+- M. Every connection stays known until closed: libp2p dials only when we ask (its
+  pubsub retries redialed a peer being disconnected), ``disconnect`` closes every
+  connection to the peer (libp2p forgot, still open, one registered meanwhile) and
+  ``stop`` closes every connection the node has, tracked by libp2p or not.
+  I to M, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -59,7 +63,15 @@ from multiaddr import Multiaddr
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
 from ._p2p_gossip import delivering_pubsub, topic_peer_count, wait_for_queue_room
-from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only, use_muxer
+from ._p2p_guard import (
+    PeerGuard,
+    close_peer_fully,
+    dial_on_request,
+    guard_inbound,
+    guarded_muxer,
+    redial_only,
+    use_muxer,
+)
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
@@ -135,7 +147,10 @@ class P2PNode:
         swarm = self._host.get_network()
         use_muxer(swarm, muxer)  # trap J; then I (inbound slots, per-peer connections), L
         guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
-        redial_only(swarm, _peer_ids(config.bootstrap))  # trap L
+        bootstrap = _peer_ids(config.bootstrap)
+        redial_only(swarm, bootstrap)  # trap L
+        dial_on_request(swarm, guard, peers=bootstrap, refused=SwarmException)  # trap M
+        close_peer_fully(swarm, guard)
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
@@ -257,8 +272,9 @@ class P2PNode:
         """
         with _map_libp2p_errors(f"bad peer address {addr!r}"):
             info = info_from_p2p_addr(Multiaddr(addr))
-        with _map_libp2p_errors(f"connect to {addr}"), trio.fail_after(self._timeout(timeout)):
-            await self._host.connect(info)
+        with self._guard.dialing(), _map_libp2p_errors(f"connect to {addr}"):
+            with trio.fail_after(self._timeout(timeout)):
+                await self._host.connect(info)
         return info.peer_id.to_base58()
 
     async def open_stream(
@@ -279,7 +295,7 @@ class P2PNode:
         with _map_libp2p_errors(what):
             pid = ID.from_base58(peer_id)
             maddrs = [Multiaddr(a) for a in addrs]
-        with _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
+        with self._guard.dialing(), _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
             if maddrs:  # no dial if already connected; the addrs go to the peerstore
                 await self._host.connect(PeerInfo(pid, maddrs))
             net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
@@ -287,7 +303,8 @@ class P2PNode:
         return _wrap_stream(net_stream)
 
     async def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id``; never raises, bounded in time."""
+        """Close every connection to ``peer_id``, libp2p's swarm tracking it or not
+        (trap M); never raises, bounded in time."""
         with contextlib.suppress(Exception):  # a malformed id is not connected either
             await _bounded_cleanup(functools.partial(self._host.disconnect, ID.from_base58(peer_id)))
 
@@ -396,5 +413,8 @@ class P2PNode:
             self._gossip_send.close()
 
     async def _close_host(self) -> None:
+        # Trap M: libp2p's close() closes the connections its swarm tracks; close
+        # every one first (concurrently, so one slow peer costs one timeout).
+        await self._guard.close_all()
         with trio.move_on_after(_CLEANUP_TIMEOUT):
             await self._host.close()

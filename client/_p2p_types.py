@@ -94,6 +94,8 @@ class P2PStatistics(msgspec.Struct, frozen=True):
     streams_refused: int = 0
     #: bytes received from peers and not read yet, all connections together, now
     unread_bytes: int = 0
+    #: dials libp2p attempted on its own (pubsub retries, identify, peer exchange) and we refused
+    dials_refused: int = 0
 
 
 @contextlib.contextmanager
