@@ -28,7 +28,8 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - M. Every connection stays known until closed: libp2p dials only when we ask (its
   pubsub retries redialed a peer being disconnected), ``disconnect`` closes every
   connection to the peer (libp2p forgot, still open, one registered meanwhile) and
-  ``stop`` closes every connection the node has, tracked by libp2p or not.
+  ``stop`` closes every connection the node has, tracked by libp2p or not; a
+  connection whose peer answers no yamux ping is closed (yamux only measured RTT).
   I to M, with measurements: ``docs/network.md``.
 """
 
@@ -37,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -56,7 +58,8 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, Yamux
+from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -108,6 +111,11 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
+def _ping_frame(nonce: int) -> bytes:
+    """A yamux PING with SYN: the peer's yamux answers it with an ACK (keepalive, trap M)."""
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
+
+
 def _peer_ids(addrs: Sequence[str]) -> set[Any]:
     """libp2p ids of the addresses that parse; connect() reports the others."""
     ids = set()
@@ -133,7 +141,7 @@ class P2PNode:
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
-        muxer = guarded_muxer(Yamux, guard)  # traps J, K: bounded buffers and streams
+        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame)  # traps J, K, M
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,

@@ -41,6 +41,8 @@ import trio
 
 from ._p2p_types import _CLEANUP_TIMEOUT, _YAMUX_WINDOW, P2PConfig, _bounded_cleanup
 
+_GRACEFUL_CLOSE = 1.0  # s; for yamux's GO_AWAY before a connection's socket is closed regardless
+
 __all__ = [
     "Flooded",
     "PeerGuard",
@@ -83,7 +85,7 @@ class PeerGuard:
         self._streams: dict[tuple[str, str], int] = {}  # (protocol, peer) -> live streams
         self._muxers: weakref.WeakSet[Any] = weakref.WeakSet()  # every connection's muxer, both directions
         self._dialers: dict[Any, int] = {}  # trio task -> depth of dialing() blocks it is in
-        names = ("connections_refused", "connections_flooded", "streams_refused", "dials_refused")
+        names = ("connections_refused", "connections_flooded", "connections_dead", "streams_refused", "dials_refused")
         self.counts = dict.fromkeys(names, 0)
 
     # ------------------------------------------------------------- connections
@@ -122,7 +124,7 @@ class PeerGuard:
         async with trio.open_nursery() as nursery:
             for muxer in self.open_muxers(peer):
                 if muxer not in skip:
-                    nursery.start_soon(_bounded_cleanup, muxer.close)
+                    nursery.start_soon(_close_muxer, muxer)
 
     # -------------------------------------------------------------------- dials
 
@@ -263,9 +265,26 @@ class PeerGuard:
 # ------------------------------------------------------------------ the hooks
 
 
-def guarded_muxer(base: type, guard: PeerGuard) -> type:
+async def _close_muxer(muxer: Any) -> None:
+    """Close a yamux connection, and its socket even if the peer reads nothing.
+
+    ``Yamux.close`` sends GO_AWAY before it closes the socket; to a peer that stopped
+    reading, that write waits for a window that never opens.
+    """
+    graceful = trio.CancelScope(deadline=trio.current_time() + _GRACEFUL_CLOSE, shield=True)
+    with graceful, contextlib.suppress(Exception):
+        await muxer.close()
+    if not muxer.is_closed:
+        await _bounded_cleanup(muxer.secured_conn.close)  # the reader then cleans up
+
+
+def guarded_muxer(base: type, guard: PeerGuard, *, ping_frame: Callable[[int], bytes]) -> type:
     """A subclass of libp2p's ``Yamux`` that asks ``guard`` before it takes a stream
-    or buffers a DATA frame. libp2p builds muxers from a class, hence one per node.
+    or buffers a DATA frame, and closes a connection whose peer stopped answering
+    pings. libp2p builds muxers from a class, hence one per node.
+
+    Args:
+        ping_frame: the yamux PING (SYN) frame carrying a given nonce.
     """
 
     class GuardedYamux(base):  # type: ignore[misc, valid-type]
@@ -285,7 +304,46 @@ def guarded_muxer(base: type, guard: PeerGuard) -> type:
             guard.check_unread(self, length, peer=self.peer_id.to_base58())
             return await super()._read_data_body(length)
 
+        async def _measure_rtt_loop(self) -> None:
+            await _keepalive(self, guard, ping_frame)
+
     return GuardedYamux
+
+
+async def _keepalive(muxer: Any, guard: PeerGuard, ping_frame: Callable[[int], bytes]) -> None:
+    """Replaces yamux's RTT loop: a ping every ``keepalive_interval``, and a connection
+    whose peer answers none within ``keepalive_timeout`` is closed.
+
+    yamux 0.8.1 pings every 30 s only to measure the RTT (window tuning uses it) and
+    ignores a ping nobody answers. A peer whose libp2p stopped serving a connection
+    without closing its socket (its process lives on, so its kernel still
+    acknowledges TCP), or whose process froze, held that connection forever. go-yamux
+    closes such a session; so does this. The RTT is still measured (yamux reads
+    ``_ping_sent_time`` when the answer arrives).
+    """
+    config = guard._config
+    wait = 0.5  # the first ping early, as yamux does: the RTT feeds its window tuning
+    while not muxer.event_shutting_down.is_set():
+        with trio.move_on_after(wait):
+            await muxer.event_shutting_down.wait()
+        if muxer.event_shutting_down.is_set():
+            return
+        wait = config.keepalive_interval
+        muxer._ping_id += 1
+        muxer._ping_event = answered = trio.Event()
+        try:
+            with trio.move_on_after(config.keepalive_timeout):
+                await muxer._write_frame(ping_frame(muxer._ping_id))
+                muxer._ping_sent_time = trio.current_time()
+                await answered.wait()
+        except Exception:  # noqa: BLE001 - the connection is closing; its reader cleans up
+            return
+        if not answered.is_set() and not muxer.event_shutting_down.is_set():
+            guard.counts["connections_dead"] += 1
+            peer = muxer.peer_id.to_base58()
+            logger.info("peer %s answered no ping in %.1f s; closing its connection", peer, config.keepalive_timeout)
+            await _close_muxer(muxer)
+            return
 
 
 def use_muxer(swarm: Any, muxer: type) -> None:

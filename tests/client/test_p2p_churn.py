@@ -5,7 +5,8 @@ tracked: libp2p's pubsub retries dialed a peer we were disconnecting from, and
 ``Swarm.close_peer`` dropped the peer's whole entry, forgetting the connection that
 dial had just registered. Nothing closed it, not even stopping the node; the far
 side counted it as live. Each test fails with its hook in ``client/_p2p_guard.py``
-(``dial_on_request``, ``close_peer_fully``, ``PeerGuard.close_all``) removed.
+(``dial_on_request``, ``close_peer_fully``, ``PeerGuard.close_all``, ``_keepalive``)
+removed.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ async def start_node(nursery: trio.Nursery) -> Any:
     """Start ``P2PNode``s in the test's nursery; ``stop`` them all at teardown."""
     nodes: list[P2PNode] = []
 
-    async def start(config: P2PConfig = P2PConfig()) -> Any:
-        node = P2PNode(os.urandom(32), config)
+    async def start(config: P2PConfig | None = None) -> Any:
+        node = P2PNode(os.urandom(32), config or P2PConfig())
         nodes.append(node)
         return node, await nursery.start(node.run)
 
@@ -104,3 +105,25 @@ async def test_disconnect_and_stop_close_connections_libp2p_forgot(start_node: A
     await wait_until(lambda: inbound(server) == 1)
     clients[1].stop()  # libp2p's own close closes only the connections it tracks
     await wait_until(lambda: inbound(server) == 0)
+
+
+@fail_after(30)
+async def test_a_connection_whose_peer_stopped_answering_is_closed(start_node: Any) -> None:
+    # A peer whose libp2p stopped serving a connection without closing its socket
+    # (its process, and kernel, live on) held it forever: yamux's pings only
+    # measured the RTT, and nothing else is sent to a peer that asks for nothing.
+    server, info = await start_node(P2PConfig(keepalive_interval=0.5, keepalive_timeout=1.0))
+    client, _ = await start_node()
+    await client.connect(info.addrs[0])
+    await wait_until(lambda: inbound(server) == 1)
+    await trio.sleep(3)  # a live peer answers every ping
+    assert inbound(server) == 1 and server.statistics().connections_dead == 0
+    (muxer,) = client._guard.open_muxers(server.peer_id)
+
+    async def frozen(*args: Any) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    muxer.secured_conn.read = frozen  # the client reads nothing more; its socket stays open
+    await wait_until(lambda: inbound(server) == 0)
+    assert server.statistics().connections_dead == 1
