@@ -120,7 +120,8 @@ class PeerGuard:
 
     async def close_all(self, peer: str | None = None, *, skip: Collection[Any] = ()) -> None:
         """Close every open connection (to ``peer``), except the muxers in ``skip``;
-        concurrently, each bounded by ``_CLEANUP_TIMEOUT``; never raises."""
+        concurrently, each given ``_GRACEFUL_CLOSE`` before its socket is closed
+        regardless; never raises."""
         async with trio.open_nursery() as nursery:
             for muxer in self.open_muxers(peer):
                 if muxer not in skip:
