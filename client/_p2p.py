@@ -25,7 +25,12 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - K. A bound on bytes a peer sent that nobody read yet: yamux buffers past the
   flow-control window with only a warning.
 - L. The auto-connector redials bootstrap peers only, not every peer ever seen.
-  I to L, with measurements: ``docs/network.md``.
+- M. Every connection stays known until closed: libp2p dials only when we ask (its
+  pubsub retries redialed a peer being disconnected), ``disconnect`` closes every
+  connection to the peer (libp2p forgot, still open, one registered meanwhile) and
+  ``stop`` closes every connection the node has, tracked by libp2p or not; a
+  connection whose peer answers no yamux ping is closed (yamux only measured RTT).
+  I to M, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -52,14 +58,23 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID, Yamux
+from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
 from ._p2p_gossip import delivering_pubsub, topic_peer_count, wait_for_queue_room
-from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, redial_only, use_muxer
+from ._p2p_guard import (
+    PeerGuard,
+    close_peer_fully,
+    dial_on_request,
+    guard_inbound,
+    guarded_muxer,
+    redial_only,
+    use_muxer,
+)
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
@@ -96,6 +111,11 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
+def _ping_frame(nonce: int) -> bytes:
+    """A yamux PING with SYN: the peer's yamux answers it with an ACK (keepalive, trap M)."""
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
+
+
 def _peer_ids(addrs: Sequence[str]) -> set[Any]:
     """libp2p ids of the addresses that parse; connect() reports the others."""
     ids = set()
@@ -121,7 +141,7 @@ class P2PNode:
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
-        muxer = guarded_muxer(Yamux, guard)  # traps J, K: bounded buffers and streams
+        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame)  # traps J, K, M
         self._host = new_host(
             key_pair=KeyPair(sk, sk.get_public_key()),
             listen_addrs=self._listen,
@@ -135,7 +155,10 @@ class P2PNode:
         swarm = self._host.get_network()
         use_muxer(swarm, muxer)  # trap J; then I (inbound slots, per-peer connections), L
         guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
-        redial_only(swarm, _peer_ids(config.bootstrap))  # trap L
+        bootstrap = _peer_ids(config.bootstrap)
+        redial_only(swarm, bootstrap)  # trap L
+        dial_on_request(swarm, guard, peers=bootstrap, refused=SwarmException)  # trap M
+        close_peer_fully(swarm, guard)
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
@@ -257,8 +280,9 @@ class P2PNode:
         """
         with _map_libp2p_errors(f"bad peer address {addr!r}"):
             info = info_from_p2p_addr(Multiaddr(addr))
-        with _map_libp2p_errors(f"connect to {addr}"), trio.fail_after(self._timeout(timeout)):
-            await self._host.connect(info)
+        with self._guard.dialing(), _map_libp2p_errors(f"connect to {addr}"):
+            with trio.fail_after(self._timeout(timeout)):
+                await self._host.connect(info)
         return info.peer_id.to_base58()
 
     async def open_stream(
@@ -279,7 +303,7 @@ class P2PNode:
         with _map_libp2p_errors(what):
             pid = ID.from_base58(peer_id)
             maddrs = [Multiaddr(a) for a in addrs]
-        with _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
+        with self._guard.dialing(), _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
             if maddrs:  # no dial if already connected; the addrs go to the peerstore
                 await self._host.connect(PeerInfo(pid, maddrs))
             net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
@@ -287,7 +311,8 @@ class P2PNode:
         return _wrap_stream(net_stream)
 
     async def disconnect(self, peer_id: str) -> None:
-        """Close every connection to ``peer_id``; never raises, bounded in time."""
+        """Close every connection to ``peer_id``, libp2p's swarm tracking it or not
+        (trap M); never raises, bounded in time."""
         with contextlib.suppress(Exception):  # a malformed id is not connected either
             await _bounded_cleanup(functools.partial(self._host.disconnect, ID.from_base58(peer_id)))
 
@@ -396,5 +421,8 @@ class P2PNode:
             self._gossip_send.close()
 
     async def _close_host(self) -> None:
+        # Trap M: libp2p's close() closes the connections its swarm tracks; close
+        # every one first (concurrently, so one slow peer costs one timeout).
+        await self._guard.close_all()
         with trio.move_on_after(_CLEANUP_TIMEOUT):
             await self._host.close()

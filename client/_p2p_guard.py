@@ -19,6 +19,11 @@ Two more hooks make those possible or keep a node from wasting itself: ``use_mux
 (libp2p ignores the muxer class it is given for yamux) and ``redial_only`` (libp2p's
 auto-connector dials every peer it ever saw).
 
+Two keep every connection known, so that a disconnect or a stop closes it (trap M):
+``dial_on_request`` (libp2p's background tasks dial on their own: pubsub's stream
+retries redialed a peer we were disconnecting) and ``close_peer_fully`` (libp2p's
+``close_peer`` forgets, still open, a connection registered while it closes).
+
 ``_p2p`` hands in the libp2p classes these hooks need (the yamux base class, the
 raw-connection wrapper, ...), so this module stays free of libp2p imports.
 """
@@ -26,6 +31,7 @@ raw-connection wrapper, ...), so this module stays free of libp2p imports.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import weakref
 from collections.abc import Awaitable, Callable, Collection, Iterator
@@ -35,7 +41,18 @@ import trio
 
 from ._p2p_types import _CLEANUP_TIMEOUT, _YAMUX_WINDOW, P2PConfig, _bounded_cleanup
 
-__all__ = ["Flooded", "PeerGuard", "guard_inbound", "guarded_muxer", "redial_only", "use_muxer"]
+_GRACEFUL_CLOSE = 1.0  # s; for yamux's GO_AWAY before a connection's socket is closed regardless
+
+__all__ = [
+    "Flooded",
+    "PeerGuard",
+    "close_peer_fully",
+    "dial_on_request",
+    "guard_inbound",
+    "guarded_muxer",
+    "redial_only",
+    "use_muxer",
+]
 
 logger = logging.getLogger("loomnet.p2p")
 
@@ -66,8 +83,10 @@ class PeerGuard:
         self._config = config
         self._inbound: dict[str, int] = {}  # peer id -> live inbound connections
         self._streams: dict[tuple[str, str], int] = {}  # (protocol, peer) -> live streams
-        self._muxers: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.counts = dict.fromkeys(("connections_refused", "connections_flooded", "streams_refused"), 0)
+        self._muxers: weakref.WeakSet[Any] = weakref.WeakSet()  # every connection's muxer, both directions
+        self._dialers: dict[Any, int] = {}  # trio task -> depth of dialing() blocks it is in
+        names = ("connections_refused", "connections_flooded", "connections_dead", "streams_refused", "dials_refused")
+        self.counts = dict.fromkeys(names, 0)
 
     # ------------------------------------------------------------- connections
 
@@ -92,6 +111,45 @@ class PeerGuard:
     @property
     def connections_inbound(self) -> int:
         return sum(self._inbound.values())
+
+    def open_muxers(self, peer: str | None = None) -> list[Any]:
+        """Every connection of this node not closed yet (to ``peer`` only, if given),
+        whether libp2p's swarm still tracks it or not."""
+        muxers = [m for m in list(self._muxers) if not m.is_closed]
+        return muxers if peer is None else [m for m in muxers if m.peer_id.to_base58() == peer]
+
+    async def close_all(self, peer: str | None = None, *, skip: Collection[Any] = ()) -> None:
+        """Close every open connection (to ``peer``), except the muxers in ``skip``;
+        concurrently, each given ``_GRACEFUL_CLOSE`` before its socket is closed
+        regardless; never raises."""
+        async with trio.open_nursery() as nursery:
+            for muxer in self.open_muxers(peer):
+                if muxer not in skip:
+                    nursery.start_soon(_close_muxer, muxer)
+
+    # -------------------------------------------------------------------- dials
+
+    @contextlib.contextmanager
+    def dialing(self) -> Iterator[None]:
+        """Mark dials made by the current task inside the block as asked for by loomnet.
+
+        Per task, not a context variable: tasks libp2p spawns during our dial (the
+        connection's reader, its stream handlers, pubsub's retries) would inherit a
+        context variable and dial on our behalf later.
+        """
+        task = trio.lowlevel.current_task()
+        self._dialers[task] = self._dialers.get(task, 0) + 1
+        try:
+            yield
+        finally:
+            if (depth := self._dialers[task] - 1) > 0:
+                self._dialers[task] = depth
+            else:
+                del self._dialers[task]
+
+    def asked_to_dial(self) -> bool:
+        """Whether the current task is inside ``dialing()``."""
+        return trio.lowlevel.current_task() in self._dialers
 
     # ------------------------------------------------------------------ streams
 
@@ -208,9 +266,26 @@ class PeerGuard:
 # ------------------------------------------------------------------ the hooks
 
 
-def guarded_muxer(base: type, guard: PeerGuard) -> type:
+async def _close_muxer(muxer: Any) -> None:
+    """Close a yamux connection, and its socket even if the peer reads nothing.
+
+    ``Yamux.close`` sends GO_AWAY before it closes the socket; to a peer that stopped
+    reading, that write waits for a window that never opens.
+    """
+    graceful = trio.CancelScope(deadline=trio.current_time() + _GRACEFUL_CLOSE, shield=True)
+    with graceful, contextlib.suppress(Exception):
+        await muxer.close()
+    if not muxer.is_closed:
+        await _bounded_cleanup(muxer.secured_conn.close)  # the reader then cleans up
+
+
+def guarded_muxer(base: type, guard: PeerGuard, *, ping_frame: Callable[[int], bytes]) -> type:
     """A subclass of libp2p's ``Yamux`` that asks ``guard`` before it takes a stream
-    or buffers a DATA frame. libp2p builds muxers from a class, hence one per node.
+    or buffers a DATA frame, and closes a connection whose peer stopped answering
+    pings. libp2p builds muxers from a class, hence one per node.
+
+    Args:
+        ping_frame: the yamux PING (SYN) frame carrying a given nonce.
     """
 
     class GuardedYamux(base):  # type: ignore[misc, valid-type]
@@ -230,7 +305,46 @@ def guarded_muxer(base: type, guard: PeerGuard) -> type:
             guard.check_unread(self, length, peer=self.peer_id.to_base58())
             return await super()._read_data_body(length)
 
+        async def _measure_rtt_loop(self) -> None:
+            await _keepalive(self, guard, ping_frame)
+
     return GuardedYamux
+
+
+async def _keepalive(muxer: Any, guard: PeerGuard, ping_frame: Callable[[int], bytes]) -> None:
+    """Replaces yamux's RTT loop: a ping every ``keepalive_interval``, and a connection
+    whose peer answers none within ``keepalive_timeout`` is closed.
+
+    yamux 0.8.1 pings every 30 s only to measure the RTT (window tuning uses it) and
+    ignores a ping nobody answers. A peer whose libp2p stopped serving a connection
+    without closing its socket (its process lives on, so its kernel still
+    acknowledges TCP), or whose process froze, held that connection forever. go-yamux
+    closes such a session; so does this. The RTT is still measured (yamux reads
+    ``_ping_sent_time`` when the answer arrives).
+    """
+    config = guard._config
+    wait = 0.5  # the first ping early, as yamux does: the RTT feeds its window tuning
+    while not muxer.event_shutting_down.is_set():
+        with trio.move_on_after(wait):
+            await muxer.event_shutting_down.wait()
+        if muxer.event_shutting_down.is_set():
+            return
+        wait = config.keepalive_interval
+        muxer._ping_id += 1
+        muxer._ping_event = answered = trio.Event()
+        try:
+            with trio.move_on_after(config.keepalive_timeout):
+                await muxer._write_frame(ping_frame(muxer._ping_id))
+                muxer._ping_sent_time = trio.current_time()
+                await answered.wait()
+        except Exception:  # noqa: BLE001 - the connection is closing; its reader cleans up
+            return
+        if not answered.is_set() and not muxer.event_shutting_down.is_set():
+            guard.counts["connections_dead"] += 1
+            peer = muxer.peer_id.to_base58()
+            logger.info("peer %s answered no ping in %.1f s; closing its connection", peer, config.keepalive_timeout)
+            await _close_muxer(muxer)
+            return
 
 
 def use_muxer(swarm: Any, muxer: type) -> None:
@@ -318,6 +432,69 @@ def guard_inbound(
 
     swarm.add_conn = guarded_add_conn
     swarm._do_handle_inbound_connection = serve_inbound
+
+
+def dial_on_request(swarm: Any, guard: PeerGuard, *, peers: Collection[Any], refused: type[Exception]) -> None:
+    """Trap M: libp2p dials only when loomnet asks (``guard.dialing()``), or to redial ``peers``.
+
+    libp2p's background tasks dial whenever they want a stream to a peer that has no
+    connection: pubsub's stream-registration retries (``Pubsub._handle_new_peer_with_retry``
+    → ``host.new_stream`` → ``Swarm.dial_peer``), identify, gossipsub's peer exchange
+    (to addresses a remote peer chose). A retry that lands while we disconnect from
+    the peer opens a new connection behind the disconnect's back. go-libp2p's pubsub
+    never dials (``network.WithNoDial``); here, a dial nobody in loomnet asked for
+    gets an existing live connection or ``refused`` (counted in ``dials_refused``).
+
+    Args:
+        peers: libp2p ids that may be redialed unasked (bootstrap peers, for the
+            auto-connector; see ``redial_only``).
+        refused: the exception ``dial_peer`` raises (libp2p's ``SwarmException``,
+            which its callers expect and handle).
+    """
+    dial_peer = swarm.dial_peer
+
+    async def dial_when_asked(peer_id: Any) -> Any:
+        if guard.asked_to_dial() or peer_id in peers:
+            return await dial_peer(peer_id)
+        live = [conn for conn in swarm.get_connections(peer_id) if not conn.is_closed]
+        if live:
+            return live
+        guard.counts["dials_refused"] += 1
+        logger.debug("libp2p asked to dial %s, which loomnet did not; refused", peer_id)
+        raise refused(f"not dialing {peer_id}: no connection, and loomnet asked for none")
+
+    swarm.dial_peer = dial_when_asked
+
+
+def close_peer_fully(swarm: Any, guard: PeerGuard) -> None:
+    """Trap M: closing a peer closes every connection to it and forgets only what it closed.
+
+    libp2p's ``Swarm.close_peer`` closes the peer's connections one by one, each
+    close awaiting ~0.2 s (two ``sleep(0.1)`` and the disconnect notifications), and
+    then drops the peer's whole entry from ``swarm.connections``. A connection
+    registered meanwhile (a dial racing the disconnect) is dropped while open: the
+    swarm no longer knows it, so nothing closes it, not even stopping the node
+    (``Swarm.close`` closes what it tracks; cancelling the muxer's tasks leaves the
+    socket open). The far side kept it as a live connection.
+
+    The replacement closes, concurrently, the swarm's connections to the peer (each
+    ``SwarmConn.close`` removes exactly itself) and every other open muxer of ours
+    to that peer, and repeats while a dial that raced it left one behind.
+    """
+
+    async def close_peer(peer_id: Any) -> None:
+        peer = peer_id.to_base58()
+        for _ in range(3):  # a repeat only if a dial raced this close
+            conns = [conn for conn in swarm.get_connections(peer_id) if not conn.is_closed]
+            owned = {conn.muxed_conn for conn in conns}
+            if not conns and not any(m not in owned for m in guard.open_muxers(peer)):
+                return
+            async with trio.open_nursery() as nursery:
+                for conn in conns:
+                    nursery.start_soon(_bounded_cleanup, conn.close)
+                nursery.start_soon(functools.partial(guard.close_all, peer, skip=owned))
+
+    swarm.close_peer = close_peer
 
 
 def redial_only(swarm: Any, peers: Collection[Any]) -> None:

@@ -44,6 +44,11 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_streams_per_peer: int = 32  # streams one peer has open at once on one of our protocols
     max_unread_bytes_per_connection: int = 8 << 20  # bytes a peer sent that we have not read yet
     max_unread_bytes: int = 128 << 20  # the same, all connections together
+    # Yamux keepalive: a ping every keepalive_interval on each connection; one not answered
+    # within keepalive_timeout means the far side no longer serves it (stopped, frozen, gone
+    # without a FIN), and the connection is closed (go-yamux's default is 30 s too).
+    keepalive_interval: float = 30.0
+    keepalive_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -51,6 +56,8 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.keepalive_interval <= 0 or self.keepalive_timeout <= 0:
+            raise ValueError("keepalive_interval and keepalive_timeout must be positive")
         # yamux lets an honest peer send one initial window (256 KiB) per stream unasked
         if self.max_unread_bytes_per_connection < _YAMUX_WINDOW:
             raise ValueError(f"max_unread_bytes_per_connection must be at least {_YAMUX_WINDOW} bytes")
@@ -94,6 +101,10 @@ class P2PStatistics(msgspec.Struct, frozen=True):
     streams_refused: int = 0
     #: bytes received from peers and not read yet, all connections together, now
     unread_bytes: int = 0
+    #: dials libp2p attempted on its own (pubsub retries, identify, peer exchange) and we refused
+    dials_refused: int = 0
+    #: connections closed because the far side did not answer a keepalive ping in time
+    connections_dead: int = 0
 
 
 @contextlib.contextmanager
