@@ -59,6 +59,11 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     #: ``completion_tokens_details.reasoning_tokens``, Gemini ``thoughtsTokenCount``,
     #: which the adapter adds to ``output_tokens``), or None when it did not say
     reasoning_tokens: int | None = None
+    #: True when the model reasoned but the runtime returned that reasoning only in part
+    #: (a summary: Claude 4 models) or not at all (Anthropic ``redacted_thinking``),
+    #: while billing all of it inside ``output_tokens`` and not saying how much. The
+    #: executor then bills as hidden reasoning what the streamed parts cannot hold.
+    reasoning_undisclosed: bool = False
 
 
 class TextDelta(msgspec.Struct, frozen=True):
