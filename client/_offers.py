@@ -18,6 +18,7 @@ from loomnet.protocol import (
     LoomError,
     ModelOffer,
     SignedKind,
+    describe_decode_error,
     open_envelope,
 )
 
@@ -48,7 +49,7 @@ def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
         from loomnet.protocol import MessageDecodeError
 
-        raise MessageDecodeError(f"advert envelope does not decode: {str(exc)[:200]}") from None
+        raise MessageDecodeError(f"advert envelope does not decode: {describe_decode_error(exc)}") from None
     advert, signer = open_envelope(SignedKind.ADVERT, envelope)
     return envelope, advert, signer  # type: ignore[return-value]
 

@@ -32,8 +32,11 @@ _SHUTDOWN_GRACE = 5.0
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * verbose
     logging.basicConfig(level=max(level, logging.DEBUG), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if verbose < 2:  # py-libp2p is chatty about peers that come and go
-        logging.getLogger("libp2p").setLevel(logging.ERROR)
+    if verbose < 2:
+        # py-libp2p logs ERROR lines for every peer that leaves abruptly (about a dozen
+        # per `loomnet chat`): noise to an operator. loomnet's own loomnet.p2p logger
+        # reports what matters (refused, flooded, dead connections); -vv shows libp2p's.
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
 
 
 def _fail(exc: BaseException) -> NoReturn:
@@ -41,6 +44,12 @@ def _fail(exc: BaseException) -> NoReturn:
         click.echo(f"error [{int(exc.code)} {exc.code.name}]: {exc.message}", err=True)
         if exc.code is ErrorCode.RECEIPT_MISMATCH:
             click.echo("the receipt is booked as disputed in your ledger, with this reason", err=True)
+        elif exc.code is ErrorCode.NO_OFFER:
+            click.echo(
+                "no executor answered: start one (`loomnet executor`) on this machine, "
+                "or pass --bootstrap /ip4/<host>/tcp/<port>/p2p/<peer id> of one elsewhere",
+                err=True,
+            )
     else:
         click.echo(f"error [503 INTERNAL]: {type(exc).__name__}: {exc}", err=True)
     sys.exit(1)
@@ -52,6 +61,8 @@ def _run(async_fn, *args) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except BaseExceptionGroup as group:  # a nursery wraps what a task raised
+        if group.subgroup(KeyboardInterrupt) is not None:
+            sys.exit(130)
         leaf = group
         while isinstance(leaf, BaseExceptionGroup):
             leaf = leaf.exceptions[0]
@@ -118,8 +129,20 @@ def _print_ready(info) -> None:
 
 # --------------------------------------------------------------------- client side
 
+def _check_bootstrap(ctx, param, values):
+    """A bootstrap address is a multiaddr ending in /p2p/<peer id>: say so at once, not
+    after a failed dial and a NO_OFFER."""
+    for value in values:
+        if not value.startswith("/") or "/p2p/" not in value:
+            raise click.BadParameter(f"{value!r} is not a multiaddr like /ip4/<host>/tcp/<port>/p2p/<peer id>")
+    return values
+
+
 _client_options = [
-    click.option("--bootstrap", multiple=True, help="Peer multiaddr with /p2p/<id> to join through (repeatable)."),
+    click.option(
+        "--bootstrap", multiple=True, callback=_check_bootstrap,
+        help="Peer multiaddr with /p2p/<id> to join through (repeatable).",
+    ),
     click.option("--data-dir", type=click.Path(file_okay=False), help="Client identity and ledger folder."),
     click.option("--wait", type=float, default=5.0, show_default=True, help="Seconds to wait for offers."),
 ]

@@ -13,6 +13,7 @@ from ._accounting import (
     breakdown_problems as breakdown_problems,
     output_caps as output_caps,
 )
+from ._decode_errors import describe_decode_error as describe_decode_error
 from ._errors import (
     BackendError as BackendError,
     ConfigError as ConfigError,
@@ -145,6 +146,7 @@ __all__ = [
     "cost_of",
     "credits_to_micro",
     "decode_frame",
+    "describe_decode_error",
     "digest",
     "encode_frame",
     "encode_frame_body",

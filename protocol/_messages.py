@@ -27,6 +27,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from ._errors import MessageDecodeError
+from ._decode_errors import describe_decode_error
 
 __all__ = [
     "Advert",
@@ -318,4 +319,4 @@ def decode_frame(body: bytes) -> StreamFrame:
     try:
         return _frame_decoder.decode(body)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
-        raise MessageDecodeError(f"undecodable frame: {str(exc)[:200]}") from None
+        raise MessageDecodeError(f"undecodable frame: {describe_decode_error(exc)}") from None

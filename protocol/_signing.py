@@ -18,6 +18,7 @@ from typing import TypeVar
 import msgspec
 
 from ._errors import MessageDecodeError, SignatureError
+from ._decode_errors import describe_decode_error
 from ._identity import SigningKey, peer_id_from_public_key, verify_signature
 from ._messages import Advert, Envelope, InferenceRequest, Receipt, ReceiptAck, encode_payload
 
@@ -65,5 +66,5 @@ def open_envelope(kind: SignedKind, envelope: Envelope) -> tuple[object, str]:
     try:
         message = kind.decoder.decode(envelope.payload)
     except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
-        raise MessageDecodeError(f"signed {kind.name.lower()} does not decode: {str(exc)[:200]}") from None
+        raise MessageDecodeError(f"signed {kind.name.lower()} does not decode: {describe_decode_error(exc)}") from None
     return message, peer_id_from_public_key(envelope.signer)

@@ -19,3 +19,37 @@ def test_an_invalid_request_names_its_field(capsys):
     with pytest.raises(SystemExit):
         _fail(InvalidRequest("temperature must be between 0 and 2, not 2.5", field="temperature"))
     assert capsys.readouterr().err.strip() == "error [209 BAD_REQUEST]: temperature must be between 0 and 2, not 2.5"
+
+
+def test_no_offer_says_how_to_get_one(capsys):
+    from loomnet.protocol import NoOfferError
+
+    with pytest.raises(SystemExit):
+        _fail(NoOfferError("no live offer for any model; live models: none", code=ErrorCode.NO_OFFER))
+    err = capsys.readouterr().err
+    assert "loomnet executor" in err and "--bootstrap" in err
+
+
+def test_ctrl_c_inside_a_nursery_exits_130():
+    import trio
+
+    from loomnet.node.cli import _run
+
+    async def interrupted():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        _run(interrupted)
+    assert exit_info.value.code == 130
+
+
+def test_a_bootstrap_that_is_no_multiaddr_is_a_usage_error():
+    from click.testing import CliRunner
+
+    from loomnet.node.cli import main
+
+    result = CliRunner().invoke(main, ["chat", "--bootstrap", "garbage", "hi"])
+    assert result.exit_code == 2
+    assert "not a multiaddr" in result.output
