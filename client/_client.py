@@ -173,6 +173,7 @@ class LoomClient:
         raise NoOfferError(
             f"no live offer for {what}{caps}; live models: {', '.join(live) or 'none'}",
             code=ErrorCode.NO_OFFER,
+            live_models=tuple(live),
         )
 
     @asynccontextmanager

@@ -44,7 +44,7 @@ def _fail(exc: BaseException) -> NoReturn:
         click.echo(f"error [{int(exc.code)} {exc.code.name}]: {exc.message}", err=True)
         if exc.code is ErrorCode.RECEIPT_MISMATCH:
             click.echo("the receipt is booked as disputed in your ledger, with this reason", err=True)
-        elif exc.code is ErrorCode.NO_OFFER:
+        elif exc.code is ErrorCode.NO_OFFER and not getattr(exc, "live_models", ()):
             click.echo(
                 "no executor answered: start one (`loomnet executor`) on this machine, "
                 "or pass --bootstrap /ip4/<host>/tcp/<port>/p2p/<peer id> of one elsewhere",

@@ -318,9 +318,24 @@ class NetworkTimeout(NetworkError):
 
 
 class NoOfferError(LoomError):
-    """No live offer matches the model, category or price cap asked for."""
+    """No live offer matches the model, category or price cap asked for.
+
+    ``live_models`` names the models the offer table did hold (sorted, possibly empty):
+    empty means no executor was heard from at all, which a CLI explains differently from
+    "an executor answered, but not with that model".
+    """
 
     code = ErrorCode.NO_OFFER
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: ErrorCode | None = None,
+        live_models: tuple[str, ...] = (),
+    ) -> None:
+        super().__init__(message, code=code)
+        self.live_models = tuple(live_models)
 
 
 class ReceiptError(LoomError):

@@ -30,6 +30,23 @@ def test_no_offer_says_how_to_get_one(capsys):
     assert "loomnet executor" in err and "--bootstrap" in err
 
 
+def test_no_offer_for_one_model_stays_one_line_when_executors_answered(capsys):
+    """The how-to-start-an-executor hint is for an empty offer table only: when an
+    executor answered with other models, the one error line (naming them) is the answer."""
+    from loomnet.protocol import NoOfferError
+
+    with pytest.raises(SystemExit):
+        _fail(
+            NoOfferError(
+                "no live offer for model 'x'; live models: smollm2-135m",
+                code=ErrorCode.NO_OFFER,
+                live_models=("smollm2-135m",),
+            )
+        )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--bootstrap" not in err
+
+
 def test_ctrl_c_inside_a_nursery_exits_130():
     import trio
 
