@@ -14,7 +14,7 @@ from ._base import ChatParams, ReasoningDelta, TextDelta, Usage
 from ._http import as_object as _obj, request_json as _loads
 from ._refusal import content_filtered
 
-__all__ = ["DEFAULT_MAX_TOKENS", "block_event", "counts_of", "finish_of", "request_body", "usage_of"]
+__all__ = ["DEFAULT_MAX_TOKENS", "THINKING_BLOCKS", "block_event", "counts_of", "finish_of", "request_body", "usage_of"]
 
 #: tokens; the API requires ``max_tokens``; this is sent when a request gives none
 DEFAULT_MAX_TOKENS = 4096
@@ -86,14 +86,26 @@ def counts_of(usage: Any) -> dict[str, int]:
     return {k: v for k, v in _obj(usage).items() if isinstance(v, int)}
 
 
-def usage_of(counts: dict[str, int]) -> Usage | None:
-    """Billed input (``None`` without ``input_tokens``) and output, or None for neither."""
+#: content block types of extended thinking
+THINKING_BLOCKS = frozenset({"thinking", "redacted_thinking"})
+
+
+def usage_of(counts: dict[str, int], *, thought: bool = False) -> Usage | None:
+    """Billed input (``None`` without ``input_tokens``) and output, or None for neither.
+
+    ``thought``: the answer had a thinking or redacted_thinking block. Anthropic bills
+    the whole thinking in ``output_tokens`` but returns a summary of it (Claude 4
+    models) or nothing (redacted), and no separate count: the usage then says
+    ``reasoning_undisclosed`` and the executor bills what the text cannot hold as
+    hidden reasoning.
+    """
     if "input_tokens" not in counts and "output_tokens" not in counts:
         return None
     billed_input = None
     if "input_tokens" in counts:
         billed_input = counts["input_tokens"] + sum(counts.get(field, 0) for field in _CACHE_FIELDS)
-    return Usage(input_tokens=billed_input, output_tokens=counts.get("output_tokens"), source="backend")
+    return Usage(input_tokens=billed_input, output_tokens=counts.get("output_tokens"), source="backend",
+                 reasoning_undisclosed=thought)
 
 
 def finish_of(stop_reason: Any, produced: bool, label: str) -> str:

@@ -8,7 +8,10 @@ never as text.
 Refusals: a prompt blocked before any candidate (``promptFeedback.blockReason``), or a
 candidate stopped by a filter (``finishReason`` in :data:`FILTERED`) before any text or
 function call, is ``CONTENT_FILTERED`` (see ``_refusal``). A filter that stops an answer
-already under way finishes it as ``content_filter``.
+already under way finishes it as ``content_filter``. Any other abnormal ``finishReason``
+(not in :data:`NORMAL`) before anything was produced (``MALFORMED_FUNCTION_CALL``,
+``TOO_MANY_TOOL_CALLS``, ``OTHER``, a value added after these facts) is a retryable
+``BACKEND_ERROR``: an empty answer is never booked as a success.
 
 Usage: input = ``promptTokenCount + toolUsePromptTokenCount``; output =
 ``candidatesTokenCount + thoughtsTokenCount`` (thoughts are billed as output),
@@ -29,10 +32,18 @@ from ._base import ChatParams, Finished, ReasoningDelta, TextDelta, Usage
 from ._http import as_object as _obj, request_json as _loads
 from ._refusal import content_filtered
 
-__all__ = ["BLOCKED", "FILTERED", "Answer", "request_body"]
+__all__ = ["BLOCKED", "FILTERED", "NORMAL", "Answer", "request_body"]
 
-#: ``finishReason`` values of a candidate a filter stopped
-FILTERED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
+#: ``finishReason`` values of a candidate a filter stopped (Gemini's ``FinishReason``
+#: enum: the text and image safety, recitation, language and blocklist filters)
+FILTERED = frozenset({
+    "SAFETY", "RECITATION", "LANGUAGE", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
+    "IMAGE_SAFETY", "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION",
+})
+#: ``finishReason`` values of a normal end; any other, before any text or function
+#: call, is a failed answer (``MALFORMED_FUNCTION_CALL``, ``OTHER``, ...), never an
+#: empty success
+NORMAL = frozenset({"STOP", "MAX_TOKENS"})
 #: ``promptFeedback.blockReason`` values
 BLOCKED = frozenset({"SAFETY", "OTHER", "BLOCKLIST", "PROHIBITED_CONTENT", "IMAGE_SAFETY"})
 _COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount")
@@ -165,13 +176,21 @@ class Answer:
 
         Raises:
             BackendError: ``CONTENT_FILTERED`` for a blocked prompt, or a filtered
-                candidate before any text or function call.
+                candidate before any text or function call; ``BACKEND_ERROR``
+                (retryable) for any other abnormal end before anything was produced.
         """
         if self.block_reason is not None:
             raise content_filtered("Gemini", self.block_reason, BLOCKED, detail="the prompt was blocked")
         reason = self.finish_reason or "STOP"
         if reason in FILTERED and not self.produced:
             raise content_filtered("Gemini", reason, FILTERED)
+        if reason not in NORMAL and not self.produced:
+            raise BackendError(
+                f"Gemini ended the answer with finishReason {reason[:64]} before any text or function call",
+                code=ErrorCode.BACKEND_ERROR,
+                retryable=True,
+                public="the model's runtime ended its answer abnormally before producing anything",
+            )
         finish = "content_filter" if reason in FILTERED else _FINISH.get(reason, reason.lower()[:64])
         if finish == "stop" and self.calls:
             finish = "tool_calls"

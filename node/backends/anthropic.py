@@ -16,6 +16,8 @@ before ``message_stop`` failed (retryable). An ``error`` event may arrive after 
 Extended thinking arrives as ``thinking`` blocks (``thinking_delta`` text; the
 ``signature_delta`` is not text) and streams as :class:`ReasoningDelta`;
 ``redacted_thinking`` blocks carry no text and are only counted in ``output_tokens``.
+Either kind of block marks the usage ``reasoning_undisclosed``: Anthropic bills all of
+the thinking but returns a summary (Claude 4) or nothing, with no separate count.
 ``stop_reason: refusal`` before any text or tool use is ``CONTENT_FILTERED`` (see
 ``_refusal``); after some, the answer finishes as ``content_filter``.
 
@@ -39,7 +41,7 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
-from ._anthropic_wire import DEFAULT_MAX_TOKENS, block_event, counts_of, finish_of, request_body, usage_of
+from ._anthropic_wire import DEFAULT_MAX_TOKENS, THINKING_BLOCKS, block_event, counts_of, finish_of, request_body, usage_of
 from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta
 from ._config import BackendConfig
 from ._http import HttpBackend, error_for_status, iter_sse
@@ -126,13 +128,15 @@ class AnthropicBackend(HttpBackend):
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         counts: dict[str, int] = {}
         tools: dict[int, tuple[str, str, Any, list[str]]] = {}  # index -> id, name, input, fragments
-        stop_reason, stopped, produced = None, False, False
+        stop_reason, stopped, produced, thought = None, False, False, False
         async with self.open_stream(lambda: self._post(body), "streaming a chat") as response:
             async for sse in iter_sse(response):
                 data = self._decode(sse.data)
                 kind, index = data.get("type", sse.event), data.get("index")
                 index = index if isinstance(index, int) else -1
                 if kind in ("content_block_delta", "content_block_start"):
+                    if kind == "content_block_start":
+                        thought |= _obj(data.get("content_block")).get("type") in THINKING_BLOCKS
                     event = block_event(data, kind)
                     if isinstance(event, (TextDelta, ReasoningDelta)):
                         produced |= isinstance(event, TextDelta)
@@ -156,7 +160,7 @@ class AnthropicBackend(HttpBackend):
             for _, (call_id, name, first, parts) in sorted(tools.items())
         ]
         finish = self._finish(stop_reason, produced)
-        yield Finished(finish_reason=finish, usage=usage_of(counts), tool_calls=calls)
+        yield Finished(finish_reason=finish, usage=usage_of(counts, thought=thought), tool_calls=calls)
 
     def _finish(self, stop_reason: Any, produced: bool) -> str:
         try:
@@ -185,7 +189,9 @@ class AnthropicBackend(HttpBackend):
                 calls.append(ToolCall(id=str(block.get("id", "")), name=str(block.get("name", "")),
                                       arguments=arguments))
         finish = self._finish(data.get("stop_reason"), any(texts) or bool(calls))
-        return Completion(text="".join(texts), finish_reason=finish, usage=usage_of(counts_of(data.get("usage"))),
+        thought = any(_obj(block).get("type") in THINKING_BLOCKS for block in data.get("content") or [])
+        usage = usage_of(counts_of(data.get("usage")), thought=thought)
+        return Completion(text="".join(texts), finish_reason=finish, usage=usage,
                           tool_calls=calls, reasoning="".join(thoughts))
 
     async def list_models(self) -> list[ModelInfo]:

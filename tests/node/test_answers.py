@@ -229,14 +229,25 @@ CLAUDE = ChatParams(model=fake_anthropic.MODEL, messages=HELLO, max_tokens=100)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("redacted", [False, True])
+@pytest.mark.parametrize("thinking, redacted", [(["Let me ", "think."], False), (["Let me ", "think."], True),
+                                                ([], True)])
 @fail_after(10)
-async def test_anthropic_thinking_blocks_are_reasoning(anthropic, mode, redacted):
+async def test_anthropic_thinking_blocks_are_reasoning_billed_but_undisclosed(anthropic, mode, thinking, redacted):
+    # Anthropic bills all thinking in output_tokens, returns a summary (Claude 4) or
+    # nothing (redacted_thinking), and gives no separate count: the usage says so.
     fake, backend = anthropic
-    fake.thinking, fake.redacted_thinking = ["Let me ", "think."], redacted
+    fake.thinking, fake.redacted_thinking = thinking, redacted
     thoughts, text, finished = await run(backend, CLAUDE, mode)
-    assert (thoughts, text) == ("Let me think.", "Hello, world!")  # redacted thinking has no text
-    assert finished.usage == Usage(input_tokens=12 + 3 + 5, output_tokens=7, source="backend")
+    assert (thoughts, text) == ("".join(thinking), "Hello, world!")  # redacted thinking has no text
+    assert finished.usage == Usage(input_tokens=12 + 3 + 5, output_tokens=7, source="backend",
+                                   reasoning_undisclosed=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@fail_after(10)
+async def test_anthropic_answer_without_thinking_discloses_everything(anthropic, mode):
+    _, backend = anthropic
+    assert (await run(backend, CLAUDE, mode))[2].usage.reasoning_undisclosed is False
 
 
 @fail_after(10)
@@ -332,12 +343,24 @@ async def test_gemini_blocked_prompt_is_refused(gemini, mode, reason):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("reason", ["SAFETY", "RECITATION"])
+@pytest.mark.parametrize("reason", ["SAFETY", "RECITATION", "LANGUAGE", "SPII", "IMAGE_PROHIBITED_CONTENT"])
 @fail_after(10)
 async def test_gemini_filtered_candidate_without_output_is_refused(gemini, mode, reason):
     fake, backend = gemini
     fake.text, fake.finish_reason = [], reason
     assert_filtered(await refused(backend, FLASH, mode), reason)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reason", ["MALFORMED_FUNCTION_CALL", "OTHER", "TOO_MANY_TOOL_CALLS", "SOMETHING_NEW"])
+@fail_after(10)
+async def test_gemini_abnormal_end_without_output_is_an_error_not_an_empty_success(gemini, mode, reason):
+    # any finishReason but STOP or MAX_TOKENS, before any text or call, is a failed answer
+    fake, backend = gemini
+    fake.text, fake.finish_reason = [], reason
+    error = await refused(backend, FLASH, mode)
+    assert error.code == ErrorCode.BACKEND_ERROR and error.retryable and reason in error.message
+    assert reason not in error.peer_message  # a runtime's word stays in the operator's log
 
 
 @pytest.mark.parametrize("mode", MODES)
