@@ -16,6 +16,12 @@ propagate).
 
 Secrets shorter than :data:`MIN_SECRET` characters are not searched for by value (a
 two-letter "password" would blank every word containing it); their shapes still are.
+
+Defence in depth against a text cut short before it reached the redactor (a message
+clipped to a length, a body read up to a limit): a text that *ends* with the start of a
+known secret form, at least :data:`MIN_FRAGMENT` characters of it, loses that end, and
+a text that *starts* with the end of one loses that start. (Code that clips a text
+redacts it first; this catches the code that forgot.)
 """
 
 from __future__ import annotations
@@ -27,10 +33,13 @@ import re
 from collections.abc import Callable, Iterable
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
-__all__ = ["MIN_SECRET", "MASK", "RedactingFilter", "Redactor", "install_log_redaction", "url_secrets"]
+__all__ = ["MIN_FRAGMENT", "MIN_SECRET", "MASK", "RedactingFilter", "Redactor", "install_log_redaction",
+           "url_secrets"]
 
 #: characters a secret needs before it is searched for by value
 MIN_SECRET = 4
+#: characters of a secret's start (or end) at the end (or start) of a text that are redacted
+MIN_FRAGMENT = 6
 #: what a secret is replaced with
 MASK = "***"
 
@@ -92,6 +101,9 @@ class Redactor:
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         self._forms: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._heads: set[str] = set()  # starts of forms, MIN_FRAGMENT characters or more
+        self._tails: set[str] = set()  # ends of forms, likewise
+        self._longest = 0
         self.add(*secrets)
 
     def add(self, *secrets: str | None) -> None:
@@ -101,6 +113,9 @@ class Redactor:
                 self._forms |= _forms(secret)
         ordered = sorted(self._forms, key=len, reverse=True)  # longest first: no partial leftovers
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self._heads = {f[:n] for f in self._forms for n in range(MIN_FRAGMENT, len(f))}
+        self._tails = {f[-n:] for f in self._forms for n in range(MIN_FRAGMENT, len(f))}
+        self._longest = max(map(len, self._forms), default=0)
 
     def extend(self, other: "Redactor") -> None:
         """Also redact everything ``other`` redacts."""
@@ -108,11 +123,24 @@ class Redactor:
         self.add()
 
     def __call__(self, text: str) -> str:
-        """``text`` with every secret form and credential shape replaced by :data:`MASK`."""
+        """``text`` with every secret form and credential shape replaced by :data:`MASK`,
+        and a secret's start at its end (or a secret's end at its start) too."""
         if self._pattern is not None:
-            text = self._pattern.sub(MASK, text)
+            text = self._trim_fragments(self._pattern.sub(MASK, text))
         for pattern, replacement in _SHAPES:
             text = pattern.sub(replacement, text)
+        return text
+
+    def _trim_fragments(self, text: str) -> str:
+        """``text`` without a cut-off secret at either end (see the module doc)."""
+        for n in range(min(len(text), self._longest), MIN_FRAGMENT - 1, -1):  # the longest fragment first
+            if text[-n:] in self._heads:
+                text = text[:-n] + MASK
+                break
+        for n in range(min(len(text), self._longest), MIN_FRAGMENT - 1, -1):
+            if text[:n] in self._tails:
+                text = MASK + text[n:]
+                break
         return text
 
 

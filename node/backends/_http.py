@@ -12,8 +12,10 @@ cannot make the executor buffer without limit.
 
 Secrets: every :class:`BackendError` an adapter raises is built by ``HttpBackend._error``,
 which redacts the key and the endpoint's credentials in every form (raw, escaped,
-URL-encoded, base64 of ``user:password``); messages name the endpoint only without its
-credentials (:attr:`HttpBackend.where`). An endpoint's query parameters
+URL-encoded, base64 of ``user:password``) and only then clips the message to
+``MAX_MESSAGE`` characters: nothing here cuts a runtime's text before it is redacted (a
+key straddling the cut would survive as a prefix). Messages name the endpoint only
+without its credentials (:attr:`HttpBackend.where`). An endpoint's query parameters
 (``?api-key=...``, ``?api-version=...``) are sent with every request, and its userinfo as
 HTTP Basic auth (httpx's rule).
 """
@@ -43,6 +45,7 @@ __all__ = [
     "HttpBackend",
     "SSEEvent",
     "as_object",
+    "clip",
     "error_for_status",
     "iter_lines",
     "iter_ndjson",
@@ -53,6 +56,10 @@ __all__ = [
 ]
 
 MAX_LINE = 4 * 1024 * 1024
+#: characters of a :class:`BackendError` message kept, after redaction
+MAX_MESSAGE = 2000
+#: bytes of an HTTP error body read (the redactor also masks a key cut at the end)
+MAX_ERROR_BODY = 64 * 1024
 MAX_RETRY_WAIT = 20.0
 _RETRY_STATUSES = {408, 409, 429, 500, 502, 503, 504, 529}
 
@@ -88,20 +95,25 @@ def shown_url(url: str) -> str:
         return "<an unparsable URL>"
 
 
+def clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` cut to ``limit`` characters, marked as cut. Only for redacted text."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _parse_body(body: bytes) -> tuple[str, dict]:
     """The human message in any of the error shapes the wire facts list, and the
-    error object (``{}`` when there is none)."""
+    error object (``{}`` when there is none). Whole: the caller redacts, then clips."""
     try:
         data = json.loads(body)
     except ValueError:
-        return body.decode("utf-8", "replace").strip()[:300] or "no body", {}
+        return body.decode("utf-8", "replace").strip() or "no body", {}
     if isinstance(data, dict):
         error = data.get("error", data)
         if isinstance(error, str):  # Ollama: {"error": "..."}
-            return error[:500], {}
+            return error, {}
         if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"][:500], error  # OpenAI, vLLM (both shapes), Anthropic, Gemini, llama.cpp
-    return body.decode("utf-8", "replace")[:300], {}
+            return error["message"], error  # OpenAI, vLLM (both shapes), Anthropic, Gemini, llama.cpp
+    return body.decode("utf-8", "replace"), {}
 
 
 def _context_exceeded(error: dict) -> str | None:
@@ -200,6 +212,16 @@ async def iter_ndjson(response: httpx.Response) -> AsyncIterator[dict]:
                 yield value
 
 
+async def _read_some(response: httpx.Response, limit: int) -> bytes:
+    """The first ``limit`` bytes of a streamed body (an error page may be huge)."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
 def as_object(value: object) -> dict:
     """``value`` if it is a JSON object, else ``{}``: odd shapes from a runtime never raise."""
     return value if isinstance(value, dict) else {}
@@ -273,9 +295,10 @@ class HttpBackend(Backend):
         await self.client.aclose()
 
     def _error(self, message: str, **kwargs) -> BackendError:
-        """A :class:`BackendError` whose message is redacted in every form; ``public``
-        (loomnet's words for a peer) is passed through as given."""
-        return BackendError(self._redact(message), **kwargs)
+        """A :class:`BackendError` whose message is redacted in every form, then clipped to
+        :data:`MAX_MESSAGE` characters; ``public`` (loomnet's words for a peer) is passed
+        through as given."""
+        return BackendError(clip(self._redact(message)), **kwargs)
 
     @asynccontextmanager
     async def map_errors(self, doing: str):
@@ -307,7 +330,7 @@ class HttpBackend(Backend):
                 async with self.map_errors(doing):
                     response = await send()
                     if response.status_code >= 400:
-                        body = await response.aread()
+                        body = await _read_some(response, MAX_ERROR_BODY)
                         await response.aclose()
                         e = error_for_status(response.status_code, body, response.headers, label=self.label)
                         error = self._error(e.message, code=e.code, retryable=e.retryable, retry_after=e.retry_after,

@@ -121,7 +121,7 @@ def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tu
     if counts == [None, None]:
         return reason, None
     if not all(c is None or (type(c) is int and c >= 0) for c in counts):
-        raise BackendError(f"Ollama sent token counts that are not counts: {str(counts)[:200]}", retryable=True)
+        raise BackendError(f"Ollama sent token counts that are not counts: {counts}", retryable=True)
     return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
 
 

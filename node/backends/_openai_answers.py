@@ -48,9 +48,10 @@ def parse_usage(raw: Any) -> Usage | None:
 
 
 def _error_text(error: Any) -> str:
+    """A runtime's error, whole: the adapter redacts it, then clips it."""
     if isinstance(error, dict):
-        error = error.get("message") or error.get("error") or json.dumps(error)[:300]
-    return str(error)[:500]
+        error = error.get("message") or error.get("error") or json.dumps(error)
+    return str(error)
 
 
 def _tool_call(index: int, call_id: Any, name: Any, arguments: Any) -> ToolCall:

@@ -29,10 +29,11 @@ def content_filtered(label: str, reason: str, known: frozenset[str] | set[str], 
         reason: the runtime's reason code (``SAFETY``, ``content_filter``, ``refusal``).
         known: the reason codes the runtime documents; any other is told to a peer as
             ``OTHER`` (a runtime's free text never reaches a peer).
-        detail: more for the operator's log (the adapter redacts the whole message).
+        detail: more for the operator's log (the adapter redacts the whole message, then
+            clips it: nothing is cut here).
     """
     word = reason.upper() if reason.upper() in {k.upper() for k in known} else "OTHER"
-    message = f"{label} refused to answer the prompt ({reason[:64]}){': ' + detail[:300] if detail else ''}"
+    message = f"{label} refused to answer the prompt ({reason}){': ' + detail if detail else ''}"
     public = f"the model's runtime refused to answer this prompt (content filter: {word})"
     return BackendError(message, code=ErrorCode.CONTENT_FILTERED, retryable=False, public=public)
 

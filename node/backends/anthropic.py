@@ -103,7 +103,7 @@ class AnthropicBackend(HttpBackend):
             error = _obj(data.get("error"))
             kind = str(error.get("type", "api_error"))
             mapped = error_for_status(_ERROR_STATUS.get(kind, 500), b"", httpx.Headers(), label=self.label)
-            message = f"{self.label} sent an error after HTTP 200: {kind}: {str(error.get('message', ''))[:500]}"
+            message = f"{self.label} sent an error after HTTP 200: {kind}: {error.get('message', '')}"
             raise self._error(message, code=mapped.code, retryable=mapped.retryable)
         return data
 

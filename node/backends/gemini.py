@@ -90,7 +90,7 @@ class GeminiBackend(HttpBackend):
         if isinstance(error := data.get("error"), dict):
             status = error.get("code") if isinstance(error.get("code"), int) else 500
             mapped = error_for_status(status, b"", httpx.Headers(), label=self.label)
-            detail = f"{error.get('status', status)}: {str(error.get('message', ''))[:500]}"
+            detail = f"{error.get('status', status)}: {error.get('message', '')}"
             message = f"{self.label} sent an error after HTTP 200: {detail}"
             raise self._error(message, code=mapped.code, retryable=mapped.retryable)
         return data

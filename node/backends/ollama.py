@@ -80,7 +80,7 @@ class OllamaBackend(HttpBackend):
 
     def _line_error(self, line: dict[str, Any]) -> BackendError:
         """An ``{"error": ...}`` object after HTTP 200: Ollama failed mid-answer."""
-        return self._error(f"{self.label} failed mid-answer: {str(line['error'])[:500]}", retryable=True)
+        return self._error(f"{self.label} failed mid-answer: {line['error']}", retryable=True)
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
         """``ReasoningDelta`` per ``message.thinking``, ``TextDelta`` per ``message.content``,

@@ -15,11 +15,12 @@ import httpx
 import msgspec
 import pytest
 
-from loomnet.node._redact import MASK, Redactor, install_log_redaction, url_secrets
+from loomnet.node._redact import MASK, MIN_FRAGMENT, Redactor, install_log_redaction, url_secrets
 from loomnet.node.backends._base import ChatParams
 from loomnet.node.backends._config import BackendConfig
 from loomnet.node.backends._registry import make_backend
 from loomnet.node.backends.anthropic import AnthropicBackend
+from loomnet.node.backends._http import MAX_MESSAGE
 from loomnet.node.backends.gemini import GeminiBackend
 from loomnet.node.backends.ollama import OllamaBackend
 from loomnet.node.backends.openai_compat import OpenAICompatBackend
@@ -193,3 +194,64 @@ def test_an_endpoint_that_is_not_a_url_is_a_backend_error_without_its_credential
     with pytest.raises(BackendError) as info:
         make_backend(BackendConfig(provider="vllm", endpoint=f"http://user:{KEY}@host:99x/v1?api-key={KEY}"))
     assert "not a valid URL" in info.value.message and leaks(str(info.value)) == []
+
+
+# ---------------------------------------------------------------- long texts: redacted, then cut
+
+
+def test_a_secret_cut_off_at_either_end_of_a_text_is_redacted():
+    secret = "sk-CANARY-0a1b2c3d4e5f6a7b8c9d"
+    redact = Redactor([secret])
+    for cut in range(MIN_FRAGMENT, len(secret)):
+        assert redact("proxy said: " + secret[:cut]) == "proxy said: " + MASK, cut  # clipped after
+        assert redact(secret[-cut:] + " was refused") == MASK + " was refused", cut  # clipped before
+        assert redact("quoted " + quote(secret, safe="")[:cut + 2]) == "quoted " + MASK  # in any form
+    short = secret[:MIN_FRAGMENT - 1]
+    assert redact(f"ends with {short}") == f"ends with {short}"  # too short to tell from text
+    assert redact(f"{secret[:12]} in the middle") == f"{secret[:12]} in the middle"  # only at an end
+
+
+LONG_KEY = "sk-CANARY-0a1b2c3d4e5f6a7b8c9d0e1f2a3b"
+
+
+def _error_body(provider: str, shape: str, text: str) -> tuple[int, bytes, str]:
+    """(status, body, content type) of a runtime quoting ``text`` in its error: an HTTP
+    error in the provider's JSON shape or as plain text, or an error after HTTP 200."""
+    if shape == "plain":
+        return 401, text.encode(), "text/plain"
+    if shape == "status":
+        body = {"ollama": {"error": text},
+                "openai": {"error": {"message": text, "type": "invalid_request_error"}},
+                "anthropic": {"type": "error", "error": {"type": "authentication_error", "message": text}},
+                "gemini": {"error": {"code": 401, "message": text, "status": "UNAUTHENTICATED"}}}[provider]
+        return 401, json.dumps(body).encode(), "application/json"
+    if provider == "ollama":
+        return 200, json.dumps({"error": text}).encode() + b"\n", "application/x-ndjson"
+    event = {"openai": "data: " + json.dumps({"error": {"message": text}}),
+             "anthropic": "event: error\ndata: " + json.dumps({"type": "error", "error": {"type": "api_error",
+                                                                                        "message": text}}),
+             "gemini": "data: " + json.dumps({"error": {"code": 500, "message": text, "status": "INTERNAL"}})}
+    return 200, (event[provider] + "\n\n").encode(), "text/event-stream"
+
+
+@pytest.mark.parametrize("shape", ["status", "plain", "after-200"])
+@pytest.mark.parametrize("provider", ADAPTERS)
+async def test_a_key_quoted_at_the_end_of_a_long_error_is_redacted_whole(provider, shape):
+    # A proxy quotes the key it got after a long explanation. Wherever the key falls
+    # (across the 300 and 500 characters older code cut at, across MAX_MESSAGE), the
+    # message is redacted whole before it is clipped: not one piece of the key is left.
+    for at in (300, 500, *range(MAX_MESSAGE - 120, MAX_MESSAGE + 20, 7)):
+        text = "x" * (at - len(LONG_KEY) // 2) + LONG_KEY
+        status, body, kind = _error_body(provider, shape, text)
+        transport = httpx.MockTransport(lambda r: httpx.Response(status, content=body, headers={"content-type": kind}))
+        config = BackendConfig(provider=provider, api_key=LONG_KEY, models=["m"], max_retries=0)
+        async with ADAPTERS[provider](config, transport=transport) as backend:
+            with pytest.raises(BackendError) as info:
+                async with backend.stream_chat(ChatParams(model="m", messages=HELLO)) as events:
+                    async for _ in events:
+                        pass
+        error = info.value
+        pieces = {LONG_KEY[i:i + MIN_FRAGMENT] for i in range(len(LONG_KEY) - MIN_FRAGMENT + 1)}
+        found = [p for p in pieces if p in str(error) or p in repr(error) or p in error.peer_message]
+        assert found == [], f"key at {at}: {error.message[-80:]!r}"
+        assert len(error.message) <= MAX_MESSAGE and "xxxx" in error.message  # clipped, the why kept
