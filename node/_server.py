@@ -14,7 +14,10 @@ client that leaves is noticed at once and stops the generation. The slot is free
 soon as the backend is done. Then the executor counts tokens (``_metering``: a
 counting step that fails falls back, so a receipt is never lost to a count), signs a
 receipt, writes it to its ledger *before* sending it, and waits briefly for the
-client's counter-signature, which it books too. When the answer fails part-way, the
+client's counter-signature, which it books too. Both frames a client sends, the
+request and the counter-signature, are read by ``_intake``: one deadline for the
+whole frame, every byte charged to the byte budgets, so a peer dripping either holds
+the handler for one deadline at most. When the answer fails part-way, the
 receipt for what was sent rides on the error frame, and a failure to book it never
 replaces the original error.
 
