@@ -6,23 +6,33 @@ answering its health probe drops out of the advert (and its requests are refused
 retryably, so clients fail over), and comes back when it answers again; a backend
 that was down at start is asked for its models again. Lookups accept a model's name
 or any alias, case-insensitively, as the client's router matches them.
+
+Backends are asked all at once, and each one's whole answer (a health probe and a
+model listing together) has one deadline: the HTTP adapters' timeouts apply per read,
+so a runtime dripping its model list would otherwise stall start-up, or the health
+loop, for as long as it dripped.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 import trio
 
 from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
-from .backends._base import Backend
+from .backends._base import Backend, ModelInfo
 from .config import ExecutorConfig
 
-__all__ = ["Catalog", "CatalogEntry"]
+__all__ = ["Catalog", "CatalogEntry", "label_of"]
 
 log = logging.getLogger("loomnet.catalog")
+
+_T = TypeVar("_T")
 
 
 class CatalogEntry(msgspec.Struct, frozen=True):
@@ -43,29 +53,33 @@ class Catalog:
 
     @classmethod
     async def build(cls, backends: list[Backend], config: ExecutorConfig) -> "Catalog":
-        """Ask every backend for its models; the first backend to serve a name wins it.
+        """Ask every backend for its models, all at once; the first backend (in config
+        order) to serve a name wins it.
+
+        Each backend gets one deadline, ``list-models-timeout``, for its whole answer: a
+        runtime that drips its model list, or never answers, cannot stall start-up. A
+        backend that fails or is too slow starts down; the health probe asks it again.
 
         Raises:
-            BackendError: no backend could list a single model (BACKEND_UNAVAILABLE).
+            BackendError: no backend could list a single model (BACKEND_UNAVAILABLE); the
+                message names each backend by its label, never its endpoint or key.
         """
         catalog = cls(backends, config)
+        answers = await _each(backends, functools.partial(_list_models, timeout=config.list_models_timeout))
         failures = []
-        for backend in backends:
-            if (error := await catalog._list(backend)) is not None:
-                failures.append(f"{backend.kind}: {error.message}")
+        for backend, answer in zip(backends, answers):
+            if isinstance(answer, BackendError):
+                failures.append(f"{label_of(backend)}: {backend.redactor()(answer.message)}")
                 catalog._down.add(id(backend))
+            else:
+                catalog._add(backend, answer)
         if not catalog.entries:
             detail = "; ".join(failures) or "the backends list no models"
             raise BackendError(f"no model to serve ({detail})", code=ErrorCode.BACKEND_UNAVAILABLE)
         return catalog
 
-    async def _list(self, backend: Backend) -> BackendError | None:
-        """Add ``backend``'s models; returns the error if it could not list them."""
-        try:
-            models = await backend.list_models()
-        except BackendError as exc:
-            log.warning("backend %s is not serving: %s", backend.kind, exc)
-            return exc
+    def _add(self, backend: Backend, models: list[ModelInfo]) -> None:
+        """Put ``backend``'s models in the catalog (names already served stay with their backend)."""
         self._listed.add(id(backend))
         for info in models:
             if info.name.casefold() in self._by_name:
@@ -86,7 +100,6 @@ class Catalog:
             self.entries.append(entry)
             for name in (offer.name, *offer.aliases):
                 self._by_name.setdefault(name.casefold(), entry)
-        return None
 
     def lookup(self, name: str) -> CatalogEntry | None:
         return self._by_name.get(name.casefold())
@@ -100,24 +113,72 @@ class Catalog:
         return [e.offer for e in self.entries if self.is_up(e.backend)]
 
     async def check_health(self, *, timeout: float) -> bool:
-        """Probe every backend once; returns True when the offers changed.
+        """Probe every backend once, all at once; returns True when the offers changed.
 
-        Cancellation: each probe is bounded by ``timeout``; a probe that does not
-        answer in time counts as down.
+        A backend that is up but not listed yet (down at start) is asked for its models
+        in the same probe. Each backend's whole probe, health and listing together, has
+        one deadline, ``timeout`` seconds: one that answers too slowly (or drips its
+        answer) is down this round, and the round takes at most ``timeout``.
         """
+        probes = await _each(self.backends, functools.partial(self._probe, timeout=timeout))
         changed = False
-        for backend in self.backends:
-            healthy = False
-            with trio.move_on_after(timeout):
-                try:
-                    healthy = await backend.health()
-                except BackendError:
-                    healthy = False
-            if healthy and id(backend) not in self._listed:
-                healthy = await self._list(backend) is None
-                changed |= healthy
+        for backend, (healthy, models) in zip(self.backends, probes):
+            if models is not None:
+                self._add(backend, models)
+                changed = True
             if healthy == (id(backend) in self._down):
                 changed = True
                 (self._down.discard if healthy else self._down.add)(id(backend))
-                log.warning("backend %s is %s", backend.kind, "back" if healthy else "down")
+                log.warning("backend %s is %s", label_of(backend), "back" if healthy else "down")
         return changed
+
+    async def _probe(self, backend: Backend, *, timeout: float) -> tuple[bool, list[ModelInfo] | None]:
+        """(healthy, its models if it had to be listed); never raises a backend's error."""
+        with trio.move_on_after(timeout):
+            try:
+                if not await backend.health():
+                    return False, None
+                if id(backend) in self._listed:
+                    return True, None
+                return True, await backend.list_models()
+            except Exception as exc:  # noqa: BLE001 - a failing (or buggy) backend is down, the node goes on
+                log.warning("backend %s failed its health probe: %s", label_of(backend), exc)
+                return False, None
+        log.warning("backend %s did not answer its health probe within %g s", label_of(backend), timeout)
+        return False, None
+
+
+def label_of(backend: Backend) -> str:
+    """What the operator calls ``backend`` (its ``name``, else its provider): never a secret."""
+    return str(getattr(backend, "label", None) or backend.kind)
+
+
+async def _list_models(backend: Backend, *, timeout: float) -> list[ModelInfo] | BackendError:
+    """``backend``'s models, or the error (a timeout included) that kept it from listing them."""
+    with trio.move_on_after(timeout):
+        try:
+            return await backend.list_models()
+        except BackendError as exc:
+            log.warning("backend %s is not serving: %s", label_of(backend), exc)
+            return exc
+        except Exception as exc:  # noqa: BLE001 - an adapter's bug makes that backend down, not the node
+            log.exception("backend %s failed to list its models", label_of(backend))
+            return BackendError(f"listing its models failed ({type(exc).__name__})", code=ErrorCode.INTERNAL)
+    log.warning("backend %s did not list its models within %g s", label_of(backend), timeout)
+    return BackendError(
+        f"did not list its models within {timeout:g} s", code=ErrorCode.BACKEND_TIMEOUT, retryable=True
+    )
+
+
+async def _each(backends: list[Backend], fn: Callable[[Backend], Awaitable[_T]]) -> list[_T]:
+    """``fn(backend)`` for every backend concurrently, the results in ``backends``' order.
+    ``fn`` must not raise (the nursery would wrap it in a group)."""
+    results: list[Any] = [None] * len(backends)
+
+    async def one(i: int, backend: Backend) -> None:
+        results[i] = await fn(backend)
+
+    async with trio.open_nursery() as nursery:
+        for i, backend in enumerate(backends):
+            nursery.start_soon(one, i, backend)
+    return results

@@ -13,6 +13,10 @@ The output tokens are split into what they were spent on (visible text, streamed
 reasoning, hidden reasoning, tool calls) with ``protocol.apportion``, seeded with the
 executor's own count of each streamed part, so an honest receipt passes the client's
 ``breakdown_problems`` check for any tokenizer and script (see ``protocol/_accounting.py``).
+Reasoning the runtime billed without returning it whole or saying how much it was
+(``Usage.reasoning_undisclosed``: Anthropic's redacted thinking, Claude 4's summarized
+thinking) is what the streamed parts' own counts leave over, billed as hidden
+reasoning, which the client bounds with its own limit.
 
 When a stream is cut short (the client left, the backend died) the runtime's usage,
 if any, covers more than was delivered, so the receipt counts what was actually sent
@@ -150,6 +154,9 @@ class Meter:
             counted_reasoning=reasoning.tokens,
             counted_tool_calls=calls.tokens,
             reported_reasoning=reported_reasoning,
+            # thinking the runtime billed in full but returned in part or not at all, without
+            # saying how much (Anthropic): what the streamed parts' own counts leave is hidden
+            undisclosed_reasoning=total_reported and usage is not None and usage.reasoning_undisclosed,
         )
         source = weakest(input_source, output_source) or "estimate"
         return Tally(input_tokens=input_count, output_tokens=breakdown.total, source=source, breakdown=breakdown)

@@ -168,8 +168,10 @@ class _Relay:
                 await send.send(_Failed(exc))
 
     async def _watch(self, scope: trio.CancelScope) -> None:
+        # Not a frame read: whatever comes ends the answer, so one byte tells all and
+        # nothing is held. Its deadline is the generation's own.
         try:
-            data = await self.stream.receive_some(timeout=math.inf)
+            data = await self.stream.receive_some(1, timeout=math.inf)
         except NetworkError as exc:
             self._stopped_by_client = ClientGone(f"the client's stream failed: {exc.message}")
         else:

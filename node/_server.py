@@ -14,7 +14,10 @@ client that leaves is noticed at once and stops the generation. The slot is free
 soon as the backend is done. Then the executor counts tokens (``_metering``: a
 counting step that fails falls back, so a receipt is never lost to a count), signs a
 receipt, writes it to its ledger *before* sending it, and waits briefly for the
-client's counter-signature, which it books too. When the answer fails part-way, the
+client's counter-signature, which it books too. Both frames a client sends, the
+request and the counter-signature, are read by ``_intake``: one deadline for the
+whole frame, every byte charged to the byte budgets, so a peer dripping either holds
+the handler for one deadline at most. When the answer fails part-way, the
 receipt for what was sent rides on the error frame, and a failure to book it never
 replaces the original error.
 
@@ -33,7 +36,6 @@ import trio
 
 from loomnet.client import Ledger, P2PStream, TokenCounter
 from loomnet.protocol import (
-    NEED_DATA,
     AckFrame,
     Envelope,
     ErrorCode,
@@ -65,6 +67,10 @@ from .config import ExecutorConfig
 __all__ = ["InferenceServer"]
 
 log = logging.getLogger("loomnet.server")
+
+#: Most body bytes an acknowledgement frame may announce. A signed ``ReceiptAck`` is
+#: about 200 bytes; this leaves room for fields later versions append.
+_MAX_ACK_FRAME = 64 * 1024
 
 
 class InferenceServer:
@@ -117,11 +123,6 @@ class InferenceServer:
             await self._send_error(stream, conn, LoomError("internal error", code=ErrorCode.INTERNAL))
 
     # ---------------------------------------------------------------- admission
-
-    async def _next_event(self, stream: P2PStream, conn: InferenceConnection, timeout: float):
-        while (event := conn.next_event()) is NEED_DATA:
-            conn.receive_data(await stream.receive_some(timeout=timeout))
-        return event
 
     async def _admit(self, stream: P2PStream, conn: InferenceConnection) -> tuple[bytes, InferenceRequest, CatalogEntry]:
         frame = await self.intake.read_request(stream, conn)  # one deadline, a byte budget per peer
@@ -267,10 +268,19 @@ class InferenceServer:
         return error
 
     async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> None:
-        """Book the client's counter-signature if it comes soon; it is optional."""
+        """Book the client's counter-signature if it comes soon; it is optional.
+
+        The acknowledgement is read like the request (``Intake.read_frame``): one
+        deadline, ``ack-timeout``, for the whole frame, its bytes charged to the byte
+        budgets, and a header announcing more than ``_MAX_ACK_FRAME`` refused unread,
+        so a peer dripping a huge "ack" holds nothing for long.
+        """
         try:
-            event = await self._next_event(stream, conn, self.config.ack_timeout)
-        except LoomError:
+            event = await self.intake.read_frame(
+                stream, conn, timeout=self.config.ack_timeout, what="acknowledgement", max_size=_MAX_ACK_FRAME
+            )
+        except LoomError as exc:
+            log.debug("no receipt acknowledgement from %s: %s", stream.remote_peer, exc)
             return
         if not isinstance(event, AckFrame):
             return

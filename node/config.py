@@ -108,8 +108,13 @@ class ExecutorConfig(_Config):
     #: seconds a backend's tokenizer may take, in all, to count one receipt; after that
     #: (or when it fails) the executor counts with tiktoken, then estimates
     count_timeout: float = 5.0
-    #: seconds between health probes of every backend (a failing one leaves the advert)
+    #: seconds between health probes of every backend (a failing one leaves the advert);
+    #: also each backend's deadline for one whole probe
     health_interval: float = 15.0
+    #: seconds each backend may take to list its models at start (all are asked at once;
+    #: loading a large local model counts); a slower one starts down, the health probe
+    #: asks it again
+    list_models_timeout: float = 120.0
     #: what the executor keeps of prompts, stated in the advert
     prompt_retention: str = "none"
     #: announce this executor to clients on the same machine (state file)
@@ -126,7 +131,7 @@ class ExecutorConfig(_Config):
             raise ValueError("capacity must be at least 1")
         for name in (
             "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval",
-            "health_interval", "progress_interval", "count_timeout",
+            "health_interval", "progress_interval", "count_timeout", "list_models_timeout",
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")

@@ -23,7 +23,8 @@ its own spacing), which the runtime parsed away. So a call may cost up to twice 
 bytes of its name and arguments plus ``TOOL_CALL_SLACK`` tokens of wrapper.
 
 Reasoning a backend counted but never returned (Gemini's thoughts, OpenAI's
-``reasoning_tokens`` without text) has no bytes to check against: a client accepts it
+``reasoning_tokens`` without text, Anthropic's redacted or summarized thinking, whose
+size it does not even report) has no bytes to check against: a client accepts it
 only up to a limit it sets itself.
 
 What this catches: an executor that bills more tokens for the visible text, the
@@ -99,6 +100,7 @@ def apportion(
     counted_reasoning: int = 0,
     counted_tool_calls: int = 0,
     reported_reasoning: int | None = None,
+    undisclosed_reasoning: bool = False,
 ) -> OutputBreakdown:
     """Split ``total`` billed output tokens into parts, within each part's cap if possible.
 
@@ -109,10 +111,16 @@ def apportion(
             each streamed part (any tokenizer); they seed the split.
         reported_reasoning: reasoning tokens the backend reported inside ``total``, or
             None. What of it the streamed reasoning cannot hold is hidden reasoning.
+        undisclosed_reasoning: the model reasoned and ``total`` bills all of it, but
+            the backend returned it only in part (a summary) or not at all, and did not
+            say how much it was (Anthropic extended thinking). Without
+            ``reported_reasoning``, the tokens left once each streamed part has its
+            own count (and the tool calls their wrappers) are that reasoning: hidden.
 
     What the counters missed (template tokens, tool-call wrappers, a tokenizer that
     differs from the model's) goes to the parts that still have room, tool calls first.
-    Only a total beyond every cap is put on the text, where a client will see it.
+    Only a total beyond every cap is put on the text, where a client will see it
+    (unless ``undisclosed_reasoning`` says where it went).
     """
     left = max(total, 0)
     if reported_reasoning is not None:
@@ -128,6 +136,8 @@ def apportion(
     left -= tools
     room = min(left, caps.tool_calls - tools)
     tools, left = tools + room, left - room
+    if reported_reasoning is None and undisclosed_reasoning:
+        hidden, left = left, 0
     if reported_reasoning is None:
         room = min(left, caps.reasoning - reasoning)
         reasoning, left = reasoning + room, left - room

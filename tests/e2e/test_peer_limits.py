@@ -8,6 +8,7 @@ the workarounds in ``client/_p2p_guard.py`` or ``node/_intake.py`` removed.
 from __future__ import annotations
 
 import os
+import time
 
 import msgspec
 import pytest
@@ -19,11 +20,20 @@ from loomnet.protocol import (
     MAX_FRAME_SIZE,
     NEED_DATA,
     ChatMessage,
+    ChunkFrame,
     ErrorCode,
     ErrorFrame,
     FrameDecoder,
+    InferenceConnection,
+    InferenceRequest,
     LoomError,
+    ReceiptFrame,
+    RequestFrame,
+    Role,
+    SignedKind,
+    SigningKey,
     decode_frame,
+    seal,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
@@ -157,10 +167,11 @@ async def test_a_heavy_peer_stays_within_its_byte_bounds_while_others_are_served
         intake = executor.server.intake.statistics()
         p2p = executor.member.node.statistics()
         # 4 streams in the handler (max-streams-per-peer), 2 of them within the peer's
-        # byte budget (each frame is charged its announced 1 MiB at its header)
+        # byte budget (each frame's announced 1 MiB counts against it at its header)
         # (a stream refused for bytes frees its place, so how the 38 refusals split varies)
         assert intake.refused_streams + intake.refused_bytes == 38 and intake.refused_streams >= 30
-        assert intake.buffered_bytes == intake.peak_peer_bytes == 2 * (MAX_FRAME_SIZE + 4)
+        assert intake.announced_bytes == 2 * (MAX_FRAME_SIZE + 4)
+        assert intake.buffered_bytes == intake.peak_peer_bytes == 2 * len(partial)  # what is held
         assert intake.peak_bytes <= 3 * (MAX_FRAME_SIZE + 4)
         assert p2p.unread_bytes <= 8 << 20 and p2p.connections_flooded == 0
         codes = [f.code for f in map(first_frame, answers) if isinstance(f, ErrorFrame)]
@@ -179,3 +190,88 @@ async def test_a_heavy_peer_stays_within_its_byte_bounds_while_others_are_served
     )
     intake = executor.server.intake.statistics()
     assert intake.buffered_bytes == 0 and intake.buffered_peers == 0
+
+
+async def test_identities_sending_only_frame_headers_do_not_lock_honest_clients_out(nursery, tmp_path, executor):
+    # Review of §0: each header announcing 1 MiB was charged 1 MiB of the total, so two
+    # free identities sending 16 bytes in all refused every honest client (PEER_LIMIT)
+    # for as long as they kept their streams. Now a header costs the total its 4 bytes.
+    executor.server.intake.read_timeout = 60.0  # the budget, not the deadline, is tested
+    streams = []
+    try:
+        for node in await start_peers(nursery, 2):
+            for _ in range(2):
+                stream = await node.open_stream(executor.peer_id, INFER_PROTOCOL, addrs=executor.info.addrs, timeout=10)
+                await stream.send_all(MAX_FRAME_SIZE.to_bytes(4, "big"), timeout=10)  # the header only
+                streams.append(stream)
+        await wait_until(lambda: executor.server.intake.statistics().announced_bytes == 4 * (MAX_FRAME_SIZE + 4))
+        assert executor.server.intake.statistics().buffered_bytes == 16  # over the 3 MiB total if announced
+        client = await honest_client(nursery, tmp_path, executor, "honest")
+        with trio.fail_after(60):
+            result = await client.chat(HI, model="smol", max_tokens=4)
+        assert result.receipt.output_tokens >= 1
+    finally:
+        for stream in streams:
+            await stream.reset()
+
+
+async def test_identities_holding_real_bytes_do_not_lock_honest_clients_out(nursery, tmp_path, executor):
+    # A Sybil with real bytes: 2 identities x 2 streams, each within its own budget,
+    # each holding all but 4 bytes of a 1 MiB frame: 4 MiB against a 3 MiB total. The
+    # frames arriving the longest make room; an honest request is read and answered.
+    executor.server.intake.read_timeout = 60.0
+    streams = []
+    partial = MAX_FRAME_SIZE.to_bytes(4, "big") + b"\0" * (MAX_FRAME_SIZE - 4)
+    try:
+        for node in await start_peers(nursery, 2):
+            for _ in range(2):
+                stream = await node.open_stream(executor.peer_id, INFER_PROTOCOL, addrs=executor.info.addrs, timeout=10)
+                await stream.send_all(partial, timeout=20)
+                streams.append(stream)
+        await wait_until(lambda: executor.server.intake.statistics().evicted >= 1)
+        assert executor.server.intake.statistics().peak_bytes <= 3 * (MAX_FRAME_SIZE + 4)
+        client = await honest_client(nursery, tmp_path, executor, "honest")
+        with trio.fail_after(60):
+            result = await client.chat(HI, model="smol", max_tokens=4)
+        assert result.receipt.output_tokens >= 1
+        stats = executor.server.intake.statistics()
+        assert stats.evicted >= 2 and stats.peak_bytes <= 3 * (MAX_FRAME_SIZE + 4)
+    finally:
+        for stream in streams:
+            await stream.reset()
+
+
+async def test_an_ack_dripped_after_the_receipt_meets_one_deadline(nursery, executor):
+    # Review of §0b/§3: after its receipt a peer announces a 1 MiB ack frame, sends
+    # ~500 KB, then drips a byte a second. conftest: ack-timeout = 2 s. The ack wait was
+    # per read, so the executor held the handler, the stream and the bytes for as long
+    # as the drip went on (15 s and counting).
+    seed = os.urandom(32)
+    [peer] = await start_peers(nursery, 1, seed)
+    key = SigningKey(seed)
+    request = InferenceRequest(
+        audience=executor.peer_id, nonce=os.urandom(16), created_at=time.time(), model="smol",
+        messages=HI, max_tokens=2, temperature=0.0, seed=1,
+    )
+    stream = await peer.open_stream(executor.peer_id, INFER_PROTOCOL, addrs=executor.info.addrs, timeout=10)
+    conn = InferenceConnection(Role.CLIENT)
+    await stream.send_all(conn.send(RequestFrame(seal(SignedKind.REQUEST, request, key))), timeout=10)
+    with trio.fail_after(60):
+        while not isinstance(event := conn.next_event(), ReceiptFrame):
+            if event is NEED_DATA:
+                conn.receive_data(await stream.receive_some(timeout=60))
+            else:
+                assert isinstance(event, ChunkFrame), event
+    got_receipt = trio.current_time()
+    await stream.send_all(MAX_FRAME_SIZE.to_bytes(4, "big") + b"\0" * 512_000, timeout=10)
+    try:
+        with trio.move_on_after(15):
+            while executor.member.node.statistics().streams_inbound:
+                await trio.sleep(1.0)
+                await stream.send_all(b"\0", timeout=2)
+    except LoomError:
+        pass  # the executor closed the stream: the drip fails
+    released_after = trio.current_time() - got_receipt
+    await stream.reset()
+    assert executor.member.node.statistics().streams_inbound == 0 and released_after < 6
+    assert executor.server.intake.statistics().buffered_bytes == 0

@@ -118,6 +118,27 @@ async def test_an_ollama_thinking_answer_is_accepted(nursery, tmp_path):
     await assert_booked_on_both_sides(executor, client, result)
 
 
+@pytest.mark.parametrize(
+    "thinking", [[], [ReasoningDelta("I should greet them.")]], ids=["redacted-thinking", "summarized-thinking"]
+)
+@fail_after(60)
+async def test_an_anthropic_answer_after_extended_thinking_is_accepted(nursery, tmp_path, thinking):
+    # Review of §2: Anthropic bills extended thinking in output_tokens whether its text
+    # came back or not (redacted_thinking blocks carry none; Claude 4 models stream a
+    # summary of the thinking they bill in full) and does not say how many were thinking.
+    # What its adapter yields (usage marked reasoning_undisclosed): ~240 tokens of
+    # thinking, 4 of text. The executor used to put what it could not place on the text,
+    # and the client disputed the honest receipt.
+    usage = Usage(input_tokens=12, output_tokens=250, source="backend", reasoning_undisclosed=True)
+    backend = ScriptedBackend(events(*thinking, TextDelta("Hello, world!"), Finished(finish_reason="stop", usage=usage)))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    result = await client.chat(HELLO, model="m1")
+    receipt = result.receipt
+    assert result.text == "Hello, world!" and receipt.output_tokens == 250
+    assert receipt.hidden_reasoning_tokens > 200 and receipt.text_tokens <= len(b"Hello, world!")
+    await assert_booked_on_both_sides(executor, client, result)
+
+
 KOREAN = "오늘 아침에 우리는 시장에 가서 신선한 과일과 채소를 샀고, 점심에는 친구들과 함께 맛있는 비빔밥을 먹었습니다."
 
 

@@ -66,6 +66,7 @@ def test_environment_overrides(tmp_path):
         ("[[models]]\nname = 'm'\nprice-in = -1", "negative"),
         ("[embedded]\nthreds = 2", "threds"),
         ("listen = [", "TOML"),
+        ("list-models-timeout = 0", "list-models-timeout must be positive"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path, text, fragment):

@@ -121,11 +121,12 @@ async def test_a_request_in_pieces_is_read_and_its_charge_given_back(autojump_cl
 @fail_after(60)
 async def test_a_peer_is_refused_at_the_header_once_its_budget_is_spent(autojump_clock):
     intake = make_intake(per_peer=MAX_FRAME_SIZE + 4)
-    big = header(MAX_FRAME_SIZE) + b"x" * 100  # holds its whole budget, and never finishes
+    big = header(MAX_FRAME_SIZE) + b"x" * 100  # announces its whole budget, and never finishes
     async with trio.open_nursery() as nursery:
         nursery.start_soon(intake.read_request, DripStream(big), conn())
         await trio.testing.wait_all_tasks_blocked()
-        assert intake.statistics().buffered_bytes == MAX_FRAME_SIZE + 4
+        stats = intake.statistics()
+        assert stats.announced_bytes == MAX_FRAME_SIZE + 4 and stats.buffered_bytes == len(big)  # what is held
         second = DripStream(header(1000) + b"y" * 1000)
         with pytest.raises(RequestRejected) as info:
             await intake.read_request(second, conn())
@@ -136,32 +137,96 @@ async def test_a_peer_is_refused_at_the_header_once_its_budget_is_spent(autojump
         assert isinstance(other, RequestFrame)
         nursery.cancel_scope.cancel()
     stats = intake.statistics()
-    assert stats.refused_bytes == 1 and stats.peak_peer_bytes <= MAX_FRAME_SIZE + 4
-    assert stats.buffered_bytes == 0 and stats.buffered_peers == 0  # the cancelled read gave its charge back
+    assert stats.refused_bytes == 1 and stats.peak_peer_bytes < 1000  # held, not announced
+    assert stats.buffered_bytes == stats.announced_bytes == stats.buffered_peers == 0  # the cancelled read gave back
 
 
 @fail_after(60)
-async def test_all_peers_together_stay_within_the_total(autojump_clock):
+async def test_identities_sending_only_headers_do_not_fill_the_total(autojump_clock):
+    # The review's lockout at the default bounds: 22 free identities x 3 streams, each a
+    # 4-byte header announcing 1 MiB. Charged at the announced size they "held" 66 MiB of
+    # the 64 MiB total with 264 bytes, and every honest request was refused.
+    intake = make_intake()
+    async with trio.open_nursery() as nursery:
+        for i in range(22):
+            for _ in range(3):
+                nursery.start_soon(intake.read_request, DripStream(header(MAX_FRAME_SIZE), peer=f"sybil-{i}"), conn())
+        await trio.testing.wait_all_tasks_blocked()
+        stats = intake.statistics()
+        assert stats.buffered_bytes == 22 * 3 * 4 and stats.buffered_peers == 22
+        assert stats.announced_bytes == 22 * 3 * (MAX_FRAME_SIZE + 4)  # each within its own budget
+        honest = await intake.read_request(DripStream(request_frame(5_000), peer="honest"), conn())
+        assert isinstance(honest, RequestFrame)
+        nursery.cancel_scope.cancel()
+    stats = intake.statistics()
+    assert stats.refused_bytes == 0 and stats.evicted == 0 and stats.buffered_bytes == stats.announced_bytes == 0
+
+
+@fail_after(60)
+async def test_when_the_total_is_full_the_oldest_frame_makes_room(autojump_clock):
+    # Sybils with real bytes: two identities hold ~1 MiB each, filling the total. An
+    # honest request arriving then is read; the frame arriving the longest is dropped.
+    total = 2 * MIB + 1000
+    intake = make_intake(per_peer=2 * MIB, total=total)
+    outcomes: dict[str, object] = {}
+
+    async def hold(peer: str) -> None:
+        try:
+            await intake.read_request(DripStream(header(MIB) + b"s" * (MIB - 10), peer=peer), conn())
+        except RequestRejected as exc:
+            outcomes[peer] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold, "sybil-old")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(hold, "sybil-new")
+        await trio.testing.wait_all_tasks_blocked()
+        assert intake.statistics().buffered_bytes == 2 * (MIB - 6)
+        honest = await intake.read_request(DripStream(request_frame(5_000), peer="honest"), conn())
+        assert isinstance(honest, RequestFrame)
+        await trio.testing.wait_all_tasks_blocked()
+        assert list(outcomes) == ["sybil-old"]  # the newer one is still held
+        assert outcomes["sybil-old"].code == ErrorCode.PEER_LIMIT and outcomes["sybil-old"].retryable
+        assert intake.statistics().buffered_bytes == MIB - 6
+        nursery.cancel_scope.cancel()
+    stats = intake.statistics()
+    assert stats.evicted == 1 and stats.peak_bytes <= total and stats.buffered_bytes == 0
+
+
+@fail_after(60)
+async def test_all_peers_together_never_hold_more_than_the_total(autojump_clock):
     total = 3 * MIB
     intake = make_intake(per_peer=2 * MIB, total=total)
-    refused = 0
+    dropped = 0
 
     async def one(peer: str) -> None:
-        nonlocal refused
-        try:
-            await intake.read_request(DripStream(header(MIB) + b"z" * 5000, peer=peer), conn())
+        nonlocal dropped
+        try:  # 1 MiB announced, all but 4 bytes of it sent, 64 KiB every 0.1 s
+            await intake.read_request(DripStream(header(MIB) + b"z" * (MIB - 4), peer=peer, step=65536, every=0.1), conn())
         except RequestRejected as exc:
             assert exc.code == ErrorCode.PEER_LIMIT
-            refused += 1
+            dropped += 1
 
     async with trio.open_nursery() as nursery:
         for i in range(10):
             nursery.start_soon(one, f"peer-{i}")
-        await trio.testing.wait_all_tasks_blocked()
-        assert refused == 10 - 2  # two frames of 1 MiB + 4 fit in 3 MiB
+            await trio.sleep(0.5)
+        await trio.sleep(2.5)  # all of them sent all they will send (1.6 s each), none timed out
+        assert intake.statistics().buffered_bytes <= total
         nursery.cancel_scope.cancel()
     stats = intake.statistics()
     assert stats.peak_bytes <= total and stats.buffered_bytes == 0
+    assert dropped == stats.evicted >= 10 - 3
+
+
+@fail_after(60)
+async def test_a_frame_announcing_more_than_its_kind_allows_is_refused_unread(autojump_clock):
+    intake = make_intake()
+    stream = DripStream(header(MAX_FRAME_SIZE) + b"a" * 500_000)
+    with pytest.raises(FrameError) as info:
+        await intake.read_frame(stream, conn(), timeout=2.0, what="acknowledgement", max_size=64 * 1024)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE and stream.read == 4
+    assert intake.statistics().buffered_bytes == 0
 
 
 @fail_after(60)
@@ -189,16 +254,24 @@ async def test_a_refused_stream_is_told_peer_limit(autojump_clock):
     assert intake.statistics().refused_streams == 1
 
 
-def test_budget_charges_and_releases_per_peer():
+def test_the_budget_bounds_announced_bytes_per_peer_and_held_bytes_in_total():
     budget = RequestBudget(per_peer=100, total=150)
-    budget.charge("a", 60)
-    budget.charge("b", 60)
+    a1, a2, b = (budget.open(peer, trio.CancelScope()) for peer in ("a", "a", "b"))
+    budget.promise(a1, 60)
     with pytest.raises(RequestRejected):
-        budget.charge("a", 41)  # over a's 100
+        budget.promise(a2, 41)  # a's frames would announce 101
+    budget.promise(a2, 40)
+    budget.promise(b, 90)
+    assert budget.announced == 190  # over the total: announcing costs nothing there
+    budget.hold(a1, 60)
+    budget.hold(b, 80)
+    assert budget.held == 140 and budget.peers == 2
+    budget.hold(a2, 20)  # 160 > 150: the oldest other frame (a1) is dropped
+    assert a1.evicted and a1.scope.cancel_called and not b.evicted and budget.held == 100
     with pytest.raises(RequestRejected):
-        budget.charge("c", 31)  # over the total of 150
-    assert budget.held == 120 and budget.peers == 2
-    budget.release("a", 60)
-    budget.release("b", 60)
-    assert budget.held == 0 and budget.peers == 0 and budget.peak == 120 and budget.peak_peer == 60
+        budget.hold(a1, 70)  # a dropped frame takes nothing more
+    for claim in (a1, a2, b):
+        budget.close(claim)
+    assert budget.held == budget.announced == budget.peers == 0
+    assert budget.peak == 140 and budget.peak_peer == 80 and budget.evicted == 1
     assert math.isfinite(budget.peak)

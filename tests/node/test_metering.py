@@ -102,6 +102,21 @@ async def test_reasoning_reported_without_an_output_count_is_billed_as_hidden():
     assert tally.source == "tokenizer"
 
 
+@pytest.mark.parametrize("summary", ["", "I should greet them."], ids=["redacted", "summarized"])
+async def test_reasoning_billed_but_not_disclosed_is_what_the_streamed_parts_leave(summary):
+    # Anthropic extended thinking: output_tokens 250 covers it all, no count of thinking
+    usage = Usage(input_tokens=5, output_tokens=250, source="backend", reasoning_undisclosed=True)
+    backend = ScriptedBackend(events(), counter=lambda text: len(text.split()))
+    tally = await meter().count(entry(backend), PARAMS, output("Hello, world!", reasoning=summary), usage)
+    parts, streamed = tally.breakdown, TOKENS.count(summary)[0] if summary else 0
+    assert (parts.text, parts.reasoning) == (TOKENS.count("Hello, world!")[0], streamed)  # their own counts
+    assert parts.hidden_reasoning == 250 - parts.text - streamed and tally.output_tokens == 250
+    # a runtime that says how much it reasoned is believed instead
+    said = msgspec.structs.replace(usage, reasoning_tokens=100)
+    tally = await meter().count(entry(backend), PARAMS, output("Hello, world!", reasoning=summary), said)
+    assert tally.breakdown.reasoning + tally.breakdown.hidden_reasoning == 100
+
+
 async def test_a_cut_short_stream_bills_only_what_was_counted():
     backend = ScriptedBackend(events(), counter=lambda text: len(text.split()))
     calls = [ToolCall(id="c1", name="lookup", arguments='{"q": "a b"}')]

@@ -59,6 +59,28 @@ def test_streamed_reasoning_takes_the_uncounted_rest():
     assert breakdown_problems(_with(split), caps, max_hidden_reasoning=0) == []
 
 
+def test_reasoning_the_backend_billed_but_did_not_disclose_is_hidden():
+    # Anthropic extended thinking, output_tokens 250 with "Hello, world!" as the text:
+    # redacted thinking (no text at all), and a Claude 4 summary (the full thinking billed)
+    for summary, counted_summary in (("", 0), ("I should greet them.", 5)):
+        caps = output_caps("Hello, world!", summary)
+        split = apportion(250, caps=caps, counted_text=4, counted_reasoning=counted_summary, undisclosed_reasoning=True)
+        assert (split.text, split.reasoning, split.hidden_reasoning) == (4, counted_summary, 246 - counted_summary)
+        assert breakdown_problems(_with(split), caps, max_hidden_reasoning=246) == []
+        assert breakdown_problems(_with(split), caps, max_hidden_reasoning=200)  # the client's limit bounds it
+        # without the flag the same tokens land on the text, past what its bytes allow
+        assert breakdown_problems(_with(apportion(250, caps=caps, counted_text=4)), caps, max_hidden_reasoning=1000)
+
+
+def test_tool_call_wrappers_are_not_taken_for_undisclosed_reasoning():
+    caps = output_caps("", "", [CALL])
+    split = apportion(300, caps=caps, counted_text=0, counted_tool_calls=9, undisclosed_reasoning=True)
+    assert (split.tool_calls, split.hidden_reasoning) == (caps.tool_calls, 300 - caps.tool_calls)
+    # a reported count wins over the flag
+    split = apportion(60, caps=caps, counted_text=0, counted_tool_calls=9, reported_reasoning=10, undisclosed_reasoning=True)
+    assert (split.tool_calls, split.hidden_reasoning, split.text) == (50, 10, 0)
+
+
 def test_korean_billed_by_a_hungrier_tokenizer_passes():
     text = "안녕하세요, 저는 작은 언어 모델입니다. 무엇을 도와드릴까요? " * 4
     caps = output_caps(text)
@@ -97,3 +119,24 @@ def test_an_honest_total_always_passes(text, reasoning, n_calls, data):
     )
     assert split.total == honest
     assert breakdown_problems(_with(split), caps, max_hidden_reasoning=0) == []
+
+
+@given(
+    text=st.text(max_size=300),
+    reasoning=st.text(max_size=300),
+    n_calls=st.integers(0, 3),
+    data=st.data(),
+)
+def test_any_total_with_undisclosed_reasoning_passes_within_the_hidden_limit(text, reasoning, n_calls, data):
+    """With undisclosed reasoning, whatever the backend billed splits into parts the
+    client accepts, the streamed ones within their bytes and the rest hidden."""
+    calls = [CALL] * n_calls
+    caps = output_caps(text, reasoning, calls)
+    total = data.draw(st.integers(0, 5 * (caps.text + caps.reasoning + caps.tool_calls) + 1000))
+    counted = [data.draw(st.integers(0, 2 * total + 10)) for _ in range(3)]
+    split = apportion(
+        total, caps=caps, counted_text=counted[0], counted_reasoning=counted[1], counted_tool_calls=counted[2],
+        undisclosed_reasoning=True,
+    )  # fmt: skip
+    assert split.total == total
+    assert breakdown_problems(_with(split), caps, max_hidden_reasoning=split.hidden_reasoning) == []
