@@ -17,6 +17,9 @@ from loomnet.protocol import (
     NetworkTimeout,
     NoOfferError,
     RemoteError,
+    ResponseFormat,
+    ToolCall,
+    ToolSpec,
 )
 
 from ..limits import fail_after
@@ -113,6 +116,9 @@ async def test_invalid_requests_are_refused_before_any_traffic(executor, tmp_pat
             (dict(max_tokens=0), "max_tokens"),
             (dict(seed=-1), "seed"),
             (dict(max_price_out=-5), "max_price_out"),
+            (dict(tool_choice="get_weather"), "tool_choice"),
+            (dict(tools=[ToolSpec(name="f", parameters="{oops")]), "tools[0].parameters"),
+            (dict(response_format=ResponseFormat(type="json_schema", schema="[]")), "response_format.schema"),
         ]:
             with pytest.raises(InvalidRequest) as info:
                 await client.chat(HELLO, model="smol", **kwargs)
@@ -123,6 +129,10 @@ async def test_invalid_requests_are_refused_before_any_traffic(executor, tmp_pat
         with pytest.raises(InvalidRequest) as info:
             await client.chat([ChatMessage("wizard", "hi")], model="smol")
         assert info.value.field == "messages[0].role"
+        called = ChatMessage("assistant", "", tool_calls=[ToolCall(id="c", name="f", arguments="not json")])
+        with pytest.raises(InvalidRequest) as info:
+            await client.chat([*HELLO, called, ChatMessage("tool", "1", tool_call_id="c")], model="smol")
+        assert info.value.field == "messages[1].tool_calls[0].arguments"
         assert client.member.node.statistics().streams_opened == before
         assert (executor.server.served, executor.server.refused) == served
         # and the same client still chats
