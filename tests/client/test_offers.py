@@ -1,4 +1,5 @@
 import msgspec
+from hypothesis import given, settings, strategies as st
 
 from loomnet.client import OfferTable, rank_offers
 from loomnet.protocol import Advert, Envelope, ModelOffer, SignedKind, SigningKey, encode_payload, seal
@@ -191,3 +192,25 @@ def test_served_adverts_are_the_most_recently_refreshed_first():
     signers = [e.signer for e in table.envelopes(now=NOW, limit=2)]
     assert signers == [a.public_key, c.public_key]
     assert len(table.envelopes(now=NOW)) == 3
+
+
+_POOL = [advert(SigningKey((i + 1).to_bytes(32, "big")), issued_at=NOW, seq=s, ttl=t,
+                models=[ModelOffer(name=f"m{j}", aliases=["a" * 100] * (i % 4)) for j in range(1 + i % 3)])
+         for i in range(12) for s, t in ((1, 30.0), (2, 600.0))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(range(len(_POOL))), st.sampled_from(["p", "q", None]),
+                          st.sampled_from([0.0, 10.0, 40.0])), max_size=60))
+def test_the_bounds_hold_after_every_add(steps):
+    table = OfferTable(max_executors=8, max_bytes=3000, max_per_source=3, max_bytes_per_source=1500)
+    for index, source, later in steps:
+        table.add(_POOL[index], now=NOW + later, source=source)
+        stats = table.statistics()
+        entries = table._entries.values()
+        assert stats.adverts == len(entries) <= 8
+        assert stats.bytes == sum(e.size for e in entries) <= 3000
+        for name in {e.source for e in entries}:
+            mine = [e for e in entries if e.source == name]
+            assert len(mine) <= 3 and sum(e.size for e in mine) <= 1500
+        assert stats.sources == len({e.source for e in entries})
