@@ -84,6 +84,10 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     discover_local: bool = True
     #: longest dial and stream open
     connect_timeout: float = 5.0
+    #: longest one peer may take to hand over its adverts, stream open to the last one
+    #: (one deadline over the whole exchange; peers are asked at once, so joining waits
+    #: for the dials plus at most this)
+    join_timeout: float = 10.0
     #: longest wait from the request sent to the first complete frame (a progress chunk
     #: counts: the executor sends one every few seconds while its backend is silent)
     first_byte_timeout: float = 60.0
@@ -117,7 +121,7 @@ class LoomClient:
         self.member = Member(
             self.key,
             P2PConfig(listen=config.listen, bootstrap=bootstrap, dial_timeout=config.connect_timeout),
-            read_timeout=config.connect_timeout,
+            exchange_timeout=config.join_timeout,
         )
         self.tokens = TokenCounter()
         self.ledger: Ledger | None = None
@@ -267,26 +271,50 @@ async def open_client(
 ) -> AsyncIterator[LoomClient]:
     """Run a :class:`LoomClient` for the duration of the ``async with`` block.
 
-    Error handling: an error raised in the block (``NoOfferError``, ``RemoteError``,
-    the caller's own) leaves it as itself, as httpx's clients do, not wrapped in the
-    ``ExceptionGroup`` of the nursery that runs the client; so does an error starting
-    the client (an unusable identity or ledger). Cancellation and ``KeyboardInterrupt``
-    pass through untouched.
+    Error handling: whatever leaves the block (``NoOfferError``, ``RemoteError``, the
+    caller's own error, ``KeyboardInterrupt``, ``SystemExit``, any ``BaseException``)
+    leaves ``open_client`` as itself, the same object, as httpx's clients do, never
+    wrapped in the ``ExceptionGroup`` of the nursery that runs the client; so does an
+    error starting the client (an unusable identity or ledger), or one error of the
+    client's own tasks (a ``KeyboardInterrupt`` that trio delivers there).
+
+    Cancellation: a cancelled enclosing scope ends the block with ``trio.Cancelled``,
+    which leaves as itself too, so the scope that cancelled catches it as usual. The
+    client's own tasks are cancelled and its ledger closed on every way out.
     """
     client = LoomClient(config or ClientConfig(), key=key)
-    error: Exception | None = None
-    async with trio.open_nursery() as nursery:
-        try:
-            await nursery.start(client.run)
+    error: BaseException | None = None
+    try:
+        async with trio.open_nursery() as nursery:
             try:
-                yield client
-            finally:
-                client.member.stop()
-                nursery.cancel_scope.cancel()
-        except Exception as exc:  # re-raised below, outside the nursery, so it is not grouped
-            error = exc
+                await nursery.start(client.run)
+                try:
+                    yield client
+                finally:
+                    client.member.stop()
+                    nursery.cancel_scope.cancel()
+            except BaseException as exc:  # re-raised below, outside the nursery, so it is not grouped
+                error = exc
+    except BaseExceptionGroup as group:
+        # raised by the client's own tasks; one error (besides the cancellations our own
+        # cancel caused) leaves as itself, several stay grouped. The block's own error
+        # wins over the cancellation that the failing task caused in the block.
+        leaves = _leaves(group)
+        errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
+        if len(errors) != 1:
+            raise
+        if error is None or isinstance(error, trio.Cancelled):
+            error = errors[0]
     if error is not None:
         try:
             raise error
         finally:
             error = None  # no reference cycle through the traceback
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    """The exceptions in ``group`` and its nested groups."""
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out

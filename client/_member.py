@@ -4,6 +4,13 @@ A :class:`Member` owns the libp2p node, the offer table and the tasks that keep 
 table fed: it drains the advert gossip topic, answers ``/loomnet/adverts/1`` with
 the adverts it holds (so a newcomer can route at once instead of waiting for the
 next gossip round), and on joining asks each peer it reaches for theirs.
+
+Every exchange with a peer has one deadline over the whole of it (``exchange_timeout``:
+stream open, every frame, close), never one per read, and joining asks all bootstrap
+peers at once: however slowly one peer drips its answer, joining waits at most the
+dials plus one ``exchange_timeout``. What a peer hands over is bounded by the offer
+table (``_offers``): adverts of at most 128 KiB, at most ``max_per_source`` of them
+from one peer, charged to that peer.
 """
 
 from __future__ import annotations
@@ -15,21 +22,9 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from loomnet.protocol import (
-    ADVERT_TOPIC,
-    ADVERTS_PROTOCOL,
-    END,
-    NEED_DATA,
-    AdvertFrame,
-    Envelope,
-    FrameDecoder,
-    LoomError,
-    SigningKey,
-    decode_frame,
-    encode_frame,
-    encode_frame_body,
-)
+from loomnet.protocol import ADVERT_TOPIC, ADVERTS_PROTOCOL, Envelope, LoomError, SigningKey
 
+from ._advert_exchange import receive_adverts, send_adverts
 from ._offers import OfferTable, decode_advert_envelope
 from ._p2p import NodeInfo, P2PConfig, P2PNode, P2PStream
 
@@ -49,6 +44,9 @@ class Member:
         own_advert: returns this peer's own signed advert, if it has one; it is
             served to peers that ask, alongside every advert in the table.
         clock: wall-clock seconds (adverts are dated across machines).
+        exchange_timeout: seconds one whole adverts exchange may take, asking
+            (stream open to the last advert) or answering (first to last write).
+        table: the offer table to feed (default: ``OfferTable()`` with its bounds).
     """
 
     def __init__(
@@ -58,14 +56,15 @@ class Member:
         *,
         own_advert: Callable[[], Envelope | None] | None = None,
         clock: Callable[[], float] = time.time,
-        read_timeout: float = 5.0,
+        exchange_timeout: float = 10.0,
+        table: OfferTable | None = None,
     ) -> None:
         self.key = key
         self.clock = clock
-        self.read_timeout = read_timeout
+        self.exchange_timeout = exchange_timeout
         topics = list(p2p.topics) if ADVERT_TOPIC in p2p.topics else [*p2p.topics, ADVERT_TOPIC]
         self.node = P2PNode(key.seed, msgspec.structs.replace(p2p, topics=topics))
-        self.table = OfferTable()
+        self.table = table if table is not None else OfferTable()
         self.table_changed = trio.Event()
         self._own_advert = own_advert or (lambda: None)
         self.node.set_topic_validator(ADVERT_TOPIC, self._validate_gossip)
@@ -79,7 +78,9 @@ class Member:
         """Join, keep the table fed, until cancelled or :meth:`stop`.
 
         Calls ``task_status.started(NodeInfo)`` once listening and after a first
-        round of asking the bootstrap peers for their adverts.
+        round of asking the bootstrap peers for their adverts: all at once, each
+        bounded by ``exchange_timeout``, so one slow peer delays the start by at most
+        that.
         """
         async with trio.open_nursery() as nursery:
             info: NodeInfo = await nursery.start(self.node.run)
@@ -100,8 +101,8 @@ class Member:
         await self.fetch_adverts(peer)
         return peer
 
-    def _note(self, data: bytes | Envelope, sender: str | None = None) -> bool:
-        changed = self.table.add(data, now=self.clock(), sender=sender)
+    def _note(self, data: bytes | Envelope, sender: str | None = None, source: str | None = None) -> bool:
+        changed = self.table.add(data, now=self.clock(), sender=sender, source=source)
         if changed:
             self.table_changed.set()
             self.table_changed = trio.Event()
@@ -137,40 +138,54 @@ class Member:
     # -------------------------------------------------- the adverts request stream
 
     async def _serve_adverts(self, stream: P2PStream) -> None:
-        """Hand every live advert we hold (ours first) to the peer that asked."""
+        """Hand the peer that asked our own advert, then the most recently refreshed
+        ones we hold: at most as many as one peer may hand over (``max_per_source``),
+        all within one ``exchange_timeout``.
+
+        Error handling: a peer that breaks the stream or reads too slowly is logged;
+        the stream is closed after this returns (``P2PNode.set_stream_handler``).
+        """
         own = self._own_advert()
-        held = self.table.envelopes(now=self.clock())
-        for envelope in ([own] if own is not None else []) + [e for e in held if e != own]:
-            await stream.send_all(
-                encode_frame(encode_frame_body(AdvertFrame(envelope))), timeout=self.read_timeout
-            )
-        await stream.close()
+        held = self.table.envelopes(now=self.clock(), limit=self.table.max_per_source)
+        envelopes = ([own] if own is not None else []) + [e for e in held if e != own]
+        deadline = trio.current_time() + self.exchange_timeout
+        try:
+            await send_adverts(stream, envelopes[: self.table.max_per_source], deadline=deadline)
+        except LoomError as exc:
+            log.debug("adverts for %s cut short: %s", stream.remote_peer, exc)
+            await stream.reset()
 
     async def fetch_adverts(self, peer: str) -> int:
         """Ask ``peer`` for the adverts it holds; returns how many changed our table.
 
-        Error handling: any failure is logged and counts as zero adverts; the
-        gossip topic will bring them later anyway.
+        The whole exchange, stream open included, has one deadline,
+        ``exchange_timeout``; at most ``table.max_per_source`` adverts are taken, each
+        charged to ``peer`` in the table.
+
+        Error handling: any failure (a deadline, a broken stream, a frame that is not
+        an advert) is logged and ends the exchange; the adverts kept until then stay.
+        The gossip topic will bring the rest anyway.
         """
         changed = 0
+
+        def keep(envelope: Envelope) -> None:
+            nonlocal changed
+            changed += self._note(envelope, source=peer)
+
+        deadline = trio.current_time() + self.exchange_timeout
+        stream: P2PStream | None = None
         try:
-            stream = await self.node.open_stream(peer, ADVERTS_PROTOCOL, timeout=self.read_timeout)
+            with trio.move_on_at(deadline):
+                stream = await self.node.open_stream(peer, ADVERTS_PROTOCOL, timeout=self.exchange_timeout)
+            if stream is None:
+                log.debug("no adverts from %s: no stream within %g s", peer, self.exchange_timeout)
+                return 0
+            read = await receive_adverts(stream, deadline=deadline, limit=self.table.max_per_source, keep=keep)
+            if read >= self.table.max_per_source:
+                log.debug("%s handed over %d adverts, the most one peer may; the rest were ignored", peer, read)
         except LoomError as exc:
-            log.debug("no adverts from %s: %s", peer, exc)
-            return 0
-        decoder = FrameDecoder()
-        try:
-            while True:
-                decoder.receive_data(await stream.receive_some(timeout=self.read_timeout))
-                while (body := decoder.next_frame()) is not NEED_DATA:
-                    if body is END:
-                        await stream.close()
-                        return changed
-                    frame = decode_frame(body)  # type: ignore[arg-type]
-                    if isinstance(frame, AdvertFrame) and self._note(frame.envelope):
-                        changed += 1
-        except LoomError as exc:
-            log.debug("adverts from %s cut short: %s", peer, exc)
-            return changed
+            log.debug("adverts from %s cut short after %d: %s", peer, changed, exc)
         finally:
-            await stream.reset()  # no-op after a clean close; after a failure, frees the stream now
+            if stream is not None:
+                await stream.reset()  # no-op after the peer's clean close; else frees the stream now
+        return changed

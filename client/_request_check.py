@@ -7,10 +7,18 @@ NaN, ``max_tokens`` ≥ 1, 1 to 1024 messages, a known role, string and list len
 image types, seeds, price caps, ...) applies here exactly as it will there, and the
 two can never drift apart. What the schema cannot say (the whole request must fit in
 one frame) is checked against the same ``MAX_FRAME_SIZE`` the executor enforces.
+
+What no schema says, but every backend needs, is checked too, so a request no
+executor could serve never leaves the process: ``tool_choice`` is ``"auto"``,
+``"none"``, ``"required"`` (with at least one tool) or the name of one of the
+request's tools; a tool's ``parameters``, a ``json_schema`` response format's
+``schema`` and the ``arguments`` of an assistant's tool calls are JSON objects
+(empty text counts as ``{}``, as every adapter reads it).
 """
 
 from __future__ import annotations
 
+import json
 import re
 
 import msgspec
@@ -37,8 +45,9 @@ def check_request(request: InferenceRequest) -> bytes:
 
     Raises:
         InvalidRequest: a field breaks the schema (``field`` names it, e.g.
-            ``"messages[0].role"``), a value cannot be encoded at all, or the request
-            is too large for one frame.
+            ``"messages[0].role"``), or one of the rules in the module doc (e.g.
+            ``"tools[1].parameters"``); a value cannot be encoded at all; or the
+            request is too large for one frame.
     """
     try:
         payload = encode_payload(request)
@@ -52,6 +61,7 @@ def check_request(request: InferenceRequest) -> bytes:
         field = match["path"] if match else None
         reason = match["reason"] if match else text
         raise InvalidRequest(f"invalid request: {field or 'the request'}: {reason}", field=field or None) from None
+    _check_semantics(request)
     # The frame as it will travel, with a signer and signature of their fixed sizes.
     frame = encode_frame_body(RequestFrame(Envelope(payload=payload, signer=bytes(32), sig=bytes(64))))
     if len(frame) > MAX_FRAME_SIZE:
@@ -61,3 +71,45 @@ def check_request(request: InferenceRequest) -> bytes:
             field="messages",
         )
     return payload
+
+
+_TOOL_CHOICES = ("auto", "none", "required")
+
+
+def _check_semantics(request: InferenceRequest) -> None:
+    """The rules of the module doc, on a request that already fits the schema."""
+    names = [tool.name for tool in request.tools]
+    choice = request.tool_choice
+    if choice == "required" and not names:
+        message = 'invalid request: tool_choice: "required" but the request has no tools'
+        raise InvalidRequest(message, field="tool_choice")
+    if choice is not None and choice not in _TOOL_CHOICES and choice not in names:
+        offered = ", ".join(repr(n) for n in names[:8]) or "none"
+        raise InvalidRequest(
+            f"invalid request: tool_choice: {choice[:64]!r} names no tool of the request (tools: {offered})",
+            field="tool_choice",
+        )
+    for i, tool in enumerate(request.tools):
+        _json_object(tool.parameters, f"tools[{i}].parameters")
+    fmt = request.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
+        _json_object(fmt.schema, "response_format.schema")
+    for i, message in enumerate(request.messages):
+        for j, call in enumerate(message.tool_calls):
+            _json_object(call.arguments, f"messages[{i}].tool_calls[{j}].arguments")
+
+
+def _json_object(text: str, field: str) -> None:
+    """Refuse ``text`` unless it is a JSON object (or empty, which adapters read as ``{}``)."""
+    if not text.strip():
+        return
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"invalid request: {field}: not valid JSON ({exc})", field=field) from None
+    except RecursionError:
+        raise InvalidRequest(f"invalid request: {field}: JSON nested too deeply", field=field) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(
+            f"invalid request: {field}: a JSON object is needed, not {type(value).__name__}", field=field
+        )

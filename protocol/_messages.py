@@ -39,6 +39,7 @@ __all__ = [
     "Envelope",
     "ErrorFrame",
     "InferenceRequest",
+    "MAX_ADVERT_SIZE",
     "MAX_FRAME_SIZE",
     "ImagePart",
     "ModelOffer",
@@ -58,6 +59,15 @@ __all__ = [
 
 #: Hard maximum size of one frame, length prefix excluded (1 MiB).
 MAX_FRAME_SIZE = 1 << 20
+
+#: Hard maximum size of a signed advert's payload (128 KiB). Every node holds every
+#: advert it hears of, so this bounds what one executor costs each peer. Sized from what
+#: honest adverts need: 256 models (the schema's maximum), each with a 48-character
+#: name, two aliases, three categories, three capabilities and prices, plus four
+#: addresses, encode to ~74 KB; an executor with one model sends under 1 KB. The
+#: schema alone would allow ~1.6 MB. ``seal`` refuses to sign a bigger advert and
+#: ``open_envelope`` refuses one before checking its signature (``_signing``).
+MAX_ADVERT_SIZE = 128 * 1024
 
 # Shared field types. The limits are generous for honest peers and small enough
 # that the worst a hostile one can do is bounded by MAX_FRAME_SIZE anyway.

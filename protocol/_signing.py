@@ -17,10 +17,19 @@ from typing import TypeVar
 
 import msgspec
 
-from ._errors import MessageDecodeError, SignatureError
 from ._decode_errors import describe_decode_error
+from ._errors import ErrorCode, FrameError, MessageDecodeError, SignatureError
 from ._identity import SigningKey, peer_id_from_public_key, verify_signature
-from ._messages import Advert, Envelope, InferenceRequest, Receipt, ReceiptAck, encode_payload
+from ._messages import (
+    MAX_ADVERT_SIZE,
+    MAX_FRAME_SIZE,
+    Advert,
+    Envelope,
+    InferenceRequest,
+    Receipt,
+    ReceiptAck,
+    encode_payload,
+)
 
 __all__ = ["SignedKind", "digest", "open_envelope", "seal"]
 
@@ -28,16 +37,18 @@ T = TypeVar("T", bound=msgspec.Struct)
 
 
 class SignedKind(enum.Enum):
-    """The kinds of signed payload, each with its own domain-separation prefix."""
+    """The kinds of signed payload, each with its own domain-separation prefix and the
+    largest payload, in bytes, that may be signed or opened under it (``max_payload``)."""
 
-    ADVERT = (b"loomnet/advert/1\n", Advert)
-    REQUEST = (b"loomnet/request/1\n", InferenceRequest)
-    RECEIPT = (b"loomnet/receipt/1\n", Receipt)
-    RECEIPT_ACK = (b"loomnet/receipt-ack/1\n", ReceiptAck)
+    ADVERT = (b"loomnet/advert/1\n", Advert, MAX_ADVERT_SIZE)
+    REQUEST = (b"loomnet/request/1\n", InferenceRequest, MAX_FRAME_SIZE)
+    RECEIPT = (b"loomnet/receipt/1\n", Receipt, MAX_FRAME_SIZE)
+    RECEIPT_ACK = (b"loomnet/receipt-ack/1\n", ReceiptAck, MAX_FRAME_SIZE)
 
-    def __init__(self, prefix: bytes, message_type: type) -> None:
+    def __init__(self, prefix: bytes, message_type: type, max_payload: int) -> None:
         self.prefix = prefix
         self.message_type = message_type
+        self.max_payload = max_payload
         self.decoder = msgspec.msgpack.Decoder(message_type)
 
 
@@ -47,10 +58,21 @@ def digest(data: bytes) -> bytes:
 
 
 def seal(kind: SignedKind, message: msgspec.Struct, key: SigningKey) -> Envelope:
-    """Encode ``message`` once and sign those bytes under ``kind``'s prefix."""
+    """Encode ``message`` once and sign those bytes under ``kind``'s prefix.
+
+    Raises:
+        TypeError: ``message`` is not ``kind``'s message type.
+        FrameError: the payload is over ``kind.max_payload`` bytes (code
+            FRAME_TOO_LARGE): no peer would accept it (e.g. an advert of too many models).
+    """
     if not isinstance(message, kind.message_type):
         raise TypeError(f"{kind.name} envelopes carry {kind.message_type.__name__}")
     payload = encode_payload(message)
+    if len(payload) > kind.max_payload:
+        raise FrameError(
+            f"a signed {kind.name.lower()} of {len(payload)} bytes is over the {kind.max_payload}-byte maximum",
+            code=ErrorCode.FRAME_TOO_LARGE,
+        )
     return Envelope(payload=payload, signer=key.public_key, sig=key.sign(kind.prefix + payload))
 
 
@@ -59,8 +81,15 @@ def open_envelope(kind: SignedKind, envelope: Envelope) -> tuple[object, str]:
 
     Raises:
         SignatureError: the signature does not verify (code BAD_SIGNATURE).
-        MessageDecodeError: the signed bytes are not a valid ``kind`` message.
+        MessageDecodeError: the signed bytes are not a valid ``kind`` message, or are
+            over ``kind.max_payload`` (code FRAME_TOO_LARGE; refused before the
+            signature is checked, so an oversized advert costs no verification).
     """
+    if len(envelope.payload) > kind.max_payload:
+        raise MessageDecodeError(
+            f"signed {kind.name.lower()} of {len(envelope.payload)} bytes is over the {kind.max_payload}-byte maximum",
+            code=ErrorCode.FRAME_TOO_LARGE,
+        )
     if not verify_signature(envelope.signer, envelope.sig, kind.prefix + envelope.payload):
         raise SignatureError(f"{kind.name.lower()} signature does not verify")
     try:

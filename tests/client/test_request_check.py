@@ -66,6 +66,22 @@ CASES = [
     (None, {}, "m" * 129, "model"),
     # the whole request must fit one frame (1 MiB), which no single field says
     ([ChatMessage("user", BIG), ChatMessage("user", BIG)], {}, None, "messages"),
+    # what no schema says but every backend needs
+    (None, dict(tool_choice="get_weather"), None, "tool_choice"),  # no tools at all
+    (None, dict(tools=[ToolSpec(name="f")], tool_choice="g"), None, "tool_choice"),
+    (None, dict(tools=[ToolSpec(name="f")], tool_choice="AUTO"), None, "tool_choice"),
+    (None, dict(tool_choice="required"), None, "tool_choice"),
+    (None, dict(tools=[ToolSpec(name="f", parameters="{not json")]), None, "tools[0].parameters"),
+    (None, dict(tools=[ToolSpec(name="f"), ToolSpec(name="g", parameters="[1, 2]")]), None, "tools[1].parameters"),
+    (None, dict(tools=[ToolSpec(name="f", parameters='"object"')]), None, "tools[0].parameters"),
+    (None, dict(tools=[ToolSpec(name="f", parameters="[" * 100_000 + "]" * 100_000)]), None, "tools[0].parameters"),
+    (None, dict(response_format=ResponseFormat(type="json_schema", schema="{'type': 'object'}")), None,
+     "response_format.schema"),
+    (None, dict(response_format=ResponseFormat(type="json_schema", schema="null")), None, "response_format.schema"),
+    ([ChatMessage("user", "weather?"), ChatMessage("assistant", "", tool_calls=[ToolCall(id="c", name="w", arguments="{city: Oslo}")])],
+     {}, None, "messages[1].tool_calls[0].arguments"),
+    ([ChatMessage("assistant", "", tool_calls=[ToolCall(id="a", name="w"), ToolCall(id="b", name="w", arguments="42")])],
+     {}, None, "messages[0].tool_calls[1].arguments"),
 ]
 IDS = [f"{field}-{i}" for i, (*_, field) in enumerate(CASES)]
 
@@ -89,6 +105,24 @@ def test_every_schema_constraint_is_refused_with_the_field_named(messages, optio
     assert error.field == field
     assert error.code == ErrorCode.BAD_REQUEST and isinstance(error, ValueError)
     assert field in error.message
+
+
+def test_what_backends_accept_passes():
+    tools = [ToolSpec(name="get_weather", parameters='{"type": "object", "properties": {"city": {"type": "string"}}}'),
+             ToolSpec(name="noop", parameters=""), ToolSpec(name="defaults")]
+    history = [
+        ChatMessage("user", "weather in Oslo?"),
+        ChatMessage("assistant", "", tool_calls=[ToolCall(id="c1", name="get_weather", arguments='{"city": "Oslo"}'),
+                                                 ToolCall(id="c2", name="noop", arguments="")]),
+        ChatMessage("tool", "12 C", tool_call_id="c1"),
+    ]
+    for choice in (None, "auto", "none", "required", "get_weather", "noop"):
+        check_request(probe(history, dict(tools=tools, tool_choice=choice), None))
+    for choice in ("auto", "none"):  # mean the same with no tools
+        check_request(probe(None, dict(tool_choice=choice), None))
+    for fmt in (ResponseFormat(type="json_schema", schema='{"type": "object"}'), ResponseFormat(type="json_schema"),
+                ResponseFormat(type="json_object"), ResponseFormat(type="text")):
+        check_request(probe(None, dict(response_format=fmt), None))
 
 
 def test_what_cannot_be_encoded_at_all_is_refused_too():

@@ -17,6 +17,9 @@ from loomnet.protocol import (
     NetworkTimeout,
     NoOfferError,
     RemoteError,
+    ResponseFormat,
+    ToolCall,
+    ToolSpec,
 )
 
 from ..limits import fail_after
@@ -113,6 +116,9 @@ async def test_invalid_requests_are_refused_before_any_traffic(executor, tmp_pat
             (dict(max_tokens=0), "max_tokens"),
             (dict(seed=-1), "seed"),
             (dict(max_price_out=-5), "max_price_out"),
+            (dict(tool_choice="get_weather"), "tool_choice"),
+            (dict(tools=[ToolSpec(name="f", parameters="{oops")]), "tools[0].parameters"),
+            (dict(response_format=ResponseFormat(type="json_schema", schema="[]")), "response_format.schema"),
         ]:
             with pytest.raises(InvalidRequest) as info:
                 await client.chat(HELLO, model="smol", **kwargs)
@@ -123,8 +129,59 @@ async def test_invalid_requests_are_refused_before_any_traffic(executor, tmp_pat
         with pytest.raises(InvalidRequest) as info:
             await client.chat([ChatMessage("wizard", "hi")], model="smol")
         assert info.value.field == "messages[0].role"
+        called = ChatMessage("assistant", "", tool_calls=[ToolCall(id="c", name="f", arguments="not json")])
+        with pytest.raises(InvalidRequest) as info:
+            await client.chat([*HELLO, called, ChatMessage("tool", "1", tool_call_id="c")], model="smol")
+        assert info.value.field == "messages[1].tool_calls[0].arguments"
         assert client.member.node.statistics().streams_opened == before
         assert (executor.server.served, executor.server.refused) == served
         # and the same client still chats
         result = await client.chat(HELLO, model="smol", max_tokens=4)
         assert result.receipt.output_tokens > 0
+
+
+class Halt(BaseException):
+    """A BaseException that is neither KeyboardInterrupt nor trio's."""
+
+
+@pytest.mark.parametrize("kind", [KeyboardInterrupt, SystemExit, Halt])
+@fail_after(60)
+async def test_a_base_exception_in_the_block_leaves_open_client_as_itself(tmp_path, kind):
+    # Ctrl-C in a trio program lands in whatever the main task runs: here, the block
+    raised = kind("stop")
+    config = ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False)
+    with pytest.raises(kind) as info:
+        async with open_client(config):
+            raise raised
+    assert info.value is raised
+
+
+@fail_after(60)
+async def test_a_keyboard_interrupt_in_the_clients_own_task_leaves_as_itself(tmp_path, monkeypatch):
+    # trio may deliver Ctrl-C to any task; here the client's offer-table expiry task gets it
+    from loomnet.client import Member
+
+    async def interrupted(self) -> None:
+        await trio.sleep(0.1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Member, "_expire_loop", interrupted)
+    config = ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False)
+    with pytest.raises(KeyboardInterrupt):
+        async with open_client(config):
+            await trio.sleep_forever()
+
+
+@pytest.mark.parametrize("where", ["outside", "inside"])
+@fail_after(60)
+async def test_cancelling_the_enclosing_scope_still_ends_the_block_cleanly(tmp_path, where):
+    config = ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False)
+    reached = False
+    with trio.move_on_after(2 if where == "outside" else 60) as scope:
+        async with open_client(config) as client:
+            if where == "inside":
+                scope.cancel()
+            await trio.sleep_forever()
+        reached = True
+    assert scope.cancelled_caught and not reached
+    assert client.ledger is not None and client.ledger._conn is None  # the client ended: its ledger is closed
