@@ -139,6 +139,30 @@ async def test_an_anthropic_answer_after_extended_thinking_is_accepted(nursery, 
     await assert_booked_on_both_sides(executor, client, result)
 
 
+@pytest.mark.parametrize("thinking, redacted", [([], True), (["I should greet them."], False)],
+                         ids=["redacted-thinking", "summarized-thinking"])
+@fail_after(60)
+async def test_the_anthropic_adapter_after_extended_thinking_gets_an_accepted_receipt(
+    nursery, tmp_path, thinking, redacted
+):
+    # The same through the real adapter and a fake Anthropic faithful to the wire facts:
+    # the adapter must mark the usage itself.
+    from loomnet.node.backends.anthropic import AnthropicBackend
+
+    from ..node import fake_anthropic
+
+    fake = fake_anthropic.FakeAnthropic()
+    fake.thinking, fake.redacted_thinking = thinking, redacted
+    fake.text, fake.output_tokens = ["Hello, world!"], 250
+    url = await serve_app(nursery, fake)
+    backend = AnthropicBackend(BackendConfig(provider="anthropic", endpoint=url, api_key=fake_anthropic.KEY,
+                                             models=[fake_anthropic.MODEL]))
+    executor, client = await start_pair(nursery, tmp_path, [backend])
+    result = await client.chat(HELLO, model=fake_anthropic.MODEL, max_tokens=1024)
+    assert result.receipt.output_tokens == 250 and result.receipt.hidden_reasoning_tokens > 200
+    await assert_booked_on_both_sides(executor, client, result)
+
+
 KOREAN = "오늘 아침에 우리는 시장에 가서 신선한 과일과 채소를 샀고, 점심에는 친구들과 함께 맛있는 비빔밥을 먹었습니다."
 
 
