@@ -25,7 +25,7 @@ import trio
 from loomnet.client import TokenCounter
 from loomnet.protocol import CountSource, ToolCall
 
-from .backends._base import Backend, ChatParams
+from .backends._base import Backend, ChatParams, token_count
 
 __all__ = ["Count", "CountingChain", "prompt_text", "tool_calls_text", "weakest"]
 
@@ -134,7 +134,7 @@ class CountingChain:
         if answer is None:
             self._unanswerable.add(what)
             return None
-        if not isinstance(answer, int) or isinstance(answer, bool) or answer < 0:
+        if token_count(answer) is None:  # negative, not an int, or more than a receipt can hold
             log.warning("backend %s answered %r to %s; counting with tiktoken", self.backend.kind, answer, what)
             self._tokenizer_usable = False
             return None

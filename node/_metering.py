@@ -25,6 +25,7 @@ instead: a client never pays for what it did not get.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -52,6 +53,8 @@ from loomnet.protocol import (
 from ._catalog import CatalogEntry
 from ._counting import CountingChain, tool_calls_text, weakest
 from .backends._base import ChatParams, Usage
+
+log = logging.getLogger("loomnet.metering")
 
 __all__ = ["Meter", "Output", "Tally"]
 
@@ -126,6 +129,10 @@ class Meter:
             usage: what the runtime reported, or None (none reported, or the stream
                 was cut short and its usage would cover more than was sent).
         """
+        if usage is not None and (plausible := usage.plausible()) is not usage:
+            log.warning("the runtime reported counts that are no counts (%s); counting those another way",
+                        {k: v for k, v in msgspec.structs.asdict(usage).items() if k.endswith("tokens")})
+            usage = plausible
         chain = CountingChain(entry.backend, params.model, self.tokens, budget=self.count_timeout)
         if usage is not None and usage.input_tokens is not None:
             input_count, input_source = usage.input_tokens, usage.source

@@ -44,6 +44,10 @@ class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     pass
 
 
+#: the highest price a model may have, credits per million tokens
+MAX_PRICE = 1_000_000.0
+
+
 class ModelTerms(_Config):
     """How one served model is offered: aliases, categories and price."""
 
@@ -57,8 +61,14 @@ class ModelTerms(_Config):
     price_out: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.price_in < 0 or self.price_out < 0:
-            raise ValueError(f"model {self.name!r}: prices cannot be negative")
+        for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
+            # NaN fails both comparisons; the cap keeps every receipt's cost within the
+            # wire's integer range (2**31 tokens at this price is ~4e15 micro-credits)
+            if not 0 <= price <= MAX_PRICE:
+                raise ValueError(
+                    f"model {self.name!r}: {which} must be a number from 0 to {MAX_PRICE:g} credits per "
+                    f"million tokens, not {price}"
+                )
 
 
 class ExecutorConfig(_Config):

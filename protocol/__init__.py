@@ -43,6 +43,7 @@ from ._identity import (
 )
 from ._messages import (
     MAX_FRAME_SIZE as MAX_FRAME_SIZE,
+    MAX_TOKEN_COUNT as MAX_TOKEN_COUNT,
     AckFrame as AckFrame,
     Advert as Advert,
     AdvertFrame as AdvertFrame,

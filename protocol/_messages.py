@@ -41,6 +41,7 @@ __all__ = [
     "InferenceRequest",
     "MAX_ADVERT_SIZE",
     "MAX_FRAME_SIZE",
+    "MAX_TOKEN_COUNT",
     "ImagePart",
     "ModelOffer",
     "Receipt",
@@ -77,7 +78,9 @@ PeerIdText = Annotated[str, Meta(min_length=1, max_length=64)]
 Multiaddr = Annotated[str, Meta(min_length=1, max_length=256)]
 Digest = Annotated[bytes, Meta(min_length=32, max_length=32)]
 Nonce = Annotated[bytes, Meta(min_length=16, max_length=32)]
-Tokens = Annotated[int, Meta(ge=0, le=1 << 31)]
+#: the most tokens any count on the wire may say (a receipt's, an offer's context length)
+MAX_TOKEN_COUNT = 1 << 31
+Tokens = Annotated[int, Meta(ge=0, le=MAX_TOKEN_COUNT)]
 Micro = Annotated[int, Meta(ge=0, le=1 << 62)]
 Seconds = Annotated[float, Meta(ge=0.0, le=1e11)]
 Text = Annotated[str, Meta(max_length=512 * 1024)]

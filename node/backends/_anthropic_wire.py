@@ -10,7 +10,7 @@ from typing import Any
 
 from loomnet.protocol import BackendError, ChatMessage, ErrorCode
 
-from ._base import ChatParams, ReasoningDelta, TextDelta, Usage
+from ._base import ChatParams, ReasoningDelta, TextDelta, Usage, token_count
 from ._http import as_object as _obj, request_json as _loads
 from ._refusal import content_filtered
 
@@ -83,7 +83,8 @@ def request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
 
 
 def counts_of(usage: Any) -> dict[str, int]:
-    return {k: v for k, v in _obj(usage).items() if isinstance(v, int)}
+    """The counts in a ``usage`` object; a value that is no count is left out (None)."""
+    return {k: v for k, v in _obj(usage).items() if token_count(v) is not None}
 
 
 #: content block types of extended thinking

@@ -15,11 +15,11 @@ from typing import AsyncIterator, Literal, Union
 
 import msgspec
 
-from loomnet.protocol import ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
+from loomnet.protocol import MAX_TOKEN_COUNT, ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
 
 from .._redact import Redactor
 
-__all__ = ["Backend", "ChatParams", "Completion", "Finished", "ModelInfo", "ReasoningDelta", "StreamEvent", "TextDelta", "Usage"]
+__all__ = ["Backend", "ChatParams", "token_count", "Completion", "Finished", "ModelInfo", "ReasoningDelta", "StreamEvent", "TextDelta", "Usage"]
 
 
 class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +47,15 @@ class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
         return needed
 
 
+def token_count(value: object) -> int | None:
+    """``value`` if it is a token count a receipt can hold (an int, not a bool, from 0
+    to ``MAX_TOKEN_COUNT``), else None. What a runtime or tokenizer reports passes
+    through here: ``-1``, ``"12"``, ``3.5`` or ``2**40`` is no count, so the executor
+    counts that part another way instead of failing or signing a receipt no client can
+    decode."""
+    return value if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT else None
+
+
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
     """Token counts a runtime reported. A count it left out is None (older Ollama omits
     ``prompt_eval_count`` for a cached prompt): the executor counts that one another
@@ -64,6 +73,14 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     #: while billing all of it inside ``output_tokens`` and not saying how much. The
     #: executor then bills as hidden reasoning what the streamed parts cannot hold.
     reasoning_undisclosed: bool = False
+
+    def plausible(self) -> "Usage":
+        """This usage with every count that is no count (see :func:`token_count`) as None."""
+        counts = (self.input_tokens, self.output_tokens, self.reasoning_tokens)
+        fixed = [token_count(c) for c in counts]
+        if fixed == list(counts):
+            return self
+        return msgspec.structs.replace(self, input_tokens=fixed[0], output_tokens=fixed[1], reasoning_tokens=fixed[2])
 
 
 class TextDelta(msgspec.Struct, frozen=True):

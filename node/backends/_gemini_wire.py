@@ -28,7 +28,7 @@ from typing import Any
 
 from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
-from ._base import ChatParams, Finished, ReasoningDelta, TextDelta, Usage
+from ._base import ChatParams, Finished, ReasoningDelta, TextDelta, Usage, token_count
 from ._http import as_object as _obj, request_json as _loads
 from ._refusal import content_filtered
 
@@ -119,7 +119,7 @@ def request_body(params: ChatParams) -> dict[str, Any]:
 
 def _usage(metadata: dict[str, Any]) -> Usage:
     """``usageMetadata`` as :class:`Usage` (see the module doc for missing counts)."""
-    n = {key: value for key, value in metadata.items() if type(value) is int and value >= 0}
+    n = {key: value for key, value in metadata.items() if token_count(value) is not None}
     total = n.get("totalTokenCount")
     complete = total is not None and sum(n.get(key, 0) for key in _COUNTS) == total
     count = {key: n.get(key, 0 if complete else None) for key in _COUNTS}

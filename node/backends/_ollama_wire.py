@@ -21,7 +21,7 @@ from typing import Any
 
 from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
 
-from ._base import ChatParams, Usage
+from ._base import ChatParams, Usage, token_count
 from ._http import request_json
 from ._refusal import only_loaded
 
@@ -110,8 +110,8 @@ def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tu
         produced: whether the answer had any text, reasoning or tool call.
 
     Raises:
-        BackendError: retryable ``BACKEND_UNAVAILABLE`` when Ollama only loaded the model;
-            retryable ``BACKEND_ERROR`` for counts that are not counts.
+        BackendError: retryable ``BACKEND_UNAVAILABLE`` when Ollama only loaded the model.
+            A count that is no count (negative, a string, a float, too big) is None.
     """
     reason = str(line.get("done_reason") or "stop")[:64]
     if reason in LOAD_ONLY and not produced:
@@ -120,8 +120,7 @@ def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tu
     counts = [line.get(key) for key in ("prompt_eval_count", "eval_count")]
     if counts == [None, None]:
         return reason, None
-    if not all(c is None or (type(c) is int and c >= 0) for c in counts):
-        raise BackendError(f"Ollama sent token counts that are not counts: {counts}", retryable=True)
+    counts = [token_count(c) for c in counts]  # a value that is no count is counted another way
     return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
 
 

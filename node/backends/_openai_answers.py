@@ -20,7 +20,7 @@ from typing import Any
 
 from loomnet.protocol import BackendError, ToolCall
 
-from ._base import Completion, Finished, ReasoningDelta, TextDelta, Usage
+from ._base import Completion, Finished, ReasoningDelta, TextDelta, Usage, token_count
 from ._openai_profiles import Profile
 from ._refusal import content_filtered
 
@@ -30,8 +30,7 @@ __all__ = ["StreamParser", "parse_completion", "parse_usage", "refusal_error"]
 _REFUSALS = frozenset({"content_filter", "refusal"})
 
 
-def _count(value: Any) -> int | None:
-    return value if type(value) is int and value >= 0 else None
+_count = token_count
 
 
 def parse_usage(raw: Any) -> Usage | None:
