@@ -287,7 +287,10 @@ async def open_client(
     try:
         async with trio.open_nursery() as nursery:
             try:
-                await nursery.start(client.run)
+                try:
+                    await nursery.start(client.run)
+                except BaseExceptionGroup as group:  # from the client's own nurseries
+                    raise _sole_error(group) from None
                 try:
                     yield client
                 finally:
@@ -310,6 +313,14 @@ async def open_client(
             raise error
         finally:
             error = None  # no reference cycle through the traceback
+
+
+def _sole_error(group: BaseExceptionGroup) -> BaseException:
+    """The one error in ``group`` besides cancellations, or ``group`` itself when there
+    are several."""
+    leaves = _leaves(group)
+    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
+    return errors[0] if len(errors) == 1 else group
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -30,7 +30,10 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   connection to the peer (libp2p forgot, still open, one registered meanwhile) and
   ``stop`` closes every connection the node has, tracked by libp2p or not; a
   connection whose peer answers no yamux ping is closed (yamux only measured RTT).
-  I to M, with measurements: ``docs/network.md``.
+- N. A fixed listen port in use is refused before libp2p binds it: libp2p listens with
+  ``SO_REUSEPORT``, so a second node on the same port would silently share it.
+- O. Multistream-select messages read with a 1 KiB limit (libp2p reads any length).
+  I to O, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -53,14 +57,19 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.exceptions import ParseError
+from libp2p.io.exceptions import IOException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
+from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
@@ -95,6 +104,30 @@ from ._p2p_types import (
 logging.getLogger("libp2p").propagate = True
 logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
 
+#: Longest multistream-select message read (go-multistream's limit, 1 KiB): protocol
+#: ids are short; this bounds what negotiation reads before any other limit applies.
+MAX_MULTISELECT_MESSAGE = 1024
+
+
+async def _bounded_multiselect_read(self: MultiselectCommunicator) -> str:
+    """Trap O: multistream-select (``MultiselectCommunicator.read``, used to negotiate
+    every stream's protocol and, on a raw TCP connection, its security and muxer) reads
+    a line of whatever length its varint announces. Those bytes leave yamux's buffer,
+    so no unread-bytes bound counts them, and they are no request frame either: 60
+    streams of one connection announcing 16 MiB each took an executor from 268 MB to
+    481 MB. The same read with go-multistream's 1 KiB limit; a longer line fails the
+    negotiation, which resets the stream (or closes the raw connection)."""
+    try:
+        data = await read_varint_prefixed_bytes_limited(self.read_writer, MAX_MULTISELECT_MESSAGE)
+    except (ParseError, IOException) as error:  # MessageTooLarge is an IOException
+        raise MultiselectCommunicatorError("fail to read from multiselect communicator") from error
+    if data[-1:] != b"\n":
+        raise MultiselectCommunicatorError("a multiselect message is not delimited by a newline")
+    return data[:-1].decode("utf-8", "replace")  # an odd id simply matches no protocol
+
+
+MultiselectCommunicator.read = _bounded_multiselect_read  # type: ignore[method-assign]  # trap O
+
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PNode", "P2PStatistics", "P2PStream"]
 
 logger = logging.getLogger("loomnet.p2p")
@@ -123,6 +156,37 @@ def _peer_ids(addrs: Sequence[str]) -> set[Any]:
         with contextlib.suppress(Exception):
             ids.add(info_from_p2p_addr(Multiaddr(addr)).peer_id)
     return ids
+
+
+def _refuse_ports_in_use(addrs: Sequence[Multiaddr]) -> None:
+    """Trap N: py-libp2p 0.8.1 listens with ``SO_REUSEPORT`` (for hole punching), so a
+    second node started on a port another node listens on starts without an error, and
+    the kernel then splits inbound connections between the two: clients dialing one
+    executor reach a peer with another identity and fail. A plain socket (``SO_REUSEADDR``
+    only, so a previous run's TIME_WAIT connections do not count) cannot bind a port
+    that has a listener, so a port in use is refused before libp2p binds it.
+
+    Raises:
+        ConfigError: a fixed TCP port is in use, naming it.
+    """
+    for addr in addrs:
+        try:
+            port = int(addr.value_for_protocol("tcp"))
+            host, family = (addr.value_for_protocol("ip4"), socket.AF_INET) if "/ip4/" in str(addr) else (
+                addr.value_for_protocol("ip6"), socket.AF_INET6)
+        except Exception:  # noqa: BLE001 - not a TCP address of ours to check
+            continue
+        if port == 0:
+            continue
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {addr}: the port is in use (another loomnet node?): "
+                              f"{exc.strerror}") from None
+        finally:
+            probe.close()
 
 
 class P2PNode:
@@ -393,6 +457,7 @@ class P2PNode:
             pubsub.set_topic_validator(topic, validator, is_async_validator=False)
         try:
             async with contextlib.AsyncExitStack() as stack:
+                _refuse_ports_in_use(self._listen)  # trap N
                 try:
                     await stack.enter_async_context(self._host.run(listen_addrs=self._listen))
                     bound = self._host.get_transport_addrs()

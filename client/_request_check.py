@@ -11,7 +11,8 @@ one frame) is checked against the same ``MAX_FRAME_SIZE`` the executor enforces.
 What no schema says, but every backend needs, is checked too, so a request no
 executor could serve never leaves the process: ``tool_choice`` is ``"auto"``,
 ``"none"``, ``"required"`` (with at least one tool) or the name of one of the
-request's tools; a tool's ``parameters``, a ``json_schema`` response format's
+request's tools; a ``tool`` turn carries the ``tool_call_id`` of a call an earlier
+assistant turn made; a tool's ``parameters``, a ``json_schema`` response format's
 ``schema`` and the ``arguments`` of an assistant's tool calls are JSON objects
 (empty text counts as ``{}``, as every adapter reads it).
 """
@@ -94,9 +95,26 @@ def _check_semantics(request: InferenceRequest) -> None:
     fmt = request.response_format
     if fmt is not None and fmt.type == "json_schema" and fmt.schema is not None:
         _json_object(fmt.schema, "response_format.schema")
+    called: set[str] = set()  # ids of the tool calls earlier assistant turns made
     for i, message in enumerate(request.messages):
         for j, call in enumerate(message.tool_calls):
             _json_object(call.arguments, f"messages[{i}].tool_calls[{j}].arguments")
+            called.add(call.id)
+        if message.role == "tool":
+            _answers_a_call(message.tool_call_id, called, f"messages[{i}].tool_call_id")
+
+
+def _answers_a_call(call_id: str | None, called: set[str], field: str) -> None:
+    """Refuse a tool turn that answers no tool call of an earlier assistant turn (OpenAI
+    answers HTTP 400, and the Anthropic and Gemini adapters cannot map it)."""
+    if not call_id:
+        raise InvalidRequest(f"invalid request: {field}: a tool turn needs the id of the call it answers",
+                             field=field)
+    if call_id not in called:
+        raise InvalidRequest(
+            f"invalid request: {field}: {call_id[:64]!r} answers no tool call of an earlier assistant turn",
+            field=field,
+        )
 
 
 def _json_object(text: str, field: str) -> None:

@@ -82,6 +82,14 @@ CASES = [
      {}, None, "messages[1].tool_calls[0].arguments"),
     ([ChatMessage("assistant", "", tool_calls=[ToolCall(id="a", name="w"), ToolCall(id="b", name="w", arguments="42")])],
      {}, None, "messages[0].tool_calls[1].arguments"),
+    # a tool turn answers a call an earlier assistant turn made
+    ([ChatMessage("user", "weather?"), ChatMessage("tool", '{"temp": 21}')], {}, None, "messages[1].tool_call_id"),
+    ([ChatMessage("user", "weather?"), ChatMessage("tool", "21", tool_call_id="")], {}, None,
+     "messages[1].tool_call_id"),
+    ([ChatMessage("user", "weather?"), ChatMessage("assistant", "", tool_calls=[ToolCall(id="c1", name="w")]),
+      ChatMessage("tool", "21", tool_call_id="c2")], {}, None, "messages[2].tool_call_id"),
+    ([ChatMessage("tool", "21", tool_call_id="c1"), ChatMessage("assistant", "", tool_calls=[ToolCall(id="c1", name="w")])],
+     {}, None, "messages[0].tool_call_id"),
 ]
 IDS = [f"{field}-{i}" for i, (*_, field) in enumerate(CASES)]
 
