@@ -28,7 +28,7 @@ async def _ask_and_open(tmp_path, backend):
         async with trio.open_nursery() as nursery:
             end = await harness.open(nursery, "m1")
             # read frames without decoding the receipt (that is what we check)
-            from loomnet.protocol import ChunkFrame, ErrorFrame, ReceiptFrame
+            from loomnet.protocol import ErrorFrame, ReceiptFrame
 
             while True:
                 frame = await end.next_frame()
