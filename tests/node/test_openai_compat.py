@@ -279,8 +279,8 @@ async def test_bad_tool_schema_is_a_bad_request(connect):
 
 # ---------------------------------------------------------------- generation options
 
-OPTIONS = dict(temperature=0.3, top_p=0.9, seed=5, stop=["world", "###"], presence_penalty=0.5,
-               frequency_penalty=-0.25, user="end-user-42")
+OPTIONS = {"temperature": 0.3, "top_p": 0.9, "seed": 5, "stop": ["world", "###"], "presence_penalty": 0.5,
+           "frequency_penalty": -0.25, "user": "end-user-42"}
 SENT = {"temperature": 0.3, "top_p": 0.9, "seed": 5, "stop": ["world", "###"], "presence_penalty": 0.5,
         "frequency_penalty": -0.25}
 
