@@ -2,9 +2,10 @@
 
 See ``gemini`` for the theory of operation; everything here is pure. Generation options
 go in ``generationConfig``: ``temperature``, ``topP``, ``maxOutputTokens``, ``seed``,
-``stopSequences`` (up to 5; ours are at most 4), ``presencePenalty``, ``frequencyPenalty``.
-Gemini has no field for ``user``: it is not sent. Beyond the stored
-wire facts: a part with ``"thought": true`` is a thought summary (sent only when
+``stopSequences`` (up to 5; ours are at most 4), ``presencePenalty`` and
+``frequencyPenalty`` (these two from Google's ``GenerationConfig`` reference, beyond the
+stored wire facts). Gemini has no field for ``user``: it is not sent. Also beyond the
+stored wire facts: a part with ``"thought": true`` is a thought summary (sent only when
 ``thinkingConfig.includeThoughts`` asks, which we do not), streamed as reasoning and
 never as text.
 

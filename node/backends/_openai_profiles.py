@@ -35,9 +35,9 @@ Generation options go by their OpenAI names (``temperature``, ``top_p``, ``seed`
 ``presence_penalty``, ``frequency_penalty``; the max-tokens field per the table), to every
 provider: all of them document these (LM Studio's list, llama-server's OpenAI route and
 samplers, vLLM, Groq's SDK, llama-cpp-python's ``create_chat_completion``). ``user`` (an end
-user's id: personal data, perhaps) goes only where the provider documents it (openai, groq,
-openrouter: ``sends_user``) and is left out for the on-premise runtimes, whose facts do not
-list it. A model that refuses an option (OpenAI o-series and GPT-5 refuse ``stop``: HTTP 400
+user's id: personal data, perhaps) goes only where the provider documents it (``sends_user``:
+openai, wire facts A1; groq, groq-python's ``CompletionCreateParams``; openrouter, its user
+tracking guide) and is left out for the on-premise runtimes, whose facts do not list it. A model that refuses an option (OpenAI o-series and GPT-5 refuse ``stop``: HTTP 400
 ``unsupported_parameter``) is ``UNSUPPORTED_FEATURE`` (``_http.error_for_status``); an option
 is never dropped to make a request pass.
 

@@ -27,7 +27,8 @@ count the API left out is None.
 
 Generation options: ``temperature``, ``top_p``, ``stop`` (as ``stop_sequences``; a stop
 ends the answer with ``stop_reason: stop_sequence``, finished as ``stop``) and ``user`` (as
-``metadata.user_id``, which Anthropic documents for abuse detection) are sent. Newer
+``metadata.user_id``: the one field of the request's ``metadata``, an opaque id Anthropic
+uses to detect abuse) are sent. Newer
 models refuse ``temperature`` and ``top_p`` together (HTTP 400): that is
 ``UNSUPPORTED_FEATURE``, told to the client as such (``_http.error_for_status``); older
 models take both, so both are sent and the model decides.
