@@ -45,6 +45,7 @@ from loomnet.protocol import (
     Envelope,
     ErrorCode,
     ErrorFrame,
+    GenerationOptions,
     InferenceConnection,
     InferenceRequest,
     LoomError,
@@ -55,14 +56,13 @@ from loomnet.protocol import (
     ReceiptFrame,
     RemoteError,
     RequestFrame,
-    ResponseFormat,
     Role,
     SignedKind,
     StreamFrame,
     StreamState,
     StreamTruncated,
     ToolCall,
-    ToolSpec,
+    generation_fields,
     seal,
 )
 
@@ -98,16 +98,15 @@ class StreamOpener(Protocol):
     ) -> ByteStream: ...
 
 
-class RequestOptions(msgspec.Struct, frozen=True, kw_only=True):
-    tools: list[ToolSpec] = []
-    tool_choice: str | None = None
-    response_format: ResponseFormat | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
+class RequestOptions(GenerationOptions, frozen=True, kw_only=True):
+    """Everything about one request but its messages and model: how to generate
+    (:class:`~loomnet.protocol.GenerationOptions`) and what it may cost."""
+
     #: micro-credits per million tokens
     max_price_in: int | None = None
     max_price_out: int | None = None
+    #: micro-credits, the most this request may cost (the executor enforces it too)
+    max_cost: int | None = None
 
 
 class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,14 +172,10 @@ class ChatStream:
             created_at=time.time(),
             model=self.offer.model.name,
             messages=self._messages,
-            max_tokens=opts.max_tokens,
-            temperature=opts.temperature,
-            seed=opts.seed,
             max_price_in=opts.max_price_in,
             max_price_out=opts.max_price_out,
-            tools=list(opts.tools),
-            tool_choice=opts.tool_choice,
-            response_format=opts.response_format,
+            max_cost=opts.max_cost,
+            **generation_fields(opts),
         )
 
     async def open(self) -> None:

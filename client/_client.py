@@ -36,13 +36,14 @@ import msgspec
 import trio
 
 from loomnet.protocol import (
+    GENERATION_FIELDS,
     ChatMessage,
     ErrorCode,
+    GenerationOptions,
     InferenceRequest,
     NoOfferError,
-    ResponseFormat,
     SigningKey,
-    ToolSpec,
+    generation_fields,
 )
 
 from ._chat_stream import ChatResult, ChatStream, RequestOptions
@@ -186,16 +187,21 @@ class LoomClient:
         messages: Sequence[ChatMessage],
         *,
         model: str | None = None,
-        tools: Sequence[ToolSpec] = (),
-        tool_choice: str | None = None,
-        response_format: ResponseFormat | None = None,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        seed: int | None = None,
         max_price_in: int | None = None,
         max_price_out: int | None = None,
+        max_cost: int | None = None,
+        options: GenerationOptions | None = None,
+        **generation: object,
     ) -> AsyncIterator[ChatStream]:
         """Open a streamed chat with the best offer; iterate the context value for text.
+
+        How to generate is :class:`~loomnet.protocol.GenerationOptions`: pass an
+        ``options`` object, or its fields as keywords (``max_tokens=``,
+        ``temperature=``, ``top_p=``, ``seed=``, ``stop=``, ``presence_penalty=``,
+        ``frequency_penalty=``, ``user=``, ``tools=``, ``tool_choice=``,
+        ``response_format=``), which override ``options``' fields. Prices are
+        micro-credits: ``max_price_in``/``max_price_out`` per million tokens, caps on
+        the offers considered; ``max_cost`` for the whole request.
 
         After the iteration ends, ``stream.result`` holds the verified receipt, any
         tool calls and any reasoning; ``stream.events()`` yields typed deltas instead of
@@ -205,18 +211,12 @@ class LoomClient:
         Raises:
             InvalidRequest: the request breaks the protocol's schema (``field`` names
                 the field); raised before any offer is looked up or stream opened.
+            TypeError: a keyword that is no generation option.
             NoOfferError, RemoteError, NetworkError (NetworkTimeout), ProtocolError,
             ReceiptError: see :meth:`ChatStream.events`.
         """
-        options = RequestOptions(
-            tools=list(tools),
-            tool_choice=tool_choice,
-            response_format=response_format,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            seed=seed,
-            max_price_in=max_price_in,
-            max_price_out=max_price_out,
+        options = request_options(
+            options, generation, max_price_in=max_price_in, max_price_out=max_price_out, max_cost=max_cost
         )
         self.check_request(messages, model=model, options=options)
         if self.ledger is None:
@@ -245,14 +245,10 @@ class LoomClient:
                 created_at=time.time(),
                 model="any" if model is None else model,
                 messages=list(messages),
-                max_tokens=options.max_tokens,
-                temperature=options.temperature,
-                seed=options.seed,
                 max_price_in=options.max_price_in,
                 max_price_out=options.max_price_out,
-                tools=list(options.tools),
-                tool_choice=options.tool_choice,
-                response_format=options.response_format,
+                max_cost=options.max_cost,
+                **generation_fields(options),
             )
         )
 
@@ -263,6 +259,29 @@ class LoomClient:
                 pass
         assert stream.result is not None
         return stream.result
+
+
+def request_options(
+    options: GenerationOptions | None, overrides: dict[str, object], **costs: int | None
+) -> RequestOptions:
+    """One :class:`RequestOptions` from an ``options`` object, keyword overrides of its
+    fields, and the cost limits.
+
+    Raises:
+        TypeError: an override that is no generation option (naming it).
+    """
+    unknown = sorted(set(overrides) - set(GENERATION_FIELDS))
+    if unknown:
+        raise TypeError(
+            f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(GENERATION_FIELDS)}"
+        )
+    fields = generation_fields(options) if options is not None else {}
+    fields.update(overrides)
+    if isinstance(fields.get("tools"), tuple):
+        fields["tools"] = list(fields["tools"])  # a tuple is as good as a list to a caller
+    if isinstance(fields.get("stop"), str):
+        fields["stop"] = [fields["stop"]]  # OpenAI accepts one stop string as well as a list
+    return RequestOptions(**fields, **costs)
 
 
 @asynccontextmanager

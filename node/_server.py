@@ -54,6 +54,7 @@ from loomnet.protocol import (
     StreamState,
     encode_frame,
     encode_frame_body,
+    generation_fields,
     open_envelope,
 )
 
@@ -188,16 +189,7 @@ class InferenceServer:
         request: InferenceRequest,
         entry: CatalogEntry,
     ) -> None:
-        params = ChatParams(
-            model=entry.backend_model,
-            messages=list(request.messages),
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            seed=request.seed,
-            tools=list(request.tools),
-            tool_choice=request.tool_choice,
-            response_format=request.response_format,
-        )
+        params = ChatParams(model=entry.backend_model, messages=list(request.messages), **generation_fields(request))
         missing = params.needs() - set(entry.offer.capabilities)
         if missing:
             raise RequestRejected(

@@ -52,6 +52,8 @@ from ._messages import (
     CountSource as CountSource,
     Envelope as Envelope,
     ErrorFrame as ErrorFrame,
+    GENERATION_FIELDS as GENERATION_FIELDS,
+    GenerationOptions as GenerationOptions,
     InferenceRequest as InferenceRequest,
     ImagePart as ImagePart,
     ModelOffer as ModelOffer,
@@ -67,6 +69,8 @@ from ._messages import (
     decode_frame as decode_frame,
     encode_frame_body as encode_frame_body,
     encode_payload as encode_payload,
+    generation_fields as generation_fields,
+    generation_options as generation_options,
 )
 from ._pricing import cost_of as cost_of, credits_to_micro as credits_to_micro
 from ._replay import ReplayGuard as ReplayGuard

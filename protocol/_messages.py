@@ -38,6 +38,8 @@ __all__ = [
     "CountSource",
     "Envelope",
     "ErrorFrame",
+    "GENERATION_FIELDS",
+    "GenerationOptions",
     "InferenceRequest",
     "MAX_ADVERT_SIZE",
     "MAX_FRAME_SIZE",
@@ -56,6 +58,8 @@ __all__ = [
     "decode_frame",
     "encode_frame_body",
     "encode_payload",
+    "generation_fields",
+    "generation_options",
 ]
 
 #: Hard maximum size of one frame, length prefix excluded (1 MiB).
@@ -181,24 +185,67 @@ class ChatMessage(Struct, frozen=True):
     tool_call_id: Annotated[str, Meta(max_length=128)] | None = None
 
 
-class InferenceRequest(Struct, frozen=True, kw_only=True):
-    """A client's signed request, addressed to one executor (``audience``)."""
+class GenerationOptions(Struct, frozen=True, kw_only=True):
+    """How to generate an answer: the one set of options the library takes, the wire
+    carries (as fields of :class:`InferenceRequest`, which inherits them) and the
+    backends receive (``ChatParams`` inherits them too). A new option is added here
+    once, and each adapter maps it to its runtime's name where the runtime has one.
+
+    None (or empty) always means "the runtime's default". Ranges are OpenAI's, the
+    widest any backend documents; an adapter whose runtime lacks an option ignores it
+    and says so in its docstring (Anthropic has no penalties or seed).
+    """
+
+    max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    #: nucleus sampling: keep the smallest set of tokens whose probability adds up to this
+    top_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
+    #: up to 4 sequences that end the answer where they would first appear (not included)
+    stop: Annotated[list[Annotated[str, Meta(min_length=1, max_length=256)]], Meta(max_length=4)] = []
+    #: -2 to 2: penalise tokens that appeared at all / by how often they appeared
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] | None = None
+    #: the application's opaque id for its end user, passed on for abuse monitoring
+    user: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    tools: Annotated[list[ToolSpec], Meta(max_length=128)] = []
+    #: "auto", "none", "required", or the name of one tool
+    tool_choice: Annotated[str, Meta(max_length=128)] | None = None
+    response_format: ResponseFormat | None = None
+
+
+#: the names of :class:`GenerationOptions`' fields, in order
+GENERATION_FIELDS: tuple[str, ...] = GenerationOptions.__struct_fields__
+
+
+def generation_options(source: object) -> GenerationOptions:
+    """The :class:`GenerationOptions` part of ``source`` (a request, ``ChatParams``, or
+    any object with those attributes): how an option travels from one layer to the next
+    without each layer naming every option."""
+    return GenerationOptions(**{name: getattr(source, name) for name in GENERATION_FIELDS})
+
+
+def generation_fields(source: object) -> dict[str, object]:
+    """``source``'s generation options as keyword arguments (see :func:`generation_options`)."""
+    return {name: getattr(source, name) for name in GENERATION_FIELDS}
+
+
+class InferenceRequest(GenerationOptions, frozen=True, kw_only=True):
+    """A client's signed request, addressed to one executor (``audience``); the
+    :class:`GenerationOptions` fields travel flat beside these."""
 
     audience: PeerIdText
     nonce: Nonce
     created_at: Seconds
     model: Name
     messages: Annotated[list[ChatMessage], Meta(min_length=1, max_length=1024)]
-    max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] | None = None
-    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
-    seed: Annotated[int, Meta(ge=0, le=(1 << 31) - 1)] | None = None
     #: price caps, micro-credits per million tokens; None = no cap
     max_price_in: Micro | None = None
     max_price_out: Micro | None = None
-    tools: Annotated[list[ToolSpec], Meta(max_length=128)] = []
-    #: "auto", "none", "required", or the name of one tool
-    tool_choice: Annotated[str, Meta(max_length=128)] | None = None
-    response_format: ResponseFormat | None = None
+    #: the most this request may cost, micro-credits (None = no limit): the executor
+    #: refuses a request whose worst case (prompt tokens and ``max_tokens`` at its
+    #: prices) is over it, and stops generating before the cost would pass it
+    max_cost: Micro | None = None
 
 
 class Receipt(Struct, frozen=True, kw_only=True):

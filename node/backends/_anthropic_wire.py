@@ -1,6 +1,8 @@
 """The Anthropic Messages API as data (sans-IO): request bodies, content blocks, usage.
 
-See ``anthropic`` for the theory of operation; everything here is pure.
+See ``anthropic`` for the theory of operation; everything here is pure. Generation
+options map to ``temperature``, ``top_p``, ``stop_sequences`` and ``metadata.user_id``;
+``seed``, ``presence_penalty`` and ``frequency_penalty`` have no field and are not sent.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def request_body(params: ChatParams, *, stream: bool) -> dict[str, Any]:
         body["system"] = system
     if params.temperature is not None:
         body["temperature"] = params.temperature
+    if params.top_p is not None:
+        body["top_p"] = params.top_p
+    if params.stop:
+        body["stop_sequences"] = list(params.stop)
+    if params.user is not None:
+        body["metadata"] = {"user_id": params.user}
     if params.tools:
         body["tools"] = [
             {"name": t.name, "description": t.description,

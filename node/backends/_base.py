@@ -15,25 +15,20 @@ from typing import AsyncIterator, Literal, Union
 
 import msgspec
 
-from loomnet.protocol import MAX_TOKEN_COUNT, ChatMessage, CountSource, ResponseFormat, ToolCall, ToolSpec
+from loomnet.protocol import MAX_TOKEN_COUNT, ChatMessage, CountSource, GenerationOptions, ToolCall
 
 from .._redact import Redactor
 
 __all__ = ["Backend", "ChatParams", "token_count", "Completion", "Finished", "ModelInfo", "ReasoningDelta", "StreamEvent", "TextDelta", "Usage"]
 
 
-class ChatParams(msgspec.Struct, frozen=True, kw_only=True):
-    """What a backend needs to run one chat."""
+class ChatParams(GenerationOptions, frozen=True, kw_only=True):
+    """What a backend needs to run one chat: the runtime's model name, the messages, and
+    every :class:`~loomnet.protocol.GenerationOptions` field as the client sent it
+    (each adapter maps those its runtime has, and documents those it ignores)."""
 
     model: str
     messages: list[ChatMessage]
-    max_tokens: int | None = None
-    temperature: float | None = None
-    seed: int | None = None
-    tools: list[ToolSpec] = []
-    #: "auto", "none", "required", or one tool's name
-    tool_choice: str | None = None
-    response_format: ResponseFormat | None = None
 
     def needs(self) -> set[str]:
         """The capabilities this request needs beyond plain chat."""

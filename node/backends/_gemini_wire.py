@@ -1,7 +1,11 @@
 """Gemini's ``GenerateContentRequest``/``Response`` as data (sans-IO).
 
-See ``gemini`` for the theory of operation; everything here is pure. Beyond the stored
-wire facts: a part with ``"thought": true`` is a thought summary (sent only when
+See ``gemini`` for the theory of operation; everything here is pure. Generation options
+go in ``generationConfig``: ``temperature``, ``topP``, ``maxOutputTokens``, ``seed``,
+``stopSequences`` (up to 5; ours are at most 4), ``presencePenalty`` and
+``frequencyPenalty`` (these two from Google's ``GenerationConfig`` reference, beyond the
+stored wire facts). Gemini has no field for ``user``: it is not sent. Also beyond the
+stored wire facts: a part with ``"thought": true`` is a thought summary (sent only when
 ``thinkingConfig.includeThoughts`` asks, which we do not), streamed as reasoning and
 never as text.
 
@@ -49,6 +53,9 @@ BLOCKED = frozenset({"SAFETY", "OTHER", "BLOCKLIST", "PROHIBITED_CONTENT", "IMAG
 _COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "candidatesTokenCount", "thoughtsTokenCount")
 
 _FINISH = {"STOP": "stop", "MAX_TOKENS": "length"}
+#: ``generationConfig`` field <- our generation option
+_CONFIG = (("temperature", "temperature"), ("topP", "top_p"), ("maxOutputTokens", "max_tokens"), ("seed", "seed"),
+           ("presencePenalty", "presence_penalty"), ("frequencyPenalty", "frequency_penalty"))
 _MODES = {"auto": "AUTO", "required": "ANY", "none": "NONE"}
 
 
@@ -89,13 +96,9 @@ def request_body(params: ChatParams) -> dict[str, Any]:
     body: dict[str, Any] = {"contents": contents}
     if system := "\n\n".join(m.content for m in params.messages if m.role == "system" and m.content):
         body["systemInstruction"] = {"parts": [{"text": system}]}
-    config: dict[str, Any] = {}
-    if params.temperature is not None:
-        config["temperature"] = params.temperature
-    if params.max_tokens is not None:
-        config["maxOutputTokens"] = params.max_tokens
-    if params.seed is not None:
-        config["seed"] = params.seed
+    config: dict[str, Any] = {key: value for key, name in _CONFIG if (value := getattr(params, name)) is not None}
+    if params.stop:
+        config["stopSequences"] = list(params.stop)
     if (fmt := params.response_format) is not None and fmt.type != "text":
         config["responseMimeType"] = "application/json"
         if fmt.type == "json_schema" and fmt.schema:

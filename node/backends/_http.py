@@ -116,6 +116,36 @@ def _parse_body(body: bytes) -> tuple[str, dict]:
     return body.decode("utf-8", "replace"), {}
 
 
+#: request fields a runtime may name as unsupported, as loomnet's options call them
+_OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
+                 "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+                 "user": "user", "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens",
+                 "tools": "tools", "tool_choice": "tool_choice", "response_format": "response_format"}
+
+
+def _unsupported_option(error: dict, text: str) -> str | None:
+    """loomnet's words for an HTTP 400 that refuses a generation option of this model,
+    or None. Recognised (each from the runtime's documented or observed error):
+
+    * OpenAI: ``code`` ``unsupported_parameter`` / ``unsupported_value`` with ``param``
+      (o-series and GPT-5 models refuse ``stop``, penalties, a non-default temperature);
+    * Gemini: ``Penalty is not enabled for models/...`` (models without
+      ``presencePenalty`` / ``frequencyPenalty``);
+    * Anthropic: ``temperature`` and ``top_p`` cannot both be specified (newer models).
+
+    Only an option's own name reaches a peer, never the runtime's text.
+    """
+    if error.get("code") in ("unsupported_parameter", "unsupported_value"):
+        param = error.get("param")
+        name = _OPTION_NAMES.get(param) if isinstance(param, str) else None
+        return f"the model does not support the request's {name or 'options'} as given"
+    if "Penalty is not enabled" in text:
+        return "the model does not support presence_penalty or frequency_penalty"
+    if "temperature" in text and "top_p" in text and "cannot both be specified" in text:
+        return "the model does not take temperature and top_p together; set only one"
+    return None
+
+
 def _context_exceeded(error: dict) -> str | None:
     """loomnet's words for a prompt over the context window (llama-server
     ``exceed_context_size_error`` with ``n_prompt_tokens``/``n_ctx``; OpenAI's
@@ -133,8 +163,10 @@ def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label:
 
     ``message`` quotes the runtime (for the operator's log; the adapter redacts it);
     ``public`` is set where a safe reason exists: a prompt over the context window
-    (``BAD_REQUEST``) or input flagged by moderation (OpenRouter's 403 with
-    ``metadata.reasons``: ``CONTENT_FILTERED``, not retryable).
+    (``BAD_REQUEST``), input flagged by moderation (OpenRouter's 403 with
+    ``metadata.reasons``: ``CONTENT_FILTERED``, not retryable), or a generation option
+    the model refuses (``UNSUPPORTED_FEATURE``, retryable: another model or executor
+    may take it; see :func:`_unsupported_option`).
     """
     text, error = _parse_body(body)
     message = f"{label} answered HTTP {status}: {text}"
@@ -143,6 +175,8 @@ def error_for_status(status: int, body: bytes, headers: httpx.Headers, *, label:
         return content_filtered(label, "moderation", {"moderation"}, detail=message)
     if (public := _context_exceeded(error)) is not None:
         return BackendError(message, code=ErrorCode.BAD_REQUEST, retryable=False, public=public)
+    if status == 400 and (public := _unsupported_option(error, text)) is not None:
+        return BackendError(message, code=ErrorCode.UNSUPPORTED_FEATURE, retryable=True, public=public)
     should_retry = headers.get("x-should-retry")
     retryable = status in _RETRY_STATUSES if should_retry is None else should_retry.lower() == "true"
     code = ErrorCode.BACKEND_ERROR

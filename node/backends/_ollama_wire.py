@@ -1,8 +1,11 @@
 """Ollama's native chat API as data (sans-IO): request bodies and the lines of an answer.
 
 Requests: images as base64, tool arguments as JSON *objects* (Ollama decodes them into a
-map), tool turns named by the earlier call they answer, ``options`` for sampling and
-``num_predict``. Ollama has no ``tool_choice``.
+map), tool turns named by the earlier call they answer, ``options`` for sampling
+(``temperature``, ``top_p``, ``seed``, ``stop``, ``presence_penalty``,
+``frequency_penalty``: the same names as ours) and ``num_predict`` (``max_tokens``).
+Ollama has no ``tool_choice``, and no field for ``user`` (the end user's id): it is not
+sent, and generation does not depend on it.
 
 Answers: a ``done: false`` line carries ``message.content``, ``message.thinking`` (the
 reasoning of a thinking model, streamed before the answer) and whole tool calls; the
@@ -59,6 +62,13 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return out
 
 
+def _options(params: ChatParams) -> tuple[tuple[str, object], ...]:
+    """``options`` entries by Ollama's names (api.md ``options`` keys)."""
+    return (("temperature", params.temperature), ("top_p", params.top_p), ("seed", params.seed),
+            ("presence_penalty", params.presence_penalty), ("frequency_penalty", params.frequency_penalty),
+            ("num_predict", params.max_tokens))
+
+
 def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
     """The ``POST /api/chat`` body for ``params``. Pure: no I/O.
 
@@ -81,8 +91,10 @@ def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
         body["format"] = _json_object(fmt.schema, "the response schema")
     elif fmt is not None and fmt.type != "text":
         body["format"] = "json"
-    settings = (("temperature", params.temperature), ("seed", params.seed), ("num_predict", params.max_tokens))
-    if options := {key: value for key, value in settings if value is not None}:
+    options = {name: value for name, value in _options(params) if value is not None}
+    if params.stop:
+        options["stop"] = list(params.stop)
+    if options:
         body["options"] = options
     return body
 

@@ -31,6 +31,16 @@ the fields its runtime uses (``reasoning_fields``), read in order, the first non
 one per delta (OpenRouter may repeat the text under both names). OpenAI's own API and
 llama-cpp-python return none.
 
+Generation options go by their OpenAI names (``temperature``, ``top_p``, ``seed``, ``stop``,
+``presence_penalty``, ``frequency_penalty``; the max-tokens field per the table), to every
+provider: all of them document these (LM Studio's list, llama-server's OpenAI route and
+samplers, vLLM, Groq's SDK, llama-cpp-python's ``create_chat_completion``). ``user`` (an end
+user's id: personal data, perhaps) goes only where the provider documents it (``sends_user``:
+openai, wire facts A1; groq, groq-python's ``CompletionCreateParams``; openrouter, its user
+tracking guide) and is left out for the on-premise runtimes, whose facts do not list it. A model that refuses an option (OpenAI o-series and GPT-5 refuse ``stop``: HTTP 400
+``unsupported_parameter``) is ``UNSUPPORTED_FEATURE`` (``_http.error_for_status``); an option
+is never dropped to make a request pass.
+
 Everything below is pure: request bodies from :class:`ChatParams` and model lists
 parsed (answers are parsed in ``_openai_answers``). Malformed input raises
 :class:`BackendError`; the adapter redacts and labels it.
@@ -48,7 +58,7 @@ from loomnet.protocol import ChatMessage
 from ._base import ChatParams, ModelInfo
 from ._http import request_json
 
-__all__ = ["PROFILES", "TOKENIZE", "Profile", "build_body", "parse_models", "root_of", "served_context",
+__all__ = ["PROFILES", "SAMPLING", "TOKENIZE", "Profile", "build_body", "parse_models", "root_of", "served_context",
            "token_count"]
 
 
@@ -77,9 +87,11 @@ class Profile(msgspec.Struct, frozen=True, kw_only=True):
     serial: bool = False
     #: message/delta fields that carry reasoning text, in the order they are read
     reasoning_fields: tuple[str, ...] = ("reasoning_content", "reasoning")
+    #: send ``user`` (the end user's id): only where the provider documents the field
+    sends_user: bool = False
 
 
-_HOSTED = {"on_premise": False, "needs_key": True, "health": "models"}
+_HOSTED = {"on_premise": False, "needs_key": True, "health": "models", "sends_user": True}
 _VISION = ("chat", "tools", "json", "vision")
 PROFILES: dict[str, Profile] = {
     "openai": Profile(endpoint="https://api.openai.com/v1", max_tokens_field="max_completion_tokens",
@@ -96,6 +108,9 @@ PROFILES: dict[str, Profile] = {
     "vllm": Profile(endpoint="http://localhost:8000/v1", health="health", tokenizer="vllm"),
 }
 
+
+#: generation options every provider takes under these names, sent when set
+SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
 
 #: tokenizer kind -> (model, text) -> (path under the server root, request body)
 TOKENIZE = {
@@ -155,10 +170,11 @@ def build_body(profile: Profile, params: ChatParams, *, stream: bool) -> dict[st
         body["stream_options"] = {"include_usage": True}
     if params.max_tokens is not None:
         body[profile.max_tokens_field] = params.max_tokens
-    if params.temperature is not None:
-        body["temperature"] = params.temperature
-    if params.seed is not None:
-        body["seed"] = params.seed
+    body.update((name, value) for name in SAMPLING if (value := getattr(params, name)) is not None)
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.user is not None and profile.sends_user:
+        body["user"] = params.user
     if params.tools:
         body["tools"] = [{"type": "function", "function": {
             "name": t.name, "description": t.description,

@@ -25,8 +25,17 @@ Billed input = ``input_tokens + cache_creation_input_tokens + cache_read_input_t
 The output count is ``message_delta``'s (``message_start`` has only a placeholder); a
 count the API left out is None.
 
+Generation options: ``temperature``, ``top_p``, ``stop`` (as ``stop_sequences``; a stop
+ends the answer with ``stop_reason: stop_sequence``, finished as ``stop``) and ``user`` (as
+``metadata.user_id``: the one field of the request's ``metadata``, an opaque id Anthropic
+uses to detect abuse) are sent. Newer
+models refuse ``temperature`` and ``top_p`` together (HTTP 400): that is
+``UNSUPPORTED_FEATURE``, told to the client as such (``_http.error_for_status``); older
+models take both, so both are sent and the model decides.
+
 Not available in the API as used here: JSON mode (a ``response_format`` other than
-text is refused with ``UNSUPPORTED_FEATURE``) and ``seed`` (ignored: no such field).
+text is refused with ``UNSUPPORTED_FEATURE``), ``seed``, ``presence_penalty`` and
+``frequency_penalty`` (ignored: the API has no such fields; they only shape sampling).
 """
 
 from __future__ import annotations

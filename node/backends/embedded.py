@@ -8,6 +8,11 @@ consumer asks for the next event: a consumer that leaves stops generation before
 next token. The first hop also evaluates the prompt (seconds for a long one): a
 consumer that leaves then sets the stream's abort event, which llama.cpp polls between
 graph nodes, so the prompt's evaluation stops within milliseconds and the model is free.
+
+Generation options go to llama-cpp-python's ``create_chat_completion`` under their own
+names (:func:`sampling`); a ``stop`` sequence ends the answer there, the sequence itself
+left out (llama holds back text that may begin one), finishing as ``stop``. ``user`` is
+ignored: the model runs in this process, and nothing is sent anywhere.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from loomnet.protocol import BackendError, ErrorCode
 from ._base import Backend, ChatParams, Finished, ModelInfo, StreamEvent, TextDelta, Usage
 from ._llama import ABORTED, Model, default_model_path, load, map_llama_errors
 
-__all__ = ["EmbeddedBackend", "EmbeddedConfig", "EmbeddedStatistics", "default_model_path"]
+__all__ = ["EmbeddedBackend", "EmbeddedConfig", "EmbeddedStatistics", "default_model_path", "sampling"]
 
 _UNAVAILABLE = ErrorCode.BACKEND_UNAVAILABLE
 _CLOSED = "the embedded backend is closed"
@@ -42,6 +47,23 @@ class EmbeddedConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] = 256  #: when a request gives none
     temperature: Annotated[float, msgspec.Meta(ge=0.0)] = 0.2  #: when a request gives none
     seed: int | None = None  #: sampler seed set at load; None = llama.cpp's default
+
+
+def sampling(params: ChatParams, config: EmbeddedConfig) -> dict[str, Any]:
+    """llama-cpp-python ``create_chat_completion`` arguments for ``params``: ``max_tokens``
+    and ``temperature`` (the config's when the request gives none), ``seed``, and ``top_p``,
+    ``stop``, ``presence_penalty``, ``frequency_penalty`` when given (else llama's defaults:
+    0.95, none, 0.0, 0.0). ``user`` is not used: nothing leaves the process."""
+    options: dict[str, Any] = {
+        "max_tokens": config.max_tokens if params.max_tokens is None else params.max_tokens,
+        "temperature": config.temperature if params.temperature is None else params.temperature,
+        "seed": params.seed,
+    }
+    options.update((name, value) for name in ("top_p", "presence_penalty", "frequency_penalty")
+                   if (value := getattr(params, name)) is not None)
+    if params.stop:
+        options["stop"] = list(params.stop)
+    return options
 
 
 class EmbeddedStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -147,9 +169,7 @@ class EmbeddedBackend(Backend):
     async def _stream(self, params: ChatParams) -> AsyncGenerator[StreamEvent, None]:
         model, cfg = await self._loaded(), self.config
         messages = [{"role": m.role, "content": m.content} for m in params.messages]
-        max_tokens = cfg.max_tokens if params.max_tokens is None else params.max_tokens
-        temperature = cfg.temperature if params.temperature is None else params.temperature
-        options = {"max_tokens": max_tokens, "temperature": temperature, "seed": params.seed}
+        options = sampling(params, cfg)
         async with self._generate_limiter:
             prompt_tokens, chunks = await trio.to_thread.run_sync(model.start, messages, options)
             self._generations += 1

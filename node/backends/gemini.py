@@ -20,6 +20,11 @@ is billed as output), of which ``thoughtsTokenCount`` is reasoning. Function cal
 ids ``call_0``, ``call_1``, ... in order, and a ``STOP`` with function calls finishes as
 ``"tool_calls"``. A blocked prompt or a filtered answer is ``CONTENT_FILTERED``. The
 mapping itself (bodies, frames, usage, refusals) is in ``_gemini_wire``.
+
+Generation options: ``topP``, ``stopSequences``, ``presencePenalty`` and
+``frequencyPenalty`` are sent as given. Some models refuse penalties (HTTP 400 "Penalty is
+not enabled for models/..."): that is ``UNSUPPORTED_FEATURE``, never a penalty dropped.
+``user`` is ignored: the API has no such field.
 """
 
 from __future__ import annotations

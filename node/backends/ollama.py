@@ -10,8 +10,10 @@ retried by :class:`HttpBackend`, before the first byte only.
 
 What Ollama cannot do: there is no ``tool_choice`` (requests with one other than
 ``"auto"`` fail with ``UNSUPPORTED_FEATURE`` so another executor can serve them), no
-tokenize endpoint (``count_tokens`` is None; usage comes from the ``done`` line), and
-tool calls have no id (we number them ``call_0``, ``call_1``, ... in each answer).
+tokenize endpoint (``count_tokens`` is None; usage comes from the ``done`` line), no
+``user`` field (the end user's id is ignored: not sent), and tool calls have no id (we
+number them ``call_0``, ``call_1``, ... in each answer). Sampling options, ``stop``
+included, go in ``options`` under Ollama's names.
 ``thinking`` text streams as :class:`ReasoningDelta`, never as output text. The wire
 mapping itself (bodies, lines, counts) is in ``_ollama_wire``.
 """

@@ -62,6 +62,16 @@ CASES = [
     (None, dict(tools=[ToolSpec(name=f"f{i}") for i in range(129)]), None, "tools"),
     (None, dict(tool_choice="t" * 129), None, "tool_choice"),
     (None, dict(response_format=ResponseFormat(type="xml")), None, "response_format.type"),
+    (None, dict(top_p=1.5), None, "top_p"),
+    (None, dict(top_p=float("nan")), None, "top_p"),
+    (None, dict(presence_penalty=-2.5), None, "presence_penalty"),
+    (None, dict(frequency_penalty=2.01), None, "frequency_penalty"),
+    (None, dict(stop=["a", "b", "c", "d", "e"]), None, "stop"),
+    (None, dict(stop=[""]), None, "stop[0]"),
+    (None, dict(stop=["x" * 257]), None, "stop[0]"),
+    (None, dict(user=""), None, "user"),
+    (None, dict(user="u" * 257), None, "user"),
+    (None, dict(max_cost=-1), None, "max_cost"),
     (None, {}, "", "model"),
     (None, {}, "m" * 129, "model"),
     # the whole request must fit one frame (1 MiB), which no single field says
@@ -168,3 +178,36 @@ async def test_no_stream_is_opened_for_an_invalid_request(tmp_path, messages, op
         assert executor.opened == 0
     finally:
         await client.ledger.aclose()
+
+
+def test_every_generation_option_travels_in_the_signed_request():
+    from loomnet.protocol import GENERATION_FIELDS, GenerationOptions, generation_options
+
+    options = GenerationOptions(
+        max_tokens=9, temperature=0.3, top_p=0.9, seed=4, stop=["\n\n", "END"], presence_penalty=0.5,
+        frequency_penalty=-0.5, user="end-user-7", tools=[ToolSpec(name="f")], tool_choice="f",
+        response_format=ResponseFormat(type="json_object"),
+    )
+    request = probe(None, {name: getattr(options, name) for name in GENERATION_FIELDS}, None)
+    decoded = msgspec.msgpack.decode(check_request(request), type=InferenceRequest)
+    assert generation_options(decoded) == options
+
+
+def test_a_request_from_before_the_new_options_still_decodes():
+    # an older client sends none of the new fields: each is the runtime's default
+    old = msgspec.msgpack.encode({"audience": "p", "nonce": bytes(16), "created_at": 1.0, "model": "m",
+                                  "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5})
+    request = msgspec.msgpack.decode(old, type=InferenceRequest)
+    assert (request.max_tokens, request.top_p, request.stop, request.user, request.max_cost) == (5, None, [], None, None)
+
+
+def test_library_options_come_as_an_object_or_keywords_and_unknown_ones_are_named():
+    from loomnet.client._client import request_options
+    from loomnet.protocol import GenerationOptions
+
+    base = GenerationOptions(temperature=0.2, top_p=0.5)
+    merged = request_options(base, {"top_p": 0.9, "stop": "END", "tools": (ToolSpec(name="f"),)}, max_cost=100)
+    assert (merged.temperature, merged.top_p, merged.stop, merged.max_cost) == (0.2, 0.9, ["END"], 100)
+    assert merged.tools == [ToolSpec(name="f")]
+    with pytest.raises(TypeError, match="top_k"):
+        request_options(None, {"top_k": 40})

@@ -11,6 +11,12 @@ a ``signature_delta``; whole: ``{"type": "thinking", "thinking", "signature"}``)
 ``redacted_thinking`` block (``data`` only, no text). A refused prompt is HTTP 200 with
 ``stop_reason: "refusal"`` and no content.
 
+Generation options: a top-level field the Messages API does not document is a 400 (the
+API forbids extra inputs), as is a ``metadata`` key other than ``user_id``. The text
+ends where one of ``stop_sequences`` first appears (the sequence left out), with
+``stop_reason: "stop_sequence"`` and the matched ``stop_sequence``. With
+``exclusive_sampling`` (newer models) ``temperature`` and ``top_p`` together are a 400.
+
 Configure it per test by setting attributes; faults are opt-in.
 """
 
@@ -22,9 +28,14 @@ from dataclasses import dataclass, field
 import trio
 
 from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+from .fake_stop import cut_at_stop
 
 KEY = "sk-ant-SECRET123"
 MODEL = "claude-test-1"
+#: the Messages request's top-level fields (wire facts A6)
+FIELDS = frozenset({"model", "max_tokens", "messages", "system", "stop_sequences", "temperature", "top_p", "top_k",
+                    "tools", "tool_choice", "thinking", "metadata", "service_tier", "stream"})
+BOTH = "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
 
 
 @dataclass
@@ -73,6 +84,8 @@ class FakeAnthropic:
     drop_after_first_delta: bool = False
     omit_message_stop: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
+    #: a newer model: ``temperature`` and ``top_p`` together are refused
+    exclusive_sampling: bool = False
 
     @property
     def last(self) -> Recorded:
@@ -94,17 +107,20 @@ class FakeAnthropic:
             return await send_json(send, 200, page)
         if scope["method"] == "GET" and scope["path"].startswith("/v1/models/"):
             return await send_json(send, 200, self._model(scope["path"].rsplit("/", 1)[1]))
+        pieces, matched = cut_at_stop(self.text, body.get("stop_sequences"))
+        stop_reason = "stop_sequence" if matched is not None else self.stop_reason
         if body.get("stream"):
-            return await self._stream(send, body["model"])
+            return await self._stream(send, body["model"], pieces, stop_reason, matched)
         content = [{"type": "thinking", "thinking": "".join(self.thinking), "signature": "EqQBCgIYAh=="}]
         content = content if self.thinking else []
         content += [{"type": "redacted_thinking", "data": "EmwKAhgBEgy3va=="}] if self.redacted_thinking else []
-        content += [{"type": "text", "text": "".join(self.text)}] if self.text else []
+        content += [{"type": "text", "text": "".join(pieces)}] if pieces else []
         for call_id, name, fragments in self.tool_calls:
             arguments = json.loads("".join(fragments) or "{}")
             content.append({"type": "tool_use", "id": call_id, "name": name, "input": arguments})
-        message = self._message(body["model"], content, self.stop_reason)
+        message = self._message(body["model"], content, stop_reason)
         message["usage"]["output_tokens"] = self.output_tokens
+        message["stop_sequence"] = matched
         await send_json(send, 200, message, {"request-id": "req_1"})
 
     def _check(self, scope, headers: dict[str, str], body: dict) -> Failure | None:
@@ -128,6 +144,11 @@ class FakeAnthropic:
             return Failure(400, "invalid_request_error", "messages: roles must alternate between user and assistant")
         if body["model"] not in self.models:
             return Failure(404, "not_found_error", f"model: {body['model']}")
+        extra = sorted(set(body) - FIELDS) + [f"metadata.{k}" for k in sorted(set(body.get("metadata") or {}) - {"user_id"})]
+        if extra:
+            return Failure(400, "invalid_request_error", f"{extra[0]}: Extra inputs are not permitted")
+        if self.exclusive_sampling and "temperature" in body and "top_p" in body:
+            return Failure(400, "invalid_request_error", BOTH)
         return None
 
     def _model(self, model_id: str) -> dict:
@@ -140,7 +161,7 @@ class FakeAnthropic:
         return {"id": "msg_1", "type": "message", "role": "assistant", "content": content, "model": model,
                 "stop_reason": stop_reason, "stop_sequence": None, "usage": usage}
 
-    async def _stream(self, send, model: str) -> None:
+    async def _stream(self, send, model: str, pieces: list[str], stop_reason: str, matched: str | None) -> None:
         await start_stream(send, "text/event-stream; charset=utf-8")
 
         async def event(data: dict) -> None:
@@ -164,10 +185,10 @@ class FakeAnthropic:
             await event({"type": "content_block_start", "index": index, "content_block": block})
             await event({"type": "content_block_stop", "index": index})
             index += 1
-        if self.text:
+        if pieces:
             block = {"type": "text", "text": ""}
             await event({"type": "content_block_start", "index": index, "content_block": block})
-            for n, piece in enumerate(self.text):
+            for n, piece in enumerate(pieces):
                 delta = {"type": "text_delta", "text": piece}
                 await event({"type": "content_block_delta", "index": index, "delta": delta})
                 if n == 0 and self.error_event:
@@ -187,7 +208,7 @@ class FakeAnthropic:
                 await event({"type": "content_block_delta", "index": index, "delta": delta})
             await event({"type": "content_block_stop", "index": index})
             index += 1
-        delta = {"stop_reason": self.stop_reason, "stop_sequence": None}
+        delta = {"stop_reason": stop_reason, "stop_sequence": matched}
         usage = {"usage": {"output_tokens": self.output_tokens}} if self.delta_usage else {}
         await event({"type": "message_delta", "delta": delta, **usage})
         if not self.omit_message_stop:

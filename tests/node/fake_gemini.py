@@ -13,6 +13,12 @@ a count that is 0 is left out. A blocked prompt is one frame with
 (what the API sends with ``thinkingConfig.includeThoughts``) are text parts with
 ``"thought": true`` before the answer.
 
+Generation options: a request field or ``generationConfig`` field the API does not
+know is a 400 (proto3 JSON: "Unknown name ... Cannot find field"), as are more than 5
+``stopSequences``. The text ends where a stop sequence first appears (the sequence left
+out), ``finishReason: STOP``. With ``penalties`` False (models without them) a
+``presencePenalty`` or ``frequencyPenalty`` is a 400 "Penalty is not enabled".
+
 Configure it per test by setting attributes; faults are opt-in.
 """
 
@@ -24,10 +30,18 @@ from dataclasses import dataclass, field
 import trio
 
 from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+from .fake_stop import cut_at_stop
 
 KEY = "sk-ant-SECRET123"  # a recognisable secret: it must never show in an error
 MODEL = "gemini-test-flash"
 PREFIX = "/v1beta"
+#: ``GenerateContentRequest`` fields, and its ``generationConfig`` fields (wire facts A7,
+#: with ``presencePenalty`` / ``frequencyPenalty`` from Google's GenerationConfig reference)
+REQUEST_FIELDS = frozenset({"contents", "systemInstruction", "generationConfig", "tools", "toolConfig",
+                            "safetySettings", "cachedContent"})
+CONFIG_FIELDS = frozenset({"temperature", "topP", "topK", "maxOutputTokens", "stopSequences", "candidateCount",
+                           "responseMimeType", "responseSchema", "seed", "thinkingConfig", "presencePenalty",
+                           "frequencyPenalty"})
 _STATUS = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED",
            500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
@@ -75,6 +89,8 @@ class FakeGemini:
     drop_after_first_frame: bool = False
     omit_finish_reason: bool = False
     first_byte_delay: float = 0.0  #: seconds before the response starts
+    #: the model takes presencePenalty / frequencyPenalty (Gemini 2.5 models do not)
+    penalties: bool = True
 
     @property
     def last(self) -> Recorded:
@@ -94,7 +110,7 @@ class FakeGemini:
         if scope["method"] == "GET":
             models = [{"name": f"models/{m}", "displayName": m, "inputTokenLimit": 1_048_576} for m in self.models]
             return await send_json(send, 200, {"models": models})
-        frames = self._frames()
+        frames = self._frames(body)
         if path.endswith(":generateContent"):
             return await send_json(send, 200, _merge(frames))
         if "alt=sse" not in scope["query_string"].decode():
@@ -123,6 +139,15 @@ class FakeGemini:
             return Failure(404, f"{path} not found")
         if name not in self.models:
             return Failure(404, f"models/{name} is not found for API version v1beta")
+        config = body.get("generationConfig") or {}
+        unknown = [f'"{k}"' for k in sorted(set(body) - REQUEST_FIELDS)]
+        unknown += [f'"{k}" at \'generation_config\'' for k in sorted(set(config) - CONFIG_FIELDS)]
+        if unknown:
+            return Failure(400, f"Invalid JSON payload received. Unknown name {unknown[0]}: Cannot find field.")
+        if len(config.get("stopSequences") or []) > 5:
+            return Failure(400, "* GenerateContentRequest.generation_config.stop_sequences: at most 5 stop sequences")
+        if not self.penalties and {"presencePenalty", "frequencyPenalty"} & set(config):
+            return Failure(400, f"Penalty is not enabled for models/{name}")
         for content in body.get("contents") or [None]:
             if not content or content.get("role") not in ("user", "model") or not content.get("parts"):
                 return Failure(400, "* GenerateContentRequest.contents: contents is not specified or malformed")
@@ -131,7 +156,7 @@ class FakeGemini:
                     return Failure(400, "* function_response.name: Name cannot be empty.")
         return None
 
-    def _frames(self) -> list[dict]:
+    def _frames(self, body: dict) -> list[dict]:
         if self.block_reason is not None:
             prompt = self.usage["promptTokenCount"]
             feedback = {"blockReason": self.block_reason, "safetyRatings": _RATINGS}
@@ -139,7 +164,9 @@ class FakeGemini:
             return [{"promptFeedback": feedback, "usageMetadata": usage, "modelVersion": self.models[0]}]
         frames = []
         thoughts = [{"text": t, "thought": True} for t in self.thoughts]
-        pieces = self.text or [""]
+        pieces, matched = cut_at_stop(self.text, (body.get("generationConfig") or {}).get("stopSequences"))
+        pieces = pieces or [""]
+        finish_reason = "STOP" if matched is not None else self.finish_reason
         for n, piece in enumerate(pieces):
             parts: list[dict] = ([{"text": piece}] if piece else [])
             if n == 0:
@@ -150,9 +177,9 @@ class FakeGemini:
             if n == len(pieces) - 1:
                 parts += [{"functionCall": {"name": name, "args": args}} for name, args in self.function_calls]
                 if not self.omit_finish_reason:
-                    candidate["finishReason"] = self.finish_reason
+                    candidate["finishReason"] = finish_reason
                     usage = dict(self.usage)
-                if not parts and self.finish_reason not in ("STOP", "MAX_TOKENS"):
+                if not parts and finish_reason not in ("STOP", "MAX_TOKENS"):
                     del candidate["content"]  # stopped by a filter before any text
                     candidate["safetyRatings"] = _RATINGS
             usage = {key: value for key, value in usage.items() if value != 0}  # proto3 JSON

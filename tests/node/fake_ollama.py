@@ -23,6 +23,9 @@ built from shared/reference/backend-wire-facts.md §A2 alone:
   or not, ``{"message": {"role": "assistant", "content": ""}, "done_reason": "load",
   "done": true}`` without counts.
 
+* ``options.stop`` ends the answer where a stop sequence first appears (the sequence left
+  out), ``done_reason: "stop"``.
+
 Per test, set the attributes (reply, failures, cuts, delays); the fake records every
 ``/api/chat`` body and the last request's headers.
 """
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+from .fake_stop import cut_at_stop
 
 __all__ = ["BUSY", "FakeModel", "FakeOllama", "Failure"]
 
@@ -174,7 +178,7 @@ class FakeOllama:
                     return 400, "json: cannot unmarshal string into Go value of type api.ToolCallFunctionArguments"
         return None
 
-    def _final(self, model: str, content: str, *, whole: bool) -> dict:
+    def _final(self, model: str, content: str, *, whole: bool, stopped: bool = False) -> dict:
         message: dict = {"role": "assistant", "content": content}
         if whole and self.thinking:
             message["thinking"] = "".join(self.thinking)
@@ -182,7 +186,8 @@ class FakeOllama:
             message["tool_calls"] = self.tool_calls
         eval_count = len(self.pieces) + len(self.thinking) if self.eval_count is None else self.eval_count
         final = {
-            "model": model, "created_at": _CREATED_AT, "message": message, "done_reason": self.done_reason,
+            "model": model, "created_at": _CREATED_AT, "message": message,
+            "done_reason": "stop" if stopped else self.done_reason,
             "done": True, "total_duration": 4883583458, "load_duration": 1334875,
             "prompt_eval_count": self.prompt_eval_count, "prompt_eval_duration": 342546000,
             "eval_count": eval_count, "eval_duration": 4535599000,
@@ -202,19 +207,21 @@ class FakeOllama:
         if not body.get("messages"):  # Ollama only loads the model
             return await send_json(send, 200, {"model": model, "created_at": _CREATED_AT, "message": {
                 "role": "assistant", "content": ""}, "done_reason": "load", "done": True})
+        pieces, matched = cut_at_stop(self.pieces, (body.get("options") or {}).get("stop"))
+        stopped = matched is not None
         if body.get("stream", True) is False:
-            return await send_json(send, 200, self._final(model, "".join(self.pieces), whole=True))
+            return await send_json(send, 200, self._final(model, "".join(pieces), whole=True, stopped=stopped))
         lines = [{"model": model, "created_at": _CREATED_AT,
                   "message": {"role": "assistant", "content": "", "thinking": t}, "done": False}
                  for t in self.thinking]
         lines += [{"model": model, "created_at": _CREATED_AT, "message": {"role": "assistant", "content": p},
-                   "done": False} for p in self.pieces]
+                   "done": False} for p in pieces]
         if self.tool_calls:
             lines.append({"model": model, "created_at": _CREATED_AT,
                           "message": {"role": "assistant", "content": "", "tool_calls": self.tool_calls},
                           "done": False})
         if not self.omit_done:
-            lines.append(self._final(model, "", whole=False))
+            lines.append(self._final(model, "", whole=False, stopped=stopped))
         await start_stream(send, "application/x-ndjson")
         if self.first_line_delay:
             await trio.sleep(self.first_line_delay)

@@ -21,6 +21,12 @@ fragments, failures, a mid-stream error, a dropped connection, a slow first byte
 ``[DONE]`` without a finish reason) and read ``requests`` to see what the adapter sent.
 
 Tokenizer routes count whitespace-separated words, so tests know the answer.
+
+``stop`` works as in every flavour: the answer ends where a stop sequence first appears
+(the sequence left out) with ``finish_reason: "stop"``; more than 4 sequences is a 400
+(OpenAI, Groq: "Up to 4 sequences"). ``unsupported`` names request fields the model
+refuses, answered as OpenAI does (HTTP 400, ``code: "unsupported_parameter"``, ``param``):
+o-series and GPT-5 models refuse ``stop``.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Literal
 import trio
 
 from .asgi_server import DropConnection, read_json, send_chunk, send_json, start_stream
+from .fake_stop import cut_at_stop
 
 __all__ = ["Failure", "FakeOpenAI", "Recorded", "exceed_context_error", "llamacpp_error", "openai_error",
            "openrouter_error", "vllm_error_new", "vllm_error_old"]
@@ -146,6 +153,8 @@ class FakeOpenAI:
     #: the ``/v1/models`` list (``data``); None = the flavour's
     models: list[dict] | None = None
     lmstudio_v0: bool = True  #: LM Studio >= 0.3.6 (has ``/api/v0/models``)
+    #: request fields this model refuses with HTTP 400 ``unsupported_parameter``
+    unsupported: set[str] = field(default_factory=set)
     requests: list[Recorded] = field(default_factory=list)
     #: requests being answered now, and the most there ever were at once
     in_flight: int = 0
@@ -203,6 +212,8 @@ class FakeOpenAI:
         route = self._route(method, path)
         if route is None:
             await send_json(send, 404, self._not_found(path))
+        elif route == "chat" and (refused := self._refused(body)) is not None:
+            await send_json(send, 400, refused)
         elif route == "chat" and body.get("stream"):
             await self._stream(send, body)
         elif route == "chat":
@@ -230,6 +241,22 @@ class FakeOpenAI:
         if f == "lmstudio" and self.lmstudio_v0:
             routes |= {("GET", "/api/v0/models"): "lmstudio-models"}
         return routes.get((method, path))
+
+    def _refused(self, body: dict) -> dict | None:
+        """OpenAI's 400 for a field the model refuses or too many stop sequences, or None."""
+        if refused := sorted(self.unsupported & set(body)):
+            return openai_error(f"Unsupported parameter: '{refused[0]}' is not supported with this model.",
+                                param=refused[0], code="unsupported_parameter")
+        stop = body.get("stop")
+        if isinstance(stop, list) and len(stop) > 4:
+            return openai_error("Invalid 'stop': expected an array of maximum length 4", param="stop",
+                                code="array_above_max_length")
+        return None
+
+    def _answer_pieces(self, body: dict) -> tuple[list[str], str | None]:
+        """The content pieces, cut at a stop sequence, and the finish reason."""
+        pieces, matched = cut_at_stop(self.pieces, body.get("stop"))
+        return pieces, "stop" if matched is not None else self.finish_reason
 
     def _not_found(self, path: str) -> dict:
         if self.flavour == "llamacpp":
@@ -266,7 +293,8 @@ class FakeOpenAI:
         return 200, {"tokens": list(range(words))}
 
     def _whole(self, body: dict) -> dict:
-        message: dict[str, Any] = {"role": "assistant", "content": None if self.refusal else self.text or None}
+        pieces, finish_reason = self._answer_pieces(body)
+        message: dict[str, Any] = {"role": "assistant", "content": None if self.refusal else "".join(pieces) or None}
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
         if self.reasoning:
@@ -277,7 +305,7 @@ class FakeOpenAI:
                                      for c in self.tool_calls]
         answer: dict[str, Any] = {
             "id": "chatcmpl-fake", "object": "chat.completion", "created": CREATED, "model": body.get("model"),
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
         }
         if self.usage is not None:
             answer["usage"] = self.usage
@@ -286,6 +314,7 @@ class FakeOpenAI:
         return answer
 
     async def _stream(self, send, body: dict) -> None:
+        pieces, finish_reason = self._answer_pieces(body)
         asked = bool((body.get("stream_options") or {}).get("include_usage"))
         with_usage = self.usage is not None and (
             self.stream_usage == "always" or (self.stream_usage == "requested" and asked))
@@ -313,7 +342,7 @@ class FakeOpenAI:
             await event(chunk({"content": None, self.reasoning_field: thought}))
         for piece in self.refusal:
             await event(chunk({"content": None, "refusal": piece}))
-        for i, piece in enumerate([] if self.refusal else self.pieces):
+        for i, piece in enumerate([] if self.refusal else pieces):
             if i == self.error_event_after:
                 await send_chunk(send, f"data: {json.dumps(self.error_body)}\n\n")
                 return await send_chunk(send, "", more=False)
@@ -331,8 +360,8 @@ class FakeOpenAI:
             for start in range(0, len(args), size):
                 fragment = {"index": index, "function": {"arguments": args[start:start + size]}}
                 await event(chunk({"tool_calls": [fragment]}))
-        if self.finish_reason is not None:
-            final = chunk({}, self.finish_reason)
+        if finish_reason is not None:
+            final = chunk({}, finish_reason)
             if with_usage and self.usage_choices == "final":
                 final["usage"] = self.usage
             if self.flavour == "llamacpp":

@@ -1,15 +1,21 @@
 """Answers that are not plain text, from every HTTP adapter against its faithful fake:
 reasoning (streamed as ``ReasoningDelta``, counted in ``Usage.reasoning_tokens``), counts a
 runtime leaves out (None, never 0), refused prompts (``CONTENT_FILTERED``, not retryable,
-with a reason a peer may read) and an answer that only loaded the model (retryable).
+with a reason a peer may read), an answer that only loaded the model (retryable) and a
+generation option the model refuses (``UNSUPPORTED_FEATURE``, retryable, in loomnet's words).
 """
 
 from __future__ import annotations
 
+import json
+
+import httpx
+import msgspec
 import pytest
 
 from loomnet.node.backends._base import ChatParams, Finished, ReasoningDelta, TextDelta, Usage
 from loomnet.node.backends._config import BackendConfig
+from loomnet.node.backends._http import error_for_status
 from loomnet.node.backends.anthropic import AnthropicBackend
 from loomnet.node.backends.gemini import GeminiBackend
 from loomnet.node.backends.ollama import OllamaBackend
@@ -22,7 +28,7 @@ from .asgi_server import serve_app
 from .fake_anthropic import FakeAnthropic
 from .fake_gemini import FakeGemini
 from .fake_ollama import FakeOllama
-from .fake_openai import USAGE as OPENAI_USAGE, FakeOpenAI
+from .fake_openai import USAGE as OPENAI_USAGE, FakeOpenAI, openai_error
 
 HELLO = [ChatMessage(role="user", content="Say hello.")]
 MODES = ["stream", "whole"]
@@ -388,3 +394,51 @@ async def test_a_malformed_tool_schema_is_explained_to_the_peer(provider):
     assert (info.value.code, info.value.retryable) == (ErrorCode.BAD_REQUEST, False)
     assert info.value.peer_message.removeprefix("the ") == "parameters of tool 'f' is not valid JSON"
     await backend.aclose()
+
+
+# ---------------------------------------------------------------- options a model refuses
+
+
+def assert_unsupported(error: BackendError, said: str) -> None:
+    """Retryable (another model or executor may take the option), in loomnet's words."""
+    assert (error.code, error.retryable) == (ErrorCode.UNSUPPORTED_FEATURE, True)
+    assert error.peer_message == said
+    assert not any(word in error.peer_message.lower() for word in PROVIDER_WORDS)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@fail_after(10)
+async def test_openai_model_refusing_an_option_is_explained_to_the_peer(nursery, mode):
+    fake = FakeOpenAI(unsupported={"presence_penalty"})
+    params = ChatParams(model="m1", messages=HELLO, presence_penalty=0.5)
+    error = await refused(await openai(nursery, fake), params, mode)
+    assert_unsupported(error, "the model does not support the request's presence_penalty as given")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@fail_after(10)
+async def test_gemini_model_without_penalties_is_explained_to_the_peer(gemini, mode):
+    fake, backend = gemini
+    fake.penalties = False
+    error = await refused(backend, msgspec.structs.replace(FLASH, frequency_penalty=0.5), mode)
+    assert_unsupported(error, "the model does not support presence_penalty or frequency_penalty")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@fail_after(10)
+async def test_anthropic_model_refusing_temperature_with_top_p_is_explained_to_the_peer(anthropic, mode):
+    fake, backend = anthropic
+    fake.exclusive_sampling = True
+    error = await refused(backend, msgspec.structs.replace(CLAUDE, temperature=0.5, top_p=0.5), mode)
+    assert_unsupported(error, "the model does not take temperature and top_p together; set only one")
+
+
+@pytest.mark.parametrize("param, said", [("temperature", "temperature"), ("max_completion_tokens", "max_tokens"),
+                                         ({"odd": 1}, "options"), ("logit_bias", "options")])
+def test_refused_option_is_named_only_by_loomnet_names(param, said):
+    """OpenAI's ``unsupported_value`` too (o-series: "only the default (1) value is
+    supported"); a ``param`` that is not one of loomnet's options is not repeated."""
+    body = openai_error("Unsupported value: does not support this with this model.", param=param,
+                        code="unsupported_value")
+    error = error_for_status(400, json.dumps(body).encode(), httpx.Headers(), label="backend b")
+    assert_unsupported(error, f"the model does not support the request's {said} as given")

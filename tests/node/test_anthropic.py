@@ -144,6 +144,54 @@ async def test_request_mapping(fake):
     assert "tool_choice" not in sent
 
 
+@pytest.mark.parametrize("whole", [True, False])
+@fail_after(10)
+async def test_generation_options_by_anthropic_names(fake, whole):
+    """``top_p``, ``stop_sequences``, ``metadata.user_id``; no seed and no penalties (the API
+    has no such fields and refuses extra inputs). The API honours the stop sequence."""
+    p = params(temperature=0.4, top_p=0.7, stop=[", ", "END"], user="end-user-42", seed=3,
+               presence_penalty=0.5, frequency_penalty=0.5)
+    async with make(fake) as backend:
+        if whole:
+            completion = await backend.chat(p)
+            text, finish = completion.text, completion.finish_reason
+        else:
+            texts, finished = await collect(backend, p)
+            text, finish = "".join(texts), finished.finish_reason
+    sent = fake.last.body
+    assert {k: sent[k] for k in ("temperature", "top_p", "stop_sequences", "metadata")} == {
+        "temperature": 0.4, "top_p": 0.7, "stop_sequences": [", ", "END"], "metadata": {"user_id": "end-user-42"}}
+    assert not {"seed", "presence_penalty", "frequency_penalty", "user", "stop"} & set(sent)
+    assert (text, finish) == ("Hello", "stop")  # stop_reason stop_sequence
+
+
+@fail_after(10)
+async def test_unset_options_are_not_sent(fake):
+    async with make(fake) as backend:
+        await backend.chat(params())
+    assert not {"temperature", "top_p", "stop_sequences", "metadata"} & set(fake.last.body)
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@fail_after(10)
+async def test_model_refusing_temperature_with_top_p_is_unsupported_feature(fake, whole):
+    """Newer models refuse ``temperature`` and ``top_p`` together; older ones take both, so
+    both are sent and a refusal tells the client which options, never Anthropic's text."""
+    fake.exclusive_sampling = True
+    async with make(fake, max_retries=2) as backend:
+        with pytest.raises(BackendError) as info:
+            if whole:
+                await backend.chat(params(temperature=0.4, top_p=0.7))
+            else:
+                await collect(backend, params(temperature=0.4, top_p=0.7))
+        error = info.value
+        assert (error.code, error.retryable) == (ErrorCode.UNSUPPORTED_FEATURE, True)
+        assert error.public == "the model does not take temperature and top_p together; set only one"
+        assert len(fake.requests) == 1  # not retried: it would be refused again
+        completion = await backend.chat(params(top_p=0.7))  # one of them is fine
+    assert completion.text == "Hello, world!" and fake.last.body["top_p"] == 0.7
+
+
 @pytest.mark.parametrize("choice, expected", [
     ("auto", {"type": "auto"}), ("required", {"type": "any"}), ("none", {"type": "none"}),
     ("get_weather", {"type": "tool", "name": "get_weather"}),

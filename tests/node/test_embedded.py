@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from loomnet.node.backends._base import ChatParams, Finished, TextDelta
-from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig, default_model_path
+from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig, default_model_path, sampling
 from loomnet.protocol import BackendError, ChatMessage, ErrorCode
 
 pytestmark = pytest.mark.model
@@ -108,6 +108,34 @@ async def test_stream_equals_non_stream(backend, stock_llama):
     assert text.strip()
     assert text == ref["choices"][0]["message"]["content"]
     assert finished.finish_reason == ref["choices"][0]["finish_reason"]
+
+
+def test_sampling_maps_every_option_to_create_chat_completion_arguments():
+    """llama-cpp-python's own argument names; unset options are left to llama's defaults
+    (``max_tokens`` and ``temperature`` to the config's); ``user`` goes nowhere."""
+    config = EmbeddedConfig(max_tokens=99, temperature=0.7)
+    full = ChatParams(model=MODEL, messages=STORY, max_tokens=8, temperature=0.1, top_p=0.9, seed=4,
+                      stop=["\n", "END"], presence_penalty=0.5, frequency_penalty=-0.5, user="end-user-42")
+    assert sampling(full, config) == {"max_tokens": 8, "temperature": 0.1, "seed": 4, "top_p": 0.9,
+                                      "presence_penalty": 0.5, "frequency_penalty": -0.5, "stop": ["\n", "END"]}
+    bare = ChatParams(model=MODEL, messages=STORY)
+    assert sampling(bare, config) == {"max_tokens": 99, "temperature": 0.7, "seed": None}
+
+
+@needs_model
+@pytest.mark.parametrize("whole", [True, False])
+async def test_stop_sequence_ends_the_answer(backend, whole):
+    """Greedy, seeded, a dozen tokens: any English answer that long has a space, so with
+    ``stop=[" "]`` honoured none can show (llama holds back text that may begin a stop)."""
+    params = chat(STORY, stop=[" "], top_p=0.9, presence_penalty=0.1, frequency_penalty=0.1, user="end-user-1")
+    with trio.fail_after(LIMIT):
+        if whole:
+            completion = await backend.chat(params)
+            text, finish = completion.text, completion.finish_reason
+        else:
+            text, finished = await collect(backend, params)
+            finish = finished.finish_reason
+    assert " " not in text and finish in ("stop", "length")
 
 
 @needs_model

@@ -157,6 +157,47 @@ async def test_tool_choice(fake, choice, expected):
     assert fake.last.body["toolConfig"] == {"functionCallingConfig": expected}
 
 
+@pytest.mark.parametrize("whole", [True, False])
+@fail_after(10)
+async def test_generation_options_in_generation_config(fake, whole):
+    """``topP``, ``stopSequences``, ``presencePenalty``, ``frequencyPenalty``; ``user`` has
+    no field (the API refuses unknown names) and is not sent. Gemini honours the stop."""
+    p = params(temperature=0.3, top_p=0.6, seed=2, stop=["world", "###"], presence_penalty=0.4,
+               frequency_penalty=-0.4, max_tokens=40, user="end-user-42")
+    async with make(fake) as backend:
+        if whole:
+            completion = await backend.chat(p)
+            text, finish = completion.text, completion.finish_reason
+        else:
+            texts, finished = await collect(backend, p)
+            text, finish = "".join(texts), finished.finish_reason
+    sent = fake.last.body
+    assert sent["generationConfig"] == {"temperature": 0.3, "topP": 0.6, "maxOutputTokens": 40, "seed": 2,
+                                        "stopSequences": ["world", "###"], "presencePenalty": 0.4,
+                                        "frequencyPenalty": -0.4}
+    assert "end-user-42" not in json.dumps(sent)
+    assert (text, finish) == ("Hello, ", "stop")
+
+
+@pytest.mark.parametrize("whole", [True, False])
+@fail_after(10)
+async def test_model_without_penalties_is_unsupported_feature(fake, whole):
+    """Some Gemini models refuse penalties (HTTP 400 "Penalty is not enabled"): the client
+    learns that in loomnet's words and may go elsewhere; the penalty is never dropped."""
+    fake.penalties = False
+    async with make(fake, max_retries=2) as backend:
+        with pytest.raises(BackendError) as info:
+            if whole:
+                await backend.chat(params(presence_penalty=0.5))
+            else:
+                await collect(backend, params(presence_penalty=0.5))
+        error = info.value
+        assert (error.code, error.retryable) == (ErrorCode.UNSUPPORTED_FEATURE, True)
+        assert error.public == "the model does not support presence_penalty or frequency_penalty"
+        assert len(fake.requests) == 1
+        assert (await backend.chat(params(top_p=0.5))).text == "Hello, world!"
+
+
 @fail_after(10)
 async def test_plain_json_mode_and_no_generation_config(fake):
     async with make(fake) as backend:

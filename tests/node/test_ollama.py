@@ -173,6 +173,27 @@ async def test_request_mapping(fake):
     assert sent["options"] == {"temperature": 0.3, "seed": 7, "num_predict": 64}
 
 
+@pytest.mark.parametrize("whole", [True, False])
+@fail_after(10)
+async def test_generation_options_go_in_options_by_ollama_names(fake, whole):
+    """``top_p``, ``stop`` and the penalties in ``options`` (api.md keys); ``user`` has no
+    field in Ollama's API and is not sent anywhere in the body. Ollama honours ``stop``."""
+    p = params(temperature=0.2, top_p=0.8, seed=3, stop=["world", "\n\n"], presence_penalty=1.5,
+               frequency_penalty=-0.5, max_tokens=20, user="end-user-42")
+    async with backend(fake) as b:
+        if whole:
+            completion = await b.chat(p)
+            text, finish = completion.text, completion.finish_reason
+        else:
+            pieces, finished = await collect(b, p)
+            text, finish = "".join(pieces), finished.finish_reason
+    sent = fake.last_request
+    assert sent["options"] == {"temperature": 0.2, "top_p": 0.8, "seed": 3, "stop": ["world", "\n\n"],
+                               "presence_penalty": 1.5, "frequency_penalty": -0.5, "num_predict": 20}
+    assert "end-user-42" not in json.dumps(sent)
+    assert (text, finish) == ("Hello, ", "stop")
+
+
 @fail_after(10)
 async def test_tool_turn_named_by_latest_call_with_its_id(fake):
     history = [

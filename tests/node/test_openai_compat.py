@@ -277,6 +277,49 @@ async def test_bad_tool_schema_is_a_bad_request(connect):
     assert info.value.code == ErrorCode.BAD_REQUEST and fake.requests == []
 
 
+# ---------------------------------------------------------------- generation options
+
+OPTIONS = {"temperature": 0.3, "top_p": 0.9, "seed": 5, "stop": ["world", "###"], "presence_penalty": 0.5,
+           "frequency_penalty": -0.25, "user": "end-user-42"}
+SENT = {"temperature": 0.3, "top_p": 0.9, "seed": 5, "stop": ["world", "###"], "presence_penalty": 0.5,
+        "frequency_penalty": -0.25}
+
+
+@pytest.mark.parametrize("mode", ["whole", "stream"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@limited
+async def test_generation_options_reach_every_provider_by_openai_names(connect, provider, mode):
+    """Every option goes by its OpenAI name; ``user`` only where the provider documents it
+    (openai, groq, openrouter), never to an on-premise runtime. The runtime honours ``stop``."""
+    fake = FakeOpenAI(flavour=provider)
+    text, finish, _, _ = await answer(await connect(fake), params(**OPTIONS), mode)
+    body = fake.last.body
+    assert {name: body[name] for name in SENT} == SENT
+    assert body.get("user") == ("end-user-42" if provider in HOSTED else None)
+    assert (text, finish) == ("Hello, ", "stop")  # cut where "world" would begin
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@limited
+async def test_unset_options_are_not_sent(connect, provider):
+    fake = FakeOpenAI(flavour=provider)
+    await (await connect(fake)).chat(params())
+    assert not {*SENT, "user"} & set(fake.last.body)
+
+
+@pytest.mark.parametrize("mode", ["whole", "stream"])
+@limited
+async def test_option_the_model_refuses_is_unsupported_feature_never_dropped(connect, mode):
+    """OpenAI o-series and GPT-5 models refuse ``stop`` (HTTP 400 ``unsupported_parameter``):
+    the client learns which option, in loomnet's words, and may take the request elsewhere."""
+    fake = FakeOpenAI(unsupported={"stop"})
+    error, seen = await failing(await connect(fake), params(stop=["\n"]), mode)
+    assert (error.code, error.retryable, seen) == (ErrorCode.UNSUPPORTED_FEATURE, True, [])
+    assert error.public == "the model does not support the request's stop as given"
+    assert fake.count("/v1/chat/completions") == 1  # not retried: it would be refused again
+    assert fake.last.body["stop"] == ["\n"]
+
+
 # ---------------------------------------------------------------- errors and retries
 
 ERRORS = [

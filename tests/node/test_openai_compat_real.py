@@ -97,6 +97,23 @@ async def test_real_stream_has_no_usage_and_count_tokens_matches(llama_cpp_serve
 @pytest.mark.integration
 @needs_model
 @limited
+async def test_real_server_takes_every_option_and_honours_stop(llama_cpp_server):
+    """The server accepts every option by the names the adapter sends them (an unknown or
+    mistyped field would be a 422), and stops where a space would come: any answer of a
+    few English tokens has one, so without ``stop`` honoured it would show."""
+    options = params(model=MODEL, temperature=0.0, seed=42, max_tokens=12, top_p=0.9, stop=[" "],
+                     presence_penalty=0.1, frequency_penalty=0.1, user="end-user-1")
+    async with OpenAICompatBackend(real_config(llama_cpp_server)) as backend:
+        whole = await backend.chat(options)
+        text, finished = await collect(backend, options)
+    for answer_text, finish in ((whole.text, whole.finish_reason), (text, finished.finish_reason)):
+        assert " " not in answer_text and finish in ("stop", "length")
+
+
+@pytest.mark.model
+@pytest.mark.integration
+@needs_model
+@limited
 async def test_real_requests_take_turns_so_no_stream_is_cut(interrupting_server):
     """With llama_cpp.server's default ``interrupt_requests``, any request arriving during a
     stream ends it with ``[DONE]`` and no finish reason: "interrupted". Through one backend,

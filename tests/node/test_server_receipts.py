@@ -279,3 +279,20 @@ async def _reopen(harness):
     from loomnet.client import Ledger
 
     return await Ledger.open(harness.server.ledger.path)
+
+
+@fail_after(30)
+async def test_every_generation_option_reaches_the_backend_as_sent(tmp_path):
+    from loomnet.protocol import GenerationOptions, generation_options
+
+    seen = []
+
+    async def script(params):
+        seen.append(params)
+        yield TextDelta("ok")
+        yield Finished(finish_reason="stop", usage=Usage(input_tokens=3, output_tokens=1, source="backend"))
+
+    sent = GenerationOptions(max_tokens=7, temperature=0.0, top_p=0.8, seed=3, stop=["END"], presence_penalty=1.0,
+                             frequency_penalty=0.5, user="u-1", tools=[WEATHER], tool_choice="auto")
+    _, answer = await ask(tmp_path, ScriptedBackend(script), **msgspec.structs.asdict(sent))
+    assert answer.receipt is not None and [generation_options(p) for p in seen] == [sent]
