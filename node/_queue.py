@@ -21,8 +21,9 @@ model's queue is full or its wait runs out. ``retry_after`` is an estimate, not 
 constant: the executor measures how long a generation holds its slot (an EWMA per
 model and over all models) and simulates the queue ahead draining into the slots as
 each running generation is expected to end (:func:`_eta`). Before the first
-measurement, a generation is assumed to take as long as the oldest one running has
-run so far, and at least ``_UNMEASURED_HOLD`` seconds.
+measurement, the oldest generation running is assumed to be halfway through (a
+generation takes twice as long as it has run so far), and at least
+``_UNMEASURED_HOLD`` seconds.
 
 A waiting request gets no frame: the first byte a client sees is its first chunk (or
 a refusal). So ``queue-timeout`` must stay well below the clients' first-byte deadline
@@ -215,7 +216,7 @@ class Slots:
             with trio.move_on_after(self.queue_timeout):
                 await waiter.event.wait()
         except BaseException:  # cancelled (the client left, or shutdown)
-            if waiter.slot is not None:  # granted, never used: no hold time to learn from
+            if waiter.slot is not None:  # pragma: no cover - a set Event's wait is not cancelled; defensive
                 waiter.slot._give_back(measured=False)
             else:
                 self._leave(waiter)
@@ -294,8 +295,8 @@ def _eta(elapsed: Iterable[float], capacity: int, ahead: int, mean_hold: float |
     the earliest free slot and holds it ``mean_hold``.
     """
     elapsed = list(elapsed)
-    if mean_hold is None:  # nothing measured yet: as long as the oldest has run, at least
-        mean_hold = max([_UNMEASURED_HOLD, *elapsed])
+    if mean_hold is None:  # nothing measured yet: the oldest is halfway through
+        mean_hold = max([_UNMEASURED_HOLD, *(2 * e for e in elapsed)])
     free = [max(mean_hold - e, 0.0) for e in elapsed] + [0.0] * max(capacity - len(elapsed), 0)
     if not free:  # pragma: no cover - capacity is at least 1
         return mean_hold
