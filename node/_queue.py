@@ -42,7 +42,7 @@ import trio
 
 from loomnet.protocol import ErrorCode, RequestRejected
 
-__all__ = ["Lane", "OverCapacity", "Slot", "Slots", "SlotStatistics"]
+__all__ = ["Lane", "OverCapacity", "Slot", "SlotStatistics", "Slots"]
 
 #: Weight of the newest sample in the hold-time EWMAs.
 _ALPHA = 0.3
@@ -185,7 +185,10 @@ class Slots:
         """
         if self._has_room(lane) and not lane.waiting:
             return self._grant(lane)
-        if lane.waiting >= lane.max_queue or self.queue_timeout <= 0:
+        if lane.max_queue <= 0 or self.queue_timeout <= 0:
+            self._counts["refused_full"] += 1
+            raise self._refusal(lane, "this executor queues no requests for it")
+        if lane.waiting >= lane.max_queue:
             self._counts["refused_full"] += 1
             raise self._refusal(lane, f"its queue is full ({lane.waiting} waiting)")
         raise trio.WouldBlock
