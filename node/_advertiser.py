@@ -1,6 +1,11 @@
 """Publishes this executor's signed advert: at start, on every change, and periodically.
 
-Changes (load going up or down) can come in bursts, so adverts are spaced at least
+What it says of load: ``capacity`` is the executor-wide number of generations that run
+at once, and ``load`` the requests it holds now, generating *and* waiting in a queue
+(so a load above the capacity means a queue); each model's ``tokens_per_second`` is
+what the executor measured of its own generations (``Catalog.note_speed``).
+
+Changes (load going up or down, a request joining a queue) can come in bursts, so adverts are spaced at least
 ``min_gap`` seconds apart; the periodic one keeps the advert alive in tables whose
 entries expire after ``advert_ttl``. ``seq`` is the issue time in milliseconds, forced
 to grow, so it keeps growing across restarts too and peers always keep the newest.
@@ -23,6 +28,9 @@ from .config import ExecutorConfig
 __all__ = ["Advertiser"]
 
 log = logging.getLogger("loomnet.advertiser")
+
+#: The most ``load`` an advert can carry (the schema's limit).
+_MAX_LOAD = 1 << 20
 
 
 class Advertiser:
@@ -62,7 +70,7 @@ class Advertiser:
             addrs=self._addrs(),
             models=offers,
             capacity=self._config.capacity,
-            load=self._load(),
+            load=min(self._load(), _MAX_LOAD),
             on_premise=all(o.on_premise for o in offers),
             prompt_retention=self._config.prompt_retention,
         )

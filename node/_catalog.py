@@ -7,6 +7,12 @@ retryably, so clients fail over), and comes back when it answers again; a backen
 that was down at start is asked for its models again. Lookups accept a model's name
 or any alias, case-insensitively, as the client's router matches them.
 
+Each entry also carries the model's slot limits (its ``capacity`` and ``max-queue``
+from ``[[models]]``, else the executor's), and each offer its measured speed:
+``tokens_per_second`` is an EWMA of the output tokens per second of this executor's
+own completed generations of that model (:meth:`Catalog.note_speed`), 0 until one
+was measured.
+
 Backends are asked all at once, and each one's whole answer (a health probe and a
 model listing together) has one deadline: the HTTP adapters' timeouts apply per read,
 so a runtime dripping its model list would otherwise stall start-up, or the health
@@ -35,11 +41,18 @@ log = logging.getLogger("loomnet.catalog")
 _T = TypeVar("_T")
 
 
+#: Weight of the newest generation in the measured speed's EWMA.
+_SPEED_ALPHA = 0.3
+
+
 class CatalogEntry(msgspec.Struct, frozen=True):
     offer: ModelOffer
     backend: Backend
     #: the name the backend knows the model by
     backend_model: str
+    #: generations of this model that may run at once, and requests that may wait
+    capacity: int = 1
+    max_queue: int = 0
 
 
 class Catalog:
@@ -50,6 +63,7 @@ class Catalog:
         self._by_name: dict[str, CatalogEntry] = {}
         self._listed: set[int] = set()  # backends whose models are in the catalog
         self._down: set[int] = set()  # backends failing their health probe
+        self._speeds: dict[str, float] = {}  # offer name -> EWMA of output tokens/s
 
     @classmethod
     async def build(cls, backends: list[Backend], config: ExecutorConfig) -> "Catalog":
@@ -96,7 +110,13 @@ class Catalog:
                 on_premise=backend.on_premise,
                 capabilities=list(info.capabilities),
             )
-            entry = CatalogEntry(offer, backend, info.name)
+            entry = CatalogEntry(
+                offer,
+                backend,
+                info.name,
+                capacity=min(terms.capacity or self.config.capacity, self.config.capacity),
+                max_queue=self.config.max_queue if terms.max_queue is None else terms.max_queue,
+            )
             self.entries.append(entry)
             for name in (offer.name, *offer.aliases):
                 self._by_name.setdefault(name.casefold(), entry)
@@ -109,8 +129,24 @@ class Catalog:
 
     @property
     def offers(self) -> list[ModelOffer]:
-        """What the advert offers now: the models of the backends that are up."""
-        return [e.offer for e in self.entries if self.is_up(e.backend)]
+        """What the advert offers now: the models of the backends that are up, each with
+        its measured speed."""
+        return [
+            msgspec.structs.replace(e.offer, tokens_per_second=round(speed, 2))
+            if (speed := self._speeds.get(e.offer.name)) else e.offer
+            for e in self.entries
+            if self.is_up(e.backend)
+        ]
+
+    def note_speed(self, name: str, output_tokens: int, seconds: float) -> None:
+        """Learn from one completed generation of offer ``name``: ``output_tokens`` in
+        ``seconds`` (from the backend's start to its last event). Samples without
+        tokens or time teach nothing and are ignored."""
+        if output_tokens <= 0 or not seconds > 0:
+            return
+        sample = min(output_tokens / seconds, 1e7)  # the advert's limit
+        mean = self._speeds.get(name)
+        self._speeds[name] = sample if mean is None else mean + _SPEED_ALPHA * (sample - mean)
 
     async def check_health(self, *, timeout: float) -> bool:
         """Probe every backend once, all at once; returns True when the offers changed.

@@ -21,6 +21,10 @@ reasoning, which the client bounds with its own limit.
 When a stream is cut short (the client left, the backend died) the runtime's usage,
 if any, covers more than was delivered, so the receipt counts what was actually sent
 instead: a client never pays for what it did not get.
+
+A request's ``max_cost`` caps the receipt too (``_cost_cap``): counts that would cost
+more are billed only up to it (output tokens forgiven first, then input), so a receipt
+never bills more than the client allowed, whatever the runtime counted.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from loomnet.protocol import (
 )
 
 from ._catalog import CatalogEntry
+from ._cost_cap import capped_counts
 from ._counting import CountingChain, tool_calls_text, weakest
 from .backends._base import ChatParams, Usage
 
@@ -178,8 +183,13 @@ class Meter:
         output: Output,
         finish_reason: str,
         usage: Usage | None,
+        max_cost: int | None = None,
     ) -> tuple[Envelope, bytes]:
         """Count, sign and write the receipt to the ledger; returns (envelope, digest).
+
+        Args:
+            max_cost: the request's ``max_cost`` (micro-credits): the receipt bills at
+                most that much (module doc); None = no cap.
 
         Raises:
             LedgerError: the receipt could not be written (it is then not sent either).
@@ -189,6 +199,12 @@ class Meter:
         """
         tally = await self.count(entry, params, output, usage)
         offer = entry.offer
+        input_tokens, output_tokens = capped_counts(
+            tally.input_tokens, tally.output_tokens, max_cost=max_cost, price_in=offer.price_in, price_out=offer.price_out
+        )
+        if (input_tokens, output_tokens) != (tally.input_tokens, tally.output_tokens):
+            tally = Tally(input_tokens=input_tokens, output_tokens=output_tokens, source=tally.source,
+                          breakdown=_trim(tally.breakdown, output_tokens))
         text, reasoning, parts = output.text, output.reasoning, tally.breakdown
         receipt = Receipt(
             request_digest=digest(request_payload),
@@ -216,3 +232,16 @@ class Meter:
                 envelope, receipt, role="executor", executor=self.key.peer_id, now=self.clock()
             )
         return envelope, receipt_digest
+
+
+def _trim(parts: OutputBreakdown, total: int) -> OutputBreakdown:
+    """``parts`` reduced to ``total`` tokens: hidden reasoning forgiven first, then the
+    text, the streamed reasoning and the tool calls (each part only shrinks, so it stays
+    within what its bytes allow)."""
+    over = parts.total - total
+    values = {}
+    for name in ("hidden_reasoning", "text", "reasoning", "tool_calls"):
+        cut = min(over, getattr(parts, name))
+        values[name] = getattr(parts, name) - cut
+        over -= cut
+    return OutputBreakdown(**values)

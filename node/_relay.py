@@ -47,7 +47,7 @@ from loomnet.protocol import (
 from ._metering import Output
 from .backends._base import Finished, ReasoningDelta, StreamEvent, TextDelta
 
-__all__ = ["ClientGone", "relay_answer"]
+__all__ = ["ClientGone", "relay_answer", "wait_client_left"]
 
 #: Deltas batched into one chunk frame at most (a frame costs ~0.2 ms of CPU).
 _MAX_DELTAS_PER_CHUNK = 32
@@ -168,17 +168,7 @@ class _Relay:
                 await send.send(_Failed(exc))
 
     async def _watch(self, scope: trio.CancelScope) -> None:
-        # Not a frame read: whatever comes ends the answer, so one byte tells all and
-        # nothing is held. Its deadline is the generation's own.
-        try:
-            data = await self.stream.receive_some(1, timeout=math.inf)
-        except NetworkError as exc:
-            self._stopped_by_client = ClientGone(f"the client's stream failed: {exc.message}")
-        else:
-            if data:
-                self._stopped_by_client = UnexpectedFrame("the client sent data before its answer ended")
-            else:
-                self._stopped_by_client = ClientGone("the client reset or closed the stream")
+        self._stopped_by_client = await wait_client_left(self.stream)
         scope.cancel()
 
     async def _relay(self, receive: trio.MemoryReceiveChannel[StreamEvent | _Failed]) -> Finished:
@@ -242,6 +232,26 @@ class _Relay:
                 raise ClientGone(f"the client stopped reading its answer: {exc.message}") from exc
         self.output.record(frame)
         self._last_sent = trio.current_time()
+
+
+async def wait_client_left(stream: P2PStream) -> LoomError:
+    """Wait until the client, which must send nothing before its receipt, does
+    something: returns :class:`ClientGone` when its stream ended or failed, and
+    :class:`UnexpectedFrame` when it sent data.
+
+    Not a frame read: whatever comes ends the answer, so one byte tells all and nothing
+    is held. No deadline: the caller's (a generation, a wait for a slot) bounds it.
+
+    Cancellation: the way to stop watching; the stream stays usable for an honest
+    client, which has sent nothing meanwhile.
+    """
+    try:
+        data = await stream.receive_some(1, timeout=math.inf)
+    except NetworkError as exc:
+        return ClientGone(f"the client's stream failed: {exc.message}")
+    if data:
+        return UnexpectedFrame("the client sent data before its answer ended")
+    return ClientGone("the client reset or closed the stream")
 
 
 def _batches(calls: Sequence[ToolCall]) -> list[list[ToolCall]]:

@@ -4,8 +4,15 @@ Admission, in order: the request frame arrives in time and decodes; its signatur
 verifies; its signer is the peer at the other end of the stream (Noise
 authenticated that peer, so nobody can spend someone else's signed request); the
 replay guard passes it (audience, age, nonce); the model is served; the advertised
-price is within the request's caps; a generation slot is free. Every refusal is an
-error frame with a stable code, never a bare reset.
+price is within the request's caps; the model supports what the request needs; the
+client peer is within its rate limits (``_rate``: ``RATE_LIMITED``, retryable); the
+request's worst case is within its ``max_cost`` (``_cost_cap``: ``PRICE_CAP_EXCEEDED``;
+without ``max_tokens`` the generation is capped to what ``max_cost`` buys instead); a
+generation slot is free, or comes within the queue deadline (``_queue``: a full queue
+or a wait that runs out is ``OVER_CAPACITY``, retryable, with ``retry_after``). Every
+refusal is an error frame with a stable code, never a bare reset. While a request
+waits for a slot it gets no frame; the server watches its stream meanwhile, so a
+client that leaves is dropped from the queue at once.
 
 Then the backend streams (``_relay``): text and reasoning are batched into chunk
 frames (a frame costs ~0.2 ms of CPU, so never one per token), a progress chunk goes
@@ -32,6 +39,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import trio
 
 from loomnet.client import Ledger, P2PStream, TokenCounter
@@ -44,6 +52,7 @@ from loomnet.protocol import (
     InferenceRequest,
     LoomError,
     ReceiptAck,
+    Receipt,
     ReceiptFrame,
     RequestFrame,
     RequestRejected,
@@ -59,9 +68,13 @@ from loomnet.protocol import (
 )
 
 from ._catalog import Catalog, CatalogEntry
+from ._cost_cap import check_worst_case
+from ._counting import CountingChain
 from ._intake import Intake, RequestBudget
 from ._metering import Meter, Output
-from ._relay import ClientGone, relay_answer
+from ._queue import OverCapacity, Slot, Slots
+from ._rate import PeerRateLimiter
+from ._relay import ClientGone, relay_answer, wait_client_left
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -96,8 +109,10 @@ class InferenceServer:
         self.clock = clock
         self.meter = Meter(key, ledger, self.tokens, clock=lambda: self.clock(), count_timeout=config.count_timeout)
         self.replay = ReplayGuard(key.peer_id, max_age=config.max_request_age, max_skew=config.max_clock_skew)
-        self.slots = trio.CapacityLimiter(config.capacity)
-        self._on_load_change = on_load_change
+        self.slots = Slots(capacity=config.capacity, queue_timeout=config.queue_timeout, on_change=on_load_change)
+        self.rate = PeerRateLimiter(
+            requests_per_minute=config.peer_requests_per_minute, tokens_per_minute=config.peer_tokens_per_minute
+        )
         budget = RequestBudget(per_peer=config.max_request_bytes_per_peer, total=config.max_request_bytes)
         self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
         self.served = 0
@@ -105,7 +120,8 @@ class InferenceServer:
 
     @property
     def load(self) -> int:
-        return self.slots.borrowed_tokens
+        """Requests generating now plus those waiting for a slot (what the advert says)."""
+        return self.slots.running + self.slots.queued
 
     async def handle(self, stream: P2PStream) -> None:
         """Serve one stream. Never raises: every failure is answered or logged."""
@@ -196,18 +212,19 @@ class InferenceServer:
                 f"model {entry.offer.name!r} does not support {', '.join(sorted(missing))}",
                 code=ErrorCode.UNSUPPORTED_FEATURE,
             )
+        peer = stream.remote_peer
+        self.rate.admit(peer, now=trio.current_time())  # RATE_LIMITED
+        params = await self._cap_cost(request, entry, params)  # PRICE_CAP_EXCEEDED
         output = Output()
         book = functools.partial(
-            self.meter.book, request_payload=request_payload, client=stream.remote_peer, entry=entry, params=params
+            self._book, request_payload=request_payload, client=peer, entry=entry, params=params,
+            max_cost=request.max_cost,
         )
         # A slot is held while the backend generates, not while the receipt is counted and
-        # settled: a client's next request must not be refused because its last ack is in flight.
-        try:
-            self.slots.acquire_on_behalf_of_nowait(conn)
-        except trio.WouldBlock:
-            raise RequestRejected("all generation slots are busy", code=ErrorCode.OVER_CAPACITY, retryable=True) from None
-        self._on_load_change()
+        # settled: a client's next request must not wait because its last ack is in flight.
+        slot = await self._wait_for_slot(stream, entry)
         failure: Exception | None = None
+        started = trio.current_time()
         try:
             finished = await relay_answer(
                 stream,
@@ -221,18 +238,85 @@ class InferenceServer:
         except Exception as exc:  # settled below, once the slot is free
             failure = exc
         finally:
-            self.slots.release_on_behalf_of(conn)
-            self._on_load_change()
+            slot.release()
+        elapsed = trio.current_time() - started
         if failure is not None:
             raise await self._settle_failure(failure, output, book)
         finish_reason = str(finished.finish_reason)
-        envelope, receipt_digest = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
         await self._await_ack(stream, conn, receipt_digest)
 
+    async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:
+        """Check the request's worst case against its ``max_cost`` (``_cost_cap``); returns
+        the params to run, with ``max_tokens`` capped where the request set none.
+
+        The prompt is counted only when there is a cap and a price: tokenizing costs time
+        (up to ``count-timeout`` with the model's own tokenizer).
+
+        Raises:
+            RequestRejected: ``PRICE_CAP_EXCEEDED``, not retryable.
+        """
+        offer = entry.offer
+        if request.max_cost is None or not (offer.price_in or offer.price_out):
+            return params
+        chain = CountingChain(entry.backend, params.model, self.tokens, budget=self.config.count_timeout)
+        prompt = await chain.prompt(params)
+        max_tokens = check_worst_case(
+            max_cost=request.max_cost, prompt_tokens=prompt.tokens, max_tokens=params.max_tokens,
+            context_length=offer.context_length, price_in=offer.price_in, price_out=offer.price_out,
+        )
+        return params if max_tokens is None else msgspec.structs.replace(params, max_tokens=max_tokens)
+
+    async def _wait_for_slot(self, stream: P2PStream, entry: CatalogEntry) -> Slot:
+        """A generation slot for ``entry``'s model: at once, or after waiting in its queue
+        while the client's stream is watched.
+
+        Raises:
+            OverCapacity: the queue is full, or no slot came within ``queue-timeout``.
+            ClientGone: the client left while it waited (it left the queue at once).
+            UnexpectedFrame: the client sent data while it waited.
+        """
+        lane = self.slots.lane(entry.offer.name, capacity=entry.capacity, max_queue=entry.max_queue)
+        try:
+            return self.slots.acquire_nowait(lane)
+        except trio.WouldBlock:
+            pass
+        result: Slot | OverCapacity | None = None
+        left: LoomError | None = None
+
+        async def watch(scope: trio.CancelScope) -> None:
+            nonlocal left
+            left = await wait_client_left(stream)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            try:
+                result = await self.slots.acquire(lane)
+            except OverCapacity as exc:  # raised below, outside the nursery: no ExceptionGroup
+                result = exc
+            nursery.cancel_scope.cancel()
+        if left is not None:
+            if isinstance(result, Slot):
+                result.release()
+            raise left
+        if isinstance(result, OverCapacity):
+            raise result
+        assert result is not None
+        return result
+
+    async def _book(self, **booking: object) -> tuple[Envelope, bytes, Receipt]:
+        """Book a receipt (``Meter.book``) and charge its tokens to the client's rate limit."""
+        envelope, receipt_digest = await self.meter.book(**booking)  # type: ignore[arg-type]
+        receipt = msgspec.msgpack.decode(envelope.payload, type=Receipt)
+        self.rate.charge(receipt.client, receipt.input_tokens + receipt.output_tokens, now=trio.current_time())
+        return envelope, receipt_digest, receipt
+
     async def _settle_failure(
-        self, failure: Exception, output: Output, book: Callable[..., Awaitable[tuple[Envelope, bytes]]]
+        self, failure: Exception, output: Output, book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]]
     ) -> LoomError:
         """Book a receipt for what the client was sent before ``failure``; returns the error
         to answer with (the original one: an error while booking is only logged).
@@ -250,7 +334,7 @@ class InferenceServer:
             return error
         gone = isinstance(failure, ClientGone)
         try:
-            envelope, _ = await book(output=output, finish_reason="client_gone" if gone else "error", usage=None)
+            envelope, _, _ = await book(output=output, finish_reason="client_gone" if gone else "error", usage=None)
         except Exception:  # noqa: BLE001 - never replace the original error
             log.exception("could not book the partial receipt after %s", error)
             return error

@@ -59,6 +59,10 @@ class ModelTerms(_Config):
     #: credits per million input / output tokens
     price_in: float = 0.0
     price_out: float = 0.0
+    #: generations of this model that may run at once; None = the executor's ``capacity``
+    capacity: int | None = None
+    #: requests of this model that may wait for a slot; None = the executor's ``max-queue``
+    max_queue: int | None = None
 
     def __post_init__(self) -> None:
         for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
@@ -69,6 +73,10 @@ class ModelTerms(_Config):
                     f"model {self.name!r}: {which} must be a number from 0 to {MAX_PRICE:g} credits per "
                     f"million tokens, not {price}"
                 )
+        if self.capacity is not None and self.capacity < 1:
+            raise ValueError(f"model {self.name!r}: capacity must be at least 1")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ValueError(f"model {self.name!r}: max-queue cannot be negative")
 
 
 class ExecutorConfig(_Config):
@@ -85,8 +93,23 @@ class ExecutorConfig(_Config):
     advert_interval: float = 10.0
     #: seconds an advert stays valid after it is issued
     advert_ttl: float = 30.0
-    #: concurrent requests accepted; more get OVER_CAPACITY (retryable)
+    #: generations running at once, all models together (a model's own ``capacity`` in
+    #: ``[[models]]`` may lower it for that model); a request finding no free slot waits
+    #: in its model's queue (docs/protocol.md, "Capacity, queue and rate limits")
     capacity: int = 1
+    #: requests that may wait for a slot, per model (0: none wait; a request finding no
+    #: slot is refused at once with OVER_CAPACITY); a full queue refuses with
+    #: OVER_CAPACITY (retryable) and ``retry_after``, the executor's estimate
+    max_queue: int = 8
+    #: seconds a request may wait for a slot before it is refused with OVER_CAPACITY.
+    #: A waiting request gets no frame, so keep this well under the clients' first-byte
+    #: deadline (60 s by default), leaving room for the model's time to first token
+    queue_timeout: float = 20.0
+    #: requests one client peer may start per minute (0: no limit), and tokens it may
+    #: use per minute (input + output, as its receipts bill; 0: no limit); over either,
+    #: RATE_LIMITED (retryable) with ``retry_after``
+    peer_requests_per_minute: int = 600
+    peer_tokens_per_minute: int = 0
     #: seconds a signed request stays acceptable, and the clock skew tolerated
     max_request_age: float = 60.0
     max_clock_skew: float = 5.0
@@ -139,6 +162,14 @@ class ExecutorConfig(_Config):
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
+        for name in ("max_queue", "queue_timeout", "peer_requests_per_minute", "peer_tokens_per_minute"):
+            if not getattr(self, name) >= 0:  # NaN too
+                raise ValueError(f"{name.replace('_', '-')} cannot be negative")
+        for terms in self.models:
+            if terms.capacity is not None and terms.capacity > self.capacity:
+                raise ValueError(
+                    f"model {terms.name!r}: capacity {terms.capacity} is above the executor's capacity {self.capacity}"
+                )
         for name in (
             "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval",
             "health_interval", "progress_interval", "count_timeout", "list_models_timeout",

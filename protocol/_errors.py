@@ -85,7 +85,8 @@ class ErrorCode(enum.IntEnum):
     PRICE_CAP_EXCEEDED = 206
     #: The executor does not serve the requested model.
     UNKNOWN_MODEL = 207
-    #: The executor has no free generation slot.
+    #: The executor has no free generation slot (its wait queue for the model is full,
+    #: or no slot came within the queue deadline).
     OVER_CAPACITY = 208
     #: The request is well-formed but its contents are unusable.
     BAD_REQUEST = 209
@@ -94,6 +95,9 @@ class ErrorCode(enum.IntEnum):
     #: The peer holds more connections, streams or buffered bytes than the executor
     #: allows one peer (or all peers together); retry once some finish.
     PEER_LIMIT = 211
+    #: The client peer is over one of the executor's rate limits (requests or tokens
+    #: per minute); retry after ``retry_after`` seconds.
+    RATE_LIMITED = 212
 
     # 3xx: the LLM runtime behind the executor
     #: The backend cannot be reached or is not ready.

@@ -13,6 +13,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 LONG = [ChatMessage("user", "Write a long story about a lighthouse keeper.")]
 
 
+@pytest.fixture
+def executor_config(executor_config):
+    """This module's executor queues nothing (``max-queue = 0``): a request finding no free
+    slot is refused at once. The wait queue has its own tests (test_queue.py)."""
+    return msgspec.structs.replace(executor_config, max_queue=0)
+
+
 async def wait_until(predicate, timeout=10.0):
     with trio.fail_after(timeout):
         while not predicate():
@@ -41,10 +48,10 @@ async def test_capacity_load_adverts_and_walking_away(executor, client):
         assert executor.server.load == 1
         # the load change is gossiped as a fresh advert
         await wait_until(lambda: (a := client.member.table.advert_of(executor.peer_id, now=time.time())) and a.load == 1)
-        # capacity is 1: a second request is refused, retryably
+        # capacity is 1 and no queue: a second request is refused at once, retryably
         with pytest.raises(RemoteError) as info:
             await client.chat([ChatMessage("user", "hi")], model="smol", max_tokens=4)
-        assert info.value.code == ErrorCode.OVER_CAPACITY and info.value.retryable
+        assert info.value.code == ErrorCode.OVER_CAPACITY and info.value.retryable and info.value.retry_after > 0
     # we walked away mid-stream: the executor stops generating and frees the slot soon,
     # and books a receipt for exactly what it had sent us
     await wait_until(lambda: executor.server.load == 0, timeout=10)
