@@ -26,10 +26,13 @@ import msgspec
 
 from loomnet.protocol import (
     MAX_FRAME_SIZE,
+    ChatMessage,
     Envelope,
     InferenceRequest,
     InvalidRequest,
     RequestFrame,
+    ResponseFormat,
+    ToolSpec,
     encode_frame_body,
     encode_payload,
 )
@@ -50,10 +53,12 @@ def check_request(request: InferenceRequest) -> bytes:
             ``"tools[1].parameters"``); a value cannot be encoded at all; or the
             request is too large for one frame.
     """
+    _check_types(request)
     try:
         payload = encode_payload(request)
-    except (msgspec.EncodeError, TypeError, ValueError, OverflowError) as exc:
-        raise InvalidRequest(f"invalid request: it cannot be encoded ({exc})") from None
+    except (msgspec.EncodeError, TypeError, ValueError, OverflowError, UnicodeError):
+        field, reason = _unencodable(request)
+        raise InvalidRequest(f"invalid request: {field or 'the request'}: {reason}", field=field) from None
     try:
         _decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -72,6 +77,52 @@ def check_request(request: InferenceRequest) -> bytes:
             field="messages",
         )
     return payload
+
+
+#: the Struct each list of the request holds, for a clear error instead of an AttributeError
+_ITEM_TYPES = {"messages": ChatMessage, "tools": ToolSpec}
+
+
+def _check_types(request: InferenceRequest) -> None:
+    """Refuse a message or tool that is not the protocol's Struct (an OpenAI-style dict is
+    the usual slip), naming it."""
+    for name, kind in _ITEM_TYPES.items():
+        for i, item in enumerate(getattr(request, name)):
+            if not isinstance(item, kind):
+                raise InvalidRequest(
+                    f"invalid request: {name}[{i}]: a loomnet.protocol.{kind.__name__} is needed, not "
+                    f"{type(item).__name__}", field=f"{name}[{i}]",
+                )
+    if request.response_format is not None and not isinstance(request.response_format, ResponseFormat):
+        raise InvalidRequest(
+            f"invalid request: response_format: a loomnet.protocol.ResponseFormat is needed, not "
+            f"{type(request.response_format).__name__}", field="response_format",
+        )
+
+
+def _unencodable(value: object, path: str = "") -> tuple[str | None, str]:
+    """The path of the first value msgpack cannot encode (an int over 64 bits, a string
+    with a lone surrogate, an object of no known type) and why, in our words."""
+    if isinstance(value, msgspec.Struct):
+        for name in value.__struct_fields__:
+            found = _unencodable(getattr(value, name), f"{path}.{name}" if path else name)
+            if found[0] is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{i}]")
+            if found[0] is not None:
+                return found
+    else:
+        try:
+            msgspec.msgpack.encode(value)
+        except (msgspec.EncodeError, TypeError, ValueError, OverflowError, UnicodeError):
+            if isinstance(value, int):
+                return path, "a whole number far outside the range this field allows"
+            if isinstance(value, str):
+                return path, "text that is not valid Unicode (a lone surrogate?)"
+            return path, f"a {type(value).__name__} cannot be sent"
+    return None, "it cannot be encoded"
 
 
 _TOOL_CHOICES = ("auto", "none", "required")

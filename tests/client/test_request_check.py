@@ -143,10 +143,25 @@ def test_what_backends_accept_passes():
         check_request(probe(None, dict(response_format=fmt), None))
 
 
-def test_what_cannot_be_encoded_at_all_is_refused_too():
-    with pytest.raises(InvalidRequest, match="cannot be encoded") as info:
-        check_request(probe([object()], {}, None))
-    assert info.value.field is None
+@pytest.mark.parametrize(("messages", "options", "field"), [
+    ([{"role": "user", "content": "Hi"}], {}, "messages[0]"),  # OpenAI-style: the usual slip
+    ([object()], {}, "messages[0]"),
+    (None, dict(tools=[{"name": "f"}]), "tools[0]"),
+    (None, dict(response_format={"type": "json_object"}), "response_format"),
+    (None, dict(seed=2**70), "seed"),
+    (None, dict(max_price_in=2**70), "max_price_in"),
+    (None, dict(max_cost=-(2**70)), "max_cost"),
+    ([ChatMessage("user", "\ud800")], {}, "messages[0].content"),
+    ([ChatMessage("user", "ok"), ChatMessage("user", "x", images=[ImagePart(media_type="image/png", data=object())])],
+     {}, "messages[1].images[0].data"),
+    (None, dict(stop=["a", object()]), "stop[1]"),
+], ids=["dict-message", "object-message", "dict-tool", "dict-format", "seed", "price", "max-cost", "surrogate",
+        "image-data", "stop"])
+def test_what_cannot_be_encoded_is_refused_naming_the_field(messages, options, field):
+    with pytest.raises(InvalidRequest) as info:
+        check_request(probe(messages, options, None))
+    assert info.value.field == field and field in info.value.message
+    assert "serialize" not in info.value.message  # our words, not msgspec's
 
 
 def test_a_valid_request_passes_and_its_bytes_decode_as_the_executor_will():
