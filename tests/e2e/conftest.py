@@ -22,8 +22,10 @@ def executor_config(tmp_path) -> ExecutorConfig:
         listen=["/ip4/127.0.0.1/tcp/0"],
         embedded=EmbeddedConfig(max_tokens=24, temperature=0.0, seed=7),
         models=[ModelTerms(name="smollm2-135m", aliases=["smol"], categories=["fast"], price_in=PRICE_IN, price_out=PRICE_OUT)],
-        request_read_timeout=2.0,
-        ack_timeout=2.0,
+        # generous: a loaded 2-core CI machine may take seconds to count, book and ack
+        # (tests of these deadlines set their own, shorter ones)
+        request_read_timeout=5.0,
+        ack_timeout=10.0,
     )
 
 

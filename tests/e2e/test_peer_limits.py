@@ -86,6 +86,8 @@ def executor_config(executor_config):
         max_streams_per_peer=4,
         max_request_bytes_per_peer=2 * (MAX_FRAME_SIZE + 4),
         max_request_bytes=3 * (MAX_FRAME_SIZE + 4),
+        request_read_timeout=2.0,  # this module's drips are measured against these two
+        ack_timeout=2.0,
     )
 
 
