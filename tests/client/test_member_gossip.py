@@ -24,7 +24,6 @@ from loomnet.protocol import (
     SignedKind,
     SigningKey,
     encode_payload,
-    seal,
 )
 
 from ..limits import fail_after
