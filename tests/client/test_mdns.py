@@ -95,3 +95,20 @@ async def test_a_peer_found_on_the_lan_is_dialed_and_asked_for_its_adverts(nurse
     assert not await client.join_discovered(MdnsPeer(nobody, [dead.replace(executor.peer_id, nobody)]))  # False, no raise
     client.stop()
     executor.stop()
+
+
+def test_mdns_is_off_unless_configured(tmp_path) -> None:
+    from loomnet.client import ClientConfig
+    from loomnet.node.config import load_config
+    from loomnet.protocol import ConfigError
+
+    assert load_config(environ={}).mdns is False and ClientConfig().mdns is False
+    on = tmp_path / "on.toml"
+    on.write_text("mdns = true\n")
+    assert load_config(on, environ={}).mdns is True
+    assert load_config(on, environ={"LOOMNET_MDNS": "false"}).mdns is False  # the environment wins
+    assert load_config(environ={"LOOMNET_MDNS": "true"}).mdns is True
+    bad = tmp_path / "bad.toml"
+    bad.write_text('mdns = "sometimes"\n')
+    with pytest.raises(ConfigError, match="mdns"):
+        load_config(bad, environ={})
