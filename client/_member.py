@@ -89,7 +89,9 @@ class Member:
         self.book = PeerBook()
         local = {addr for executor in local_executors() for addr in executor.addrs}
         self.book.bootstrap(
-            (peer_of_addr(a), Found.LOCAL_FILE if a in local else Found.BOOTSTRAP) for a in p2p.bootstrap
+            (peer_of_addr(a), Found.LOCAL_FILE if a in local else Found.BOOTSTRAP)
+            for a in p2p.bootstrap
+            if peer_of_addr(a)
         )
         self.redialer = Redialer(
             p2p.bootstrap,
