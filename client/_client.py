@@ -83,6 +83,10 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     bootstrap: list[str] = []
     #: also join through executors announced on this machine (see ``_local``)
     discover_local: bool = True
+    #: find and join executors announced on the LAN by multicast DNS (see ``_mdns``); a
+    #: client only listens and asks, it never announces itself. Off by default: mDNS
+    #: queries are multicast to every machine of the LAN, which some networks forbid
+    mdns: bool = False
     #: longest dial and stream open
     connect_timeout: float = 5.0
     #: longest one peer may take to hand over its adverts, stream open to the last one
@@ -121,7 +125,7 @@ class LoomClient:
                     bootstrap += [a for a in addrs if a not in bootstrap]
         self.member = Member(
             self.key,
-            P2PConfig(listen=config.listen, bootstrap=bootstrap, dial_timeout=config.connect_timeout),
+            P2PConfig(listen=config.listen, bootstrap=bootstrap, dial_timeout=config.connect_timeout, mdns=config.mdns),
             exchange_timeout=config.join_timeout,
         )
         self.tokens = TokenCounter()

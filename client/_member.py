@@ -5,6 +5,13 @@ table fed: it drains the advert gossip topic, answers ``/loomnet/adverts/1`` wit
 the adverts it holds (so a newcomer can route at once instead of waiting for the
 next gossip round), and on joining asks each peer it reaches for theirs.
 
+Discovery: the bootstrap peers (dialed by the node at start and, whenever none of them
+is connected any more, redialed with backoff: ``_redial``), executors announced on this
+machine (``_local``, through the bootstrap list), and mDNS on the LAN when configured
+(``_mdns``: peers found are dialed and asked for their adverts). Every advert on gossip
+passes the validator (``_validator``) before it is kept or relayed; the peer book
+(``_peer_book``) records how each peer was found and what it sent, for ``loomnet peers``.
+
 Every exchange with a peer has one deadline over the whole of it (``exchange_timeout``:
 stream open, every frame, close), never one per read, and joining asks all bootstrap
 peers at once: however slowly one peer drips its answer, joining waits at most the
@@ -16,6 +23,7 @@ from one peer, charged to that peer.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 
@@ -25,8 +33,13 @@ import trio
 from loomnet.protocol import ADVERT_TOPIC, ADVERTS_PROTOCOL, Envelope, LoomError, SigningKey
 
 from ._advert_exchange import receive_adverts, send_adverts
-from ._offers import OfferTable, decode_advert_envelope
+from ._local import local_executors
+from ._mdns import MdnsPeer, MdnsService
+from ._offers import OfferTable
 from ._p2p import NodeInfo, P2PConfig, P2PNode, P2PStream
+from ._peer_book import Found, PeerBook, PeerRecord
+from ._redial import Backoff, Redialer, peer_of_addr
+from ._validator import AdvertValidator
 
 __all__ = ["Member"]
 
@@ -47,7 +60,11 @@ class Member:
         exchange_timeout: seconds one whole adverts exchange may take, asking
             (stream open to the last advert) or answering (first to last write).
         table: the offer table to feed (default: ``OfferTable()`` with its bounds).
+        rng: the random source of the redial backoff's jitter.
     """
+
+    #: most mDNS-found peers dialed at once
+    MDNS_DIALS = 4
 
     def __init__(
         self,
@@ -58,14 +75,33 @@ class Member:
         clock: Callable[[], float] = time.time,
         exchange_timeout: float = 10.0,
         table: OfferTable | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.key = key
         self.clock = clock
         self.exchange_timeout = exchange_timeout
+        self.config = p2p
         topics = list(p2p.topics) if ADVERT_TOPIC in p2p.topics else [*p2p.topics, ADVERT_TOPIC]
         self.node = P2PNode(key.seed, msgspec.structs.replace(p2p, topics=topics))
         self.table = table if table is not None else OfferTable()
         self.table_changed = trio.Event()
+        self.validator = AdvertValidator(self.table, max_signers=self.table.max_executors)
+        self.book = PeerBook()
+        local = {addr for executor in local_executors() for addr in executor.addrs}
+        self.book.bootstrap(
+            (peer_of_addr(a), Found.LOCAL_FILE if a in local else Found.BOOTSTRAP)
+            for a in p2p.bootstrap
+            if peer_of_addr(a)
+        )
+        self.redialer = Redialer(
+            p2p.bootstrap,
+            connected=self.node.connected_peers,
+            dial=self._join,
+            backoff=Backoff(p2p.redial_initial, p2p.redial_max, rng=rng),
+            check_interval=p2p.redial_check,
+        )
+        self.mdns: MdnsService | None = None  # set by run() when p2p.mdns or p2p.mdns_announce
+        self._mdns_dialing: set[str] = set()
         self._own_advert = own_advert or (lambda: None)
         self.node.set_topic_validator(ADVERT_TOPIC, self._validate_gossip)
         self.node.set_stream_handler(ADVERTS_PROTOCOL, self._serve_adverts)
@@ -89,6 +125,13 @@ class Member:
             async with trio.open_nursery() as first_round:
                 for peer in self.node.connected_peers():
                     first_round.start_soon(self.fetch_adverts, peer)
+            nursery.start_soon(self.redialer.run)
+            if self.config.mdns or self.config.mdns_announce:
+                announce = info.addrs if self.config.mdns_announce else None
+                self.mdns = MdnsService(self.peer_id, announce=announce)
+                await nursery.start(self.mdns.run)
+                if self.config.mdns:
+                    nursery.start_soon(self._dial_discovered, self.mdns)
             task_status.started(info)
             await trio.sleep_forever()
 
@@ -96,10 +139,57 @@ class Member:
         self.node.stop()
 
     async def connect(self, addr: str) -> str:
-        """Dial ``addr`` and fetch the adverts that peer holds; returns its peer id."""
+        """Dial ``addr`` and fetch the adverts that peer holds; returns its peer id.
+
+        The peer is booked as found ``dialed`` (unless known another way already).
+        """
+        if peer := peer_of_addr(addr):
+            self.book.found(peer, Found.DIALED)
+        return await self._join(addr)
+
+    async def _join(self, addr: str) -> str:
         peer = await self.node.connect(addr)
         await self.fetch_adverts(peer)
         return peer
+
+    def peers(self) -> list[PeerRecord]:
+        """Connected peers, then other peers that sent adverts: how each was found and
+        what it sent (``loomnet peers``)."""
+        return self.book.records(self.node.connections())
+
+    # -------------------------------------------------------------------- mDNS
+
+    async def _dial_discovered(self, mdns: MdnsService) -> None:
+        """Dial each peer mDNS finds that we are not connected to, a few at once."""
+        limiter = trio.CapacityLimiter(self.MDNS_DIALS)
+        async with trio.open_nursery() as nursery:
+            async for peer in mdns.discovered():
+                if peer.peer_id in self._mdns_dialing or peer.peer_id in self.node.connected_peers():
+                    continue
+                self._mdns_dialing.add(peer.peer_id)
+                nursery.start_soon(self.join_discovered, peer, limiter)
+
+    async def join_discovered(self, peer: MdnsPeer, limiter: trio.CapacityLimiter | None = None) -> bool:
+        """Dial a peer found on the LAN, its addresses in order until one answers, and
+        fetch its adverts; True if connected. It is booked as found ``mdns``.
+
+        Error handling: a failed dial is logged (debug); the peer is tried again only
+        when mDNS reports it again.
+        """
+        try:
+            async with limiter or trio.CapacityLimiter(1):
+                self.book.found(peer.peer_id, Found.MDNS)
+                for addr in peer.addrs:
+                    try:
+                        await self._join(addr)
+                    except LoomError as exc:
+                        log.debug("mDNS peer %s not reached at %s: %s", peer.peer_id, addr, exc)
+                        continue
+                    log.info("joined %s, found on the LAN (mDNS)", peer.peer_id)
+                    return True
+                return False
+        finally:
+            self._mdns_dialing.discard(peer.peer_id)
 
     def _note(self, data: bytes | Envelope, sender: str | None = None, source: str | None = None) -> bool:
         changed = self.table.add(data, now=self.clock(), sender=sender, source=source)
@@ -115,16 +205,20 @@ class Member:
     # ------------------------------------------------------------------ gossip
 
     def _validate_gossip(self, sender: str, data: bytes) -> bool:
-        """libp2p validator: forward only adverts whose signature and signer check out."""
-        try:
-            _, _, signer = decode_advert_envelope(data)
-        except LoomError:
-            return False
-        return signer == sender
+        """libp2p validator (sync, run before delivery and before relaying): keep and
+        forward only adverts that pass every check of ``_validator``; a refusal is
+        booked against the publisher, with its reason."""
+        reason = self.validator.validate(data, sender=sender, now=self.clock())
+        if reason is None:
+            return True
+        self.book.rejected(sender, reason)
+        log.debug("advert gossiped by %s refused (%s); not relayed", sender, reason.value)
+        return False
 
     async def _drain_gossip(self) -> None:
         async for message in self.node.gossip_messages():
             if message.topic == ADVERT_TOPIC:
+                self.book.received(message.sender)  # the validator passed it
                 self._note(message.data, sender=message.sender)
 
     async def _expire_loop(self) -> None:
@@ -170,7 +264,13 @@ class Member:
 
         def keep(envelope: Envelope) -> None:
             nonlocal changed
-            changed += self._note(envelope, source=peer)
+            if self._note(envelope, source=peer):
+                changed += 1
+                self.book.received(peer)
+            elif (reason := self.validator.check(envelope, sender=None, now=self.clock())) is not None:
+                self.book.rejected(peer, reason)
+            else:
+                self.book.received(peer)  # one we held already, or one the table's bounds let go
 
         deadline = trio.current_time() + self.exchange_timeout
         stream: P2PStream | None = None

@@ -24,7 +24,8 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   it is given when yamux is negotiated); mplex is not offered.
 - K. A bound on bytes a peer sent that nobody read yet: yamux buffers past the
   flow-control window with only a warning.
-- L. The auto-connector redials bootstrap peers only, not every peer ever seen.
+- L. The auto-connector dials no one (it dialed every peer ever seen); ``Member``
+  redials the bootstrap peers itself, with backoff, when it has lost them all.
 - M. Every connection stays known until closed: libp2p dials only when we ask (its
   pubsub retries redialed a peer being disconnected), ``disconnect`` closes every
   connection to the peer (libp2p forgot, still open, one registered meanwhile) and
@@ -33,7 +34,13 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - N. A fixed listen port in use is refused before libp2p binds it: libp2p listens with
   ``SO_REUSEPORT``, so a second node on the same port would silently share it.
 - O. Multistream-select messages read with a 1 KiB limit (libp2p reads any length).
-  I to O, with measurements: ``docs/network.md``.
+- P. No cache of validator verdicts: libp2p's kept each for 300 s by content, so an
+  advert once valid was relayed again unchecked after it expired or was superseded.
+- Q. No negative dial cache: libp2p refused for 60 s every dial to a peer whose last
+  dial failed, so a bootstrap peer back from a restart stayed undialable.
+- R. A peer's addresses dialed one at a time, in our order: libp2p dials only the
+  first TCP address its peerstore holds, so one dead address hid all the others.
+  I to R, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -74,8 +81,9 @@ from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
-from ._p2p_gossip import delivering_pubsub, topic_peer_count, wait_for_queue_room
+from ._p2p_gossip import NoValidationCache, delivering_pubsub, topic_peer_count, wait_for_queue_room
 from ._p2p_guard import (
+    NoNegativeCache,
     PeerGuard,
     close_peer_fully,
     dial_on_request,
@@ -149,15 +157,6 @@ def _ping_frame(nonce: int) -> bytes:
     return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
 
 
-def _peer_ids(addrs: Sequence[str]) -> set[Any]:
-    """libp2p ids of the addresses that parse; connect() reports the others."""
-    ids = set()
-    for addr in addrs:
-        with contextlib.suppress(Exception):
-            ids.add(info_from_p2p_addr(Multiaddr(addr)).peer_id)
-    return ids
-
-
 def _refuse_ports_in_use(addrs: Sequence[Multiaddr]) -> None:
     """Trap N: py-libp2p 0.8.1 listens with ``SO_REUSEPORT`` (for hole punching), so a
     second node started on a port another node listens on starts without an error, and
@@ -219,10 +218,11 @@ class P2PNode:
         swarm = self._host.get_network()
         use_muxer(swarm, muxer)  # trap J; then I (inbound slots, per-peer connections), L
         guard_inbound(swarm, guard, raw_connection=RawConnection, muxed_type=IMuxedConn, refused=SwarmException)
-        bootstrap = _peer_ids(config.bootstrap)
-        redial_only(swarm, bootstrap)  # trap L
-        dial_on_request(swarm, guard, peers=bootstrap, refused=SwarmException)  # trap M
+        redial_only(swarm, ())  # trap L: Member redials the bootstrap peers (client/_redial.py)
+        dial_on_request(swarm, guard, peers=(), refused=SwarmException)  # trap M
         close_peer_fully(swarm, guard)
+        assert hasattr(swarm, "_negative_peer_cache"), "libp2p changed: see trap Q"
+        swarm._negative_peer_cache = NoNegativeCache()  # trap Q
         self.peer_id: str = self._host.get_id().to_base58()
         self._pubsub: Pubsub | None = None  # built in run(): it starts a thread
         self._validators: dict[str, Callable[[Any, Any], bool]] = {}
@@ -346,8 +346,34 @@ class P2PNode:
             info = info_from_p2p_addr(Multiaddr(addr))
         with self._guard.dialing(), _map_libp2p_errors(f"connect to {addr}"):
             with trio.fail_after(self._timeout(timeout)):
-                await self._host.connect(info)
+                await self._dial(info.peer_id, info.addrs)
         return info.peer_id.to_base58()
+
+    async def _dial(self, pid: ID, maddrs: Sequence[Multiaddr]) -> None:
+        """Connect to ``pid`` unless connected: ``maddrs`` one at a time, in order.
+
+        Trap P: libp2p's ``dial_peer`` dials one address per transport, the first the
+        peerstore holds for the peer ("smart address selection"), so a dead address
+        from an earlier try, or a loopback address taken from another machine's
+        advert, hid every other address of that peer for good. Here the peerstore
+        holds only the address being tried.
+
+        Raises: whatever libp2p raised for the last address (callers map it).
+        """
+        if any(not conn.is_closed for conn in self._host.get_network().get_connections(pid)):
+            return
+        peerstore = self._host.get_peerstore()
+        failure: Exception | None = None
+        for maddr in maddrs:
+            peerstore.clear_addrs(pid)
+            try:
+                await self._host.connect(PeerInfo(pid, [maddr]))
+            except Exception as exc:  # noqa: BLE001 - libp2p's wide set; the caller maps it
+                failure = exc
+            else:
+                return
+        if failure is not None:
+            raise failure
 
     async def open_stream(
         self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), timeout: float | None = None
@@ -368,8 +394,8 @@ class P2PNode:
             pid = ID.from_base58(peer_id)
             maddrs = [Multiaddr(a) for a in addrs]
         with self._guard.dialing(), _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
-            if maddrs:  # no dial if already connected; the addrs go to the peerstore
-                await self._host.connect(PeerInfo(pid, maddrs))
+            if maddrs:  # no dial if already connected (trap R: one address at a time)
+                await self._dial(pid, maddrs)
             net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
         self._counts["streams_opened"] += 1
         return _wrap_stream(net_stream)
@@ -383,6 +409,16 @@ class P2PNode:
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection (a crashed peer may linger briefly)."""
         return [p.to_base58() for p in self._host.get_connected_peers()]
+
+    def connections(self) -> dict[str, str]:
+        """Connected peer ids, each with the direction of its connection: "inbound" (it
+        dialed us) or "outbound" (we dialed it; "outbound" wins if there are both)."""
+        swarm = self._host.get_network()
+        found = {}
+        for pid in self._host.get_connected_peers():
+            names = {getattr(conn.direction, "name", "") for conn in swarm.get_connections(pid)}
+            found[pid.to_base58()] = "inbound" if names == {"INBOUND"} else "outbound"
+        return found
 
     def statistics(self) -> P2PStatistics:
         """A frozen snapshot of this node's counters and of what peers hold now."""
@@ -453,6 +489,7 @@ class P2PNode:
         )
         pubsub = delivering_pubsub(Pubsub)(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
         pubsub.deliver = self._deliver
+        pubsub.validation_cache = NoValidationCache()  # trap P
         for topic, validator in self._validators.items():
             pubsub.set_topic_validator(topic, validator, is_async_validator=False)
         try:

@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-__all__ = ["delivering_pubsub", "topic_peer_count", "wait_for_queue_room"]
+__all__ = ["NoValidationCache", "delivering_pubsub", "topic_peer_count", "wait_for_queue_room"]
 
 _QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
 _PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
@@ -45,6 +45,30 @@ def delivering_pubsub(base: type) -> type:
                     await stream.reset()
 
     return DeliveringPubsub
+
+
+class NoValidationCache:
+    """Trap P: stands in for libp2p's ``Pubsub.validation_cache``, remembering nothing.
+
+    libp2p 0.8.1 caches each validator verdict by message id for 300 s, and our
+    message id is a hash of the data alone (trap D). An advert's verdict depends on
+    more than its bytes: on the time (expired?), on what we hold (stale?) and on the
+    publisher (``from_id``, which must be the signer). With the cache, an advert let
+    through once was let through (and relayed) again unchecked for 300 s, after it
+    had expired or been superseded, and the same bytes republished under another
+    peer's name passed the signer check without it running. A refused message is
+    checked again on every arrival too, so each one is counted. Seen-message
+    suppression (``seen_ttl``) is separate and stays.
+    """
+
+    def get(self, msg_id: bytes) -> None:
+        return None
+
+    def put(self, msg_id: bytes, result: object) -> None:
+        pass
+
+    def clear_expired(self) -> None:
+        pass
 
 
 async def wait_for_queue_room(pubsub: Any) -> None:

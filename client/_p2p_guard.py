@@ -45,6 +45,7 @@ _GRACEFUL_CLOSE = 1.0  # s; for yamux's GO_AWAY before a connection's socket is 
 
 __all__ = [
     "Flooded",
+    "NoNegativeCache",
     "PeerGuard",
     "close_peer_fully",
     "dial_on_request",
@@ -495,6 +496,31 @@ def close_peer_fully(swarm: Any, guard: PeerGuard) -> None:
                 nursery.start_soon(functools.partial(guard.close_all, peer, skip=owned))
 
     swarm.close_peer = close_peer
+
+
+class NoNegativeCache:
+    """Trap Q: stands in for the swarm's ``_negative_peer_cache``, blocking no dial.
+
+    libp2p 0.8.1 refuses, for 60 s of real time, every dial to a peer whose last dial
+    failed on all its addresses ("recently failed all addresses (negative cache)"),
+    whatever addresses the new dial brings and without trying any. A bootstrap peer
+    that came back after a restart stayed undialable for up to a minute after our last
+    try, and a peer found on the LAN whose loopback address was tried first could no
+    longer be dialed at its LAN address. When loomnet dials again is loomnet's choice
+    (``_redial``'s backoff); libp2p's own dials are refused anyway (trap M).
+    """
+
+    def mark_failed(self, peer_id: str) -> None:
+        pass
+
+    def is_blocked(self, peer_id: str) -> bool:
+        return False
+
+    def evict(self, peer_id: str) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
 
 
 def redial_only(swarm: Any, peers: Collection[Any]) -> None:

@@ -49,6 +49,16 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     # without a FIN), and the connection is closed (go-yamux's default is 30 s too).
     keepalive_interval: float = 30.0
     keepalive_timeout: float = 30.0
+    # Discovery (acted on by ``Member``, not by ``P2PNode``; docs/network.md, "Discovery").
+    # mDNS: browse the LAN for peers and dial them; announce this node there too. Both off
+    # by default: mDNS is multicast to every machine of the LAN, which some networks forbid.
+    mdns: bool = False
+    mdns_announce: bool = False
+    # While no bootstrap peer is connected, redial them all, round after round: the first
+    # wait redial_initial, doubling up to redial_max, each less up to half at random.
+    redial_initial: float = 1.0
+    redial_max: float = 60.0
+    redial_check: float = 1.0  # seconds between looks at the connections
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,6 +66,8 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 < self.redial_initial <= self.redial_max or self.redial_check <= 0:
+            raise ValueError("redial times must be positive, redial_initial at most redial_max")
         if self.keepalive_interval <= 0 or self.keepalive_timeout <= 0:
             raise ValueError("keepalive_interval and keepalive_timeout must be positive")
         # yamux lets an honest peer send one initial window (256 KiB) per stream unasked

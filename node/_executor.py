@@ -109,6 +109,8 @@ class Executor:
                     max_connections_per_peer=cfg.max_connections_per_peer,
                     max_unread_bytes_per_connection=cfg.max_unread_bytes_per_connection,
                     max_unread_bytes=cfg.max_unread_bytes,
+                    mdns=cfg.mdns,
+                    mdns_announce=cfg.mdns,
                 ),
                 own_advert=lambda: self.advertiser.current if self.advertiser else None,
             )

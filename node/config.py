@@ -152,6 +152,11 @@ class ExecutorConfig(_Config):
     prompt_retention: str = "none"
     #: announce this executor to clients on the same machine (state file)
     announce_local: bool = True
+    #: multicast DNS on the LAN: announce this executor (peer id and addresses) to every
+    #: machine of the LAN, and find and join the peers announced there, without bootstrap
+    #: addresses. Off by default: mDNS is unsolicited multicast that many networks (a
+    #: bank's, a data centre's) forbid or alarm on; turn it on for a LAN you own
+    mdns: bool = False
     #: refuse to start with any hosted-API backend (banks, air-gapped sites)
     on_premise_only: bool = False
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
