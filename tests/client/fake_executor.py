@@ -209,4 +209,4 @@ async def make_client(tmp_path, **config) -> LoomClient:
 
 
 def chat_stream(client: LoomClient, executor: FakeExecutor, **options) -> ChatStream:
-    return ChatStream(client, OFFER, list(HELLO), RequestOptions(**options), opener=executor)
+    return ChatStream(client.stream_kit(opener=executor), OFFER, list(HELLO), RequestOptions(**options))
