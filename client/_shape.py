@@ -61,7 +61,7 @@ def _prompt_text(messages: Sequence[ChatMessage], options: GenerationOptions) ->
 
 
 def count_prompt_tokens(
-    tokens: TokenCounter, messages: Sequence[ChatMessage], options: GenerationOptions, *, model: str | None = None
+    tokens: TokenCounter, messages: Sequence[ChatMessage], options: GenerationOptions, model: str | None = None
 ) -> int:
     """The padded worst-case prompt tokens (see the module doc). Blocking: CPU-bound
     counting (and the encoding's first load), so call it in a worker thread."""
