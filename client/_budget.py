@@ -21,8 +21,9 @@ reservation is **settled** from the verified receipt (the accepted cost is spent
 rest freed) or **released** when the attempt ends without an accepted receipt.
 
 Warnings fire once per period per threshold (default 75 % and 90 % of the amount), when
-*spent* reaches it: a log line (``loomnet.client``, WARNING) and the application's
-callback. A threshold already passed when the client starts fires at start.
+*spent* reaches it: the application's callback, once per threshold, and one log line
+(``loomnet.client``, WARNING) per settle that crossed any. A threshold already passed
+when the client starts fires at start.
 
 Periods are calendar periods in UTC: a day starts at 00:00, a week on Monday, a month
 on its first day. Time is an argument (wall-clock seconds, ``now``); nothing here reads
@@ -240,11 +241,20 @@ class Budget:
             self._warned.clear()
 
     def _warn(self) -> None:
+        """Fire the thresholds that spending has reached and that have not fired yet this
+        period: one log line (naming the highest), one callback per threshold."""
         amount = self.config.amount
-        for threshold in sorted(self.config.warn_at):
-            if threshold in self._warned or self._spent < threshold * amount:
-                continue
-            self._warned.add(threshold)
+        reached = [t for t in sorted(self.config.warn_at) if t not in self._warned and self._spent >= t * amount]
+        if not reached:
+            return
+        self._warned.update(reached)
+        log.warning(
+            "budget: %d of this %s's %d micro-credits spent (%d%%), past the %d%% warning",
+            self._spent, self.config.period, amount, 100 * self._spent // max(amount, 1), round(reached[-1] * 100),
+        )  # fmt: skip
+        if self._on_warning is None:
+            return
+        for threshold in reached:
             warning = BudgetWarning(
                 threshold=threshold,
                 spent=self._spent,
@@ -253,12 +263,7 @@ class Budget:
                 period_start=self._start,
                 period_end=self._end,
             )
-            log.warning(
-                "budget: %d%% of this %s's %d micro-credits spent (%d)",
-                round(threshold * 100), self.config.period, amount, self._spent,
-            )  # fmt: skip
-            if self._on_warning is not None:
-                try:
-                    self._on_warning(warning)
-                except Exception:  # noqa: BLE001 - the application's bug must not fail a booked chat
-                    log.exception("the budget warning callback failed")
+            try:
+                self._on_warning(warning)
+            except Exception:  # noqa: BLE001 - the application's bug must not fail a booked chat
+                log.exception("the budget warning callback failed")

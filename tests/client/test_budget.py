@@ -111,9 +111,9 @@ def test_warnings_fire_once_each_at_75_and_90_percent(caplog):
         with pytest.raises(BudgetExceeded):
             budget.reserve(1, now=NOW)
     assert len(warnings) == 2
-    assert [r.message for r in caplog.records] == [
-        "budget: 75% of this day's 1000 micro-credits spent (800)",
-        "budget: 90% of this day's 1000 micro-credits spent (900)",
+    assert [r.getMessage() for r in caplog.records] == [
+        "budget: 800 of this day's 1000 micro-credits spent (80%), past the 75% warning",
+        "budget: 900 of this day's 1000 micro-credits spent (90%), past the 90% warning",
     ]
     assert warnings[1] == BudgetWarning(threshold=0.9, spent=900, amount=1000, period="day",
                                         period_start=utc(2025, 3, 15), period_end=utc(2025, 3, 16))  # fmt: skip
