@@ -149,6 +149,8 @@ class LoomClient:
             warning threshold (``config.budget``); it should not block.
         rng: the randomness the router may use (power of two choices); seed it for
             reproducible routing.
+        opener: opens streams to executors; default the client's libp2p node (tests
+            and benchmarks pass in-memory executors).
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class LoomClient:
         health: Health | None = None,
         on_budget_warning: Callable[[BudgetWarning], None] | None = None,
         rng: random.Random | None = None,
+        opener: StreamOpener | None = None,
     ) -> None:
         self.config = config
         base = Path(config.data_dir) if config.data_dir else default_data_dir()
@@ -186,6 +189,7 @@ class LoomClient:
         self.budget: Budget | None = None
         self._on_budget_warning = on_budget_warning
         self._rng = rng or random.Random()
+        self._opener = opener
 
     @property
     def peer_id(self) -> str:
@@ -270,7 +274,7 @@ class LoomClient:
         if self.ledger is None:
             raise RuntimeError("the client is not running: use open_client() or run()")
         return StreamKit(
-            opener=opener if opener is not None else self.member.node,
+            opener=opener or self._opener or self.member.node,
             key=self.key,
             ledger=self.ledger,
             tokens=self.tokens,

@@ -260,12 +260,16 @@ class FakeNetwork:
         return [s.request for s in self.sessions[peer_id] if s.request is not None]
 
 
-async def make_client(tmp_path, **config) -> LoomClient:
+async def make_client(tmp_path, *, router=None, health=None, opener=None, on_budget_warning=None, **config) -> LoomClient:
     """A real client, not joined to any network (the fake executor is its transport),
-    with its real ledger open. Close with ``await client.ledger.aclose()``."""
+    with its real ledger open (and its budget read from it, when the config has one).
+    Close with ``await client.ledger.aclose()``."""
     cfg = ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False, **config)
-    client = LoomClient(cfg, key=CLIENT_KEY)
+    client = LoomClient(
+        cfg, key=CLIENT_KEY, router=router, health=health, opener=opener, on_budget_warning=on_budget_warning
+    )
     client.ledger = await Ledger.open(client.home / "ledger.sqlite")
+    await client._open_budget()  # noqa: SLF001 - what run() does after opening the ledger
     return client
 
 

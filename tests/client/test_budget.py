@@ -313,8 +313,7 @@ def booked_receipt(n: int, cost: int):
 
 async def test_a_starting_client_reads_this_periods_accepted_spending_from_its_ledger(tmp_path):
     warnings = []
-    client = await make_client(tmp_path, budget=BudgetConfig(amount=1000, period="day"))
-    client._on_budget_warning = warnings.append
+    client = await make_client(tmp_path, budget=BudgetConfig(amount=1000, period="day"), on_budget_warning=warnings.append)
     try:
         import time
 
@@ -330,7 +329,7 @@ async def test_a_starting_client_reads_this_periods_accepted_spending_from_its_l
             await client.ledger.record_receipt(
                 envelope, receipt, role="client", executor=EXECUTOR_KEY.peer_id, now=when, dispute=dispute
             )
-        await client._open_budget()
+        await client._open_budget()  # noqa: SLF001 - what run() does at start
         assert client.budget.statistics(now=now).spent == 800
         assert [w.threshold for w in warnings] == [0.75]  # 80 % already: said at start
     finally:
