@@ -14,12 +14,7 @@ from ._budget import (
     BudgetWarning as BudgetWarning,
 )
 from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream
-from ._client import (
-    ClientConfig as ClientConfig,
-    LoomClient as LoomClient,
-    default_data_dir as default_data_dir,
-    open_client as open_client,
-)
+from ._client import ClientConfig as ClientConfig, LoomClient as LoomClient, default_data_dir as default_data_dir
 from ._events import (
     Attempt as Attempt,
     ChatEvent as ChatEvent,
@@ -39,6 +34,7 @@ from ._local import (
 )
 from ._member import Member as Member
 from ._offers import Offer as Offer, OfferTable as OfferTable
+from ._open_client import open_client as open_client
 from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
 from ._receipts import check_receipt as check_receipt
 from ._route import Candidate as Candidate, RequestShape as RequestShape, Route as Route

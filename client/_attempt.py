@@ -31,10 +31,12 @@ When every candidate failed, the error is the last attempt's, as the same class 
 the same code (so ``except RemoteError`` and ``e.code`` still work), its message listing
 each attempt briefly, and ``.attempts`` holding them all.
 
-Health bookkeeping (:class:`AttemptTracker`): ``started`` before the dial, so every
-attempt ends with exactly one of ``finished`` (receipt, or an end that is nobody's
-fault: the caller left, or the request was refused for itself; ``output_tokens`` 0 then)
-or ``failed`` (the executor's fault). Health times are trio seconds.
+Health bookkeeping (:class:`AttemptTracker`): ``started`` before the dial (so a failed
+dial is balanced by its ``failed``), ``first_token`` with the TTFT counted from the
+request sent, then exactly one of ``finished`` (a receipt: its output tokens over the
+seconds from the request sent to the receipt; or, with 0 tokens, an end that is nobody's
+fault: the caller left, or the request was refused for itself) or ``failed`` (the
+executor's fault, a disputed receipt included). Health times are trio seconds.
 """
 
 from __future__ import annotations
@@ -139,6 +141,9 @@ class AttemptTracker:
     def started(self, *, now: float) -> None:
         self._sent_at = now
         self._health.started(self._executor, self._model, now=now)
+
+    def sent(self, *, now: float) -> None:
+        self._sent_at = now  # TTFT and the answer's seconds count from here, not the dial
 
     def first_frame(self, *, now: float) -> None:
         self._health.first_token(self._executor, self._model, ttft=now - self._sent_at, now=now)

@@ -194,7 +194,10 @@ class ChatStream:
                 self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=self._left(deadlines.connect)
             )
             await self._stream.send_all(data, timeout=self._left(deadlines.idle))
-        self._first_byte_deadline = trio.current_time() + deadlines.first_byte
+        now = trio.current_time()
+        self._first_byte_deadline = now + deadlines.first_byte
+        if self._observer is not None:
+            self._observer.sent(now=now)
 
     async def start(self) -> None:
         """Read frames until the first one with content, or the terminal frame, under

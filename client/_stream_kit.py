@@ -62,12 +62,15 @@ class Deadlines(msgspec.Struct, frozen=True, kw_only=True):
 class StreamObserver(Protocol):
     """Told how one attempt goes (the attempt loop's health and budget bookkeeping).
 
-    ``started`` comes first, ``first_frame`` at most once, ``ended`` exactly once. Times
-    are trio seconds.
+    ``started`` comes first, ``sent`` and ``first_frame`` at most once each, ``ended``
+    exactly once. Times are trio seconds.
     """
 
     def started(self, *, now: float) -> None:
         """The attempt begins: dial, then send."""
+
+    def sent(self, *, now: float) -> None:
+        """The request is sent (the first-byte deadline starts)."""
 
     def first_frame(self, *, now: float) -> None:
         """The first complete frame arrived (a progress chunk counts)."""
