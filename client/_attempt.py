@@ -29,7 +29,7 @@ too, local errors, and a receipt problem (the request was served; never pay twic
 
 When every candidate failed, the error is the last attempt's, as the same class with
 the same code (so ``except RemoteError`` and ``e.code`` still work), its message listing
-each attempt briefly, and ``.attempts`` holding them all.
+each attempt briefly (when there was more than one), and ``.attempts`` holding them all.
 
 Health bookkeeping (:class:`AttemptTracker`): ``started`` before the dial (so a failed
 dial is balanced by its ``failed``), ``first_token`` with the TTFT counted from the
@@ -168,8 +168,11 @@ class AttemptTracker:
 
 
 def _exhausted(errors: list[LoomError], attempts: list[Attempt]) -> LoomError:
-    """The last error, as the same class and code, naming every attempt."""
+    """The last error, as the same class and code, naming every attempt (the error
+    itself when there was only one)."""
     last = errors[-1]
+    if len(attempts) == 1:
+        return last
     error = copy.copy(last)
     error.message = f"{len(attempts)} executor(s) tried, none answered: " + "; ".join(a.brief() for a in attempts)
     error.args = (error.message,)
@@ -243,6 +246,7 @@ async def open_first(
         sent += 1
         tracker = AttemptTracker(health, offer, reservation, wall_clock=wall_clock)
         stream = ChatStream(kit, offer, messages, attempt_options, total_deadline=deadline, observer=tracker)
+        stream.attempts = list(attempts)  # before start(): an empty answer settles there
         try:
             await stream.open()
             await stream.start()
@@ -260,11 +264,12 @@ async def open_first(
             await stream.aclose()
             tracker.release()
             raise
-        stream.attempts = attempts
         return stream
     if errors:
         error = _exhausted(errors, attempts)
         error.attempts = list(attempts)  # type: ignore[attr-defined]
+        if error is errors[-1]:
+            raise error
         raise error from errors[-1]
     if over_budget and budget is not None:
         error = budget.refusal(min(over_budget), now=wall_clock())

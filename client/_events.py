@@ -86,9 +86,9 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     detail: str = ""
 
     def brief(self) -> str:
-        """``"<executor tail> <model>: <outcome> (<detail>)"``, for an error message."""
+        """``"<executor tail>: <outcome> (<detail>)"``, for an error message."""
         tail = f" ({self.detail})" if self.detail else ""
-        return f"{self.executor[-8:]} {self.model}: {self.outcome}{tail}"
+        return f"{self.executor[-8:]}: {self.outcome}{tail}"
 
 
 ChatEvent = Union[TextDelta, ReasoningDelta, ToolCallsDelta, Done]

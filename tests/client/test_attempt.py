@@ -263,7 +263,7 @@ async def test_an_empty_answer_is_served_not_retried(client):
 
     async with trio.open_nursery() as nursery:
         net = FakeNetwork(nursery)
-        offers = [net.add(A, says_nothing_but_a_receipt), net.add(B, answers("never"))]
+        offers = [net.add(C, UNREACHABLE), net.add(A, says_nothing_but_a_receipt), net.add(B, answers("never"))]
         stream = await first(client, net, offers, health)
         try:
             events = [e async for e in stream.events()]
@@ -271,6 +271,7 @@ async def test_an_empty_answer_is_served_not_retried(client):
             await stream.aclose()
         nursery.cancel_scope.cancel()
     assert [type(e) for e in events] == [Done] and stream.result.text == ""
+    assert [a.outcome for a in stream.result.attempts] == ["CONNECT_FAILED"]  # settled in start(), still told
     assert net.dials[B.peer_id] == 0
     assert health.verbs(A.peer_id) == ["started", "first_token", "finished"]
 
@@ -290,8 +291,8 @@ async def test_when_every_candidate_fails_the_error_names_each_attempt(client, a
     error = info.value
     assert error.code == ErrorCode.OVER_CAPACITY and error.retryable  # the last attempt's class and code
     assert "2 executor(s) tried, none answered" in error.message
-    assert f"{A.peer_id[-8:]} tiny: CONNECT_FAILED" in error.message
-    assert f"{B.peer_id[-8:]} tiny: OVER_CAPACITY" in error.message
+    assert f"{A.peer_id[-8:]}: CONNECT_FAILED (open /loomnet/infer/1 to" in error.message
+    assert f"{B.peer_id[-8:]}: OVER_CAPACITY (executor {B.peer_id[-8:]} failed: refused: OVER_CAPACITY)" in error.message
     assert [a.outcome for a in error.attempts] == ["CONNECT_FAILED", "OVER_CAPACITY"]
     assert isinstance(error.__cause__, RemoteError)
 
