@@ -5,18 +5,24 @@ the offer table) and how it asks for work (``LoomClient``). The executor in
 ``loomnet.node`` joins through the same ``Member``. Only ``_p2p`` imports libp2p.
 """
 
-from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream
-from ._client import (
-    ClientConfig as ClientConfig,
-    LoomClient as LoomClient,
-    default_data_dir as default_data_dir,
-    open_client as open_client,
+from ._attempt import fails_over as fails_over
+from ._budget import (
+    Budget as Budget,
+    BudgetConfig as BudgetConfig,
+    BudgetExceeded as BudgetExceeded,
+    BudgetStatistics as BudgetStatistics,
+    BudgetWarning as BudgetWarning,
 )
+from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream
+from ._client import ClientConfig as ClientConfig, LoomClient as LoomClient, default_data_dir as default_data_dir
 from ._events import (
+    Attempt as Attempt,
     ChatEvent as ChatEvent,
+    Done as Done,
     ReasoningDelta as ReasoningDelta,
     TextDelta as TextDelta,
     ToolCallsDelta as ToolCallsDelta,
+    Usage as Usage,
 )
 from ._identity_file import load_or_create_identity as load_or_create_identity
 from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
@@ -28,16 +34,26 @@ from ._local import (
 )
 from ._member import Member as Member
 from ._offers import Offer as Offer, OfferTable as OfferTable
+from ._open_client import open_client as open_client
 from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
 from ._receipts import check_receipt as check_receipt
+from ._route import Candidate as Candidate, RequestShape as RequestShape, Route as Route
 from ._router import rank_offers as rank_offers
 from ._tokens import TokenCounter as TokenCounter
 
 __all__ = [
+    "Attempt",
+    "Budget",
+    "BudgetConfig",
+    "BudgetExceeded",
+    "BudgetStatistics",
+    "BudgetWarning",
+    "Candidate",
     "ChatEvent",
     "ChatResult",
     "ChatStream",
     "ClientConfig",
+    "Done",
     "Ledger",
     "LedgerEntry",
     "LedgerTotals",
@@ -50,11 +66,15 @@ __all__ = [
     "P2PNode",
     "P2PStream",
     "ReasoningDelta",
+    "RequestShape",
+    "Route",
     "TextDelta",
     "TokenCounter",
     "ToolCallsDelta",
+    "Usage",
     "check_receipt",
     "default_data_dir",
+    "fails_over",
     "load_or_create_identity",
     "local_executors",
     "open_client",

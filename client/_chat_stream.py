@@ -4,6 +4,12 @@ I/O happens inline in the iterator the caller drives: no background task, so a
 caller that stops iterating (or is cancelled) simply leaves, and ``aclose`` resets
 the stream, which tells the executor to stop generating.
 
+Two phases, so the attempt loop (``_attempt``) can fail over before the caller sees
+anything: :meth:`ChatStream.open` dials and sends, :meth:`ChatStream.start` reads
+frames until the first one with content (text, reasoning or tool calls) or the
+terminal frame; only then does the stream go to the caller, and :meth:`events`
+yields what ``start`` read before it reads on.
+
 Deadlines, each one deadline over its whole span and never per read (an executor
 that drips one byte at a time cannot stretch them), all on trio's clock:
 
@@ -12,47 +18,42 @@ that drips one byte at a time cannot stretch them), all on trio's clock:
   backend thinks.
 * **idle**: from asking for the next frame to having all of it, once the answer
   streams. Time the caller spends between two deltas is not the executor's.
-* **total**: from opening the stream to the terminal frame, whatever streams.
+* **total**: from the start of the request (the first attempt's dial, when the
+  attempt loop passes its deadline in) to the terminal frame, whatever streams.
 
 A deadline that passes raises ``NetworkTimeout`` (NETWORK_TIMEOUT, retryable) naming
 it, and the stream is reset, so the executor stops generating.
 
-Settling: the receipt's signature must verify as the executor's, or it is logged and
-booked nowhere (it cannot be in the executor's ledger either). A verified receipt is
-booked whatever else is wrong with it: *accepted* and counter-signed, or *disputed*
-with the reason (``_receipts``), so the two ledgers hold the same receipts.
+Settling (``_settle``): the receipt's signature must verify as the executor's, or it
+is logged and booked nowhere (it cannot be in the executor's ledger either). A
+verified receipt is booked whatever else is wrong with it: *accepted* and
+counter-signed, or *disputed* with the reason (``_receipts``; a cost above the
+request's ``max_cost`` is one), so the two ledgers hold the same receipts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections import deque
+from collections.abc import AsyncIterator
 
-import msgspec
 import trio
 
 from loomnet.protocol import (
     INFER_PROTOCOL,
     NEED_DATA,
-    AckFrame,
     ChatMessage,
     ChunkFrame,
     EndOfStream,
-    Envelope,
     ErrorCode,
     ErrorFrame,
-    GenerationOptions,
     InferenceConnection,
     InferenceRequest,
     LoomError,
     NetworkTimeout,
     Receipt,
-    ReceiptAck,
-    ReceiptError,
     ReceiptFrame,
     RemoteError,
     RequestFrame,
@@ -66,103 +67,93 @@ from loomnet.protocol import (
     seal,
 )
 
-from ._events import ChatEvent, ReasoningDelta, TextDelta, ToolCallsDelta
+from ._events import Attempt, ChatEvent, Done, ReasoningDelta, TextDelta, ToolCallsDelta, Usage
 from ._offers import Offer
-from ._receipts import open_receipt, receipt_problems, rejection
 from ._request_check import check_request
+from ._settle import settle_receipt
+from ._stream_kit import (
+    ByteStream,
+    ChatResult,
+    Deadlines,
+    RequestOptions,
+    StreamKit,
+    StreamObserver,
+    StreamOpener,
+)
 
-if TYPE_CHECKING:
-    from ._client import LoomClient
-
-__all__ = ["ByteStream", "ChatResult", "ChatStream", "RequestOptions", "StreamOpener"]
-
-log = logging.getLogger("loomnet.client")
-
-_NO_CAP = 1 << 62
-
-
-class ByteStream(Protocol):
-    """What a chat needs of a stream: ``P2PStream``, or an in-memory fake in tests."""
-
-    async def receive_some(self, max_bytes: int = 65536, *, timeout: float) -> bytes: ...
-    async def send_all(self, data: bytes, *, timeout: float) -> None: ...
-    async def close(self) -> None: ...
-    async def reset(self) -> None: ...
-
-
-class StreamOpener(Protocol):
-    """What opens a stream to an executor: ``P2PNode``, or a fake in tests."""
-
-    async def open_stream(
-        self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), timeout: float | None = None
-    ) -> ByteStream: ...
-
-
-class RequestOptions(GenerationOptions, frozen=True, kw_only=True):
-    """Everything about one request but its messages and model: how to generate
-    (:class:`~loomnet.protocol.GenerationOptions`) and what it may cost."""
-
-    #: micro-credits per million tokens
-    max_price_in: int | None = None
-    max_price_out: int | None = None
-    #: micro-credits, the most this request may cost (the executor enforces it too)
-    max_cost: int | None = None
-
-
-class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
-    """A finished chat: the text and the receipt both sides booked."""
-
-    text: str
-    executor: str
-    #: function calls the model asked for (complete; arguments are JSON text)
-    tool_calls: list[ToolCall] = []
-    receipt: Receipt
-    receipt_envelope: Envelope
-    #: the client's own count of the output tokens (tiktoken or estimate), for the record
-    client_output_tokens: int
-    #: the model's reasoning ("thinking") the executor streamed; never part of ``text``
-    reasoning: str = ""
+__all__ = [
+    "ByteStream",
+    "ChatResult",
+    "ChatStream",
+    "Deadlines",
+    "RequestOptions",
+    "StreamKit",
+    "StreamObserver",
+    "StreamOpener",
+]
 
 
 class ChatStream:
-    """Iterate for text deltas, or :meth:`events` for typed deltas; ``result`` is set
+    """Iterate for text deltas, or :meth:`events` for typed events; ``result`` is set
     once the receipt is verified and booked.
 
     Args:
-        client: the running client (config, key, ledger, token counter).
+        kit: the opener, key, ledger, token counter and deadlines to use.
         offer: the executor and model to ask.
-        messages, options: the request.
-        opener: opens the stream; the client's libp2p node when None.
+        messages, options: the request (``options.max_cost`` travels as is).
+        total_deadline: trio time by which the request must be over; default: the
+            total deadline after :meth:`open` begins.
+        observer: told how the attempt goes (see ``StreamObserver``).
     """
 
     def __init__(
         self,
-        client: "LoomClient",
+        kit: StreamKit,
         offer: Offer,
         messages: list[ChatMessage],
         options: RequestOptions,
         *,
-        opener: StreamOpener | None = None,
+        total_deadline: float | None = None,
+        observer: StreamObserver | None = None,
     ) -> None:
-        self._client = client
+        self._kit = kit
         self.offer = offer
         self._messages = messages
         self._options = options
-        self._opener = opener
+        self._observer = observer
         self._conn = InferenceConnection(Role.CLIENT)
         self._stream: ByteStream | None = None
         self._texts: list[str] = []
         self._reasoning: list[str] = []
         self._tool_calls: list[ToolCall] = []
+        self._queued: deque[ChatEvent] = deque()
         self._request_payload = b""
         self._frames = 0
         self._done = False
-        self._first_byte_deadline = self._total_deadline = float("inf")
+        self._began = self._ended = False
+        self._receipt: Receipt | None = None
+        self._accepted = False
+        self._first_byte_deadline = float("inf")
+        self._total_deadline = float("inf") if total_deadline is None else total_deadline
+        self._given_total = total_deadline is not None
+        #: the executors tried before this one (set by the attempt loop)
+        self.attempts: list[Attempt] = []
         self.result: ChatResult | None = None
 
     @property
     def executor(self) -> str:
+        """The executor (peer id) this stream asks."""
         return self.offer.executor
+
+    @property
+    def model(self) -> str:
+        return self.offer.model.name
+
+    @property
+    def has_content(self) -> bool:
+        """Whether any text, reasoning or tool call has arrived: from then on a failure
+        ends the stream, it is never retried elsewhere."""
+        return any(self._texts) or any(self._reasoning) or bool(self._tool_calls)
 
     def _request(self) -> InferenceRequest:
         opts = self._options
@@ -178,6 +169,8 @@ class ChatStream:
             **generation_fields(opts),
         )
 
+    # ------------------------------------------------------------ the attempt
+
     async def open(self) -> None:
         """Check and sign the request, dial the executor and send it.
 
@@ -185,48 +178,115 @@ class ChatStream:
             InvalidRequest: the request breaks the protocol's schema; nothing was sent.
             NetworkError, NetworkTimeout: the dial or the send failed.
         """
-        cfg = self._client.config
-        started = trio.current_time()
-        self._total_deadline = started + cfg.total_timeout
+        deadlines = self._kit.deadlines
+        if not self._given_total:
+            self._total_deadline = trio.current_time() + deadlines.total
         request = self._request()
         check_request(request)  # before any traffic
-        envelope = seal(SignedKind.REQUEST, request, self._client.key)
+        envelope = seal(SignedKind.REQUEST, request, self._kit.key)
         self._request_payload = envelope.payload
         data = self._conn.send(RequestFrame(envelope))
-        opener = self._opener or self._client.member.node
-        self._stream = await opener.open_stream(
-            self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=self._left(cfg.connect_timeout)
-        )
-        await self._stream.send_all(data, timeout=self._left(cfg.idle_timeout))
-        self._first_byte_deadline = trio.current_time() + cfg.first_byte_timeout
+        self._began = True
+        if self._observer is not None:
+            self._observer.started(now=trio.current_time())
+        with self._ending_on_error():
+            self._stream = await self._kit.opener.open_stream(
+                self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=self._left(deadlines.connect)
+            )
+            await self._stream.send_all(data, timeout=self._left(deadlines.idle))
+        now = trio.current_time()
+        self._first_byte_deadline = now + deadlines.first_byte
+        if self._observer is not None:
+            self._observer.sent(now=now)
+
+    async def start(self) -> None:
+        """Read frames until the first one with content, or the terminal frame, under
+        the first-byte deadline (then the idle deadline, between progress chunks).
+        Nothing reaches the caller before this returns, so an attempt that fails here
+        can be retried on another executor.
+
+        Raises: as :meth:`events`.
+        """
+        while not self._done and not self._queued:
+            await self._step()
 
     def _left(self, limit: float) -> float:
         """``limit`` seconds, or what is left of the total deadline if that is less."""
         return max(0.0, min(limit, self._total_deadline - trio.current_time()))
 
+    @contextlib.contextmanager
+    def _ending_on_error(self):
+        """Tell the observer a loomnet error ended the attempt (once), then re-raise.
+        Anything else (a cancellation, the caller leaving) ends it in :meth:`aclose`."""
+        try:
+            yield
+        except LoomError as exc:
+            self._end(error=exc)
+            raise
+
+    def _end(self, *, error: LoomError | None) -> None:
+        """Tell the observer the attempt is over: once, and only if it began."""
+        if self._ended or not self._began:
+            return
+        self._ended = True
+        if self._observer is not None:
+            self._observer.ended(now=trio.current_time(), receipt=self._receipt, accepted=self._accepted, error=error)
+
     async def _next_frame(self) -> StreamFrame | EndOfStream:
         """The next complete frame, under one deadline (see the module doc)."""
         assert self._stream is not None, "open() first"
-        cfg = self._client.config
+        deadlines = self._kit.deadlines
         if self._frames == 0:
-            deadline, what = self._first_byte_deadline, f"first-byte deadline ({cfg.first_byte_timeout:g} s)"
+            deadline, what = self._first_byte_deadline, f"first-byte deadline ({deadlines.first_byte:g} s)"
         else:
-            deadline, what = trio.current_time() + cfg.idle_timeout, f"idle deadline ({cfg.idle_timeout:g} s)"
+            deadline, what = trio.current_time() + deadlines.idle, f"idle deadline ({deadlines.idle:g} s)"
         if self._total_deadline < deadline:
-            deadline, what = self._total_deadline, f"total deadline ({cfg.total_timeout:g} s)"
+            deadline, what = self._total_deadline, f"total deadline ({deadlines.total:g} s)"
         with trio.move_on_at(deadline):
             while (event := self._conn.next_event()) is NEED_DATA:
                 # the stream's own per-read limit stays behind ours, which is the one that counts
                 limit = max(deadline - trio.current_time(), 0.0) + 1.0
                 self._conn.receive_data(await self._stream.receive_some(timeout=limit))
             self._frames += 1
+            if self._frames == 1 and self._observer is not None:
+                self._observer.first_frame(now=trio.current_time())
             return event
         raise NetworkTimeout(f"executor {self.executor[-8:]} sent no complete frame within the {what}")
 
+    async def _step(self) -> None:
+        """Read one frame and act on it: queue its deltas, settle, or fail."""
+        with self._ending_on_error():
+            frame = await self._next_frame()
+            if isinstance(frame, ChunkFrame):
+                self._texts.append(frame.text)
+                self._reasoning.append(frame.reasoning)
+                self._tool_calls.extend(frame.tool_calls)
+                if frame.reasoning:
+                    self._queued.append(ReasoningDelta(frame.reasoning))
+                if frame.text:
+                    self._queued.append(TextDelta(frame.text))
+                if frame.tool_calls:
+                    self._queued.append(ToolCallsDelta(list(frame.tool_calls)))
+            elif isinstance(frame, ReceiptFrame):
+                self._done = True
+                result = await self._settle(frame.envelope)
+                self._queued.append(
+                    Done(executor=self.executor, model=result.receipt.model, usage=Usage.of(result.receipt),
+                         receipt=result.receipt)  # fmt: skip
+                )
+                self._end(error=None)
+            elif isinstance(frame, ErrorFrame):
+                self._done = True
+                await self._fail(frame)
+            else:  # pragma: no cover - the state machine raises StreamTruncated first
+                raise StreamTruncated("stream ended before its receipt")
+
+    # ------------------------------------------------------------ the caller's side
+
     async def events(self) -> AsyncIterator[ChatEvent]:
-        """Typed deltas as they arrive: :class:`ReasoningDelta`, :class:`TextDelta`,
-        :class:`ToolCallsDelta`. Progress chunks yield nothing. Ends once the receipt is
-        verified and booked (``result`` is set).
+        """Typed events as they arrive: :class:`ReasoningDelta`, :class:`TextDelta`,
+        :class:`ToolCallsDelta`, and last :class:`Done` once the receipt is verified and
+        booked (``result`` is set). Progress chunks yield nothing.
 
         Raises:
             RemoteError: the executor answered with an error. If part of an answer
@@ -237,26 +297,12 @@ class ChatStream:
             NetworkTimeout: a deadline passed; NetworkError: the stream broke.
             ProtocolError: the executor broke the protocol.
         """
-        while not self._done:
-            frame = await self._next_frame()
-            if isinstance(frame, ChunkFrame):
-                self._texts.append(frame.text)
-                self._reasoning.append(frame.reasoning)
-                self._tool_calls.extend(frame.tool_calls)
-                if frame.reasoning:
-                    yield ReasoningDelta(frame.reasoning)
-                if frame.text:
-                    yield TextDelta(frame.text)
-                if frame.tool_calls:
-                    yield ToolCallsDelta(list(frame.tool_calls))
-            elif isinstance(frame, ReceiptFrame):
-                self._done = True
-                await self._settle(frame.envelope)
-            elif isinstance(frame, ErrorFrame):
-                self._done = True
-                await self._fail(frame)
-            else:  # pragma: no cover - the state machine raises StreamTruncated first
-                raise StreamTruncated("stream ended before its receipt")
+        while True:
+            while self._queued:
+                yield self._queued.popleft()
+            if self._done:
+                return
+            await self._step()
 
     async def __aiter__(self) -> AsyncIterator[str]:
         """The answer's text, delta by delta (see :meth:`events` for what it raises)."""
@@ -278,69 +324,35 @@ class ChatStream:
                 raise error from exc
         raise error
 
-    async def _settle(self, envelope: Envelope, *, ack: bool = True) -> ChatResult:
-        """Check the receipt and book it: accepted (counter-signed) or disputed.
+    async def _settle(self, envelope, *, ack: bool = True) -> ChatResult:
+        """Check the receipt and book it (see ``_settle``); ``ack=False`` for a receipt
+        that came with an error frame: the stream is over, so the counter-signature stays
+        in our ledger only."""
+        assert self._stream is not None
+        stream = self._stream if ack else None
 
-        ``ack=False`` for a receipt that came with an error frame: the stream is over,
-        so the counter-signature stays in our ledger only.
-        """
-        client = self._client
-        assert client.ledger is not None and self._stream is not None
-        text, reasoning = "".join(self._texts), "".join(self._reasoning)
-        try:
-            receipt = open_receipt(envelope, executor=self.executor)
-        except ReceiptError as exc:
-            log.warning("receipt from executor %s not booked: %s", self.executor, exc.message)
-            raise
-        opts, model = self._options, self.offer.model
-        problems = receipt_problems(
-            receipt,
-            client=client.peer_id,
+        def booked(receipt: Receipt, accepted: bool) -> None:
+            self._receipt, self._accepted = receipt, accepted
+
+        self.result = await settle_receipt(
+            self._kit,
+            envelope,
+            offer=self.offer,
+            options=self._options,
             request_payload=self._request_payload,
-            text=text,
-            chunks=len(self._texts),
-            reasoning=reasoning,
+            text="".join(self._texts),
+            reasoning="".join(self._reasoning),
             tool_calls=self._tool_calls,
-            price_in_limit=min(model.price_in, _NO_CAP if opts.max_price_in is None else opts.max_price_in),
-            price_out_limit=min(model.price_out, _NO_CAP if opts.max_price_out is None else opts.max_price_out),
-            max_hidden_reasoning_tokens=client.config.max_hidden_reasoning_tokens,
+            chunks=len(self._texts),
+            booked=booked,
+            ack_to=None if stream is None else (stream, self._conn),
+            attempts=self.attempts,
         )
-        if problems:
-            error = rejection(problems)
-            reason = "; ".join(r for _, r in problems)
-            await client.ledger.record_receipt(
-                envelope, receipt, role="client", executor=self.executor, now=time.time(), dispute=reason
-            )
-            log.warning("receipt from executor %s booked as disputed: %s", self.executor, reason)
-            raise error
-        receipt_digest = await client.ledger.record_receipt(
-            envelope, receipt, role="client", executor=self.executor, now=time.time()
-        )
-        own_count, _ = await trio.to_thread.run_sync(client.tokens.count, text + reasoning, model.name)
-        signed_ack = seal(
-            SignedKind.RECEIPT_ACK,
-            ReceiptAck(receipt_digest=receipt_digest, accepted_at=time.time(), client_output_tokens=own_count),
-            client.key,
-        )
-        await client.ledger.record_ack(receipt_digest, signed_ack)
-        self.result = ChatResult(
-            text=text,
-            executor=self.executor,
-            tool_calls=list(self._tool_calls),
-            receipt=receipt,
-            receipt_envelope=envelope,
-            client_output_tokens=own_count,
-            reasoning=reasoning,
-        )
-        if ack:
-            try:
-                await self._stream.send_all(self._conn.send(AckFrame(signed_ack)), timeout=client.config.idle_timeout)
-            except LoomError:
-                pass  # the receipt stands without the executor seeing our counter-signature
         return self.result
 
     async def aclose(self) -> None:
         """Close cleanly once the answer is over; otherwise reset, so the executor stops."""
+        self._end(error=None)  # a caller that left before the end: nobody's failure
         stream, self._stream = self._stream, None
         if stream is None:
             return
@@ -348,3 +360,4 @@ class ChatStream:
             await stream.close()
         else:
             await stream.reset()
+

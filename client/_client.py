@@ -10,8 +10,17 @@ Typical use::
         print(stream.result.receipt.output_tokens)
 
 Reasoning models stream their thinking apart from the answer: ``stream.events()``
-yields typed deltas (``ReasoningDelta``, ``TextDelta``, ``ToolCallsDelta``) and
-``result.reasoning`` holds it all; ``async for text in stream`` yields only text.
+yields typed events (``ReasoningDelta``, ``TextDelta``, ``ToolCallsDelta``, and last
+``Done`` with the usage and the verified receipt) and ``result.reasoning`` holds it
+all; ``async for text in stream`` yields only text.
+
+Each request is dispatched (``docs/client.md``): **route** (the router ranks live
+offers for the route: a model, a category, ``cheapest``, ``fastest``, plus filters and
+what the request itself needs) → **attempt** (``_attempt``: the first candidates in
+turn until one starts answering; failover before the first content, never after) →
+**stream** → **settle** (the receipt checked, booked, counter-signed). An optional
+budget (``_budget``) reserves each attempt's worst-case cost and settles it from the
+receipt.
 
 Errors raise as themselves, never wrapped in an ``ExceptionGroup``, so
 ``except RemoteError:`` works around ``open_client`` as around any call. A request
@@ -27,16 +36,18 @@ recomputes before it counter-signs and books it.
 from __future__ import annotations
 
 import os
+import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 import trio
+from msgspec import Meta
 
 from loomnet.protocol import (
-    GENERATION_FIELDS,
     ChatMessage,
     ErrorCode,
     GenerationOptions,
@@ -46,7 +57,9 @@ from loomnet.protocol import (
     generation_fields,
 )
 
-from ._chat_stream import ChatResult, ChatStream, RequestOptions
+from ._attempt import open_first
+from ._budget import Budget, BudgetConfig, BudgetWarning, period_bounds
+from ._chat_stream import ChatResult, ChatStream, Deadlines, RequestOptions, StreamKit, StreamOpener
 from ._identity_file import load_or_create_identity
 from ._ledger import Ledger
 from ._local import local_executors
@@ -55,10 +68,12 @@ from ._offers import Offer
 from ._p2p import NodeInfo, P2PConfig
 from ._receipts import DEFAULT_MAX_HIDDEN_REASONING_TOKENS
 from ._request_check import check_request
-from ._router import rank_offers
+from ._route import Candidate, Health, RequestShape, Route, Router
+from ._routing import describe_route, dispatch_parts, request_options, route_of
+from ._shape import count_prompt_tokens, needed_capabilities, shaped_route
 from ._tokens import TokenCounter
 
-__all__ = ["ClientConfig", "LoomClient", "open_client"]
+__all__ = ["ClientConfig", "LoomClient", "request_options"]
 
 
 def default_data_dir() -> Path:
@@ -107,12 +122,52 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: thoughts, OpenAI's ``reasoning_tokens``): there are no bytes to check them against,
     #: so a receipt over this is booked as disputed and raises RECEIPT_MISMATCH
     max_hidden_reasoning_tokens: int = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
+    #: the most executors one request is sent to (failover before the first content)
+    max_attempts: Annotated[int, Meta(ge=1, le=16)] = 3
+    #: output tokens a request without ``max_tokens`` is assumed to need, for routing
+    #: (context length, expected cost) and for its budget reservation; under a budget
+    #: such a request is sent with this ``max_tokens``
+    assumed_max_tokens: Annotated[int, Meta(ge=1, le=1 << 20)] = 1024
+    #: a spending limit per period (``[budget]``: amount, period, warn-at); None = none
+    budget: BudgetConfig | None = None
+
+    @property
+    def deadlines(self) -> Deadlines:
+        return Deadlines(
+            connect=self.connect_timeout,
+            first_byte=self.first_byte_timeout,
+            idle=self.idle_timeout,
+            total=self.total_timeout,
+        )
 
 
 class LoomClient:
-    """A client peer. Create with :func:`open_client`, or run :meth:`run` in a nursery."""
+    """A client peer. Create with :func:`open_client`, or run :meth:`run` in a nursery.
 
-    def __init__(self, config: ClientConfig, *, key: SigningKey | None = None) -> None:
+    Args:
+        config: how it joins, waits and spends.
+        key: its identity; default: ``<data_dir>/client/identity.key``, created if missing.
+        router, health: the dispatch pipeline's router and health table; default
+            :func:`dispatch_parts`.
+        on_budget_warning: called with a :class:`BudgetWarning` when spending reaches a
+            warning threshold (``config.budget``); it should not block.
+        rng: the randomness the router may use (power of two choices); seed it for
+            reproducible routing.
+        opener: opens streams to executors; default the client's libp2p node (tests
+            and benchmarks pass in-memory executors).
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        key: SigningKey | None = None,
+        router: Router | None = None,
+        health: Health | None = None,
+        on_budget_warning: Callable[[BudgetWarning], None] | None = None,
+        rng: random.Random | None = None,
+        opener: StreamOpener | None = None,
+    ) -> None:
         self.config = config
         base = Path(config.data_dir) if config.data_dir else default_data_dir()
         self.home = base / "client"
@@ -131,6 +186,14 @@ class LoomClient:
         self.tokens = TokenCounter()
         self.ledger: Ledger | None = None
         self.info: NodeInfo | None = None
+        default_router, default_health = dispatch_parts(self.member.table)
+        self.router: Router = router if router is not None else default_router
+        self.health: Health = health if health is not None else default_health
+        #: the spending limit, once :meth:`run` has read this period's spending
+        self.budget: Budget | None = None
+        self._on_budget_warning = on_budget_warning
+        self._rng = rng or random.Random()
+        self._opener = opener
 
     @property
     def peer_id(self) -> str:
@@ -140,6 +203,7 @@ class LoomClient:
         """Join the network and keep the offer table fresh until cancelled."""
         self.ledger = await Ledger.open(self.home / "ledger.sqlite")
         try:
+            await self._open_budget()
             async with trio.open_nursery() as nursery:
                 self.info = await nursery.start(self.member.run)
                 task_status.started(self.info)
@@ -147,9 +211,22 @@ class LoomClient:
             with trio.CancelScope(shield=True):
                 await self.ledger.aclose()
 
+    async def _open_budget(self) -> None:
+        """Read this period's spending from the ledger (accepted receipts; ``_budget``)."""
+        config = self.config.budget
+        if config is None or self.ledger is None:
+            return
+        now = time.time()
+        start, _ = period_bounds(config.period, now)
+        spent = (await self.ledger.totals(status="accepted", since=start)).cost
+        self.budget = Budget(config, spent=spent, now=now, on_warning=self._on_budget_warning)
+
     def offers(self) -> list[Offer]:
         """The live offers, cheapest first."""
-        return rank_offers(self.member.table.offers(now=time.time()))
+        return sorted(
+            self.member.table.offers(now=time.time()),
+            key=lambda o: (o.model.price_in + o.model.price_out, o.advert.load / max(o.advert.capacity, 1), o.executor),
+        )
 
     async def wait_for_offers(
         self,
@@ -158,31 +235,55 @@ class LoomClient:
         max_price_in: int | None = None,
         max_price_out: int | None = None,
         timeout: float | None = None,
+        route: str | Route | None = None,
     ) -> list[Offer]:
-        """Ranked offers for ``model``, waiting up to ``timeout`` for one to appear.
+        """Ranked offers for ``model`` (or ``route``), waiting up to ``timeout`` for one
+        to appear (default ``offer_timeout``).
 
         Raises:
             NoOfferError: none appeared in time; the message says what was live.
         """
+        wanted = route_of(model, route, max_price_in=max_price_in, max_price_out=max_price_out)
+        shape = RequestShape(prompt_tokens=0, max_tokens=1)
+        return [c.offer for c in await self._ranked(wanted, shape, timeout=timeout)]
+
+    async def _ranked(self, route: Route, shape: RequestShape, *, timeout: float | None = None) -> list[Candidate]:
+        """The router's candidates for ``route``, waiting for the offer table to change
+        until there is one, up to ``timeout`` (default ``offer_timeout``).
+
+        Raises:
+            NoOfferError: none in time.
+        """
         with trio.move_on_after(self.config.offer_timeout if timeout is None else timeout):
             while True:
                 changed = self.member.table_changed
-                ranked = rank_offers(
-                    self.member.table.offers(now=time.time()),
-                    model=model,
-                    max_price_in=max_price_in,
-                    max_price_out=max_price_out,
-                )
+                ranked = self.router.rank(route, shape, self.health, now=trio.current_time(), rng=self._rng)
                 if ranked:
                     return ranked
                 await changed.wait()
         live = sorted({o.model.name for o in self.member.table.offers(now=time.time())})
-        what = f"model {model!r}" if model else "any model"
-        caps = "" if max_price_in is None and max_price_out is None else " within the price cap"
         raise NoOfferError(
-            f"no live offer for {what}{caps}; live models: {', '.join(live) or 'none'}",
+            f"no live offer for {describe_route(route)}; live models: {', '.join(live) or 'none'}",
             code=ErrorCode.NO_OFFER,
             live_models=tuple(live),
+        )
+
+    def stream_kit(self, opener: StreamOpener | None = None) -> StreamKit:
+        """What each chat stream uses: the libp2p node (or ``opener``), the key, the
+        ledger, the token counter, the deadlines.
+
+        Raises:
+            RuntimeError: the client is not running (no ledger open).
+        """
+        if self.ledger is None:
+            raise RuntimeError("the client is not running: use open_client() or run()")
+        return StreamKit(
+            opener=opener or self._opener or self.member.node,
+            key=self.key,
+            ledger=self.ledger,
+            tokens=self.tokens,
+            deadlines=self.config.deadlines,
+            max_hidden_reasoning_tokens=self.config.max_hidden_reasoning_tokens,
         )
 
     @asynccontextmanager
@@ -191,44 +292,76 @@ class LoomClient:
         messages: Sequence[ChatMessage],
         *,
         model: str | None = None,
+        route: str | Route | None = None,
         max_price_in: int | None = None,
         max_price_out: int | None = None,
         max_cost: int | None = None,
+        on_premise_only: bool = False,
+        no_retention_only: bool = False,
+        pin: Iterable[str] = (),
+        exclude: Iterable[str] = (),
         options: GenerationOptions | None = None,
         **generation: object,
     ) -> AsyncIterator[ChatStream]:
-        """Open a streamed chat with the best offer; iterate the context value for text.
+        """Open a streamed chat with the best candidate that answers; iterate the context
+        value for text.
+
+        Where it goes: ``model`` (a name or alias; never served by another model) or
+        ``route`` (see :func:`route_of`: ``"cheapest"``, ``"fastest"``,
+        ``"category:fast"``, a model, or a ``Route``); neither: any model. Filters:
+        ``max_price_in``/``max_price_out`` (micro-credits per million tokens),
+        ``on_premise_only``, ``no_retention_only``, ``pin``/``exclude`` (executor peer
+        ids). What the request needs is added: capabilities (tools, vision, JSON) and a
+        context of at least its prompt and max tokens. ``max_cost`` (micro-credits)
+        bounds the whole request.
 
         How to generate is :class:`~loomnet.protocol.GenerationOptions`: pass an
         ``options`` object, or its fields as keywords (``max_tokens=``,
         ``temperature=``, ``top_p=``, ``seed=``, ``stop=``, ``presence_penalty=``,
         ``frequency_penalty=``, ``user=``, ``tools=``, ``tool_choice=``,
-        ``response_format=``), which override ``options``' fields. Prices are
-        micro-credits: ``max_price_in``/``max_price_out`` per million tokens, caps on
-        the offers considered; ``max_cost`` for the whole request.
+        ``response_format=``), which override ``options``' fields.
 
+        The candidates are tried in turn until one starts answering (``_attempt``):
+        ``stream.executor`` is the one that did, ``stream.attempts`` the ones before.
         After the iteration ends, ``stream.result`` holds the verified receipt, any
-        tool calls and any reasoning; ``stream.events()`` yields typed deltas instead of
+        tool calls and any reasoning; ``stream.events()`` yields typed events instead of
         text. A ``RemoteError`` after some text carries ``.result``: the receipt for
         exactly what was streamed, verified and booked.
 
         Raises:
             InvalidRequest: the request breaks the protocol's schema (``field`` names
-                the field); raised before any offer is looked up or stream opened.
+                the field), or ``model`` and ``route`` both name what to serve; raised
+                before any offer is looked up or stream opened.
             TypeError: a keyword that is no generation option.
-            NoOfferError, RemoteError, NetworkError (NetworkTimeout), ProtocolError,
+            NoOfferError: no live offer fits the route within ``offer_timeout``.
+            BudgetExceeded: the budget cannot cover the cheapest candidate's worst case.
+            RemoteError, NetworkError (NetworkTimeout), ProtocolError: every attempt
+                failed (``.attempts`` says how), or one failed in a way no other
+                executor would change; then, see :meth:`ChatStream.events`.
             ReceiptError: see :meth:`ChatStream.events`.
         """
         options = request_options(
             options, generation, max_price_in=max_price_in, max_price_out=max_price_out, max_cost=max_cost
         )
         self.check_request(messages, model=model, options=options)
-        if self.ledger is None:
-            raise RuntimeError("the client is not running: use open_client() or run()")
-        offers = await self.wait_for_offers(model=model, max_price_in=max_price_in, max_price_out=max_price_out)
-        stream = ChatStream(self, offers[0], list(messages), options)
+        wanted = route_of(
+            model, route, max_price_in=max_price_in, max_price_out=max_price_out, on_premise_only=on_premise_only,
+            no_retention_only=no_retention_only, pin=pin, exclude=exclude,
+        )  # fmt: skip
+        kit = self.stream_kit()
+        messages = list(messages)
+        prompt_tokens = await trio.to_thread.run_sync(count_prompt_tokens, self.tokens, messages, options, model)
+        shape = RequestShape(
+            prompt_tokens=prompt_tokens,
+            max_tokens=options.max_tokens if options.max_tokens is not None else self.config.assumed_max_tokens,
+        )
+        wanted = shaped_route(wanted, shape, needed_capabilities(messages, options))
+        candidates = await self._ranked(wanted, shape)
+        stream = await open_first(
+            kit, candidates, messages, options,
+            shape=shape, health=self.health, budget=self.budget, max_attempts=self.config.max_attempts,
+        )  # fmt: skip
         try:
-            await stream.open()
             yield stream
         finally:
             await stream.aclose()
@@ -263,92 +396,3 @@ class LoomClient:
                 pass
         assert stream.result is not None
         return stream.result
-
-
-def request_options(
-    options: GenerationOptions | None, overrides: dict[str, object], **costs: int | None
-) -> RequestOptions:
-    """One :class:`RequestOptions` from an ``options`` object, keyword overrides of its
-    fields, and the cost limits.
-
-    Raises:
-        TypeError: an override that is no generation option (naming it).
-    """
-    unknown = sorted(set(overrides) - set(GENERATION_FIELDS))
-    if unknown:
-        raise TypeError(
-            f"unknown generation option(s): {', '.join(unknown)}; known: {', '.join(GENERATION_FIELDS)}"
-        )
-    fields = generation_fields(options) if options is not None else {}
-    fields.update(overrides)
-    if isinstance(fields.get("tools"), tuple):
-        fields["tools"] = list(fields["tools"])  # a tuple is as good as a list to a caller
-    if isinstance(fields.get("stop"), str):
-        fields["stop"] = [fields["stop"]]  # OpenAI accepts one stop string as well as a list
-    return RequestOptions(**fields, **costs)
-
-
-@asynccontextmanager
-async def open_client(
-    config: ClientConfig | None = None, *, key: SigningKey | None = None
-) -> AsyncIterator[LoomClient]:
-    """Run a :class:`LoomClient` for the duration of the ``async with`` block.
-
-    Error handling: whatever leaves the block (``NoOfferError``, ``RemoteError``, the
-    caller's own error, ``KeyboardInterrupt``, ``SystemExit``, any ``BaseException``)
-    leaves ``open_client`` as itself, the same object, as httpx's clients do, never
-    wrapped in the ``ExceptionGroup`` of the nursery that runs the client; so does an
-    error starting the client (an unusable identity or ledger), or one error of the
-    client's own tasks (a ``KeyboardInterrupt`` that trio delivers there).
-
-    Cancellation: a cancelled enclosing scope ends the block with ``trio.Cancelled``,
-    which leaves as itself too, so the scope that cancelled catches it as usual. The
-    client's own tasks are cancelled and its ledger closed on every way out.
-    """
-    client = LoomClient(config or ClientConfig(), key=key)
-    error: BaseException | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            try:
-                try:
-                    await nursery.start(client.run)
-                except BaseExceptionGroup as group:  # from the client's own nurseries
-                    raise _sole_error(group) from None
-                try:
-                    yield client
-                finally:
-                    client.member.stop()
-                    nursery.cancel_scope.cancel()
-            except BaseException as exc:  # re-raised below, outside the nursery, so it is not grouped
-                error = exc
-    except BaseExceptionGroup as group:
-        # raised by the client's own tasks; one error (besides the cancellations our own
-        # cancel caused) leaves as itself, several stay grouped. The block's own error
-        # wins over the cancellation that the failing task caused in the block.
-        leaves = _leaves(group)
-        errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
-        if len(errors) != 1:
-            raise
-        if error is None or isinstance(error, trio.Cancelled):
-            error = errors[0]
-    if error is not None:
-        try:
-            raise error
-        finally:
-            error = None  # no reference cycle through the traceback
-
-
-def _sole_error(group: BaseExceptionGroup) -> BaseException:
-    """The one error in ``group`` besides cancellations, or ``group`` itself when there
-    are several."""
-    leaves = _leaves(group)
-    errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
-    return errors[0] if len(errors) == 1 else group
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    """The exceptions in ``group`` and its nested groups."""
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out

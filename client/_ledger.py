@@ -317,10 +317,15 @@ class Ledger:
         _, rows = await self._query("list receipts", sql, (*params, limit))
         return [LedgerEntry(**dict(zip(_COLUMNS, row))) for row in rows]
 
-    async def totals(self, *, status: str | None = None) -> LedgerTotals:
+    async def totals(self, *, status: str | None = None, since: float | None = None) -> LedgerTotals:
         """Counts and sums over every receipt in the ledger, or over those with
-        ``status`` (say ``"accepted"``: what a client agreed to pay)."""
+        ``status`` (say ``"accepted"``: what a client agreed to pay), and with ``since``
+        (seconds since the epoch) over those recorded at or after it (a client's
+        spending this period: see ``_budget``)."""
         where, params = _status_filter(status)
+        if since is not None:
+            where += (" AND" if where else " WHERE") + " recorded_at >= ?"
+            params = (*params, since)
         _, rows = await self._query("sum receipts", f"SELECT {_SUMS} FROM receipts{where}", params)
         return LedgerTotals(*rows[0])
 

@@ -18,7 +18,7 @@ from typing import NoReturn
 import click
 import trio
 
-from loomnet.client import ClientConfig, ReasoningDelta, TextDelta, open_client
+from loomnet.client import BudgetConfig, ClientConfig, ReasoningDelta, TextDelta, open_client
 from loomnet.protocol import ChatMessage, ErrorCode, LoomError, credits_to_micro
 
 from ._executor import Executor
@@ -154,49 +154,70 @@ def _with_client_options(fn):
     return fn
 
 
-def _client_config(bootstrap, data_dir, wait, timeout: float = 900.0) -> ClientConfig:
+def _client_config(bootstrap, data_dir, wait, timeout: float = 900.0, budget: BudgetConfig | None = None) -> ClientConfig:
     return ClientConfig(
         data_dir=data_dir or os.environ.get("LOOMNET_DATA_DIR"),
         bootstrap=list(bootstrap),
         offer_timeout=wait,
         total_timeout=timeout,
+        budget=budget,
     )
 
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", help="Model name or alias; any live offer when omitted.")
+@click.option("--model", help="Model name or alias (never served by another model); any live offer when omitted.")
+@click.option(
+    "--route",
+    help='Where to send it: "cheapest", "fastest", "category:<name>" (fast, balanced, quality), or a model.',
+)
 @click.option("--system", help="System prompt.")
 @click.option("--max-tokens", type=click.IntRange(1, 1 << 20), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0, 2))
 @click.option("--seed", type=click.IntRange(0, (1 << 31) - 1))
 @click.option("--max-price-in", type=click.FloatRange(0), help="Cap, credits per million input tokens.")
 @click.option("--max-price-out", type=click.FloatRange(0), help="Cap, credits per million output tokens.")
+@click.option("--on-premise-only", is_flag=True, help="Only executors whose models all run on premise.")
+@click.option("--no-retention-only", is_flag=True, help="Only executors that keep no prompts.")
+@click.option(
+    "--budget", type=click.FloatRange(0),
+    help="Credits this client may spend per --budget-period (its ledger says what is spent); "
+    "a request whose worst case does not fit is refused before it is sent.",
+)  # fmt: skip
+@click.option("--budget-period", type=click.Choice(["day", "week", "month"]), default="month", show_default=True)
 @click.option(
     "--timeout", type=click.FloatRange(min=0, min_open=True), default=900.0, show_default=True,
     help="Seconds the whole answer may take (the first-byte and idle deadlines apply too).",
 )
 @_with_client_options
 def chat(
-    prompt, model, system, max_tokens, temperature, seed, max_price_in, max_price_out, bootstrap, data_dir, wait, timeout
-):
+    prompt, model, route, system, max_tokens, temperature, seed, max_price_in, max_price_out, on_premise_only,
+    no_retention_only, budget, budget_period, bootstrap, data_dir, wait, timeout,
+):  # fmt: skip
     """Send PROMPT to the network and stream the answer (reasoning, if the model shows
-    any, goes dimmed to stderr; the answer to stdout)."""
+    any, goes dimmed to stderr; the answer to stdout). Executors that failed before the
+    answer began are named on stderr."""
     messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
     options = dict(
         model=model,
+        route=route,
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
         max_price_in=None if max_price_in is None else credits_to_micro(max_price_in),
         max_price_out=None if max_price_out is None else credits_to_micro(max_price_out),
+        on_premise_only=on_premise_only,
+        no_retention_only=no_retention_only,
     )
-    _run(_chat_main, _client_config(bootstrap, data_dir, wait, timeout), messages, options)
+    limit = None if budget is None else BudgetConfig(amount=credits_to_micro(budget), period=budget_period)
+    _run(_chat_main, _client_config(bootstrap, data_dir, wait, timeout, limit), messages, options)
 
 
 async def _chat_main(config: ClientConfig, messages, options) -> None:
     async with open_client(config) as client:
         async with client.stream_chat(messages, **options) as stream:
+            for attempt in stream.attempts:
+                click.echo(f"[passed over {attempt.brief()}]", err=True)
             async for event in stream.events():
                 if isinstance(event, ReasoningDelta):
                     click.echo(click.style(event.text, dim=True), nl=False, err=True)

@@ -125,6 +125,9 @@ class ErrorCode(enum.IntEnum):
     NETWORK_TIMEOUT = 404
     #: The stream broke (reset, closed) while in use.
     STREAM_FAILED = 405
+    #: The client's own spending budget for this period cannot cover the request's
+    #: worst-case cost; refused locally, before anything is sent.
+    BUDGET_EXCEEDED = 406
 
     # 5xx: local problems
     #: The configuration is invalid.

@@ -9,7 +9,7 @@ import math
 import pytest
 import trio
 
-from loomnet.client import ReasoningDelta, TextDelta, ToolCallsDelta
+from loomnet.client import Done, ReasoningDelta, TextDelta, ToolCallsDelta, Usage
 from loomnet.protocol import (
     AckFrame,
     ChunkFrame,
@@ -84,6 +84,7 @@ async def test_reasoning_streams_as_its_own_delta_and_progress_yields_nothing(cl
 
     executor = FakeExecutor()
     deltas, stream, after = await run_chat(client, executor, script)
+    *deltas, done = deltas
     assert deltas == [
         ReasoningDelta("The user wants colours. "),
         ReasoningDelta("Three will do."),
@@ -92,6 +93,12 @@ async def test_reasoning_streams_as_its_own_delta_and_progress_yields_nothing(cl
         ToolCallsDelta([call]),
     ]
     result = stream.result
+    # the last event: who served, the usage and the verified receipt
+    assert isinstance(done, Done) and done.receipt == result.receipt
+    assert (done.executor, done.model) == (executor.key.peer_id, "tiny") == (result.executor, result.model)
+    assert done.usage == Usage(input_tokens=12, output_tokens=result.receipt.output_tokens,
+                               reasoning_tokens=result.receipt.reasoning_tokens,
+                               tool_call_tokens=result.receipt.tool_call_tokens, cost=result.receipt.cost)
     assert result.text == "Red, green and blue." and result.reasoning == "The user wants colours. Three will do."
     assert result.tool_calls == [call]
     assert result.receipt.chunks == 5 and result.receipt.reasoning_tokens > 0
@@ -306,7 +313,7 @@ async def test_progress_chunks_carry_a_slow_thinker_to_its_answer(client, autoju
         await ex.finish()
 
     deltas, stream, _ = await run_chat(client, executor, script)
-    assert deltas == [TextDelta("Hello!")]
+    assert deltas[:-1] == [TextDelta("Hello!")] and isinstance(deltas[-1], Done)
     assert stream.result.receipt.chunks == 41
     assert (await client.ledger.get(digest(stream.result.receipt_envelope.payload))).status == "accepted"
 

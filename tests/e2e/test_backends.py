@@ -101,8 +101,20 @@ async def test_unsupported_feature_is_refused_before_the_backend_is_called(nurse
     executor, client = await start_pair(nursery, tmp_path, [backend])
     picture = [ChatMessage("user", "What is this?", images=[ImagePart(media_type="image/png", data=b"\x89PNG...")])]
     before = len(fake.chat_requests)
-    with trio.fail_after(30), pytest.raises(RemoteError) as info:
+    # the client routes only to offers with the capabilities a request needs: nothing is sent
+    with trio.fail_after(30), pytest.raises(NoOfferError, match="with vision"):
         await client.chat(picture, model="llama3.2")
+    # a request that reaches the executor anyway (a stale advert, another client) is refused there
+    from loomnet.client import ChatStream
+    from loomnet.client._chat_stream import RequestOptions
+
+    stream = ChatStream(client.stream_kit(), client.offers()[0], picture, RequestOptions())
+    with trio.fail_after(30), pytest.raises(RemoteError) as info:
+        try:
+            await stream.open()
+            await stream.start()
+        finally:
+            await stream.aclose()
     assert info.value.code == ErrorCode.UNSUPPORTED_FEATURE
     assert len(fake.chat_requests) == before
 

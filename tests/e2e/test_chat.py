@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from loomnet.client import ClientConfig, LoomClient, TextDelta
+from loomnet.client import ClientConfig, Done, LoomClient, TextDelta
 from loomnet.protocol import ChatMessage, ErrorCode, NoOfferError, SignedKind, cost_of, credits_to_micro, digest, open_envelope
 
 from .conftest import PRICE_IN, PRICE_OUT
@@ -57,9 +57,10 @@ def result_ack_envelope(entry):
 async def test_events_yield_typed_deltas(executor, client):
     with trio.fail_after(60):
         async with client.stream_chat(HELLO, model="smol", max_tokens=8) as stream:
-            events = [event async for event in stream.events()]
+            *events, done = [event async for event in stream.events()]
     assert events and all(isinstance(e, TextDelta) for e in events)  # the embedded model does not reason aloud
     assert "".join(e.text for e in events) == stream.result.text
+    assert isinstance(done, Done) and done.receipt == stream.result.receipt and done.executor == executor.info.peer_id
     assert stream.result.reasoning == ""
 
 
