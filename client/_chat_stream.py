@@ -53,6 +53,7 @@ from loomnet.protocol import (
     InferenceRequest,
     LoomError,
     NetworkTimeout,
+    ProtocolError,
     Receipt,
     ReceiptFrame,
     RemoteError,
@@ -123,8 +124,10 @@ class ChatStream:
         self._observer = observer
         self._conn = InferenceConnection(Role.CLIENT)
         self._stream: ByteStream | None = None
-        self._texts: list[str] = []
+        self._texts: list[str] = []  # non-empty ones only; progress chunks are only counted
         self._reasoning: list[str] = []
+        self._chunks = 0
+        self._answer_bytes = 0
         self._tool_calls: list[ToolCall] = []
         self._queued: deque[ChatEvent] = deque()
         self._request_payload = b""
@@ -153,7 +156,7 @@ class ChatStream:
     def has_content(self) -> bool:
         """Whether any text, reasoning or tool call has arrived: from then on a failure
         ends the stream, it is never retried elsewhere."""
-        return any(self._texts) or any(self._reasoning) or bool(self._tool_calls)
+        return bool(self._texts or self._reasoning or self._tool_calls)
 
     def _request(self) -> InferenceRequest:
         opts = self._options
@@ -253,14 +256,35 @@ class ChatStream:
             return event
         raise NetworkTimeout(f"executor {self.executor[-8:]} sent no complete frame within the {what}")
 
+    def _hold(self, frame: ChunkFrame) -> None:
+        """Keep a chunk's parts, within the answer's byte bound: an executor may stream
+        without end until the total deadline, and nothing a peer sends may bloat us.
+
+        Raises:
+            ProtocolError: FRAME_TOO_LARGE once the answer passes ``max_answer_bytes``.
+        """
+        self._chunks += 1
+        self._answer_bytes += len(frame.text.encode("utf-8", "surrogatepass"))
+        self._answer_bytes += len(frame.reasoning.encode("utf-8", "surrogatepass"))
+        self._answer_bytes += sum(len(c.name) + len(c.arguments) + len(c.id) for c in frame.tool_calls)
+        if self._answer_bytes > self._kit.max_answer_bytes:
+            raise ProtocolError(
+                f"executor {self.executor[-8:]} streamed an answer over the client's "
+                f"{self._kit.max_answer_bytes}-byte maximum (max_answer_bytes)",
+                code=ErrorCode.FRAME_TOO_LARGE,
+            )
+        if frame.text:
+            self._texts.append(frame.text)
+        if frame.reasoning:
+            self._reasoning.append(frame.reasoning)
+        self._tool_calls.extend(frame.tool_calls)
+
     async def _step(self) -> None:
         """Read one frame and act on it: queue its deltas, settle, or fail."""
         with self._ending_on_error():
             frame = await self._next_frame()
             if isinstance(frame, ChunkFrame):
-                self._texts.append(frame.text)
-                self._reasoning.append(frame.reasoning)
-                self._tool_calls.extend(frame.tool_calls)
+                self._hold(frame)
                 if frame.reasoning:
                     self._queued.append(ReasoningDelta(frame.reasoning))
                 if frame.text:
@@ -343,7 +367,7 @@ class ChatStream:
             text="".join(self._texts),
             reasoning="".join(self._reasoning),
             tool_calls=self._tool_calls,
-            chunks=len(self._texts),
+            chunks=self._chunks,
             booked=booked,
             ack_to=None if stream is None else (stream, self._conn),
             attempts=self.attempts,

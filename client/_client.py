@@ -67,6 +67,7 @@ from ._member import Member
 from ._offers import Offer
 from ._p2p import NodeInfo, P2PConfig
 from ._receipts import DEFAULT_MAX_HIDDEN_REASONING_TOKENS
+from ._stream_kit import MAX_ANSWER_BYTES
 from ._request_check import check_request
 from ._route import Candidate, Health, RequestShape, Route, Router
 from ._routing import describe_route, dispatch_parts, request_options, route_of
@@ -122,6 +123,10 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: thoughts, OpenAI's ``reasoning_tokens``): there are no bytes to check them against,
     #: so a receipt over this is booked as disputed and raises RECEIPT_MISMATCH
     max_hidden_reasoning_tokens: int = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
+    #: most UTF-8 bytes of one answer (text, reasoning and tool calls together) the client
+    #: holds; an executor streaming more ends the stream with FRAME_TOO_LARGE. 64 MiB is
+    #: far above any honest answer (a million tokens of English is ~4 MB)
+    max_answer_bytes: Annotated[int, Meta(ge=1024)] = MAX_ANSWER_BYTES
     #: the most executors one request is sent to (failover before the first content)
     max_attempts: Annotated[int, Meta(ge=1, le=16)] = 3
     #: output tokens a request without ``max_tokens`` is assumed to need, for routing
@@ -284,6 +289,7 @@ class LoomClient:
             tokens=self.tokens,
             deadlines=self.config.deadlines,
             max_hidden_reasoning_tokens=self.config.max_hidden_reasoning_tokens,
+            max_answer_bytes=self.config.max_answer_bytes,
         )
 
     @asynccontextmanager

@@ -81,6 +81,10 @@ class StreamObserver(Protocol):
         completed or the caller left before the end."""
 
 
+#: default most bytes of one answer a client holds (``ClientConfig.max_answer_bytes``)
+MAX_ANSWER_BYTES = 64 << 20
+
+
 class StreamKit(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a :class:`ChatStream` uses besides the request itself."""
 
@@ -93,6 +97,8 @@ class StreamKit(msgspec.Struct, frozen=True, kw_only=True):
     tokens: "TokenCounter"
     deadlines: Deadlines = Deadlines()
     max_hidden_reasoning_tokens: int = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
+    #: most UTF-8 bytes of one answer the stream holds (see ``ClientConfig``)
+    max_answer_bytes: int = MAX_ANSWER_BYTES
 
 
 class RequestOptions(GenerationOptions, frozen=True, kw_only=True):

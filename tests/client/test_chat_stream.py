@@ -15,6 +15,7 @@ from loomnet.protocol import (
     ChunkFrame,
     ErrorCode,
     NetworkTimeout,
+    ProtocolError,
     ReceiptError,
     RemoteError,
     SignedKind,
@@ -366,3 +367,44 @@ async def test_the_total_deadline_bounds_the_whole_request(out_of_time, autojump
                 pass
     finally:
         await stream.aclose()
+
+
+@pytest.fixture
+async def small_answers(tmp_path):
+    client = await make_client(tmp_path, max_answer_bytes=4096)
+    try:
+        yield client
+    finally:
+        await client.ledger.aclose()
+
+
+@pytest.mark.parametrize("part", ["text", "reasoning", "tool_calls"])
+@fail_after(60)
+async def test_an_answer_over_the_clients_byte_bound_ends_the_stream(small_answers, part):
+    # a hostile executor may stream without end until the total deadline; the client
+    # holds at most max_answer_bytes of it, whatever part it comes in
+    async def script(ex):
+        for i in range(64):
+            piece = "x" * 100
+            if part == "tool_calls":
+                await ex.chunk(tool_calls=[ToolCall(id=f"c{i}", name="f", arguments='{"a": "' + piece + '"}')])
+            else:
+                await ex.chunk(**{part: piece})
+        await ex.finish()
+
+    with pytest.raises(ProtocolError) as info:
+        await run_chat(small_answers, FakeExecutor(), script)
+    assert info.value.code == ErrorCode.FRAME_TOO_LARGE and "max_answer_bytes" in info.value.message
+
+
+@fail_after(60)
+async def test_progress_chunks_are_counted_not_kept(client):
+    async def script(ex):
+        for _ in range(500):
+            await ex.chunk()
+        await ex.chunk(text="Hi")
+        await ex.finish()
+
+    deltas, stream, _ = await run_chat(client, FakeExecutor(), script)
+    assert stream.result.text == "Hi" and stream.result.receipt.chunks == 501
+    assert stream._texts == ["Hi"]  # 500 progress chunks cost a counter, not a list entry each
