@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import sys
 
 import msgspec
 
@@ -50,6 +51,8 @@ from loomnet.protocol import (
     describe_decode_error,
     open_envelope,
 )
+
+from ._offer_index import OfferIndex, Shared, Slot, keys_of, reuse, same_terms
 
 __all__ = ["Offer", "OfferTable", "OfferTableStatistics", "decode_advert_envelope"]
 
@@ -77,6 +80,8 @@ class OfferTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: not counted), and adverts refused (invalid, forged, oversized, stale, expired)
     evicted: int
     refused: int
+    #: adverts held now of executors this client was served by (``mark_used``)
+    used: int = 0
 
 
 class _Entry(msgspec.Struct):
@@ -85,12 +90,22 @@ class _Entry(msgspec.Struct):
     expires_at: float
     source: str
     size: int
+    #: one per advertised model, filed in the route indexes; None until filed
+    slots: list[Slot] | None = None
+    #: this client was served by the executor (``mark_used``): evicted last
+    used: bool = False
 
 
 class _Source(msgspec.Struct):
-    #: signer -> None, least recently refreshed first (a refresh re-inserts)
+    #: signer -> None of unused executors, least recently refreshed first (a refresh
+    #: re-inserts); ``used`` the same for executors marked used
     signers: dict[str, None]
+    used: dict[str, None] = {}
     bytes: int = 0
+    used_bytes: int = 0
+
+    def __len__(self) -> int:
+        return len(self.signers) + len(self.used)
 
 
 def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
@@ -109,8 +124,8 @@ def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
 
 
 class OfferTable:
-    """Adverts by executor peer id, bounded (see the module doc). Not thread-safe; owned
-    by one trio task tree.
+    """Adverts by executor peer id, bounded (see the module doc), with route indexes
+    (``_offer_index``). Not thread-safe; owned by one trio task tree.
 
     Args:
         max_executors: most adverts held.
@@ -127,8 +142,8 @@ class OfferTable:
     def __init__(
         self,
         *,
-        max_executors: int = 4096,
-        max_bytes: int = 16 << 20,
+        max_executors: int = 16384,
+        max_bytes: int = 48 << 20,
         max_per_source: int | None = None,
         max_bytes_per_source: int | None = None,
         max_ttl: float = 600.0,
@@ -142,14 +157,26 @@ class OfferTable:
         self.max_skew = max_skew
         self._entries: dict[str, _Entry] = {}  # least recently refreshed first
         self._sources: dict[str, _Source] = {}
-        # (-bytes, -adverts, ticket, source) for every source change; stale items are
-        # skipped when popped, so the biggest source is found without a scan
+        # (-bytes, -adverts, ticket, source) for every source change, one heap for the
+        # unused adverts of each source and one for the used; stale items are skipped
+        # when popped, so the biggest source is found without a scan
         self._largest: list[tuple[int, int, int, str]] = []
+        self._largest_used: list[tuple[int, int, int, str]] = []
         self._tickets = itertools.count()
         self._bytes = 0
+        self._used_adverts = 0
         self._next_sweep = float("-inf")  # when a full table next looks for expired adverts
         self._evicted = 0
         self._refused = 0
+        # executors this client was served by, least recently first (bounded)
+        self._used: dict[str, None] = {}
+        # route indexes, by casefolded key
+        self._by_name: dict[str, OfferIndex] = {}
+        self._by_category: dict[str, OfferIndex] = {}
+        self._by_capability: dict[str, OfferIndex] = {}
+        self._all = OfferIndex()
+        self._shared = Shared()
+        self._unfiled: dict[str, None] = {}  # executors whose slots are not filed yet
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -161,6 +188,7 @@ class OfferTable:
             sources=len(self._sources),
             evicted=self._evicted,
             refused=self._refused,
+            used=self._used_adverts,
         )
 
     def add(self, data: bytes | Envelope, *, now: float, sender: str | None = None, source: str | None = None) -> bool:
@@ -197,57 +225,159 @@ class OfferTable:
         ):
             self._refused += 1
             return False
-        if held is not None:
+        slots: list[Slot] | None = None
+        if held is not None and same_terms(held.advert.models, advert.models):
+            # filed where they were: keep the slots, and share the held models' values
+            advert = msgspec.structs.replace(advert, models=reuse(held.advert.models, advert.models))
+            if (slots := held.slots) is not None:
+                for slot, model in zip(slots, advert.models):
+                    slot.model = model
+            self._remove(signer, unfile=False)
+        elif held is not None:
             self._remove(signer)
         charged = source if source is not None else sender if sender is not None else signer
-        self._insert(signer, _Entry(envelope, advert, expires_at, charged, len(envelope.payload)))
+        entry = _Entry(envelope, advert, expires_at, charged, len(envelope.payload), used=signer in self._used)
+        self._insert(signer, entry, slots)
         self._enforce(charged, now=now)
         return signer in self._entries
 
-    def _insert(self, signer: str, entry: _Entry) -> None:
+    def mark_used(self, executor: str) -> None:
+        """Note that ``executor`` served this client (a receipt was accepted): its advert
+        is evicted only after every advert of an executor never used (module doc,
+        "Used executors"). ``ExecutorHealth(on_success=table.mark_used)`` calls this on
+        every finished request. Remembers at most ``max_executors`` executors, the
+        least recently used forgotten first."""
+        self._used.pop(executor, None)
+        self._used[executor] = None
+        if len(self._used) > self.max_executors:
+            del self._used[next(iter(self._used))]
+        entry = self._entries.get(executor)
+        if entry is not None and not entry.used:  # move it to its source's used adverts
+            source = self._sources[entry.source]
+            del source.signers[executor]
+            source.used[executor] = None
+            source.used_bytes += entry.size
+            entry.used = True
+            self._used_adverts += 1
+            self._rank(entry.source)
+
+    def is_used(self, executor: str) -> bool:
+        return executor in self._used
+
+    # ---------------------------------------------------------------- bookkeeping
+
+    def _insert(self, signer: str, entry: _Entry, slots: list[Slot] | None) -> None:
+        """Hold ``entry``; its slots are filed (or, with ``slots`` None, will be at the
+        next route query: :meth:`_catch_up`)."""
         self._entries[signer] = entry
         source = self._sources.setdefault(entry.source, _Source({}))
-        source.signers[signer] = None  # the newest is the most recently refreshed
+        if entry.used:
+            source.used[signer] = None  # the newest is the most recently refreshed
+            source.used_bytes += entry.size
+            self._used_adverts += 1
+        else:
+            source.signers[signer] = None
         source.bytes += entry.size
         self._bytes += entry.size
         self._rank(entry.source)
+        entry.slots = slots
+        if slots is None:
+            self._unfiled[signer] = None
 
-    def _remove(self, signer: str) -> None:
+    def _remove(self, signer: str, *, unfile: bool = True) -> None:
+        """Drop ``signer``'s entry and (with ``unfile``) its slots from the indexes."""
         entry = self._entries.pop(signer)
         source = self._sources[entry.source]
-        del source.signers[signer]
+        if entry.used:
+            del source.used[signer]
+            source.used_bytes -= entry.size
+            self._used_adverts -= 1
+        else:
+            del source.signers[signer]
         source.bytes -= entry.size
-        if not source.signers:
+        if not len(source):
             del self._sources[entry.source]
         self._bytes -= entry.size
         self._rank(entry.source)
+        if entry.slots is None:
+            self._unfiled.pop(signer, None)
+        elif unfile:
+            for slot in entry.slots:
+                self._file(slot, add=False)
+
+    def _catch_up(self) -> None:
+        """File the slots of the adverts held but not filed yet (sharing their values,
+        ``Shared``). Filing waits for a route query: an executor, which holds adverts
+        only to hand them on, never files any, and adverts evicted or replaced before a
+        query cost no filing."""
+        for signer in self._unfiled:
+            entry = self._entries[signer]
+            entry.advert = self._shared.advert(entry.advert)
+            entry.slots = [Slot(signer, i, model, self._shared) for i, model in enumerate(entry.advert.models)]
+            for slot in entry.slots:
+                self._file(slot, add=True)
+        self._unfiled.clear()
+
+    def _file(self, slot: Slot, *, add: bool) -> None:
+        """File ``slot`` in (or take it out of) every index its model belongs in."""
+        names, categories, capabilities = keys_of(slot.model)
+        if not add:
+            slot.dead = True
+        for kind, keys in ((self._by_name, names), (self._by_category, categories), (self._by_capability, capabilities)):
+            for k in keys:
+                if add:
+                    if (index := kind.get(k)) is None:
+                        index = kind[k] = OfferIndex(names=kind is self._by_name)
+                    index.add(slot)
+                else:
+                    (index := kind[k]).remove(slot)
+                    if not len(index):
+                        del kind[k]
+        self._all.add(slot) if add else self._all.remove(slot)
 
     def _rank(self, name: str) -> None:
-        """Note ``name``'s new share for :meth:`_biggest_source`."""
-        if len(self._largest) > 2 * len(self._sources) + 64:  # mostly stale: rebuild
-            self._largest = [(-v.bytes, -len(v.signers), next(self._tickets), k) for k, v in self._sources.items()]
+        """Note ``name``'s new shares for :meth:`_biggest_source`."""
+        if len(self._largest) + len(self._largest_used) > 4 * len(self._sources) + 64:  # mostly stale: rebuild
+            self._largest = [
+                (-(v.bytes - v.used_bytes), -len(v.signers), next(self._tickets), k)
+                for k, v in self._sources.items()
+                if v.signers
+            ]
+            self._largest_used = [
+                (-v.used_bytes, -len(v.used), next(self._tickets), k) for k, v in self._sources.items() if v.used
+            ]
             heapq.heapify(self._largest)
+            heapq.heapify(self._largest_used)
         elif (source := self._sources.get(name)) is not None:
-            heapq.heappush(self._largest, (-source.bytes, -len(source.signers), next(self._tickets), name))
+            if source.signers:
+                heapq.heappush(self._largest, (-(source.bytes - source.used_bytes), -len(source.signers), next(self._tickets), name))
+            if source.used:
+                heapq.heappush(self._largest_used, (-source.used_bytes, -len(source.used), next(self._tickets), name))
 
     def _biggest_source(self) -> str:
-        """The source holding the most bytes (then the most adverts; then the one whose
-        share changed longest ago)."""
+        """The source holding the most bytes of unused adverts (then the most adverts;
+        then the one whose share changed longest ago); when every advert held is of a
+        used executor, the same over used adverts."""
+        used = len(self._entries) == self._used_adverts
+        heap = self._largest_used if used else self._largest
         while True:
-            minus_bytes, minus_count, _, name = self._largest[0]
+            minus_bytes, minus_count, _, name = heap[0]
             source = self._sources.get(name)
-            if source is not None and (source.bytes, len(source.signers)) == (-minus_bytes, -minus_count):
-                return name
-            heapq.heappop(self._largest)
+            if source is not None:
+                share = (source.used_bytes, len(source.used)) if used else (source.bytes - source.used_bytes, len(source.signers))
+                if share == (-minus_bytes, -minus_count):
+                    return name
+            heapq.heappop(heap)
 
     def _evict_stalest_of(self, name: str) -> None:
-        self._remove(next(iter(self._sources[name].signers)))
+        source = self._sources[name]
+        self._remove(next(iter(source.signers or source.used)))
         self._evicted += 1
 
     def _enforce(self, name: str, *, now: float) -> None:
         """Bring ``name``'s share, then the whole table, back within the bounds."""
         while (source := self._sources.get(name)) is not None and (
-            len(source.signers) > self.max_per_source or source.bytes > self.max_bytes_per_source
+            len(source) > self.max_per_source or source.bytes > self.max_bytes_per_source
         ):
             self._evict_stalest_of(name)
         if (len(self._entries) > self.max_executors or self._bytes > self.max_bytes) and now >= self._next_sweep:
@@ -263,6 +393,8 @@ class OfferTable:
             self._remove(k)
         return len(gone)
 
+    # ---------------------------------------------------------------- reading
+
     def envelopes(self, *, now: float, limit: int | None = None) -> list[Envelope]:
         """The live signed adverts, to hand to a peer that asks: the most recently
         refreshed first, at most ``limit`` of them."""
@@ -275,10 +407,59 @@ class OfferTable:
         return entry.advert if entry is not None and entry.expires_at > now else None
 
     def offers(self, *, now: float) -> list[Offer]:
-        """Every live (executor, model) pair."""
+        """Every live (executor, model) pair: a scan, for listings; route queries go
+        through the indexes (:meth:`name_index` and its siblings)."""
         self.expire(now=now)
         return [
             Offer(executor=executor, model=model, advert=entry.advert, expires_at=entry.expires_at)
             for executor, entry in self._entries.items()
             for model in entry.advert.models
         ]
+
+    # ---------------------------------------------------------------- route indexes
+
+    def prepare(self) -> None:
+        """File every advert held and sort every index now, rather than at the queries
+        that need them (a benchmark's steady state; a client about to route a burst)."""
+        self._catch_up()
+        for kind in (self._by_name, self._by_category, self._by_capability):
+            for index in kind.values():
+                index.prepare()
+        self._all.prepare()
+
+    def name_index(self, name: str) -> OfferIndex | None:
+        """The slots of models named or aliased ``name`` (casefolded here)."""
+        self._catch_up()
+        return self._by_name.get(name.casefold())
+
+    def category_index(self, category: str) -> OfferIndex | None:
+        self._catch_up()
+        return self._by_category.get(category.casefold())
+
+    def capability_index(self, capability: str) -> OfferIndex | None:
+        self._catch_up()
+        return self._by_capability.get(capability.casefold())
+
+    def all_index(self) -> OfferIndex:
+        """Every slot held (expired ones too, until a sweep: check ``expires_at``)."""
+        self._catch_up()
+        return self._all
+
+    def entry_of(self, executor: str) -> _Entry | None:
+        """What the table holds of ``executor``: ``advert``, ``expires_at``, ``slots``,
+        ``used`` (read only; expired entries too, until a sweep)."""
+        if self._unfiled:
+            self._catch_up()
+        return self._entries.get(executor)
+
+    def slots_of(self, executor: str, model: str) -> list[Slot]:
+        """``executor``'s slots for the model named exactly ``model`` (an offer's
+        ``model.name``): usually one; none when it does not advertise the model."""
+        entry = self.entry_of(executor)
+        if entry is None or entry.slots is None:
+            return []
+        return [slot for slot in entry.slots if slot.model.name == model]
+
+    def offer_of(self, slot: Slot) -> Offer:
+        entry = self._entries[slot.executor]
+        return Offer(executor=slot.executor, model=slot.model, advert=entry.advert, expires_at=entry.expires_at)
