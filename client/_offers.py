@@ -1,4 +1,5 @@
-"""The offer table: the freshest valid advert per executor, with expiry and bounds.
+"""The offer table: the freshest valid advert per executor, with expiry, bounds and
+route indexes.
 
 Fed by gossip and by the adverts request stream. Every advert is verified before it
 is kept; gossip adverts must also come from the peer that signed them (libp2p's own
@@ -7,37 +8,49 @@ refuses adverts re-signed under someone else's name). "Freshest" is the highest
 ``seq``; an advert expires ``ttl`` seconds after ``issued_at``, capped by
 ``max_ttl`` so a peer cannot pin an entry forever.
 
-Bounds (what one hostile peer can make a node hold). Anyone can mint identities and
-sign adverts, so the table is bounded whoever signs:
+Bounds (what one hostile peer can make a node hold; kept in ``_offer_bounds``).
+Anyone can mint identities and sign adverts, so the table is bounded whoever signs:
 
 * each advert is at most ``SignedKind.ADVERT.max_payload`` bytes (128 KiB), refused by
   ``open_envelope`` before its signature is checked;
-* the table holds at most ``max_executors`` adverts and ``max_bytes`` bytes of them
-  (signed payload bytes; decoded, an advert takes about 3.6 times its bytes);
+* the table holds at most ``max_executors`` adverts (16 384) and ``max_bytes`` bytes
+  of them (48 MiB of signed payloads; decoded, an advert takes about 3.6 times its
+  bytes, about 2.2 once filed with its values shared);
 * every advert is charged to its **source**, the peer that handed it to us: the
   publisher for gossip (who is also its signer), the answering peer for the adverts
   stream. One source holds at most ``max_per_source`` adverts and
   ``max_bytes_per_source`` bytes (a quarter of the table by default); past that, its own
-  least recently refreshed advert goes, never another source's;
+  least recently refreshed advert goes (an unused executor's first), never another
+  source's;
 * when the whole table is over a bound, expired adverts go first (a full table looks
   for them at most once a second), then the least recently refreshed advert of the
-  source holding the most bytes (found through a heap, not a scan: a flood costs
-  ~0.2 ms per advert, mostly its signature check).
+  source holding the most bytes of unused executors' adverts (found through a heap,
+  not a scan: a flood costs ~0.2 ms per advert, mostly its signature check).
+
+**Used executors** (``mark_used``, called through ``ExecutorHealth(on_success=...)``
+on every request an executor served): their adverts are evicted only once no advert
+of an executor this client never used is left, or when they hold more than half of
+``max_executors`` (so the table still learns new executors).
 
 Why this keeps honest adverts: an honest executor is its own source on gossip and
 refreshes its advert every ``advert-interval`` (10 s), so it holds one small,
 recently refreshed entry. A peer flooding the adverts stream only displaces its own
 share; fat adverts from many minted identities are the biggest sources and go first.
-What no bounded table survives is a flood of small adverts from fresh identities faster
-than honest executors refresh theirs; the bounds keep memory flat meanwhile.
-``docs/network.md`` ("Advert limits") has the numbers.
+A flood of small adverts from fresh identities faster than honest executors refresh
+theirs pushes out the executors this client has not used yet, never those it has;
+the bounds keep memory flat meanwhile. ``docs/network.md`` ("Advert limits") has the
+numbers.
+
+**Route indexes** (``_offer_index``): a route query (:meth:`OfferTable.name_index`
+and its siblings) first files the adverts that arrived since the last one, one slot
+per model under its name, aliases, categories and capabilities; an advert refreshed
+with the same terms keeps its slots. An executor, which holds adverts only to hand
+them on, never files any.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
-import sys
 
 import msgspec
 
@@ -52,7 +65,9 @@ from loomnet.protocol import (
     open_envelope,
 )
 
-from ._offer_index import OfferIndex, Shared, Slot, keys_of, reuse, same_terms
+from ._offer_bounds import AdvertBounds, _Entry
+from ._offer_index import OfferIndex, RouteIndexes, Slot
+from ._offer_terms import reuse, same_terms
 
 __all__ = ["Offer", "OfferTable", "OfferTableStatistics", "decode_advert_envelope"]
 
@@ -84,30 +99,6 @@ class OfferTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     used: int = 0
 
 
-class _Entry(msgspec.Struct):
-    envelope: Envelope
-    advert: Advert
-    expires_at: float
-    source: str
-    size: int
-    #: one per advertised model, filed in the route indexes; None until filed
-    slots: list[Slot] | None = None
-    #: this client was served by the executor (``mark_used``): evicted last
-    used: bool = False
-
-
-class _Source(msgspec.Struct):
-    #: signer -> None of unused executors, least recently refreshed first (a refresh
-    #: re-inserts); ``used`` the same for executors marked used
-    signers: dict[str, None]
-    used: dict[str, None] = {}
-    bytes: int = 0
-    used_bytes: int = 0
-
-    def __len__(self) -> int:
-        return len(self.signers) + len(self.used)
-
-
 def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
     """Gossip bytes → verified ``(envelope, advert, signer)``.
 
@@ -123,7 +114,7 @@ def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
     return envelope, advert, signer  # type: ignore[return-value]
 
 
-class OfferTable:
+class OfferTable(AdvertBounds):
     """Adverts by executor peer id, bounded (see the module doc), with route indexes
     (``_offer_index``). Not thread-safe; owned by one trio task tree.
 
@@ -149,37 +140,12 @@ class OfferTable:
         max_ttl: float = 600.0,
         max_skew: float = 30.0,
     ) -> None:
-        self.max_executors = max_executors
-        self.max_bytes = max_bytes
-        self.max_per_source = max_per_source if max_per_source is not None else max(1, max_executors // 4)
-        self.max_bytes_per_source = max_bytes_per_source if max_bytes_per_source is not None else max_bytes // 4
-        self.max_ttl = max_ttl
-        self.max_skew = max_skew
-        self._entries: dict[str, _Entry] = {}  # least recently refreshed first
-        self._sources: dict[str, _Source] = {}
-        # (-bytes, -adverts, ticket, source) for every source change, one heap for the
-        # unused adverts of each source and one for the used; stale items are skipped
-        # when popped, so the biggest source is found without a scan
-        self._largest: list[tuple[int, int, int, str]] = []
-        self._largest_used: list[tuple[int, int, int, str]] = []
-        self._tickets = itertools.count()
-        self._bytes = 0
-        self._used_adverts = 0
-        self._next_sweep = float("-inf")  # when a full table next looks for expired adverts
-        self._evicted = 0
-        self._refused = 0
-        # executors this client was served by, least recently first (bounded)
-        self._used: dict[str, None] = {}
-        # route indexes, by casefolded key
-        self._by_name: dict[str, OfferIndex] = {}
-        self._by_category: dict[str, OfferIndex] = {}
-        self._by_capability: dict[str, OfferIndex] = {}
-        self._all = OfferIndex()
-        self._shared = Shared()
+        super().__init__(
+            max_executors=max_executors, max_bytes=max_bytes, max_per_source=max_per_source,
+            max_bytes_per_source=max_bytes_per_source, max_ttl=max_ttl, max_skew=max_skew,
+        )  # fmt: skip
+        self._indexes = RouteIndexes()
         self._unfiled: dict[str, None] = {}  # executors whose slots are not filed yet
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     def statistics(self) -> OfferTableStatistics:
         return OfferTableStatistics(
@@ -241,69 +207,24 @@ class OfferTable:
         self._enforce(charged, now=now)
         return signer in self._entries
 
-    def mark_used(self, executor: str) -> None:
-        """Note that ``executor`` served this client (a receipt was accepted): its advert
-        is evicted only after every advert of an executor never used (module doc,
-        "Used executors"). ``ExecutorHealth(on_success=table.mark_used)`` calls this on
-        every finished request. Remembers at most ``max_executors`` executors, the
-        least recently used forgotten first."""
-        self._used.pop(executor, None)
-        self._used[executor] = None
-        if len(self._used) > self.max_executors:
-            del self._used[next(iter(self._used))]
-        entry = self._entries.get(executor)
-        if entry is not None and not entry.used:  # move it to its source's used adverts
-            source = self._sources[entry.source]
-            del source.signers[executor]
-            source.used[executor] = None
-            source.used_bytes += entry.size
-            entry.used = True
-            self._used_adverts += 1
-            self._rank(entry.source)
+    # ---------------------------------------------------------------- filing
 
-    def is_used(self, executor: str) -> bool:
-        return executor in self._used
-
-    # ---------------------------------------------------------------- bookkeeping
-
-    def _insert(self, signer: str, entry: _Entry, slots: list[Slot] | None) -> None:
+    def _insert(self, signer: str, entry: _Entry, slots: list[Slot] | None = None) -> None:  # type: ignore[override]
         """Hold ``entry``; its slots are filed (or, with ``slots`` None, will be at the
         next route query: :meth:`_catch_up`)."""
-        self._entries[signer] = entry
-        source = self._sources.setdefault(entry.source, _Source({}))
-        if entry.used:
-            source.used[signer] = None  # the newest is the most recently refreshed
-            source.used_bytes += entry.size
-            self._used_adverts += 1
-        else:
-            source.signers[signer] = None
-        source.bytes += entry.size
-        self._bytes += entry.size
-        self._rank(entry.source)
+        super()._insert(signer, entry)
         entry.slots = slots
         if slots is None:
             self._unfiled[signer] = None
 
-    def _remove(self, signer: str, *, unfile: bool = True) -> None:
+    def _remove(self, signer: str, *, unfile: bool = True) -> _Entry:
         """Drop ``signer``'s entry and (with ``unfile``) its slots from the indexes."""
-        entry = self._entries.pop(signer)
-        source = self._sources[entry.source]
-        if entry.used:
-            del source.used[signer]
-            source.used_bytes -= entry.size
-            self._used_adverts -= 1
-        else:
-            del source.signers[signer]
-        source.bytes -= entry.size
-        if not len(source):
-            del self._sources[entry.source]
-        self._bytes -= entry.size
-        self._rank(entry.source)
+        entry = super()._remove(signer)
         if entry.slots is None:
             self._unfiled.pop(signer, None)
         elif unfile:
-            for slot in entry.slots:
-                self._file(slot, add=False)
+            self._indexes.unfile(entry.slots)
+        return entry
 
     def _catch_up(self) -> None:
         """File the slots of the adverts held but not filed yet (sharing their values,
@@ -312,86 +233,9 @@ class OfferTable:
         query cost no filing."""
         for signer in self._unfiled:
             entry = self._entries[signer]
-            entry.advert = self._shared.advert(entry.advert)
-            entry.slots = [Slot(signer, i, model, self._shared) for i, model in enumerate(entry.advert.models)]
-            for slot in entry.slots:
-                self._file(slot, add=True)
+            entry.advert = self._indexes.shared.advert(entry.advert)
+            entry.slots = self._indexes.file(signer, entry.advert.models)
         self._unfiled.clear()
-
-    def _file(self, slot: Slot, *, add: bool) -> None:
-        """File ``slot`` in (or take it out of) every index its model belongs in."""
-        names, categories, capabilities = keys_of(slot.model)
-        if not add:
-            slot.dead = True
-        for kind, keys in ((self._by_name, names), (self._by_category, categories), (self._by_capability, capabilities)):
-            for k in keys:
-                if add:
-                    if (index := kind.get(k)) is None:
-                        index = kind[k] = OfferIndex(names=kind is self._by_name)
-                    index.add(slot)
-                else:
-                    (index := kind[k]).remove(slot)
-                    if not len(index):
-                        del kind[k]
-        self._all.add(slot) if add else self._all.remove(slot)
-
-    def _rank(self, name: str) -> None:
-        """Note ``name``'s new shares for :meth:`_biggest_source`."""
-        if len(self._largest) + len(self._largest_used) > 4 * len(self._sources) + 64:  # mostly stale: rebuild
-            self._largest = [
-                (-(v.bytes - v.used_bytes), -len(v.signers), next(self._tickets), k)
-                for k, v in self._sources.items()
-                if v.signers
-            ]
-            self._largest_used = [
-                (-v.used_bytes, -len(v.used), next(self._tickets), k) for k, v in self._sources.items() if v.used
-            ]
-            heapq.heapify(self._largest)
-            heapq.heapify(self._largest_used)
-        elif (source := self._sources.get(name)) is not None:
-            if source.signers:
-                heapq.heappush(self._largest, (-(source.bytes - source.used_bytes), -len(source.signers), next(self._tickets), name))
-            if source.used:
-                heapq.heappush(self._largest_used, (-source.used_bytes, -len(source.used), next(self._tickets), name))
-
-    def _biggest_source(self) -> str:
-        """The source holding the most bytes of unused adverts (then the most adverts;
-        then the one whose share changed longest ago); when every advert held is of a
-        used executor, the same over used adverts."""
-        used = len(self._entries) == self._used_adverts
-        heap = self._largest_used if used else self._largest
-        while True:
-            minus_bytes, minus_count, _, name = heap[0]
-            source = self._sources.get(name)
-            if source is not None:
-                share = (source.used_bytes, len(source.used)) if used else (source.bytes - source.used_bytes, len(source.signers))
-                if share == (-minus_bytes, -minus_count):
-                    return name
-            heapq.heappop(heap)
-
-    def _evict_stalest_of(self, name: str) -> None:
-        source = self._sources[name]
-        self._remove(next(iter(source.signers or source.used)))
-        self._evicted += 1
-
-    def _enforce(self, name: str, *, now: float) -> None:
-        """Bring ``name``'s share, then the whole table, back within the bounds."""
-        while (source := self._sources.get(name)) is not None and (
-            len(source) > self.max_per_source or source.bytes > self.max_bytes_per_source
-        ):
-            self._evict_stalest_of(name)
-        if (len(self._entries) > self.max_executors or self._bytes > self.max_bytes) and now >= self._next_sweep:
-            self.expire(now=now)  # a full scan: at most once a second while a flood lasts
-        while len(self._entries) > self.max_executors or self._bytes > self.max_bytes:
-            self._evict_stalest_of(self._biggest_source())
-
-    def expire(self, *, now: float) -> int:
-        """Drop expired adverts; returns how many went."""
-        self._next_sweep = now + 1.0
-        gone = [k for k, e in self._entries.items() if e.expires_at <= now]
-        for k in gone:
-            self._remove(k)
-        return len(gone)
 
     # ---------------------------------------------------------------- reading
 
@@ -422,28 +266,25 @@ class OfferTable:
         """File every advert held and sort every index now, rather than at the queries
         that need them (a benchmark's steady state; a client about to route a burst)."""
         self._catch_up()
-        for kind in (self._by_name, self._by_category, self._by_capability):
-            for index in kind.values():
-                index.prepare()
-        self._all.prepare()
+        self._indexes.prepare()
 
     def name_index(self, name: str) -> OfferIndex | None:
         """The slots of models named or aliased ``name`` (casefolded here)."""
         self._catch_up()
-        return self._by_name.get(name.casefold())
+        return self._indexes.by_name.get(name.casefold())
 
     def category_index(self, category: str) -> OfferIndex | None:
         self._catch_up()
-        return self._by_category.get(category.casefold())
+        return self._indexes.by_category.get(category.casefold())
 
     def capability_index(self, capability: str) -> OfferIndex | None:
         self._catch_up()
-        return self._by_capability.get(capability.casefold())
+        return self._indexes.by_capability.get(capability.casefold())
 
     def all_index(self) -> OfferIndex:
         """Every slot held (expired ones too, until a sweep: check ``expires_at``)."""
         self._catch_up()
-        return self._all
+        return self._indexes.all
 
     def entry_of(self, executor: str) -> _Entry | None:
         """What the table holds of ``executor``: ``advert``, ``expires_at``, ``slots``,

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from loomnet.client import _offer_index
 from loomnet.client._health import ExecutorHealth
-from loomnet.client._offer_index import prior_tps
+from loomnet.client._offer_terms import prior_tps
 from loomnet.client._offers import OfferTable
 from loomnet.client._route import RequestShape, Route
 from loomnet.client._router import EQUAL, PRIOR_TTFT, REASONS, OfferRouter
