@@ -98,9 +98,10 @@ def build(n: int, models_per: int, seed: int) -> tuple[OfferTable, float]:
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    table = OfferTable(max_executors=max(16384, n), max_bytes=1 << 30)
+    table = OfferTable()  # the default bounds must hold the whole network
     for data in wire:
         assert table.add(data, now=NOW)
+    assert len(table) == n, "the table's default bounds dropped adverts"
     table.prepare()  # file every advert and sort every index, as queries would
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - base

@@ -14,7 +14,7 @@ Anyone can mint identities and sign adverts, so the table is bounded whoever sig
 * each advert is at most ``SignedKind.ADVERT.max_payload`` bytes (128 KiB), refused by
   ``open_envelope`` before its signature is checked;
 * the table holds at most ``max_executors`` adverts (16 384) and ``max_bytes`` bytes
-  of them (48 MiB of signed payloads; decoded, an advert takes about 3.6 times its
+  of them (40 MiB of signed payloads; decoded, an advert takes about 3.6 times its
   bytes, about 2.2 once filed with its values shared);
 * every advert is charged to its **source**, the peer that handed it to us: the
   publisher for gossip (who is also its signer), the answering peer for the adverts
@@ -134,7 +134,7 @@ class OfferTable(AdvertBounds):
         self,
         *,
         max_executors: int = 16384,
-        max_bytes: int = 48 << 20,
+        max_bytes: int = 40 << 20,
         max_per_source: int | None = None,
         max_bytes_per_source: int | None = None,
         max_ttl: float = 600.0,

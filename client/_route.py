@@ -22,6 +22,13 @@ a built-in category name (:data:`CATEGORIES`), or else a model name or alias
 (``"provider:model"`` is accepted: the part after the first ``:`` is tried when the
 whole string names no model, because adverts never say which provider serves a model).
 An explicit model fails closed: it is never served by another model.
+
+Implementations: ``_router.OfferRouter`` (over an ``OfferTable``) and
+``_health.ExecutorHealth``; how they rank is in ``docs/routing.md``. Added with the
+router (issue 8), without renaming anything: ``Router.rank`` takes ``wall`` (the
+wall clock adverts expire by) and ``limit``; ``Health.benched`` takes ``model``; and
+``Health`` has ``cancelled``, ``tracks``, ``tracked`` and ``estimate``, which the
+router reads.
 """
 
 from __future__ import annotations
