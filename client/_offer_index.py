@@ -31,7 +31,7 @@ dead weight stays below half. An index of at most :data:`SMALL` slots keeps only
 unsorted list (a query sorts so few at once).
 
 Memory: a slot is one small object; each index it is in holds two references. A model
-is filed under its name and at most :data:`MAX_KEYS` aliases, categories and
+is filed under its name and at most ``MAX_KEYS`` (``_offer_terms``) aliases, categories and
 capabilities each (the schema allows 32/16/16; an alias past the eighth does not
 route), so an advert of many tiny unique aliases cannot make the indexes dwarf it.
 """

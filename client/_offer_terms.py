@@ -64,7 +64,9 @@ class Shared:
     """Equal values handed out as one object: the same names, aliases, categories,
     capabilities, prices and context lengths recur on thousands of adverts, and each
     decoded copy is its own object (a string ~50 bytes more than its text, a list ~60,
-    an int 28): shared, a model of a 20-model advert takes ~230 bytes instead of ~690.
+    an int 28): shared, a decoded model takes about a third of the memory (measured:
+    ~690 bytes a model of a 20-model advert before, 10,000 such adverts in 145 MB
+    with their indexes after, ``bench/route_bench.py``).
     Strings are interned (``sys.intern``: freed with their last user); lists and ints
     go through a cache of at most ``size`` entries, emptied when full, so sharing is
     best effort and the cache bounded. Shared lists are never mutated (nothing in

@@ -112,6 +112,8 @@ def test_adverts_are_filed_at_the_first_query_only():
     assert index is not None and len(index) == 5 and table._unfiled == {}
     assert len(table.name_index("l3")) == len(table.category_index("fast")) == len(table.capability_index("TOOLS")) == 5
     assert table.name_index("other") is None and len(table.all_index()) == 5
+    gossip(table, key(9), ModelOffer(name="Llama"))  # a router's table files as adverts arrive
+    assert table._unfiled == {} and len(table._indexes.by_name["llama"]) == 6
 
 
 def test_a_refresh_with_the_same_terms_keeps_its_slots_and_a_changed_one_refiles():
@@ -167,7 +169,11 @@ MODELS = st.builds(
     st.sampled_from([(1, 1), (1000, 1), (1, 1000), (3000, 2000)]),
 )
 def test_every_index_holds_its_live_slots_in_both_orders(steps, shape):
-    with mock.patch.object(_offer_index, "SMALL", 2), mock.patch.object(_offer_index, "_MIN_DEAD", 1):
+    with (
+        mock.patch.object(_offer_index, "SMALL", 2),
+        mock.patch.object(_offer_index, "_MIN_DEAD", 1),
+        mock.patch.object(_offer_index.SortedItems, "LOAD", 2),  # buckets split early
+    ):
         table = OfferTable(max_executors=12)
         seqs: dict[int, int] = {}
         for i, models, query in steps:

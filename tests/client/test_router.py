@@ -383,7 +383,11 @@ def route_of(spec, executors):
        st.sampled_from([RequestShape(prompt_tokens=10, max_tokens=2000), RequestShape(prompt_tokens=5000, max_tokens=20)]),
        st.sampled_from([1, 3, 8]), st.integers(0, 2))  # fmt: skip
 def test_rank_matches_a_brute_force_ranking(ads, evs, specs, shape, limit, extra):
-    with mock.patch.object(_offer_index, "SMALL", 2), mock.patch.object(_offer_index, "_MIN_DEAD", 1):
+    with (
+        mock.patch.object(_offer_index, "SMALL", 2),
+        mock.patch.object(_offer_index, "_MIN_DEAD", 1),
+        mock.patch.object(_offer_index.SortedItems, "LOAD", 2),  # buckets split early
+    ):
         table = OfferTable()
         health = ExecutorHealth()
         router = OfferRouter(table)
