@@ -25,7 +25,8 @@ How each route choice ranks (formulas and constants: ``docs/routing.md``):
 
 ``rank`` returns at most ``limit`` candidates and reads only as many offers as it
 needs to (plus the pairs the health table has records of); ``explain`` reads every
-offer of the route and says why each one left out was. :func:`rank_offers` is the
+offer of the route and says why each one it left out was left out. The decision
+itself is in ``_route_walk``. :func:`rank_offers` is the
 first router (a scan by model name and price caps), kept for its callers.
 """
 
@@ -42,10 +43,20 @@ from ._offers import Offer, OfferTable
 from ._route import Candidate, Health, RequestShape, Route
 from ._route_walk import EQUAL, PRIOR_TTFT, REASONS, Walk, detail
 
-__all__ = ["DEFAULT_LIMIT", "EQUAL", "PRIOR_TTFT", "REASONS", "OfferRouter", "Rejection", "RouteExplanation", "rank_offers"]
+__all__ = [
+    "DEFAULT_LIMIT",
+    "EQUAL",
+    "PRIOR_TTFT",
+    "REASONS",
+    "OfferRouter",
+    "Rejection",
+    "RouteExplanation",
+    "rank_offers",
+]
 
 #: most candidates ``rank`` returns by default
 DEFAULT_LIMIT = 8
+
 
 class Rejection(msgspec.Struct, frozen=True, kw_only=True):
     """An offer the route left out, and why (``reason`` is a key of :data:`REASONS`)."""
