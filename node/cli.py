@@ -245,6 +245,5 @@ async def _offers_main(config: ClientConfig, as_json: bool) -> None:
             f"{m.name[:24]:24} {','.join(m.aliases)[:20]:20} {m.price_in / 1e6:10.4f} {m.price_out / 1e6:10.4f} "
             f"{o.advert.load}/{o.advert.capacity:<4} {m.context_length:6}  {o.executor}"
         )
-
 from ._cli_route import route as _route  # noqa: E402  (after main: it borrows this module's helpers)
 main.add_command(_route)
