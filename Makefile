@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-installed
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install run test chat offers clean
+.PHONY: install run test chat offers clean bench-route
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ offers: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-route: install
+	$(BIN)/python bench/route_bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

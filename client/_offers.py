@@ -1,4 +1,5 @@
-"""The offer table: the freshest valid advert per executor, with expiry and bounds.
+"""The offer table: the freshest valid advert per executor, with expiry, bounds and
+route indexes.
 
 Fed by gossip and by the adverts request stream. Every advert is verified before it
 is kept; gossip adverts must also come from the peer that signed them (libp2p's own
@@ -7,35 +8,48 @@ refuses adverts re-signed under someone else's name). "Freshest" is the highest
 ``seq``; an advert expires ``ttl`` seconds after ``issued_at``, capped by
 ``max_ttl`` so a peer cannot pin an entry forever.
 
-Bounds (what one hostile peer can make a node hold). Anyone can mint identities and
-sign adverts, so the table is bounded whoever signs:
+Bounds (what one hostile peer can make a node hold; kept in ``_offer_bounds``).
+Anyone can mint identities and sign adverts, so the table is bounded whoever signs:
 
 * each advert is at most ``SignedKind.ADVERT.max_payload`` bytes (128 KiB), refused by
   ``open_envelope`` before its signature is checked;
-* the table holds at most ``max_executors`` adverts and ``max_bytes`` bytes of them
-  (signed payload bytes; decoded, an advert takes about 3.6 times its bytes);
+* the table holds at most ``max_executors`` adverts (16 384) and ``max_bytes`` bytes
+  of them (40 MiB of signed payloads; decoded, an advert takes about 3.6 times its
+  bytes, about 2.2 once filed with its values shared);
 * every advert is charged to its **source**, the peer that handed it to us: the
   publisher for gossip (who is also its signer), the answering peer for the adverts
   stream. One source holds at most ``max_per_source`` adverts and
   ``max_bytes_per_source`` bytes (a quarter of the table by default); past that, its own
-  least recently refreshed advert goes, never another source's;
+  least recently refreshed advert goes (an unused executor's first), never another
+  source's;
 * when the whole table is over a bound, expired adverts go first (a full table looks
   for them at most once a second), then the least recently refreshed advert of the
-  source holding the most bytes (found through a heap, not a scan: a flood costs
-  ~0.2 ms per advert, mostly its signature check).
+  source holding the most bytes of unused executors' adverts (found through a heap,
+  not a scan: a flood costs ~0.2 ms per advert, mostly its signature check).
+
+**Used executors** (``mark_used``, called through ``ExecutorHealth(on_success=...)``
+on every request an executor served): their adverts are evicted only once no advert
+of an executor this client never used is left, or when they hold more than half of
+``max_executors`` (so the table still learns new executors).
 
 Why this keeps honest adverts: an honest executor is its own source on gossip and
 refreshes its advert every ``advert-interval`` (10 s), so it holds one small,
 recently refreshed entry. A peer flooding the adverts stream only displaces its own
 share; fat adverts from many minted identities are the biggest sources and go first.
-What no bounded table survives is a flood of small adverts from fresh identities faster
-than honest executors refresh theirs; the bounds keep memory flat meanwhile.
-``docs/network.md`` ("Advert limits") has the numbers.
+A flood of small adverts from fresh identities faster than honest executors refresh
+theirs pushes out the executors this client has not used yet, never those it has;
+the bounds keep memory flat meanwhile. ``docs/network.md`` ("Advert limits") has the
+numbers.
+
+**Route indexes** (``_offer_index``): one slot per model, filed under its name,
+aliases, categories and capabilities, from the first route query on
+(:meth:`OfferTable.name_index` and its siblings; see :meth:`OfferTable._catch_up`);
+an advert refreshed with the same terms keeps its slots. An executor, which holds
+adverts only to hand them on, never files any.
 """
 
 from __future__ import annotations
 
-import heapq
 import itertools
 
 import msgspec
@@ -50,6 +64,10 @@ from loomnet.protocol import (
     describe_decode_error,
     open_envelope,
 )
+
+from ._offer_bounds import AdvertBounds, _Entry
+from ._offer_index import OfferIndex, RouteIndexes, Slot
+from ._offer_terms import reuse, same_terms
 
 __all__ = ["Offer", "OfferTable", "OfferTableStatistics", "decode_advert_envelope"]
 
@@ -77,20 +95,8 @@ class OfferTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: not counted), and adverts refused (invalid, forged, oversized, stale, expired)
     evicted: int
     refused: int
-
-
-class _Entry(msgspec.Struct):
-    envelope: Envelope
-    advert: Advert
-    expires_at: float
-    source: str
-    size: int
-
-
-class _Source(msgspec.Struct):
-    #: signer -> None, least recently refreshed first (a refresh re-inserts)
-    signers: dict[str, None]
-    bytes: int = 0
+    #: adverts held now of executors this client was served by (``mark_used``)
+    used: int = 0
 
 
 def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
@@ -108,9 +114,9 @@ def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
     return envelope, advert, signer  # type: ignore[return-value]
 
 
-class OfferTable:
-    """Adverts by executor peer id, bounded (see the module doc). Not thread-safe; owned
-    by one trio task tree.
+class OfferTable(AdvertBounds):
+    """Adverts by executor peer id, bounded (see the module doc), with route indexes
+    (``_offer_index``). Not thread-safe; owned by one trio task tree.
 
     Args:
         max_executors: most adverts held.
@@ -127,32 +133,20 @@ class OfferTable:
     def __init__(
         self,
         *,
-        max_executors: int = 4096,
-        max_bytes: int = 16 << 20,
+        max_executors: int = 16384,
+        max_bytes: int = 40 << 20,
         max_per_source: int | None = None,
         max_bytes_per_source: int | None = None,
         max_ttl: float = 600.0,
         max_skew: float = 30.0,
     ) -> None:
-        self.max_executors = max_executors
-        self.max_bytes = max_bytes
-        self.max_per_source = max_per_source if max_per_source is not None else max(1, max_executors // 4)
-        self.max_bytes_per_source = max_bytes_per_source if max_bytes_per_source is not None else max_bytes // 4
-        self.max_ttl = max_ttl
-        self.max_skew = max_skew
-        self._entries: dict[str, _Entry] = {}  # least recently refreshed first
-        self._sources: dict[str, _Source] = {}
-        # (-bytes, -adverts, ticket, source) for every source change; stale items are
-        # skipped when popped, so the biggest source is found without a scan
-        self._largest: list[tuple[int, int, int, str]] = []
-        self._tickets = itertools.count()
-        self._bytes = 0
-        self._next_sweep = float("-inf")  # when a full table next looks for expired adverts
-        self._evicted = 0
-        self._refused = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().__init__(
+            max_executors=max_executors, max_bytes=max_bytes, max_per_source=max_per_source,
+            max_bytes_per_source=max_bytes_per_source, max_ttl=max_ttl, max_skew=max_skew,
+        )  # fmt: skip
+        self._indexes = RouteIndexes()
+        self._unfiled: dict[str, None] = {}  # executors whose slots are not filed yet
+        self._eager = False  # file adverts as they arrive (after the first route query)
 
     def statistics(self) -> OfferTableStatistics:
         return OfferTableStatistics(
@@ -161,6 +155,7 @@ class OfferTable:
             sources=len(self._sources),
             evicted=self._evicted,
             refused=self._refused,
+            used=self._used_adverts,
         )
 
     def add(self, data: bytes | Envelope, *, now: float, sender: str | None = None, source: str | None = None) -> bool:
@@ -197,71 +192,58 @@ class OfferTable:
         ):
             self._refused += 1
             return False
-        if held is not None:
+        slots: list[Slot] | None = None
+        if held is not None and same_terms(held.advert.models, advert.models):
+            # filed where they were: keep the slots, and share the held models' values
+            advert = msgspec.structs.replace(advert, models=reuse(held.advert.models, advert.models))
+            if (slots := held.slots) is not None:
+                for slot, model in zip(slots, advert.models):
+                    slot.model = model
+            self._remove(signer, unfile=False)
+        elif held is not None:
             self._remove(signer)
         charged = source if source is not None else sender if sender is not None else signer
-        self._insert(signer, _Entry(envelope, advert, expires_at, charged, len(envelope.payload)))
+        entry = _Entry(envelope, advert, expires_at, charged, len(envelope.payload), used=signer in self._used)
+        self._insert(signer, entry, slots)
         self._enforce(charged, now=now)
         return signer in self._entries
 
-    def _insert(self, signer: str, entry: _Entry) -> None:
-        self._entries[signer] = entry
-        source = self._sources.setdefault(entry.source, _Source({}))
-        source.signers[signer] = None  # the newest is the most recently refreshed
-        source.bytes += entry.size
-        self._bytes += entry.size
-        self._rank(entry.source)
+    # ---------------------------------------------------------------- filing
 
-    def _remove(self, signer: str) -> None:
-        entry = self._entries.pop(signer)
-        source = self._sources[entry.source]
-        del source.signers[signer]
-        source.bytes -= entry.size
-        if not source.signers:
-            del self._sources[entry.source]
-        self._bytes -= entry.size
-        self._rank(entry.source)
+    def _insert(self, signer: str, entry: _Entry, slots: list[Slot] | None = None) -> None:  # type: ignore[override]
+        """Hold ``entry``; its slots are filed (or, with ``slots`` None, will be at the
+        next route query: :meth:`_catch_up`)."""
+        super()._insert(signer, entry)
+        entry.slots = slots
+        if slots is None:
+            self._unfiled[signer] = None
+            if self._eager:
+                self._catch_up()
 
-    def _rank(self, name: str) -> None:
-        """Note ``name``'s new share for :meth:`_biggest_source`."""
-        if len(self._largest) > 2 * len(self._sources) + 64:  # mostly stale: rebuild
-            self._largest = [(-v.bytes, -len(v.signers), next(self._tickets), k) for k, v in self._sources.items()]
-            heapq.heapify(self._largest)
-        elif (source := self._sources.get(name)) is not None:
-            heapq.heappush(self._largest, (-source.bytes, -len(source.signers), next(self._tickets), name))
+    def _remove(self, signer: str, *, unfile: bool = True) -> _Entry:
+        """Drop ``signer``'s entry and (with ``unfile``) its slots from the indexes."""
+        entry = super()._remove(signer)
+        if entry.slots is None:
+            self._unfiled.pop(signer, None)
+        elif unfile:
+            self._indexes.unfile(entry.slots)
+        return entry
 
-    def _biggest_source(self) -> str:
-        """The source holding the most bytes (then the most adverts; then the one whose
-        share changed longest ago)."""
-        while True:
-            minus_bytes, minus_count, _, name = self._largest[0]
-            source = self._sources.get(name)
-            if source is not None and (source.bytes, len(source.signers)) == (-minus_bytes, -minus_count):
-                return name
-            heapq.heappop(self._largest)
+    def _catch_up(self) -> None:
+        """File the slots of the adverts held but not filed yet (sharing their values,
+        ``Shared``). Filing waits for the first route query: an executor, which holds
+        adverts only to hand them on, never files any. From then on the table is a
+        router's and files each advert as it arrives (``add``), so that queries do not
+        pay for a burst of adverts; the first one pays for all held (~0.5 ms per
+        20-model advert: call :meth:`prepare` after joining to pay it up front)."""
+        self._eager = True
+        for signer in self._unfiled:
+            entry = self._entries[signer]
+            entry.advert = self._indexes.shared.advert(entry.advert)
+            entry.slots = self._indexes.file(signer, entry.advert.models)
+        self._unfiled.clear()
 
-    def _evict_stalest_of(self, name: str) -> None:
-        self._remove(next(iter(self._sources[name].signers)))
-        self._evicted += 1
-
-    def _enforce(self, name: str, *, now: float) -> None:
-        """Bring ``name``'s share, then the whole table, back within the bounds."""
-        while (source := self._sources.get(name)) is not None and (
-            len(source.signers) > self.max_per_source or source.bytes > self.max_bytes_per_source
-        ):
-            self._evict_stalest_of(name)
-        if (len(self._entries) > self.max_executors or self._bytes > self.max_bytes) and now >= self._next_sweep:
-            self.expire(now=now)  # a full scan: at most once a second while a flood lasts
-        while len(self._entries) > self.max_executors or self._bytes > self.max_bytes:
-            self._evict_stalest_of(self._biggest_source())
-
-    def expire(self, *, now: float) -> int:
-        """Drop expired adverts; returns how many went."""
-        self._next_sweep = now + 1.0
-        gone = [k for k, e in self._entries.items() if e.expires_at <= now]
-        for k in gone:
-            self._remove(k)
-        return len(gone)
+    # ---------------------------------------------------------------- reading
 
     def envelopes(self, *, now: float, limit: int | None = None) -> list[Envelope]:
         """The live signed adverts, to hand to a peer that asks: the most recently
@@ -275,10 +257,56 @@ class OfferTable:
         return entry.advert if entry is not None and entry.expires_at > now else None
 
     def offers(self, *, now: float) -> list[Offer]:
-        """Every live (executor, model) pair."""
+        """Every live (executor, model) pair: a scan, for listings; route queries go
+        through the indexes (:meth:`name_index` and its siblings)."""
         self.expire(now=now)
         return [
             Offer(executor=executor, model=model, advert=entry.advert, expires_at=entry.expires_at)
             for executor, entry in self._entries.items()
             for model in entry.advert.models
         ]
+
+    # ---------------------------------------------------------------- route indexes
+
+    def prepare(self) -> None:
+        """File every advert held and sort every index now, rather than at the queries
+        that need them (a benchmark's steady state; a client about to route a burst)."""
+        self._catch_up()
+        self._indexes.prepare()
+
+    def name_index(self, name: str) -> OfferIndex | None:
+        """The slots of models named or aliased ``name`` (casefolded here)."""
+        self._catch_up()
+        return self._indexes.by_name.get(name.casefold())
+
+    def category_index(self, category: str) -> OfferIndex | None:
+        self._catch_up()
+        return self._indexes.by_category.get(category.casefold())
+
+    def capability_index(self, capability: str) -> OfferIndex | None:
+        self._catch_up()
+        return self._indexes.by_capability.get(capability.casefold())
+
+    def all_index(self) -> OfferIndex:
+        """Every slot held (expired ones too, until a sweep: check ``expires_at``)."""
+        self._catch_up()
+        return self._indexes.all
+
+    def entry_of(self, executor: str) -> _Entry | None:
+        """What the table holds of ``executor``: ``advert``, ``expires_at``, ``slots``,
+        ``used`` (read only; expired entries too, until a sweep)."""
+        if self._unfiled:
+            self._catch_up()
+        return self._entries.get(executor)
+
+    def slots_of(self, executor: str, model: str) -> list[Slot]:
+        """``executor``'s slots for the model named exactly ``model`` (an offer's
+        ``model.name``): usually one; none when it does not advertise the model."""
+        entry = self.entry_of(executor)
+        if entry is None or entry.slots is None:
+            return []
+        return [slot for slot in entry.slots if slot.model.name == model]
+
+    def offer_of(self, slot: Slot) -> Offer:
+        entry = self._entries[slot.executor]
+        return Offer(executor=slot.executor, model=slot.model, advert=entry.advert, expires_at=entry.expires_at)

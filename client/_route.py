@@ -22,16 +22,29 @@ a built-in category name (:data:`CATEGORIES`), or else a model name or alias
 (``"provider:model"`` is accepted: the part after the first ``:`` is tried when the
 whole string names no model, because adverts never say which provider serves a model).
 An explicit model fails closed: it is never served by another model.
+
+Implementations: ``_router.OfferRouter`` (over an ``OfferTable``) and
+``_health.ExecutorHealth``; how they rank is in ``docs/routing.md``. Added with the
+router (issue 8), without renaming anything: ``Router.rank`` takes ``wall`` (the
+wall clock adverts expire by) and ``limit``; ``Health.benched`` takes ``model``; and
+``Health`` has ``cancelled``, ``tracks``, ``tracked`` and ``estimate``, which the
+router reads.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Literal, Protocol
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 
+from loomnet.protocol import InvalidRequest
+
 from ._offers import Offer
+
+if TYPE_CHECKING:
+    from ._health import Estimate
 
 __all__ = ["CATEGORIES", "Candidate", "Health", "RequestShape", "Route", "Router", "Strategy"]
 
@@ -76,10 +89,82 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     def parse(cls, text: str | None, **filters: object) -> "Route":
         """The route a string names (see the module doc), with ``filters`` as fields.
 
+        ``text``: ``None`` (any model, strategy ``best``), ``"cheapest"``,
+        ``"fastest"``, ``"category:<name>"``, a built-in category name, else a model
+        name or alias; keywords and built-in category names are matched
+        case-insensitively, surrounding blanks ignored. ``filters`` are Route fields
+        (``strategy=``, ``max_price_in=``, ``capabilities=``, ``pinned=``, ...):
+        collections may be any iterable of strings; capabilities are casefolded.
+
         Raises:
-            InvalidRequest: an empty string or an empty ``category:`` name.
+            InvalidRequest: an empty string or an empty ``category:`` name; a model and
+                a category both; a strategy that contradicts the text; a filter of the
+                wrong type or a negative number (``field`` names it).
+            TypeError: a filter that is no Route field.
         """
-        raise NotImplementedError  # implemented with the router (issue 8)
+        unknown = sorted(set(filters) - set(cls.__struct_fields__))
+        if unknown:
+            raise TypeError(f"unknown route filter(s): {', '.join(unknown)}; known: {', '.join(cls.__struct_fields__)}")
+        fields: dict[str, object] = {k: _check_filter(k, v) for k, v in filters.items()}
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidRequest(f"a route is a string, not {type(text).__name__}", field="route")
+            word = text.strip()
+            lowered = word.casefold()
+            named: dict[str, object]
+            if not word:
+                raise InvalidRequest("an empty route names nothing: use a model, a category, 'cheapest' or 'fastest'", field="route")
+            if lowered in ("cheapest", "fastest"):
+                named = {"strategy": lowered}
+            elif lowered.startswith("category:"):
+                name = word[len("category:") :].strip()
+                if not name:
+                    raise InvalidRequest("'category:' needs a category name, as in 'category:coding'", field="route")
+                named = {"category": name}
+            elif lowered in CATEGORIES:
+                named = {"category": lowered}
+            else:
+                named = {"model": word}
+            for k, v in named.items():
+                if k in fields and fields[k] != v:
+                    raise InvalidRequest(f"route {text!r} sets {k} to {v!r} but the filters say {fields[k]!r}", field=k)
+                fields[k] = v
+        if fields.get("model") is not None and fields.get("category") is not None:
+            raise InvalidRequest("a route names a model or a category, not both", field="category")
+        return cls(**fields)  # type: ignore[arg-type]
+
+
+_SETS = {"capabilities", "pinned", "excluded"}
+_COUNTS = {"max_price_in", "max_price_out", "min_context"}
+_FLAGS = {"on_premise_only", "no_retention_only"}
+
+
+def _check_filter(name: str, value: object) -> object:
+    """``value`` as the Route field ``name`` holds it. Raises InvalidRequest."""
+    if name in _SETS:
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise InvalidRequest(f"{name} is a collection of strings, not {type(value).__name__}", field=name)
+        items = list(value)  # type: ignore[call-overload]
+        if not all(isinstance(v, str) and v for v in items):
+            raise InvalidRequest(f"{name} holds non-empty strings only", field=name)
+        return frozenset(v.casefold() for v in items) if name == "capabilities" else frozenset(items)
+    if name in _COUNTS:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidRequest(f"{name} is a whole number ≥ 0 or None, not {value!r}", field=name)
+        return value
+    if name in _FLAGS:
+        if not isinstance(value, bool):
+            raise InvalidRequest(f"{name} is True or False, not {value!r}", field=name)
+        return value
+    if name == "strategy":
+        if value not in ("best", "cheapest", "fastest"):
+            raise InvalidRequest(f"strategy is 'best', 'cheapest' or 'fastest', not {value!r}", field=name)
+        return value
+    if value is not None and (not isinstance(value, str) or not value.strip()):  # model, category
+        raise InvalidRequest(f"{name} is a non-empty string or None, not {value!r}", field=name)
+    return value.strip() if isinstance(value, str) else value
 
 
 class RequestShape(msgspec.Struct, frozen=True, kw_only=True):
@@ -121,14 +206,45 @@ class Health(Protocol):
         """The attempt failed (refused retryably, broke, or timed out): in-flight − 1,
         consecutive failures + 1; enough of them bench the executor."""
 
-    def benched(self, executor: str, *, now: float) -> bool:
-        """True while the circuit breaker keeps ``executor`` out of rankings."""
+    def benched(self, executor: str, *, now: float, model: str | None = None) -> bool:
+        """True while the circuit breaker keeps ``executor`` out of rankings (for
+        ``model`` only when given; any of its models when not)."""
+
+    # Added with the router (issue 8): what the router reads of the table.
+
+    def cancelled(self, executor: str, model: str, *, now: float) -> None:
+        """The caller gave the request up (no fault of the executor's): in-flight − 1."""
+
+    def tracks(self, executor: str, model: str) -> bool:
+        """True when the pair has a record (measured, in flight, or failed)."""
+
+    def tracked(self, model: str | None = None) -> Iterable[tuple[str, str]]:
+        """The (executor, model) pairs with a record; only ``model``'s when given."""
+
+    def estimate(
+        self, executor: str, model: str, *, now: float, prior_ttft: float, prior_tps: float
+    ) -> "Estimate | None":
+        """The pair's measured TTFT and tokens/s decayed toward the priors, its in-flight
+        count and breaker state; None when it has no record."""
 
 
 class Router(Protocol):
     """Ranks live offers for one request (see the module doc)."""
 
     def rank(
-        self, route: Route, shape: RequestShape, health: Health, *, now: float, rng: random.Random
+        self,
+        route: Route,
+        shape: RequestShape,
+        health: Health,
+        *,
+        now: float,
+        rng: random.Random,
+        wall: float | None = None,
+        limit: int | None = None,
     ) -> list[Candidate]:
-        """Candidates for ``route``, best first; empty when none qualifies."""
+        """Candidates for ``route``, best first; empty when none qualifies.
+
+        Added with the router (issue 8): ``wall`` is wall-clock seconds (the clock
+        adverts expire by; ``now`` is the health table's monotonic clock): offers
+        expired by then are left out; None = not checked. ``limit``: most candidates
+        returned (the attempt loop never tries more); None = the router's default."""

@@ -268,3 +268,5 @@ async def _offers_main(config: ClientConfig, as_json: bool) -> None:
         )
 from ._cli_peers import peers as _peers  # noqa: E402  (registered here: it uses this module's helpers)
 main.add_command(_peers)
+from ._cli_route import route as _route  # noqa: E402  (after main: it borrows this module's helpers)
+main.add_command(_route)
