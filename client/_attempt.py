@@ -135,6 +135,7 @@ class AttemptTracker:
         self._reservation = reservation
         self._wall_clock = wall_clock
         self._sent_at = 0.0
+        self._first_at: float | None = None
         #: the error the attempt ended with, if any
         self.error: LoomError | None = None
 
@@ -146,6 +147,7 @@ class AttemptTracker:
         self._sent_at = now  # TTFT and the answer's seconds count from here, not the dial
 
     def first_frame(self, *, now: float) -> None:
+        self._first_at = now
         self._health.first_token(self._executor, self._model, ttft=now - self._sent_at, now=now)
 
     def ended(self, *, now: float, receipt: Receipt | None, accepted: bool, error: LoomError | None) -> None:
@@ -157,9 +159,13 @@ class AttemptTracker:
                 self._reservation.release()
         if error is not None and blames_executor(error):
             self._health.failed(self._executor, self._model, now=now)
-        else:
-            tokens = receipt.output_tokens if receipt is not None and accepted and error is None else 0
-            self._health.finished(self._executor, self._model, output_tokens=tokens, seconds=now - self._sent_at, now=now)
+        elif receipt is not None and accepted and error is None:
+            # tokens/s over the generation only: first token to receipt (TTFT is its own measure)
+            since = self._first_at if self._first_at is not None else self._sent_at
+            self._health.finished(self._executor, self._model, output_tokens=receipt.output_tokens,
+                                  seconds=now - since, now=now)
+        else:  # the caller left, or the request was at fault: neither a success nor a failure
+            self._health.cancelled(self._executor, self._model, now=now)
 
     def release(self) -> None:
         """Free the reservation of an attempt that never began (nothing was sent)."""
@@ -224,7 +230,7 @@ async def open_first(
         now = trio.current_time()
         if sent >= max_attempts or now >= deadline:
             break
-        if offer.executor in tried or health.benched(offer.executor, now=now):
+        if offer.executor in tried or health.benched(offer.executor, now=now, model=offer.model.name):
             continue
         worst = worst_case_cost(shape, offer)
         if options.max_cost is not None:

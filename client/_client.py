@@ -262,7 +262,9 @@ class LoomClient:
         with trio.move_on_after(self.config.offer_timeout if timeout is None else timeout):
             while True:
                 changed = self.member.table_changed
-                ranked = self.router.rank(route, shape, self.health, now=trio.current_time(), rng=self._rng)
+                ranked = self.router.rank(
+                    route, shape, self.health, now=trio.current_time(), rng=self._rng, wall=time.time()
+                )
                 if ranked:
                     return ranked
                 await changed.wait()

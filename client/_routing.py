@@ -3,16 +3,16 @@ request options, and the router and health table a client uses by default."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import msgspec
 
 from loomnet.protocol import GENERATION_FIELDS, GenerationOptions, InvalidRequest, generation_fields
 
+from ._health import ExecutorHealth
 from ._offers import OfferTable
 from ._route import Health, Route, Router
-from ._simple_router import CountingHealth, ScanRouter
+from ._router import OfferRouter
 from ._stream_kit import RequestOptions
 
 __all__ = ["describe_route", "dispatch_parts", "request_options", "route_of"]
@@ -20,8 +20,9 @@ __all__ = ["describe_route", "dispatch_parts", "request_options", "route_of"]
 
 def dispatch_parts(table: OfferTable) -> tuple[Router, Health]:
     """The router and health table a client uses unless it is given others: the one
-    place that picks them."""
-    return ScanRouter(lambda: table.offers(now=time.time())), CountingHealth()
+    place that picks them. A success recorded in the health table marks the executor
+    used in the offer table, whose eviction then keeps it over unknown ones."""
+    return OfferRouter(table), ExecutorHealth(on_success=table.mark_used)
 
 
 def route_of(

@@ -290,7 +290,7 @@ class ListRouter:
         self.offers = offers
         self.asked: list[tuple[Route, RequestShape]] = []
 
-    def rank(self, route: Route, shape: RequestShape, health, *, now: float, rng) -> list[Candidate]:
+    def rank(self, route: Route, shape: RequestShape, health, *, now: float, rng, wall=None, limit=None) -> list[Candidate]:
         self.asked.append((route, shape))
         out = []
         for offer in self.offers:
@@ -335,7 +335,11 @@ class RecordingHealth:
         if self._failures[executor] >= self.failures_to_bench:
             self._benched_until[executor] = now + self.bench_seconds
 
-    def benched(self, executor, *, now):
+    def cancelled(self, executor, model, *, now):
+        self.calls.append(("cancelled", executor))
+        self.in_flight[executor] -= 1
+
+    def benched(self, executor, *, now, model=None):
         return now < self._benched_until.get(executor, float("-inf"))
 
     def verbs(self, executor: str) -> list[str]:

@@ -113,7 +113,7 @@ async def test_a_killed_and_a_silent_executor_are_both_passed_over_before_the_fi
     assert silent_session.client_end.reset_called  # told to stop
     assert health.verbs(A.peer_id) == ["started", "failed"]
     assert health.verbs(B.peer_id) == ["started", "failed"]
-    assert health.verbs(C.peer_id) == ["started", "first_token", "finished"]  # the caller left: nobody's fault
+    assert health.verbs(C.peer_id) == ["started", "first_token", "cancelled"]  # the caller left: nobody's fault
     assert health.in_flight == {A.peer_id: 0, B.peer_id: 0, C.peer_id: 0}
     assert [r.audience for r in net.requests(C.peer_id)] == [C.peer_id]  # signed for C, not replayed from B
 
@@ -192,7 +192,7 @@ async def test_a_refusal_about_the_request_is_not_failed_over(client, autojump_c
     assert info.value.code == code
     assert [a.outcome for a in info.value.attempts] == [code.name]
     assert net.dials[B.peer_id] == 0
-    assert health.verbs(A.peer_id) == ["started", "first_token", "finished"]  # not the executor's fault
+    assert health.verbs(A.peer_id) == ["started", "first_token", "cancelled"]  # not the executor's fault, nor a success
 
 
 @fail_after(30)

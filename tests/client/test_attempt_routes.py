@@ -63,10 +63,7 @@ def test_a_route_of_another_type_is_a_type_error():
 
 
 def test_a_route_string_is_parsed_by_the_router():
-    try:
-        route = route_of(None, "cheapest", max_price_out=7)
-    except NotImplementedError:
-        pytest.skip("Route.parse is implemented with the router (issue 8)")
+    route = route_of(None, "cheapest", max_price_out=7)
     assert route.strategy == "cheapest" and route.max_price_out == 7 and route.model is None
 
 
