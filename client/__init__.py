@@ -38,7 +38,8 @@ from ._open_client import open_client as open_client
 from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
 from ._receipts import check_receipt as check_receipt
 from ._route import Candidate as Candidate, RequestShape as RequestShape, Route as Route
-from ._router import rank_offers as rank_offers
+from ._health import ExecutorHealth as ExecutorHealth
+from ._router import OfferRouter as OfferRouter, rank_offers as rank_offers
 from ._tokens import TokenCounter as TokenCounter
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "P2PStream",
     "ReasoningDelta",
     "RequestShape",
+    "ExecutorHealth",
+    "OfferRouter",
     "Route",
     "TextDelta",
     "TokenCounter",
