@@ -185,6 +185,46 @@ def _exhausted(errors: list[LoomError], attempts: list[Attempt]) -> LoomError:
     return error
 
 
+def _proven(health: Health, candidate: Candidate, *, now: float) -> bool | None:
+    """True: this client has a success of the pair on record and no failure since;
+    False: it failed last; None: no record (unknown)."""
+    offer = candidate.offer
+    est = health.estimate(offer.executor, offer.model.name, now=now, prior_ttft=0.0, prior_tps=0.0)
+    if est is None:
+        return None
+    if est.failures:
+        return False
+    return True if est.tps is not None else None
+
+
+def trial_order(candidates: Sequence[Candidate], health: Health, max_attempts: int, *, now: float) -> list[Candidate]:
+    """The order the attempt loop tries ``candidates`` in: the router's, except that
+
+    * a pair that failed last (consecutive failures short of the breaker's bench) goes
+      after every other, so a failing executor is not tried again ahead of the rest;
+    * when none of the first ``max_attempts`` has served this client before but one
+      further down has, the best such one takes the last attempt.
+
+    Why: identities are free, so a flood of new executors undercutting a working one
+    by a little could otherwise fill every attempt of every request (each is unknown,
+    so never benched) and keep the executor that works from being tried at all.
+    """
+    verdicts = [_proven(health, c, now=now) for c in candidates]
+    order = [c for c, v in zip(candidates, verdicts) if v is not False]
+    order += [c for c, v in zip(candidates, verdicts) if v is False]
+    if max_attempts < 2 or len(order) <= max_attempts:
+        return order
+    proven = {id(c) for c, v in zip(candidates, verdicts) if v is True}
+    if any(id(c) in proven for c in order[:max_attempts]):
+        return order
+    best = next((c for c in order[max_attempts:] if id(c) in proven), None)
+    if best is None:
+        return order
+    order.remove(best)
+    order.insert(max_attempts - 1, best)
+    return order
+
+
 async def open_first(
     kit: StreamKit,
     candidates: Sequence[Candidate],
@@ -225,7 +265,7 @@ async def open_first(
     over_budget: list[int] = []
     tried: set[str] = set()
     sent = 0
-    for candidate in candidates:
+    for candidate in trial_order(candidates, health, max_attempts, now=trio.current_time()):
         offer = candidate.offer
         now = trio.current_time()
         if sent >= max_attempts or now >= deadline:

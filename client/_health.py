@@ -8,11 +8,13 @@ Per (executor, model) (``model`` is the offer's ``model.name``, as advertised):
   TTFT, a lower tokens/s) replaces it at once, so a slow executor is noticed on its
   first slow answer; a *better* one decays in with weight ``1 − exp(−Δt / DECAY)``,
   ``Δt`` the seconds since the previous sample, so one lucky answer does not undo a
-  bad record. Read back (:meth:`ExecutorHealth.estimate`), a value also decays toward
-  the router's prior with the same time constant, measured from the last sample
-  (Finagle decays an idle endpoint's cost toward zero on read): an executor that was
-  slow once gets tried again after a while instead of never. :data:`DECAY` = 10 s,
-  Finagle's default decay time.
+  bad record. :data:`DECAY` = 10 s, Finagle's default decay time. Read back
+  (:meth:`ExecutorHealth.estimate`), an idle value drifts toward the router's prior
+  (the advert's claim) with the time constant :data:`IDLE_DECAY` (5 min), measured
+  from the last sample (Finagle decays an idle endpoint's cost on read): an executor
+  that was slow once gets tried again after a while instead of never. The prior is
+  first bounded to :data:`PRIOR_TRUST` (2×) better than the measurement, so an
+  executor advertising an absurd speed cannot outrank what this client measured.
 * **in flight**: requests sent and not yet finished or failed.
 * **consecutive failures**, and the **circuit breaker**: after
   :data:`FAILURES_TO_BENCH` consecutive failures the pair is *open* (benched) for
@@ -40,6 +42,8 @@ __all__ = [
     "BENCH_BASE",
     "BENCH_CAP",
     "DECAY",
+    "IDLE_DECAY",
+    "PRIOR_TRUST",
     "FAILURES_TO_BENCH",
     "Estimate",
     "ExecutorHealth",
@@ -49,6 +53,13 @@ __all__ = [
 #: seconds: the peak-EWMA time constant (better samples decay in; idle values decay
 #: back toward the prior)
 DECAY = 10.0
+#: seconds: how fast an idle measurement drifts back toward the router's prior on read,
+#: so an executor measured slow once is tried again after some minutes, not seconds
+IDLE_DECAY = 300.0
+#: the most an advert's claim may improve on what this client measured: an idle
+#: measurement drifts toward the prior at most to this factor better than itself
+#: (an advert claiming the wire's maximum speed gains no more than one claiming 2×)
+PRIOR_TRUST = 2.0
 #: consecutive failures that open the circuit breaker
 FAILURES_TO_BENCH = 3
 #: seconds benched on the first trip; doubled on every trip after, up to BENCH_CAP
@@ -108,11 +119,17 @@ def _peak_ewma(current: float | None, sample: float, since: float, *, worse: Cal
     return current * w + sample * (1.0 - w)
 
 
-def _toward(value: float | None, prior: float, age: float) -> float:
-    """``value`` decayed toward ``prior`` over ``age`` seconds."""
+def _toward(value: float | None, prior: float, age: float, *, higher_is_better: bool) -> float:
+    """``value`` decayed toward ``prior`` over ``age`` seconds (time constant
+    :data:`IDLE_DECAY`), the prior first bounded to :data:`PRIOR_TRUST` times better
+    than ``value``: what was measured outweighs what an executor claims."""
     if value is None:
         return prior
-    w = math.exp(-max(age, 0.0) / DECAY)
+    if higher_is_better:
+        prior = min(prior, value * PRIOR_TRUST)
+    else:
+        prior = max(prior, value / PRIOR_TRUST)
+    w = math.exp(-max(age, 0.0) / IDLE_DECAY)
     return prior + (value - prior) * w
 
 
@@ -224,8 +241,8 @@ class ExecutorHealth:
         if r is None:
             return None
         return Estimate(
-            ttft=None if r.ttft is None else _toward(r.ttft, prior_ttft, now - r.ttft_at),
-            tps=None if r.tps is None else _toward(r.tps, prior_tps, now - r.tps_at),
+            ttft=None if r.ttft is None else _toward(r.ttft, prior_ttft, now - r.ttft_at, higher_is_better=False),
+            tps=None if r.tps is None else _toward(r.tps, prior_tps, now - r.tps_at, higher_is_better=True),
             in_flight=r.in_flight,
             failures=r.failures,
             benched=r.benched(now),

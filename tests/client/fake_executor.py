@@ -335,6 +335,9 @@ class RecordingHealth:
         if self._failures[executor] >= self.failures_to_bench:
             self._benched_until[executor] = now + self.bench_seconds
 
+    def estimate(self, executor, model, *, now, prior_ttft, prior_tps):
+        return None  # no measurements: the attempt loop keeps the router's order
+
     def cancelled(self, executor, model, *, now):
         self.calls.append(("cancelled", executor))
         self.in_flight[executor] -= 1

@@ -6,7 +6,15 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from loomnet.client._health import BENCH_BASE, BENCH_CAP, DECAY, FAILURES_TO_BENCH, ExecutorHealth
+from loomnet.client._health import (
+    BENCH_BASE,
+    BENCH_CAP,
+    DECAY,
+    FAILURES_TO_BENCH,
+    IDLE_DECAY,
+    PRIOR_TRUST,
+    ExecutorHealth,
+)
 
 E, F, M = "12D3KooWExecutorE", "12D3KooWExecutorF", "model-a"
 PRIORS = dict(prior_ttft=1.0, prior_tps=30.0)
@@ -41,10 +49,13 @@ def test_an_idle_measurement_decays_toward_the_prior():
     h.finished(E, M, output_tokens=10, seconds=1.0, now=0.0)
     fresh = h.estimate(E, M, now=0.0, **PRIORS)
     assert (fresh.ttft, fresh.tps) == (5.0, 10.0)
-    later = h.estimate(E, M, now=DECAY, **PRIORS)
-    assert later.ttft == pytest.approx(1.0 + 4.0 * math.exp(-1))
-    assert later.tps == pytest.approx(30.0 - 20.0 * math.exp(-1))
-    assert h.estimate(E, M, now=1e6, **PRIORS).ttft == pytest.approx(1.0)
+    # the priors (1 s, 30 tok/s) are first bounded to PRIOR_TRUST (2x) better than measured:
+    # 2.5 s and 20 tok/s; the drift toward them has the time constant IDLE_DECAY
+    later = h.estimate(E, M, now=IDLE_DECAY, **PRIORS)
+    assert later.ttft == pytest.approx(2.5 + 2.5 * math.exp(-1))
+    assert later.tps == pytest.approx(20.0 - 10.0 * math.exp(-1))
+    assert h.estimate(E, M, now=1e6, **PRIORS).ttft == pytest.approx(5.0 / PRIOR_TRUST)
+    assert h.estimate(E, M, now=1e6, **PRIORS).tps == pytest.approx(10.0 * PRIOR_TRUST)
     assert h.estimate(F, M, now=0.0, **PRIORS) is None  # never seen
 
 

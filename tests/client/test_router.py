@@ -142,13 +142,30 @@ def test_fastest_uses_the_advertised_speed_until_it_has_measured():
 def test_a_slow_measurement_decays_back_toward_the_advertised_speed():
     table = OfferTable()
     a = add(table, 0, mo("m", tokens_per_second=100))
-    b = add(table, 1, mo("m", tokens_per_second=60))
+    b = add(table, 1, mo("m", tokens_per_second=15))
     health = ExecutorHealth()
-    health.finished(a, "m", output_tokens=10, seconds=1.0, now=T)
+    health.finished(a, "m", output_tokens=10, seconds=1.0, now=T)  # 10 tok/s; it may drift to 2x that
     router = OfferRouter(table)
     at = lambda now: router.rank(Route.parse("fastest"), SHAPE, health, now=now, rng=NoFlip(), wall=NOW)[0]  # noqa: E731
     assert at(T).offer.executor == b
     assert at(T + 600).offer.executor == a  # ten minutes later it is worth trying again
+
+
+def test_an_absurd_advert_does_not_outrank_what_was_measured():
+    # review of issue 8: a measurement decayed toward an advert of the wire's maximum
+    # speed (1e7 tok/s) was worthless a second later, so a liar took every request
+    table = OfferTable()
+    liar = add(table, 0, mo("m", tokens_per_second=1e7))
+    honest = add(table, 1, mo("m", tokens_per_second=100))
+    health = ExecutorHealth()
+    health.first_token(liar, "m", ttft=2.0, now=T)
+    health.finished(liar, "m", output_tokens=100, seconds=10.0, now=T)  # 10 tok/s, 2 s TTFT
+    health.first_token(honest, "m", ttft=0.1, now=T)
+    health.finished(honest, "m", output_tokens=100, seconds=1.0, now=T)  # 100 tok/s
+    router = OfferRouter(table)
+    for later in (1, 60, 3600, 10**6):
+        top = router.rank(Route.parse("fastest"), SHAPE, health, now=T + later, rng=NoFlip(), wall=NOW)[0]
+        assert top.offer.executor == honest, (later, top.why)
 
 
 def test_fastest_shares_work_between_equal_executors():
