@@ -137,6 +137,7 @@ class ChatStream:
         self._receipt: Receipt | None = None
         self._accepted = False
         self._first_byte_deadline = float("inf")
+        self._first_content_deadline = float("inf")
         self._total_deadline = float("inf") if total_deadline is None else total_deadline
         self._given_total = total_deadline is not None
         #: the executors tried before this one (set by the attempt loop)
@@ -199,6 +200,7 @@ class ChatStream:
             await self._stream.send_all(data, timeout=self._left(deadlines.idle))
         now = trio.current_time()
         self._first_byte_deadline = now + deadlines.first_byte
+        self._first_content_deadline = now + deadlines.first_content
         if self._observer is not None:
             self._observer.sent(now=now)
 
@@ -207,6 +209,11 @@ class ChatStream:
         the first-byte deadline (then the idle deadline, between progress chunks).
         Nothing reaches the caller before this returns, so an attempt that fails here
         can be retried on another executor.
+
+        The whole wait also has one **first-content** deadline: progress chunks keep
+        the attempt alive while a model thinks silently, but an executor that sends
+        nothing else past it has failed the attempt (``NetworkTimeout``, so the next
+        candidate is tried; see :meth:`_next_frame`).
 
         Raises: as :meth:`events`.
         """
@@ -243,6 +250,10 @@ class ChatStream:
             deadline, what = self._first_byte_deadline, f"first-byte deadline ({deadlines.first_byte:g} s)"
         else:
             deadline, what = trio.current_time() + deadlines.idle, f"idle deadline ({deadlines.idle:g} s)"
+        if not self.has_content and self._first_content_deadline < deadline:
+            # progress chunks keep a silent model's stream alive, but not past this
+            deadline = self._first_content_deadline
+            what = f"first-content deadline ({deadlines.first_content:g} s; only progress chunks came)"
         if self._total_deadline < deadline:
             deadline, what = self._total_deadline, f"total deadline ({deadlines.total:g} s)"
         with trio.move_on_at(deadline):

@@ -112,6 +112,11 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: longest wait from the request sent to the first complete frame (a progress chunk
     #: counts: the executor sends one every few seconds while its backend is silent)
     first_byte_timeout: float = 60.0
+    #: longest wait from the request sent to the first content (text, reasoning or a
+    #: tool call): progress chunks keep an attempt alive while a model thinks silently,
+    #: but not past this; then the attempt has failed and the next executor is tried (an
+    #: executor sending only progress chunks cannot hold a request to the total deadline)
+    first_content_timeout: float = 300.0
     #: longest wait for each next complete frame once the answer streams
     idle_timeout: float = 30.0
     #: longest a whole request may take, dial to receipt; generous, because a reasoning
@@ -141,6 +146,7 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return Deadlines(
             connect=self.connect_timeout,
             first_byte=self.first_byte_timeout,
+            first_content=self.first_content_timeout,
             idle=self.idle_timeout,
             total=self.total_timeout,
         )

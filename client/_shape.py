@@ -7,6 +7,7 @@
   (message texts, earlier tool calls, tool specs), padded to a worst case, because
   the executor counts with the model's own tokenizer and chat template, which the
   client cannot see: +25 %, plus :data:`PER_MESSAGE` tokens per message, plus
+  :data:`PER_REQUEST` for the template's own framing and default system prompt, plus
   :data:`PER_IMAGE` per image. The padding errs high: a budget reserves a little too
   much, never too little.
 * **max tokens**: as the request says, else the client's assumption
@@ -29,11 +30,15 @@ from ._offers import Offer
 from ._route import RequestShape, Route
 from ._tokens import TokenCounter
 
-__all__ = ["PER_IMAGE", "PER_MESSAGE", "count_prompt_tokens", "needed_capabilities", "shaped_route", "worst_case_cost"]
+__all__ = ["PER_IMAGE", "PER_MESSAGE", "PER_REQUEST", "count_prompt_tokens", "needed_capabilities", "shaped_route", "worst_case_cost"]
 
 #: tokens a chat template adds per message, at most, in the templates we know (role
 #: markers and separators); a few more than any of them
 PER_MESSAGE = 8
+#: tokens a chat template adds once per request, at most: its framing and the default
+#: system prompt some templates insert when the request has none (SmolLM2's makes "hi"
+#: 31 tokens; Llama 3.1's date preamble and Qwen's identity line are ~20-30)
+PER_REQUEST = 128
 #: tokens one image may cost a vision model (OpenAI's high-detail 2048×2048 is 1105;
 #: Llama 3.2 Vision's tiles ~1601); a generous ceiling
 PER_IMAGE = 2048
@@ -67,7 +72,7 @@ def count_prompt_tokens(
     counting (and the encoding's first load), so call it in a worker thread."""
     counted, _ = tokens.count(_prompt_text(messages, options), model)
     images = sum(len(m.images) for m in messages)
-    return -(-counted * 5 // 4) + PER_MESSAGE * len(messages) + PER_IMAGE * images
+    return -(-counted * 5 // 4) + PER_MESSAGE * len(messages) + PER_REQUEST + PER_IMAGE * images
 
 
 def worst_case_cost(shape: RequestShape, offer: Offer) -> int:

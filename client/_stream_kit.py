@@ -55,6 +55,7 @@ class Deadlines(msgspec.Struct, frozen=True, kw_only=True):
 
     connect: float = 5.0
     first_byte: float = 60.0
+    first_content: float = 300.0
     idle: float = 30.0
     total: float = 900.0
 

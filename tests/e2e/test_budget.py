@@ -117,3 +117,25 @@ async def test_loomnet_chat_keeps_a_budget_across_runs(nursery, tmp_path):
     assert error.startswith("error [406 BUDGET_EXCEEDED]: the day's budget of 10 micro-credits")
     assert len(warnings) == 1 and "10 of this day's 10 micro-credits spent (100%), past the 90% warning" in warnings[0]
     assert executor.backend.entered == 1
+
+
+@pytest.mark.model
+@fail_after(120)
+async def test_a_budget_reserves_enough_for_a_chat_templates_own_prompt(nursery, tmp_path, executor):
+    # Review of issue 8: the client padded "hi" to 10 prompt tokens, SmolLM2's chat
+    # template makes it 31 (its default system prompt), so the reservation sent as
+    # max_cost was under the executor's worst case and every short request under any
+    # budget was refused (PRICE_CAP_EXCEEDED). The padding now covers a template's own prompt.
+    from loomnet.client import ClientConfig, LoomClient
+
+    client = LoomClient(ClientConfig(
+        data_dir=str(tmp_path / "client-home"), bootstrap=[executor.info.addrs[0]], discover_local=False,
+        first_byte_timeout=20.0, budget=BudgetConfig(amount=10**9),
+    ))  # fmt: skip
+    await nursery.start(client.run)
+    with trio.fail_after(20):
+        while not client.offers():
+            await client.member.table_changed.wait()
+    result = await client.chat([ChatMessage("user", "hi")], model="smollm2-135m", max_tokens=8)
+    spent = client.budget.statistics(now=time.time())
+    assert result.receipt.output_tokens > 0 and spent.spent == result.receipt.cost and spent.reserved == 0

@@ -156,3 +156,19 @@ async def test_an_explicit_model_never_falls_back_to_another_model(nursery, tmp_
     result = await client.chat(HELLO, max_tokens=16)
     assert result.executor == other.peer_id and result.model == "other"
     assert all(a.outcome == "CONNECT_FAILED" for a in result.attempts)  # unless already benched
+
+
+@fail_after(90)
+async def test_an_executor_sending_only_progress_chunks_is_failed_over_at_the_first_content_deadline(nursery, tmp_path):
+    # Review of issue 8: progress chunks (sent while a backend is silent) kept the attempt
+    # alive until the total deadline, so a cheap executor that never answered held every
+    # request. They still keep a thinking model's stream alive, up to first-content-timeout.
+    stalling = await start_executor(nursery, tmp_path, "stall", silent_script, price_out=1.0, progress_interval=0.5)
+    good = await start_executor(nursery, tmp_path, "good", answer("from good", 2), price_out=2.0)
+    client = await start_client(nursery, tmp_path, [stalling, good], first_byte_timeout=3.0,
+                                first_content_timeout=4.0, total_timeout=60.0)  # fmt: skip
+    with trio.fail_after(30):
+        result = await client.chat(HELLO, model="m1", max_tokens=4)
+    assert result.executor == good.peer_id and result.text == "from good"
+    assert [(a.executor, a.outcome) for a in result.attempts][:1] == [(stalling.peer_id, "NETWORK_TIMEOUT")]
+    assert "first-content deadline" in result.attempts[0].detail
