@@ -258,7 +258,7 @@ class P2PNode:
 
         ``validator(sender, data)`` gets the original publisher's peer id, already
         signature-checked by libp2p. It also sees our own publishes. An exception
-        counts as a rejection. Verdicts are cached by content for 300 s.
+        counts as a rejection. Verdicts are never cached (trap P).
         """
 
         def libp2p_validator(forwarder: ID, msg: Any) -> bool:
