@@ -46,7 +46,8 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - T. No signed peer records from pubsub RPCs, and a departed peer's peerstore entry
   dropped unless it is a bootstrap peer (libp2p kept every peer ever met).
 - U. Gossip about topics not in the config (subscriptions, GRAFT/PRUNE/IHAVE, publishes)
-  dropped before libp2p stores it; backoffs capped, dropped when the peer goes.
+  dropped before libp2p stores it; backoffs capped and dropped when the peer goes; at
+  most two inbound pubsub streams read per peer (each buffers up to a 1 MiB RPC).
   I to U, with measurements: ``docs/network.md``.
 """
 

@@ -20,8 +20,11 @@ from typing import Any
 
 import trio
 
+from ._p2p_types import _bounded_cleanup
+
 __all__ = [
     "MAX_BACKOFF",
+    "MAX_INBOUND_STREAMS",
     "MAX_MESSAGE_ID_BYTES",
     "NoValidationCache",
     "delivering_pubsub",
@@ -32,6 +35,8 @@ __all__ = [
 ]
 
 _QUEUE_ROOM = 24  # of the 32 RPCs libp2p queues per peer before dropping
+#: Inbound pubsub streams kept per peer (``delivering_pubsub``); an honest peer has one.
+MAX_INBOUND_STREAMS = 2
 _PUBLISH_BACKPRESSURE = 1.0  # s; longest publish() waits for a peer's queue to drain
 #: Longest backoff a peer's PRUNE may ask of us, in seconds (libp2p's own is 60 s; it
 #: honoured any, 10**9 s included).
@@ -42,14 +47,28 @@ MAX_MESSAGE_ID_BYTES = 128
 
 
 def delivering_pubsub(base: type) -> type:
-    """A subclass of libp2p's ``Pubsub`` that hands each accepted message to ``deliver``.
+    """A subclass of libp2p's ``Pubsub`` that hands each accepted message to ``deliver``,
+    takes only messages all of whose topics are ours, and keeps at most
+    ``MAX_INBOUND_STREAMS`` inbound streams per peer.
 
     libp2p's subscription channel holds 32 and drops the rest with only a warning;
     skipping it leaves one drop point, ours, which counts (and no drain task).
+
+    Trap U: libp2p reads every inbound pubsub stream of a peer, each into a buffer of
+    up to 1 MiB (one RPC), which the unread-bytes bound no longer counts (the bytes
+    left yamux's buffer): 32 streams of one connection, each sending most of a 1 MiB
+    RPC, held 32.6 MiB (64 streams per connection, 8 connections: 512 MiB per
+    identity). A peer has one pubsub stream to us; a newer one replaces the oldest, as
+    go-libp2p-pubsub replaces a duplicate (it keeps one; two here, so a peer
+    re-opening its stream after a failure never loses the new one to the old).
     """
 
     class DeliveringPubsub(base):  # type: ignore[misc, valid-type]
         deliver: Callable[[str, Any], None]
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._inbound_streams: dict[Any, list[trio.CancelScope]] = {}  # peer id -> its readers, oldest first
 
         def _is_subscribed_to_msg(self, msg: Any) -> bool:
             # Trap U: libp2p takes a message naming any of our topics, whatever other
@@ -63,6 +82,24 @@ def delivering_pubsub(base: type) -> type:
                     self.deliver(topic, publish_message)
 
         async def stream_handler(self, stream: Any) -> None:
+            peer = stream.muxed_conn.peer_id
+            readers = self._inbound_streams.setdefault(peer, [])
+            reader = trio.CancelScope()
+            readers.append(reader)
+            while len(readers) > MAX_INBOUND_STREAMS:
+                readers.pop(0).cancel()  # the oldest: its read ends (a reset alone would not wake it)
+            try:
+                with reader:
+                    await self._read_stream(stream)
+                if reader.cancelled_caught:
+                    await _bounded_cleanup(stream.reset)
+            finally:
+                if reader in readers:
+                    readers.remove(reader)
+                if not readers and self._inbound_streams.get(peer) is readers:
+                    del self._inbound_streams[peer]
+
+        async def _read_stream(self, stream: Any) -> None:
             # Shutdown race: a message arriving while pubsub stops makes libp2p schedule
             # work on pubsub's closed nursery; the RuntimeError would fail host.run().
             try:

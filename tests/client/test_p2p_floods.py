@@ -9,8 +9,8 @@ total; memory returns when they go." py-libp2p 0.8.1 kept, outside every loomnet
 * T: the signed peer record of every pubsub RPC and of PRUNE peer exchange, and every
   peer it ever met, in a peerstore nothing cleans;
 * U: a subscription to any topic (100 per peer, names up to 1 MiB), a backoff entry for
-  every PRUNE for as long as the peer asks (never deleted), and whatever else a control
-  message or publish names.
+  every PRUNE for as long as the peer asks (never deleted), whatever else a control
+  message or publish names, and up to an RPC (1 MiB) read off every pubsub stream.
 
 Each test fails with its workaround in ``client/_p2p.py``, ``_p2p_bounds.py`` or
 ``_p2p_gossip.py`` removed. The memory tests measure with ``tracemalloc`` what the
@@ -306,6 +306,29 @@ async def test_subscriptions_to_other_topics_hold_nothing(start_node):  # noqa: 
         now = held()
     assert now < 4 * MIB, f"{now / MIB:.1f} MiB held for one peer's subscriptions"
     assert list(server._pubsub.peer_topics) == [TOPIC]
+
+
+@fail_after(120)
+async def test_a_peer_holds_at_most_two_pubsub_streams_each_reading_an_rpc(start_node):  # noqa: F811
+    # libp2p reads every inbound pubsub stream into a buffer of up to one RPC (1 MiB),
+    # out of yamux's, so no unread-bytes bound counts it: 16 streams each sending most
+    # of a 1 MiB RPC held ~16 MiB (64 streams a connection, 8 connections a peer).
+    server, info = await start_node(GOSSIP)
+    attacker, _ = await start_node()
+    router, pid = server._pubsub.router, attacker._host.get_id()
+    with traced() as held:
+        await attacker.connect(info.addrs[0], timeout=10)
+        for _ in range(16):
+            stream = await raw_stream(attacker, MESHSUB)
+            with contextlib.suppress(Exception):  # reset: a newer stream replaced it
+                await stream.write(uvarint(MIB) + b"\x0a" + b"x" * (MIB - 64 * 1024))
+        stream = await raw_stream(attacker, MESHSUB)
+        await stream.write(subscribe(TOPIC))
+        await wait_until(lambda: subscribed(server, attacker))  # the newest stream is served
+        await trio.testing.wait_all_tasks_blocked(0.05)  # every reader took what it could
+        outside = held() - server.statistics().unread_bytes  # those count in trap K's bound
+    assert outside < 4 * MIB, f"{outside / MIB:.1f} MiB read off one peer's pubsub streams"
+    assert pid in router.peer_protocol  # the peer was not dropped for it
 
 
 @fail_after(120)
