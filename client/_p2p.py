@@ -40,7 +40,15 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   dial failed, so a bootstrap peer back from a restart stayed undialable.
 - R. A peer's addresses dialed one at a time, in our order: libp2p dials only the
   first TCP address its peerstore holds, so one dead address hid all the others.
-  I to R, with measurements: ``docs/network.md``.
+- S. Identify answers cut to 16 addresses and 64 protocols of at most 256 bytes before
+  libp2p stores them, parsed without its cache keyed by peer bytes (1 MiB junk
+  "addresses" stayed after their peer left); identify/push is not served (``_p2p_bounds``).
+- T. No signed peer records from pubsub RPCs, and a departed peer's peerstore entry
+  dropped unless it is a bootstrap peer (libp2p kept every peer ever met).
+- U. Gossip about topics not in the config (subscriptions, GRAFT/PRUNE/IHAVE, publishes)
+  dropped before libp2p stores it; backoffs capped and dropped when the peer goes; at
+  most two inbound pubsub streams read per peer (each buffers up to a 1 MiB RPC).
+  I to U, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -48,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -65,12 +72,17 @@ from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.exceptions import ParseError
+from libp2p.host import basic_host
+from libp2p.identity import update as identify_update
+from libp2p.identity.identify_push.identify_push import ID_PUSH
 from libp2p.io.exceptions import IOException
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.pubsub import gossipsub as gossipsub_module
+from libp2p.pubsub import pubsub as pubsub_module
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
 from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
@@ -81,7 +93,20 @@ from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
-from ._p2p_gossip import NoValidationCache, delivering_pubsub, topic_peer_count, wait_for_queue_room
+from ._p2p_bounds import (
+    PeerstoreJanitor,
+    bounded_multiaddr_parser,
+    bounded_multiselect_read,
+    ignore_signed_record,
+    trimming_identify,
+)
+from ._p2p_gossip import (
+    NoValidationCache,
+    delivering_pubsub,
+    guarded_gossipsub,
+    topic_peer_count,
+    wait_for_queue_room,
+)
 from ._p2p_guard import (
     NoNegativeCache,
     PeerGuard,
@@ -103,6 +128,7 @@ from ._p2p_types import (
     _content_id,
     _dialable,
     _map_libp2p_errors,
+    _refuse_ports_in_use,
     _single_error,
 )
 
@@ -112,29 +138,20 @@ from ._p2p_types import (
 logging.getLogger("libp2p").propagate = True
 logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
 
-#: Longest multistream-select message read (go-multistream's limit, 1 KiB): protocol
-#: ids are short; this bounds what negotiation reads before any other limit applies.
-MAX_MULTISELECT_MESSAGE = 1024
+# Trap O: multistream-select lines read with go-multistream's 1 KiB limit.
+MultiselectCommunicator.read = bounded_multiselect_read(  # type: ignore[method-assign]
+    read_varint_prefixed_bytes_limited, errors=(ParseError, IOException), failure=MultiselectCommunicatorError
+)
 
-
-async def _bounded_multiselect_read(self: MultiselectCommunicator) -> str:
-    """Trap O: multistream-select (``MultiselectCommunicator.read``, used to negotiate
-    every stream's protocol and, on a raw TCP connection, its security and muxer) reads
-    a line of whatever length its varint announces. Those bytes leave yamux's buffer,
-    so no unread-bytes bound counts them, and they are no request frame either: 60
-    streams of one connection announcing 16 MiB each took an executor from 268 MB to
-    481 MB. The same read with go-multistream's 1 KiB limit; a longer line fails the
-    negotiation, which resets the stream (or closes the raw connection)."""
-    try:
-        data = await read_varint_prefixed_bytes_limited(self.read_writer, MAX_MULTISELECT_MESSAGE)
-    except (ParseError, IOException) as error:  # MessageTooLarge is an IOException
-        raise MultiselectCommunicatorError("fail to read from multiselect communicator") from error
-    if data[-1:] != b"\n":
-        raise MultiselectCommunicatorError("a multiselect message is not delimited by a newline")
-    return data[:-1].decode("utf-8", "replace")  # an odd id simply matches no protocol
-
-
-MultiselectCommunicator.read = _bounded_multiselect_read  # type: ignore[method-assign]  # trap O
+# Trap S: identify answers cut to a few short addresses and protocols before libp2p
+# stores them, and parsed without its cache keyed by the bytes a peer sent.
+assert hasattr(identify_update, "_safe_parse_multiaddr_cached"), "libp2p changed: see trap S"
+identify_update._safe_parse_multiaddr_cached = bounded_multiaddr_parser(Multiaddr)
+basic_host.update_peerstore_from_identify = trimming_identify(identify_update.update_peerstore_from_identify)
+# Trap T: the signed peer record in every pubsub RPC is not stored.
+for _module in (pubsub_module, gossipsub_module):
+    assert hasattr(_module, "maybe_consume_signed_record"), "libp2p changed: see trap T"
+    _module.maybe_consume_signed_record = ignore_signed_record  # type: ignore[attr-defined]
 
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PNode", "P2PStatistics", "P2PStream"]
 
@@ -155,37 +172,6 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
 def _ping_frame(nonce: int) -> bytes:
     """A yamux PING with SYN: the peer's yamux answers it with an ACK (keepalive, trap M)."""
     return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
-
-
-def _refuse_ports_in_use(addrs: Sequence[Multiaddr]) -> None:
-    """Trap N: py-libp2p 0.8.1 listens with ``SO_REUSEPORT`` (for hole punching), so a
-    second node started on a port another node listens on starts without an error, and
-    the kernel then splits inbound connections between the two: clients dialing one
-    executor reach a peer with another identity and fail. A plain socket (``SO_REUSEADDR``
-    only, so a previous run's TIME_WAIT connections do not count) cannot bind a port
-    that has a listener, so a port in use is refused before libp2p binds it.
-
-    Raises:
-        ConfigError: a fixed TCP port is in use, naming it.
-    """
-    for addr in addrs:
-        try:
-            port = int(addr.value_for_protocol("tcp"))
-            host, family = (addr.value_for_protocol("ip4"), socket.AF_INET) if "/ip4/" in str(addr) else (
-                addr.value_for_protocol("ip6"), socket.AF_INET6)
-        except Exception:  # noqa: BLE001 - not a TCP address of ours to check
-            continue
-        if port == 0:
-            continue
-        probe = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConfigError(f"cannot listen on {addr}: the port is in use (another loomnet node?): "
-                              f"{exc.strerror}") from None
-        finally:
-            probe.close()
 
 
 class P2PNode:
@@ -221,6 +207,12 @@ class P2PNode:
         redial_only(swarm, ())  # trap L: Member redials the bootstrap peers (client/_redial.py)
         dial_on_request(swarm, guard, peers=(), refused=SwarmException)  # trap M
         close_peer_fully(swarm, guard)
+        self._host.remove_stream_handler(ID_PUSH)  # trap S: loomnet's nodes never push
+        self._janitor = PeerstoreJanitor(swarm, self._host.get_peerstore(), keep={self._host.get_id()})  # trap T
+        swarm.register_notifee(self._janitor)
+        for addr in config.bootstrap:  # the bootstrap peers' entries stay too
+            with contextlib.suppress(Exception):  # a bad address is reported when dialed
+                self._janitor.keep.add(info_from_p2p_addr(Multiaddr(addr)).peer_id)
         assert hasattr(swarm, "_negative_peer_cache"), "libp2p changed: see trap Q"
         swarm._negative_peer_cache = NoNegativeCache()  # trap Q
         self.peer_id: str = self._host.get_id().to_base58()
@@ -267,7 +259,7 @@ class P2PNode:
 
         ``validator(sender, data)`` gets the original publisher's peer id, already
         signature-checked by libp2p. It also sees our own publishes. An exception
-        counts as a rejection. Verdicts are cached by content for 300 s.
+        counts as a rejection. Verdicts are never cached (trap P).
         """
 
         def libp2p_validator(forwarder: ID, msg: Any) -> bool:
@@ -282,14 +274,18 @@ class P2PNode:
             self._pubsub.set_topic_validator(topic, libp2p_validator, is_async_validator=False)
 
     async def publish(self, topic: str, data: bytes) -> None:
-        """Gossip ``data`` on ``topic`` (we need not be subscribed).
+        """Gossip ``data`` on ``topic``, one of the config's ``topics``.
 
         Raises:
+            ConfigError: ``topic`` is not one of the config's (no peer's subscription
+                to any other topic is kept, trap U, so it would reach no one).
             FrameError: ``data`` is over 1,000,000 bytes; libp2p would drop it silently.
             NetworkError: the node is not running.
 
         Cancellation: safe; waits at most ~1 s for a congested peer's send queue.
         """
+        if topic not in self._config.topics:
+            raise ConfigError(f"gossip topic {topic!r} is not one of this node's topics {self._config.topics!r}")
         if len(data) > MAX_GOSSIP_BYTES:
             message = f"gossip payload of {len(data)} bytes is over {MAX_GOSSIP_BYTES}"
             raise FrameError(message, code=ErrorCode.FRAME_TOO_LARGE)
@@ -364,14 +360,15 @@ class P2PNode:
             return
         peerstore = self._host.get_peerstore()
         failure: Exception | None = None
-        for maddr in maddrs:
-            peerstore.clear_addrs(pid)
-            try:
-                await self._host.connect(PeerInfo(pid, [maddr]))
-            except Exception as exc:  # noqa: BLE001 - libp2p's wide set; the caller maps it
-                failure = exc
-            else:
-                return
+        with self._janitor.dialing(pid):  # its peerstore entry is in use (trap T)
+            for maddr in maddrs:
+                peerstore.clear_addrs(pid)
+                try:
+                    await self._host.connect(PeerInfo(pid, [maddr]))
+                except Exception as exc:  # noqa: BLE001 - libp2p's wide set; the caller maps it
+                    failure = exc
+                else:
+                    return
         if failure is not None:
             raise failure
 
@@ -478,7 +475,8 @@ class P2PNode:
             self.stop()
 
     async def _run_libp2p(self, task_status: Any) -> None:
-        router = GossipSub(  # trap D
+        topics = frozenset(self._config.topics)
+        router = guarded_gossipsub(GossipSub, topics)(  # traps D and U
             [PROTOCOL_ID_V11, PROTOCOL_ID],
             degree=6,
             degree_low=4,
@@ -487,7 +485,9 @@ class P2PNode:
             spam_protection_enabled=False,
             adaptive_gossip_enabled=False,
         )
-        pubsub = delivering_pubsub(Pubsub)(self._host, router, msg_id_constructor=_content_id, strict_signing=True)
+        pubsub = delivering_pubsub(Pubsub)(
+            self._host, router, msg_id_constructor=_content_id, strict_signing=True, allowed_topics=topics
+        )
         pubsub.deliver = self._deliver
         pubsub.validation_cache = NoValidationCache()  # trap P
         for topic, validator in self._validators.items():

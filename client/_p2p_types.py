@@ -1,4 +1,4 @@
-"""The libp2p-free half of the adapter: its plain types, error mapping and streams.
+"""The libp2p-free half of the adapter: its plain types, error mapping, addresses and streams.
 
 ``_p2p`` must stay the only module that imports libp2p, and small; the parts that
 need no libp2p names live here. ``P2PStream`` is handed the libp2p exceptions that
@@ -10,14 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import socket
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 import ifaddr
 import trio
 
-from loomnet.protocol._errors import ErrorCode, LoomError, NetworkError, NetworkTimeout
+from loomnet.protocol._errors import ConfigError, ErrorCode, LoomError, NetworkError, NetworkTimeout
 
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PStatistics", "P2PStream"]
 
@@ -188,6 +189,37 @@ def _interface_ipv4() -> list[str]:
             if isinstance(ip.ip, str) and not ip.ip.startswith("127.") and ip.ip not in found:
                 found.append(ip.ip)
     return found
+
+
+def _refuse_ports_in_use(addrs: Sequence[Any]) -> None:
+    """Trap N: py-libp2p 0.8.1 listens with ``SO_REUSEPORT`` (for hole punching), so a
+    second node started on a port another node listens on starts without an error, and
+    the kernel then splits inbound connections between the two: clients dialing one
+    executor reach a peer with another identity and fail. A plain socket (``SO_REUSEADDR``
+    only, so a previous run's TIME_WAIT connections do not count) cannot bind a port
+    that has a listener, so a port in use is refused before libp2p binds it.
+
+    Raises:
+        ConfigError: a fixed TCP port is in use, naming it.
+    """
+    for addr in addrs:
+        try:
+            port = int(addr.value_for_protocol("tcp"))
+            host, family = (addr.value_for_protocol("ip4"), socket.AF_INET) if "/ip4/" in str(addr) else (
+                addr.value_for_protocol("ip6"), socket.AF_INET6)
+        except Exception:  # noqa: BLE001 - not a TCP address of ours to check
+            continue
+        if port == 0:
+            continue
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {addr}: the port is in use (another loomnet node?): "
+                              f"{exc.strerror}") from None
+        finally:
+            probe.close()
 
 
 async def _bounded_cleanup(fn: Callable[[], Awaitable[Any]]) -> None:

@@ -15,11 +15,8 @@ import pytest
 import trio
 
 from loomnet.client import ClientConfig, open_client
-from loomnet.client._p2p import (
-    MAX_MULTISELECT_MESSAGE,
-    MultiselectCommunicator,
-    MultiselectCommunicatorError,
-)
+from loomnet.client._p2p import MultiselectCommunicator, MultiselectCommunicatorError
+from loomnet.client._p2p_bounds import MAX_MULTISELECT_MESSAGE
 from loomnet.protocol import ConfigError
 
 from ..limits import fail_after
