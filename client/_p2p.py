@@ -107,16 +107,8 @@ from ._p2p_gossip import (
     topic_peer_count,
     wait_for_queue_room,
 )
-from ._p2p_guard import (
-    NoNegativeCache,
-    PeerGuard,
-    close_peer_fully,
-    dial_on_request,
-    guard_inbound,
-    guarded_muxer,
-    redial_only,
-    use_muxer,
-)
+from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, redial_only
+from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,
