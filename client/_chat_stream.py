@@ -43,7 +43,6 @@ import trio
 
 from loomnet.protocol import (
     INFER_PROTOCOL,
-    NEED_DATA,
     ChatMessage,
     ChunkFrame,
     EndOfStream,
@@ -52,6 +51,7 @@ from loomnet.protocol import (
     InferenceConnection,
     InferenceRequest,
     LoomError,
+    NetworkError,
     NetworkTimeout,
     ProtocolError,
     Receipt,
@@ -68,6 +68,8 @@ from loomnet.protocol import (
     seal,
 )
 
+from ._frame_io import FrameIO, FrameReadTimeout
+from ._session_pool import SessionLease
 from ._events import Attempt, ChatEvent, Done, ReasoningDelta, TextDelta, ToolCallsDelta, Usage
 from ._offers import Offer
 from ._request_check import check_request
@@ -124,6 +126,8 @@ class ChatStream:
         self._observer = observer
         self._conn = InferenceConnection(Role.CLIENT)
         self._stream: ByteStream | None = None
+        self._lease: SessionLease | None = None
+        self._request_frame: RequestFrame | None = None
         self._texts: list[str] = []  # non-empty ones only; progress chunks are only counted
         self._reasoning: list[str] = []
         self._chunks = 0
@@ -189,20 +193,59 @@ class ChatStream:
         check_request(request)  # before any traffic
         envelope = seal(SignedKind.REQUEST, request, self._kit.key)
         self._request_payload = envelope.payload
-        data = self._conn.send(RequestFrame(envelope))
+        self._request_frame = RequestFrame(envelope)
         self._began = True
         if self._observer is not None:
             self._observer.started(now=trio.current_time())
         with self._ending_on_error():
-            self._stream = await self._kit.opener.open_stream(
-                self.offer.executor, INFER_PROTOCOL, addrs=self.offer.advert.addrs, timeout=self._left(deadlines.connect)
-            )
-            await self._stream.send_all(data, timeout=self._left(deadlines.idle))
+            await self._send_request(fresh=False)
         now = trio.current_time()
         self._first_byte_deadline = now + deadlines.first_byte
         self._first_content_deadline = now + deadlines.first_content
         if self._observer is not None:
             self._observer.sent(now=now)
+
+    async def _send_request(self, *, fresh: bool) -> None:
+        """Lease a stream to the executor (an idle session unless ``fresh``) and send the
+        signed request on it. A reused session the executor has ended meanwhile fails
+        here or at its first byte; the same request then goes once more on a new stream
+        (``_retry_stale``)."""
+        deadlines = self._kit.deadlines
+        pool = self._kit.sessions
+        addrs = list(self.offer.advert.addrs)
+        connect = self._left(deadlines.connect)
+        if pool is None:
+            stream = await self._kit.opener.open_stream(self.executor, INFER_PROTOCOL, addrs=addrs, timeout=connect)
+            self._lease = SessionLease(self.executor, stream, InferenceConnection(Role.CLIENT), reused=False)
+        elif fresh:
+            self._lease = await pool.open(self.executor, addrs=addrs, timeout=connect)
+        else:
+            self._lease = await pool.lease(self.executor, addrs=addrs, timeout=connect)
+        self._stream, self._conn = self._lease.stream, self._lease.conn
+        try:
+            data = self._conn.send(self._request_frame)
+        except LoomError:  # too large to send: nothing went out, the session is as it was
+            await self._release()
+            raise
+        try:
+            await self._stream.send_all(data, timeout=self._left(deadlines.idle))
+        except NetworkError as exc:
+            if not await self._retry_stale(exc):
+                raise
+
+    async def _retry_stale(self, exc: LoomError) -> bool:
+        """After ``exc`` on a reused session before any byte of the answer: send the
+        request again on a new stream, once. Returns False when that does not apply."""
+        lease = self._lease
+        if (
+            lease is None or not lease.reused or self._frames or self._kit.sessions is None
+            or isinstance(exc, NetworkTimeout) or not isinstance(exc, (NetworkError, StreamTruncated))
+        ):
+            return False
+        self._kit.sessions.note_stale_retry()
+        await self._release()
+        await self._send_request(fresh=True)
+        return True
 
     async def start(self) -> None:
         """Read frames until the first one with content, or the terminal frame, under
@@ -256,11 +299,15 @@ class ChatStream:
             what = f"first-content deadline ({deadlines.first_content:g} s; only progress chunks came)"
         if self._total_deadline < deadline:
             deadline, what = self._total_deadline, f"total deadline ({deadlines.total:g} s)"
-        with trio.move_on_at(deadline):
-            while (event := self._conn.next_event()) is NEED_DATA:
-                # the stream's own per-read limit stays behind ours, which is the one that counts
-                limit = max(deadline - trio.current_time(), 0.0) + 1.0
-                self._conn.receive_data(await self._stream.receive_some(timeout=limit))
+        while True:
+            try:
+                event = await FrameIO(self._stream, self._conn).next_event(deadline=deadline)
+            except FrameReadTimeout:
+                break
+            except (NetworkError, StreamTruncated) as exc:
+                if await self._retry_stale(exc):
+                    continue
+                raise
             self._frames += 1
             if self._frames == 1 and self._observer is not None:
                 self._observer.first_frame(now=trio.current_time())
@@ -386,13 +433,19 @@ class ChatStream:
         return self.result
 
     async def aclose(self) -> None:
-        """Close cleanly once the answer is over; otherwise reset, so the executor stops."""
+        """Give a session back for the next request once the answer is over, close a
+        one-request stream cleanly, and otherwise reset, so the executor stops."""
         self._end(error=None)  # a caller that left before the end: nobody's failure
-        stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        if self._conn.state in (StreamState.CLOSED, StreamState.SETTLING):
-            await stream.close()
-        else:
-            await stream.reset()
+        await self._release()
 
+    async def _release(self) -> None:
+        lease, self._lease, self._stream = self._lease, None, None
+        if lease is None:
+            return
+        pool = self._kit.sessions
+        if pool is not None and pool.reusable(lease):
+            await pool.give_back(lease)
+        elif lease.conn.state in (StreamState.CLOSED, StreamState.SETTLING):
+            await lease.stream.close()
+        else:
+            await lease.stream.reset()

@@ -66,10 +66,14 @@ from ._p2p import NodeInfo, P2PConfig
 from ._request_check import check_request
 from ._route import Candidate, Health, RequestShape, Route, Router
 from ._routing import describe_route, dispatch_parts, request_options, route_of
+from ._session_pool import SessionPool
 from ._shape import count_prompt_tokens, needed_capabilities, shaped_route
 from ._tokens import TokenCounter
 
 __all__ = ["ClientConfig", "LoomClient", "default_data_dir", "request_options"]
+
+#: seconds a client's shutdown gives its idle session streams to close
+_SESSION_CLOSE_TIMEOUT = 2.0
 
 
 class LoomClient:
@@ -125,6 +129,8 @@ class LoomClient:
         self._on_budget_warning = on_budget_warning
         self._rng = rng or random.Random()
         self._opener = opener
+        #: idle session streams per executor, for the next request (``_session_pool``)
+        self._sessions: SessionPool | None = None
 
     @property
     def peer_id(self) -> str:
@@ -140,6 +146,9 @@ class LoomClient:
                 task_status.started(self.info)
         finally:
             with trio.CancelScope(shield=True):
+                if self._sessions is not None:
+                    with trio.move_on_after(_SESSION_CLOSE_TIMEOUT):
+                        await self._sessions.aclose()
                 await self.ledger.aclose()
 
     async def _open_budget(self) -> None:
@@ -201,17 +210,30 @@ class LoomClient:
             live_models=tuple(live),
         )
 
+    @property
+    def sessions(self) -> SessionPool | None:
+        """The pool of idle session streams (None before the first request)."""
+        return self._sessions
+
     def stream_kit(self, opener: StreamOpener | None = None) -> StreamKit:
-        """What each chat stream uses: the libp2p node (or ``opener``), the key, the
-        ledger, the token counter, the deadlines.
+        """What each chat stream uses: the libp2p node (or ``opener``), the session pool,
+        the key, the ledger, the token counter, the deadlines.
 
         Raises:
             RuntimeError: the client is not running (no ledger open).
         """
         if self.ledger is None:
             raise RuntimeError("the client is not running: use open_client() or run()")
+        own = self._opener or self.member.node
+        if opener is None and self._sessions is None:
+            self._sessions = SessionPool(
+                own, idle_timeout=self.config.session_idle_timeout, max_idle_per_peer=self.config.max_idle_sessions
+            )
         return StreamKit(
-            opener=opener or self._opener or self.member.node,
+            # the client's own opener reuses session streams; another one (a test's) gets
+            # one-request streams, since nothing here would close its idle sessions
+            sessions=self._sessions if opener is None else None,
+            opener=opener or own,
             key=self.key,
             ledger=self.ledger,
             tokens=self.tokens,

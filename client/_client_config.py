@@ -73,6 +73,11 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: holds; an executor streaming more ends the stream with FRAME_TOO_LARGE. 64 MiB is
     #: far above any honest answer (a million tokens of English is ~4 MB)
     max_answer_bytes: Annotated[int, Meta(ge=1024)] = MAX_ANSWER_BYTES
+    #: seconds an idle session stream (``/loomnet/infer/2``) is kept for the next request
+    #: to its executor; below the executors' ``session-idle-timeout`` (60 s by default)
+    session_idle_timeout: Annotated[float, Meta(gt=0)] = 20.0
+    #: idle session streams kept per executor (0: a new stream for every request)
+    max_idle_sessions: Annotated[int, Meta(ge=0, le=64)] = 4
     #: the most executors one request is sent to (failover before the first content)
     max_attempts: Annotated[int, Meta(ge=1, le=16)] = 3
     #: output tokens a request without ``max_tokens`` is assumed to need, for routing

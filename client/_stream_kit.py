@@ -20,6 +20,7 @@ from ._receipts import DEFAULT_MAX_HIDDEN_REASONING_TOKENS
 
 if TYPE_CHECKING:
     from ._ledger import Ledger
+    from ._session_pool import SessionPool
     from ._tokens import TokenCounter
 
 __all__ = [
@@ -46,8 +47,11 @@ class StreamOpener(Protocol):
     """What opens a stream to an executor: ``P2PNode``, or a fake in tests."""
 
     async def open_stream(
-        self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), timeout: float | None = None
-    ) -> ByteStream: ...
+        self, peer_id: str, protocol: str | Sequence[str], *, addrs: Sequence[str] = (), timeout: float | None = None
+    ) -> ByteStream:
+        """A stream for the first of ``protocol`` (one id, or several, best first) the
+        peer serves; the stream's ``protocol`` attribute, when it has one, says which."""
+        ...
 
 
 class Deadlines(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +104,9 @@ class StreamKit(msgspec.Struct, frozen=True, kw_only=True):
     max_hidden_reasoning_tokens: int = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
     #: most UTF-8 bytes of one answer the stream holds (see ``ClientConfig``)
     max_answer_bytes: int = MAX_ANSWER_BYTES
+    #: idle session streams to reuse (``_session_pool``); None: a new one-request
+    #: stream (``/loomnet/infer/1``) from ``opener`` for every request
+    sessions: "SessionPool | None" = None
 
 
 class RequestOptions(GenerationOptions, frozen=True, kw_only=True):

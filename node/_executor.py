@@ -25,7 +25,7 @@ from loomnet.client import (
     remove_local_executor,
     write_local_executor,
 )
-from loomnet.protocol import INFER_PROTOCOL, ModelOffer, SigningKey
+from loomnet.protocol import INFER_PROTOCOL, INFER_SESSION_PROTOCOL, ModelOffer, SigningKey
 
 from ._advertiser import Advertiser
 from ._catalog import Catalog
@@ -117,12 +117,13 @@ class Executor:
             server = self.server = InferenceServer(
                 self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke()
             )
-            member.node.set_stream_handler(
-                INFER_PROTOCOL,
-                server.handle,
-                max_streams_per_peer=cfg.max_streams_per_peer,
-                refuse=server.intake.refuse_stream,  # PEER_LIMIT
-            )
+            for protocol in (INFER_SESSION_PROTOCOL, INFER_PROTOCOL):  # sessions, and one-request streams
+                member.node.set_stream_handler(
+                    protocol,
+                    server.handle,
+                    max_streams_per_peer=cfg.max_streams_per_peer,
+                    refuse=server.intake.refuse_stream,  # PEER_LIMIT
+                )
             async with trio.open_nursery() as nursery:
                 node_info = await nursery.start(member.run)
                 self.advertiser = Advertiser(

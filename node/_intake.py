@@ -41,15 +41,14 @@ too many open (``max-streams-per-peer``).
 
 from __future__ import annotations
 
-import math
 
 import msgspec
 import trio
 
 from loomnet.client import P2PStream
+from loomnet.client._frame_io import FrameIO, FrameReadTimeout
 from loomnet.protocol import (
     MAX_FRAME_SIZE,
-    NEED_DATA,
     ErrorCode,
     ErrorFrame,
     FrameError,
@@ -59,10 +58,9 @@ from loomnet.protocol import (
     Role,
 )
 
-__all__ = ["Intake", "IntakeStatistics", "RequestBudget"]
+__all__ = ["Intake", "IntakeStatistics", "RequestBudget", "SessionIdle"]
 
 _HEADER = 4  # bytes of a frame's length prefix
-_READ_SIZE = 65536  # most bytes taken off the stream per read
 
 
 class IntakeStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,6 +222,11 @@ class RequestBudget:
                 del table[peer]
 
 
+class SessionIdle(Exception):
+    """A session stream sent no next request within its idle timeout: it is over.
+    Not a ``LoomError``: nothing went wrong, and nothing is sent back."""
+
+
 def _evicted() -> RequestRejected:
     return RequestRejected(
         "the executor was short of room for unfinished requests and dropped this one, the longest in arriving; "
@@ -255,12 +258,20 @@ class Intake:
             evicted=b.evicted, **self._counts,
         )
 
-    async def read_request(self, stream: P2PStream, conn: InferenceConnection) -> object:
-        """The first event of a stream (the request frame, normally), within ``read_timeout``.
+    async def read_request(
+        self, stream: P2PStream, conn: InferenceConnection, *, idle_timeout: float | None = None
+    ) -> object:
+        """The next event of a stream (the request frame, normally), whole within
+        ``read_timeout``.
+
+        Args:
+            idle_timeout: a session stream between requests: seconds its next request
+                may take to *begin*; ``read_timeout`` then counts from its first byte.
+                Passing it with nothing sent raises :class:`SessionIdle`.
 
         See :meth:`read_frame`, which this is with the request's deadline.
         """
-        return await self.read_frame(stream, conn, timeout=self.read_timeout, what="request")
+        return await self.read_frame(stream, conn, timeout=self.read_timeout, what="request", idle_timeout=idle_timeout)
 
     async def read_frame(
         self,
@@ -270,23 +281,28 @@ class Intake:
         timeout: float,
         what: str,
         max_size: int = MAX_FRAME_SIZE,
+        idle_timeout: float | None = None,
     ) -> object:
         """Read until ``conn`` yields its next event (one frame, or the stream's end).
 
         Every byte is charged to ``stream.remote_peer`` as it is buffered (module doc),
-        and the whole frame must arrive within ``timeout`` seconds of the call,
-        however slowly it drips.
+        and the whole frame must arrive within ``timeout`` seconds of the call (of its
+        first byte, with ``idle_timeout``), however slowly it drips.
 
         Args:
             timeout: seconds for the whole frame.
             what: what the frame is, for the messages ("request", "acknowledgement").
             max_size: most body bytes a frame may announce here (at most the protocol's
                 ``MAX_FRAME_SIZE``); a header announcing more is refused unread.
+            idle_timeout: seconds the frame's first byte may take (a session waiting
+                for its next request); None: ``timeout`` covers everything.
 
         Returns:
             The next event ``conn`` produces.
 
         Raises:
+            SessionIdle: ``idle_timeout`` passed with no byte sent (not an error: the
+                session is simply over).
             RequestRejected: ``REQUEST_TIMEOUT`` when the deadline passes;
                 ``PEER_LIMIT`` when the frame would pass a byte budget, or was dropped
                 to make room for newer ones.
@@ -298,35 +314,45 @@ class Intake:
         may be lost, so a cancelled stream is only good for resetting.
         """
         try:
-            return await self._read(stream, conn, timeout, what, max_size)
+            return await self._read(stream, conn, timeout, what, max_size, idle_timeout)
         except RequestRejected as exc:
             key = {ErrorCode.PEER_LIMIT: "refused_bytes", ErrorCode.REQUEST_TIMEOUT: "timeouts"}.get(exc.code)
             if key:
                 self._counts[key] += 1
             raise
 
-    async def _read(self, stream: P2PStream, conn: InferenceConnection, timeout: float, what: str, max_size: int):
-        received = 0
-        header = b""
-        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+    async def _read(
+        self,
+        stream: P2PStream,
+        conn: InferenceConnection,
+        timeout: float,
+        what: str,
+        max_size: int,
+        idle_timeout: float | None,
+    ) -> object:
+        now = trio.current_time()
+        idle_deadline = None if idle_timeout is None else now + idle_timeout
+        with trio.CancelScope() as scope:  # the budget drops an evicted frame by cancelling it
             claim = self.budget.open(stream.remote_peer, scope)
+
+            def charge(data: bytes, header: bytes, received: int) -> None:
+                if len(header) == _HEADER and received - len(data) < _HEADER:  # the header just came whole
+                    size = int.from_bytes(header, "big")
+                    if max_size < size <= MAX_FRAME_SIZE:
+                        raise FrameError(
+                            f"the {what} frame announces {size} bytes; at most {max_size} are accepted",
+                            code=ErrorCode.FRAME_TOO_LARGE,
+                        )
+                self.budget.promise(claim, max(received, _frame_end(header)) if len(header) == _HEADER else received)
+                self.budget.hold(claim, received)
+
             try:
-                while (event := conn.next_event()) is NEED_DATA:
-                    # read no further than this frame: up to the header, then up to its end
-                    want = _HEADER - len(header) if len(header) < _HEADER else _frame_end(header) - received
-                    data = await stream.receive_some(min(max(want, 1), _READ_SIZE), timeout=math.inf)
-                    received += len(data)
-                    if len(header) < _HEADER:
-                        header += data[: _HEADER - len(header)]
-                        if len(header) == _HEADER and max_size < (size := int.from_bytes(header, "big")) <= MAX_FRAME_SIZE:
-                            raise FrameError(
-                                f"the {what} frame announces {size} bytes; at most {max_size} are accepted",
-                                code=ErrorCode.FRAME_TOO_LARGE,
-                            )
-                    self.budget.promise(claim, max(received, _frame_end(header)) if len(header) == _HEADER else received)
-                    self.budget.hold(claim, received)
-                    conn.receive_data(data)
-                return event
+                return await FrameIO(stream, conn).next_event(
+                    deadline=now + timeout, exact=True, idle_deadline=idle_deadline, on_data=charge
+                )
+            except FrameReadTimeout as exc:
+                if exc.received == 0 and idle_timeout is not None:
+                    raise SessionIdle(f"no request within {idle_timeout:g} s") from None
             finally:
                 self.budget.close(claim)
         if claim.evicted:

@@ -44,7 +44,11 @@ import trio
 
 from loomnet.client import Ledger, P2PStream, TokenCounter
 from loomnet.protocol import (
+    INFER_PROTOCOL,
+    INFER_SESSION_PROTOCOL,
+    MAX_FRAME_SIZE,
     AckFrame,
+    EndOfStream,
     Envelope,
     ErrorCode,
     ErrorFrame,
@@ -70,7 +74,7 @@ from loomnet.protocol import (
 from ._catalog import Catalog, CatalogEntry
 from ._cost_cap import check_worst_case
 from ._counting import CountingChain
-from ._intake import Intake, RequestBudget
+from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
 from ._queue import OverCapacity, Slot, Slots
 from ._rate import PeerRateLimiter
@@ -78,13 +82,29 @@ from ._relay import ClientGone, relay_answer, wait_client_left
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
-__all__ = ["InferenceServer"]
+__all__ = ["InferenceServer", "ServerStatistics"]
 
 log = logging.getLogger("loomnet.server")
 
 #: Most body bytes an acknowledgement frame may announce. A signed ``ReceiptAck`` is
 #: about 200 bytes; this leaves room for fields later versions append.
 _MAX_ACK_FRAME = 64 * 1024
+#: what ``_one`` returns when a session is over
+_OVER = object()
+
+
+class ServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the inference server (trio's ``statistics()`` convention)."""
+
+    #: requests answered with a receipt, and refused or failed ones
+    served: int
+    refused: int
+    #: inference streams handled, of which session streams; session streams open now
+    streams: int
+    sessions: int
+    sessions_open: int
+    #: requests that came on a session stream after its first: the stream opens saved
+    session_requests: int
 
 
 class InferenceServer:
@@ -117,18 +137,62 @@ class InferenceServer:
         self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
         self.served = 0
         self.refused = 0
+        self._streams = self._sessions = self._sessions_open = self._session_requests = 0
 
     @property
     def load(self) -> int:
         """Requests generating now plus those waiting for a slot (what the advert says)."""
         return self.slots.running + self.slots.queued
 
+    def statistics(self) -> ServerStatistics:
+        return ServerStatistics(
+            served=self.served, refused=self.refused, streams=self._streams, sessions=self._sessions,
+            sessions_open=self._sessions_open, session_requests=self._session_requests,
+        )
+
     async def handle(self, stream: P2PStream) -> None:
-        """Serve one stream. Never raises: every failure is answered or logged."""
-        conn = InferenceConnection(Role.EXECUTOR)
+        """Serve one stream: one request (``/loomnet/infer/1``) or a session of requests
+        one after another (``/loomnet/infer/2``). Never raises: every failure is
+        answered or logged.
+
+        A session goes on after a receipt (its acknowledgement booked) and after an
+        error frame that leaves the stream sound (a refusal, a failed generation); it
+        ends when the client ends it between requests, sends no next request within
+        ``session-idle-timeout``, or anything leaves the stream unsound (a protocol
+        violation, a frame that did not come whole in time, a client that left).
+        """
+        session = getattr(stream, "protocol", INFER_PROTOCOL) == INFER_SESSION_PROTOCOL
+        conn = InferenceConnection(Role.EXECUTOR, session=session)
+        self._streams += 1
+        if session:
+            self._sessions += 1
+            self._sessions_open += 1
         try:
-            envelope_payload, request, entry = await self._admit(stream, conn)
-            await self._serve(stream, conn, envelope_payload, request, entry)
+            frame: object | None = None
+            while True:
+                frame = await self._one(stream, conn, frame)
+                if not session or frame is _OVER or not (conn.state is StreamState.IDLE or isinstance(frame, RequestFrame)):
+                    return
+        finally:
+            if session:
+                self._sessions_open -= 1
+
+    async def _one(self, stream: P2PStream, conn: InferenceConnection, frame: object | None) -> object | None:
+        """Read (unless ``frame`` came already) and serve one request; returns the frame
+        the client sent after its receipt when that was its next request, ``_OVER`` when
+        the session is over (ended by the client, or idle), else None."""
+        try:
+            if frame is None:
+                idle = self.config.session_idle_timeout if conn.requests else None
+                frame = await self.intake.read_request(stream, conn, idle_timeout=idle)
+            if isinstance(frame, EndOfStream):  # a session ended between requests
+                return _OVER
+            if conn.requests > 1:
+                self._session_requests += 1
+            request_payload, request, entry = self._admit(stream, frame)
+            return await self._serve(stream, conn, request_payload, request, entry)
+        except SessionIdle:
+            return _OVER
         except LoomError as exc:
             self.refused += 1
             log.info("request from %s ended with %s", stream.remote_peer, exc)
@@ -138,11 +202,11 @@ class InferenceServer:
             self.refused += 1
             log.exception("internal error serving %s", stream.remote_peer)
             await self._send_error(stream, conn, LoomError("internal error", code=ErrorCode.INTERNAL))
+        return None
 
     # ---------------------------------------------------------------- admission
 
-    async def _admit(self, stream: P2PStream, conn: InferenceConnection) -> tuple[bytes, InferenceRequest, CatalogEntry]:
-        frame = await self.intake.read_request(stream, conn)  # one deadline, a byte budget per peer
+    def _admit(self, stream: P2PStream, frame: object) -> tuple[bytes, InferenceRequest, CatalogEntry]:
         if not isinstance(frame, RequestFrame):  # pragma: no cover - the state machine allows nothing else
             raise RequestRejected("expected a request frame", code=ErrorCode.UNEXPECTED_FRAME)
         request, signer = open_envelope(SignedKind.REQUEST, frame.envelope)
@@ -204,7 +268,8 @@ class InferenceServer:
         request_payload: bytes,
         request: InferenceRequest,
         entry: CatalogEntry,
-    ) -> None:
+    ) -> object | None:
+        """Generate, book and send the receipt; returns what ``_await_ack`` returns."""
         params = ChatParams(model=entry.backend_model, messages=list(request.messages), **generation_fields(request))
         missing = params.needs() - set(entry.offer.capabilities)
         if missing:
@@ -247,7 +312,7 @@ class InferenceServer:
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
-        await self._await_ack(stream, conn, receipt_digest)
+        return await self._await_ack(stream, conn, receipt_digest)
 
     async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:
         """Check the request's worst case against its ``max_cost`` (``_cost_cap``); returns
@@ -343,29 +408,37 @@ class InferenceServer:
             error.receipt = envelope  # type: ignore[attr-defined]  # _send_error sends it
         return error
 
-    async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> None:
+    async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> object | None:
         """Book the client's counter-signature if it comes soon; it is optional.
+        Returns the frame that came instead when it is the next request of a session
+        (the client skipped the ack), else None.
 
         The acknowledgement is read like the request (``Intake.read_frame``): one
         deadline, ``ack-timeout``, for the whole frame, its bytes charged to the byte
         budgets, and a header announcing more than ``_MAX_ACK_FRAME`` refused unread,
-        so a peer dripping a huge "ack" holds nothing for long.
+        so a peer dripping a huge "ack" holds nothing for long. On a session stream the
+        frame may be the next request instead, so it may be as large as a request; the
+        budgets and the deadline bound it the same way.
         """
+        max_size = MAX_FRAME_SIZE if conn.session else _MAX_ACK_FRAME
         try:
             event = await self.intake.read_frame(
-                stream, conn, timeout=self.config.ack_timeout, what="acknowledgement", max_size=_MAX_ACK_FRAME
+                stream, conn, timeout=self.config.ack_timeout, what="acknowledgement", max_size=max_size
             )
         except LoomError as exc:
             log.debug("no receipt acknowledgement from %s: %s", stream.remote_peer, exc)
-            return
+            return None
+        if isinstance(event, RequestFrame):
+            return event
         if not isinstance(event, AckFrame):
-            return
+            return None
         try:
             ack, signer = open_envelope(SignedKind.RECEIPT_ACK, event.envelope)
         except LoomError as exc:
             log.info("bad receipt acknowledgement from %s: %s", stream.remote_peer, exc)
-            return
+            return None
         assert isinstance(ack, ReceiptAck)
         if signer == stream.remote_peer and ack.receipt_digest == receipt_digest:
             with trio.CancelScope(shield=True):
                 await self.ledger.record_ack(receipt_digest, event.envelope)
+        return None

@@ -117,6 +117,10 @@ class ExecutorConfig(_Config):
     #: the request's is one deadline for the whole frame, however slowly it drips
     request_read_timeout: float = 10.0
     ack_timeout: float = 5.0
+    #: seconds a session stream (``/loomnet/infer/2``, many requests on one stream) may
+    #: wait for its next request before the executor ends it; clients stop reusing an
+    #: idle session well before this (docs/protocol.md, "Sessions")
+    session_idle_timeout: float = 60.0
     #: live connections in total, and live inbound connections one peer may hold;
     #: a closed connection frees its place at once (docs/network.md)
     max_connections: int = 1000
@@ -176,7 +180,8 @@ class ExecutorConfig(_Config):
                     f"model {terms.name!r}: capacity {terms.capacity} is above the executor's capacity {self.capacity}"
                 )
         for name in (
-            "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "chunk_interval",
+            "advert_interval", "advert_ttl", "max_request_age", "request_read_timeout", "session_idle_timeout",
+            "chunk_interval",
             "health_interval", "progress_interval", "count_timeout", "list_models_timeout",
         ):  # fmt: skip
             if getattr(self, name) <= 0:

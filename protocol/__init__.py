@@ -86,6 +86,9 @@ from ._stream import (
 ADVERT_TOPIC = "/loomnet/adverts/1"
 #: Stream protocol for one inference request.
 INFER_PROTOCOL = "/loomnet/infer/1"
+#: Stream protocol for a session: many inference requests, one after another, on one
+#: stream (``_stream``'s module doc). Executors serve both; clients prefer this one.
+INFER_SESSION_PROTOCOL = "/loomnet/infer/2"
 #: Stream protocol on which a peer hands over the adverts it holds.
 ADVERTS_PROTOCOL = "/loomnet/adverts/1"
 
@@ -108,6 +111,7 @@ __all__ = [
     "FrameDecoder",
     "FrameError",
     "INFER_PROTOCOL",
+    "INFER_SESSION_PROTOCOL",
     "ImagePart",
     "InferenceConnection",
     "InferenceRequest",

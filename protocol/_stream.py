@@ -23,6 +23,23 @@ so they always agree on the state.
 
 An executor may also answer IDLE with an error frame: it refuses a request it could
 not even decode, and the client then sees a proper error code instead of a reset.
+
+Sessions (``/loomnet/infer/2``)
+-------------------------------
+Opening a libp2p stream costs more than the whole per-request budget (issue 9: 6.6 ms
+p50 of 19.5 ms added), so a *session* stream carries many requests, one after another,
+like HTTP/1.1 keep-alive: each one is the exchange above, and where a one-request stream
+would end, a session goes back to IDLE for the next request::
+
+    SETTLING --AckFrame-->     IDLE   (the counter-signature, then the next request)
+    SETTLING --RequestFrame--> OPEN   (the ack is still optional)
+    OPEN     --ErrorFrame-->   IDLE   (a refusal or failure ends that request only)
+    IDLE     --end of stream-> CLOSED (either side may end a session between requests)
+
+Nothing else changes: every request is signed with its own nonce, audience and time,
+every answer ends with its own terminal frame, chunk numbers start at 0 for each
+request, and ``max_stream_bytes`` bounds each request's exchange rather than the
+session's life. Requests never overlap on one stream: concurrency is more streams.
 """
 
 from __future__ import annotations
@@ -84,6 +101,16 @@ _TRANSITIONS: dict[tuple[StreamState, object], StreamState] = {
     (StreamState.CLOSED, _EOF): StreamState.CLOSED,
 }
 
+#: Where a session stream differs (see the module doc): it goes back to IDLE.
+_SESSION_TRANSITIONS: dict[tuple[StreamState, object], StreamState] = {
+    **_TRANSITIONS,
+    (StreamState.IDLE, ErrorFrame): StreamState.IDLE,
+    (StreamState.OPEN, ErrorFrame): StreamState.IDLE,
+    (StreamState.SETTLING, AckFrame): StreamState.IDLE,
+    (StreamState.SETTLING, RequestFrame): StreamState.OPEN,
+    (StreamState.IDLE, _EOF): StreamState.CLOSED,
+}
+
 _SENT_BY: dict[type, Role] = {
     RequestFrame: Role.CLIENT,
     AckFrame: Role.CLIENT,
@@ -99,8 +126,11 @@ class InferenceConnection:
     Args:
         role: which side this object plays.
         max_frame_size: hard maximum of one frame body.
-        max_stream_bytes: most bytes this side accepts from the peer in total, so a
-            peer cannot stream forever.
+        max_stream_bytes: most bytes this side accepts from the peer in total (in a
+            session: per request, counted from the request frame on), so a peer cannot
+            stream forever.
+        session: a session stream (``/loomnet/infer/2``): many requests, one after
+            another (see the module doc).
     """
 
     def __init__(
@@ -109,8 +139,13 @@ class InferenceConnection:
         *,
         max_frame_size: int = MAX_FRAME_SIZE,
         max_stream_bytes: int = 16 * MAX_FRAME_SIZE,
+        session: bool = False,
     ) -> None:
         self.role = role
+        self.session = session
+        self._table = _SESSION_TRANSITIONS if session else _TRANSITIONS
+        #: requests this stream has carried (1 at most unless ``session``)
+        self.requests = 0
         self.state = StreamState.IDLE
         self.max_stream_bytes = max_stream_bytes
         self._decoder = FrameDecoder(max_size=max_frame_size)
@@ -130,8 +165,10 @@ class InferenceConnection:
         kind = type(frame)
         if _SENT_BY.get(kind) is not self.role:
             raise UnexpectedFrame(f"the {self.role.value} never sends {kind.__name__}")
+        # encoded first: a frame too large to send leaves the state as it was
+        data = encode_frame(encode_frame_body(frame), max_size=self._max_frame_size)
         self._advance(kind, frame)
-        return encode_frame(encode_frame_body(frame), max_size=self._max_frame_size)
+        return data
 
     # ---------------------------------------------------------------- receiving
 
@@ -175,7 +212,7 @@ class InferenceConnection:
 
     def _advance(self, kind: object, frame: StreamFrame | None) -> None:
         key = (self.state, kind)
-        if key not in _TRANSITIONS:
+        if key not in self._table:
             previous, self.state = self.state, StreamState.FAILED
             if kind is _EOF:
                 raise StreamTruncated(f"stream ended while {previous.value}, before its terminal frame")
@@ -185,4 +222,8 @@ class InferenceConnection:
                 self.state = StreamState.FAILED
                 raise UnexpectedFrame(f"chunk {frame.seq} arrived where {self._next_chunk_seq} was due")
             self._next_chunk_seq += 1
-        self.state = _TRANSITIONS[key]
+        elif kind is RequestFrame:  # a new exchange: chunks count from 0, bytes afresh
+            self.requests += 1
+            self._next_chunk_seq = 0
+            self._received = 0
+        self.state = self._table[key]

@@ -1,0 +1,200 @@
+"""Session streams kept open per executor for the next request (HTTP keep-alive style).
+
+Opening a libp2p stream cost 6.6 ms p50 of the 19.5 ms loomnet added to a request
+(issue 9): a yamux SYN and a multistream-select round trip each time. A session stream
+(``/loomnet/infer/2``, ``protocol/_stream``'s module doc) carries many requests one
+after another, so a client pays the open once per executor and concurrency level.
+
+Theory of operation
+-------------------
+``lease`` hands out an idle session to the executor when there is one (most recently
+used first: the freshest is the least likely to have been closed meanwhile), else opens
+a stream, asking for ``/loomnet/infer/2`` first and ``/loomnet/infer/1`` second, so an
+older executor is still served (one request per stream). ``give_back`` keeps the stream
+for the next request only when its exchange ended cleanly, the state machine back to
+IDLE (receipt acknowledged, or an error frame that ends one request); anything else is
+closed or reset by the ``ChatStream``, never reused.
+
+Nothing is held without bound: at most ``max_idle_per_peer`` idle sessions per executor
+and ``max_idle`` in all (the oldest is closed to make room), each for ``idle_timeout``
+seconds at most, below the executor's ``session-idle-timeout`` (60 s by default) so a
+client does not send on a session the executor is ending. A session the executor ended
+anyway (a restart, a shutdown) fails at its first byte; ``ChatStream`` then sends the
+same signed request once more on a new stream: the executor never saw it (it would
+have answered on the old stream), and its replay guard refuses a second copy if it did.
+
+Who owns what: the pool owns idle sessions only; a leased one belongs to its
+``ChatStream`` until given back. ``aclose`` closes every idle session (bounded).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import msgspec
+import trio
+
+from loomnet.protocol import (
+    INFER_PROTOCOL,
+    INFER_SESSION_PROTOCOL,
+    InferenceConnection,
+    Role,
+    StreamState,
+)
+
+from ._stream_kit import ByteStream, StreamOpener
+
+__all__ = ["SessionLease", "SessionPool", "SessionPoolStatistics"]
+
+#: protocols asked for, best first
+SESSION_PROTOCOLS = (INFER_SESSION_PROTOCOL, INFER_PROTOCOL)
+
+
+class SessionPoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a session pool (trio's ``statistics()`` convention)."""
+
+    #: streams opened, and of those, one-request streams (the executor has no sessions)
+    opened: int
+    opened_single: int
+    #: leases served by an idle session instead of a new stream
+    reused: int
+    #: idle sessions now, and those closed for age or room
+    idle: int
+    expired: int
+    #: requests sent again on a new stream because a reused session had ended
+    stale_retries: int = 0
+
+
+class SessionLease:
+    """One stream leased for one request: ``stream``, its state machine ``conn`` (it
+    lives as long as the stream) and whether it served a request before (``reused``)."""
+
+    __slots__ = ("peer", "stream", "conn", "reused", "idle_since")
+
+    def __init__(self, peer: str, stream: ByteStream, conn: InferenceConnection, *, reused: bool) -> None:
+        self.peer = peer
+        self.stream = stream
+        self.conn = conn
+        self.reused = reused
+        self.idle_since = 0.0
+
+    @property
+    def session(self) -> bool:
+        return self.conn.session
+
+
+class SessionPool:
+    """Idle session streams per executor.
+
+    Args:
+        opener: opens streams (``P2PNode``, or a memory opener in tests and benches).
+        idle_timeout: seconds an idle session is kept for reuse.
+        max_idle_per_peer: idle sessions kept per executor.
+        max_idle: idle sessions kept in all.
+    """
+
+    def __init__(
+        self, opener: StreamOpener, *, idle_timeout: float = 20.0, max_idle_per_peer: int = 4, max_idle: int = 256
+    ) -> None:
+        self.opener = opener
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_peer = max_idle_per_peer
+        self.max_idle = max_idle
+        #: peer -> its idle leases, oldest first; peers in order of their last give-back
+        self._idle: OrderedDict[str, list[SessionLease]] = OrderedDict()
+        self._count = 0
+        self._swept_at = -float("inf")
+        self._stats = dict.fromkeys(("opened", "opened_single", "reused", "expired", "stale_retries"), 0)
+
+    def statistics(self) -> SessionPoolStatistics:
+        return SessionPoolStatistics(idle=self._count, **self._stats)
+
+    async def lease(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
+        """An idle session to ``peer``, or a new stream (a session if ``peer`` serves them).
+
+        Raises:
+            NetworkError, NetworkTimeout: opening a new stream failed.
+        """
+        await self._sweep(trio.current_time())
+        idle = self._idle.get(peer)
+        if idle:  # the freshest; a sweep took out the ones past idle_timeout
+            lease = idle.pop()
+            self._count -= 1
+            if not idle:
+                del self._idle[peer]
+            self._stats["reused"] += 1
+            return lease
+        return await self.open(peer, addrs=addrs, timeout=timeout)
+
+    async def open(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
+        """A new stream to ``peer``, never an idle one (a stale session's retry)."""
+        stream = await self.opener.open_stream(peer, SESSION_PROTOCOLS, addrs=addrs, timeout=timeout)
+        session = getattr(stream, "protocol", INFER_PROTOCOL) == INFER_SESSION_PROTOCOL
+        self._stats["opened"] += 1
+        self._stats["opened_single"] += not session
+        return SessionLease(peer, stream, InferenceConnection(Role.CLIENT, session=session), reused=False)
+
+    def note_stale_retry(self) -> None:
+        self._stats["stale_retries"] += 1
+
+    def reusable(self, lease: SessionLease) -> bool:
+        """Whether ``lease`` may serve another request: a session back to IDLE."""
+        return lease.conn.session and lease.conn.state is StreamState.IDLE and lease.conn.requests > 0
+
+    async def give_back(self, lease: SessionLease) -> None:
+        """Keep ``lease`` for the next request to its executor, or close it.
+
+        Call only when the exchange ended (``reusable``); never raises.
+        """
+        if not self.reusable(lease):
+            await lease.stream.close()
+            return
+        now = trio.current_time()
+        lease.idle_since = now
+        lease.reused = True
+        idle = self._idle.setdefault(lease.peer, [])
+        self._idle.move_to_end(lease.peer)
+        idle.append(lease)
+        self._count += 1
+        # the structures change before any await, so a concurrent lease sees them whole
+        dropped = []
+        while len(idle) > self.max_idle_per_peer:
+            dropped.append(self._take_oldest(lease.peer))
+        while self._count > self.max_idle:  # the least recently active executor's oldest
+            dropped.append(self._take_oldest(next(iter(self._idle))))
+        dropped += self._expired(now)
+        await self._close(dropped)
+
+    async def aclose(self) -> None:
+        """Close every idle session (each close is bounded by the stream)."""
+        idle, self._idle = self._idle, OrderedDict()
+        self._count = 0
+        await self._close([lease for leases in idle.values() for lease in leases], count=False)
+
+    def _take_oldest(self, peer: str) -> SessionLease:
+        leases = self._idle[peer]
+        lease = leases.pop(0)
+        if not leases:
+            del self._idle[peer]
+        self._count -= 1
+        return lease
+
+    def _expired(self, now: float) -> list[SessionLease]:
+        """Take out sessions idle past ``idle_timeout``; at most once a second (amortized)."""
+        if now - self._swept_at < 1.0:
+            return []
+        self._swept_at = now
+        expired = []
+        for peer in list(self._idle):
+            while peer in self._idle and now - self._idle[peer][0].idle_since > self.idle_timeout:
+                expired.append(self._take_oldest(peer))
+        return expired
+
+    async def _sweep(self, now: float) -> None:
+        await self._close(self._expired(now))
+
+    async def _close(self, leases: list[SessionLease], *, count: bool = True) -> None:
+        if count:
+            self._stats["expired"] += len(leases)
+        for lease in leases:
+            await lease.stream.close()
