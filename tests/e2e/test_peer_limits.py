@@ -184,6 +184,7 @@ async def test_a_heavy_peer_stays_within_its_byte_bounds_while_others_are_served
             result = await client.chat(HI, model="smol", max_tokens=4)
         assert result.receipt.output_tokens >= 1
         held.set()
+    await client.sessions.aclose()  # the honest client's idle session is an inbound stream too
     hostile.stop()
     await wait_until(
         lambda: (s := executor.member.node.statistics()).unread_bytes == 0
