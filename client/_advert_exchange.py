@@ -17,6 +17,7 @@ from loomnet.protocol import (
     END,
     NEED_DATA,
     AdvertFrame,
+    EndOfStream,
     Envelope,
     FrameDecoder,
     NetworkTimeout,
@@ -27,7 +28,8 @@ from loomnet.protocol import (
     encode_frame_body,
 )
 
-from ._chat_stream import ByteStream
+from ._frame_io import FrameIO, FrameReadTimeout
+from ._stream_kit import ByteStream
 
 __all__ = ["MAX_ADVERT_FRAME", "receive_adverts", "send_adverts"]
 
@@ -62,21 +64,49 @@ async def receive_adverts(
             header), undecodable, or not an advert; the stream ended inside a frame.
         NetworkError: the stream broke.
     """
-    decoder = FrameDecoder(max_size=MAX_ADVERT_FRAME)
+    io = FrameIO(stream, AdvertReader())
     read = 0
-    with trio.move_on_at(deadline):
-        while read < limit:
-            while (body := decoder.next_frame()) is NEED_DATA:
-                decoder.receive_data(await stream.receive_some(timeout=_left(deadline)))
-            if body is END:
-                return read
-            frame = decode_frame(body)  # type: ignore[arg-type]
-            if not isinstance(frame, AdvertFrame):
-                raise UnexpectedFrame(f"a {type(frame).__name__} where adverts were expected")
-            read += 1
-            keep(frame.envelope)
-        return read  # the rest, if any, is never read: the caller resets the stream
-    raise NetworkTimeout(f"the adverts were not over within the exchange's deadline ({read} read)")
+    while read < limit:
+        try:
+            frame = await io.next_event(deadline=deadline)
+        except FrameReadTimeout:
+            raise NetworkTimeout(f"the adverts were not over within the exchange's deadline ({read} read)") from None
+        if isinstance(frame, EndOfStream):
+            return read
+        read += 1
+        keep(frame.envelope)  # type: ignore[union-attr]
+    return read  # the rest, if any, is never read: the caller resets the stream
+
+
+class AdvertReader:
+    """The asker's side of ``/loomnet/adverts/1``, sans-IO, in ``InferenceConnection``'s
+    shape (``receive_data``, ``next_event``) so ``FrameIO`` drives it: advert frames
+    until the end of the stream, each no bigger than ``MAX_ADVERT_FRAME``.
+
+    Raises (from ``receive_data``/``next_event``): ``FrameError`` for a frame announced
+    over the maximum, ``UnexpectedFrame`` for a frame that is not an advert, what
+    ``decode_frame`` raises for bytes that are no frame, and ``StreamTruncated`` for an
+    end inside a frame.
+    """
+
+    __slots__ = ("_decoder",)
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(max_size=MAX_ADVERT_FRAME)
+
+    def receive_data(self, data: bytes) -> None:
+        self._decoder.receive_data(data)
+
+    def next_event(self) -> AdvertFrame | EndOfStream | type[NEED_DATA]:
+        body = self._decoder.next_frame()
+        if body is NEED_DATA:
+            return NEED_DATA
+        if body is END:
+            return EndOfStream()
+        frame = decode_frame(body)  # type: ignore[arg-type]
+        if not isinstance(frame, AdvertFrame):
+            raise UnexpectedFrame(f"a {type(frame).__name__} where adverts were expected")
+        return frame
 
 
 async def send_adverts(stream: ByteStream, envelopes: Sequence[Envelope], *, deadline: float) -> None:

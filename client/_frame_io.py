@@ -1,7 +1,8 @@
-"""One inference stream's I/O: the sans-IO state machine driven over a byte stream.
+"""A stream's I/O: a sans-IO frame machine driven over a byte stream.
 
-The client (``ChatStream``), the executor (``InferenceServer`` through ``Intake``) and
-the benches drive ``InferenceConnection`` through this one wrapper instead of each
+The client (``ChatStream``), the executor (``InferenceServer`` through ``Intake``), the
+advert exchange (``receive_adverts``) and the benches drive their machine
+(``InferenceConnection``; ``AdvertReader``) through this one wrapper instead of each
 writing its own ``NEED_DATA`` loop, over any stream shaped like ``ByteStream``: a
 ``P2PStream`` in production, a ``MemoryP2PStream`` in tests and in ``bench/``.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import trio
 
@@ -20,7 +22,7 @@ from loomnet.protocol import MAX_FRAME_SIZE, NEED_DATA, EndOfStream, InferenceCo
 
 from ._stream_kit import ByteStream
 
-__all__ = ["FRAME_HEADER", "FrameIO", "FrameReadTimeout"]
+__all__ = ["FRAME_HEADER", "FrameIO", "FrameMachine", "FrameReadTimeout"]
 
 #: bytes of a frame's length prefix
 FRAME_HEADER = 4
@@ -36,18 +38,26 @@ class FrameReadTimeout(Exception):
         self.received = received
 
 
+class FrameMachine(Protocol):
+    """What ``FrameIO`` drives: bytes in, events out (``NEED_DATA`` until one is whole)."""
+
+    def receive_data(self, data: bytes) -> None: ...
+    def next_event(self) -> object: ...
+
+
 class FrameIO:
     """``conn`` over ``stream``: send frames, read the next event.
 
     Args:
         stream: the transport (``remote_peer`` and ``protocol`` are read from it where
             it has them).
-        conn: the stream's state machine; it outlives one request on a session stream.
+        conn: the stream's machine: an ``InferenceConnection`` (it outlives one request
+            on a session stream; ``send`` needs one) or any ``FrameMachine``.
     """
 
     __slots__ = ("stream", "conn")
 
-    def __init__(self, stream: ByteStream, conn: InferenceConnection) -> None:
+    def __init__(self, stream: ByteStream, conn: InferenceConnection | FrameMachine) -> None:
         self.stream = stream
         self.conn = conn
 
@@ -58,6 +68,7 @@ class FrameIO:
             UnexpectedFrame: this side may not send it now (nothing was written).
             NetworkError, NetworkTimeout: the write failed; the stream is unusable.
         """
+        assert isinstance(self.conn, InferenceConnection)
         await self.stream.send_all(self.conn.send(frame), timeout=timeout)
 
     async def next_event(
