@@ -13,21 +13,36 @@ receipt), so what is measured is loomnet's own relay, not libp2p or HTTP. Two nu
 * **first frame**: wall ms from the backend yielding its first delta to the first chunk
   frame handed to the stream, for a backend that yields a delta every millisecond.
 
+``--ledger`` measures the ledger writes after an answer instead, on a real SQLite file
+(fsync'd: ``synchronous=FULL``) in ``--dir``: the client's settle (its receipt and its
+ack) and ``--concurrency`` executors' receipts booked at once, as wall ms per booking
+and commits per booking. With ``--compare REV`` the same with ``client/_ledger.py`` as it
+was at ``REV`` (two writes per settle, one commit per write).
+
+``--meter`` measures ``Meter.book`` instead (count, sign, book a receipt; the ledger a
+no-op): CPU µs per receipt for an answer of ``--chars`` characters whose usage the
+runtime reported, the commonest receipt; with ``--compare REV``, ``node/_metering.py``
+as it was at ``REV`` too.
+
 ``--compare REV`` also loads ``node/_relay.py`` as it was at git revision ``REV`` and
 measures it in the same run, interleaved, so the two columns share the machine's load.
 Medians of ``--reps`` runs.
 
 Run: ``.venv/bin/python bench/relay_bench.py [--tokens 2000] [--reps 15] [--compare 255f953]``
+and ``.venv/bin/python bench/relay_bench.py --ledger [--concurrency 1,8,64] [--compare 255f953]``
+and ``.venv/bin/python bench/relay_bench.py --meter [--chars 600,8000] [--compare 255f953]``
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import AsyncIterator, Callable
@@ -144,20 +159,118 @@ def first_frame(module: types.ModuleType, n: int = 200) -> float:
     return marks["sent"] - marks["first"]
 
 
-def load_relay_at(rev: str) -> types.ModuleType:
-    """``node/_relay.py`` as of git revision ``rev``, as a module of ``loomnet.node``."""
+def load_at(rev: str, path: str, package: str) -> types.ModuleType:
+    """The module at ``path`` as of git revision ``rev``, as a module of ``package``."""
     root = Path(loomnet.node.__file__).parent.parent
     source = subprocess.run(
-        ["git", "-C", str(root), "show", f"{rev}:node/_relay.py"], check=True, capture_output=True, text=True
+        ["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
     ).stdout
-    name = f"loomnet.node._relay_at_{rev}"
+    name = f"{package}._{Path(path).stem.strip('_')}_at_{rev}"
     spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
-    module.__package__ = "loomnet.node"
+    module.__package__ = package
     sys.modules[name] = module
-    exec(compile(source, f"{rev}:node/_relay.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
     return module
+
+
+# ---------------------------------------------------------------------- the ledger
+
+
+def receipts(n: int, salt: int) -> list[tuple[object, object, object]]:
+    """``n`` signed receipts with their acks: (envelope, receipt, ack)."""
+    from loomnet.protocol import Receipt, ReceiptAck, digest
+
+    out = []
+    for i in range(n):
+        receipt = Receipt(
+            request_digest=digest(b"%d %d" % (salt, i)), client=KEY.peer_id, model="m", input_tokens=10,
+            output_tokens=20, count_source="backend", price_in=0, price_out=0, cost=0,
+            output_digest=digest(b"text"), chunks=2, finish_reason="stop", issued_at=1.0,
+        )  # fmt: skip
+        envelope = seal(SignedKind.RECEIPT, receipt, KEY)
+        ack = seal(SignedKind.RECEIPT_ACK, ReceiptAck(receipt_digest=digest(envelope.payload), accepted_at=2.0,
+                                                      client_output_tokens=20), KEY)  # fmt: skip
+        out.append((envelope, receipt, ack))
+    return out
+
+
+async def settle_once(module: types.ModuleType, ledger, item, combined: bool) -> None:
+    envelope, receipt, ack = item
+    if combined:
+        await ledger.record_receipt(envelope, receipt, role="client", executor="x", now=1.0, ack=ack)
+    else:
+        key = await ledger.record_receipt(envelope, receipt, role="client", executor="x", now=1.0)
+        await ledger.record_ack(key, ack)
+
+
+async def ledger_case(module: types.ModuleType, path: Path, case: str, n: int, salt: int) -> tuple[float, int]:
+    """Wall seconds per booking, and commits (COMMIT statements) for all ``n``."""
+    ledger = await module.Ledger.open(path)
+    commits = 0
+    conn = ledger._conn
+
+    class Counting:
+        """Counts transactions: each COMMIT, and each write made outside a transaction
+        (autocommit: SQLite commits it on its own)."""
+
+        def execute(self, sql, *args):
+            nonlocal commits
+            word = sql.split(None, 1)[0].upper()
+            commits += word == "COMMIT" or (word in ("INSERT", "UPDATE") and not conn.in_transaction)
+            return conn.execute(sql, *args)
+
+        def __getattr__(self, name):
+            return getattr(conn, name)
+
+    ledger._conn = Counting()
+    items = receipts(n, salt)
+    combined = hasattr(module, "LedgerStatistics")
+    start = time.perf_counter()
+    if case == "settle":
+        for item in items:
+            await settle_once(module, ledger, item, combined)
+    else:
+        async with trio.open_nursery() as nursery:
+            for envelope, receipt, _ in items:
+                nursery.start_soon(
+                    functools.partial(ledger.record_receipt, envelope, receipt, role="executor", executor="x", now=1.0)
+                )
+    seconds = (time.perf_counter() - start) / n
+    ledger._conn = conn
+    await ledger.aclose()
+    return seconds, commits
+
+
+def ledger_bench(args: argparse.Namespace) -> int:
+    """The ``--ledger`` table (module doc)."""
+    from loomnet.client import _ledger
+
+    modules = {"now": _ledger}
+    if args.compare:
+        modules[args.compare] = load_at(args.compare, "client/_ledger.py", "loomnet.client")
+    cases = [("settle", 20)] + [(f"x{c}", c) for c in args.concurrency]
+    samples: dict[tuple[str, str], list[float]] = {(m, c): [] for m in modules for c, _ in cases}
+    commits: dict[tuple[str, str], float] = {}
+    base = Path(tempfile.mkdtemp(prefix="relay-bench-", dir=args.dir))
+    salt = 0
+    for _ in range(args.reps):
+        for case, n in cases:
+            for name, module in modules.items():
+                salt += 1
+                seconds, done = trio.run(ledger_case, module, base / f"{salt}.sqlite", case, n, salt)
+                samples[name, case].append(seconds)
+                commits[name, case] = done / n
+    print(f"ledger writes on {base} (wall ms per booking, median of {args.reps} runs; fsync'd)")
+    print(f"{'ledger':>10} {'case':>10} {'ms/booking':>11} {'commits/booking':>16}")
+    for case, n in cases:
+        label = "client settle (receipt+ack)" if case == "settle" else f"{n} executor receipts at once"
+        print(f"-- {label}")
+        for name in modules:
+            ms = statistics.median(samples[name, case]) * 1e3
+            print(f"{name:>10} {case:>10} {ms:11.3f} {commits[name, case]:16.2f}")
+    return 0
 
 
 class Row(msgspec.Struct):
@@ -168,16 +281,86 @@ class Row(msgspec.Struct):
     frames: int
 
 
+# ---------------------------------------------------------------------- the meter
+
+
+class _NullLedger:
+    async def record_receipt(self, envelope, receipt, **booking) -> bytes:
+        from loomnet.protocol import digest
+
+        return digest(envelope.payload)
+
+
+class _SilentBackend:
+    """A runtime with no tokenizer: counts fall to tiktoken, as for most HTTP backends."""
+
+    kind = "bench"
+
+    async def count_tokens(self, model: str, text: str) -> None:
+        return None
+
+    async def count_prompt_tokens(self, params: object) -> None:
+        return None
+
+
+async def meter_once(module: types.ModuleType, meter, entry, params, output, usage, n: int) -> None:
+    for _ in range(n):
+        await meter.book(request_payload=b"r" * 300, client="c", entry=entry, params=params, output=output,
+                         finish_reason="stop", usage=usage)  # fmt: skip
+
+
+def meter_bench(args: argparse.Namespace) -> int:
+    """The ``--meter`` table (module doc)."""
+    from loomnet.client import TokenCounter
+    from loomnet.node import _metering
+    from loomnet.node._catalog import CatalogEntry
+    from loomnet.node.backends._base import ChatParams, Usage
+    from loomnet.protocol import ChunkFrame, ModelOffer
+
+    modules = {"now": _metering}
+    if args.compare:
+        modules[args.compare] = load_at(args.compare, "node/_metering.py", "loomnet.node")
+    tokens = TokenCounter()
+    tokens.load("cl100k_base")
+    entry = CatalogEntry(ModelOffer(name="m", price_in=150_000, price_out=600_000), _SilentBackend(), "m")
+    params = ChatParams(model="m", messages=[ChatMessage("user", "Say hello, please.")])
+    n = 200
+    print(f"Meter.book, usage reported by the runtime (CPU µs per receipt, median of {args.reps} runs of {n})")
+    for chars in args.chars:
+        output = _metering.Output()
+        words = ("Hello there, this is a sentence. " * (chars // 33 + 1))[:chars]
+        for i in range(0, chars, 128):
+            output.record(ChunkFrame(seq=len(output.chunks), text=words[i:i + 128]))
+        usage = Usage(input_tokens=12, output_tokens=chars // 4, source="backend")
+        samples: dict[str, list[float]] = {name: [] for name in modules}
+        for _ in range(args.reps):
+            for name, module in modules.items():
+                meter = module.Meter(KEY, _NullLedger(), tokens)
+                samples[name].append(cpu(lambda: trio.run(meter_once, module, meter, entry, params, output, usage, n)))
+        for name in modules:
+            print(f"{name:>10} {chars:7d} chars {statistics.median(samples[name]) / n * 1e6:9.1f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--compare", metavar="REV", help="also measure node/_relay.py at this git revision")
     parser.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    parser.add_argument("--ledger", action="store_true", help="measure the ledger writes instead")
+    parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 64])
+    parser.add_argument("--dir", help="where the --ledger files go (default: the system's temp dir)")
+    parser.add_argument("--meter", action="store_true", help="measure Meter.book instead")
+    parser.add_argument("--chars", type=lambda v: [int(x) for x in v.split(",")], default=[600, 8000])
     args = parser.parse_args()
+    if args.ledger:
+        return ledger_bench(args)
+    if args.meter:
+        return meter_bench(args)
     relays = {"now": _relay}
     if args.compare:
-        relays[args.compare] = load_relay_at(args.compare)
+        relays[args.compare] = load_at(args.compare, "node/_relay.py", "loomnet.node")
     n, kinds = args.tokens, ("plain", "burst", "safe-channel")
     samples: dict[tuple[str, str], list[float]] = {(r, k): [] for r in [*relays, "floor"] for k in kinds}
     frames: dict[tuple[str, str], int] = {}
