@@ -15,6 +15,9 @@ While the backend generates, three tasks share one nursery:
   ``stream_chat``, which stops the generation (an HTTP backend closes its response; the
   embedded model stops). The pump wakes the sender only when the batch stops being
   empty, when it is full and when the answer ends: once per frame, not per delta.
+  After the backend's :class:`Finished` the pump reads on (discarding) so the backend
+  ends its own way while the last frames are written, and is cancelled then: an
+  adapter must have read its response to the end *before* it yields ``Finished``.
 * the **sender** (the nursery's body) writes the batch as chunk frames. The answer's
   first content (text or reasoning; tool calls come with the end) goes out the moment
   it arrives, so the client's time to first token is the backend's own; so does the
@@ -174,13 +177,17 @@ class _Relay:
         try:
             async with open_events() as events:
                 async for event in events:
+                    if self._end is not None:
+                        # after Finished, the backend runs on its own way (closing its
+                        # response, say) while the last frames go out; then it is cancelled
+                        continue
                     if isinstance(event, TextDelta):
                         self._text.append(event.text)
                     elif isinstance(event, ReasoningDelta):
                         self._reasoning.append(event.text)
                     elif isinstance(event, Finished):
                         self._ended(event)
-                        return  # leaving stream_chat here ends the backend's side at once
+                        continue
                     else:  # pragma: no cover - the event union has no other member
                         continue
                     self._deltas += 1
