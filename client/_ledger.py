@@ -11,18 +11,13 @@ so it never runs on the trio thread: one connection (``check_same_thread=False``
 worker threads one call at a time through a ``CapacityLimiter(1)``. sqlite3 and OS
 errors become ``LedgerError`` here.
 
-Writes are **group-committed**. A write joins a queue; the first writer to find no
-commit in flight *leads*: in one worker-thread call it runs every write queued so far
-in one transaction (each inside its own savepoint, so one failing write fails alone) and
-commits them with one fsync, then wakes each of their callers, and hands the lead to the
-first write that queued meanwhile. Each caller returns only once *its* write is
-committed, so the durability promise is the same as one transaction per write; under
-concurrency the fsyncs are shared (N concurrent bookings: as few as 2 commits instead
-of N), and a caller waits for at most the commit in flight plus its own. A write that
-carries several statements (the client's receipt with its ack:
-``record_receipt(..., ack=)``) is one transaction and one thread hop however many there
-are. ``synchronous=FULL`` stays: in WAL mode ``NORMAL`` skips the commit's fsync, so a
-power cut could lose a receipt already sent, which is exactly what the ledger exists to
+Writes are **group-committed** (``_ledger_writes``): writes made at the same time share
+one transaction and one fsync, and each caller returns only once the transaction
+holding its own write is committed, so the durability promise is the same as one
+transaction per write. A write that carries several statements (the client's receipt
+with its ack: ``record_receipt(..., ack=)``) is one transaction and one thread hop.
+``synchronous=FULL`` stays: in WAL mode ``NORMAL`` skips the commit's fsync, so a power
+cut could lose a receipt already sent, which is exactly what the ledger exists to
 prevent; group commit recovers most of that fsync's cost under load instead.
 :meth:`Ledger.statistics` counts writes, commits and batches.
 
@@ -47,6 +42,8 @@ import msgspec
 import trio
 
 from loomnet.protocol import Envelope, LedgerError, Receipt, ReceiptAck, digest
+
+from ._ledger_writes import GroupCommit, LedgerStatistics
 
 __all__ = ["Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "STATUSES"]
 
@@ -145,41 +142,6 @@ class LedgerTotals(msgspec.Struct, frozen=True):
     cost: int
 
 
-class LedgerStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a ledger's writes since it opened (trio's ``statistics()`` convention).
-
-    ``commits`` below ``writes`` is group commit at work: ``writes - commits`` fsyncs saved.
-    """
-
-    #: writes asked for (a receipt, an ack, or a receipt with its ack), failed ones included
-    writes: int
-    #: worker-thread calls that ran writes: one transaction each
-    batches: int
-    #: transactions committed (a batch whose commit failed is not one)
-    commits: int
-    #: the most writes one transaction held
-    largest_batch: int
-    #: writes that raised (``LedgerError``)
-    failed: int
-    #: writes waiting for their commit right now
-    pending: int
-
-
-class _Write:
-    """One queued write: ``apply(conn)`` runs inside the batch's transaction, in a worker
-    thread; its return value (or its error) goes back to the caller."""
-
-    __slots__ = ("apply", "done", "result", "error", "finished")
-
-    def __init__(self, apply: Callable[[sqlite3.Connection], Any]) -> None:
-        self.apply = apply
-        #: set when the write is committed or failed, or when its caller must lead the next batch
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.finished = False
-
-
 _COLUMNS = LedgerEntry.__struct_fields__
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM receipts"
 _PLACEHOLDERS = ", ".join("?" * len(_COLUMNS))
@@ -262,11 +224,7 @@ class Ledger:
         self._conn: sqlite3.Connection | None = conn
         self._limiter = trio.CapacityLimiter(1)
         self.path = path  #: where the database lives
-        self._queue: list[_Write] = []  # writes waiting for the next batch
-        self._committing = False  # a batch is in flight, or its successor's leader is waking
-        self._idle = trio.Event()  # set whenever no batch is in flight
-        self._idle.set()
-        self._writes = self._batches = self._commits = self._largest = self._failed = 0
+        self._writes = GroupCommit(lambda: self._conn, self._limiter)
 
     @classmethod
     async def open(cls, path: str | os.PathLike[str]) -> Ledger:
@@ -300,96 +258,17 @@ class Ledger:
             return await trio.to_thread.run_sync(call, limiter=self._limiter)
 
     async def _write(self, action: str, apply: Callable[[sqlite3.Connection], Any]) -> Any:
-        """Run ``apply(conn)`` in a transaction, group-committed (module doc); returns what
-        it returned once that transaction is committed. Shielded: once called, it finishes.
+        """``apply(conn)`` group-committed (``_ledger_writes``); what it returned, once
+        committed. Shielded.
 
         Raises:
             LedgerError: ``apply`` or the commit failed (the write is not on disk).
         """
-        write = _Write(apply)
-        self._queue.append(write)
-        self._writes += 1
-        with trio.CancelScope(shield=True):
-            if self._committing:
-                await write.done.wait()  # committed by another's batch, or our turn to lead
-            if not write.finished:
-                await self._lead()
-        if write.error is not None:
-            self._failed += 1
-            with _map_sqlite_errors(action):
-                if isinstance(write.error, (sqlite3.Error, OSError)):
-                    raise LedgerError(f"ledger: could not {action}: {write.error}") from write.error
-                raise write.error
-        return write.result
-
-    async def _lead(self) -> None:
-        """Commit every queued write in one worker-thread call, wake their callers, and
-        hand the lead to the first write queued meanwhile (or go idle)."""
-        self._committing = True
-        if self._idle.is_set():  # kept across hand-overs: aclose may be waiting on it
-            self._idle = trio.Event()
-        batch, self._queue = self._queue, []
-        committed = False
-        try:
-            committed = await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
-        except BaseException as exc:  # pragma: no cover - _commit catches what SQLite raises
-            for write in batch:
-                write.error = write.error or exc
-            raise
-        finally:
-            self._batches += 1
-            if committed:
-                self._commits += 1
-                self._largest = max(self._largest, len(batch))
-            for write in batch:
-                write.finished = True
-                write.done.set()
-            if self._queue:
-                self._queue[0].done.set()  # unfinished: it leads the next batch
-            else:
-                self._committing = False
-                self._idle.set()
-
-    def _commit(self, batch: list[_Write]) -> bool:
-        """In a worker thread: ``batch`` in one transaction, each write in a savepoint when
-        there are several. Sets each write's result or error; True if it committed."""
-        conn = self._conn
-        try:
-            if conn is None:  # checked in the thread: aclose may have run meanwhile
-                raise sqlite3.ProgrammingError("the ledger is closed")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                savepoints = len(batch) > 1
-                for write in batch:
-                    if not savepoints:
-                        write.result = write.apply(conn)
-                        continue
-                    conn.execute("SAVEPOINT loomnet_write")
-                    try:
-                        write.result = write.apply(conn)
-                    except Exception as exc:  # noqa: BLE001 - this write fails alone
-                        conn.execute("ROLLBACK TO loomnet_write")
-                        write.error = exc
-                    conn.execute("RELEASE loomnet_write")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                raise
-        except Exception as exc:  # noqa: BLE001 - every write of the batch failed with it
-            for write in batch:
-                write.result = None
-                write.error = write.error or exc
-            return False
-        return True
+        return await self._writes.write(action, apply)
 
     def statistics(self) -> LedgerStatistics:
         """Counts of writes, batches and commits since the ledger opened."""
-        return LedgerStatistics(
-            writes=self._writes, batches=self._batches, commits=self._commits, largest_batch=self._largest,
-            failed=self._failed, pending=len(self._queue),
-        )  # fmt: skip
+        return self._writes.statistics()
 
     async def record_receipt(
         self,
@@ -512,6 +391,5 @@ class Ledger:
                 conn.close()
 
         with trio.CancelScope(shield=True), _map_sqlite_errors("close"):
-            while self._committing:
-                await self._idle.wait()
+            await self._writes.wait_idle()
             await trio.to_thread.run_sync(close, limiter=self._limiter)
