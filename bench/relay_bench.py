@@ -11,7 +11,10 @@ receipt), so what is measured is loomnet's own relay, not libp2p or HTTP. Two nu
   (no checkpoint between deltas: many SSE events in one read) and ``safe-channel`` (the
   ``plain`` generator behind ``trio.as_safe_channel``, as the real adapters are);
 * **first frame**: wall ms from the backend yielding its first delta to the first chunk
-  frame handed to the stream, for a backend that yields a delta every millisecond.
+  frame handed to the stream, for a backend that yields a delta every millisecond;
+* with ``--embedded N``: time to first token of the embedded model (SmolLM2, in
+  process, 32 tokens an answer), straight from ``stream_chat`` and through the relay,
+  ``N`` requests each, interleaved.
 
 ``--ledger`` measures the ledger writes after an answer instead, on a real SQLite file
 (fsync'd: ``synchronous=FULL``) in ``--dir``: the client's settle (its receipt and its
@@ -273,6 +276,30 @@ def ledger_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+async def embedded_ttft(modules: dict[str, types.ModuleType], n: int) -> dict[str, list[float]]:
+    """TTFT (wall s) of the embedded model straight and through each relay (module doc)."""
+    from loomnet.node.backends._base import ChatParams
+    from loomnet.node.backends.embedded import EmbeddedBackend, EmbeddedConfig
+
+    params = ChatParams(model="smollm2-135m", messages=[ChatMessage("user", "Say hello.")], max_tokens=32)
+    out: dict[str, list[float]] = {"direct": [], **{name: [] for name in modules}}
+    async with EmbeddedBackend(EmbeddedConfig(seed=1)) as model:
+        for _ in range(n):
+            start, first = time.perf_counter(), math.nan
+            async with model.stream_chat(params) as events:
+                async for event in events:
+                    if math.isnan(first) and isinstance(event, TextDelta):
+                        first = time.perf_counter() - start
+            out["direct"].append(first)
+            for name, module in modules.items():
+                marks: list[float] = []
+                stream = NullStream(on_first_write=lambda: marks.append(time.perf_counter()))
+                start = time.perf_counter()
+                await relay_once(module, functools.partial(model.stream_chat, params), stream)
+                out[name].append(marks[0] - start)
+    return out
+
+
 class Row(msgspec.Struct):
     relay: str
     kind: str
@@ -352,6 +379,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8, 64])
     parser.add_argument("--dir", help="where the --ledger files go (default: the system's temp dir)")
     parser.add_argument("--meter", action="store_true", help="measure Meter.book instead")
+    parser.add_argument("--embedded", type=int, default=0, metavar="N", help="also time the embedded model's TTFT")
     parser.add_argument("--chars", type=lambda v: [int(x) for x in v.split(",")], default=[600, 8000])
     args = parser.parse_args()
     if args.ledger:
@@ -386,6 +414,13 @@ def main() -> int:
     print("first frame after the backend's first delta (wall ms, p50 / max):")
     for name, values in firsts.items():
         print(f"{name:>10} {statistics.median(values) * 1e3:9.3f} / {max(values) * 1e3:.3f}")
+    if args.embedded:
+        ttft = trio.run(embedded_ttft, relays, args.embedded)
+        print(f"embedded model, time to first token (wall ms, p50 / p95 of {args.embedded}):")
+        for name, values in ttft.items():
+            values.sort()
+            p95 = values[min(len(values) - 1, int(len(values) * 0.95))]
+            print(f"{name:>10} {statistics.median(values) * 1e3:9.1f} / {p95 * 1e3:.1f}")
     if args.json:
         out = {"tokens": n, "reps": args.reps, "rows": rows,
                "first_frame_ms": {k: statistics.median(v) * 1e3 for k, v in firsts.items()}}  # fmt: skip
