@@ -26,6 +26,7 @@ from ._events import (
 )
 from ._identity_file import load_or_create_identity as load_or_create_identity
 from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
+from ._ledger_writes import LedgerStatistics as LedgerStatistics
 from ._local import (
     local_executors as local_executors,
     remove_local_executor as remove_local_executor,
@@ -57,6 +58,7 @@ __all__ = [
     "Done",
     "Ledger",
     "LedgerEntry",
+    "LedgerStatistics",
     "LedgerTotals",
     "LoomClient",
     "Member",

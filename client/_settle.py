@@ -3,7 +3,9 @@
 The receipt's signature must verify as the executor's, or it is logged and booked
 nowhere (it cannot be in the executor's ledger either). A verified receipt is booked
 whatever else is wrong with it: *accepted* and counter-signed, or *disputed* with the
-reason (``_receipts``), so the two ledgers hold the same receipts. One check lives
+reason (``_receipts``), so the two ledgers hold the same receipts. An accepted receipt
+and its counter-signature are booked together, in one ledger transaction (one commit,
+one worker-thread hop), before the ack is sent and before the stream closes. One check lives
 here rather than in ``_receipts`` because only the request knows it: a cost above the
 request's ``max_cost`` (the budget's reservation) is disputed, so an accepted receipt
 never costs more than was reserved for it.
@@ -14,8 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-
-import trio
 
 from loomnet.protocol import (
     AckFrame,
@@ -28,6 +28,7 @@ from loomnet.protocol import (
     ReceiptError,
     SignedKind,
     ToolCall,
+    digest,
     seal,
 )
 
@@ -101,15 +102,18 @@ async def settle_receipt(
         booked(receipt, False)
         log.warning("receipt from executor %s booked as disputed: %s", executor, reason)
         raise error
-    receipt_digest = await kit.ledger.record_receipt(envelope, receipt, role="client", executor=executor, now=time.time())
-    booked(receipt, True)
-    own_count, _ = await trio.to_thread.run_sync(kit.tokens.count, text + reasoning, model.name)
+    receipt_digest = digest(envelope.payload)
+    own_count, _ = await kit.tokens.acount(text + reasoning, model.name)
     signed_ack = seal(
         SignedKind.RECEIPT_ACK,
         ReceiptAck(receipt_digest=receipt_digest, accepted_at=time.time(), client_output_tokens=own_count),
         kit.key,
     )
-    await kit.ledger.record_ack(receipt_digest, signed_ack)
+    # the receipt and our counter-signature: one transaction, one commit, one thread hop
+    await kit.ledger.record_receipt(
+        envelope, receipt, role="client", executor=executor, now=time.time(), ack=signed_ack
+    )
+    booked(receipt, True)
     result = ChatResult(
         text=text,
         executor=executor,

@@ -10,7 +10,8 @@ or timed out, the chain stops asking it (and a question it said it cannot answer
 not asked again); all the tokenizer's calls for one receipt share one deadline
 (``budget`` seconds), so a frozen runtime delays a receipt by at most that much.
 tiktoken runs in a worker thread (counting is CPU-bound, and the first use of an
-encoding loads it); if it raises, the estimate (one token per four UTF-8 bytes)
+encoding loads it), except for a short text once its encoding is loaded, which is
+counted on the spot (``TokenCounter.acount``: a thread hop costs more); if it raises, the estimate (one token per four UTF-8 bytes)
 answers, and that never fails.
 """
 
@@ -102,9 +103,10 @@ class CountingChain:
         return await self.local(text)
 
     async def local(self, text: str) -> Count:
-        """tiktoken (in a worker thread), else the estimate."""
+        """tiktoken (on the spot for a short text once loaded, else in a worker thread:
+        ``TokenCounter.acount``), else the estimate."""
         try:
-            tokens, source = await trio.to_thread.run_sync(self.tokens.count, text, self.model)
+            tokens, source = await self.tokens.acount(text, self.model)
         except Exception as exc:  # noqa: BLE001 - the chain ends in an estimate, never an error
             log.warning("tiktoken could not count (%r); estimating", exc)
             return Count(_estimate(text), "estimate")

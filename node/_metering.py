@@ -56,7 +56,7 @@ from loomnet.protocol import (
 
 from ._catalog import CatalogEntry
 from ._cost_cap import capped_counts
-from ._counting import CountingChain, tool_calls_text, weakest
+from ._counting import Count, CountingChain, tool_calls_text, weakest
 from .backends._base import ChatParams, Usage
 
 log = logging.getLogger("loomnet.metering")
@@ -146,7 +146,13 @@ class Meter:
         total_reported = usage is not None and usage.output_tokens is not None
         # Our own count of each streamed part: the split's seeds, and the total when the
         # runtime gave none. Seeds only need tiktoken; a total deserves the model's tokenizer.
-        text = await chain.text(output.text, tokenizer=not total_reported)
+        # A reported total over text alone (no reasoning, no tool calls, nothing undisclosed)
+        # is all text whatever the text's seed (``apportion``): that count is skipped, and
+        # with it the commonest receipt's tiktoken pass over the whole answer.
+        seeds_matter = not total_reported or bool(
+            output.reasoning_parts or output.tool_calls or (usage is not None and usage.reasoning_undisclosed)
+        )
+        text = await chain.text(output.text, tokenizer=not total_reported) if seeds_matter else Count(0, None)
         reasoning = await chain.text(output.reasoning, tokenizer=not total_reported)
         calls = await chain.text(tool_calls_text(output.tool_calls), tokenizer=not total_reported)
         reported_reasoning = usage.reasoning_tokens if usage is not None else None

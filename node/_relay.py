@@ -1,19 +1,35 @@
-"""Relaying one backend answer to its client: batched chunks, progress, a client that leaves.
+"""Relaying one backend answer to its client: the first content at once, the rest batched,
+progress chunks, a client that leaves.
 
 Theory of operation
 -------------------
 While the backend generates, three tasks share one nursery:
 
-* the **pump** reads the backend's events inside ``backend.stream_chat`` and hands them
-  on over an unbuffered channel, so a slow client slows the backend read down instead
-  of growing a buffer, and cancelling the pump leaves ``stream_chat``, which stops the
-  generation (an HTTP backend closes its response; the embedded model stops);
-* the **relay** (the nursery's body) batches text and reasoning into chunk frames, at
-  most every ``chunk_interval`` seconds or ``_MAX_DELTAS_PER_CHUNK`` deltas (a frame
-  costs ~0.2 ms of CPU: never one per token); when it has sent nothing for
-  ``progress_interval`` seconds because the backend is silent (a model thinking
-  without returning its thoughts, a long prompt), it sends an empty *progress* chunk,
-  so the client's idle deadline measures the executor, not the model;
+* the **pump** reads the backend's events inside ``backend.stream_chat`` and adds each
+  delta to the *pending batch*, plain lists the sender takes whole: no channel and no
+  task switch per delta (a hand-over per delta cost ~60 µs a token, measured by
+  ``bench/relay_bench.py``). The batch is bounded (``_MAX_DELTAS_PER_CHUNK`` deltas or
+  ``_MAX_CHARS_PER_CHUNK`` characters): a full batch makes the pump wait until the
+  sender takes it, so a slow client slows the backend read down instead of growing a
+  buffer (at most one batch pending and one being written). Cancelling the pump leaves
+  ``stream_chat``, which stops the generation (an HTTP backend closes its response; the
+  embedded model stops). The pump wakes the sender only when the batch stops being
+  empty, when it is full and when the answer ends: once per frame, not per delta.
+  After the backend's :class:`Finished` the pump reads on (discarding) so the backend
+  ends its own way while the last frames are written, and is cancelled then: an
+  adapter must have read its response to the end *before* it yields ``Finished``.
+* the **sender** (the nursery's body) writes the batch as chunk frames. The answer's
+  first content (text or reasoning; tool calls come with the end) goes out the moment
+  it arrives, so the client's time to first token is the backend's own; so does the
+  first delta after a silence of ``chunk_interval`` or more. Otherwise a frame goes out
+  once ``chunk_interval`` seconds have passed since the last one, or when the batch is
+  full, or at the end of the answer; deltas that arrive while a frame is being written
+  wait for the next. So a stream sends at most one frame at once, then
+  ``1 / chunk_interval`` frames a second plus one per ``_MAX_DELTAS_PER_CHUNK`` deltas,
+  however fast the backend (a frame costs ~0.2 ms of CPU: never one per token). When
+  it has sent nothing for ``progress_interval`` seconds because the backend is silent
+  (a model thinking without returning its thoughts, a long prompt), it sends an empty
+  *progress* chunk, so the client's idle deadline measures the executor, not the model.
 * the **watch** reads the client's side of the stream. Before the receipt a client
   sends nothing, so the only thing that can arrive is the stream's end (reset, close,
   a killed process: libp2p shows them alike, within milliseconds): the client left.
@@ -62,13 +78,6 @@ _MAX_CALL_BYTES_PER_CHUNK = 256 * 1024
 class ClientGone(NetworkError):
     """The client left while its answer streamed: it reset or closed the stream, its
     process died, or a write to it failed or stalled past the send deadline."""
-
-
-class _Failed:
-    """What the pump hands on when the backend raised: the relay re-raises it."""
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
 
 
 async def relay_answer(
@@ -126,22 +135,30 @@ class _Relay:
         self.chunk_interval = chunk_interval
         self.progress_interval = progress_interval
         self.send_timeout = send_timeout
+        # the pending batch, filled by the pump and taken whole by the sender
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._deltas = 0
+        self._chars = 0
+        #: what ended the backend's stream: its Finished event, or what it raised
+        self._end: Finished | Exception | None = None
+        #: set by the pump when the sender has something new to do
+        self._wake = trio.Event()
+        #: set by the sender when it took the batch the pump waits on
+        self._space = trio.Event()
+        self._content_sent = False
         self._last_sent = trio.current_time()
         #: why the watch stopped the answer, if it did
         self._stopped_by_client: LoomError | None = None
 
     async def run(self, open_events: Callable[[], AbstractAsyncContextManager[AsyncIterator[StreamEvent]]]) -> Finished:
-        send, receive = trio.open_memory_channel[StreamEvent | _Failed](0)
         finished: Finished | None = None
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pump, open_events, send)
+            nursery.start_soon(self._pump, open_events)
             nursery.start_soon(self._watch, nursery.cancel_scope)
             try:
-                finished = await self._relay(receive)
+                finished = await self._send()
             except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
                 failure = exc
             nursery.cancel_scope.cancel()
@@ -155,66 +172,89 @@ class _Relay:
     # ------------------------------------------------------------------ the tasks
 
     async def _pump(
-        self,
-        open_events: Callable[[], AbstractAsyncContextManager[AsyncIterator[StreamEvent]]],
-        send: trio.MemorySendChannel[StreamEvent | _Failed],
+        self, open_events: Callable[[], AbstractAsyncContextManager[AsyncIterator[StreamEvent]]]
     ) -> None:
-        async with send:
-            try:
-                async with open_events() as events:
-                    async for event in events:
-                        await send.send(event)
-            except Exception as exc:  # the relay decides; a nursery would wrap it in a group
-                await send.send(_Failed(exc))
+        try:
+            async with open_events() as events:
+                async for event in events:
+                    if self._end is not None:
+                        # after Finished, the backend runs on its own way (closing its
+                        # response, say) while the last frames go out; then it is cancelled
+                        continue
+                    if isinstance(event, TextDelta):
+                        self._text.append(event.text)
+                    elif isinstance(event, ReasoningDelta):
+                        self._reasoning.append(event.text)
+                    elif isinstance(event, Finished):
+                        self._ended(event)
+                        continue
+                    else:  # pragma: no cover - the event union has no other member
+                        continue
+                    self._deltas += 1
+                    self._chars += len(event.text)
+                    if self._deltas == 1:
+                        self._wake.set()
+                    if self._deltas >= _MAX_DELTAS_PER_CHUNK or self._chars >= _MAX_CHARS_PER_CHUNK:
+                        self._space = trio.Event()
+                        self._wake.set()
+                        await self._space.wait()  # a slow client slows the backend read down
+        except Exception as exc:  # the sender decides; a nursery would wrap it in a group
+            self._ended(exc)
+            return
+        self._ended(BackendError("the backend's stream ended without finishing"))  # pragma: no cover
+
+    def _ended(self, end: Finished | Exception) -> None:
+        if self._end is None:  # the first end counts (an error leaving stream_chat after Finished does not)
+            self._end = end
+            self._wake.set()
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         self._stopped_by_client = await wait_client_left(self.stream)
         scope.cancel()
 
-    async def _relay(self, receive: trio.MemoryReceiveChannel[StreamEvent | _Failed]) -> Finished:
+    async def _send(self) -> Finished:
+        """The sender: write what the pump gathers, when it is due (module doc)."""
         while True:
-            wait = self.chunk_interval if self._deltas else self.progress_interval
-            item: StreamEvent | _Failed | None = None
-            with trio.move_on_at(self._last_sent + wait):
-                try:
-                    item = await receive.receive()
-                except trio.EndOfChannel:  # pragma: no cover - backends always finish or raise
-                    raise BackendError("the backend's stream ended without finishing") from None
-            if item is None:  # the deadline passed: pending deltas go out, or a sign of life
+            end = self._end
+            if end is not None:
+                if isinstance(end, Finished):
+                    await self._flush(end.tool_calls)
+                    return end
+                await self._flush()  # what the backend produced before failing goes out, and is billed
+                raise end
+            if not self._deltas:
+                due = self._last_sent + self.progress_interval
+            elif (
+                not self._content_sent
+                or self._deltas >= _MAX_DELTAS_PER_CHUNK
+                or self._chars >= _MAX_CHARS_PER_CHUNK
+            ):
+                due = -math.inf  # the first content, or a full batch: now
+            else:
+                due = self._last_sent + self.chunk_interval
+            if trio.current_time() >= due:
                 if self._deltas:
                     await self._flush()
-                else:
+                else:  # the backend is silent: a sign of life
                     await self._send_chunk()
-            elif isinstance(item, _Failed):
-                await self._flush()  # what the backend produced before failing goes out, and is billed
-                raise item.exc
-            elif isinstance(item, Finished):
-                await self._flush(item.tool_calls)
-                return item
-            else:
-                if isinstance(item, TextDelta):
-                    self._text.append(item.text)
-                elif isinstance(item, ReasoningDelta):
-                    self._reasoning.append(item.text)
-                else:  # pragma: no cover - the event union has no other member
-                    continue
-                self._deltas += 1
-                if (
-                    self._deltas >= _MAX_DELTAS_PER_CHUNK
-                    or trio.current_time() >= self._last_sent + self.chunk_interval
-                ):
-                    await self._flush()
+                continue
+            self._wake = trio.Event()  # no checkpoint since the state was read: nothing is missed
+            with trio.move_on_at(due):
+                await self._wake.wait()
 
     # ------------------------------------------------------------------ sending
 
     async def _flush(self, tool_calls: Sequence[ToolCall] = ()) -> None:
-        """Send what is pending (and ``tool_calls``) in as few frames as the limits allow."""
+        """Take the pending batch and send it (and ``tool_calls``) in as few frames as the
+        limits allow; the pump may fill the next batch meanwhile."""
         text, reasoning = "".join(self._text), "".join(self._reasoning)
         self._text.clear()
         self._reasoning.clear()
-        self._deltas = 0
+        self._deltas = self._chars = 0
+        self._space.set()
         while text or reasoning:
             await self._send_chunk(text[:_MAX_CHARS_PER_CHUNK], reasoning[:_MAX_CHARS_PER_CHUNK])
+            self._content_sent = True
             text, reasoning = text[_MAX_CHARS_PER_CHUNK:], reasoning[_MAX_CHARS_PER_CHUNK:]
         for calls in _batches(tool_calls):
             await self._send_chunk(tool_calls=calls)

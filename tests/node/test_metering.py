@@ -12,13 +12,16 @@ import os
 import msgspec
 import pytest
 import trio
+from hypothesis import given, strategies as st
 
 from loomnet.client import Ledger, TokenCounter
 from loomnet.node._catalog import CatalogEntry
 from loomnet.node._counting import CountingChain, prompt_text, weakest
 from loomnet.node._metering import Meter, Output
 from loomnet.node.backends._base import ChatParams, Usage
-from loomnet.protocol import ChatMessage, ChunkFrame, ModelOffer, Receipt, SigningKey, ToolCall, ToolSpec
+from loomnet.protocol import (
+    ChatMessage, ChunkFrame, ModelOffer, OutputBreakdown, Receipt, SigningKey, ToolCall, ToolSpec, apportion, output_caps,
+)  # fmt: skip
 
 from .server_harness import ScriptedBackend, events, warm_tokens
 
@@ -149,3 +152,44 @@ async def test_a_receipt_is_booked_with_its_breakdown(tmp_path):
     assert row is not None and row.receipt_payload == envelope.payload
     assert (receipt.reasoning_tokens, receipt.hidden_reasoning_tokens, receipt.text_tokens) == (20, 0, 10)
     assert receipt.reasoning_digest and receipt.tool_calls_digest == b""
+
+
+class CountingTokenCounter(TokenCounter):
+    """The shared counter's counts, noting every text it is asked to count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.texts: list[str] = []
+
+    def count(self, text, model=None):
+        self.texts.append(text)
+        return TOKENS.count(text, model)
+
+
+async def test_a_reported_total_over_text_alone_skips_counting_the_text():
+    # the commonest receipt: the runtime reports its usage, the answer is plain text;
+    # the split puts the whole total on the text whatever its seed, so no count is made
+    counter = CountingTokenCounter()
+    usage = Usage(input_tokens=9, output_tokens=40, source="backend")
+    tally = await meter(counter).count(entry(ScriptedBackend(events())), PARAMS, output("Hello, world! " * 9), usage)
+    assert counter.texts == []
+    assert (tally.input_tokens, tally.output_tokens, tally.source) == (9, 40, "backend")
+    assert tally.breakdown == OutputBreakdown(text=40)
+    # a runtime's reported reasoning with nothing streamed to hold it is hidden, still uncounted
+    said = msgspec.structs.replace(usage, reasoning_tokens=15)
+    tally = await meter(counter).count(entry(ScriptedBackend(events())), PARAMS, output("Hi"), said)
+    assert counter.texts == [] and tally.breakdown == OutputBreakdown(text=25, hidden_reasoning=15)
+    # with reasoning streamed beside the text, the seeds decide the split: counted
+    await meter(counter).count(entry(ScriptedBackend(events())), PARAMS, output("Hi", reasoning="hmm"), usage)
+    assert counter.texts == ["Hi", "hmm"]
+
+
+@given(
+    total=st.integers(0, 5000), text_bytes=st.integers(0, 4000), seed_a=st.integers(0, 5000),
+    seed_b=st.integers(0, 5000), reported=st.none() | st.integers(0, 5000),
+)
+def test_over_text_alone_the_split_does_not_depend_on_the_texts_count(total, text_bytes, seed_a, seed_b, reported):
+    # why the count above may be skipped: apportion's answer is the same for any seed
+    caps = output_caps("x" * text_bytes)
+    split = [apportion(total, caps=caps, counted_text=seed, reported_reasoning=reported) for seed in (seed_a, seed_b)]
+    assert split[0] == split[1]
