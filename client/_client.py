@@ -67,7 +67,7 @@ from ._request_check import check_request
 from ._route import Candidate, Health, RequestShape, Route, Router
 from ._routing import describe_route, dispatch_parts, request_options, route_of
 from ._session_pool import SessionPool
-from ._shape import count_prompt_tokens, needed_capabilities, shaped_route
+from ._shape import acount_prompt_tokens, needed_capabilities, shaped_route
 from ._tokens import TokenCounter
 
 __all__ = ["ClientConfig", "LoomClient", "default_data_dir", "request_options"]
@@ -306,7 +306,7 @@ class LoomClient:
         )  # fmt: skip
         kit = self.stream_kit()
         messages = list(messages)
-        prompt_tokens = await trio.to_thread.run_sync(count_prompt_tokens, self.tokens, messages, options, model)
+        prompt_tokens = await acount_prompt_tokens(self.tokens, messages, options, model)
         shape = RequestShape(
             prompt_tokens=prompt_tokens,
             max_tokens=options.max_tokens if options.max_tokens is not None else self.config.assumed_max_tokens,

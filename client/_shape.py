@@ -30,7 +30,7 @@ from ._offers import Offer
 from ._route import RequestShape, Route
 from ._tokens import TokenCounter
 
-__all__ = ["PER_IMAGE", "PER_MESSAGE", "PER_REQUEST", "count_prompt_tokens", "needed_capabilities", "shaped_route", "worst_case_cost"]
+__all__ = ["PER_IMAGE", "PER_MESSAGE", "PER_REQUEST", "acount_prompt_tokens", "needed_capabilities", "shaped_route", "worst_case_cost"]
 
 #: tokens a chat template adds per message, at most, in the templates we know (role
 #: markers and separators); a few more than any of them
@@ -65,12 +65,17 @@ def _prompt_text(messages: Sequence[ChatMessage], options: GenerationOptions) ->
     return "\n".join(parts)
 
 
-def count_prompt_tokens(
+async def acount_prompt_tokens(
     tokens: TokenCounter, messages: Sequence[ChatMessage], options: GenerationOptions, model: str | None = None
 ) -> int:
-    """The padded worst-case prompt tokens (see the module doc). Blocking: CPU-bound
-    counting (and the encoding's first load), so call it in a worker thread."""
-    counted, _ = tokens.count(_prompt_text(messages, options), model)
+    """The padded worst-case prompt tokens (see the module doc): a short prompt is counted on the
+    spot (a worker-thread hop costs more than counting it, on every request's time to
+    first token), a long one in a worker thread (``TokenCounter.acount``)."""
+    counted, _ = await tokens.acount(_prompt_text(messages, options), model)
+    return _padded(counted, messages)
+
+
+def _padded(counted: int, messages: Sequence[ChatMessage]) -> int:
     images = sum(len(m.images) for m in messages)
     return -(-counted * 5 // 4) + PER_MESSAGE * len(messages) + PER_REQUEST + PER_IMAGE * images
 

@@ -4,10 +4,11 @@ max tokens), through a real client whose transport is in memory.
 """
 
 import pytest
+import trio
 
 from loomnet.client import Route
 from loomnet.client._routing import describe_route, route_of
-from loomnet.client._shape import PER_MESSAGE, count_prompt_tokens, needed_capabilities
+from loomnet.client._shape import PER_MESSAGE, acount_prompt_tokens, needed_capabilities
 from loomnet.client._tokens import TokenCounter
 from loomnet.protocol import (
     ChatMessage,
@@ -95,14 +96,34 @@ def test_capabilities_come_from_the_request(messages, options, needed):
     assert needed_capabilities(messages, options) == needed
 
 
-def test_the_prompt_count_errs_high():
+async def test_the_prompt_count_errs_high():
     tokens = TokenCounter()
-    plain = count_prompt_tokens(tokens, HELLO, GenerationOptions())
+    plain = await acount_prompt_tokens(tokens, HELLO, GenerationOptions())
     counted, _ = tokens.count(HELLO[0].content)
     assert plain >= counted * 5 / 4 + PER_MESSAGE
-    with_tools = count_prompt_tokens(tokens, HELLO, GenerationOptions(tools=[WEATHER]))
-    with_image = count_prompt_tokens(tokens, [ChatMessage("user", HELLO[0].content, images=[PICTURE])], GenerationOptions())
+    with_tools = await acount_prompt_tokens(tokens, HELLO, GenerationOptions(tools=[WEATHER]))
+    with_image = await acount_prompt_tokens(
+        tokens, [ChatMessage("user", HELLO[0].content, images=[PICTURE])], GenerationOptions()
+    )
     assert with_tools > plain and with_image >= plain + 2048
+
+
+async def test_a_short_prompt_is_counted_without_a_thread_hop(monkeypatch):
+    # a worker-thread hop (~0.5 ms on a busy machine) cost every request's time to first
+    # token more than counting a short prompt on the spot (issue 9)
+    tokens = TokenCounter()
+    tokens.count("warm")  # the client loads its encoding at start (open_client)
+    hops = []
+
+    async def no_hop(fn, *args, **kwargs):
+        hops.append(fn)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", no_hop)
+    await acount_prompt_tokens(tokens, HELLO, GenerationOptions())
+    assert hops == []
+    await acount_prompt_tokens(tokens, [ChatMessage("user", "long " * 2000)], GenerationOptions())
+    assert len(hops) == 1  # a long prompt still goes to a worker thread
 
 
 # ------------------------------------------------------------------ through the client
