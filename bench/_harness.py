@@ -132,13 +132,14 @@ class Report:
         baseline: float | None = None,
         compare: str | None = None,
         added: float | None = None,
+        ratio: float | None = None,
         target: Target | None = None,
         note: str = "",
     ) -> Row:
         """Record a figure. ``compare``: "ratio" (value / baseline) or "added" (value -
-        baseline, unless ``added`` is given: e.g. a percentile of paired differences)."""
-        ratio = None
-        if baseline is not None and compare == "ratio":
+        baseline), unless ``ratio``/``added`` is given (e.g. the median of paired ratios, a
+        percentile of paired differences)."""
+        if baseline is not None and compare == "ratio" and ratio is None:
             ratio = value / baseline if baseline else math.nan
         elif baseline is not None and compare == "added" and added is None:
             added = value - baseline
@@ -449,7 +450,7 @@ def child_env(home: Path) -> dict:
     return env
 
 
-def start_fake(home: Path, *args: str, timeout: float = 30.0) -> Child:
+def start_fake(home: Path, *args: str, name: str = "fake", timeout: float = 30.0) -> Child:
     """The instant OpenAI-compatible fake (``bench/fake_backend.py``) in its own process;
     ``child.ready["url"]`` is its base URL (``/v1`` included)."""
 
@@ -460,7 +461,7 @@ def start_fake(home: Path, *args: str, timeout: float = 30.0) -> Child:
         return None
 
     argv = [sys.executable, str(BENCH_DIR / "fake_backend.py"), "--port", "0", *args]
-    return _spawn(argv, home / "fake.log", ready, timeout, env=child_env(home))
+    return _spawn(argv, home / f"{name}.log", ready, timeout, env=child_env(home))
 
 
 def loomnet_command() -> list[str]:

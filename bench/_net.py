@@ -14,6 +14,7 @@ seconds from the call.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator
@@ -24,6 +25,8 @@ import httpx
 
 from loomnet.client import ClientConfig, LoomClient, open_client
 from loomnet.protocol import ChatMessage
+
+from _harness import CpuMeter
 
 PROMPT = "Say hello."
 
@@ -121,3 +124,35 @@ def http_client(connections: int = 100) -> httpx.AsyncClient:
     """The direct path's client: one pool, keep-alive, no timeout surprises."""
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(60.0))
+
+
+async def paired(
+    n: int, warmup: int, direct_fn, loom_fn, meters: tuple[CpuMeter, CpuMeter]
+) -> tuple[list[Timing], list[Timing], int]:
+    """``n`` pairs of ``direct_fn()`` and ``loom_fn()`` after ``warmup`` unmeasured ones,
+    in ABBA order (direct first in even pairs, loomnet first in odd ones), each call
+    metered by its path's :class:`CpuMeter`. A failed call is printed and counted and
+    its pair dropped. Returns (direct timings, loomnet timings, failures)."""
+    for _ in range(warmup):
+        await direct_fn()
+        await loom_fn()
+    ds, ls = [], []
+    failures = 0
+    for i in range(n):
+        order = (0, 1) if i % 2 == 0 else (1, 0)
+        got: dict[int, Timing] = {}
+        for which in order:
+            fn, meter = (direct_fn, meters[0]) if which == 0 else (loom_fn, meters[1])
+            meter.start()
+            try:
+                got[which] = await fn()
+            except Exception as exc:  # noqa: BLE001 - a failure is counted, and the pair dropped
+                failures += 1
+                print(f"  sample {i} ({'direct' if which == 0 else 'loomnet'}) failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)  # fmt: skip
+            finally:
+                meter.stop()
+        if len(got) == 2:
+            ds.append(got[0])
+            ls.append(got[1])
+    return ds, ls, failures

