@@ -39,8 +39,9 @@ BENCH_DIR = ROOT / "bench"
 SCHEMA = 1
 
 __all__ = [
-    "BENCH_DIR", "ROOT", "Child", "CpuMeter", "Report", "Row", "Target", "add_common_args", "machine_facts",
-    "percentiles", "pct", "processes", "start_executor", "start_fake", "temp_dir",
+    "BENCH_DIR", "ROOT", "Child", "CpuMeter", "Report", "Row", "Target", "add_common_args", "child_env",
+    "cpu_seconds", "executor_toml", "git_facts", "loomnet_command", "machine_facts", "pct", "percentiles",
+    "processes", "start_executor", "start_fake", "temp_dir", "write_json",
 ]  # fmt: skip
 
 
@@ -121,6 +122,9 @@ class Report:
     rows: list[Row] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: column titles of the measured value and of the baseline
+    value_label: str = "loomnet"
+    baseline_label: str = "baseline"
 
     def row(
         self,
@@ -151,7 +155,7 @@ class Report:
         return row
 
     def table(self) -> str:
-        head = ("case", "metric", "baseline", "loomnet", "ratio/added", "target", "")
+        head = ("case", "metric", self.baseline_label, self.value_label, "ratio/added", "target", "")
         lines = [head]
         for r in self.rows:
             delta = ""
@@ -186,6 +190,7 @@ class Report:
         return {
             "args": self.args,
             "seconds": round(time.time() - self.started, 2),
+            "columns": {"value": self.value_label, "baseline": self.baseline_label},
             "rows": [asdict(r) for r in self.rows],
             "extra": self.extra,
         }
