@@ -39,7 +39,7 @@ BENCH_DIR = ROOT / "bench"
 SCHEMA = 1
 
 __all__ = [
-    "BENCH_DIR", "ROOT", "Child", "CpuMeter", "Report", "Row", "Target", "add_common_args", "child_env",
+    "BENCH_DIR", "ROOT", "Child", "CpuMeter", "Report", "Row", "Target", "add_common_args", "apply_quick", "child_env",
     "cpu_seconds", "executor_toml", "git_facts", "loomnet_command", "machine_facts", "pct", "percentiles",
     "processes", "start_executor", "start_fake", "temp_dir", "write_json",
 ]  # fmt: skip
@@ -189,6 +189,7 @@ class Report:
     def as_dict(self) -> dict:
         return {
             "args": self.args,
+            "started": self.started,
             "seconds": round(time.time() - self.started, 2),
             "columns": {"value": self.value_label, "baseline": self.baseline_label},
             "rows": [asdict(r) for r in self.rows],
@@ -273,6 +274,16 @@ def machine_facts() -> dict:
     }
 
 
+def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser, **small: object) -> None:
+    """With ``--quick``, set each of ``small`` that the command line left at its default
+    (an option given explicitly wins, so a test can make a quick run even smaller)."""
+    if not args.quick:
+        return
+    for name, value in small.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a small run (seconds): sizes and repetitions cut down")
     parser.add_argument("--json", metavar="PATH", help="merge the figures into this JSON file (commit, machine, rows)")
@@ -347,17 +358,23 @@ class Child:
     proc: subprocess.Popen
     ready: dict
     log: Path
+    argv: list[str] = field(default_factory=list)
+    _is_ready: Callable[[list[str]], dict | None] | None = None
+    _deadline: float = 0.0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    def terminate(self) -> None:
+        """SIGTERM to this pid only (nothing if it has exited)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds; only this pid."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             self.proc.wait(grace)
         except subprocess.TimeoutExpired:
@@ -370,14 +387,56 @@ class Child:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
+    def wait_ready(self) -> "Child":
+        """Read its stdout until it says it is up (``ready`` then holds what it said); the
+        rest of its stdout goes to its log.
+
+        Raises:
+            RuntimeError: it exited or was not ready by its deadline; the message holds
+                the end of its log. The process is stopped.
+        """
+        if self._is_ready is None:
+            return self
+        proc, lines, buf = self.proc, [], b""
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        try:
+            while True:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise RuntimeError(f"{self.argv[1:3]} not ready in time:\n{self.log_tail()}")
+                if not sel.select(left):
+                    continue
+                data = os.read(proc.stdout.fileno(), 65536)
+                if not data:
+                    proc.wait(5)
+                    raise RuntimeError(f"{self.argv[1:3]} exited ({proc.returncode}) before ready:\n"
+                                       + "\n".join(lines) + "\n" + self.log_tail())  # fmt: skip
+                buf += data
+                *complete, buf = buf.split(b"\n")
+                lines += [line.decode(errors="replace") for line in complete]
+                if (info := self._is_ready(lines)) is not None:
+                    break
+        except BaseException:
+            self.stop(1)
+            raise
+        finally:
+            sel.close()
+        self.ready, self._is_ready = info, None
+        _drain_to(proc.stdout, self.log)  # so the child never blocks on a full pipe
+        return self
+
 
 @contextlib.contextmanager
 def processes() -> Iterator[list[Child]]:
-    """A list to put started children in; each is stopped on the way out, last first."""
+    """A list to put started children in; on the way out each gets SIGTERM (all at once,
+    so their shutdowns overlap), then each is waited for, and killed if it lingers."""
     children: list[Child] = []
     try:
         yield children
     finally:
+        for child in children:
+            child.terminate()
         for child in reversed(children):
             child.stop()
 
@@ -392,49 +451,14 @@ def temp_dir(prefix: str = "loomnet-bench-") -> Iterator[Path]:
 
 
 def _spawn(argv: list[str], log: Path, ready: Callable[[list[str]], dict | None], timeout: float,
-           env: dict | None = None) -> Child:  # fmt: skip
-    """Start ``argv`` (stderr to ``log``) and read its stdout until ``ready(lines)`` says
-    it is up; the rest of stdout goes to ``log`` too.
-
-    Raises:
-        RuntimeError: it exited or did not get ready within ``timeout`` seconds; the
-            message holds the end of its log.
-    """
-    err = open(log, "ab")
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT, start_new_session=True)
-    err.close()
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    buf = b""
-    child = Child(proc, {}, log)
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(f"{argv[1:3]} not ready within {timeout} s:\n{child.log_tail()}")
-            if not sel.select(left):
-                continue
-            data = os.read(proc.stdout.fileno(), 65536)
-            if not data:
-                proc.wait(5)
-                raise RuntimeError(f"{argv[1:3]} exited ({proc.returncode}) before ready:\n"
-                                   + "\n".join(lines) + "\n" + child.log_tail())  # fmt: skip
-            buf += data
-            *complete, buf = buf.split(b"\n")
-            lines += [line.decode(errors="replace") for line in complete]
-            if (info := ready(lines)) is not None:
-                break
-    except BaseException:
-        child.stop(1)
-        raise
-    finally:
-        sel.close()
-    child.ready = info
-    # keep draining stdout into the log so the child never blocks on a full pipe
-    _drain_to(proc.stdout, log)
-    return child
+           env: dict | None = None, wait: bool = True) -> Child:  # fmt: skip
+    """Start ``argv`` (stderr to ``log``); with ``wait``, return once it is ready
+    (:meth:`Child.wait_ready`), else at once: start several, then wait for each, and
+    their start-ups overlap."""
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=ROOT, start_new_session=True)
+    child = Child(proc, {}, log, argv, ready, time.monotonic() + timeout)
+    return child.wait_ready() if wait else child
 
 
 def _drain_to(pipe, log: Path) -> None:
@@ -481,11 +505,12 @@ _LISTEN = re.compile(r"^\s*listen\s*:\s*(\S+)")
 
 
 def start_executor(home: Path, toml: str, *, name: str = "executor", instant: bool = False,
-                   timeout: float = 90.0) -> Child:  # fmt: skip
+                   timeout: float = 90.0, wait: bool = True) -> Child:  # fmt: skip
     """An executor in its own process, configured by ``toml``: ``loomnet executor --config``
     (or, with ``instant``, ``bench/_instant_executor.py``: the same executor serving an
     in-process backend that answers at once). ``child.ready``: ``addr`` (loopback
-    multiaddr with ``/p2p/``) and ``peer_id``."""
+    multiaddr with ``/p2p/``) and ``peer_id``, once ready (``wait=False``: call
+    ``child.wait_ready()``; start several first, so their start-ups overlap)."""
     config = home / f"{name}.toml"
     config.write_text(toml)
 
@@ -502,7 +527,7 @@ def start_executor(home: Path, toml: str, *, name: str = "executor", instant: bo
         argv = [sys.executable, str(BENCH_DIR / "_instant_executor.py"), "--config", str(config)]
     else:
         argv = [*loomnet_command(), "executor", "--config", str(config)]
-    return _spawn(argv, home / f"{name}.log", ready, timeout, env=child_env(home))
+    return _spawn(argv, home / f"{name}.log", ready, timeout, env=child_env(home), wait=wait)
 
 
 def executor_toml(home: Path, name: str, *, backend: str | None, models: Sequence[str], extra: str = "") -> str:

@@ -14,6 +14,7 @@ seconds from the call.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -30,6 +31,10 @@ from _harness import CpuMeter
 
 PROMPT = "Say hello."
 
+# py-libp2p logs an ERROR (with a multi-line dump) for every stream it fails to open; the
+# benches count failures themselves (as ``loomnet`` does for operators, see node/cli.py)
+logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+
 
 @dataclass
 class Timing:
@@ -45,9 +50,12 @@ class Timing:
 
     def rate(self) -> float:
         """Tokens per second after the first piece: the first piece's share of the tokens
-        (by characters) is left out, and so is the time to it."""
-        if len(self.pieces) < 2 or not self.tokens:
+        (by characters) is left out, and so is the time to it. An answer that came in one
+        piece has no such window: its rate is its tokens over the time to that piece."""
+        if not self.pieces or not self.tokens:
             return float("nan")
+        if len(self.pieces) < 2:
+            return self.tokens / self.last if self.last > 0 else float("nan")
         first_chars = self.pieces[0][1]
         after = self.tokens * (self.chars - first_chars) / self.chars
         window = self.last - self.ttft

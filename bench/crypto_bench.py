@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Report, add_common_args  # noqa: E402
+from _harness import Report, add_common_args, apply_quick  # noqa: E402
 
 from loomnet.client import OfferTable  # noqa: E402
 from loomnet.protocol import (  # noqa: E402
@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adverts", type=int, default=2000, help="fresh adverts added to one offer table")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.repeats, args.slice, args.adverts = 3, 0.01, 100
+    apply_quick(args, parser, repeats=3, slice=0.01, adverts=100)
     report = Report("crypto", {k: v for k, v in vars(args).items() if k != "json"}, baseline_label="raw (floor)")
     bench(args, report)
     return report.finish(args.json)

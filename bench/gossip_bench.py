@@ -40,8 +40,8 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    BENCH_DIR, Report, Target, add_common_args, child_env, executor_toml, pct, processes, start_executor, start_fake,
-    temp_dir,
+    BENCH_DIR, Report, Target, add_common_args, apply_quick, child_env, executor_toml, pct, processes,
+    start_executor, start_fake, temp_dir,
 )  # fmt: skip
 
 from loomnet.client import Member, P2PConfig  # noqa: E402
@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=9)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.sizes, args.publishes, args.joins, args.settle = "5", 6, 2, 1.5
+    apply_quick(args, parser, sizes="5", publishes=6, joins=2, settle=1.5)
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     report = Report("gossip", {k: v for k, v in vars(args).items() if k != "json"})

@@ -32,7 +32,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Report, add_common_args, pct  # noqa: E402
+from _harness import Report, add_common_args, apply_quick, pct  # noqa: E402
 
 T_IMPORT = time.perf_counter()
 from libp2p import new_host  # noqa: E402
@@ -245,8 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-runs", type=int, default=3)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.samples, args.frames, args.frame_runs = 20, 500, 1
+    apply_quick(args, parser, samples=20, frames=500, frame_runs=1)
     report = Report("libp2p_floor", {k: v for k, v in vars(args).items() if k != "json"},
                     value_label="py-libp2p", baseline_label="trio TCP")
     trio.run(run, args, report)

@@ -35,7 +35,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    CpuMeter, Report, Target, add_common_args, executor_toml, processes, start_executor, start_fake, temp_dir,
+    CpuMeter, Report, Target, add_common_args, apply_quick, executor_toml, processes, start_executor, start_fake, temp_dir,
 )  # fmt: skip
 from _llama_direct import EMBEDDED_MODEL, THREADS, embedded_toml_extra, llama_direct, load_llama, smollm_path  # noqa: E402
 from _net import Timing, bench_client, direct, http_client, paired, through  # noqa: E402
@@ -123,10 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedded-threads", type=int, default=THREADS, help="llama.cpp threads, both paths")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.tokens, args.samples = min(args.tokens, 300), min(args.samples, 2)
-        args.paced_tokens, args.paced_samples = min(args.paced_tokens, 40), min(args.paced_samples, 1)
-        args.embedded_tokens, args.embedded_samples, args.warmup = min(args.embedded_tokens, 16), 1, 1
+    apply_quick(args, parser, tokens=300, samples=2, paced_tokens=40, paced_samples=1, embedded_tokens=16,
+                embedded_samples=1, warmup=1)
     args.model_path = None if args.no_embedded else smollm_path()
     report = Report("stream", {k: v for k, v in vars(args).items() if k != "json"})
     with temp_dir() as home, processes() as children:
@@ -138,13 +136,15 @@ def main(argv: list[str] | None = None) -> int:
             fake = fakes[model] = start_fake(home, "--model", model, *extra, name=f"fake-{model}")
             children.append(fake)
             toml = executor_toml(home, f"ex-{model}", backend=fake.ready["url"], models=[model])
-            children.append(ex := start_executor(home, toml, name=f"ex-{model}"))
+            children.append(ex := start_executor(home, toml, name=f"ex-{model}", wait=False))
             executors[model] = ex
         if args.model_path is not None:
             toml = executor_toml(home, "ex-embedded", backend=None, models=[EMBEDDED_MODEL],
                                  extra=embedded_toml_extra(args.embedded_tokens, args.embedded_threads))  # fmt: skip
-            children.append(ex := start_executor(home, toml, name="ex-embedded"))
+            children.append(ex := start_executor(home, toml, name="ex-embedded", wait=False))
             executors[EMBEDDED_MODEL] = ex
+        for child in children:
+            child.wait_ready()
         report.extra["executor_settings"] = "defaults for streaming (chunk-interval 0.05 s); capacity 256"
         trio.run(run, args, home, fakes, executors, report)
     return report.finish(args.json)

@@ -38,7 +38,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    CpuMeter, Report, Target, add_common_args, executor_toml, processes, start_executor, start_fake, temp_dir,
+    CpuMeter, Report, Target, add_common_args, apply_quick, executor_toml, processes, start_executor, start_fake, temp_dir,
 )  # fmt: skip
 from _net import bench_client, direct, http_client, through  # noqa: E402
 
@@ -136,17 +136,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per answer")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.concurrency, args.seconds, args.rounds, args.warmup = "1,8", 0.6, 1, 0.3
+    apply_quick(args, parser, concurrency="1,8", seconds=0.6, rounds=1, warmup=0.3)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     report = Report("throughput", {k: v for k, v in vars(args).items() if k != "json"})
     with temp_dir() as home, processes() as children:
         fake = start_fake(home)
         children.append(fake)
         children.append(fake_ex := start_executor(
-            home, executor_toml(home, "ex-fake", backend=fake.ready["url"], models=["bench-fake"]), name="ex-fake"))
+            home, executor_toml(home, "ex-fake", backend=fake.ready["url"], models=["bench-fake"]), name="ex-fake", wait=False))
         children.append(inproc_ex := start_executor(
-            home, executor_toml(home, "ex-instant", backend=None, models=["bench-instant"]), name="ex-instant", instant=True))
+            home, executor_toml(home, "ex-instant", backend=None, models=["bench-instant"]), name="ex-instant",
+            instant=True, wait=False))
+        for child in children:
+            child.wait_ready()
         report.extra["executor_settings"] = (
             "capacity 256, max-queue 4096, peer-requests-per-minute 0, peer-tokens-per-minute 0, "
             "max-streams-per-peer 1024 (P2P max_streams_per_connection stays at its default 64: not in ExecutorConfig)"

