@@ -160,7 +160,7 @@ class Report:
         for r in self.rows:
             delta = ""
             if r.ratio is not None:
-                delta = f"{r.ratio:.3g}x"
+                delta = f"{r.ratio:.4g}x"
             elif r.added is not None:
                 delta = f"{r.added:+.4g} {r.unit}"
             verdict = {True: "PASS", False: "MISS", None: ""}[r.passed]

@@ -9,7 +9,9 @@ mesh has had two heartbeats to settle, nodes in turn publish a new signed advert
 (``seq`` one higher each time); the time from ``publish_advert`` to the advert being in
 every other node's offer table is one sample (p50/p95 over ``--publishes``), and the
 time to each node one per-node sample. One process means each hop's validation and
-relay run one after another on one core: a worst case for N nodes on N machines.
+relay run one after another on one core: a worst case for N nodes on N machines; the
+CPU per node per advert (this process's CPU over the publishes / publishes / N, less the
+same with nothing published for as long: heartbeats) says how much of the spread is that.
 
 **Joining.** A fresh ``python bench/_join_probe.py`` process (``import loomnet.client``,
 ``open_client`` with the executor's address as bootstrap, ``wait_for_offers``) against
@@ -58,8 +60,11 @@ async def wait_for_seq(member: Member, signer: str, seq: int) -> float:
         await changed.wait()
 
 
-async def spread(n: int, args: argparse.Namespace, rng: random.Random) -> tuple[list[float], list[float], int]:
-    """(spread-to-all ms per publish, arrival ms per node and publish, misses)."""
+async def spread(n: int, args: argparse.Namespace, rng: random.Random) -> tuple[list[float], list[float], int, float, float]:
+    """(spread-to-all ms per publish, arrival ms per node and publish, misses, and CPU µs
+    per node per advert: this process's CPU over the publishes, which every node's
+    receive, validate and relay share, divided by publishes × nodes; then the same for
+    as long a time right after, with nothing published: heartbeats, keepalives)."""
     async with trio.open_nursery() as nursery:
         members: list[Member] = []
         addrs: list[str] = []
@@ -74,6 +79,7 @@ async def spread(n: int, args: argparse.Namespace, rng: random.Random) -> tuple[
         await trio.sleep(args.settle)
         seqs = [0] * n
         to_all, per_node, misses = [], [], 0
+        cpu0, wall0 = time.process_time(), time.perf_counter()
         for k in range(args.publishes):
             i = k % n
             publisher = members[i]
@@ -98,10 +104,14 @@ async def spread(n: int, args: argparse.Namespace, rng: random.Random) -> tuple[
             to_all.append(1e3 * (max(arrived) - t0))
             per_node += [1e3 * (t - t0) for t in arrived]
             await trio.sleep(args.gap)
+        cpu = (time.process_time() - cpu0) / (args.publishes * n) * 1e6
+        cpu0 = time.process_time()
+        await trio.sleep(time.perf_counter() - wall0)
+        idle = (time.process_time() - cpu0) / (args.publishes * n) * 1e6
         for member in members:
             member.stop()
         nursery.cancel_scope.cancel()
-    return to_all, per_node, misses
+    return to_all, per_node, misses, cpu, idle
 
 
 def spawn_and_time(argv: list[str], env: dict, timeout: float = 60.0) -> dict[str, float]:
@@ -163,13 +173,15 @@ def join_rows(report: Report, args: argparse.Namespace, home: Path) -> None:
 async def spread_all(args: argparse.Namespace, report: Report) -> None:
     rng = random.Random(args.seed)
     for n in args.sizes:
-        to_all, per_node, misses = await spread(n, args, rng)
+        to_all, per_node, misses, cpu, idle = await spread(n, args, rng)
         case = f"{n} nodes"
         note = f"{len(to_all)} publishes" + (f", {misses} not everywhere within {args.timeout} s" if misses else "")
         report.row(case, "spread to all p50", "ms", pct(to_all, 0.5),
                    target=Target("value", "<=", 50.0) if n == 20 else None, note=note)  # fmt: skip
         report.row(case, "spread to all p95", "ms", pct(to_all, 0.95))
         report.row(case, "per-node arrival p50", "ms", pct(per_node, 0.5))
+        report.row(case, "CPU per node per advert", "us", cpu, baseline=idle, compare="added",
+                   note="all nodes share this process; baseline: as long with nothing published")  # fmt: skip
         print(f"  {n} nodes: spread p50 {pct(to_all, 0.5):.1f} ms", file=sys.stderr)
 
 
