@@ -188,6 +188,7 @@ class Report:
 
     def as_dict(self) -> dict:
         return {
+            **git_facts(),  # each bench's own: a suite file may gather runs of several commits
             "args": self.args,
             "started": self.started,
             "seconds": round(time.time() - self.started, 2),

@@ -87,3 +87,32 @@ def test_the_suite_runner_knows_every_bench():
         sys.path.remove(str(BENCH))
     assert {name for name, _ in run_all.BENCHES} == set(CASES)
     assert all((BENCH / script).exists() for _, script in run_all.BENCHES)
+
+
+def test_show_renders_a_suite_file_and_compares_two(tmp_path, capsys):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _harness
+        import show
+    finally:
+        sys.path.remove(str(BENCH))
+    runs = []
+    for k, added in enumerate((16.5, 1.5)):
+        report = _harness.Report("ttft", {"samples": 3})
+        report.row("fake", "TTFT p50", "ms", 3.0 + added, baseline=3.0, compare="added", added=added,
+                   target=_harness.Target("added", "<=", 2.0))  # fmt: skip
+        report.row("fake", "tokens/s", "tok/s", 900.0, baseline=1000.0, compare="ratio")
+        path = tmp_path / f"run{k}.json"
+        _harness.write_json(str(path), report)
+        runs.append(str(path))
+    data = json.loads(Path(runs[1]).read_text())
+    assert data["benches"]["ttft"]["rows"][0]["passed"] is True
+    assert data["benches"]["ttft"]["commit"] == data["commit"]
+
+    assert show.main(["--markdown", runs[0]]) == 0
+    out = capsys.readouterr().out
+    assert "| fake | TTFT p50 | 3 ms | 19.5 ms | +16.5 ms | added <= 2 | **MISS** |" in out
+    assert "| fake | tokens/s | 1000 tok/s | 900 tok/s | 0.9x |" in out
+    assert show.main(runs) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines() if "TTFT" in line]
+    assert lines and lines[0][-1] == "PASS" and "+16.5" in lines[0] and "+1.5" in lines[0]
