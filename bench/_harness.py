@@ -162,7 +162,7 @@ class Report:
             if r.ratio is not None:
                 delta = f"{r.ratio:.4g}x"
             elif r.added is not None:
-                delta = f"{r.added:+.4g} {r.unit}"
+                delta = signed(r.added, r.unit)
             verdict = {True: "PASS", False: "MISS", None: ""}[r.passed]
             base = "-" if r.baseline is None else f"{_num(r.baseline)} {r.unit}"
             lines.append((r.case, r.metric, base, f"{_num(r.value)} {r.unit}", delta, r.target or "", verdict))
@@ -189,6 +189,7 @@ class Report:
     def as_dict(self) -> dict:
         return {
             **git_facts(),  # each bench's own: a suite file may gather runs of several commits
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else [],  # at its end
             "args": self.args,
             "started": self.started,
             "seconds": round(time.time() - self.started, 2),
@@ -196,6 +197,13 @@ class Report:
             "rows": [asdict(r) for r in self.rows],
             "extra": self.extra,
         }
+
+
+def signed(x: float, unit: str) -> str:
+    """``+1.5 ms``, ``-12 us``: an added amount with its sign."""
+    if not math.isfinite(x):
+        return f"{x} {unit}"
+    return f"{'-' if x < 0 else '+'}{_num(abs(x))} {unit}"
 
 
 def _num(x: float) -> str:

@@ -18,16 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import Report, Row, _num  # noqa: E402
+from _harness import Report, Row, _num, signed  # noqa: E402
 
 
 def load(path: str) -> dict:
     return json.loads(Path(path).read_text())
 
 
+#: the suite's order (run_all.BENCHES); others after, by name
+ORDER = ["crypto", "libp2p_floor", "ttft", "stream", "throughput", "gossip", "route"]
+
+
 def reports(data: dict) -> list[Report]:
     out = []
-    for name, bench in data.get("benches", {}).items():
+    benches = data.get("benches", {})
+    for name in sorted(benches, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n)):
+        bench = benches[name]
         columns = bench.get("columns", {})
         report = Report(name, bench.get("args", {}), value_label=columns.get("value", "loomnet"),
                         baseline_label=columns.get("baseline", "baseline"))  # fmt: skip
@@ -40,7 +46,7 @@ def delta(row: Row) -> str:
     if row.ratio is not None:
         return f"{row.ratio:.4g}x"
     if row.added is not None:
-        return f"{row.added:+.4g} {row.unit}"
+        return signed(row.added, row.unit)
     return ""
 
 
