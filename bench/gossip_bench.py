@@ -68,7 +68,7 @@ async def spread(n: int, args: argparse.Namespace, rng: random.Random) -> tuple[
     async with trio.open_nursery() as nursery:
         members: list[Member] = []
         addrs: list[str] = []
-        for i in range(n):
+        for _ in range(n):
             links = rng.sample(addrs, min(len(addrs), args.links))
             member = Member(SigningKey(os.urandom(32)), P2PConfig(bootstrap=links))
             info = await nursery.start(member.run)

@@ -187,7 +187,7 @@ async def run(args: argparse.Namespace, report: Report) -> None:
             await read_exactly(s.read, 64)
             await t.send_all(PING)
             await read_exactly(t.receive_some, 64)
-        for i in range(args.samples):
+        for _ in range(args.samples):
             a = time.perf_counter()
             await s.write(PING)
             await read_exactly(s.read, 64)

@@ -25,6 +25,7 @@ Run: ``make bench-stream`` or ``.venv/bin/python bench/stream_bench.py [--quick]
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -42,7 +43,8 @@ from _net import Timing, bench_client, direct, http_client, paired, through  # n
 
 
 def median(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
+    """The median of the numbers in ``xs`` that are not NaN (NaN if none)."""
+    xs = [x for x in xs if not math.isnan(x)]
     return statistics.median(xs) if xs else float("nan")
 
 
