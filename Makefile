@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-installed
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install run test chat offers clean bench-route
+.PHONY: install run test chat offers clean bench bench-quick bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
 
 install: $(STAMP)
 
@@ -35,8 +35,35 @@ offers: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~10 min
+# on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~2 min).
+# Each bench alone: `make bench-ttft BENCH_ARGS="--quick --json out.json"`, etc.
+bench: install
+	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python bench/run_all.py --quick $(BENCH_ARGS)
+
+bench-ttft: install
+	$(BIN)/python bench/ttft_bench.py $(BENCH_ARGS)
+
+bench-stream: install
+	$(BIN)/python bench/stream_bench.py $(BENCH_ARGS)
+
+bench-throughput: install
+	$(BIN)/python bench/throughput_bench.py $(BENCH_ARGS)
+
+bench-gossip: install
+	$(BIN)/python bench/gossip_bench.py $(BENCH_ARGS)
+
 bench-route: install
 	$(BIN)/python bench/route_bench.py $(BENCH_ARGS)
+
+bench-crypto: install
+	$(BIN)/python bench/crypto_bench.py $(BENCH_ARGS)
+
+bench-libp2p: install
+	$(BIN)/python bench/libp2p_floor.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

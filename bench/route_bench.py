@@ -20,6 +20,11 @@ mixed. The health table holds records for 100 pairs, as if this client had used 
 Exit status: 1 when the largest size misses the goal: p50 ≤ 1 ms for every route
 kind and the table ≤ 200 MB (``--goal-ms``, ``--goal-mb``); 0 otherwise.
 
+Part of the suite: ``--json PATH`` merges the figures (per size: the worst p50 and p99
+over the route kinds, the model route against the old scan, the table's memory, with
+the goal judged at the largest size) into the suite's JSON, and prints them in the
+suite's table after its own; ``--quick`` is ``--sizes 100,1000 --decisions 100``.
+
 Run: ``make bench-route`` or ``.venv/bin/python bench/route_bench.py [--sizes 100,1000]``.
 """
 
@@ -32,6 +37,8 @@ import sys
 import time
 import tracemalloc
 from collections import Counter
+
+from pathlib import Path
 
 import msgspec
 
@@ -184,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         "--wall", action="store_true",
         help="time with the wall clock (default: this process's CPU time, which other load on the machine does not inflate)",
     )  # fmt: skip
+    parser.add_argument("--json", metavar="PATH", help="merge the figures into this suite JSON file")
+    parser.add_argument("--quick", action="store_true", help="--sizes 100,1000 --decisions 100 --old-budget 0.5")
     args = parser.parse_args(argv)
+    if args.quick:  # an option given explicitly wins
+        harness().apply_quick(args, parser, sizes="100,1000", decisions=100, old_budget=0.5)
     clock = time.perf_counter if args.wall else time.process_time
+    started = time.time()
     sizes = [int(s) for s in args.sizes.split(",")]
     shapes_rng = random.Random(args.seed)
     shapes = [
@@ -195,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'executors':>9} {'route':14} {'p50 ms':>8} {'p99 ms':>8} {'old p50':>9} {'ratio':>7} "
           f"{'table MB':>9} {'peak KB':>8} {'old KB':>8}")  # fmt: skip
     missed = []
+    figures: list[dict] = []
     for n in sizes:
         t0 = time.perf_counter()
         table, mb = build(n, args.models, args.seed)
@@ -213,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 old_p50, old_peak = time_old(table, route, max(1, min(50, int(args.old_budget / max(once, 1e-6)))), clock)
                 old, old_kb, ratio = f"{old_p50:9.2f}", f"{old_peak:8.0f}", f"{old_p50 / p50:6.1f}×"
             print(f"{n:9d} {kind:14} {p50:8.3f} {p99:8.3f} {old:>9} {ratio:>7} {mb:9.1f} {peak:8.1f} {old_kb:>8}")
+            figures.append({"executors": n, "route": kind, "p50_ms": p50, "p99_ms": p99, "peak_kb": peak, "table_mb": mb,
+                            "old_p50_ms": float(old) if old else None})  # fmt: skip
             if n == max(sizes) and p50 > args.goal_ms:
                 missed.append(f"{kind} p50 {p50:.3f} ms > {args.goal_ms} ms")
         if n == max(sizes) and mb > args.goal_mb:
@@ -221,11 +236,45 @@ def main(argv: list[str] | None = None) -> int:
               f"{table.statistics().bytes / 1e6:.1f} MB of signed adverts)")  # fmt: skip
         del table, router, health
         gc.collect()
+    if args.json or args.quick:
+        suite_report(figures, args, max(sizes), started)
     if missed:
         print(f"goal missed at {max(sizes)} executors: " + "; ".join(missed))
         return 1
     print(f"goal met at {max(sizes)} executors: every route p50 ≤ {args.goal_ms} ms, table ≤ {args.goal_mb} MB")
     return 0
+
+
+def harness():
+    """``bench/_harness.py``, imported only when the suite's table or JSON is asked for
+    (the test of this bench imports it by path, without ``bench/`` on ``sys.path``)."""
+    folder = str(Path(__file__).resolve().parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import _harness
+
+    return _harness
+
+
+def suite_report(figures: list[dict], args: argparse.Namespace, largest: int, started: float) -> None:
+    """The suite's table and JSON (``bench/_harness.py``): per size, the worst route kind."""
+    Report, Target = harness().Report, harness().Target
+    report = Report("route", {k: v for k, v in vars(args).items() if k != "json"}, started=started)
+    report.extra["figures"] = figures
+    for n in sorted({f["executors"] for f in figures}):
+        rows = [f for f in figures if f["executors"] == n]
+        worst = max(rows, key=lambda f: f["p50_ms"])
+        case = f"{n} executors x {args.models} models"
+        at_goal = n == largest
+        report.row(case, "decision p50, worst route kind", "ms", worst["p50_ms"],
+                   target=Target("value", "<=", args.goal_ms) if at_goal else None, note=f"worst: {worst['route']}")  # fmt: skip
+        report.row(case, "decision p99, worst route kind", "ms", max(f["p99_ms"] for f in rows))
+        model = next(f for f in rows if f["route"] == "model")
+        if model["old_p50_ms"] is not None:
+            report.row(case, "model route p50 vs old scan", "ms", model["p50_ms"], baseline=model["old_p50_ms"], compare="ratio")
+        report.row(case, "offer table memory", "MB", rows[0]["table_mb"],
+                   target=Target("value", "<=", args.goal_mb) if at_goal else None)  # fmt: skip
+    report.finish(args.json)
 
 
 if __name__ == "__main__":
