@@ -553,6 +553,7 @@ def executor_toml(home: Path, name: str, *, backend: str | None, models: Sequenc
         "peer-requests-per-minute = 0",
         "peer-tokens-per-minute = 0",
         "max-streams-per-peer = 1024",
+        "max-streams-per-connection = 1024",
         "health-interval = 60.0",
         "request-read-timeout = 30.0",
         "ack-timeout = 30.0",

@@ -15,7 +15,7 @@ Three paths, each run for ``--seconds`` per block, blocks rotated round after ro
 Every request asks ``--tokens`` (16) tokens and is read to its end (loomnet: the receipt
 verified, booked and counter-signed). The executors' limits are raised far above what
 the bench sends (capacity 256, max-queue 4096, no per-peer request or token rate,
-max-streams-per-peer 1024), so they are not what is measured. CPU: milliseconds per
+max-streams-per-peer and max-streams-per-connection 1024), so they are not what is measured. CPU: milliseconds per
 completed request, per process (``/proc/<pid>/stat``, summed over the blocks).
 
 Targets (issue 9): >= 0.8 of direct at 8 and 32 concurrent; >= 300 req/s against the
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             child.wait_ready()
         report.extra["executor_settings"] = (
             "capacity 256, max-queue 4096, peer-requests-per-minute 0, peer-tokens-per-minute 0, "
-            "max-streams-per-peer 1024 (P2P max_streams_per_connection stays at its default 64: not in ExecutorConfig)"
+            "max-streams-per-peer 1024, max-streams-per-connection 1024"
         )
         trio.run(run, args, home, fake, fake_ex, inproc_ex, report)
     return report.finish(args.json)

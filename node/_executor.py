@@ -107,6 +107,7 @@ class Executor:
                     bootstrap=cfg.bootstrap,
                     max_connections=cfg.max_connections,
                     max_connections_per_peer=cfg.max_connections_per_peer,
+                    max_streams_per_connection=cfg.max_streams_per_connection,
                     max_unread_bytes_per_connection=cfg.max_unread_bytes_per_connection,
                     max_unread_bytes=cfg.max_unread_bytes,
                     mdns=cfg.mdns,

@@ -128,6 +128,9 @@ class ExecutorConfig(_Config):
     #: inference streams one peer may have open at once; more are refused with
     #: PEER_LIMIT (retryable)
     max_streams_per_peer: int = 8
+    #: inbound streams open at once on one connection, all protocols together (gossip,
+    #: advert exchange, inference); more are reset (docs/network.md)
+    max_streams_per_connection: int = 64
     #: bytes of not yet complete request frames held for one peer, and for all
     #: peers together; a request that would pass either is refused with PEER_LIMIT
     max_request_bytes_per_peer: int = 4 << 20
@@ -186,7 +189,7 @@ class ExecutorConfig(_Config):
         ):  # fmt: skip
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
-        for name in ("max_connections", "max_connections_per_peer", "max_streams_per_peer"):
+        for name in ("max_connections", "max_connections_per_peer", "max_streams_per_peer", "max_streams_per_connection"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be at least 1")
         if self.max_request_bytes_per_peer < MAX_FRAME_SIZE + 4:
