@@ -183,11 +183,14 @@ class NDJSONDecoder:
         return [rest] if rest.strip() else []
 
 
-async def drain(chunks: AsyncIterator[bytes], *, limit: int = DRAIN_LIMIT, seconds: float = DRAIN_SECONDS) -> bool:
+async def drain(chunks: AsyncIterator[bytes], *, limit: int | None = None, seconds: float | None = None) -> bool:
     """Read what is left of a body whose answer is complete, so that httpx can return
     its connection to the pool. Returns True when the body ended within ``limit`` bytes
-    and ``seconds``; False otherwise (then closing the response closes the connection).
-    A failure while reading is not an error: the answer was already whole."""
+    (default :data:`DRAIN_LIMIT`) and ``seconds`` (default :data:`DRAIN_SECONDS`); False
+    otherwise (then closing the response closes the connection). A failure while
+    reading is not an error: the answer was already whole."""
+    limit = DRAIN_LIMIT if limit is None else limit
+    seconds = DRAIN_SECONDS if seconds is None else seconds
     seen = 0
     with trio.move_on_after(seconds):
         try:
