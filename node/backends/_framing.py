@@ -99,6 +99,10 @@ class LineSplitter:
             raise _too_long()
         return lines
 
+    def idle(self) -> bool:
+        """No unfinished line is pending: the next chunk starts a line."""
+        return not self._pending
+
     def end(self) -> bytes:
         """What came after the last newline (b"" when nothing): the body's last line."""
         rest, self._pending = self._pending, b""
@@ -124,6 +128,12 @@ class SSEDecoder:
         Raises:
             BackendError: ``BACKEND_ERROR`` for a line over :data:`MAX_LINE` bytes.
         """
+        if not self._data and chunk[:5] == b"data:" and self._lines.idle():
+            # the usual chunk: one whole event of one data line (no splitting, no line by line)
+            line = chunk[:-2] if chunk[-2:] == b"\n\n" else chunk[:-4] if chunk[-4:] == b"\r\n\r\n" else b""
+            if line and b"\n" not in line and line[-1:] != b"\r":
+                event, self._event = self._event or "message", ""
+                return [SSEEvent(event, line[6:] if line[5:6] == b" " else line[5:])]
         events: list[SSEEvent] = []
         for line in self._lines.feed(chunk):
             self._line(line, events)
@@ -141,10 +151,9 @@ class SSEDecoder:
     def _line(self, line: bytes, events: list[SSEEvent]) -> None:
         if line[-1:] == b"\r":
             line = line[:-1]
-        if not line:
-            if self._data:
-                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
-                events.append(SSEEvent(self._event or "message", data))
+        if not line:  # the blank line: the event is complete
+            if data := self._data:
+                events.append(SSEEvent(self._event or "message", data[0] if len(data) == 1 else b"\n".join(data)))
                 self._data = []
             self._event = ""
             return
