@@ -101,7 +101,7 @@ class AnthropicBackend(HttpBackend):
         return request_body(params, stream=stream)
 
     async def _post(self, content: bytes) -> httpx.Response:
-        request = self.client.build_request("POST", "/v1/messages", content=content)
+        request = self.request("POST", "/v1/messages", content=content)
         return await self.client.send(request, stream=True)
 
     def _decode(self, raw: bytes) -> Event:
@@ -255,7 +255,7 @@ class AnthropicBackend(HttpBackend):
         """One quick GET (no retries, at most 10 s); None when it got no answer."""
         try:
             async with self.map_errors("checking the API"):
-                return await self.client.get(path, timeout=min(self.config.timeout, 10.0))
+                return await self.client.send(self.request("GET", path, timeout=min(self.config.timeout, 10.0)))
         except BackendError:
             return None
 

@@ -82,7 +82,7 @@ class GeminiBackend(HttpBackend):
         model = model.removeprefix("models/")
         query = {"alt": "sse"} if method == "streamGenerateContent" else None
         path = f"/models/{quote(model, safe='')}:{method}"
-        request = self.client.build_request("POST", path, params=query, content=content)
+        request = self.request("POST", path, query, content=content)
         return await self.client.send(request, stream=True)
 
     def _decode(self, raw: bytes) -> Frame:
@@ -174,7 +174,8 @@ class GeminiBackend(HttpBackend):
             return False
         try:
             async with self.map_errors("checking health"):
-                response = await self.client.get("/models", timeout=min(self.config.timeout, 10.0))
+                timeout = min(self.config.timeout, 10.0)
+                response = await self.client.send(self.request("GET", "/models", timeout=timeout))
         except BackendError:
             return False
         return response.status_code == 200

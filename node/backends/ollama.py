@@ -82,10 +82,9 @@ class OllamaBackend(HttpBackend):
     def _sender(self, method: str, path: str, body: dict[str, Any] | None = None):
         """What ``open_stream`` calls for each attempt: a fresh request each time."""
         if body is None:
-            return lambda: self.client.send(self.client.build_request(method, path), stream=True)
+            return lambda: self.client.send(self.request(method, path), stream=True)
         content = encode_json(body)
-        return lambda: self.client.send(self.client.build_request(method, path, content=content, headers=JSON),
-                                        stream=True)
+        return lambda: self.client.send(self.request(method, path, content=content, headers=JSON), stream=True)
 
     def _line_error(self, line: Line) -> BackendError:
         """An ``{"error": ...}`` object after HTTP 200: Ollama failed mid-answer."""
@@ -236,6 +235,6 @@ class OllamaBackend(HttpBackend):
         an unreachable server included. Never raises (except cancellation)."""
         with suppress(BackendError):
             async with self.map_errors("checking health"):
-                response = await self.client.get("/")
+                response = await self.client.send(self.request("GET", "/"))
             return response.status_code == 200
         return False

@@ -99,6 +99,8 @@ class OpenAICompatBackend(HttpBackend):
 
     async def _ready(self) -> None:
         """Find llama-server's port (8080, then 9931) once, when no endpoint is configured."""
+        if self._resolved:  # as always once found: no lock taken per request
+            return
         async with self._resolve_lock:
             if self._resolved:
                 return
@@ -109,7 +111,8 @@ class OpenAICompatBackend(HttpBackend):
                 except httpx.HTTPError:
                     continue
                 if response.status_code in (200, 503):
-                    self.endpoint, self.client.base_url, self._resolved = candidate, candidate, True
+                    self.rebase(candidate)
+                    self._resolved = True
                     return
 
     def _pure(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -140,7 +143,7 @@ class OpenAICompatBackend(HttpBackend):
     async def _fetch_json(self, method: str, url: str, doing: str, *, json: Any = None, **kwargs: Any) -> Any:
         if json is not None:
             kwargs.update(content=encode_json(json), headers=JSON)
-        request = self.client.build_request(method, url, **kwargs)
+        request = self.request(method, url, **kwargs)
         async with self._open(request, doing) as response:
             body = await response.aread()
         try:
@@ -175,7 +178,7 @@ class OpenAICompatBackend(HttpBackend):
     @event_stream
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         await self._ready()
-        request = self.client.build_request("POST", "chat/completions", content=encode_json(body), headers=JSON)
+        request = self.request("POST", "chat/completions", content=encode_json(body), headers=JSON)
         parser = StreamParser(self.profile)
         self._active_streams += 1
         try:
@@ -257,9 +260,9 @@ class OpenAICompatBackend(HttpBackend):
                 await stream.aclose()
                 return True
             url = {"health": f"{root}/health", "lmstudio": f"{root}/api/v0/models", "models": "models"}[kind]
-            response = await self.client.get(url, timeout=timeout)
+            response = await self.client.send(self.request("GET", url, timeout=timeout))
             if kind == "lmstudio" and response.status_code == 404:
-                response = await self.client.get("models", timeout=timeout)
+                response = await self.client.send(self.request("GET", "models", timeout=timeout))
             return response.status_code == 200
         except (httpx.HTTPError, OSError, trio.TooSlowError, BackendError):
             return False

@@ -62,7 +62,7 @@ async def serve(nursery) -> Callable[..., Awaitable[Served]]:
     """``await serve(kind, **fake_attributes)``; every backend is closed after the test."""
     backends: list[HttpBackend] = []
 
-    async def make(kind: str, **attributes) -> Served:
+    async def make(kind: str, query: str = "", **attributes) -> Served:
         if kind == "ollama":
             fake, model = FakeOllama(), "llama3.2"
         elif kind == "anthropic":
@@ -75,18 +75,19 @@ async def serve(nursery) -> Callable[..., Awaitable[Served]]:
             setattr(fake, name, value)
         counter = CountConnections(fake)
         url = await serve_app(nursery, counter)
+        tail = f"?{query}" if query else ""
         common = {"timeout": 10.0, "max_retries": 0}
         if kind == "ollama":
-            backend: HttpBackend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url, **common))
+            backend: HttpBackend = OllamaBackend(BackendConfig(provider="ollama", endpoint=url + tail, **common))
         elif kind == "anthropic":
-            backend = AnthropicBackend(BackendConfig(provider="anthropic", endpoint=url, api_key=fake_anthropic.KEY,
+            backend = AnthropicBackend(BackendConfig(provider="anthropic", endpoint=url + tail, api_key=fake_anthropic.KEY,
                                                      models=[model], **common))
         elif kind == "gemini":
-            backend = GeminiBackend(BackendConfig(provider="gemini", endpoint=url + fake_gemini.PREFIX,
+            backend = GeminiBackend(BackendConfig(provider="gemini", endpoint=url + fake_gemini.PREFIX + tail,
                                                   api_key=fake_gemini.KEY, models=[model], **common))
         else:
             key = "sk-test-SECRET123" if kind in ("openai", "groq", "openrouter") else None
-            backend = OpenAICompatBackend(BackendConfig(provider=kind, endpoint=f"{url}/v1", api_key=key, **common))
+            backend = OpenAICompatBackend(BackendConfig(provider=kind, endpoint=f"{url}/v1{tail}", api_key=key, **common))
         backends.append(backend)
         return Served(fake, counter, backend, model)
 
@@ -222,3 +223,25 @@ async def test_events_come_in_the_consumers_own_task(serve, kind):
             assert task.child_nurseries == before
             seen += 1
     assert seen >= 2
+
+
+@pytest.mark.parametrize("query", ["", "api-version=7"])
+@pytest.mark.parametrize("kind", ["vllm", "ollama", "anthropic", "gemini"])
+@fail_after(60)
+async def test_every_request_goes_to_its_route_with_the_endpoints_query(serve, kind, query):
+    """The URLs each backend keeps parsed (``HttpBackend.request``) go to the right route,
+    with the endpoint's own query parameters (``?api-version=...``) when it has some, and
+    Gemini's ``alt=sse`` on streams only."""
+    served = await serve(kind, query=query)
+    for _ in range(2):
+        await stream(served)
+        await served.backend.chat(served.params())
+        assert await served.backend.health()
+    routes = {"vllm": ("/v1/chat/completions", "/health"), "ollama": ("/api/chat", "/"),
+              "anthropic": ("/v1/messages", "/v1/models"),
+              "gemini": (f"/v1beta/models/{served.model}:streamGenerateContent",
+                         f"/v1beta/models/{served.model}:generateContent", "/v1beta/models")}[kind]
+    assert {path for path, _ in served.counter.targets} == set(routes)
+    for path, sent in served.counter.targets:
+        expected = "&".join(filter(None, [query, "alt=sse" if path.endswith(":streamGenerateContent") else ""]))
+        assert sent == expected, path
