@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+import msgspec
+
 from loomnet.protocol import BackendError, ChatMessage, ErrorCode
 
 from ._base import ChatParams, ReasoningDelta, TextDelta, Usage, token_count
 from ._http import as_object as _obj, request_json as _loads
 from ._refusal import content_filtered
 
-__all__ = ["DEFAULT_MAX_TOKENS", "THINKING_BLOCKS", "block_event", "counts_of", "finish_of", "request_body", "usage_of"]
+__all__ = ["DEFAULT_MAX_TOKENS", "EVENT", "THINKING_BLOCKS", "Block", "Delta", "Event", "block_event", "counts_of", "finish_of", "request_body", "usage_of"]
 
 #: tokens; the API requires ``max_tokens``; this is sent when a request gives none
 DEFAULT_MAX_TOKENS = 4096
@@ -128,22 +130,70 @@ def finish_of(stop_reason: Any, produced: bool, label: str) -> str:
     return _FINISH.get(stop_reason, stop_reason) if isinstance(stop_reason, str) else "stop"
 
 
-def block_event(data: dict[str, Any], kind: str) -> TextDelta | ReasoningDelta | tuple | str | None:
+class Block(msgspec.Struct):
+    """A ``content_block_start``'s ``content_block``, as far as the adapter reads it."""
+
+    type: Any = None
+    id: Any = None
+    name: Any = None
+    input: Any = None
+    text: Any = None
+    thinking: Any = None
+
+
+class Delta(msgspec.Struct):
+    """A ``content_block_delta``'s or ``message_delta``'s ``delta``."""
+
+    type: Any = None
+    text: Any = None
+    thinking: Any = None
+    partial_json: Any = None
+    stop_reason: Any = None
+
+
+class Event(msgspec.Struct):
+    """One streamed event's ``data``; ``type`` is UNSET when the payload names none
+    (the SSE ``event:`` name is used then)."""
+
+    type: Any = msgspec.UNSET
+    index: Any = None
+    content_block: Block | None = None
+    delta: Delta | None = None
+    usage: Any = None
+    message: Any = None
+    error: Any = None
+
+
+#: decodes one event; build once, use per token
+EVENT = msgspec.json.Decoder(Event)
+
+#: the delta type a ``content_block_start`` block's own text counts as
+_STARTS = {"text": "text_delta", "thinking": "thinking_delta"}
+
+
+def block_event(data: Event, kind: str) -> TextDelta | ReasoningDelta | tuple | str | None:
     """What a ``content_block_start``/``_delta`` event adds: text, reasoning, a tool_use
     block's ``(id, name, input)`` or a fragment of its input JSON; None for nothing."""
     if kind == "content_block_start":
-        block = _obj(data.get("content_block"))
-        if block.get("type") == "tool_use":
-            return str(block.get("id", "")), str(block.get("name", "")), block.get("input")
-        delta = {"text": ("text_delta", "text"), "thinking": ("thinking_delta", "thinking")}.get(block.get("type"))
-        block = {**block, "type": delta[0]} if delta else {}
+        block = data.content_block
+        if block is None:
+            return None
+        if block.type == "tool_use":
+            call_id, name = ("" if v is None else str(v) for v in (block.id, block.name))
+            return call_id, name, block.input
+        delta_type = _STARTS.get(block.type) if isinstance(block.type, str) else None
+        if delta_type is None:
+            return None
+        text, thinking, partial = block.text, block.thinking, None
     else:
-        block = _obj(data.get("delta"))
-    kind = block.get("type")
-    if kind == "text_delta" and block.get("text"):
-        return TextDelta(str(block["text"]))
-    if kind == "thinking_delta" and block.get("thinking"):
-        return ReasoningDelta(str(block["thinking"]))
-    if kind == "input_json_delta":
-        return str(block.get("partial_json", ""))
+        delta = data.delta
+        if delta is None:
+            return None
+        delta_type, text, thinking, partial = delta.type, delta.text, delta.thinking, delta.partial_json
+    if delta_type == "text_delta":
+        return TextDelta(text if type(text) is str else str(text)) if text else None
+    if delta_type == "thinking_delta":
+        return ReasoningDelta(thinking if type(thinking) is str else str(thinking)) if thinking else None
+    if delta_type == "input_json_delta":
+        return str(partial) if partial is not None else ""
     return None

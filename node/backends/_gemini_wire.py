@@ -30,13 +30,15 @@ import base64
 import json
 from typing import Any
 
+import msgspec
+
 from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
 from ._base import ChatParams, Finished, ReasoningDelta, TextDelta, Usage, token_count
-from ._http import as_object as _obj, request_json as _loads
+from ._http import request_json as _loads
 from ._refusal import content_filtered
 
-__all__ = ["BLOCKED", "FILTERED", "NORMAL", "Answer", "request_body"]
+__all__ = ["BLOCKED", "FILTERED", "FRAME", "NORMAL", "Answer", "Frame", "request_body"]
 
 #: ``finishReason`` values of a candidate a filter stopped (Gemini's ``FinishReason``
 #: enum: the text and image safety, recitation, language and blocklist filters)
@@ -137,6 +139,39 @@ def _usage(metadata: dict[str, Any]) -> Usage:
                  reasoning_tokens=count["thoughtsTokenCount"])
 
 
+class Part(msgspec.Struct, rename="camel"):
+    text: Any = None
+    thought: Any = None
+    function_call: Any = None
+
+
+class Content(msgspec.Struct):
+    parts: list[Part] | None = None
+
+
+class Candidate(msgspec.Struct, rename="camel"):
+    content: Content | None = None
+    finish_reason: Any = None
+
+
+class Feedback(msgspec.Struct, rename="camel"):
+    block_reason: Any = None
+
+
+class Frame(msgspec.Struct, rename="camel"):
+    """One ``GenerateContentResponse`` (a streamed frame or a whole answer), as far as
+    the adapter reads it (``modelVersion``, ``safetyRatings``, ... are skipped unbuilt)."""
+
+    candidates: list[Candidate] | None = None
+    prompt_feedback: Feedback | None = None
+    usage_metadata: Any = None
+    error: Any = None
+
+
+#: decodes one frame; build once, use per token
+FRAME = msgspec.json.Decoder(Frame)
+
+
 class Answer:
     """What the ``GenerateContentResponse`` frames of one answer add up to."""
 
@@ -152,26 +187,27 @@ class Answer:
         """A finish reason or a block reason came: the answer is complete."""
         return self.finish_reason is not None or self.block_reason is not None
 
-    def feed(self, frame: dict[str, Any]) -> list[TextDelta | ReasoningDelta]:
+    def feed(self, frame: Frame) -> list[TextDelta | ReasoningDelta]:
         """Take one frame; return its text and thought parts in order."""
         events: list[TextDelta | ReasoningDelta] = []
-        feedback = _obj(frame.get("promptFeedback"))
-        if isinstance(feedback.get("blockReason"), str) and feedback["blockReason"]:
-            self.block_reason = feedback["blockReason"]
-        candidates = frame.get("candidates")
-        if isinstance(candidates, list) and candidates and isinstance(candidates[0], dict):
-            candidate = candidates[0]
-            for part in map(_obj, _obj(candidate.get("content")).get("parts") or []):
-                if isinstance(text := part.get("text"), str) and text:
-                    events.append(ReasoningDelta(text) if part.get("thought") is True else TextDelta(text))
-                elif isinstance(call := part.get("functionCall"), dict):
+        feedback = frame.prompt_feedback
+        if feedback is not None and isinstance(feedback.block_reason, str) and feedback.block_reason:
+            self.block_reason = feedback.block_reason
+        if frame.candidates:
+            candidate = frame.candidates[0]
+            content = candidate.content
+            for part in (content.parts if content is not None else None) or ():
+                if isinstance(text := part.text, str) and text:
+                    events.append(ReasoningDelta(text) if part.thought is True else TextDelta(text))
+                elif isinstance(call := part.function_call, dict):
                     name, arguments = str(call.get("name", "")), json.dumps(call.get("args") or {})
                     self.calls.append(ToolCall(id=f"call_{len(self.calls)}", name=name, arguments=arguments))
-            if candidate.get("finishReason"):
-                self.finish_reason = str(candidate["finishReason"])
-        if isinstance(frame.get("usageMetadata"), dict):
-            self.usage = frame["usageMetadata"]  # complete on the final frame
-        self.produced |= bool(self.calls) or any(isinstance(e, TextDelta) for e in events)
+            if candidate.finish_reason:
+                self.finish_reason = str(candidate.finish_reason)
+        if isinstance(frame.usage_metadata, dict):
+            self.usage = frame.usage_metadata  # complete on the final frame
+        if not self.produced and (self.calls or any(isinstance(e, TextDelta) for e in events)):
+            self.produced = True
         return events
 
     def finished(self) -> Finished:

@@ -22,13 +22,15 @@ import base64
 import json
 from typing import Any
 
+import msgspec
+
 from loomnet.protocol import BackendError, ChatMessage, ErrorCode, ToolCall
 
 from ._base import ChatParams, Usage, token_count
 from ._http import request_json
 from ._refusal import only_loaded
 
-__all__ = ["LOAD_ONLY", "build_chat_request", "ending", "message_of", "tool_calls_of"]
+__all__ = ["LINE", "LOAD_ONLY", "Line", "Message", "build_chat_request", "ending", "message_of", "tool_calls_of"]
 
 #: done reasons of a request that only loaded or unloaded the model
 LOAD_ONLY = frozenset({"load", "unload"})
@@ -99,10 +101,34 @@ def build_chat_request(params: ChatParams, *, stream: bool) -> dict[str, Any]:
     return body
 
 
-def tool_calls_of(message: dict[str, Any], first: int) -> list[ToolCall]:
+class Message(msgspec.Struct):
+    """A line's ``message``, as far as the adapter reads it."""
+
+    content: str | None = None
+    thinking: str | None = None
+    tool_calls: Any = None  #: whole calls, walked by :func:`tool_calls_of` (rare: not per token)
+
+
+class Line(msgspec.Struct):
+    """One NDJSON line of a streamed ``/api/chat`` answer, or a whole answer. ``error`` is
+    UNSET when the line has no ``error`` key (an ``"error": null`` is still an error)."""
+
+    message: Message | None = None
+    done: Any = None
+    done_reason: Any = None
+    prompt_eval_count: Any = None
+    eval_count: Any = None
+    error: Any = msgspec.UNSET
+
+
+#: decodes one line; build once, use per token
+LINE = msgspec.json.Decoder(Line)
+
+
+def tool_calls_of(message: Message | None, first: int) -> list[ToolCall]:
     """Whole tool calls of one line, numbered from ``first``; arguments as compact JSON."""
     calls = []
-    for n, raw in enumerate(message.get("tool_calls") or [], first):
+    for n, raw in enumerate((message.tool_calls if message is not None else None) or [], first):
         function = raw.get("function") if isinstance(raw, dict) else None
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
@@ -114,8 +140,8 @@ def tool_calls_of(message: dict[str, Any], first: int) -> list[ToolCall]:
     return calls
 
 
-def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tuple[str, Usage | None]:
-    """Finish reason and usage of a ``done: true`` object. A missing (or null) count is
+def ending(line: Line, calls: list[ToolCall], *, produced: bool) -> tuple[str, Usage | None]:
+    """Finish reason and usage of a ``done: true`` line. A missing (or null) count is
     None; no count at all is no usage (the executor then counts itself).
 
     Args:
@@ -125,19 +151,20 @@ def ending(line: dict[str, Any], calls: list[ToolCall], *, produced: bool) -> tu
         BackendError: retryable ``BACKEND_UNAVAILABLE`` when Ollama only loaded the model.
             A count that is no count (negative, a string, a float, too big) is None.
     """
-    reason = str(line.get("done_reason") or "stop")[:64]
+    reason = str(line.done_reason or "stop")[:64]
     if reason in LOAD_ONLY and not produced:
         raise only_loaded("Ollama")
     reason = "tool_calls" if calls else reason
-    counts = [line.get(key) for key in ("prompt_eval_count", "eval_count")]
-    if counts == [None, None]:
+    if line.prompt_eval_count is None and line.eval_count is None:
         return reason, None
-    counts = [token_count(c) for c in counts]  # a value that is no count is counted another way
-    return reason, Usage(input_tokens=counts[0], output_tokens=counts[1], source="backend")
+    # a value that is no count is counted another way
+    return reason, Usage(input_tokens=token_count(line.prompt_eval_count), output_tokens=token_count(line.eval_count),
+                         source="backend")
 
 
-def message_of(line: dict[str, Any]) -> tuple[dict[str, Any], str, str]:
-    """A line's ``message`` object, its text and its thinking ("" when absent)."""
-    message = line.get("message") if isinstance(line.get("message"), dict) else {}
-    text, thinking = message.get("content"), message.get("thinking")
-    return message, text if isinstance(text, str) else "", thinking if isinstance(thinking, str) else ""
+def message_of(line: Line) -> tuple[Message | None, str, str]:
+    """A line's ``message``, its text and its thinking ("" when absent)."""
+    message = line.message
+    if message is None:
+        return None, "", ""
+    return message, message.content or "", message.thinking or ""

@@ -18,10 +18,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
+
 from loomnet.protocol import BackendError, ToolCall
 
 from ._base import Completion, Finished, ReasoningDelta, TextDelta, Usage, token_count
 from ._openai_profiles import Profile
+from ._payloads import typed
 from ._refusal import content_filtered
 
 __all__ = ["StreamParser", "parse_completion", "parse_usage", "refusal_error"]
@@ -87,6 +90,48 @@ def refusal_error(finish_reason: str | None, refusal: str, produced: bool) -> Ba
     return None
 
 
+class _Function(msgspec.Struct):
+    name: Any = None
+    arguments: Any = None  #: a JSON string (OpenAI) or an object (some runtimes)
+
+
+class _ToolFragment(msgspec.Struct):
+    index: Any = None
+    id: Any = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    """A delta's fields the parser reads; every name in a profile's ``reasoning_fields``
+    must be one of them (a test checks)."""
+
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolFragment] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: Any = 0
+    delta: _Delta | None = None
+    finish_reason: Any = None
+
+
+class _Chunk(msgspec.Struct):
+    """One ``chat.completion.chunk``, as far as the parser reads it (``id``, ``model``,
+    ``logprobs``, ``timings``, ... are skipped unbuilt)."""
+
+    choices: list[_Choice] | None = None
+    usage: Any = None
+    error: Any = None
+    x_groq: Any = None
+
+
+_CHUNK = msgspec.json.Decoder(_Chunk)
+_DONE = b"[DONE]"
+
+
 class StreamParser:
     """Folds the SSE events of one streamed chat into events, a finish reason, usage and
     tool calls. Feed every event in order; read the results once the stream has ended.
@@ -104,8 +149,9 @@ class StreamParser:
         self.produced = False  #: any text or tool-call fragment came
         self.refusal: list[str] = []  #: ``delta.refusal`` pieces
         self._calls: dict[int, list[Any]] = {}  # index -> [id, name, argument fragments]
+        self._reasoning = profile.reasoning_fields
 
-    def feed(self, event: str, data: str) -> list[TextDelta | ReasoningDelta]:
+    def feed(self, event: str, data: bytes) -> tuple[TextDelta | ReasoningDelta, ...]:
         """The deltas one event adds, reasoning before text.
 
         Raises:
@@ -114,53 +160,64 @@ class StreamParser:
         """
         if event == "error":
             raise BackendError(f"stream failed: {_error_text(_maybe_json(data))}", retryable=True)
-        if data.strip() == "[DONE]":
+        if data == _DONE or data.strip() == _DONE:
             self.done = True
-            return []
-        chunk = _maybe_json(data)
-        if chunk is data:
-            raise BackendError("backend sent a stream event that is not JSON", retryable=True)
+            return ()
+        try:
+            chunk = typed(_CHUNK, data)
+        except ValueError:
+            raise BackendError("backend sent a stream event that is not JSON", retryable=True) from None
         self.chunks += 1
-        if not isinstance(chunk, dict):
-            return []
-        x_groq = chunk.get("x_groq") if isinstance(chunk.get("x_groq"), dict) else {}
-        if chunk.get("error") or x_groq.get("error"):
-            raise BackendError(f"stream failed: {_error_text(chunk.get('error') or x_groq['error'])}", retryable=True)
-        if (usage := parse_usage(chunk.get("usage")) or parse_usage(x_groq.get("usage"))) is not None:
-            self.usage = usage
-        thoughts, text = [], []
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        if chunk is None:
+            return ()
+        x_groq = chunk.x_groq if type(chunk.x_groq) is dict else None
+        if chunk.error or (x_groq and x_groq.get("error")):
+            error = chunk.error or x_groq["error"]  # type: ignore[index]
+            raise BackendError(f"stream failed: {_error_text(error)}", retryable=True)
+        if chunk.usage is not None or x_groq:
+            usage = parse_usage(chunk.usage) or parse_usage(x_groq.get("usage") if x_groq else None)
+            if usage is not None:
+                self.usage = usage
+        if not chunk.choices:
+            return ()
+        thought = text = ""
+        for choice in chunk.choices:
+            if choice.index != 0:
                 continue
-            delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
-            if reasoning := _reasoning(self.profile, delta):
-                thoughts.append(reasoning)
-            if isinstance(delta.get("content"), str):
-                text.append(delta["content"])
-            if isinstance(delta.get("refusal"), str):
-                self.refusal.append(delta["refusal"])
-            for fragment in delta.get("tool_calls") or ():
-                if isinstance(fragment, dict):
-                    self._add_fragment(fragment)
-            if isinstance(choice.get("finish_reason"), str) and choice["finish_reason"]:
-                self.finish_reason = choice["finish_reason"]
-        self.produced |= any(text) or bool(self._calls)
-        events: list[TextDelta | ReasoningDelta] = [ReasoningDelta("".join(thoughts))] if thoughts else []
-        return events + ([TextDelta("".join(text))] if any(text) else [])
+            delta = choice.delta
+            if delta is not None:
+                for name in self._reasoning:
+                    if value := getattr(delta, name):
+                        thought += value
+                        break
+                if delta.content:
+                    text += delta.content
+                if delta.refusal is not None:
+                    self.refusal.append(delta.refusal)
+                if delta.tool_calls:
+                    for fragment in delta.tool_calls:
+                        self._add_fragment(fragment)
+            if choice.finish_reason and isinstance(choice.finish_reason, str):
+                self.finish_reason = choice.finish_reason
+        if text or self._calls:
+            self.produced = True
+        if not thought:
+            return (TextDelta(text),) if text else ()
+        return (ReasoningDelta(thought), TextDelta(text)) if text else (ReasoningDelta(thought),)
 
-    def _add_fragment(self, fragment: dict[str, Any]) -> None:
-        index, call_id = fragment.get("index"), fragment.get("id")
+    def _add_fragment(self, fragment: _ToolFragment) -> None:
+        index, call_id = fragment.index, fragment.id
         if type(index) is not int:  # no index: a new call when a new id comes, else the last
             known = [i for i, c in self._calls.items() if c[0] == call_id]
             index = known[0] if known else (len(self._calls) if call_id or not self._calls else max(self._calls))
         call = self._calls.setdefault(index, [None, None, []])
-        function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+        function = fragment.function or _NO_FUNCTION
         call[0] = call[0] or call_id  # id and name come with the first fragment only
-        call[1] = call[1] or function.get("name")
-        if isinstance(function.get("arguments"), str):
-            call[2].append(function["arguments"])
-        elif isinstance(function.get("arguments"), dict):
-            call[2].append(json.dumps(function["arguments"]))
+        call[1] = call[1] or function.name
+        if isinstance(function.arguments, str):
+            call[2].append(function.arguments)
+        elif isinstance(function.arguments, dict):
+            call[2].append(json.dumps(function.arguments))
 
     def finished(self) -> Finished:
         """The stream's :class:`Finished`, once it has ended: usage (None when none came),
@@ -177,11 +234,14 @@ class StreamParser:
         return Finished(finish_reason=self.finish_reason or "interrupted", usage=self.usage, tool_calls=calls)
 
 
-def _maybe_json(data: str) -> Any:
+_NO_FUNCTION = _Function()
+
+
+def _maybe_json(data: bytes) -> Any:
     try:
         return json.loads(data)
     except ValueError:
-        return data
+        return data.decode("utf-8", "replace")
 
 
 def parse_completion(profile: Profile, data: Any) -> Completion:

@@ -41,19 +41,22 @@ text is refused with ``UNSUPPORTED_FEATURE``), ``seed``, ``presence_penalty`` an
 from __future__ import annotations
 
 import json
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any, AsyncGenerator, AsyncIterator
 from urllib.parse import quote
 
 import httpx
-import trio
+from msgspec import UNSET
 
 from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
-from ._anthropic_wire import DEFAULT_MAX_TOKENS, THINKING_BLOCKS, block_event, counts_of, finish_of, request_body, usage_of
+from ._anthropic_wire import (DEFAULT_MAX_TOKENS, EVENT, THINKING_BLOCKS, Event, block_event, counts_of, finish_of,
+                              request_body, usage_of)
 from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta
 from ._config import BackendConfig
-from ._http import HttpBackend, error_for_status, iter_sse
+from ._framing import event_stream, iter_sse
+from ._http import HttpBackend, encode_json, error_for_status
+from ._payloads import typed
 from ._http import as_object as _obj
 
 __all__ = ["API_VERSION", "DEFAULT_ENDPOINT", "DEFAULT_MAX_TOKENS", "AnthropicBackend"]
@@ -97,11 +100,24 @@ class AnthropicBackend(HttpBackend):
             raise BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
         return request_body(params, stream=stream)
 
-    async def _post(self, body: dict[str, Any]) -> httpx.Response:
-        request = self.client.build_request("POST", "/v1/messages", json=body)
+    async def _post(self, content: bytes) -> httpx.Response:
+        request = self.request("POST", "/v1/messages", content=content)
         return await self.client.send(request, stream=True)
 
-    def _decode(self, raw: str | bytes) -> dict[str, Any]:
+    def _decode(self, raw: bytes) -> Event:
+        """One streamed event's data."""
+        try:
+            data = typed(EVENT, raw)
+        except ValueError:
+            data = None
+        if data is None:
+            raise self._error(f"{self.label} sent a message that is not a JSON object", retryable=True)
+        if data.type == "error":
+            raise self._sent_error(data.error)
+        return data
+
+    def _whole(self, raw: bytes) -> dict[str, Any]:
+        """A whole (non-streamed) answer, which may be an error object too."""
         try:
             data = json.loads(raw)
         except ValueError:
@@ -109,12 +125,16 @@ class AnthropicBackend(HttpBackend):
         if not isinstance(data, dict):
             raise self._error(f"{self.label} sent a message that is not a JSON object", retryable=True)
         if data.get("type") == "error":
-            error = _obj(data.get("error"))
-            kind = str(error.get("type", "api_error"))
-            mapped = error_for_status(_ERROR_STATUS.get(kind, 500), b"", httpx.Headers(), label=self.label)
-            message = f"{self.label} sent an error after HTTP 200: {kind}: {error.get('message', '')}"
-            raise self._error(message, code=mapped.code, retryable=mapped.retryable)
+            raise self._sent_error(data.get("error"))
         return data
+
+    def _sent_error(self, error: Any) -> BackendError:
+        """The error for an ``error`` object after HTTP 200, mapped as its type's status."""
+        error = _obj(error)
+        kind = str(error.get("type", "api_error"))
+        mapped = error_for_status(_ERROR_STATUS.get(kind, 500), b"", httpx.Headers(), label=self.label)
+        message = f"{self.label} sent an error after HTTP 200: {kind}: {error.get('message', '')}"
+        return self._error(message, code=mapped.code, retryable=mapped.retryable)
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
         """Stream one chat: :class:`TextDelta` per text delta, then :class:`Finished`.
@@ -123,7 +143,7 @@ class AnthropicBackend(HttpBackend):
 
         Error handling: HTTP errors before the stream are retried per ``max_retries``;
         an ``error`` event, a dropped connection or a stream without ``message_stop``
-        ends the ``async for`` and ``async with`` raises :class:`BackendError`.
+        comes out of the ``async for`` as a :class:`BackendError`.
 
         Cancellation: leaving the ``async with`` closes the connection, which stops
         generation (and billing) at Anthropic.
@@ -133,35 +153,38 @@ class AnthropicBackend(HttpBackend):
         """
         return self._stream(self._prepare(params, stream=True))
 
-    @trio.as_safe_channel
+    @event_stream
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         counts: dict[str, int] = {}
         tools: dict[int, tuple[str, str, Any, list[str]]] = {}  # index -> id, name, input, fragments
         stop_reason, stopped, produced, thought = None, False, False, False
-        async with self.open_stream(lambda: self._post(body), "streaming a chat") as response:
-            async for sse in iter_sse(response):
-                data = self._decode(sse.data)
-                kind, index = data.get("type", sse.event), data.get("index")
-                index = index if isinstance(index, int) else -1
-                if kind in ("content_block_delta", "content_block_start"):
-                    if kind == "content_block_start":
-                        thought |= _obj(data.get("content_block")).get("type") in THINKING_BLOCKS
-                    event = block_event(data, kind)
-                    if isinstance(event, (TextDelta, ReasoningDelta)):
-                        produced |= isinstance(event, TextDelta)
-                        yield event
-                    elif isinstance(event, tuple) and index >= 0:  # a tool_use block starts
-                        tools[index], produced = (*event, []), True
-                    elif isinstance(event, str) and index in tools:  # its input, a fragment
-                        tools[index][3].append(event)
-                elif kind == "message_start":  # its output_tokens is a placeholder
-                    started = counts_of(_obj(data.get("message")).get("usage"))
-                    counts.update({k: v for k, v in started.items() if k != "output_tokens"})
-                elif kind == "message_delta":
-                    stop_reason = _obj(data.get("delta")).get("stop_reason") or stop_reason
-                    counts.update(counts_of(data.get("usage")))  # cumulative: the last value wins
-                elif kind == "message_stop":
-                    stopped = True  # read on to the end of the body: the connection is reused
+        content = encode_json(body)
+        async with self.open_stream(lambda: self._post(content), "streaming a chat") as response:
+            # read on after message_stop to the body's end (bounded): the pool reuses the connection
+            async with aclosing(iter_sse(response, lambda: stopped)) as events:
+                async for sse in events:
+                    data = self._decode(sse.data)
+                    kind = sse.event if data.type is UNSET else data.type
+                    if kind == "content_block_delta" or kind == "content_block_start":
+                        index = data.index if isinstance(data.index, int) else -1
+                        if kind == "content_block_start" and data.content_block is not None:
+                            thought |= data.content_block.type in THINKING_BLOCKS
+                        event = block_event(data, kind)
+                        if isinstance(event, (TextDelta, ReasoningDelta)):
+                            produced |= isinstance(event, TextDelta)
+                            yield event
+                        elif isinstance(event, tuple) and index >= 0:  # a tool_use block starts
+                            tools[index], produced = (*event, []), True
+                        elif isinstance(event, str) and index in tools:  # its input, a fragment
+                            tools[index][3].append(event)
+                    elif kind == "message_start":  # its output_tokens is a placeholder
+                        started = counts_of(_obj(data.message).get("usage"))
+                        counts.update({k: v for k, v in started.items() if k != "output_tokens"})
+                    elif kind == "message_delta":
+                        stop_reason = (data.delta.stop_reason if data.delta is not None else None) or stop_reason
+                        counts.update(counts_of(data.usage))  # cumulative: the last value wins
+                    elif kind == "message_stop":
+                        stopped = True
         if not stopped:
             raise self._error(f"{self.label} ended the stream before message_stop", retryable=True)
         calls = [
@@ -184,9 +207,9 @@ class AnthropicBackend(HttpBackend):
         Raises:
             BackendError: as :meth:`stream_chat`.
         """
-        body = self._prepare(params, stream=False)
-        async with self.open_stream(lambda: self._post(body), "answering a chat") as response:
-            data = self._decode(await response.aread())
+        content = encode_json(self._prepare(params, stream=False))
+        async with self.open_stream(lambda: self._post(content), "answering a chat") as response:
+            data = self._whole(await response.aread())
         texts, thoughts, calls = [], [], []
         for block in map(_obj, data.get("content") or []):
             if block.get("type") == "text":
@@ -232,7 +255,7 @@ class AnthropicBackend(HttpBackend):
         """One quick GET (no retries, at most 10 s); None when it got no answer."""
         try:
             async with self.map_errors("checking the API"):
-                return await self.client.get(path, timeout=min(self.config.timeout, 10.0))
+                return await self.client.send(self.request("GET", path, timeout=min(self.config.timeout, 10.0)))
         except BackendError:
             return None
 

@@ -29,20 +29,20 @@ not enabled for models/..."): that is ``UNSUPPORTED_FEATURE``, never a penalty d
 
 from __future__ import annotations
 
-import json
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, aclosing
 from typing import Any, AsyncGenerator, AsyncIterator
 from urllib.parse import quote
 
 import httpx
-import trio
 
 from loomnet.protocol import BackendError, ErrorCode
 
 from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta
 from ._config import BackendConfig
-from ._gemini_wire import Answer, request_body
-from ._http import HttpBackend, error_for_status, iter_sse
+from ._framing import event_stream, iter_sse
+from ._gemini_wire import FRAME, Answer, Frame, request_body
+from ._http import HttpBackend, encode_json, error_for_status
+from ._payloads import typed
 
 __all__ = ["DEFAULT_ENDPOINT", "GeminiBackend"]
 
@@ -78,21 +78,21 @@ class GeminiBackend(HttpBackend):
             raise BackendError(message, code=ErrorCode.BACKEND_UNAVAILABLE)
         return request_body(params)
 
-    async def _post(self, model: str, method: str, body: dict[str, Any]) -> httpx.Response:
+    async def _post(self, model: str, method: str, content: bytes) -> httpx.Response:
         model = model.removeprefix("models/")
         query = {"alt": "sse"} if method == "streamGenerateContent" else None
         path = f"/models/{quote(model, safe='')}:{method}"
-        request = self.client.build_request("POST", path, params=query, json=body)
+        request = self.request("POST", path, query, content=content)
         return await self.client.send(request, stream=True)
 
-    def _decode(self, raw: str | bytes) -> dict[str, Any]:
+    def _decode(self, raw: bytes) -> Frame:
         try:
-            data = json.loads(raw)
+            data = typed(FRAME, raw)
         except ValueError:
             data = None
-        if not isinstance(data, dict):
+        if data is None:
             raise self._error(f"{self.label} sent a response that is not a JSON object", retryable=True)
-        if isinstance(error := data.get("error"), dict):
+        if isinstance(error := data.error, dict):
             status = error.get("code") if isinstance(error.get("code"), int) else 500
             mapped = error_for_status(status, b"", httpx.Headers(), label=self.label)
             detail = f"{error.get('status', status)}: {error.get('message', '')}"
@@ -108,7 +108,7 @@ class GeminiBackend(HttpBackend):
 
         Error handling: HTTP errors before the stream are retried per ``max_retries``;
         an error frame, a dropped connection or a stream without a ``finishReason``
-        ends the ``async for`` and ``async with`` raises :class:`BackendError`.
+        comes out of the ``async for`` as a :class:`BackendError`.
 
         Cancellation: leaving the ``async with`` closes the connection.
 
@@ -119,14 +119,16 @@ class GeminiBackend(HttpBackend):
         """
         return self._stream(params.model, self._prepare(params))
 
-    @trio.as_safe_channel
+    @event_stream
     async def _stream(self, model: str, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         answer = Answer()
-        send = lambda: self._post(model, "streamGenerateContent", body)  # noqa: E731
+        content = encode_json(body)
+        send = lambda: self._post(model, "streamGenerateContent", content)  # noqa: E731
         async with self.open_stream(send, "streaming a chat") as response:
-            async for sse in iter_sse(response):
-                for event in answer.feed(self._decode(sse.data)):
-                    yield event
+            async with aclosing(iter_sse(response)) as events:  # no last event: read to the body's end
+                async for sse in events:
+                    for event in answer.feed(self._decode(sse.data)):
+                        yield event
         if not answer.ended:
             raise self._error(f"{self.label} ended the stream without a finishReason", retryable=True)
         yield self._finished(answer)
@@ -144,8 +146,8 @@ class GeminiBackend(HttpBackend):
         Raises:
             BackendError: as :meth:`stream_chat`.
         """
-        body = self._prepare(params)
-        send = lambda: self._post(params.model, "generateContent", body)  # noqa: E731
+        content = encode_json(self._prepare(params))
+        send = lambda: self._post(params.model, "generateContent", content)  # noqa: E731
         answer = Answer()
         async with self.open_stream(send, "answering a chat") as response:
             events = answer.feed(self._decode(await response.aread()))
@@ -172,7 +174,8 @@ class GeminiBackend(HttpBackend):
             return False
         try:
             async with self.map_errors("checking health"):
-                response = await self.client.get("/models", timeout=min(self.config.timeout, 10.0))
+                timeout = min(self.config.timeout, 10.0)
+                response = await self.client.send(self.request("GET", "/models", timeout=timeout))
         except BackendError:
             return False
         return response.status_code == 200

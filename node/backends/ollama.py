@@ -21,18 +21,21 @@ mapping itself (bodies, lines, counts) is in ``_ollama_wire``.
 from __future__ import annotations
 
 import json
-from contextlib import AbstractAsyncContextManager, suppress
+from contextlib import AbstractAsyncContextManager, aclosing, suppress
 from typing import Any, AsyncGenerator, AsyncIterator
 
 import httpx
 import trio
+from msgspec import UNSET
 
 from loomnet.protocol import BackendError, ErrorCode, ToolCall
 
 from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta, Usage
 from ._config import BackendConfig
-from ._http import MAX_LINE, HttpBackend, iter_ndjson
-from ._ollama_wire import build_chat_request, ending, message_of, tool_calls_of
+from ._framing import MAX_LINE, event_stream, iter_ndjson
+from ._http import JSON, HttpBackend, encode_json
+from ._ollama_wire import LINE, Line, build_chat_request, ending, message_of, tool_calls_of
+from ._payloads import lenient, typed
 
 __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_request"]
 
@@ -69,7 +72,7 @@ class OllamaBackend(HttpBackend):
             raise BackendError(message, code=ErrorCode.UNKNOWN_MODEL, retryable=True)
         return build_chat_request(params, stream=stream)
 
-    def _ending(self, line: dict[str, Any], calls: list[ToolCall], produced: bool) -> tuple[str, Usage | None]:
+    def _ending(self, line: Line, calls: list[ToolCall], produced: bool) -> tuple[str, Usage | None]:
         try:
             return ending(line, calls, produced=produced)
         except BackendError as e:
@@ -78,11 +81,14 @@ class OllamaBackend(HttpBackend):
 
     def _sender(self, method: str, path: str, body: dict[str, Any] | None = None):
         """What ``open_stream`` calls for each attempt: a fresh request each time."""
-        return lambda: self.client.send(self.client.build_request(method, path, json=body), stream=True)
+        if body is None:
+            return lambda: self.client.send(self.request(method, path), stream=True)
+        content = encode_json(body)
+        return lambda: self.client.send(self.request(method, path, content=content, headers=JSON), stream=True)
 
-    def _line_error(self, line: dict[str, Any]) -> BackendError:
+    def _line_error(self, line: Line) -> BackendError:
         """An ``{"error": ...}`` object after HTTP 200: Ollama failed mid-answer."""
-        return self._error(f"{self.label} failed mid-answer: {line['error']}", retryable=True)
+        return self._error(f"{self.label} failed mid-answer: {line.error}", retryable=True)
 
     def stream_chat(self, params: ChatParams) -> AbstractAsyncContextManager[AsyncIterator[StreamEvent]]:
         """``ReasoningDelta`` per ``message.thinking``, ``TextDelta`` per ``message.content``,
@@ -93,33 +99,43 @@ class OllamaBackend(HttpBackend):
 
         Raises:
             BackendError: ``UNSUPPORTED_FEATURE`` / ``BAD_REQUEST`` / ``UNKNOWN_MODEL`` at once.
-                Later ones end the ``async for``, then ``async with`` raises: an HTTP status
+                Later ones come out of the ``async for``: an HTTP status
                 (after retries); ``BACKEND_TIMEOUT`` when no byte comes in ``config.timeout``;
                 ``BACKEND_ERROR``, retryable, for an error line, a dropped connection or no done line;
                 ``BACKEND_UNAVAILABLE``, retryable, when Ollama only loaded the model.
         """
         return self._stream(self._request(params, stream=True))
 
-    @trio.as_safe_channel
+    @event_stream
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         calls: list[ToolCall] = []
         produced = False
+        ended: tuple[str, Usage | None] | None = None
         async with self.open_stream(self._sender("POST", "/api/chat", body), "streaming a chat") as response:
-            async for line in iter_ndjson(response):
-                if "error" in line:
-                    raise self._line_error(line)
-                message, text, thinking = message_of(line)
-                if thinking:
-                    yield ReasoningDelta(thinking)
-                if text:
-                    yield TextDelta(text)
-                calls += tool_calls_of(message, len(calls))
-                produced |= bool(text or thinking or calls)
-                if line.get("done") is True:
-                    reason, usage = self._ending(line, calls, produced)
-                    yield Finished(finish_reason=reason, usage=usage, tool_calls=calls)
-                    return
-        raise self._error(f"{self.label}: the chat stream ended early, without its done line", retryable=True)
+            # read on after the done line to the body's end (bounded): the pool reuses the connection
+            async with aclosing(iter_ndjson(response, lambda: ended is not None)) as lines:
+                async for raw in lines:
+                    try:
+                        line = typed(LINE, raw)
+                    except ValueError:
+                        raise BackendError("backend sent a line that is not JSON", code=ErrorCode.BACKEND_ERROR) from None
+                    if line is None:  # JSON, but not an object
+                        continue
+                    if line.error is not UNSET:
+                        raise self._line_error(line)
+                    message, text, thinking = message_of(line)
+                    if thinking:
+                        yield ReasoningDelta(thinking)
+                    if text:
+                        yield TextDelta(text)
+                    if message is not None and message.tool_calls:
+                        calls += tool_calls_of(message, len(calls))
+                    produced = produced or bool(text or thinking or calls)
+                    if line.done is True:
+                        ended = self._ending(line, calls, produced)
+        if ended is None:
+            raise self._error(f"{self.label}: the chat stream ended early, without its done line", retryable=True)
+        yield Finished(finish_reason=ended[0], usage=ended[1], tool_calls=calls)
 
     async def chat(self, params: ChatParams) -> Completion:
         """The whole answer in one object (``"stream": false``).
@@ -127,10 +143,11 @@ class OllamaBackend(HttpBackend):
         Raises:
             BackendError: as :meth:`stream_chat`, retried on retryable HTTP statuses.
         """
-        answer = await self._fetch_json("POST", "/api/chat", self._request(params, stream=False), "waiting for a chat")
-        if "error" in answer:
+        fetched = await self._fetch_json("POST", "/api/chat", self._request(params, stream=False), "waiting for a chat")
+        answer = lenient(fetched, Line)
+        if answer.error is not UNSET:
             raise self._line_error(answer)
-        if answer.get("done") is not True:
+        if answer.done is not True:
             raise self._error(f"{self.label} answered a chat without done: true", retryable=True)
         message, text, thinking = message_of(answer)
         calls = tool_calls_of(message, 0)
@@ -218,6 +235,6 @@ class OllamaBackend(HttpBackend):
         an unreachable server included. Never raises (except cancellation)."""
         with suppress(BackendError):
             async with self.map_errors("checking health"):
-                response = await self.client.get("/")
+                response = await self.client.send(self.request("GET", "/"))
             return response.status_code == 200
         return False

@@ -24,9 +24,9 @@ answers), ``/models`` and the runtimes' tokenizer routes.
 
 from __future__ import annotations
 
-import json
+from json import loads
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any, AsyncGenerator, TypeVar
 
 import httpx
@@ -36,7 +36,8 @@ from loomnet.protocol import BackendError, ErrorCode
 
 from ._base import ChatParams, Completion, ModelInfo, StreamEvent
 from ._config import BackendConfig
-from ._http import HttpBackend, iter_sse
+from ._framing import event_stream, iter_sse
+from ._http import JSON, HttpBackend, encode_json
 from ._openai_answers import StreamParser, parse_completion
 from ._openai_profiles import PROFILES, TOKENIZE, Profile, build_body, parse_models, root_of, served_context, token_count
 
@@ -98,6 +99,8 @@ class OpenAICompatBackend(HttpBackend):
 
     async def _ready(self) -> None:
         """Find llama-server's port (8080, then 9931) once, when no endpoint is configured."""
+        if self._resolved:  # as always once found: no lock taken per request
+            return
         async with self._resolve_lock:
             if self._resolved:
                 return
@@ -108,7 +111,8 @@ class OpenAICompatBackend(HttpBackend):
                 except httpx.HTTPError:
                     continue
                 if response.status_code in (200, 503):
-                    self.endpoint, self.client.base_url, self._resolved = candidate, candidate, True
+                    self.rebase(candidate)
+                    self._resolved = True
                     return
 
     def _pure(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
@@ -136,12 +140,14 @@ class OpenAICompatBackend(HttpBackend):
             if turn is not None:
                 turn.release()
 
-    async def _fetch_json(self, method: str, url: str, doing: str, **kwargs: Any) -> Any:
-        request = self.client.build_request(method, url, **kwargs)
+    async def _fetch_json(self, method: str, url: str, doing: str, *, json: Any = None, **kwargs: Any) -> Any:
+        if json is not None:
+            kwargs.update(content=encode_json(json), headers=JSON)
+        request = self.request(method, url, **kwargs)
         async with self._open(request, doing) as response:
             body = await response.aread()
         try:
-            return json.loads(body)
+            return loads(body)
         except ValueError:
             pass  # raised below, so that the body (which may quote anything) is not its context
         raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True)
@@ -163,25 +169,25 @@ class OpenAICompatBackend(HttpBackend):
         Raises:
             BackendError: ``BACKEND_UNAVAILABLE`` (no key), ``UNKNOWN_MODEL`` (not in
                 ``config.models``) and ``BAD_REQUEST`` (a tool schema that is not JSON) at
-                once; later ones (``CONTENT_FILTERED``: only a refusal) end the ``async for``
-                early, then ``async with`` raises.
+                once; later ones (``CONTENT_FILTERED``: only a refusal) come out of the
+                ``async for``.
         """
         self._check_config(params.model)
         return self._stream(self._pure(build_body, self.profile, params, stream=True))
 
-    @trio.as_safe_channel
+    @event_stream
     async def _stream(self, body: dict[str, Any]) -> AsyncGenerator[StreamEvent, None]:
         await self._ready()
-        request = self.client.build_request("POST", "chat/completions", json=body)
+        request = self.request("POST", "chat/completions", content=encode_json(body), headers=JSON)
         parser = StreamParser(self.profile)
         self._active_streams += 1
         try:
-            async with self._open(request, "streaming a chat") as response:
-                async for event in iter_sse(response):
+            # iter_sse reads on after [DONE] to the body's end (bounded): the pool reuses the connection
+            async with self._open(request, "streaming a chat") as response, \
+                    aclosing(iter_sse(response, lambda: parser.done)) as events:
+                async for event in events:
                     for delta in self._pure(parser.feed, event.event, event.data):
                         yield delta
-                    if parser.done:
-                        break
         finally:
             self._active_streams -= 1
         if not parser.chunks:
@@ -254,9 +260,9 @@ class OpenAICompatBackend(HttpBackend):
                 await stream.aclose()
                 return True
             url = {"health": f"{root}/health", "lmstudio": f"{root}/api/v0/models", "models": "models"}[kind]
-            response = await self.client.get(url, timeout=timeout)
+            response = await self.client.send(self.request("GET", url, timeout=timeout))
             if kind == "lmstudio" and response.status_code == 404:
-                response = await self.client.get("models", timeout=timeout)
+                response = await self.client.send(self.request("GET", "models", timeout=timeout))
             return response.status_code == 200
         except (httpx.HTTPError, OSError, trio.TooSlowError, BackendError):
             return False

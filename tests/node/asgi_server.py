@@ -66,3 +66,29 @@ async def send_chunk(send, data: str | bytes, *, more: bool = True) -> None:
 
 class DropConnection(Exception):
     """Raise inside an app mid-stream: the server aborts the connection without finishing."""
+
+
+class CountConnections:
+    """An ASGI app that passes every request to ``app`` and remembers the TCP connection
+    each came on (the client's address and port, distinct per live connection: hypercorn
+    serves every request of one keep-alive connection with the same ``scope["client"]``).
+
+    ``len(counter.connections)`` is the number of TCP connections the server accepted that
+    carried at least one request; ``counter.requests`` the requests served, and
+    ``counter.targets`` each one's path and query string, in order.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.connections: set[tuple[str, int]] = set()
+        self.targets: list[tuple[str, str]] = []
+
+    @property
+    def requests(self) -> int:
+        return len(self.targets)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            self.connections.add(tuple(scope["client"]))
+            self.targets.append((scope["path"], scope["query_string"].decode()))
+        await self.app(scope, receive, send)

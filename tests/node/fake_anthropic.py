@@ -83,6 +83,11 @@ class FakeAnthropic:
     error_message: str = "Overloaded"  #: its message
     drop_after_first_delta: bool = False
     omit_message_stop: bool = False
+    #: body text sent after message_stop, before the body ends
+    after_stop: list[str] = field(default_factory=list)
+    #: after message_stop (and ``after_stop``), keep the body open until ``release`` is set
+    hold_after_stop: bool = False
+    release: trio.Event = field(default_factory=trio.Event)
     first_byte_delay: float = 0.0  #: seconds before the response starts
     #: a newer model: ``temperature`` and ``top_p`` together are refused
     exclusive_sampling: bool = False
@@ -213,6 +218,10 @@ class FakeAnthropic:
         await event({"type": "message_delta", "delta": delta, **usage})
         if not self.omit_message_stop:
             await event({"type": "message_stop"})
+        for text in self.after_stop:
+            await send_chunk(send, text)
+        if self.hold_after_stop:
+            await self.release.wait()
         await send_chunk(send, b"", more=False)
 
 

@@ -96,6 +96,11 @@ class FakeOllama:
         self.drop_after: int | None = None
         #: end the stream without its done: true line
         self.omit_done = False
+        #: body text sent after the done line, before the body ends
+        self.after_done: list[str] = []
+        #: after the done line (and ``after_done``), keep the body open until ``release`` is set
+        self.hold_after_done = False
+        self.release = trio.Event()
         #: seconds before the response headers / before the first NDJSON line
         self.first_byte_delay = 0.0
         self.first_line_delay = 0.0
@@ -232,4 +237,9 @@ class FakeOllama:
             if n == self.drop_after:
                 raise DropConnection("fake Ollama drops the connection mid-stream")
             await send_chunk(send, json.dumps(line) + "\n")
+        else:
+            for text in self.after_done:
+                await send_chunk(send, text)
+            if self.hold_after_done:
+                await self.release.wait()
         await send_chunk(send, b"", more=False)

@@ -18,7 +18,7 @@ prompt comes back as HTTP 200 with no content: ``finish_reason: content_filter``
 
 Tests change the public attributes to script a case (usage chunk shape, tool-call
 fragments, failures, a mid-stream error, a dropped connection, a slow first byte,
-``[DONE]`` without a finish reason) and read ``requests`` to see what the adapter sent.
+``[DONE]`` without a finish reason, a body that goes on after ``[DONE]``) and read ``requests`` to see what the adapter sent.
 
 Tokenizer routes count whitespace-separated words, so tests know the answer.
 
@@ -148,6 +148,11 @@ class FakeOpenAI:
     first_byte_delay: float = 0.0
     body_delay: float = 0.0
     send_done: bool = True
+    #: body text sent after ``[DONE]``, before the body ends (a proxy's padding, late comments)
+    after_done: list[str] = field(default_factory=list)
+    #: after ``[DONE]`` (and ``after_done``), keep the body open until ``release`` is set
+    hold_after_done: bool = False
+    release: trio.Event = field(default_factory=trio.Event)
     #: status of ``/health``: 503 while "loading" (llama-server) or with a dead engine (vLLM)
     health_status: int = 200
     #: the ``/v1/models`` list (``data``); None = the flavour's
@@ -380,6 +385,10 @@ class FakeOpenAI:
             await event(tail)
         if self.send_done:
             await send_chunk(send, "data: [DONE]\n\n")
+        for text in self.after_done:
+            await send_chunk(send, text)
+        if self.hold_after_done:
+            await self.release.wait()
         await send_chunk(send, "", more=False)
 
 
