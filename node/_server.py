@@ -168,16 +168,24 @@ class InferenceServer:
             self._sessions += 1
             self._sessions_open += 1
         try:
-            frame: object | None = None
-            while True:
-                frame = await self._one(stream, conn, frame)
-                if not session or frame is _OVER or not (conn.state is StreamState.IDLE or isinstance(frame, RequestFrame)):
-                    return
+            # acks are booked beside the next request, not before it: an fsync'd write
+            # (1-4 ms) held every next request of a session back (issue 9); the nursery
+            # still waits for each booking before the handler ends (shielded, bounded)
+            async with trio.open_nursery() as bookings:
+                frame: object | None = None
+                while True:
+                    frame = await self._one(stream, conn, frame, bookings)
+                    if not session or frame is _OVER or not (
+                        conn.state is StreamState.IDLE or isinstance(frame, RequestFrame)
+                    ):
+                        return
         finally:
             if session:
                 self._sessions_open -= 1
 
-    async def _one(self, stream: P2PStream, conn: InferenceConnection, frame: object | None) -> object | None:
+    async def _one(
+        self, stream: P2PStream, conn: InferenceConnection, frame: object | None, bookings: trio.Nursery
+    ) -> object | None:
         """Read (unless ``frame`` came already) and serve one request; returns the frame
         the client sent after its receipt when that was its next request, ``_OVER`` when
         the session is over (ended by the client, or idle), else None."""
@@ -190,7 +198,7 @@ class InferenceServer:
             if conn.requests > 1:
                 self._session_requests += 1
             request_payload, request, entry = self._admit(stream, frame)
-            return await self._serve(stream, conn, request_payload, request, entry)
+            return await self._serve(stream, conn, request_payload, request, entry, bookings)
         except SessionIdle:
             return _OVER
         except LoomError as exc:
@@ -268,6 +276,7 @@ class InferenceServer:
         request_payload: bytes,
         request: InferenceRequest,
         entry: CatalogEntry,
+        bookings: trio.Nursery,
     ) -> object | None:
         """Generate, book and send the receipt; returns what ``_await_ack`` returns."""
         params = ChatParams(model=entry.backend_model, messages=list(request.messages), **generation_fields(request))
@@ -312,7 +321,7 @@ class InferenceServer:
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self.served += 1
         await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
-        return await self._await_ack(stream, conn, receipt_digest)
+        return await self._await_ack(stream, conn, receipt_digest, bookings)
 
     async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:
         """Check the request's worst case against its ``max_cost`` (``_cost_cap``); returns
@@ -408,7 +417,9 @@ class InferenceServer:
             error.receipt = envelope  # type: ignore[attr-defined]  # _send_error sends it
         return error
 
-    async def _await_ack(self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes) -> object | None:
+    async def _await_ack(
+        self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes, bookings: trio.Nursery
+    ) -> object | None:
         """Book the client's counter-signature if it comes soon; it is optional.
         Returns the frame that came instead when it is the next request of a session
         (the client skipped the ack), else None.
@@ -439,6 +450,13 @@ class InferenceServer:
             return None
         assert isinstance(ack, ReceiptAck)
         if signer == stream.remote_peer and ack.receipt_digest == receipt_digest:
-            with trio.CancelScope(shield=True):
-                await self.ledger.record_ack(receipt_digest, event.envelope)
+            bookings.start_soon(self._book_ack, receipt_digest, event.envelope)
         return None
+
+    async def _book_ack(self, receipt_digest: bytes, ack: Envelope) -> None:
+        """Book a counter-signature; shielded (a shutdown does not drop it), never raises."""
+        with trio.CancelScope(shield=True):
+            try:
+                await self.ledger.record_ack(receipt_digest, ack)
+            except LoomError as exc:
+                log.error("could not book the acknowledgement of a receipt: %s", exc)

@@ -288,3 +288,29 @@ async def test_a_session_idle_past_its_timeout_is_ended_by_the_executor(tmp_path
         assert server.statistics().sessions_open == 0
 
     await run_client(tmp_path, book, body, session_idle_timeout=7.0)
+
+
+async def test_the_next_request_of_a_session_does_not_wait_for_the_last_ack_to_be_booked(tmp_path, book, autojump_clock):
+    # the executor booked each counter-signature (an fsync'd write) before reading the next
+    # request, so every request of a session waited for the last one's ack write (issue 9)
+    async def body(client):
+        ledger = client.harness.server.ledger
+        record_ack = ledger.record_ack
+        booked = []
+
+        async def slow_record_ack(*args, **kwargs):
+            await trio.sleep(5)  # a disk that takes its time
+            await record_ack(*args, **kwargs)
+            booked.append(trio.current_time())
+
+        ledger.record_ack = slow_record_ack
+        assert await client.chat() == "Hello"
+        started = trio.current_time()
+        assert await client.chat() == "Hello"
+        assert trio.current_time() - started < 1  # not held behind the first ack's 5 s
+        assert client.opener.opened == {INFER_SESSION_PROTOCOL: 1}
+        with trio.fail_after(20):
+            while len(booked) < 2:  # both acks are booked all the same
+                await trio.sleep(0.5)
+
+    await run_client(tmp_path, book, body)
