@@ -61,35 +61,48 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
-from libp2p import new_host
-from libp2p.abc import IMuxedConn
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.crypto.keys import KeyPair
-from libp2p.custom_types import TProtocol
-from libp2p.network import auto_connector
-from libp2p.network.config import ConnectionConfig
-from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.exceptions import SwarmException
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset
-from libp2p.exceptions import ParseError
-from libp2p.host import basic_host
-from libp2p.identity import update as identify_update
-from libp2p.identity.identify_push.identify_push import ID_PUSH
-from libp2p.io.exceptions import IOException
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
-from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
-from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
-from libp2p.pubsub import gossipsub as gossipsub_module
-from libp2p.pubsub import pubsub as pubsub_module
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
-from multiaddr import Multiaddr
+
+from ._p2p_lean import lean_imports
+
+with lean_imports():  # trap V: only the libp2p that loomnet runs
+    from libp2p.abc import IMuxedConn
+    from libp2p.crypto.ed25519 import Ed25519PrivateKey
+    from libp2p.crypto.keys import KeyPair
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.exceptions import ParseError
+    from libp2p.host import basic_host
+    from libp2p.host.basic_host import BasicHost
+    from libp2p.identity import update as identify_update
+    from libp2p.identity.identify_push.identify_push import ID_PUSH
+    from libp2p.io.exceptions import IOException
+    from libp2p.network import auto_connector
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.network.exceptions import SwarmException
+    from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+    from libp2p.network.swarm import Swarm
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+    from libp2p.peer.peerstore import PeerStore
+    from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
+    from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+    from libp2p.pubsub import gossipsub as gossipsub_module
+    from libp2p.pubsub import pubsub as pubsub_module
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.rcmgr import new_resource_manager
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+    from libp2p.tools.anyio_service import background_trio_service
+    from libp2p.transport.manager import TransportManager
+    from libp2p.transport.tcp.tcp import TCP
+    from libp2p.transport.upgrader import TransportUpgrader
+    from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+    from multiaddr import Multiaddr
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
@@ -161,6 +174,36 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
+def _new_host(key_pair: KeyPair, muxer: type, connection_config: ConnectionConfig) -> BasicHost:
+    """libp2p's ``new_host`` for what loomnet runs: TCP, Noise, our yamux class.
+
+    ``new_host`` lives in libp2p's ``__init__``, which imports every transport (trap V);
+    this builds the same host from the same parts, with two differences on purpose:
+
+    - Noise is the only security offered. ``new_host`` also offers TLS, SECIO and
+      ``/plaintext/2.0.0``; a peer dialing us picks one, and plaintext proves nothing:
+      a dialer could claim any peer id whose public key it knows (every Ed25519 peer
+      id contains its key), and the stream's remote peer is what binds a request's
+      signer to the connection (``docs/network.md``, trap W).
+    - yamux only, built from ``muxer`` (trap J); mplex's buffers are unbounded.
+    """
+    peer_id = ID.from_pubkey(key_pair.public_key)
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    upgrader = TransportUpgrader(
+        secure_transports_by_protocol={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_transports_by_protocol={TProtocol(YAMUX_PROTOCOL_ID): muxer},
+    )
+    peerstore = PeerStore()
+    peerstore.add_key_pair(peer_id, key_pair)
+    resource_manager = new_resource_manager()
+    swarm = Swarm(
+        peer_id, peerstore, upgrader, transports=[TCP()], connection_config=connection_config,
+        transport_manager=TransportManager(port_demuxers={}),
+    )  # fmt: skip
+    swarm.set_resource_manager(resource_manager)
+    return BasicHost(network=swarm, resource_manager=resource_manager)
+
+
 def _ping_frame(nonce: int) -> bytes:
     """A yamux PING with SYN: the peer's yamux answers it with an ACK (keepalive, trap M)."""
     return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
@@ -183,12 +226,11 @@ class P2PNode:
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
         muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame)  # traps J, K, M
-        self._host = new_host(
-            key_pair=KeyPair(sk, sk.get_public_key()),
-            listen_addrs=self._listen,
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer},  # no mplex: its buffers are unbounded
+        self._host = _new_host(
+            KeyPair(sk, sk.get_public_key()),
+            muxer,
             # trap A for our dials (inbound per peer: the guard); no slots reserved for dials
-            connection_config=ConnectionConfig(
+            ConnectionConfig(
                 max_connections_per_peer=1, max_connections=config.max_connections, min_connections=0,
                 low_watermark=0, high_watermark=config.max_connections,
             ),
