@@ -407,27 +407,40 @@ class P2PNode:
             raise failure
 
     async def open_stream(
-        self, peer_id: str, protocol: str, *, addrs: Sequence[str] = (), timeout: float | None = None
+        self,
+        peer_id: str,
+        protocol: str | Sequence[str],
+        *,
+        addrs: Sequence[str] = (),
+        timeout: float | None = None,
     ) -> P2PStream:
-        """Open a ``protocol`` stream to ``peer_id``, dialing ``addrs`` if needed.
+        """Open a stream to ``peer_id`` on ``protocol``, dialing ``addrs`` if needed.
+
+        ``protocol`` is one protocol id, or several in order of preference: the first
+        one the peer supports is negotiated (multistream-select proposes them in turn),
+        and the stream's ``protocol`` says which.
 
         Resource handling: the caller must ``close()`` or ``reset()`` the stream in
         a ``finally`` (trap C: a connection allows only 256 unclosed streams).
 
         Raises:
-            NetworkError: no route, failed dial or protocol not supported by the
-                peer (code ``CONNECT_FAILED``).
+            ConfigError: ``protocol`` is an empty list.
+            NetworkError: no route, failed dial or no protocol of ``protocol``
+                supported by the peer (code ``CONNECT_FAILED``).
             NetworkTimeout: the deadline (default ``dial_timeout``) covers dial and
                 protocol negotiation, so a frozen peer cannot hang us (trap E).
         """
-        what = f"open {protocol} to {peer_id}"
+        protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+        if not protocols:
+            raise ConfigError("open_stream needs at least one protocol id")
+        what = f"open {' or '.join(protocols)} to {peer_id}"
         with _map_libp2p_errors(what):
             pid = ID.from_base58(peer_id)
             maddrs = [Multiaddr(a) for a in addrs]
         with self._guard.dialing(), _map_libp2p_errors(what), trio.fail_after(self._timeout(timeout)):
             if maddrs:  # no dial if already connected (trap R: one address at a time)
                 await self._dial(pid, maddrs)
-            net_stream = await self._host.new_stream(pid, [TProtocol(protocol)])
+            net_stream = await self._host.new_stream(pid, [TProtocol(p) for p in protocols])
         self._counts["streams_opened"] += 1
         return _wrap_stream(net_stream)
 

@@ -1,0 +1,192 @@
+"""What a fresh process pays to join and leave (issue 9), against real py-libp2p hosts
+on 127.0.0.1: the libp2p it imports (trap V), the security it offers (trap W),
+protocols negotiated in order of preference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import trio
+
+from loomnet.client._p2p import P2PConfig, P2PNode, P2PStream
+from loomnet.protocol._errors import ConfigError, ErrorCode, NetworkError
+from loomnet.protocol._identity import SigningKey
+
+from ..limits import fail_after
+
+pytestmark = pytest.mark.integration
+
+V1, V2, V3 = "/loomnet/test/v/1", "/loomnet/test/v/2", "/loomnet/test/v/3"
+
+#: modules of libp2p's unused transports and features, and what only they import
+HEAVY = (
+    "aioquic",  # QUIC
+    "libp2p.transport.quic.transport",
+    "libp2p.transport.websocket.transport",
+    "trio_websocket",
+    "libp2p.security.tls.autotls.acme",  # ACME / autotls
+    "requests",
+    "multiaddr.resolvers",  # DNS
+    "dns.resolver",
+    "Crypto",  # RSA keys, private networks (pycryptodome)
+    "libp2p.relay.circuit_v2.nat",
+    "libp2p.security.tls.transport",
+    "libp2p.security.insecure.transport",
+    "libp2p.security.secio.transport",
+    "prometheus_client",
+)
+
+
+async def say_protocol(stream: P2PStream) -> None:
+    await stream.send_all(stream.protocol.encode(), timeout=5)
+
+
+async def read_all(stream: P2PStream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some(timeout=5):
+        data += chunk
+    return data
+
+
+@fail_after(20)
+async def test_open_stream_negotiates_the_first_protocol_the_peer_supports(nursery: trio.Nursery) -> None:
+    new, old, client = (P2PNode(os.urandom(32), P2PConfig()) for _ in range(3))
+    new.set_stream_handler(V2, say_protocol)
+    new.set_stream_handler(V1, say_protocol)
+    old.set_stream_handler(V1, say_protocol)
+    infos = {}
+    for node in (new, old, client):
+        infos[node.peer_id] = await nursery.start(node.run)
+    try:
+        for server, expected in ((new, V2), (old, V1)):
+            addrs = infos[server.peer_id].addrs
+            stream = await client.open_stream(server.peer_id, [V3, V2, V1], addrs=addrs, timeout=5)
+            try:
+                assert stream.protocol == expected  # the negotiated one, as the handler saw it
+                assert await read_all(stream) == expected.encode()
+            finally:
+                await stream.close()
+        stream = await client.open_stream(old.peer_id, V1, timeout=5)  # one id, as before
+        await stream.close()
+        assert stream.protocol == V1
+        with pytest.raises(NetworkError) as caught:
+            await client.open_stream(old.peer_id, (V3, V2), timeout=5)
+        assert caught.value.code is ErrorCode.CONNECT_FAILED
+        with pytest.raises(ConfigError):
+            await client.open_stream(old.peer_id, [], timeout=5)
+    finally:
+        for node in (new, old, client):
+            node.stop()
+
+
+def _forged_plaintext_host(victim: SigningKey) -> Any:
+    """A libp2p host that offers only ``/plaintext/2.0.0`` and claims ``victim``'s
+    peer id there (plaintext sends a public key and proves nothing)."""
+    from libp2p import new_host  # the whole of libp2p: this test only
+    from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
+    from libp2p.crypto.keys import KeyPair
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+
+    own = create_new_key_pair()
+    claimed = Ed25519PrivateKey.from_bytes(victim.seed).get_public_key()
+
+    class Claiming(Ed25519PrivateKey):
+        def get_public_key(self) -> Any:
+            return claimed
+
+    forged = KeyPair(Claiming(own.private_key.impl), claimed)
+    return new_host(
+        key_pair=own,
+        sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(forged)},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+
+
+@fail_after(20)
+async def test_trap_w_a_plaintext_peer_cannot_claim_an_identity(nursery: trio.Nursery) -> None:
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    victim = SigningKey(os.urandom(32))
+    seen: list[str] = []
+
+    async def note(stream: P2PStream) -> None:
+        seen.append(stream.remote_peer)
+
+    node = P2PNode(os.urandom(32), P2PConfig())
+    node.set_stream_handler(V1, note)
+    info = await nursery.start(node.run)
+    host = _forged_plaintext_host(victim)
+    try:
+        async with host.run(listen_addrs=[Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            # inbound: the forger dials us; before the fix it got in as the victim
+            with pytest.raises(Exception), trio.fail_after(5):
+                await host.connect(info_from_p2p_addr(Multiaddr(info.addrs[0])))
+                stream = await host.new_stream(info_from_p2p_addr(Multiaddr(info.addrs[0])).peer_id, [V1])
+                await stream.close()
+            # outbound: we dial it; it can only answer plaintext
+            forger = f"{host.get_addrs()[0]}"
+            with pytest.raises(NetworkError):
+                await node.connect(forger, timeout=5)
+            await host.close()
+        assert seen == []
+        assert node.connected_peers() == []
+    finally:
+        node.stop()
+
+
+_PROBE = """
+import json, os, sys, trio
+import loomnet.client
+from loomnet.client import P2PConfig, P2PNode
+HEAVY = {heavy!r}
+after_import = sorted(m for m in HEAVY if m in sys.modules)
+
+async def main():
+    a, b = P2PNode(os.urandom(32), P2PConfig(topics=["t"])), P2PNode(os.urandom(32), P2PConfig(topics=["t"]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(a.run)
+        info = await nursery.start(b.run)
+        await a.connect(info.addrs[0])
+        await a.publish("t", b"x")
+        a.stop(); b.stop()
+
+trio.run(main)
+after_run = sorted(m for m in HEAVY if m in sys.modules)
+from libp2p import new_host  # libp2p's own factory still works, at its own cost
+host = new_host()
+print(json.dumps([after_import, after_run, "aioquic" in sys.modules, type(host).__name__]))
+"""
+
+
+@fail_after(60)
+async def test_trap_v_unused_libp2p_is_never_imported() -> None:
+    """In a fresh interpreter: nothing of QUIC, autotls, DNS, RSA, relay, TLS,
+    plaintext or Prometheus after ``import loomnet.client`` nor after two nodes ran;
+    ``from libp2p import new_host`` then loads all of it and works."""
+    code = _PROBE.format(heavy=HEAVY)
+    done = await trio.run_process([sys.executable, "-c", code], capture_stdout=True, capture_stderr=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    after_import, after_run, quic_later, host_type = json.loads(done.stdout.decode().splitlines()[-1])
+    assert after_import == []
+    assert after_run == []
+    assert quic_later  # new_host imported libp2p's __init__, QUIC and all
+    assert host_type == "BasicHost"
+
+
+def test_trap_v_lean_imports_leave_nothing_standing_in() -> None:
+    """After ``_p2p`` loaded, the stand-ins are gone from ``sys.modules``: a later
+    import of a deferred module gets the real one."""
+    import loomnet.client._p2p  # noqa: F401
+    from loomnet.client._p2p_lean import ABSENT, DEFERRED
+
+    for name in (*ABSENT, *DEFERRED):
+        module = sys.modules.get(name)
+        assert module is None or "stand-in" not in (module.__doc__ or ""), name
