@@ -79,6 +79,7 @@ with lean_imports():  # trap V: only the libp2p that loomnet runs
     from libp2p.network import auto_connector
     from libp2p.network.config import ConnectionConfig
     from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.network.connection.swarm_connection import SwarmConn
     from libp2p.network.exceptions import SwarmException
     from libp2p.network.stream.exceptions import StreamEOF, StreamReset
     from libp2p.network.swarm import Swarm
@@ -95,7 +96,7 @@ with lean_imports():  # trap V: only the libp2p that loomnet runs
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_GO_AWAY, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
     from libp2p.tools.anyio_service import background_trio_service
     from libp2p.transport.manager import TransportManager
@@ -120,7 +121,7 @@ from ._p2p_gossip import (
     topic_peer_count,
     wait_for_queue_room,
 )
-from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, redial_only
+from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, prompt_cleanup, redial_only
 from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
@@ -153,6 +154,11 @@ MultiselectCommunicator.read = bounded_multiselect_read(  # type: ignore[method-
 assert hasattr(identify_update, "_safe_parse_multiaddr_cached"), "libp2p changed: see trap S"
 identify_update._safe_parse_multiaddr_cached = bounded_multiaddr_parser(Multiaddr)
 basic_host.update_peerstore_from_identify = trimming_identify(identify_update.update_peerstore_from_identify)
+# Trap X: closing a connection slept 0.1 s in SwarmConn._cleanup (and 0.1 s in
+# Yamux.close, see GuardedYamux.close): a checkpoint instead.
+assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"
+assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
+SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
 # Trap T: the signed peer record in every pubsub RPC is not stored.
 for _module in (pubsub_module, gossipsub_module):
     assert hasattr(_module, "maybe_consume_signed_record"), "libp2p changed: see trap T"
@@ -209,6 +215,11 @@ def _ping_frame(nonce: int) -> bytes:
     return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
 
 
+def _go_away_frame(code: int) -> bytes:
+    """A yamux GO_AWAY with ``code`` (0: normal termination), as ``Yamux.close`` sends."""
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_GO_AWAY, 0, 0, code)
+
+
 class P2PNode:
     """A libp2p host with gossipsub, as plain trio channels and loomnet types.
 
@@ -225,7 +236,7 @@ class P2PNode:
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
-        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame)  # traps J, K, M
+        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame, go_away_frame=_go_away_frame)  # traps J, K, M, X
         self._host = _new_host(
             KeyPair(sk, sk.get_public_key()),
             muxer,

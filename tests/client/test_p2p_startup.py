@@ -5,10 +5,11 @@ protocols negotiated in order of preference.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
 import sys
+import time
 from typing import Any
 
 import pytest
@@ -190,3 +191,109 @@ def test_trap_v_lean_imports_leave_nothing_standing_in() -> None:
     for name in (*ABSENT, *DEFERRED):
         module = sys.modules.get(name)
         assert module is None or "stand-in" not in (module.__doc__ or ""), name
+
+
+async def _pair(nursery: trio.Nursery) -> tuple[P2PNode, Any]:
+    """A server node running in ``nursery``, serving ``V1``; with its ``NodeInfo``."""
+    server = P2PNode(os.urandom(32), P2PConfig(topics=["t"]))
+    server.set_stream_handler(V1, say_protocol)
+    info = await nursery.start(server.run)
+    return server, info
+
+
+@fail_after(30)
+async def test_trap_x_a_client_leaves_without_sleeping(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``trio.sleep`` on the way out is recorded: none in a close. libp2p's
+    ``Yamux.close`` and ``SwarmConn._cleanup`` each slept 0.1 s, nested (~0.2-0.3 s
+    per leaving client), and nothing is left open meanwhile."""
+    server, info = await _pair(nursery)
+    client = P2PNode(os.urandom(32), P2PConfig(topics=["t"]))
+    sleeps: list[tuple[str, float]] = []
+    real_sleep = trio.sleep
+
+    async def recording(seconds: float) -> None:
+        sleeps.append((sys._getframe(1).f_code.co_qualname, seconds))
+        await real_sleep(seconds)
+
+    async with trio.open_nursery() as own:
+        await own.start(client.run)
+        stream = await client.open_stream(server.peer_id, V1, addrs=info.addrs, timeout=5)
+        assert await read_all(stream) == V1.encode()
+        await stream.close()
+        monkeypatch.setattr(trio, "sleep", recording)
+        client.stop()
+    while server.connected_peers():  # the server's side closes as promptly
+        await real_sleep(0.01)
+    monkeypatch.undo()
+    assert [s for s in sleeps if "close" in s[0].lower() or "cleanup" in s[0].lower()] == []
+    assert server._guard.open_muxers(client.peer_id) == []
+    assert server.statistics().connections_inbound == 0
+    server.stop()
+
+
+_CLIENT = """
+import os, sys, trio
+from loomnet.client import Member, P2PConfig
+from loomnet.protocol import SigningKey
+
+async def main():
+    member = Member(SigningKey(os.urandom(32)), P2PConfig(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[sys.argv[1]]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(member.run)  # joined: connected, adverts fetched
+        await trio.sleep(float(sys.argv[3]))
+        if sys.argv[2] == "abrupt":
+            os._exit(0)  # no close at all: the kernel closes its sockets
+        member.stop()
+        nursery.cancel_scope.cancel()
+
+trio.run(main)
+"""
+
+
+@fail_after(60)
+async def test_an_executor_makes_no_dial_to_clients_that_left(nursery: trio.Nursery) -> None:
+    """Fresh client processes join an executor-like member (gossip, adverts, a
+    published advert every 0.2 s) and leave, cleanly and abruptly, some at once
+    (libp2p's pubsub retried its stream to a peer whose connection was closing, which
+    dialed it). Afterwards the executor has dialed nobody: no dial reached its TCP
+    transport, and ``dials`` stayed 0 (libp2p's own attempts are ``dials_refused``)."""
+    from loomnet.client import Member
+    from loomnet.protocol import Advert, ModelOffer, SignedKind, seal
+
+    key = SigningKey(os.urandom(32))
+    executor = Member(key, P2PConfig(listen=["/ip4/127.0.0.1/tcp/0"]))
+    info = await nursery.start(executor.run)
+    transport_dials: list[Any] = []
+    for transport in executor.node._host.get_network().transport_manager.get_transports():
+        dial = transport.dial
+
+        async def counted(maddr: Any, dial: Any = dial) -> Any:
+            transport_dials.append(maddr)
+            return await dial(maddr)
+
+        transport.dial = counted
+
+    async def advertise() -> None:
+        for seq in range(1, 1 << 20):
+            advert = Advert(seq=seq, issued_at=time.time(), ttl=30.0, models=[ModelOffer(name="m")])
+            envelope = seal(SignedKind.ADVERT, advert, key)
+            executor.add_advert(envelope)
+            await executor.publish_advert(envelope)
+            await trio.sleep(0.2)
+
+    nursery.start_soon(advertise)
+    try:
+        async with trio.open_nursery() as clients:
+            for mode, stay in (("clean", "0"), ("abrupt", "0"), ("clean", "1"), ("abrupt", "1")):
+                command = [sys.executable, "-c", _CLIENT, info.addrs[0], mode, stay]
+                clients.start_soon(functools.partial(trio.run_process, command, check=True))
+        with trio.fail_after(10):
+            while executor.node.connected_peers():
+                await trio.sleep(0.05)
+        await trio.sleep(2.0)  # pubsub's retry backoff is 0.5 s, doubling
+        stats = executor.node.statistics()
+        assert transport_dials == []
+        assert stats.dials == 0
+        assert stats.streams_accepted >= 4  # each client asked for the adverts
+    finally:
+        executor.stop()
