@@ -16,10 +16,13 @@ builds its host itself (``_p2p._new_host``). While ``_p2p`` imports libp2p's mod
   ImportError`` (``quic/stream.py``: aioquic; ``rcmgr``: prometheus_client) look
   missing while libp2p's core loads, so those modules take their fallbacks.
 - ``DEFERRED``: modules that libp2p's core imports names from only to call them for
-  a feature loomnet never turns on (autotls, UPnP, libp2p's mDNS, DNS names, RSA and
-  secp256k1 peers). A stand-in module gives each name as a :class:`_Deferred`, which
-  imports the real module at its first call; ``DNSResolver()``, which the swarm builds
-  at start, gives an object that builds the real resolver at its first use.
+  a feature loomnet never turns on (autotls and its X.509 certificates, UPnP,
+  libp2p's mDNS, DNS names, RSA and secp256k1 peers, private networks, Prometheus
+  metrics). A stand-in module gives each name as a :class:`_Deferred`, which imports
+  the real module at its first call; ``DNSResolver()``, which the swarm builds at
+  start, gives an object that builds the real resolver at its first use.
+- ``REPLACED``: ``importlib.metadata`` (~25 ms) imported to read libp2p's version
+  once: the same version, read from its ``.dist-info`` folder name.
 
 Stand-ins and absences hold only while libp2p's modules load: afterwards the real
 modules import normally for anyone who wants them. A module already imported when
@@ -34,12 +37,13 @@ import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 import types
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "lean_imports"]
+__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "REPLACED", "lean_imports"]
 
 #: packages whose ``__init__`` runs only when one of its own names is asked for
 LAZY_PACKAGES = ("libp2p", "libp2p.transport", "libp2p.security", "libp2p.utils")
@@ -59,15 +63,40 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "libp2p.crypto.secp256k1": ("Secp256k1PrivateKey", "Secp256k1PublicKey"),
     "libp2p.security.pnet.protector": ("new_protected_conn",),  # private networks (a PSK)
     "prometheus_client": ("Counter", "Gauge", "Histogram"),  # libp2p's metrics, off
+    "cryptography.x509": (),  # basic_host's autotls certificates; x509.* resolves when used
+    "cryptography.x509.oid": ("ExtensionOID",),
+}
+
+
+def _agent_version() -> str:
+    """``libp2p.utils.version.get_agent_version`` without ``importlib.metadata`` (~25 ms
+    to import, for one string at identify's import): the version from libp2p's
+    ``.dist-info`` folder name, as ``importlib.metadata.version`` finds it."""
+    spec = importlib.util.find_spec("libp2p")
+    if spec is not None and spec.origin:
+        site = os.path.dirname(os.path.dirname(spec.origin))
+        for entry in os.listdir(site):
+            if entry.startswith("libp2p-") and entry.endswith(".dist-info"):
+                return f"py-libp2p/{entry[len('libp2p-'):-len('.dist-info')]}"
+    return "py-libp2p/unknown"  # as libp2p's own, when the version cannot be found
+
+
+#: modules stood in for by real, small replacements of the names libp2p imports
+REPLACED: dict[str, dict[str, Any]] = {
+    "libp2p.utils.version": {"get_agent_version": _agent_version},
 }
 
 #: deferred names whose instances libp2p builds eagerly (the swarm's DNS resolver)
 _LAZY_INSTANCES = frozenset({("multiaddr.resolvers", "DNSResolver")})
 
+_loading = False  # True while lean_imports' block runs
+
 
 class _Deferred:
     """Stands in for ``module.path`` (a class, function or class attribute): the module
-    is imported at the first call. ``RSAPublicKey.from_bytes`` is a deferred too."""
+    is imported at the first call. An attribute of it is a deferred too while libp2p's
+    modules load (``RSAPublicKey.from_bytes`` in a module-level table), and the real
+    attribute afterwards (``ExtensionOID.SUBJECT_ALTERNATIVE_NAME`` in a call)."""
 
     __slots__ = ("_module", "_path")
 
@@ -81,10 +110,12 @@ class _Deferred:
             obj = getattr(obj, part)
         return obj
 
-    def __getattr__(self, attr: str) -> _Deferred:
+    def __getattr__(self, attr: str) -> Any:
         if attr.startswith("__"):  # protocols (copy, pickle, class bases) see no such thing
             raise AttributeError(attr)
-        return _Deferred(self._module, f"{self._path}.{attr}")
+        if _loading:
+            return _Deferred(self._module, f"{self._path}.{attr}")
+        return getattr(self.resolve(), attr)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (self._module, self._path) in _LAZY_INSTANCES:
@@ -113,9 +144,19 @@ class _LazyInstance:
 
 
 def _standin(name: str, names: tuple[str, ...]) -> types.ModuleType:
+    """A module whose ``names`` are deferreds, and whose other attributes are deferreds
+    too (``x509.DNSName`` used in a call: resolved then)."""
     module = types.ModuleType(name, f"loomnet's stand-in for {name} while libp2p loads (trap V)")
     for attr in names:
         setattr(module, attr, _Deferred(name, attr))
+
+    def __getattr__(attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        deferred = _Deferred(name, attr)
+        return deferred if _loading else deferred.resolve()
+
+    module.__getattr__ = __getattr__  # type: ignore[method-assign]
     return module
 
 
@@ -166,9 +207,17 @@ def lean_imports() -> Iterator[None]:
     for name, names in DEFERRED.items():
         if name not in sys.modules:
             placed[name] = sys.modules[name] = _standin(name, names)
+    for name, replacements in REPLACED.items():
+        if name not in sys.modules:
+            module = types.ModuleType(name, f"loomnet's stand-in for {name} while libp2p loads (trap V)")
+            module.__dict__.update(replacements)
+            placed[name] = sys.modules[name] = module
+    global _loading
+    _loading = True
     try:
         yield
     finally:
+        _loading = False
         for name, module in placed.items():
             if name in sys.modules and sys.modules[name] is module:
                 del sys.modules[name]

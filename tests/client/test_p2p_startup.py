@@ -41,6 +41,8 @@ HEAVY = (
     "libp2p.security.insecure.transport",
     "libp2p.security.secio.transport",
     "prometheus_client",
+    "cryptography.x509",  # autotls certificates
+    "importlib.metadata",  # libp2p's version, once
 )
 
 
@@ -297,3 +299,39 @@ async def test_an_executor_makes_no_dial_to_clients_that_left(nursery: trio.Nurs
         assert stats.streams_accepted >= 4  # each client asked for the adverts
     finally:
         executor.stop()
+
+
+def test_trap_v_what_libp2p_holds_instead_resolves_to_the_real_thing() -> None:
+    """The deferred names libp2p's modules hold resolve to the real objects when used:
+    an RSA or secp256k1 peer's key still deserializes, autotls's certificate code
+    finds x509, the agent version is libp2p's."""
+    import importlib.metadata
+
+    from libp2p.crypto import serialization
+    from libp2p.crypto.keys import KeyType
+    from libp2p.crypto.rsa import RSAPublicKey
+    from libp2p.crypto.secp256k1 import Secp256k1PublicKey
+    from libp2p.host import basic_host
+    from libp2p.identity.identify import identify
+
+    deserializers = serialization.key_type_to_public_key_deserializer
+    assert deserializers[KeyType.RSA.value].resolve() == RSAPublicKey.from_bytes
+    assert deserializers[KeyType.Secp256k1.value].resolve() == Secp256k1PublicKey.from_bytes
+    from cryptography import x509
+    from cryptography.x509.oid import ExtensionOID
+
+    assert basic_host.x509.DNSName is x509.DNSName
+    assert basic_host.ExtensionOID.SUBJECT_ALTERNATIVE_NAME == ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+    assert identify.AGENT_VERSION == f"py-libp2p/{importlib.metadata.version('libp2p')}"
+
+
+def test_trap_v_the_swarms_dns_resolver_is_built_at_its_first_use() -> None:
+    """libp2p's swarm builds a ``DNSResolver`` (dnspython, ~0.1 s to import) when it is
+    made; loomnet's gets one that imports and builds it when a /dns address is dialed
+    (this sandbox has no DNS server to dial one through, with or without trap V)."""
+    from multiaddr.resolvers import DNSResolver
+
+    node = P2PNode(os.urandom(32), P2PConfig())
+    resolver = node._host.get_network().dns_resolver
+    assert not isinstance(resolver, DNSResolver)
+    assert type(resolver.resolve.__self__) is DNSResolver  # the real one, from here on
