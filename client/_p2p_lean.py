@@ -21,6 +21,9 @@ builds its host itself (``_p2p._new_host``). While ``_p2p`` imports libp2p's mod
   metrics). A stand-in module gives each name as a :class:`_Deferred`, which imports
   the real module at its first call; ``DNSResolver()``, which the swarm builds at
   start, gives an object that builds the real resolver at its first use.
+- ``PRELOAD``: multiaddr imports a codec at the first address that needs it; its
+  ``/p2p/`` codec imports py-cid (~40 ms), used only for CIDv1 peer ids. Imported in
+  the block, so py-cid is deferred too.
 - ``REPLACED``: ``importlib.metadata`` (~25 ms) imported to read libp2p's version
   once: the same version, read from its ``.dist-info`` folder name.
 
@@ -43,7 +46,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "REPLACED", "lean_imports"]
+__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "PRELOAD", "REPLACED", "lean_imports"]
 
 #: packages whose ``__init__`` runs only when one of its own names is asked for
 LAZY_PACKAGES = ("libp2p", "libp2p.transport", "libp2p.security", "libp2p.utils")
@@ -65,7 +68,12 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "prometheus_client": ("Counter", "Gauge", "Histogram"),  # libp2p's metrics, off
     "cryptography.x509": (),  # basic_host's autotls certificates; x509.* resolves when used
     "cryptography.x509.oid": ("ExtensionOID",),
+    "cid": (),  # py-cid (~40 ms): only for CIDv1 peer ids in /p2p/ addresses; see PRELOAD
 }
+
+#: modules imported inside the block (multiaddr loads a codec at its first address),
+#: so that what they import is deferred too
+PRELOAD = ("multiaddr.codecs.cid",)
 
 
 def _agent_version() -> str:
@@ -216,6 +224,8 @@ def lean_imports() -> Iterator[None]:
     _loading = True
     try:
         yield
+        for name in PRELOAD:
+            importlib.import_module(name)
     finally:
         _loading = False
         for name, module in placed.items():

@@ -43,6 +43,7 @@ HEAVY = (
     "prometheus_client",
     "cryptography.x509",  # autotls certificates
     "importlib.metadata",  # libp2p's version, once
+    "cid.cid",  # py-cid: CIDv1 peer ids in addresses
 )
 
 
@@ -323,6 +324,10 @@ def test_trap_v_what_libp2p_holds_instead_resolves_to_the_real_thing() -> None:
     assert basic_host.x509.DNSName is x509.DNSName
     assert basic_host.ExtensionOID.SUBJECT_ALTERNATIVE_NAME == ExtensionOID.SUBJECT_ALTERNATIVE_NAME
     assert identify.AGENT_VERSION == f"py-libp2p/{importlib.metadata.version('libp2p')}"
+    from multiaddr import Multiaddr
+
+    cidv1 = "bafzaajaiaejcbsasvalsgbrrpxufeonrzvglfc7ffqyfbjnebx46ipjmk2xo3cug"  # a peer id as CIDv1
+    assert str(Multiaddr(f"/p2p/{cidv1}")) == "/p2p/12D3KooWPHND3Ab9V4nT4a3bMkXYH2phUyCVaztXGwCW8dgYmVT3"
 
 
 def test_trap_v_the_swarms_dns_resolver_is_built_at_its_first_use() -> None:
