@@ -62,7 +62,7 @@ from typing import Any
 
 import trio
 
-from ._p2p_lean import lean_imports
+from ._p2p_lean import ip4_codec, lean_imports
 
 with lean_imports():  # trap V: only the libp2p that loomnet runs
     from libp2p.abc import IMuxedConn
@@ -104,6 +104,8 @@ with lean_imports():  # trap V: only the libp2p that loomnet runs
     from libp2p.transport.upgrader import TransportUpgrader
     from libp2p.utils.varint import read_varint_prefixed_bytes_limited
     from multiaddr import Multiaddr
+    from multiaddr.codecs import ip4 as multiaddr_ip4
+    from multiaddr.exceptions import BinaryParseError
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
@@ -154,6 +156,8 @@ MultiselectCommunicator.read = bounded_multiselect_read(  # type: ignore[method-
 assert hasattr(identify_update, "_safe_parse_multiaddr_cached"), "libp2p changed: see trap S"
 identify_update._safe_parse_multiaddr_cached = bounded_multiaddr_parser(Multiaddr)
 basic_host.update_peerstore_from_identify = trimming_identify(identify_update.update_peerstore_from_identify)
+# Trap V: multiaddr's /ip4/ codec with the standard library instead of netaddr.
+multiaddr_ip4.Codec.to_bytes, multiaddr_ip4.Codec.to_string = ip4_codec(BinaryParseError)  # type: ignore[method-assign]
 # Trap X: closing a connection slept 0.1 s in SwarmConn._cleanup (and 0.1 s in
 # Yamux.close, see GuardedYamux.close): a checkpoint instead.
 assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"

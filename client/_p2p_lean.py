@@ -22,8 +22,10 @@ builds its host itself (``_p2p._new_host``). While ``_p2p`` imports libp2p's mod
   the real module at its first call; ``DNSResolver()``, which the swarm builds at
   start, gives an object that builds the real resolver at its first use.
 - ``PRELOAD``: multiaddr imports a codec at the first address that needs it; its
-  ``/p2p/`` codec imports py-cid (~40 ms), used only for CIDv1 peer ids. Imported in
-  the block, so py-cid is deferred too.
+  ``/p2p/`` codec imports py-cid (~40 ms), used only for CIDv1 peer ids, and its
+  ``/ip4/`` codec netaddr (~40 ms) for what the standard library's ``ipaddress`` does
+  (``ip4_codec``: the same bytes and strings, the same refusals). Imported in the
+  block, so both are deferred (netaddr still serves ``/ip6/``).
 - ``REPLACED``: ``importlib.metadata`` (~25 ms) imported to read libp2p's version
   once: the same version, read from its ``.dist-info`` folder name.
 
@@ -46,7 +48,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "PRELOAD", "REPLACED", "lean_imports"]
+__all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "PRELOAD", "REPLACED", "ip4_codec", "lean_imports"]
 
 #: packages whose ``__init__`` runs only when one of its own names is asked for
 LAZY_PACKAGES = ("libp2p", "libp2p.transport", "libp2p.security", "libp2p.utils")
@@ -69,11 +71,12 @@ DEFERRED: dict[str, tuple[str, ...]] = {
     "cryptography.x509": (),  # basic_host's autotls certificates; x509.* resolves when used
     "cryptography.x509.oid": ("ExtensionOID",),
     "cid": (),  # py-cid (~40 ms): only for CIDv1 peer ids in /p2p/ addresses; see PRELOAD
+    "netaddr": (),  # ~40 ms: multiaddr's /ip4/ codec, which _p2p gives ip4_codec's functions
 }
 
 #: modules imported inside the block (multiaddr loads a codec at its first address),
 #: so that what they import is deferred too
-PRELOAD = ("multiaddr.codecs.cid",)
+PRELOAD = ("multiaddr.codecs.cid", "multiaddr.codecs.ip4")
 
 
 def _agent_version() -> str:
@@ -149,6 +152,28 @@ class _LazyInstance:
         if self._real is None:
             self._real = self._deferred.resolve()(*self._args, **self._kwargs)
         return getattr(self._real, attr)
+
+
+def ip4_codec(binary_parse_error: type[Exception]) -> tuple[Any, Any]:
+    """``to_bytes`` and ``to_string`` for multiaddr's ``/ip4/`` codec with ``ipaddress``.
+
+    multiaddr's use netaddr (``IPAddress(value, version=4)``); both accept exactly the
+    dotted quads (measured on 127.0.0.1, 127.1, 0x7f.0.0.1, 01.2.3.4, 256.1.1.1, a
+    trailing space, ::1: the same verdicts), and a refusal is a ``StringParseError``
+    either way (multiaddr wraps whatever the codec raises).
+    """
+    import ipaddress
+
+    def to_bytes(self: Any, proto: Any, string: str) -> bytes:
+        return ipaddress.IPv4Address(string).packed
+
+    def to_string(self: Any, proto: Any, buf: bytes) -> str:
+        try:
+            return str(ipaddress.IPv4Address(int.from_bytes(buf, byteorder="big")))
+        except ValueError:
+            raise binary_parse_error("Invalid IPv4 address bytes", buf, "ip4") from None
+
+    return to_bytes, to_string
 
 
 def _standin(name: str, names: tuple[str, ...]) -> types.ModuleType:

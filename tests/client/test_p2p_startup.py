@@ -44,6 +44,7 @@ HEAVY = (
     "cryptography.x509",  # autotls certificates
     "importlib.metadata",  # libp2p's version, once
     "cid.cid",  # py-cid: CIDv1 peer ids in addresses
+    "netaddr",  # multiaddr's /ip4/ codec: the standard library's ipaddress instead
 )
 
 
@@ -340,3 +341,25 @@ def test_trap_v_the_swarms_dns_resolver_is_built_at_its_first_use() -> None:
     resolver = node._host.get_network().dns_resolver
     assert not isinstance(resolver, DNSResolver)
     assert type(resolver.resolve.__self__) is DNSResolver  # the real one, from here on
+
+
+@pytest.mark.parametrize(
+    "text", ["127.0.0.1", "0.0.0.0", "255.255.255.255", "127.1", "0x7f.0.0.1", "01.2.3.4", "1.2.3.4 ", "256.1.1.1", "", "1.2.3", "::1", "a.b.c.d"]
+)
+def test_trap_v_the_ip4_codec_agrees_with_netaddrs(text: str) -> None:
+    """multiaddr's ``/ip4/`` codec with ``ipaddress`` (``_p2p_lean.ip4_codec``) gives
+    the bytes netaddr gave, and refuses what netaddr refused."""
+    import netaddr
+    from multiaddr.codecs import ip4
+
+    codec = ip4.Codec()
+    try:
+        expected: bytes | None = netaddr.IPAddress(text, version=4).packed
+    except Exception:  # noqa: BLE001 - any refusal
+        expected = None
+    if expected is None:
+        with pytest.raises(ValueError):
+            codec.to_bytes(None, text)
+    else:
+        assert codec.to_bytes(None, text) == expected
+        assert codec.to_string(None, expected) == str(netaddr.IPAddress(text, version=4))
