@@ -48,7 +48,14 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - U. Gossip about topics not in the config (subscriptions, GRAFT/PRUNE/IHAVE, publishes)
   dropped before libp2p stores it; backoffs capped and dropped when the peer goes; at
   most two inbound pubsub streams read per peer (each buffers up to a 1 MiB RPC).
-  I to U, with measurements: ``docs/network.md``.
+- V. Only the libp2p that loomnet runs is imported (``_p2p_lean``): ``import libp2p``
+  took ~1 s, mostly QUIC/aioquic, autotls, DNS and other unused transports; the host
+  is built here (``_new_host``) instead of by ``libp2p.new_host``.
+- W. Noise is the only security offered: ``new_host`` also offered ``/plaintext/2.0.0``,
+  with which a peer could claim any peer id.
+- X. Closing a connection does not sleep: yamux's close and the swarm's connection
+  cleanup each slept 0.1 s (a leaving client took ~0.2-0.3 s).
+  I to X, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,10 @@ The adverts stream (``/loomnet/adverts/1``) is checked by the offer table itself
 peer that hands over an advert the table refuses is charged the reason :meth:`check`
 gives (``sender=None``: relaying others' adverts is allowed there).
 
+Signatures are checked through the table's ``verified`` (``_advert_cache``): the
+validator and the table share one check per signed advert, so an advert the validator
+passed costs the table no second check.
+
 Memory: the last-seen memory holds ``(seq, sha256 of payload)`` for at most
 ``max_signers`` signers, least recently refreshed evicted first; it never holds an
 advert.
