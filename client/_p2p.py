@@ -63,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -147,9 +148,18 @@ from ._p2p_types import (
     _single_error,
 )
 
-# Trap H: importing libp2p clears the "libp2p" logger's handlers and sets
-# propagate=False (its warnings would bypass the app's logging config), and
-# auto_connector pins its logger at INFO. Undo both, so the application decides.
+# Trap H: libp2p's __init__ calls its setup_logging(), which clears the "libp2p"
+# logger's handlers, sets propagate=False (its warnings would bypass the app's logging
+# config) and, without LIBP2P_DEBUG, sets the level to WARNING; auto_connector pins its
+# logger at INFO. That __init__ does not run here (trap V): the same level, or libp2p's
+# own setup when LIBP2P_DEBUG asks for its debug logs; then propagate, so the
+# application decides where they go.
+if os.environ.get("LIBP2P_DEBUG"):
+    from libp2p.utils.logging import setup_logging
+
+    setup_logging()
+else:
+    logging.getLogger("libp2p").setLevel(logging.WARNING)
 logging.getLogger("libp2p").propagate = True
 logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
 
