@@ -12,9 +12,9 @@ builds its host itself (``_p2p._new_host``). While ``_p2p`` imports libp2p's mod
 - ``LAZY_PACKAGES``: the package module is made from its spec without running its
   ``__init__``; submodules import as usual. The ``__init__`` runs at the first access
   to a name it defines (``from libp2p import new_host`` still works, at the old cost).
-- ``ABSENT``: optional dependencies that libp2p imports inside ``try/except
-  ImportError`` (``quic/stream.py``: aioquic; ``rcmgr``: prometheus_client) look
-  missing while libp2p's core loads, so those modules take their fallbacks.
+- ``ABSENT``: an optional dependency that libp2p imports inside ``try/except
+  ImportError`` (``quic/stream.py``: aioquic) looks missing while libp2p's core
+  loads, so that module takes its fallback.
 - ``DEFERRED``: modules that libp2p's core imports names from only to call them for
   a feature loomnet never turns on (autotls and its X.509 certificates, UPnP,
   libp2p's mDNS, DNS names, RSA and secp256k1 peers, private networks, Prometheus
@@ -31,9 +31,11 @@ builds its host itself (``_p2p._new_host``). While ``_p2p`` imports libp2p's mod
 
 Stand-ins and absences hold only while libp2p's modules load: afterwards the real
 modules import normally for anyone who wants them. A module already imported when
-``lean_imports`` starts is used as it is (nothing left to save). Tests:
-``tests/client/test_p2p_lean.py`` (in a subprocess: what is and is not imported after
-``import loomnet.client`` and after a node ran; libp2p's own ``new_host`` still works).
+``lean_imports`` starts is used as it is (nothing left to save). Measurements and the
+trap for whoever upgrades libp2p: ``docs/network.md``, trap V. Tests:
+``tests/client/test_p2p_startup.py`` (in a subprocess: what is and is not imported
+after ``import loomnet.client`` and after nodes ran; libp2p's own ``new_host`` still
+works; what libp2p holds instead resolves to the real objects).
 """
 
 from __future__ import annotations
@@ -223,9 +225,9 @@ def _lazy_package(name: str) -> None:
 def lean_imports() -> Iterator[None]:
     """While the block imports libp2p's modules, keep out what loomnet never runs.
 
-    Not thread-safe: another thread importing aioquic or prometheus_client while the
-    block runs would find them missing (the block runs once, at ``import
-    loomnet.client``).
+    Not thread-safe: another thread importing aioquic or a deferred module while the
+    block runs would find it missing or stood in for (the block runs once, at
+    ``import loomnet.client``).
     """
     if "libp2p.network.swarm" in sys.modules:  # libp2p's core is loaded already
         yield
