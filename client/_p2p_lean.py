@@ -53,7 +53,7 @@ from typing import Any
 __all__ = ["ABSENT", "DEFERRED", "LAZY_PACKAGES", "PRELOAD", "REPLACED", "ip4_codec", "lean_imports"]
 
 #: packages whose ``__init__`` runs only when one of its own names is asked for
-LAZY_PACKAGES = ("libp2p", "libp2p.transport", "libp2p.security", "libp2p.utils")
+LAZY_PACKAGES = ("libp2p", "libp2p.transport", "libp2p.security")
 
 #: optional imports that look missing while libp2p's core loads
 ABSENT = ("aioquic",)
