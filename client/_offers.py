@@ -65,6 +65,7 @@ from loomnet.protocol import (
     open_envelope,
 )
 
+from ._advert_cache import VerifiedAdverts
 from ._offer_bounds import AdvertBounds, _Entry
 from ._offer_index import OfferIndex, RouteIndexes, Slot
 from ._offer_terms import reuse, same_terms
@@ -97,10 +98,15 @@ class OfferTableStatistics(msgspec.Struct, frozen=True, kw_only=True):
     refused: int
     #: adverts held now of executors this client was served by (``mark_used``)
     used: int = 0
+    #: signature checks of this node's adverts, table and gossip validator together
+    #: (``_advert_cache``): checks run, checks answered from memory
+    verifications: int = 0
+    verified_cached: int = 0
 
 
-def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
-    """Gossip bytes → verified ``(envelope, advert, signer)``.
+def decode_advert_envelope(data: bytes, verified: VerifiedAdverts | None = None) -> tuple[Envelope, Advert, str]:
+    """Gossip bytes → verified ``(envelope, advert, signer)``; with ``verified``, the
+    signature is checked only if those signed bytes were not checked before.
 
     Raises:
         MessageDecodeError: not an envelope, or an advert over its maximum size.
@@ -110,7 +116,10 @@ def decode_advert_envelope(data: bytes) -> tuple[Envelope, Advert, str]:
         envelope = _envelope_decoder.decode(data)
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
         raise MessageDecodeError(f"advert envelope does not decode: {describe_decode_error(exc)}") from None
-    advert, signer = open_envelope(SignedKind.ADVERT, envelope)
+    if verified is not None:
+        advert, signer = verified.open(envelope)
+    else:
+        advert, signer = open_envelope(SignedKind.ADVERT, envelope)  # type: ignore[assignment]
     return envelope, advert, signer  # type: ignore[return-value]
 
 
@@ -128,6 +137,9 @@ class OfferTable(AdvertBounds):
             ``max_bytes``.
         max_ttl: longest lifetime, seconds, granted to any advert.
         max_skew: seconds an advert may be dated ahead of our clock.
+        verified: the signature checks already made (shared with the gossip
+            validator, which reads it here); default a new ``VerifiedAdverts`` that
+            remembers ``max_executors`` signed adverts.
     """
 
     def __init__(
@@ -139,7 +151,10 @@ class OfferTable(AdvertBounds):
         max_bytes_per_source: int | None = None,
         max_ttl: float = 600.0,
         max_skew: float = 30.0,
+        verified: VerifiedAdverts | None = None,
     ) -> None:
+        #: signature checks made once per signed advert (``_advert_cache``)
+        self.verified = verified if verified is not None else VerifiedAdverts(max_entries=max_executors)
         super().__init__(
             max_executors=max_executors, max_bytes=max_bytes, max_per_source=max_per_source,
             max_bytes_per_source=max_bytes_per_source, max_ttl=max_ttl, max_skew=max_skew,
@@ -156,6 +171,8 @@ class OfferTable(AdvertBounds):
             evicted=self._evicted,
             refused=self._refused,
             used=self._used_adverts,
+            verifications=(cache := self.verified.statistics()).verifications,
+            verified_cached=cache.hits,
         )
 
     def add(self, data: bytes | Envelope, *, now: float, sender: str | None = None, source: str | None = None) -> bool:
@@ -176,9 +193,9 @@ class OfferTable(AdvertBounds):
         try:
             if isinstance(data, Envelope):
                 envelope = data
-                advert, signer = open_envelope(SignedKind.ADVERT, envelope)
+                advert, signer = self.verified.open(envelope)
             else:
-                envelope, advert, signer = decode_advert_envelope(data)
+                envelope, advert, signer = decode_advert_envelope(data, self.verified)
         except LoomError:
             self._refused += 1
             return False

@@ -48,7 +48,14 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
 - U. Gossip about topics not in the config (subscriptions, GRAFT/PRUNE/IHAVE, publishes)
   dropped before libp2p stores it; backoffs capped and dropped when the peer goes; at
   most two inbound pubsub streams read per peer (each buffers up to a 1 MiB RPC).
-  I to U, with measurements: ``docs/network.md``.
+- V. Only the libp2p that loomnet runs is imported (``_p2p_lean``): ``import libp2p``
+  took ~1 s, mostly QUIC/aioquic, autotls, DNS and other unused transports; the host
+  is built here (``_new_host``) instead of by ``libp2p.new_host``.
+- W. Noise is the only security offered: ``new_host`` also offered ``/plaintext/2.0.0``,
+  with which a peer could claim any peer id.
+- X. Closing a connection does not sleep: yamux's close and the swarm's connection
+  cleanup each slept 0.1 s (a leaving client took ~0.2-0.3 s).
+  I to X, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -56,40 +63,57 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
-from libp2p import new_host
-from libp2p.abc import IMuxedConn
-from libp2p.crypto.ed25519 import Ed25519PrivateKey
-from libp2p.crypto.keys import KeyPair
-from libp2p.custom_types import TProtocol
-from libp2p.network import auto_connector
-from libp2p.network.config import ConnectionConfig
-from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.exceptions import SwarmException
-from libp2p.network.stream.exceptions import StreamEOF, StreamReset
-from libp2p.exceptions import ParseError
-from libp2p.host import basic_host
-from libp2p.identity import update as identify_update
-from libp2p.identity.identify_push.identify_push import ID_PUSH
-from libp2p.io.exceptions import IOException
-from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
-from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
-from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
-from libp2p.pubsub import gossipsub as gossipsub_module
-from libp2p.pubsub import pubsub as pubsub_module
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.tools.anyio_service import background_trio_service
-from libp2p.utils.varint import read_varint_prefixed_bytes_limited
-from multiaddr import Multiaddr
+
+from ._p2p_lean import ip4_codec, lean_imports
+
+with lean_imports():  # trap V: only the libp2p that loomnet runs
+    from libp2p.abc import IMuxedConn
+    from libp2p.crypto.ed25519 import Ed25519PrivateKey
+    from libp2p.crypto.keys import KeyPair
+    from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+    from libp2p.custom_types import TProtocol
+    from libp2p.exceptions import ParseError
+    from libp2p.host import basic_host
+    from libp2p.host.basic_host import BasicHost
+    from libp2p.identity import update as identify_update
+    from libp2p.identity.identify_push.identify_push import ID_PUSH
+    from libp2p.io.exceptions import IOException
+    from libp2p.network import auto_connector
+    from libp2p.network.config import ConnectionConfig
+    from libp2p.network.connection.raw_connection import RawConnection
+    from libp2p.network.connection.swarm_connection import SwarmConn
+    from libp2p.network.exceptions import SwarmException
+    from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+    from libp2p.network.swarm import Swarm
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+    from libp2p.peer.peerstore import PeerStore
+    from libp2p.protocol_muxer.exceptions import MultiselectCommunicatorError
+    from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+    from libp2p.pubsub import gossipsub as gossipsub_module
+    from libp2p.pubsub import pubsub as pubsub_module
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pubsub import Pubsub
+    from libp2p.rcmgr import new_resource_manager
+    from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+    from libp2p.security.noise.transport import Transport as NoiseTransport
+    from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_GO_AWAY, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+    from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+    from libp2p.tools.anyio_service import background_trio_service
+    from libp2p.transport.manager import TransportManager
+    from libp2p.transport.tcp.tcp import TCP
+    from libp2p.transport.upgrader import TransportUpgrader
+    from libp2p.utils.varint import read_varint_prefixed_bytes_limited
+    from multiaddr import Multiaddr
+    from multiaddr.codecs import ip4 as multiaddr_ip4
+    from multiaddr.exceptions import BinaryParseError
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, FrameError, NetworkError
 
@@ -107,7 +131,7 @@ from ._p2p_gossip import (
     topic_peer_count,
     wait_for_queue_room,
 )
-from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, redial_only
+from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, prompt_cleanup, redial_only
 from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
@@ -124,9 +148,18 @@ from ._p2p_types import (
     _single_error,
 )
 
-# Trap H: importing libp2p clears the "libp2p" logger's handlers and sets
-# propagate=False (its warnings would bypass the app's logging config), and
-# auto_connector pins its logger at INFO. Undo both, so the application decides.
+# Trap H: libp2p's __init__ calls its setup_logging(), which clears the "libp2p"
+# logger's handlers, sets propagate=False (its warnings would bypass the app's logging
+# config) and, without LIBP2P_DEBUG, sets the level to WARNING; auto_connector pins its
+# logger at INFO. That __init__ does not run here (trap V): the same level, or libp2p's
+# own setup when LIBP2P_DEBUG asks for its debug logs; then propagate, so the
+# application decides where they go.
+if os.environ.get("LIBP2P_DEBUG"):
+    from libp2p.utils.logging import setup_logging
+
+    setup_logging()
+else:
+    logging.getLogger("libp2p").setLevel(logging.WARNING)
 logging.getLogger("libp2p").propagate = True
 logging.getLogger(auto_connector.__name__).setLevel(logging.NOTSET)
 
@@ -140,6 +173,13 @@ MultiselectCommunicator.read = bounded_multiselect_read(  # type: ignore[method-
 assert hasattr(identify_update, "_safe_parse_multiaddr_cached"), "libp2p changed: see trap S"
 identify_update._safe_parse_multiaddr_cached = bounded_multiaddr_parser(Multiaddr)
 basic_host.update_peerstore_from_identify = trimming_identify(identify_update.update_peerstore_from_identify)
+# Trap V: multiaddr's /ip4/ codec with the standard library instead of netaddr.
+multiaddr_ip4.Codec.to_bytes, multiaddr_ip4.Codec.to_string = ip4_codec(BinaryParseError)  # type: ignore[method-assign]
+# Trap X: closing a connection slept 0.1 s in SwarmConn._cleanup (and 0.1 s in
+# Yamux.close, see GuardedYamux.close): a checkpoint instead.
+assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"
+assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
+SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
 # Trap T: the signed peer record in every pubsub RPC is not stored.
 for _module in (pubsub_module, gossipsub_module):
     assert hasattr(_module, "maybe_consume_signed_record"), "libp2p changed: see trap T"
@@ -161,9 +201,44 @@ def _wrap_stream(net_stream: Any) -> P2PStream:
     return P2PStream(net_stream, remote_peer=remote, protocol=protocol, eof_errors=_EOF_ERRORS)
 
 
+def _new_host(key_pair: KeyPair, muxer: type, connection_config: ConnectionConfig) -> BasicHost:
+    """libp2p's ``new_host`` for what loomnet runs: TCP, Noise, our yamux class.
+
+    ``new_host`` lives in libp2p's ``__init__``, which imports every transport (trap V);
+    this builds the same host from the same parts, with two differences on purpose:
+
+    - Noise is the only security offered. ``new_host`` also offers TLS, SECIO and
+      ``/plaintext/2.0.0``; a peer dialing us picks one, and plaintext proves nothing:
+      a dialer could claim any peer id whose public key it knows (every Ed25519 peer
+      id contains its key), and the stream's remote peer is what binds a request's
+      signer to the connection (``docs/network.md``, trap W).
+    - yamux only, built from ``muxer`` (trap J); mplex's buffers are unbounded.
+    """
+    peer_id = ID.from_pubkey(key_pair.public_key)
+    noise = NoiseTransport(key_pair, noise_privkey=new_x25519_key_pair().private_key)
+    upgrader = TransportUpgrader(
+        secure_transports_by_protocol={TProtocol(NOISE_PROTOCOL_ID): noise},
+        muxer_transports_by_protocol={TProtocol(YAMUX_PROTOCOL_ID): muxer},
+    )
+    peerstore = PeerStore()
+    peerstore.add_key_pair(peer_id, key_pair)
+    resource_manager = new_resource_manager()
+    swarm = Swarm(
+        peer_id, peerstore, upgrader, transports=[TCP()], connection_config=connection_config,
+        transport_manager=TransportManager(port_demuxers={}),
+    )  # fmt: skip
+    swarm.set_resource_manager(resource_manager)
+    return BasicHost(network=swarm, resource_manager=resource_manager)
+
+
 def _ping_frame(nonce: int) -> bytes:
     """A yamux PING with SYN: the peer's yamux answers it with an ACK (keepalive, trap M)."""
     return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_PING, FLAG_SYN, 0, nonce)
+
+
+def _go_away_frame(code: int) -> bytes:
+    """A yamux GO_AWAY with ``code`` (0: normal termination), as ``Yamux.close`` sends."""
+    return struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_GO_AWAY, 0, 0, code)
 
 
 class P2PNode:
@@ -182,13 +257,12 @@ class P2PNode:
         except Exception as exc:  # noqa: BLE001 - multiaddr raises several types
             raise ConfigError(f"bad listen address in {config.listen!r}: {exc}") from exc
         self._guard = guard = PeerGuard(config)
-        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame)  # traps J, K, M
-        self._host = new_host(
-            key_pair=KeyPair(sk, sk.get_public_key()),
-            listen_addrs=self._listen,
-            muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer},  # no mplex: its buffers are unbounded
+        muxer = guarded_muxer(Yamux, guard, ping_frame=_ping_frame, go_away_frame=_go_away_frame)  # traps J, K, M, X
+        self._host = _new_host(
+            KeyPair(sk, sk.get_public_key()),
+            muxer,
             # trap A for our dials (inbound per peer: the guard); no slots reserved for dials
-            connection_config=ConnectionConfig(
+            ConnectionConfig(
                 max_connections_per_peer=1, max_connections=config.max_connections, min_connections=0,
                 low_watermark=0, high_watermark=config.max_connections,
             ),
@@ -365,23 +439,32 @@ class P2PNode:
             raise failure
 
     async def open_stream(
-        self, peer_id: str, protocol: str | Sequence[str], *, addrs: Sequence[str] = (), timeout: float | None = None
+        self,
+        peer_id: str,
+        protocol: str | Sequence[str],
+        *,
+        addrs: Sequence[str] = (),
+        timeout: float | None = None,
     ) -> P2PStream:
-        """Open a ``protocol`` stream to ``peer_id``, dialing ``addrs`` if needed.
-        ``protocol`` may list several ids, best first: the first the peer serves is
-        negotiated (one more round trip per id it does not), and the stream's
-        ``protocol`` says which.
+        """Open a stream to ``peer_id`` on ``protocol``, dialing ``addrs`` if needed.
+
+        ``protocol`` is one protocol id, or several in order of preference: the first
+        one the peer supports is negotiated (multistream-select proposes them in turn),
+        and the stream's ``protocol`` says which.
 
         Resource handling: the caller must ``close()`` or ``reset()`` the stream in
         a ``finally`` (trap C: a connection allows only 256 unclosed streams).
 
         Raises:
-            NetworkError: no route, failed dial or protocol not supported by the
-                peer (code ``CONNECT_FAILED``).
+            ConfigError: ``protocol`` is an empty list.
+            NetworkError: no route, failed dial or no protocol of ``protocol``
+                supported by the peer (code ``CONNECT_FAILED``).
             NetworkTimeout: the deadline (default ``dial_timeout``) covers dial and
                 protocol negotiation, so a frozen peer cannot hang us (trap E).
         """
         protocols = [protocol] if isinstance(protocol, str) else list(protocol)
+        if not protocols:
+            raise ConfigError("open_stream needs at least one protocol id")
         what = f"open {' or '.join(protocols)} to {peer_id}"
         with _map_libp2p_errors(what):
             pid = ID.from_base58(peer_id)

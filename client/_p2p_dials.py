@@ -21,7 +21,7 @@ import trio
 from ._p2p_guard import PeerGuard
 from ._p2p_types import _bounded_cleanup
 
-__all__ = ["NoNegativeCache", "close_peer_fully", "dial_on_request", "redial_only"]
+__all__ = ["NoNegativeCache", "close_peer_fully", "dial_on_request", "prompt_cleanup", "redial_only"]
 
 logger = logging.getLogger("loomnet.p2p")
 
@@ -46,13 +46,18 @@ def dial_on_request(swarm: Any, guard: PeerGuard, *, peers: Collection[Any], ref
     dial_peer = swarm.dial_peer
 
     async def dial_when_asked(peer_id: Any) -> Any:
-        if guard.asked_to_dial() or peer_id in peers:
-            return await dial_peer(peer_id)
         live = [conn for conn in swarm.get_connections(peer_id) if not conn.is_closed]
+        if guard.asked_to_dial() or peer_id in peers:
+            if not live:  # else libp2p hands back the live connection, no dial
+                guard.counts["dials"] += 1
+            return await dial_peer(peer_id)
         if live:
             return live
         guard.counts["dials_refused"] += 1
-        logger.debug("libp2p asked to dial %s, which loomnet did not; refused", peer_id)
+        logger.debug(
+            "libp2p asked to dial %s (task %s), which loomnet did not; refused",
+            peer_id, trio.lowlevel.current_task().name,
+        )  # fmt: skip
         raise refused(f"not dialing {peer_id}: no connection, and loomnet asked for none")
 
     swarm.dial_peer = dial_when_asked
@@ -127,3 +132,29 @@ def redial_only(swarm: Any, peers: Collection[Any]) -> None:
         return [peer for peer in await candidates() if peer in peers]
 
     connector._get_candidate_peers = only_these
+
+
+async def prompt_cleanup(swarm_conn: Any) -> None:
+    """``SwarmConn._cleanup`` of py-libp2p 0.8.1 with one checkpoint where it slept 0.1 s.
+
+    Every connection close ran it: forget the connection, close its muxer (unless
+    another ``SwarmConn`` shares it), reset its streams, then ``trio.sleep(0.1)``
+    "to force a context switch" so stream handlers see the resets, then tell the
+    notifees. A checkpoint is that context switch; nothing cancels the handlers (the
+    connection's nursery waits for them), so they see the reset all the same. A
+    client leaving paid the 0.1 s (twice with yamux's own sleep, see ``_p2p_guard``).
+    """
+    swarm_conn.swarm.remove_conn(swarm_conn)
+    if not getattr(swarm_conn, "_shared_muxed_conn", False):
+        try:
+            if not swarm_conn.muxed_conn.is_closed:
+                await swarm_conn.muxed_conn.close()
+        except Exception as exc:  # noqa: BLE001 - as libp2p: the cleanup goes on
+            logger.debug("closing the muxed connection: %r", exc)
+    for stream in swarm_conn.streams.copy():
+        try:
+            await stream.reset()
+        except Exception as exc:  # noqa: BLE001 - as libp2p
+            logger.debug("resetting a stream: %r", exc)
+    await trio.lowlevel.checkpoint()
+    await swarm_conn._notify_disconnected()

@@ -75,7 +75,7 @@ class PeerGuard:
         self._streams: dict[tuple[str, str], int] = {}  # (protocol, peer) -> live streams
         self._muxers: weakref.WeakSet[Any] = weakref.WeakSet()  # every connection's muxer, both directions
         self._dialers: dict[Any, int] = {}  # trio task -> depth of dialing() blocks it is in
-        names = ("connections_refused", "connections_flooded", "connections_dead", "streams_refused", "dials_refused")
+        names = ("connections_refused", "connections_flooded", "connections_dead", "streams_refused", "dials_refused", "dials")
         self.counts = dict.fromkeys(names, 0)
 
     # ------------------------------------------------------------- connections
@@ -269,13 +269,17 @@ async def _close_muxer(muxer: Any) -> None:
         await _bounded_cleanup(muxer.secured_conn.close)  # the reader then cleans up
 
 
-def guarded_muxer(base: type, guard: PeerGuard, *, ping_frame: Callable[[int], bytes]) -> type:
+def guarded_muxer(
+    base: type, guard: PeerGuard, *, ping_frame: Callable[[int], bytes], go_away_frame: Callable[[int], bytes]
+) -> type:
     """A subclass of libp2p's ``Yamux`` that asks ``guard`` before it takes a stream
-    or buffers a DATA frame, and closes a connection whose peer stopped answering
-    pings. libp2p builds muxers from a class, hence one per node.
+    or buffers a DATA frame, closes a connection whose peer stopped answering
+    pings, and closes without sleeping. libp2p builds muxers from a class, hence one
+    per node.
 
     Args:
         ping_frame: the yamux PING (SYN) frame carrying a given nonce.
+        go_away_frame: the yamux GO_AWAY frame carrying a given error code.
     """
 
     class GuardedYamux(base):  # type: ignore[misc, valid-type]
@@ -297,6 +301,35 @@ def guarded_muxer(base: type, guard: PeerGuard, *, ping_frame: Callable[[int], b
 
         async def _measure_rtt_loop(self) -> None:
             await _keepalive(self, guard, ping_frame)
+
+        async def close(self, error_code: int = 0) -> None:
+            """``Yamux.close`` of py-libp2p 0.8.1 without its last line, ``await
+            trio.sleep(0.1)``, which every close waited out after all its work (and
+            closes nest: the swarm's connection close closes the muxer again). The
+            rest is the same: GO_AWAY (code 0: normal), every stream marked closed and
+            woken, the secured connection closed, ``event_closed``, ``on_close``."""
+            async with self.streams_lock:
+                if not self.event_shutting_down.is_set():
+                    try:
+                        await self._write_frame(go_away_frame(error_code))
+                    except Exception as exc:  # noqa: BLE001 - as yamux: the close goes on
+                        logger.debug("GO_AWAY not sent to %s: %r", self.peer_id, exc)
+                    self.event_shutting_down.set()
+                    self.new_stream_send_channel.close()  # wakes accept_stream
+                    for stream in self.streams.values():
+                        stream.closed = stream.send_closed = stream.recv_closed = True
+                        if (event := self.stream_events.get(stream.stream_id)) is not None:
+                            event.set()
+                    self.streams.clear()
+                    self.stream_buffers.clear()
+                    self.stream_events.clear()
+            try:
+                await self.secured_conn.close()
+            except Exception as exc:  # noqa: BLE001 - as yamux
+                logger.debug("closing the secured connection to %s: %r", self.peer_id, exc)
+            self.event_closed.set()
+            if self.on_close is not None:
+                await self.on_close()
 
     return GuardedYamux
 

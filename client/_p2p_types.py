@@ -118,6 +118,9 @@ class P2PStatistics(msgspec.Struct, frozen=True):
     dials_refused: int = 0
     #: connections closed because the far side did not answer a keepalive ping in time
     connections_dead: int = 0
+    #: dials libp2p made: ones loomnet asked for (``connect``, ``open_stream`` to an
+    #: unconnected peer) and redials of bootstrap peers
+    dials: int = 0
 
 
 @contextlib.contextmanager

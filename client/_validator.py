@@ -29,6 +29,10 @@ The adverts stream (``/loomnet/adverts/1``) is checked by the offer table itself
 peer that hands over an advert the table refuses is charged the reason :meth:`check`
 gives (``sender=None``: relaying others' adverts is allowed there).
 
+Signatures are checked through the table's ``verified`` (``_advert_cache``): the
+validator and the table share one check per signed advert, so an advert the validator
+passed costs the table no second check.
+
 Memory: the last-seen memory holds ``(seq, sha256 of payload)`` for at most
 ``max_signers`` signers, least recently refreshed evicted first; it never holds an
 advert.
@@ -47,13 +51,12 @@ from loomnet.protocol import (
     MessageDecodeError,
     SignatureError,
     SignedKind,
-    open_envelope,
     peer_id_from_public_key,
 )
 
 from ._offers import OfferTable
 
-__all__ = ["MAX_GOSSIP_ADVERT", "AdvertValidator", "Rejection"]
+__all__ = ["MAX_GOSSIP_ADVERT", "AdvertValidator", "Rejection", "ValidatorStatistics"]
 
 MAX_ADVERT_SIZE = SignedKind.ADVERT.max_payload  # bytes of signed payload (128 KiB)
 
@@ -83,6 +86,17 @@ class Rejection(enum.Enum):
     STALE = "stale"
 
 
+class ValidatorStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of an :class:`AdvertValidator` (trio's ``statistics()`` convention);
+    its signature checks are counted in the table's (``OfferTable.statistics()``)."""
+
+    #: adverts checked (gossip and adverts stream), and refused by reason value
+    checked: int
+    refused: dict[str, int]
+    #: signers whose last advert the validator remembers now
+    remembered: int
+
+
 class AdvertValidator:
     """Checks adverts against the rules in the module doc. Not thread-safe; called from
     the trio thread (libp2p runs sync validators inline in its pubsub task).
@@ -98,11 +112,15 @@ class AdvertValidator:
         self.table = table
         self.max_signers = max_signers
         self._last: dict[str, tuple[int, bytes]] = {}  # signer -> (seq, payload digest); LRU order
+        self._checked = 0
+        self._refused: dict[Rejection, int] = {}
 
     def check(self, data: bytes | Envelope, *, sender: str | None, now: float) -> Rejection | None:
         """Why ``data`` must be refused, or None when it may be kept and relayed.
 
-        Pure: remembers nothing (see :meth:`accept`).
+        Pure but for the signature checks it remembers (the table's ``verified``:
+        signed bytes checked once, whichever of the table and this validator sees them
+        first); remembers no advert (see :meth:`accept`).
 
         Args:
             data: the gossip message's bytes, or an envelope from the adverts stream.
@@ -110,52 +128,73 @@ class AdvertValidator:
                 signer; None where relaying is allowed (the adverts stream).
             now: wall-clock seconds.
         """
+        return self._check(data, sender=sender, now=now)[0]
+
+    def _check(
+        self, data: bytes | Envelope, *, sender: str | None, now: float
+    ) -> tuple[Rejection | None, Envelope | None, Advert | None, str]:
+        """:meth:`check`, with what it opened: ``(reason, envelope, advert, signer)``."""
+        self._checked += 1
         if isinstance(data, Envelope):
             envelope = data
         else:
             if len(data) > MAX_GOSSIP_ADVERT:
-                return Rejection.OVERSIZED
+                return self._refuse(Rejection.OVERSIZED)
             try:
                 envelope = _envelope_decoder.decode(data)
             except (msgspec.DecodeError, ValueError, TypeError):
-                return Rejection.MALFORMED
+                return self._refuse(Rejection.MALFORMED)
         if len(envelope.payload) > MAX_ADVERT_SIZE:
-            return Rejection.OVERSIZED
+            return self._refuse(Rejection.OVERSIZED)
         if sender is not None and sender != peer_id_from_public_key(envelope.signer):
-            return Rejection.SIGNER_MISMATCH
+            return self._refuse(Rejection.SIGNER_MISMATCH)
         try:
-            advert, signer = open_envelope(SignedKind.ADVERT, envelope)
+            advert, signer = self.table.verified.open(envelope)
         except SignatureError:
-            return Rejection.BAD_SIGNATURE
+            return self._refuse(Rejection.BAD_SIGNATURE)
         except MessageDecodeError:
-            return Rejection.MALFORMED
-        assert isinstance(advert, Advert)
+            return self._refuse(Rejection.MALFORMED)
         if advert.issued_at > now + self.table.max_skew:
-            return Rejection.FUTURE
+            return self._refuse(Rejection.FUTURE)
         if advert.issued_at + min(advert.ttl, self.table.max_ttl) <= now:
-            return Rejection.EXPIRED
+            return self._refuse(Rejection.EXPIRED)
         if self._is_stale(signer, advert, envelope.payload, now=now):
-            return Rejection.STALE
-        return None
+            return self._refuse(Rejection.STALE)
+        return None, envelope, advert, signer
+
+    def _refuse(self, reason: Rejection) -> tuple[Rejection, None, None, str]:
+        self._refused[reason] = self._refused.get(reason, 0) + 1
+        return reason, None, None, ""
 
     def accept(self, data: bytes | Envelope) -> None:
         """Remember ``data`` (which :meth:`check` passed) as its signer's last advert."""
         envelope = data if isinstance(data, Envelope) else _envelope_decoder.decode(data)
-        advert = SignedKind.ADVERT.decoder.decode(envelope.payload)
-        signer = peer_id_from_public_key(envelope.signer)
+        advert, signer = self.table.verified.open(envelope)  # checked already: no second check
+        self._remember(signer, advert, envelope.payload)
+
+    def _remember(self, signer: str, advert: Advert, payload: bytes) -> None:
         held = self._last.pop(signer, None)
         if held is None or advert.seq >= held[0]:
-            held = (advert.seq, hashlib.sha256(envelope.payload).digest())
+            held = (advert.seq, hashlib.sha256(payload).digest())
         self._last[signer] = held  # re-inserted: the most recently refreshed
         while len(self._last) > self.max_signers:
             del self._last[next(iter(self._last))]
 
     def validate(self, data: bytes, *, sender: str, now: float) -> Rejection | None:
         """:meth:`check` for a gossip message, then :meth:`accept` if it passed."""
-        reason = self.check(data, sender=sender, now=now)
+        reason, envelope, advert, signer = self._check(data, sender=sender, now=now)
         if reason is None:
-            self.accept(data)
+            assert envelope is not None and advert is not None
+            self._remember(signer, advert, envelope.payload)
         return reason
+
+    def statistics(self) -> ValidatorStatistics:
+        """Adverts checked and refused (by reason) since the validator was made."""
+        return ValidatorStatistics(
+            checked=self._checked,
+            refused={reason.value: n for reason, n in self._refused.items()},
+            remembered=len(self._last),
+        )
 
     def _is_stale(self, signer: str, advert: Advert, payload: bytes, *, now: float) -> bool:
         held = self.table.advert_of(signer, now=now)

@@ -177,5 +177,5 @@ def test_the_guard_forgets_peers_that_left() -> None:
     assert guard.connections_inbound == 0 and guard.streams_inbound == 0
     assert guard._inbound == {} and guard._streams == {}  # no entry per departed peer
     expected = {"connections_refused": 1, "streams_refused": 1}
-    expected |= {"connections_flooded": 0, "connections_dead": 0, "dials_refused": 0}
+    expected |= {"connections_flooded": 0, "connections_dead": 0, "dials_refused": 0, "dials": 0}
     assert guard.counts == expected
