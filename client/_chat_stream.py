@@ -352,6 +352,8 @@ class ChatStream:
             elif isinstance(frame, ReceiptFrame):
                 self._done = True
                 result = await self._settle(frame.envelope)
+                if self._lease is not None:  # acknowledged: the session may serve the next request
+                    self._lease.settled = True
                 self._queued.append(
                     Done(executor=self.executor, model=result.receipt.model, usage=Usage.of(result.receipt),
                          receipt=result.receipt)  # fmt: skip

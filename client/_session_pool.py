@@ -12,8 +12,8 @@ used first: the freshest is the least likely to have been closed meanwhile), els
 a stream, asking for ``/loomnet/infer/2`` first and ``/loomnet/infer/1`` second, so an
 older executor is still served (one request per stream). ``give_back`` keeps the stream
 for the next request only when its exchange ended cleanly, the state machine back to
-IDLE (receipt acknowledged, or an error frame that ends one request); anything else is
-closed or reset by the ``ChatStream``, never reused.
+IDLE after a receipt it acknowledged; anything else (an error frame too: the executor may
+end the session after one) is closed or reset by the ``ChatStream``, never reused.
 
 Nothing is held without bound: at most ``max_idle_per_peer`` idle sessions per executor
 and ``max_idle`` in all (the oldest is closed to make room), each for ``idle_timeout``
@@ -69,7 +69,7 @@ class SessionLease:
     """One stream leased for one request: ``stream``, its state machine ``conn`` (it
     lives as long as the stream) and whether it served a request before (``reused``)."""
 
-    __slots__ = ("peer", "stream", "conn", "reused", "idle_since")
+    __slots__ = ("peer", "stream", "conn", "reused", "idle_since", "settled")
 
     def __init__(self, peer: str, stream: ByteStream, conn: InferenceConnection, *, reused: bool) -> None:
         self.peer = peer
@@ -77,6 +77,8 @@ class SessionLease:
         self.conn = conn
         self.reused = reused
         self.idle_since = 0.0
+        #: the last exchange ended with a receipt and our ack (set by ``ChatStream``)
+        self.settled = False
 
     @property
     def session(self) -> bool:
@@ -138,8 +140,14 @@ class SessionPool:
         self._stats["stale_retries"] += 1
 
     def reusable(self, lease: SessionLease) -> bool:
-        """Whether ``lease`` may serve another request: a session back to IDLE."""
-        return lease.conn.session and lease.conn.state is StreamState.IDLE and lease.conn.requests > 0
+        """Whether ``lease`` may serve another request: a session back to IDLE after a
+        receipt it acknowledged. Never after an error frame: the executor may end the
+        session right after one (a request refused part-way through its frame, a stream
+        over its per-peer limit), and a stream it ended would only cost the next request
+        a stale retry."""
+        return (
+            lease.settled and lease.conn.session and lease.conn.state is StreamState.IDLE and lease.conn.requests > 0
+        )
 
     async def give_back(self, lease: SessionLease) -> None:
         """Keep ``lease`` for the next request to its executor, or close it.
@@ -152,6 +160,7 @@ class SessionPool:
         now = trio.current_time()
         lease.idle_since = now
         lease.reused = True
+        lease.settled = False
         idle = self._idle.setdefault(lease.peer, [])
         self._idle.move_to_end(lease.peer)
         idle.append(lease)

@@ -43,6 +43,7 @@ import msgspec
 import trio
 
 from loomnet.client import Ledger, P2PStream, TokenCounter
+from loomnet.client._frame_io import FrameIO
 from loomnet.protocol import (
     INFER_PROTOCOL,
     INFER_SESSION_PROTOCOL,
@@ -189,10 +190,12 @@ class InferenceServer:
         """Read (unless ``frame`` came already) and serve one request; returns the frame
         the client sent after its receipt when that was its next request, ``_OVER`` when
         the session is over (ended by the client, or idle), else None."""
+        whole = frame is not None
         try:
             if frame is None:
                 idle = self.config.session_idle_timeout if conn.requests else None
                 frame = await self.intake.read_request(stream, conn, idle_timeout=idle)
+                whole = True
             if isinstance(frame, EndOfStream):  # a session ended between requests
                 return _OVER
             if conn.requests > 1:
@@ -210,6 +213,11 @@ class InferenceServer:
             self.refused += 1
             log.exception("internal error serving %s", stream.remote_peer)
             await self._send_error(stream, conn, LoomError("internal error", code=ErrorCode.INTERNAL))
+        if not whole:
+            # refused while its frame was being read (late, over a byte budget, evicted):
+            # the rest of that frame may still come, and no byte after it can be told
+            # apart from it, so the session is over (the client opens a new stream)
+            return _OVER
         return None
 
     # ---------------------------------------------------------------- admission
@@ -320,7 +328,7 @@ class InferenceServer:
         envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self.served += 1
-        await stream.send_all(conn.send(ReceiptFrame(envelope)), timeout=self.config.ack_timeout)
+        await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await self._await_ack(stream, conn, receipt_digest, bookings)
 
     async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:

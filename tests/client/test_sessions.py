@@ -166,13 +166,18 @@ async def test_an_executor_without_sessions_gets_one_stream_per_request(tmp_path
     await run_client(tmp_path, book, body, protocols=(INFER_PROTOCOL,))
 
 
-async def test_a_refusal_ends_one_request_and_the_session_serves_the_next(tmp_path, book, autojump_clock):
+async def test_after_a_refusal_the_client_does_not_reuse_the_session(tmp_path, book, autojump_clock):
+    # the executor may end a session right after an error frame (a request refused part-way
+    # through its frame: review of issue 9), so a client keeps sessions after receipts only
     async def body(client):
         with pytest.raises(RemoteError) as caught:
             await client.chat(model="nope")
         assert caught.value.code is ErrorCode.UNKNOWN_MODEL
+        assert client.pool.statistics().idle == 0
         assert await client.chat() == "Hello"
-        assert client.opener.opened == {INFER_SESSION_PROTOCOL: 1}
+        assert await client.chat() == "Hello"
+        assert client.opener.opened == {INFER_SESSION_PROTOCOL: 2}
+        assert client.pool.statistics().stale_retries == 0
 
     await run_client(tmp_path, book, body)
 
