@@ -35,8 +35,8 @@ offers: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~10 min
-# on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~2 min).
+# Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~6 min
+# on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~1 min).
 # Each bench alone: `make bench-ttft BENCH_ARGS="--quick --json out.json"`, etc.
 bench: install
 	$(BIN)/python bench/run_all.py $(BENCH_ARGS)
