@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-installed
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install run test chat offers clean bench bench-quick bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
+.PHONY: install run test chat offers clean bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ bench: install
 
 bench-quick: install
 	$(BIN)/python bench/run_all.py --quick $(BENCH_ARGS)
+
+bench-seam: install
+	$(BIN)/python bench/seam_bench.py $(BENCH_ARGS)
 
 bench-ttft: install
 	$(BIN)/python bench/ttft_bench.py $(BENCH_ARGS)

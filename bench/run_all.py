@@ -23,6 +23,7 @@ from _harness import BENCH_DIR, git_facts  # noqa: E402
 BENCHES = [
     ("crypto", "crypto_bench.py"),
     ("libp2p_floor", "libp2p_floor.py"),
+    ("seam", "seam_bench.py"),
     ("ttft", "ttft_bench.py"),
     ("stream", "stream_bench.py"),
     ("throughput", "throughput_bench.py"),

@@ -24,6 +24,8 @@ CASES = {
                {"sign (seal)", "verify (open_envelope)", "encode frame", "decode frame", "offer-table add (gossip bytes)"}),
     "libp2p_floor": ("libp2p_floor.py", ["--samples", "4", "--frames", "50", "--frame-runs", "1"],
                      {"connect (dial + Noise + muxer)", "new stream + 64 B echo + close p50", "round trip on one stream p50"}),
+    "seam": ("seam_bench.py", ["--requests", "3", "--rounds", "2", "--warmup", "1"],
+             {"wall per request", "CPU per request (both sides)"}),
     "ttft": ("ttft_bench.py", ["--samples", "3", "--embedded-samples", "1", "--warmup", "1", "--tokens", "4",
                                "--embedded-tokens", "2"],
              {"TTFT p50", "TTFT p99", "whole request p50", "CPU/req client", "CPU/req executor", "backend conns opened/req"}),
