@@ -117,10 +117,14 @@ async def through(client: LoomClient, model: str, max_tokens: int, prompt: str =
 
 @asynccontextmanager
 async def bench_client(home: Path, *addrs: str, models: tuple[str, ...] = ()) -> AsyncIterator[LoomClient]:
-    """A client joined to the executors at ``addrs``, with an offer for each of ``models``."""
+    """A client joined to the executors at ``addrs``, with an offer for each of ``models``.
+
+    It keeps up to 64 idle session streams per executor (``max-idle-sessions``; 8 by
+    default), as the direct path's httpx pool keeps a connection per task: with more
+    tasks than idle sessions, a request finding none opens a stream of its own."""
     config = ClientConfig(
         data_dir=str(home / "client"), bootstrap=list(addrs), discover_local=False,
-        first_byte_timeout=60.0, connect_timeout=20.0,
+        first_byte_timeout=60.0, connect_timeout=20.0, max_idle_sessions=64,
     )  # fmt: skip
     async with open_client(config) as client:
         for model in models:

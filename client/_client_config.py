@@ -76,8 +76,12 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: seconds an idle session stream (``/loomnet/infer/2``) is kept for the next request
     #: to its executor; below the executors' ``session-idle-timeout`` (60 s by default)
     session_idle_timeout: Annotated[float, Meta(gt=0)] = 20.0
-    #: idle session streams kept per executor (0: a new stream for every request)
-    max_idle_sessions: Annotated[int, Meta(ge=0, le=64)] = 4
+    #: idle session streams kept per executor (0: a new stream for every request). Keep
+    #: it at least the requests this client has in flight to one executor at once: past
+    #: it, a request finding no idle session opens a stream (~7 ms here). 8 matches an
+    #: executor's default ``max-streams-per-peer``; idle sessions count there too, but a
+    #: client reuses its idle sessions before it opens another, so they never crowd it out
+    max_idle_sessions: Annotated[int, Meta(ge=0, le=64)] = 8
     #: the most executors one request is sent to (failover before the first content)
     max_attempts: Annotated[int, Meta(ge=1, le=16)] = 3
     #: output tokens a request without ``max_tokens`` is assumed to need, for routing

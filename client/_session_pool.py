@@ -96,7 +96,7 @@ class SessionPool:
     """
 
     def __init__(
-        self, opener: StreamOpener, *, idle_timeout: float = 20.0, max_idle_per_peer: int = 4, max_idle: int = 256
+        self, opener: StreamOpener, *, idle_timeout: float = 20.0, max_idle_per_peer: int = 8, max_idle: int = 256
     ) -> None:
         self.opener = opener
         self.idle_timeout = idle_timeout
