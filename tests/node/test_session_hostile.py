@@ -1,0 +1,160 @@
+"""Hostile clients on session streams (``/loomnet/infer/2``): the bounds a one-request
+stream had (one deadline per frame, the stream ends when a frame is not whole in time,
+every byte held charged to the budgets) must hold on a session too (review of issue 9).
+
+The real ``InferenceServer`` over in-memory streams, under trio's autojump clock.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import trio
+import trio.testing
+
+from loomnet.protocol import (
+    INFER_SESSION_PROTOCOL,
+    NEED_DATA,
+    EndOfStream,
+    ErrorCode,
+    ErrorFrame,
+    InferenceConnection,
+    InferenceRequest,
+    ReceiptFrame,
+    RequestFrame,
+    Role,
+    SignedKind,
+    encode_frame,
+    encode_frame_body,
+    seal,
+)
+
+from .memory_stream import stream_pair
+from .server_harness import HELLO, Finished, Harness, ScriptedBackend, TextDelta, events, warm_tokens
+
+
+@pytest.fixture(autouse=True)
+def _tokens():
+    warm_tokens()
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0.5)
+
+
+async def start(tmp_path, backend=None, **settings) -> Harness:
+    backend = backend or ScriptedBackend(events(TextDelta("Hel"), TextDelta("lo"), Finished(finish_reason="stop")))
+    return await Harness.start(tmp_path, [backend], ledger=":memory:", **settings)
+
+
+def session(harness: Harness):
+    return stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id, INFER_SESSION_PROTOCOL)
+
+
+def request(harness: Harness, **fields) -> InferenceRequest:
+    values = dict(
+        audience=harness.executor_key.peer_id, nonce=os.urandom(16), created_at=time.time(), model="m1",
+        messages=HELLO,
+    )
+    values.update(fields)
+    return InferenceRequest(**values)
+
+
+async def test_a_session_that_never_sends_a_request_ends_after_the_request_deadline(tmp_path, autojump_clock):
+    # On a one-request stream, a peer that sends nothing is dropped after
+    # request-read-timeout. On a session the REQUEST_TIMEOUT error frame took the
+    # machine IDLE -> IDLE, so the handler read again with a fresh deadline, forever:
+    # a peer held its stream slots (and a handler task each) for free, for ever.
+    harness = await start(tmp_path, request_read_timeout=10.0, session_idle_timeout=60.0)
+    client, executor = session(harness)
+    done = trio.Event()
+
+    async def serve():
+        await harness.server.handle(executor)
+        done.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            with trio.move_on_after(300):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        assert done.is_set(), "the handler still serves a session that sent nothing for 300 s"
+        assert harness.server.statistics().sessions_open == 0
+    finally:
+        await harness.aclose()
+
+
+async def test_a_request_not_whole_in_time_ends_the_session_and_holds_no_uncharged_bytes(tmp_path, autojump_clock):
+    # A header announcing a large frame, most of its body, then nothing. After
+    # request-read-timeout the intake gives the charge back (buffered_bytes 0) and
+    # answers REQUEST_TIMEOUT, but the session went on: the state machine's decoder
+    # still held the partial frame, charged to nobody, and every later read started a
+    # new deadline and a new (misread) header. One peer could hold ~1 MiB per stream
+    # past max-request-bytes, and drip a frame for ever.
+    harness = await start(tmp_path, request_read_timeout=10.0, session_idle_timeout=60.0)
+    client, executor = session(harness)
+    done = trio.Event()
+    announced = 1 << 20
+
+    async def serve():
+        await harness.server.handle(executor)
+        done.set()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.send_all(announced.to_bytes(4, "big") + b"\x00" * (announced - 1), timeout=5)
+            await trio.sleep(5)
+            assert harness.server.intake.statistics().buffered_bytes == announced + 3  # charged while it arrives
+            await trio.sleep(10)  # past request-read-timeout
+            # the charge was given back, yet the handler still holds the partial frame
+            charged = harness.server.intake.statistics().buffered_bytes
+            with trio.move_on_after(120):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        assert done.is_set() or charged > 0, "the session holds a partial frame charged to no budget"
+        assert done.is_set(), "a request that did not arrive whole in time did not end the session"
+    finally:
+        await harness.aclose()
+
+
+async def test_a_request_pipelined_during_the_answer_ends_the_session(tmp_path, autojump_clock):
+    # The client sends its next request while the answer streams. The executor's
+    # watcher (wait_client_left) reads one byte of it, answers UNEXPECTED_FRAME, and
+    # the error frame took the session back to IDLE: the handler went on reading the
+    # rest of that request with its first byte gone, its length prefix misread.
+    # docs/protocol.md: a protocol violation ends the session.
+    slow = ScriptedBackend(events(TextDelta("a"), 2.0, TextDelta("b"), Finished(finish_reason="stop")))
+    harness = await start(tmp_path, slow, request_read_timeout=10.0)
+    client, executor = session(harness)
+    conn = InferenceConnection(Role.CLIENT, session=True)
+    done = trio.Event()
+
+    async def serve():
+        await harness.server.handle(executor)
+        done.set()
+
+    async def next_event():
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(await client.receive_some(timeout=30))
+        return event
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.send_all(conn.send(RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))), timeout=5)
+            await next_event()  # the first chunk
+            second = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+            await client.send_all(encode_frame(encode_frame_body(second)), timeout=5)  # pipelined
+            error = await next_event()
+            assert isinstance(error, ErrorFrame) and error.code == ErrorCode.UNEXPECTED_FRAME
+            with trio.move_on_after(60):
+                await done.wait()
+            nursery.cancel_scope.cancel()
+        assert done.is_set(), "the session went on after a protocol violation, a byte of the stream lost"
+    finally:
+        await harness.aclose()
