@@ -19,6 +19,7 @@ from loomnet.protocol import (
     NEED_DATA,
     EndOfStream,
     ErrorCode,
+    ProtocolError,
     ErrorFrame,
     InferenceConnection,
     InferenceRequest,
@@ -156,5 +157,86 @@ async def test_a_request_pipelined_during_the_answer_ends_the_session(tmp_path, 
                 await done.wait()
             nursery.cancel_scope.cancel()
         assert done.is_set(), "the session went on after a protocol violation, a byte of the stream lost"
+    finally:
+        await harness.aclose()
+
+
+async def _refused_then_served(harness: Harness, client, conn, frame: bytes, refuse) -> tuple[ErrorFrame, list]:
+    """Send ``frame``'s first half, let ``refuse()`` make the executor refuse it, then
+    send the rest (it was merely late); returns the refusal and what came after it."""
+    await client.send_all(frame[: len(frame) // 2], timeout=5)
+    await refuse()
+
+    async def next_event():
+        while (event := conn.next_event()) is NEED_DATA:
+            conn.receive_data(await client.receive_some(timeout=30))
+        return event
+
+    refusal = await next_event()
+    await client.send_all(frame[len(frame) // 2:], timeout=5)  # the rest, late
+    after: list = []
+    with trio.move_on_after(30):
+        try:
+            while not isinstance(event := await next_event(), EndOfStream):
+                after.append(event)
+        except ProtocolError as exc:  # e.g. a chunk while the client's machine is idle
+            after.append(exc)
+    await trio.sleep(5)  # whatever the executor does with the rest, it has done
+    return refusal, after
+
+
+async def test_a_request_refused_for_its_deadline_is_never_served_afterwards(tmp_path, autojump_clock):
+    # A client on a slow link: its request is not whole within request-read-timeout and
+    # the executor answers REQUEST_TIMEOUT. The session went on with the partial frame in
+    # the decoder; the rest arrived, the frame completed, and the executor generated,
+    # billed (a receipt in its ledger) and streamed an answer to a request it had told the
+    # client it refused, on a session the client now holds as idle: the client's next
+    # request there reads that answer as its own.
+    harness = await start(tmp_path, request_read_timeout=10.0)
+    client, executor = session(harness)
+    conn = InferenceConnection(Role.CLIENT, session=True)
+    signed = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+    frame = conn.send(signed)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.server.handle, executor)
+            refusal, after = await _refused_then_served(harness, client, conn, frame, lambda: trio.sleep(11))
+            nursery.cancel_scope.cancel()
+        assert isinstance(refusal, ErrorFrame) and refusal.code == ErrorCode.REQUEST_TIMEOUT
+        assert after == [], f"after the refusal the executor sent {after!r}"
+        assert harness.server.statistics().served == 0, "a request refused as late was served (and billed) after all"
+        assert await harness.server.ledger.entries() == []
+    finally:
+        await harness.aclose()
+
+
+async def test_a_request_evicted_from_the_budget_is_never_served_afterwards(tmp_path, autojump_clock):
+    # The same through the byte budget: another peer's bytes fill max-request-bytes, the
+    # oldest unfinished frame (this client's) is dropped with PEER_LIMIT (retryable, so
+    # the client tries again: a second run), and the rest of the dropped frame completes
+    # it in the session's decoder: the executor serves it after all.
+    limit = (1 << 20) + 4
+    harness = await start(tmp_path, request_read_timeout=10.0, max_request_bytes=limit, max_request_bytes_per_peer=limit)
+    client, executor = session(harness)
+    flooder, flooded = stream_pair("12D3KooWFlooderFlooderFlooderFlooderFlooderFlood", harness.executor_key.peer_id)
+    conn = InferenceConnection(Role.CLIENT, session=True)
+    signed = RequestFrame(seal(SignedKind.REQUEST, request(harness, messages=[HELLO[0]] * 40), harness.client_key))
+    frame = conn.send(signed)
+
+    async def flood():
+        await flooder.send_all((1 << 20).to_bytes(4, "big") + b"\x00" * ((1 << 20) - 1), timeout=5)
+        await trio.sleep(1)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.server.handle, executor)
+            nursery.start_soon(harness.server.handle, flooded)
+            refusal, after = await _refused_then_served(harness, client, conn, frame, flood)
+            nursery.cancel_scope.cancel()
+        assert isinstance(refusal, ErrorFrame) and refusal.code == ErrorCode.PEER_LIMIT
+        assert harness.server.intake.statistics().evicted >= 1
+        assert after == [], f"after the refusal the executor sent {after!r}"
+        assert harness.server.statistics().served == 0, "a request dropped with PEER_LIMIT was served (and billed) after all"
+        assert await harness.server.ledger.entries() == []
     finally:
         await harness.aclose()
