@@ -240,3 +240,50 @@ async def test_a_request_evicted_from_the_budget_is_never_served_afterwards(tmp_
         assert await harness.server.ledger.entries() == []
     finally:
         await harness.aclose()
+
+
+# ------------------------------------------------------------------ attacks that held
+
+
+async def test_an_ack_and_the_next_request_in_one_write_are_both_taken_and_a_replay_across_protocols_is_refused(
+    tmp_path, autojump_clock
+):
+    from loomnet.protocol import AckFrame, ReceiptAck, digest
+
+    harness = await start(tmp_path)
+    client, executor = session(harness)
+    conn = InferenceConnection(Role.CLIENT, session=True)
+
+    async def answer(c, s):
+        while True:
+            while (event := c.next_event()) is NEED_DATA:
+                c.receive_data(await s.receive_some(timeout=30))
+            if isinstance(event, (ReceiptFrame, ErrorFrame)):
+                return event
+
+    first = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(harness.server.handle, executor)
+            await client.send_all(conn.send(first), timeout=5)
+            receipt = await answer(conn, client)
+            assert isinstance(receipt, ReceiptFrame)
+            ack = ReceiptAck(receipt_digest=digest(receipt.envelope.payload), accepted_at=1.0, client_output_tokens=2)
+            data = conn.send(AckFrame(seal(SignedKind.RECEIPT_ACK, ack, harness.client_key)))
+            data += conn.send(RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key)))
+            await client.send_all(data, timeout=5)  # one write
+            assert isinstance(await answer(conn, client), ReceiptFrame)
+            # the first request again, on a one-request stream: the replay guard is shared
+            single, single_executor = stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id)
+            nursery.start_soon(harness.server.handle, single_executor)
+            one = InferenceConnection(Role.CLIENT)
+            await single.send_all(one.send(first), timeout=5)
+            replayed = await answer(one, single)
+            assert isinstance(replayed, ErrorFrame) and replayed.code == ErrorCode.REPLAYED_NONCE
+            await client.close()
+        assert harness.server.statistics().served == 2
+        with trio.fail_after(10):
+            while len(await harness.server.ledger.entries(status="acknowledged")) < 1:
+                await trio.sleep(0.1)
+    finally:
+        await harness.aclose()
