@@ -49,6 +49,8 @@ from loomnet.protocol import (
     INFER_SESSION_PROTOCOL,
     MAX_FRAME_SIZE,
     AckFrame,
+    NetworkError,
+    ProtocolError,
     EndOfStream,
     Envelope,
     ErrorCode,
@@ -209,6 +211,10 @@ class InferenceServer:
             log.info("request from %s ended with %s", stream.remote_peer, exc)
             if not isinstance(exc, ClientGone):  # nobody is left to read it
                 await self._send_error(stream, conn, exc)
+            if isinstance(exc, (ProtocolError, NetworkError)):
+                # the stream itself failed (bytes that break the protocol, a byte read by a
+                # watcher and dropped, a client gone): nothing after it can be trusted
+                return _OVER
         except Exception:  # a bug must not kill the node, and the client deserves a code
             self.refused += 1
             log.exception("internal error serving %s", stream.remote_peer)
@@ -216,7 +222,8 @@ class InferenceServer:
         if not whole:
             # refused while its frame was being read (late, over a byte budget, evicted):
             # the rest of that frame may still come, and no byte after it can be told
-            # apart from it, so the session is over (the client opens a new stream)
+            # apart from it, so the session is over (the client opens a new stream). A
+            # first request that never came whole ends it too, as on a one-request stream
             return _OVER
         return None
 

@@ -46,7 +46,7 @@ async def chat(client: Client, messages) -> str | RemoteError:
         await stream.aclose()
 
 
-async def test_a_request_refused_at_its_header_leaves_no_broken_session_behind(tmp_path, book, autojump_clock):
+async def test_a_request_refused_at_its_header_leaves_no_broken_session_behind(tmp_path, book, autojump_clock):  # noqa: F811
     harness = await start(
         tmp_path, ScriptedBackend(answer_of("Hel", "lo", pause=1.0)), capacity=4,
         max_request_bytes_per_peer=LIMIT, max_request_bytes=4 * LIMIT,
