@@ -13,7 +13,12 @@ from ._budget import (
     BudgetStatistics as BudgetStatistics,
     BudgetWarning as BudgetWarning,
 )
-from ._chat_stream import ChatResult as ChatResult, ChatStream as ChatStream
+from ._chat_stream import (
+    ChatResult as ChatResult,
+    ChatStream as ChatStream,
+    RequestOptions as RequestOptions,
+    StreamKit as StreamKit,
+)
 from ._client import ClientConfig as ClientConfig, LoomClient as LoomClient, default_data_dir as default_data_dir
 from ._events import (
     Attempt as Attempt,
@@ -24,6 +29,7 @@ from ._events import (
     ToolCallsDelta as ToolCallsDelta,
     Usage as Usage,
 )
+from ._frame_io import FrameIO as FrameIO
 from ._identity_file import load_or_create_identity as load_or_create_identity
 from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
 from ._ledger_writes import LedgerStatistics as LedgerStatistics
@@ -34,6 +40,11 @@ from ._local import (
     write_local_executor as write_local_executor,
 )
 from ._member import Member as Member
+from ._memory_stream import (
+    MemoryP2PStream as MemoryP2PStream,
+    MemoryStreamOpener as MemoryStreamOpener,
+    stream_pair as stream_pair,
+)
 from ._offers import Offer as Offer, OfferTable as OfferTable
 from ._open_client import open_client as open_client
 from ._p2p import NodeInfo as NodeInfo, P2PConfig as P2PConfig, P2PNode as P2PNode, P2PStream as P2PStream
@@ -41,6 +52,7 @@ from ._receipts import check_receipt as check_receipt
 from ._route import Candidate as Candidate, RequestShape as RequestShape, Route as Route
 from ._health import ExecutorHealth as ExecutorHealth
 from ._router import OfferRouter as OfferRouter, rank_offers as rank_offers
+from ._session_pool import SessionPool as SessionPool, SessionPoolStatistics as SessionPoolStatistics
 from ._tokens import TokenCounter as TokenCounter
 
 __all__ = [
@@ -56,12 +68,15 @@ __all__ = [
     "ChatStream",
     "ClientConfig",
     "Done",
+    "FrameIO",
     "Ledger",
     "LedgerEntry",
     "LedgerStatistics",
     "LedgerTotals",
     "LoomClient",
     "Member",
+    "MemoryP2PStream",
+    "MemoryStreamOpener",
     "NodeInfo",
     "Offer",
     "OfferTable",
@@ -69,10 +84,14 @@ __all__ = [
     "P2PNode",
     "P2PStream",
     "ReasoningDelta",
+    "RequestOptions",
     "RequestShape",
     "ExecutorHealth",
     "OfferRouter",
     "Route",
+    "SessionPool",
+    "SessionPoolStatistics",
+    "StreamKit",
     "TextDelta",
     "TokenCounter",
     "ToolCallsDelta",
@@ -86,5 +105,6 @@ __all__ = [
     "rank_offers",
     "remove_local_executor",
     "state_dir",
+    "stream_pair",
     "write_local_executor",
 ]

@@ -12,13 +12,18 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._executor import Executor as Executor, ExecutorInfo as ExecutorInfo
+    from ._server import InferenceServer as InferenceServer, ServerStatistics as ServerStatistics
     from .config import ExecutorConfig as ExecutorConfig, ModelTerms as ModelTerms, load_config as load_config
 
-__all__ = ["Executor", "ExecutorConfig", "ExecutorInfo", "ModelTerms", "load_config"]
+__all__ = [
+    "Executor", "ExecutorConfig", "ExecutorInfo", "InferenceServer", "ModelTerms", "ServerStatistics", "load_config",
+]
 
 _WHERE = {
     "Executor": "._executor",
     "ExecutorInfo": "._executor",
+    "InferenceServer": "._server",
+    "ServerStatistics": "._server",
     "ExecutorConfig": ".config",
     "ModelTerms": ".config",
     "load_config": ".config",

@@ -16,3 +16,27 @@ def test_error_code_table_matches_the_enum():
 def test_readme_starts_with_the_two_commands():
     head = (ROOT / "README.md").read_text().splitlines()[:15]
     assert any("make run" in line for line in head) and any("make test" in line for line in head)
+
+
+async def test_the_seam_example_in_the_client_docs_runs(tmp_path):
+    """docs/client.md, "Without libp2p": the example, as printed, against the real server."""
+    import re
+
+    from loomnet.client import Ledger
+
+    from .node.server_harness import Finished, Harness, ScriptedBackend, TextDelta, events, warm_tokens
+
+    text = (ROOT / "docs" / "client.md").read_text()
+    code = re.search(r"## Without libp2p.*?```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/client.md", "exec"), scope)
+    warm_tokens()
+    backend = ScriptedBackend(events(TextDelta("Hel"), TextDelta("lo"), Finished(finish_reason="stop")))
+    harness = await Harness.start(tmp_path, [backend], ledger=":memory:")
+    ledger = await Ledger.open(":memory:")
+    try:
+        assert await scope["ask"](harness.server, harness.executor_key, harness.client_key, ledger) == "Hello"
+        assert len(await ledger.entries(status="accepted")) == 1
+    finally:
+        await ledger.aclose()
+        await harness.aclose()
