@@ -21,7 +21,8 @@ client that leaves is noticed at once and stops the generation. The slot is free
 soon as the backend is done. Then the executor counts tokens (``_metering``: a
 counting step that fails falls back, so a receipt is never lost to a count), signs a
 receipt, writes it to its ledger *before* sending it, and waits briefly for the
-client's counter-signature, which it books too. Both frames a client sends, the
+client's counter-signature, which it books beside the next request (``_acks``). The
+wait for a slot watches the client (``_slot_wait``). Both frames a client sends, the
 request and the counter-signature, are read by ``_intake``: one deadline for the
 whole frame, every byte charged to the byte budgets, so a peer dripping either holds
 the handler for one deadline at most. When the answer fails part-way, the
@@ -47,8 +48,6 @@ from loomnet.client._frame_io import FrameIO
 from loomnet.protocol import (
     INFER_PROTOCOL,
     INFER_SESSION_PROTOCOL,
-    MAX_FRAME_SIZE,
-    AckFrame,
     NetworkError,
     ProtocolError,
     EndOfStream,
@@ -58,7 +57,6 @@ from loomnet.protocol import (
     InferenceConnection,
     InferenceRequest,
     LoomError,
-    ReceiptAck,
     Receipt,
     ReceiptFrame,
     RequestFrame,
@@ -77,11 +75,13 @@ from loomnet.protocol import (
 from ._catalog import Catalog, CatalogEntry
 from ._cost_cap import check_worst_case
 from ._counting import CountingChain
+from ._acks import await_ack
 from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
-from ._queue import OverCapacity, Slot, Slots
+from ._queue import Slots
+from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
-from ._relay import ClientGone, relay_answer, wait_client_left
+from ._relay import ClientGone, relay_answer
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -89,9 +89,6 @@ __all__ = ["InferenceServer", "ServerStatistics"]
 
 log = logging.getLogger("loomnet.server")
 
-#: Most body bytes an acknowledgement frame may announce. A signed ``ReceiptAck`` is
-#: about 200 bytes; this leaves room for fields later versions append.
-_MAX_ACK_FRAME = 64 * 1024
 #: what ``_one`` returns when a session is over
 _OVER = object()
 
@@ -311,7 +308,8 @@ class InferenceServer:
         )
         # A slot is held while the backend generates, not while the receipt is counted and
         # settled: a client's next request must not wait because its last ack is in flight.
-        slot = await self._wait_for_slot(stream, entry)
+        lane = self.slots.lane(entry.offer.name, capacity=entry.capacity, max_queue=entry.max_queue)
+        slot = await wait_for_slot(self.slots, lane, stream)
         failure: Exception | None = None
         started = trio.current_time()
         try:
@@ -336,7 +334,9 @@ class InferenceServer:
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
-        return await self._await_ack(stream, conn, receipt_digest, bookings)
+        return await await_ack(
+            self.intake, self.ledger, stream, conn, receipt_digest, bookings, timeout=self.config.ack_timeout
+        )
 
     async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:
         """Check the request's worst case against its ``max_cost`` (``_cost_cap``); returns
@@ -358,44 +358,6 @@ class InferenceServer:
             context_length=offer.context_length, price_in=offer.price_in, price_out=offer.price_out,
         )
         return params if max_tokens is None else msgspec.structs.replace(params, max_tokens=max_tokens)
-
-    async def _wait_for_slot(self, stream: P2PStream, entry: CatalogEntry) -> Slot:
-        """A generation slot for ``entry``'s model: at once, or after waiting in its queue
-        while the client's stream is watched.
-
-        Raises:
-            OverCapacity: the queue is full, or no slot came within ``queue-timeout``.
-            ClientGone: the client left while it waited (it left the queue at once).
-            UnexpectedFrame: the client sent data while it waited.
-        """
-        lane = self.slots.lane(entry.offer.name, capacity=entry.capacity, max_queue=entry.max_queue)
-        try:
-            return self.slots.acquire_nowait(lane)
-        except trio.WouldBlock:
-            pass
-        result: Slot | OverCapacity | None = None
-        left: LoomError | None = None
-
-        async def watch(scope: trio.CancelScope) -> None:
-            nonlocal left
-            left = await wait_client_left(stream)
-            scope.cancel()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch, nursery.cancel_scope)
-            try:
-                result = await self.slots.acquire(lane)
-            except OverCapacity as exc:  # raised below, outside the nursery: no ExceptionGroup
-                result = exc
-            nursery.cancel_scope.cancel()
-        if left is not None:
-            if isinstance(result, Slot):
-                result.release()
-            raise left
-        if isinstance(result, OverCapacity):
-            raise result
-        assert result is not None
-        return result
 
     async def _book(self, **booking: object) -> tuple[Envelope, bytes, Receipt]:
         """Book a receipt (``Meter.book``) and charge its tokens to the client's rate limit."""
@@ -431,47 +393,3 @@ class InferenceServer:
         if not gone:
             error.receipt = envelope  # type: ignore[attr-defined]  # _send_error sends it
         return error
-
-    async def _await_ack(
-        self, stream: P2PStream, conn: InferenceConnection, receipt_digest: bytes, bookings: trio.Nursery
-    ) -> object | None:
-        """Book the client's counter-signature if it comes soon; it is optional.
-        Returns the frame that came instead when it is the next request of a session
-        (the client skipped the ack), else None.
-
-        The acknowledgement is read like the request (``Intake.read_frame``): one
-        deadline, ``ack-timeout``, for the whole frame, its bytes charged to the byte
-        budgets, and a header announcing more than ``_MAX_ACK_FRAME`` refused unread,
-        so a peer dripping a huge "ack" holds nothing for long. On a session stream the
-        frame may be the next request instead, so it may be as large as a request; the
-        budgets and the deadline bound it the same way.
-        """
-        max_size = MAX_FRAME_SIZE if conn.session else _MAX_ACK_FRAME
-        try:
-            event = await self.intake.read_frame(
-                stream, conn, timeout=self.config.ack_timeout, what="acknowledgement", max_size=max_size
-            )
-        except LoomError as exc:
-            log.debug("no receipt acknowledgement from %s: %s", stream.remote_peer, exc)
-            return None
-        if isinstance(event, RequestFrame):
-            return event
-        if not isinstance(event, AckFrame):
-            return None
-        try:
-            ack, signer = open_envelope(SignedKind.RECEIPT_ACK, event.envelope)
-        except LoomError as exc:
-            log.info("bad receipt acknowledgement from %s: %s", stream.remote_peer, exc)
-            return None
-        assert isinstance(ack, ReceiptAck)
-        if signer == stream.remote_peer and ack.receipt_digest == receipt_digest:
-            bookings.start_soon(self._book_ack, receipt_digest, event.envelope)
-        return None
-
-    async def _book_ack(self, receipt_digest: bytes, ack: Envelope) -> None:
-        """Book a counter-signature; shielded (a shutdown does not drop it), never raises."""
-        with trio.CancelScope(shield=True):
-            try:
-                await self.ledger.record_ack(receipt_digest, ack)
-            except LoomError as exc:
-                log.error("could not book the acknowledgement of a receipt: %s", exc)
