@@ -53,7 +53,6 @@ from loomnet.protocol import (
     LoomError,
     NetworkError,
     NetworkTimeout,
-    ProtocolError,
     Receipt,
     ReceiptFrame,
     RemoteError,
@@ -61,15 +60,14 @@ from loomnet.protocol import (
     Role,
     SignedKind,
     StreamFrame,
-    StreamState,
     StreamTruncated,
-    ToolCall,
     generation_fields,
     seal,
 )
 
 from ._frame_io import FrameIO, FrameReadTimeout
-from ._session_pool import SessionLease
+from ._session_pool import SessionLease, SessionPool
+from ._answer import AnswerParts
 from ._events import Attempt, ChatEvent, Done, ReasoningDelta, TextDelta, ToolCallsDelta, Usage
 from ._offers import Offer
 from ._request_check import check_request
@@ -127,12 +125,10 @@ class ChatStream:
         self._conn = InferenceConnection(Role.CLIENT)
         self._stream: ByteStream | None = None
         self._lease: SessionLease | None = None
+        #: the kit's session pool, or one that opens a one-request stream each time
+        self._pool = kit.sessions or SessionPool(kit.opener, protocols=(INFER_PROTOCOL,), max_idle_per_peer=0)
         self._request_frame: RequestFrame | None = None
-        self._texts: list[str] = []  # non-empty ones only; progress chunks are only counted
-        self._reasoning: list[str] = []
-        self._chunks = 0
-        self._answer_bytes = 0
-        self._tool_calls: list[ToolCall] = []
+        self._answer = AnswerParts(kit.max_answer_bytes)
         self._queued: deque[ChatEvent] = deque()
         self._request_payload = b""
         self._frames = 0
@@ -161,7 +157,7 @@ class ChatStream:
     def has_content(self) -> bool:
         """Whether any text, reasoning or tool call has arrived: from then on a failure
         ends the stream, it is never retried elsewhere."""
-        return bool(self._texts or self._reasoning or self._tool_calls)
+        return self._answer.has_content
 
     def _request(self) -> InferenceRequest:
         opts = self._options
@@ -211,16 +207,8 @@ class ChatStream:
         here or at its first byte; the same request then goes once more on a new stream
         (``_retry_stale``)."""
         deadlines = self._kit.deadlines
-        pool = self._kit.sessions
-        addrs = list(self.offer.advert.addrs)
-        connect = self._left(deadlines.connect)
-        if pool is None:
-            stream = await self._kit.opener.open_stream(self.executor, INFER_PROTOCOL, addrs=addrs, timeout=connect)
-            self._lease = SessionLease(self.executor, stream, InferenceConnection(Role.CLIENT), reused=False)
-        elif fresh:
-            self._lease = await pool.open(self.executor, addrs=addrs, timeout=connect)
-        else:
-            self._lease = await pool.lease(self.executor, addrs=addrs, timeout=connect)
+        open_lease = self._pool.open if fresh else self._pool.lease
+        self._lease = await open_lease(self.executor, addrs=list(self.offer.advert.addrs), timeout=self._left(deadlines.connect))
         self._stream, self._conn = self._lease.stream, self._lease.conn
         try:
             data = self._conn.send(self._request_frame)
@@ -238,11 +226,10 @@ class ChatStream:
         request again on a new stream, once. Returns False when that does not apply."""
         lease = self._lease
         if (
-            lease is None or not lease.reused or self._frames or self._kit.sessions is None
-            or isinstance(exc, NetworkTimeout) or not isinstance(exc, (NetworkError, StreamTruncated))
+            lease is None or not lease.reused or self._frames or isinstance(exc, NetworkTimeout) or not isinstance(exc, (NetworkError, StreamTruncated))
         ):
             return False
-        self._kit.sessions.note_stale_retry()
+        self._pool.note_stale_retry()
         await self._release()
         await self._send_request(fresh=True)
         return True
@@ -314,35 +301,12 @@ class ChatStream:
             return event
         raise NetworkTimeout(f"executor {self.executor[-8:]} sent no complete frame within the {what}")
 
-    def _hold(self, frame: ChunkFrame) -> None:
-        """Keep a chunk's parts, within the answer's byte bound: an executor may stream
-        without end until the total deadline, and nothing a peer sends may bloat us.
-
-        Raises:
-            ProtocolError: FRAME_TOO_LARGE once the answer passes ``max_answer_bytes``.
-        """
-        self._chunks += 1
-        self._answer_bytes += len(frame.text.encode("utf-8", "surrogatepass"))
-        self._answer_bytes += len(frame.reasoning.encode("utf-8", "surrogatepass"))
-        self._answer_bytes += sum(len(c.name) + len(c.arguments) + len(c.id) for c in frame.tool_calls)
-        if self._answer_bytes > self._kit.max_answer_bytes:
-            raise ProtocolError(
-                f"executor {self.executor[-8:]} streamed an answer over the client's "
-                f"{self._kit.max_answer_bytes}-byte maximum (max_answer_bytes)",
-                code=ErrorCode.FRAME_TOO_LARGE,
-            )
-        if frame.text:
-            self._texts.append(frame.text)
-        if frame.reasoning:
-            self._reasoning.append(frame.reasoning)
-        self._tool_calls.extend(frame.tool_calls)
-
     async def _step(self) -> None:
         """Read one frame and act on it: queue its deltas, settle, or fail."""
         with self._ending_on_error():
             frame = await self._next_frame()
             if isinstance(frame, ChunkFrame):
-                self._hold(frame)
+                self._answer.hold(frame, executor=self.executor)
                 if frame.reasoning:
                     self._queued.append(ReasoningDelta(frame.reasoning))
                 if frame.text:
@@ -424,10 +388,10 @@ class ChatStream:
             offer=self.offer,
             options=self._options,
             request_payload=self._request_payload,
-            text="".join(self._texts),
-            reasoning="".join(self._reasoning),
-            tool_calls=self._tool_calls,
-            chunks=self._chunks,
+            text=self._answer.text,
+            reasoning=self._answer.reasoning,
+            tool_calls=self._answer.tool_calls,
+            chunks=self._answer.chunks,
             booked=booked,
             ack_to=None if stream is None else (stream, self._conn),
             attempts=self.attempts,
@@ -442,12 +406,5 @@ class ChatStream:
 
     async def _release(self) -> None:
         lease, self._lease, self._stream = self._lease, None, None
-        if lease is None:
-            return
-        pool = self._kit.sessions
-        if pool is not None and pool.reusable(lease):
-            await pool.give_back(lease)
-        elif lease.conn.state in (StreamState.CLOSED, StreamState.SETTLING):
-            await lease.stream.close()
-        else:
-            await lease.stream.reset()
+        if lease is not None:
+            await self._pool.release(lease)

@@ -132,7 +132,8 @@ from ._p2p_gossip import (
     wait_for_queue_room,
 )
 from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, prompt_cleanup, redial_only
-from ._p2p_guard import PeerGuard, guard_inbound, guarded_muxer, use_muxer
+from ._p2p_guard import PeerGuard, guarded_muxer
+from ._p2p_swarm import guard_inbound, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
     GossipMessage,

@@ -93,12 +93,21 @@ class SessionPool:
         idle_timeout: seconds an idle session is kept for reuse.
         max_idle_per_peer: idle sessions kept per executor.
         max_idle: idle sessions kept in all.
+        protocols: asked for, best first (``/loomnet/infer/1`` alone: a one-request
+            stream each time, never kept).
     """
 
     def __init__(
-        self, opener: StreamOpener, *, idle_timeout: float = 20.0, max_idle_per_peer: int = 8, max_idle: int = 256
+        self,
+        opener: StreamOpener,
+        *,
+        idle_timeout: float = 20.0,
+        max_idle_per_peer: int = 8,
+        max_idle: int = 256,
+        protocols: tuple[str, ...] = SESSION_PROTOCOLS,
     ) -> None:
         self.opener = opener
+        self.protocols = protocols
         self.idle_timeout = idle_timeout
         self.max_idle_per_peer = max_idle_per_peer
         self.max_idle = max_idle
@@ -130,7 +139,8 @@ class SessionPool:
 
     async def open(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
         """A new stream to ``peer``, never an idle one (a stale session's retry)."""
-        stream = await self.opener.open_stream(peer, SESSION_PROTOCOLS, addrs=addrs, timeout=timeout)
+        wanted = self.protocols[0] if len(self.protocols) == 1 else self.protocols  # one id: as openers always took it
+        stream = await self.opener.open_stream(peer, wanted, addrs=addrs, timeout=timeout)
         session = getattr(stream, "protocol", INFER_PROTOCOL) == INFER_SESSION_PROTOCOL
         self._stats["opened"] += 1
         self._stats["opened_single"] += not session
@@ -149,10 +159,22 @@ class SessionPool:
             lease.settled and lease.conn.session and lease.conn.state is StreamState.IDLE and lease.conn.requests > 0
         )
 
+    async def release(self, lease: SessionLease) -> None:
+        """The end of ``lease``'s exchange: kept for the next request when
+        ``reusable``; else closed when no answer is in progress (the executor reads the
+        end between requests and ends the session cleanly); else reset, so the executor
+        stops generating. Never raises."""
+        if self.reusable(lease):
+            await self.give_back(lease)
+        elif lease.conn.state in (StreamState.IDLE, StreamState.CLOSED, StreamState.SETTLING):
+            await lease.stream.close()
+        else:
+            await lease.stream.reset()
+
     async def give_back(self, lease: SessionLease) -> None:
         """Keep ``lease`` for the next request to its executor, or close it.
 
-        Call only when the exchange ended (``reusable``); never raises.
+        Call when the exchange ended cleanly (``reusable``; else it is closed); never raises.
         """
         if not self.reusable(lease):
             await lease.stream.close()

@@ -409,4 +409,4 @@ async def test_progress_chunks_are_counted_not_kept(client):
 
     deltas, stream, _ = await run_chat(client, FakeExecutor(), script)
     assert stream.result.text == "Hi" and stream.result.receipt.chunks == 501
-    assert stream._texts == ["Hi"]  # 500 progress chunks cost a counter, not a list entry each
+    assert stream._answer._texts == ["Hi"]  # 500 progress chunks cost a counter, not a list entry each
