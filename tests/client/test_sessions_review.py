@@ -11,32 +11,24 @@ nothing more on that session may be taken for a request.
 
 from __future__ import annotations
 
-import os
-import time
 
 import pytest
 import trio
 import trio.testing
 
-from loomnet.client._memory_stream import stream_pair
 from loomnet.protocol import (
     INFER_SESSION_PROTOCOL,
-    NEED_DATA,
     ChatMessage,
     ChunkFrame,
     EndOfStream,
     ErrorCode,
     ErrorFrame,
     InferenceConnection,
-    InferenceRequest,
     ReceiptFrame,
-    RequestFrame,
     Role,
-    SignedKind,
-    seal,
 )
 
-from ..node.server_harness import Finished, Harness, ScriptedBackend, TextDelta, events, warm_tokens
+from ..node.server_harness import Finished, Harness, ScriptedBackend, TextDelta, events, next_frame, warm_tokens
 
 HELLO = [ChatMessage("user", "Hello?")]
 
@@ -56,20 +48,6 @@ async def start(tmp_path, **settings) -> Harness:
     return await Harness.start(tmp_path, [backend], ledger=":memory:", **settings)
 
 
-def request_frame(harness: Harness, conn: InferenceConnection, messages=HELLO) -> bytes:
-    request = InferenceRequest(
-        audience=harness.executor_key.peer_id, nonce=os.urandom(16), created_at=time.time(), model="m1",
-        messages=messages,
-    )  # fmt: skip
-    return conn.send(RequestFrame(seal(SignedKind.REQUEST, request, harness.client_key)))
-
-
-async def next_frame(stream, conn: InferenceConnection):
-    while (event := conn.next_event()) is NEED_DATA:
-        conn.receive_data(await stream.receive_some(timeout=60))
-    return event
-
-
 async def test_a_request_refused_for_arriving_late_is_not_served_afterwards(tmp_path, autojump_clock):
     """A request frame that does not arrive whole within ``request-read-timeout`` is
     answered ``REQUEST_TIMEOUT`` (the client's request is over: its conn goes back to
@@ -84,13 +62,12 @@ async def test_a_request_refused_for_arriving_late_is_not_served_afterwards(tmp_
     the old request's chunks and receipt as its own answer.
     """
     harness = await start(tmp_path, request_read_timeout=2.0)
-    client_end, executor_end = stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id,
-                                           INFER_SESSION_PROTOCOL)  # fmt: skip
+    client_end, executor_end = harness.session()
     conn = InferenceConnection(Role.CLIENT, session=True)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(harness.server.handle, executor_end)
-            data = request_frame(harness, conn)
+            data = harness.request_frame(conn)
             await client_end.send_all(data[:100], timeout=5)  # the link is slow: part of it now
             first = await next_frame(client_end, conn)
             assert isinstance(first, ErrorFrame) and first.code == ErrorCode.REQUEST_TIMEOUT
@@ -130,28 +107,26 @@ async def test_a_session_refused_mid_frame_for_the_byte_budget_serves_the_next_r
         async with trio.open_nursery() as nursery:
             held = 0
             while held + 700_000 <= per_peer:  # streams A...: each a large request, only its header and a little sent
-                a_client, a_executor = stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id,
-                                                   INFER_SESSION_PROTOCOL)  # fmt: skip
+                a_client, a_executor = harness.session()
                 nursery.start_soon(harness.server.handle, a_executor)
                 a_conn = InferenceConnection(Role.CLIENT, session=True)
-                data = request_frame(harness, a_conn, big)
+                data = harness.request_frame(a_conn, big)
                 await a_client.send_all(data[:1000], timeout=5)
                 a_streams.append(a_client)
                 held += len(data)
             await trio.sleep(0.1)
             assert harness.server.intake.statistics().announced_bytes == held
 
-            b_client, b_executor = stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id,
-                                               INFER_SESSION_PROTOCOL)  # fmt: skip
+            b_client, b_executor = harness.session()
             nursery.start_soon(harness.server.handle, b_executor)
             b_conn = InferenceConnection(Role.CLIENT, session=True)
-            await b_client.send_all(request_frame(harness, b_conn, big), timeout=5)
+            await b_client.send_all(harness.request_frame(b_conn, big), timeout=5)
             refusal = await next_frame(b_client, b_conn)
             assert isinstance(refusal, ErrorFrame) and refusal.code == ErrorCode.PEER_LIMIT and refusal.retryable
             assert b_conn.state.value == "idle"  # both sides: the session waits for the next request
 
             # the next request on the same session: a small one, well within every budget
-            await b_client.send_all(request_frame(harness, b_conn), timeout=5)
+            await b_client.send_all(harness.request_frame(b_conn), timeout=5)
             frames = []
             while True:
                 try:

@@ -23,6 +23,7 @@ from loomnet.node._server import InferenceServer
 from loomnet.node.backends._base import Backend, ChatParams, Finished, ModelInfo, ReasoningDelta, StreamEvent, TextDelta, Usage
 from loomnet.node.config import ExecutorConfig
 from loomnet.protocol import (
+    INFER_SESSION_PROTOCOL,
     NEED_DATA,
     AckFrame,
     ChatMessage,
@@ -194,8 +195,25 @@ class Harness:
             answer = await end.read_answer(ack=ack)
         return answer
 
+    def session(self) -> tuple[MemoryP2PStream, MemoryP2PStream]:
+        """``(client_end, executor_end)`` of a new session stream (``/loomnet/infer/2``)."""
+        return stream_pair(self.client_key.peer_id, self.executor_key.peer_id, INFER_SESSION_PROTOCOL)
+
+    def request_frame(self, conn: InferenceConnection, model: str = "m1", messages: list[ChatMessage] = HELLO,
+                      **fields: object) -> bytes:  # fmt: skip
+        """A signed request for ``model``, as ``conn`` sends it."""
+        request = self.request(model, messages, **fields)
+        return conn.send(RequestFrame(seal(SignedKind.REQUEST, request, self.client_key)))
+
     async def aclose(self) -> None:
         await self.server.ledger.aclose()
+
+
+async def next_frame(stream: MemoryP2PStream, conn: InferenceConnection, timeout: float = 60.0):
+    """The next event ``conn`` yields from ``stream``, a whole frame or the end."""
+    while (event := conn.next_event()) is NEED_DATA:
+        conn.receive_data(await stream.receive_some(timeout=timeout))
+    return event
 
 
 # --------------------------------------------------------------------- scripted backends
@@ -273,6 +291,6 @@ def events(*items: StreamEvent | float) -> Callable[[ChatParams], AsyncIterator[
 
 
 __all__ = [
-    "HELLO", "NO_HIDDEN_LIMIT", "warm_tokens", "Answer", "ClientEnd", "Harness", "ScriptedBackend", "events",
+    "HELLO", "NO_HIDDEN_LIMIT", "warm_tokens", "Answer", "ClientEnd", "Harness", "ScriptedBackend", "events", "next_frame",
     "Finished", "ReasoningDelta", "TextDelta", "Usage",
 ]

@@ -7,22 +7,18 @@ The real ``InferenceServer`` over in-memory streams, under trio's autojump clock
 
 from __future__ import annotations
 
-import os
-import time
 
 import pytest
 import trio
 import trio.testing
 
 from loomnet.protocol import (
-    INFER_SESSION_PROTOCOL,
     NEED_DATA,
     EndOfStream,
     ErrorCode,
     ProtocolError,
     ErrorFrame,
     InferenceConnection,
-    InferenceRequest,
     ReceiptFrame,
     RequestFrame,
     Role,
@@ -51,26 +47,13 @@ async def start(tmp_path, backend=None, **settings) -> Harness:
     return await Harness.start(tmp_path, [backend], ledger=":memory:", **settings)
 
 
-def session(harness: Harness):
-    return stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id, INFER_SESSION_PROTOCOL)
-
-
-def request(harness: Harness, **fields) -> InferenceRequest:
-    values = dict(
-        audience=harness.executor_key.peer_id, nonce=os.urandom(16), created_at=time.time(), model="m1",
-        messages=HELLO,
-    )
-    values.update(fields)
-    return InferenceRequest(**values)
-
-
 async def test_a_session_that_never_sends_a_request_ends_after_the_request_deadline(tmp_path, autojump_clock):
     # On a one-request stream, a peer that sends nothing is dropped after
     # request-read-timeout. On a session the REQUEST_TIMEOUT error frame took the
     # machine IDLE -> IDLE, so the handler read again with a fresh deadline, forever:
     # a peer held its stream slots (and a handler task each) for free, for ever.
     harness = await start(tmp_path, request_read_timeout=10.0, session_idle_timeout=60.0)
-    client, executor = session(harness)
+    client, executor = harness.session()
     done = trio.Event()
 
     async def serve():
@@ -97,7 +80,7 @@ async def test_a_request_not_whole_in_time_ends_the_session_and_holds_no_uncharg
     # new deadline and a new (misread) header. One peer could hold ~1 MiB per stream
     # past max-request-bytes, and drip a frame for ever.
     harness = await start(tmp_path, request_read_timeout=10.0, session_idle_timeout=60.0)
-    client, executor = session(harness)
+    client, executor = harness.session()
     done = trio.Event()
     announced = 1 << 20
 
@@ -131,7 +114,7 @@ async def test_a_request_pipelined_during_the_answer_ends_the_session(tmp_path, 
     # docs/protocol.md: a protocol violation ends the session.
     slow = ScriptedBackend(events(TextDelta("a"), 2.0, TextDelta("b"), Finished(finish_reason="stop")))
     harness = await start(tmp_path, slow, request_read_timeout=10.0)
-    client, executor = session(harness)
+    client, executor = harness.session()
     conn = InferenceConnection(Role.CLIENT, session=True)
     done = trio.Event()
 
@@ -147,9 +130,9 @@ async def test_a_request_pipelined_during_the_answer_ends_the_session(tmp_path, 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve)
-            await client.send_all(conn.send(RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))), timeout=5)
+            await client.send_all(conn.send(RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", HELLO), harness.client_key))), timeout=5)
             await next_event()  # the first chunk
-            second = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+            second = RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", HELLO), harness.client_key))
             await client.send_all(encode_frame(encode_frame_body(second)), timeout=5)  # pipelined
             error = await next_event()
             assert isinstance(error, ErrorFrame) and error.code == ErrorCode.UNEXPECTED_FRAME
@@ -193,9 +176,9 @@ async def test_a_request_refused_for_its_deadline_is_never_served_afterwards(tmp
     # client it refused, on a session the client now holds as idle: the client's next
     # request there reads that answer as its own.
     harness = await start(tmp_path, request_read_timeout=10.0)
-    client, executor = session(harness)
+    client, executor = harness.session()
     conn = InferenceConnection(Role.CLIENT, session=True)
-    signed = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+    signed = RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", HELLO), harness.client_key))
     frame = conn.send(signed)
     try:
         async with trio.open_nursery() as nursery:
@@ -217,10 +200,10 @@ async def test_a_request_evicted_from_the_budget_is_never_served_afterwards(tmp_
     # it in the session's decoder: the executor serves it after all.
     limit = (1 << 20) + 4
     harness = await start(tmp_path, request_read_timeout=10.0, max_request_bytes=limit, max_request_bytes_per_peer=limit)
-    client, executor = session(harness)
+    client, executor = harness.session()
     flooder, flooded = stream_pair("12D3KooWFlooderFlooderFlooderFlooderFlooderFlood", harness.executor_key.peer_id)
     conn = InferenceConnection(Role.CLIENT, session=True)
-    signed = RequestFrame(seal(SignedKind.REQUEST, request(harness, messages=[HELLO[0]] * 40), harness.client_key))
+    signed = RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", [HELLO[0]] * 40), harness.client_key))
     frame = conn.send(signed)
 
     async def flood():
@@ -251,7 +234,7 @@ async def test_an_ack_and_the_next_request_in_one_write_are_both_taken_and_a_rep
     from loomnet.protocol import AckFrame, ReceiptAck, digest
 
     harness = await start(tmp_path)
-    client, executor = session(harness)
+    client, executor = harness.session()
     conn = InferenceConnection(Role.CLIENT, session=True)
 
     async def answer(c, s):
@@ -261,7 +244,7 @@ async def test_an_ack_and_the_next_request_in_one_write_are_both_taken_and_a_rep
             if isinstance(event, (ReceiptFrame, ErrorFrame)):
                 return event
 
-    first = RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key))
+    first = RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", HELLO), harness.client_key))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(harness.server.handle, executor)
@@ -270,7 +253,7 @@ async def test_an_ack_and_the_next_request_in_one_write_are_both_taken_and_a_rep
             assert isinstance(receipt, ReceiptFrame)
             ack = ReceiptAck(receipt_digest=digest(receipt.envelope.payload), accepted_at=1.0, client_output_tokens=2)
             data = conn.send(AckFrame(seal(SignedKind.RECEIPT_ACK, ack, harness.client_key)))
-            data += conn.send(RequestFrame(seal(SignedKind.REQUEST, request(harness), harness.client_key)))
+            data += conn.send(RequestFrame(seal(SignedKind.REQUEST, harness.request("m1", HELLO), harness.client_key)))
             await client.send_all(data, timeout=5)  # one write
             assert isinstance(await answer(conn, client), ReceiptFrame)
             # the first request again, on a one-request stream: the replay guard is shared

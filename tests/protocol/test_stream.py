@@ -17,7 +17,7 @@ from loomnet.protocol import (
     StreamTruncated,
     UnexpectedFrame,
 )
-from loomnet.protocol._stream import _TRANSITIONS, _EOF
+from loomnet.protocol._stream import _EOF, _SESSION_TRANSITIONS, _TRANSITIONS
 
 ENV = Envelope(payload=b"p", signer=b"s" * 32, sig=b"g" * 64)
 
@@ -118,22 +118,23 @@ def test_total_bytes_are_bounded():
 FRAMES = [RequestFrame, ChunkFrame, ReceiptFrame, ErrorFrame, AckFrame, _EOF]
 
 
-@given(st.sampled_from(list(StreamState)), st.sampled_from(FRAMES))
-def test_every_state_input_pair_transitions_or_fails(state, kind):
-    conn = InferenceConnection(Role.CLIENT)
+@given(st.sampled_from(list(StreamState)), st.sampled_from(FRAMES), st.booleans())
+def test_every_state_input_pair_transitions_or_fails(state, kind, session):
+    conn = InferenceConnection(Role.CLIENT, session=session)
+    table = _SESSION_TRANSITIONS if session else _TRANSITIONS
     conn.state = state
-    if (state, kind) in _TRANSITIONS:
+    if (state, kind) in table:
         conn._advance(kind, None)
-        assert conn.state is _TRANSITIONS[(state, kind)]
+        assert conn.state is table[(state, kind)]
     else:
         with pytest.raises(ProtocolError):
             conn._advance(kind, None)
         assert conn.state is StreamState.FAILED
 
 
-@given(st.binary(max_size=300), st.sampled_from(list(Role)))
-def test_arbitrary_bytes_into_a_connection_raise_only_protocol_errors(data, role):
-    conn = InferenceConnection(role)
+@given(st.binary(max_size=400), st.sampled_from(list(Role)), st.booleans())
+def test_arbitrary_bytes_into_a_connection_raise_only_protocol_errors(data, role, session):
+    conn = InferenceConnection(role, session=session)
     try:
         conn.receive_data(data)
         conn.receive_data(b"")

@@ -1,8 +1,9 @@
 """The session variant of the inference stream (``/loomnet/infer/2``): many requests, one
-after another, on one stream; each exchange exactly as strict as a one-request stream."""
+after another, on one stream; each exchange exactly as strict as a one-request stream.
+(The property tests over every state and over arbitrary bytes cover sessions too, in
+``test_stream.py``.)"""
 
 import pytest
-from hypothesis import given, strategies as st
 
 from loomnet.protocol import (
     AckFrame,
@@ -18,7 +19,7 @@ from loomnet.protocol import (
     StreamTruncated,
     UnexpectedFrame,
 )
-from loomnet.protocol._stream import _EOF, _SESSION_TRANSITIONS, _TRANSITIONS
+from loomnet.protocol._stream import _EOF, _TRANSITIONS
 
 from .test_stream import ENV
 
@@ -122,31 +123,3 @@ def test_a_one_request_stream_is_unchanged():
         conn.send(RequestFrame(ENV))  # one request per /loomnet/infer/1 stream
     for key in ((StreamState.SETTLING, RequestFrame), (StreamState.IDLE, _EOF)):
         assert key not in _TRANSITIONS
-
-
-FRAMES = [RequestFrame, ChunkFrame, ReceiptFrame, ErrorFrame, AckFrame, _EOF]
-
-
-@given(st.sampled_from(list(StreamState)), st.sampled_from(FRAMES))
-def test_every_session_state_input_pair_transitions_or_fails(state, kind):
-    conn = InferenceConnection(Role.CLIENT, session=True)
-    conn.state = state
-    if (state, kind) in _SESSION_TRANSITIONS:
-        conn._advance(kind, None)
-        assert conn.state is _SESSION_TRANSITIONS[(state, kind)]
-    else:
-        with pytest.raises(ProtocolError):
-            conn._advance(kind, None)
-        assert conn.state is StreamState.FAILED
-
-
-@given(st.binary(max_size=400), st.sampled_from(list(Role)))
-def test_arbitrary_bytes_into_a_session_raise_only_protocol_errors(data, role):
-    conn = InferenceConnection(role, session=True)
-    try:
-        conn.receive_data(data)
-        conn.receive_data(b"")
-        while not isinstance(conn.next_event(), EndOfStream):
-            pass
-    except ProtocolError:
-        assert conn.state is StreamState.FAILED
