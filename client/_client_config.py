@@ -91,6 +91,13 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: a spending limit per period (``[budget]``: amount, period, warn-at); None = none
     budget: BudgetConfig | None = None
 
+    def __post_init__(self) -> None:
+        # Meta constraints hold when a config is decoded; a config built in code is checked here
+        if not self.session_idle_timeout > 0:  # NaN too
+            raise ValueError("session-idle-timeout must be positive")
+        if not 0 <= self.max_idle_sessions <= 64:
+            raise ValueError("max-idle-sessions must be from 0 to 64")
+
     @property
     def deadlines(self) -> Deadlines:
         return Deadlines(

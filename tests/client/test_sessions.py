@@ -319,3 +319,19 @@ async def test_the_next_request_of_a_session_does_not_wait_for_the_last_ack_to_b
                 await trio.sleep(0.5)
 
     await run_client(tmp_path, book, body)
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"session_idle_timeout": 0.0}, "session-idle-timeout must be positive"),
+        ({"session_idle_timeout": float("nan")}, "session-idle-timeout must be positive"),
+        ({"max_idle_sessions": -1}, "max-idle-sessions must be from 0 to 64"),
+        ({"max_idle_sessions": 65}, "max-idle-sessions must be from 0 to 64"),
+    ],
+)
+def test_session_settings_out_of_range_are_refused_naming_the_key(fields, says):
+    from loomnet.client import ClientConfig
+
+    with pytest.raises(ValueError, match=says):
+        ClientConfig(**fields)

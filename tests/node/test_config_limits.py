@@ -39,6 +39,8 @@ def test_keys_are_kebab_case_in_toml_and_overridable_from_the_environment(tmp_pa
         ("max-connections", 0, "max-connections must be at least 1"),
         ("max-connections-per-peer", 0, "max-connections-per-peer must be at least 1"),
         ("max-streams-per-peer", -1, "max-streams-per-peer must be at least 1"),
+        ("max-streams-per-connection", 0, "max-streams-per-connection must be at least 1"),
+        ("session-idle-timeout", 0, "session-idle-timeout must be positive"),
         ("max-request-bytes-per-peer", MAX_FRAME_SIZE, "must hold one maximal request"),
         ("max-request-bytes", MAX_FRAME_SIZE + 4, "at least max-request-bytes-per-peer"),
         ("max-unread-bytes-per-connection", 1000, "at least 262144"),
