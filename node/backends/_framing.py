@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, aclosing
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import httpx
 import msgspec
@@ -213,7 +213,7 @@ async def drain(chunks: AsyncIterator[bytes], *, limit: int | None = None, secon
     return False
 
 
-async def iter_sse(response: httpx.Response, done: Callable[[], bool] = lambda: False) -> AsyncIterator[SSEEvent]:
+def iter_sse(response: httpx.Response, done: Callable[[], bool] = lambda: False) -> AsyncIterator[SSEEvent]:
     """The events of a streamed SSE body, until ``done()`` is true after an event; then
     the rest of the body is drained (see :func:`drain`) and the iteration ends.
 
@@ -221,38 +221,30 @@ async def iter_sse(response: httpx.Response, done: Callable[[], bool] = lambda: 
         BackendError: ``BACKEND_ERROR`` for a line over :data:`MAX_LINE` bytes.
         httpx.HTTPError: a read failed (``HttpBackend.map_errors`` maps it).
     """
-    decoder = SSEDecoder()
-    chunks = response.aiter_bytes()
-    async for chunk in chunks:
-        for event in decoder.feed(chunk):
-            yield event
-            if done():
-                await drain(chunks)
-                return
-    for event in decoder.end():
-        yield event
-        if done():
-            return
+    return _iter_decoded(response, SSEDecoder(), done)
 
 
-async def iter_ndjson(response: httpx.Response, done: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
+def iter_ndjson(response: httpx.Response, done: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:
     """The non-blank lines of a streamed NDJSON body, until ``done()`` is true after a
     line; then the rest of the body is drained (see :func:`drain`).
 
-    Raises:
-        BackendError: ``BACKEND_ERROR`` for a line over :data:`MAX_LINE` bytes.
-        httpx.HTTPError: a read failed (``HttpBackend.map_errors`` maps it).
+    Raises: as :func:`iter_sse`.
     """
-    decoder = NDJSONDecoder()
+    return _iter_decoded(response, NDJSONDecoder(), done)
+
+
+async def _iter_decoded(response: httpx.Response, decoder: Any, done: Callable[[], bool]) -> AsyncIterator[Any]:
+    """What ``decoder`` (``feed(bytes)`` and ``end()``, each a list of items) makes of
+    the body, item by item, until ``done()``; then the rest is drained."""
     chunks = response.aiter_bytes()
     async for chunk in chunks:
-        for line in decoder.feed(chunk):
-            yield line
+        for item in decoder.feed(chunk):
+            yield item
             if done():
                 await drain(chunks)
                 return
-    for line in decoder.end():
-        yield line
+    for item in decoder.end():
+        yield item
         if done():
             return
 
