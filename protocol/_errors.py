@@ -139,6 +139,12 @@ class ErrorCode(enum.IntEnum):
     #: A bug: an error no other code describes.
     INTERNAL = 503
 
+    # 6xx: the HTTP gateway (``loomnet gateway``)
+    #: The gateway requires a key and the request carries none, or one it does not know.
+    GATEWAY_UNAUTHORIZED = 600
+    #: The request body is larger than the gateway accepts.
+    REQUEST_TOO_LARGE = 601
+
 
 #: What a peer is told for an error whose own message is not for peers (see
 #: :attr:`LoomError.peer_message`): loomnet's words, one line per code.
