@@ -1,0 +1,62 @@
+"""The gateway's configuration: where it listens, who may use it, what each may spend."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from .._budget import BudgetConfig
+from .._client_config import ClientConfig
+
+__all__ = ["DEFAULT_PORT", "GatewayConfig", "GatewayKey"]
+
+#: the gateway's default TCP port (not taken by the runtimes loomnet sits next to:
+#: Ollama 11434, LM Studio 1234, llama.cpp 8080, vLLM and llama-cpp-python 8000)
+DEFAULT_PORT = 8400
+
+
+class GatewayKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
+    """One bearer key of the gateway's users (``[[keys]]`` in its TOML).
+
+    ``key`` is a secret: write ``key = "${MY_KEY_VAR}"`` in the file, never the key; it
+    never appears in ``repr``, logs, responses or errors. ``name`` is what the ledger
+    books the key's receipts under (its *account*) and what logs name.
+    """
+
+    name: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    key: Annotated[str, Meta(min_length=16, max_length=512)]
+    #: what this key may spend per period (micro-credits); None: no limit of its own
+    budget: BudgetConfig | None = None
+
+    def __repr__(self) -> str:  # never show the key
+        return f"GatewayKey(name={self.name!r}, key=<set>, budget={self.budget!r})"
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
+    """How ``loomnet gateway`` serves. The client it routes through is ``client``."""
+
+    #: 127.0.0.1 by default: only this machine. Listening wider without keys exposes the
+    #: client's budget to the whole network; the CLI warns.
+    host: str = "127.0.0.1"
+    #: 0: any free port (the URL printed at start says which)
+    port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
+    #: none: anyone who can reach the port may use the gateway (the default on 127.0.0.1)
+    keys: Annotated[list[GatewayKey], Meta(max_length=10_000)] = []
+    #: the largest request body accepted, bytes (images travel inline, base64)
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 32 * 1024 * 1024
+    client: ClientConfig = ClientConfig()
+
+    def __post_init__(self) -> None:
+        names = [k.name for k in self.keys]
+        if len(set(names)) != len(names):
+            raise ValueError("gateway key names must be unique")
+        if len({k.key for k in self.keys}) != len(self.keys):
+            raise ValueError("two gateway keys have the same secret")  # never says which: it is a secret
+        if not 1024 <= self.max_body_bytes <= 1 << 30:
+            raise ValueError("max-body-bytes must be from 1024 to 1073741824")
+
+    def __repr__(self) -> str:
+        return (f"GatewayConfig(host={self.host!r}, port={self.port}, keys=[{len(self.keys)} key(s)], "
+                f"max_body_bytes={self.max_body_bytes})")  # fmt: skip

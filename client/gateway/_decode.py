@@ -1,0 +1,76 @@
+"""Request bodies into msgspec Structs, with errors a caller can act on."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import TypeVar
+
+import msgspec
+
+from loomnet.protocol import ImagePart
+
+from ._errors import GatewayError
+
+__all__ = ["decode_body", "image_from_base64", "image_from_data_url"]
+
+T = TypeVar("T")
+_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def decode_body(body: bytes, kind: type[T]) -> T:
+    """``body`` (JSON) as a ``kind``.
+
+    Raises:
+        GatewayError: ``invalid_request``; ``param`` is the field's path
+            (``messages[0].content``) when one field is at fault.
+    """
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _PATH.search(text)
+        param = match.group(1) if match else None
+        raise GatewayError("invalid_request", f"invalid request body: {text}", param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise GatewayError("invalid_request", f"the request body is not valid JSON: {exc}") from None
+
+
+_DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]{1,40});base64,(.*)$", re.DOTALL | re.IGNORECASE)
+
+
+def image_from_base64(media_type: str, data: str, *, param: str) -> ImagePart:
+    """An image sent inline as base64.
+
+    Raises:
+        GatewayError: ``invalid_request`` naming ``param`` when the data is not base64.
+    """
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise GatewayError("invalid_request", "the image data is not valid base64", param=param) from None
+    if not raw:
+        raise GatewayError("invalid_request", "the image is empty", param=param)
+    return ImagePart(media_type=media_type.lower(), data=raw)
+
+
+def image_from_data_url(url: str, *, param: str) -> ImagePart:
+    """An image sent as a ``data:image/...;base64,`` URL.
+
+    The gateway never fetches a URL: deployments are often air-gapped, and a gateway that
+    fetched what a request names would let its callers reach the gateway's network.
+
+    Raises:
+        GatewayError: ``invalid_request`` naming ``param`` for any other URL.
+    """
+    match = _DATA_URL.match(url)
+    if match is None:
+        shown = url[:40] + ("..." if len(url) > 40 else "")
+        raise GatewayError(
+            "invalid_request",
+            f"images must be sent inline as data:image/<type>;base64,<data> URLs; the gateway never "
+            f"fetches a URL ({shown!r})",
+            param=param,
+        )
+    return image_from_base64(match.group(1), match.group(2), param=param)
