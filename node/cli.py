@@ -1,4 +1,5 @@
-"""The ``loomnet`` command: ``executor`` serves, ``chat`` and ``offers`` ask.
+"""The ``loomnet`` command: ``executor`` serves, ``chat`` and ``offers`` ask, ``gateway``
+serves the OpenAI and Anthropic HTTP APIs on the network.
 
 The client commands are thin over :mod:`loomnet.client`. Every failure prints one
 line, ``error [CODE NAME]: message``, and exits non-zero (1 for loomnet errors, 2 for
@@ -277,3 +278,5 @@ from ._cli_peers import peers as _peers  # noqa: E402  (registered here: it uses
 main.add_command(_peers)
 from ._cli_route import route as _route  # noqa: E402  (after main: it borrows this module's helpers)
 main.add_command(_route)
+from ._cli_gateway import gateway as _gateway  # noqa: E402
+main.add_command(_gateway)
