@@ -12,6 +12,7 @@ from ._budget import (
     BudgetExceeded as BudgetExceeded,
     BudgetStatistics as BudgetStatistics,
     BudgetWarning as BudgetWarning,
+    JointBudget as JointBudget,
 )
 from ._chat_stream import (
     ChatResult as ChatResult,
@@ -31,7 +32,12 @@ from ._events import (
 )
 from ._frame_io import FrameIO as FrameIO
 from ._identity_file import load_or_create_identity as load_or_create_identity
-from ._ledger import Ledger as Ledger, LedgerEntry as LedgerEntry, LedgerTotals as LedgerTotals
+from ._ledger import (
+    Ledger as Ledger,
+    LedgerEntry as LedgerEntry,
+    LedgerTotals as LedgerTotals,
+    check_account as check_account,
+)
 from ._ledger_writes import LedgerStatistics as LedgerStatistics
 from ._local import (
     local_executors as local_executors,
@@ -69,6 +75,7 @@ __all__ = [
     "ClientConfig",
     "Done",
     "FrameIO",
+    "JointBudget",
     "Ledger",
     "LedgerEntry",
     "LedgerStatistics",
@@ -96,6 +103,7 @@ __all__ = [
     "TokenCounter",
     "ToolCallsDelta",
     "Usage",
+    "check_account",
     "check_receipt",
     "default_data_dir",
     "fails_over",

@@ -60,7 +60,7 @@ from loomnet.protocol import (
     ReceiptError,
 )
 
-from ._budget import Budget, BudgetExceeded, Reservation
+from ._budget import Budget, BudgetExceeded, JointBudget, JointReservation, Reservation
 from ._chat_stream import ChatStream
 from ._events import Attempt
 from ._offers import Offer
@@ -118,7 +118,8 @@ class AttemptTracker:
     Args:
         health: the health table.
         offer: the executor and model tried.
-        reservation: the budget held for the attempt, or None without a budget.
+        reservation: the budget held for the attempt (in one budget or in several:
+            ``JointReservation``), or None without a budget.
         wall_clock: wall-clock seconds, for the budget's period.
     """
 
@@ -126,7 +127,7 @@ class AttemptTracker:
         self,
         health: Health,
         offer: Offer,
-        reservation: Reservation | None,
+        reservation: Reservation | JointReservation | None,
         *,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -233,7 +234,7 @@ async def open_first(
     *,
     shape: RequestShape,
     health: Health,
-    budget: Budget | None = None,
+    budget: Budget | JointBudget | None = None,
     max_attempts: int = 3,
     wall_clock: Callable[[], float] = time.time,
 ) -> ChatStream:
@@ -245,12 +246,14 @@ async def open_first(
             attempt).
         candidates: ranked, best first.
         shape: the request's padded prompt tokens and max tokens (for the worst case).
-        budget: reserve each attempt's worst case in it; None: no budget.
+        budget: reserve each attempt's worst case in it (a ``JointBudget``: in each of
+            its budgets); None: no budget.
         max_attempts: the most executors to send the request to.
 
     Raises:
         InvalidRequest: the request breaks the protocol's schema (nothing sent).
-        BudgetExceeded: no candidate's worst case fits what the budget has left.
+        BudgetExceeded: no candidate's worst case fits what the budget has left (of a
+            joint budget: the refusal of one that cannot cover the cheapest).
         NoOfferError: every candidate was benched or already tried (none sent).
         RemoteError, NetworkError, NetworkTimeout, ProtocolError: every attempt failed
             (the last one's error, naming them all; ``.attempts``), or one failed in a

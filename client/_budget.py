@@ -25,6 +25,16 @@ Warnings fire once per period per threshold (default 75 % and 90 % of the amount
 (``loomnet.client``, WARNING) per settle that crossed any. A threshold already passed
 when the client starts fires at start.
 
+**Accounts and joint budgets.** A budget may belong to an *account* (``Budget(...,
+account=)``): someone the client makes requests for, say a gateway's user, whose
+receipts the ledger books under that name; its spending at start is that account's
+accepted receipts this period (``LoomClient.account_budget``), and its refusals and log
+lines name it. A request made for an account must fit both the account's budget and the
+client's own: :class:`JointBudget` holds several budgets behind the one interface the
+attempt loop uses (``fits``, ``reserve``, ``refusal``): a candidate fits when it fits
+every one, a reservation holds the worst case in each (settled or released in each,
+exactly once), and a refusal is the one of a budget that cannot cover it.
+
 Periods are calendar periods in UTC: a day starts at 00:00, a week on Monday, a month
 on its first day. Time is an argument (wall-clock seconds, ``now``); nothing here reads
 a clock or does I/O.
@@ -43,7 +53,17 @@ from msgspec import Meta
 
 from loomnet.protocol import ErrorCode, LoomError
 
-__all__ = ["Budget", "BudgetConfig", "BudgetExceeded", "BudgetStatistics", "BudgetWarning", "Reservation", "period_bounds"]
+__all__ = [
+    "Budget",
+    "BudgetConfig",
+    "BudgetExceeded",
+    "BudgetStatistics",
+    "BudgetWarning",
+    "JointBudget",
+    "JointReservation",
+    "Reservation",
+    "period_bounds",
+]
 
 log = logging.getLogger("loomnet.client")
 
@@ -66,7 +86,8 @@ class BudgetExceeded(LoomError):
     before anything was sent. Not retryable until the period renews or the budget grows.
 
     ``needed`` is the reservation asked for (the cheapest candidate's worst case) and
-    ``left`` what the period had left, both micro-credits.
+    ``left`` what the period had left, both micro-credits; ``account`` is the account
+    whose budget refused (None: the client's own budget).
 
     .. versionadded:: issue 8
     """
@@ -74,12 +95,16 @@ class BudgetExceeded(LoomError):
     code = ErrorCode.BUDGET_EXCEEDED
     retryable = False
 
-    def __init__(self, message: str, *, needed: int, left: int, period_end: float) -> None:
+    def __init__(
+        self, message: str, *, needed: int, left: int, period_end: float, account: str | None = None
+    ) -> None:
         super().__init__(message)
         self.needed = needed
         self.left = left
         #: wall-clock seconds when the period renews
         self.period_end = period_end
+        #: whose budget refused: an account's, or None for the client's own
+        self.account = account
 
 
 class BudgetWarning(msgspec.Struct, frozen=True, kw_only=True):
@@ -156,6 +181,8 @@ class Budget:
         on_warning: the application's callback for :class:`BudgetWarning`; it runs in
             the task that settled the receipt and should not block (an exception it
             raises is logged, never raised into the chat).
+        account: the account this budget limits (named in refusals and log lines;
+            ``LoomClient.account_budget`` makes one); None: the client's own.
     """
 
     def __init__(
@@ -165,8 +192,11 @@ class Budget:
         spent: int,
         now: float,
         on_warning: Callable[[BudgetWarning], None] | None = None,
+        account: str | None = None,
     ) -> None:
         self.config = config
+        #: the account this budget limits; None: the client's own
+        self.account = account
         self._on_warning = on_warning
         self._start, self._end = period_bounds(config.period, now)
         self._spent = spent
@@ -215,13 +245,15 @@ class Budget:
         """The error for a request whose worst case of ``needed`` micro-credits does not fit."""
         amount, left = self.config.amount, self.left(now=now)
         ends = dt.datetime.fromtimestamp(self._end, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        whose = "" if self.account is None else f" for account {self.account!r}"
         return BudgetExceeded(
-            f"the {self.config.period}'s budget of {amount} micro-credits cannot cover this request's "
+            f"the {self.config.period}'s budget of {amount} micro-credits{whose} cannot cover this request's "
             f"worst case of {needed} micro-credits "
             f"(spent {self._spent}, reserved {self._reserved}, left {left}); it renews {ends}",
             needed=needed,
             left=left,
             period_end=self._end,
+            account=self.account,
         )
 
     def _settle(self, reserved: int, cost: int, *, now: float | None) -> None:
@@ -249,8 +281,8 @@ class Budget:
             return
         self._warned.update(reached)
         log.warning(
-            "budget: %d of this %s's %d micro-credits spent (%d%%), past the %d%% warning",
-            self._spent, self.config.period, amount, 100 * self._spent // max(amount, 1), round(reached[-1] * 100),
+            "budget%s: %d of this %s's %d micro-credits spent (%d%%), past the %d%% warning",
+            "" if self.account is None else f" of account {self.account!r}", self._spent, self.config.period, amount, 100 * self._spent // max(amount, 1), round(reached[-1] * 100),
         )  # fmt: skip
         if self._on_warning is None:
             return
@@ -267,3 +299,76 @@ class Budget:
                 self._on_warning(warning)
             except Exception:  # noqa: BLE001 - the application's bug must not fail a booked chat
                 log.exception("the budget warning callback failed")
+
+
+class JointReservation:
+    """One attempt's hold in each budget of a :class:`JointBudget`; settle or release it
+    exactly once (later calls do nothing), which settles or releases every part."""
+
+    def __init__(self, parts: list[Reservation], amount: int) -> None:
+        self._parts = parts
+        #: micro-credits held in each budget: the most the attempt may cost
+        self.amount = amount
+
+    def settle(self, cost: int, *, now: float) -> None:
+        """The attempt's accepted receipt cost ``cost``: spent in every budget."""
+        for part in self._parts:
+            part.settle(cost, now=now)
+
+    def release(self) -> None:
+        """The attempt ended with no accepted receipt: free it in every budget."""
+        for part in self._parts:
+            part.release()
+
+
+class JointBudget:
+    """Budgets one request must fit all at once (say an account's and the client's own;
+    see the module doc), with :class:`Budget`'s ``fits``/``reserve``/``refusal``.
+
+    Reserving never awaits, so it checks every budget and then holds the amount in each
+    with no other task in between: a reservation is in all of them or in none.
+
+    Args:
+        budgets: at least one; the first that cannot cover a request is the one whose
+            refusal the caller gets, so put the request's own (the account's) first.
+            The same budget given twice counts once.
+
+    Raises:
+        ValueError: no budget given.
+    """
+
+    def __init__(self, *budgets: Budget) -> None:
+        unique = list({id(b): b for b in budgets}.values())
+        if not unique:
+            raise ValueError("a joint budget needs at least one budget")
+        #: the budgets, in the order given (duplicates dropped)
+        self.budgets: tuple[Budget, ...] = tuple(unique)
+
+    def left(self, *, now: float) -> int:
+        """Micro-credits a reservation may take now: the least any budget has left."""
+        return min(b.left(now=now) for b in self.budgets)
+
+    def fits(self, amount: int, *, now: float) -> bool:
+        """Whether a reservation of ``amount`` micro-credits fits in every budget now."""
+        return all(b.fits(amount, now=now) for b in self.budgets)
+
+    def reserve(self, amount: int, *, now: float) -> JointReservation:
+        """Hold ``amount`` micro-credits in every budget until settled.
+
+        Raises:
+            BudgetExceeded: it does not fit in one of them (that one's refusal).
+            ValueError: a negative amount.
+        """
+        if amount < 0:
+            raise ValueError("a reservation cannot be negative")
+        if not self.fits(amount, now=now):
+            raise self.refusal(amount, now=now)
+        return JointReservation([b.reserve(amount, now=now) for b in self.budgets], amount)
+
+    def refusal(self, needed: int, *, now: float) -> BudgetExceeded:
+        """The refusal of the first budget that cannot cover ``needed`` micro-credits
+        (when each could by now, that of the one with the least left)."""
+        short = next((b for b in self.budgets if not b.fits(needed, now=now)), None)
+        if short is None:
+            short = min(self.budgets, key=lambda b: b.left(now=now))
+        return short.refusal(needed, now=now)

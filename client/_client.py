@@ -20,7 +20,9 @@ what the request itself needs) → **attempt** (``_attempt``: the first candidat
 turn until one starts answering; failover before the first content, never after) →
 **stream** → **settle** (the receipt checked, booked, counter-signed). An optional
 budget (``_budget``) reserves each attempt's worst-case cost and settles it from the
-receipt.
+receipt. A request made for an *account* (``stream_chat(account=, budget=)``, say a
+gateway's user) books its receipt under that account and must fit the account's budget
+(:meth:`LoomClient.account_budget`) as well as the client's own.
 
 Errors raise as themselves, never wrapped in an ``ExceptionGroup``, so
 ``except RemoteError:`` works around ``open_client`` as around any call. A request
@@ -48,17 +50,18 @@ from loomnet.protocol import (
     ErrorCode,
     GenerationOptions,
     InferenceRequest,
+    InvalidRequest,
     NoOfferError,
     SigningKey,
     generation_fields,
 )
 
 from ._attempt import open_first
-from ._budget import Budget, BudgetWarning, period_bounds
+from ._budget import Budget, BudgetConfig, BudgetWarning, JointBudget, period_bounds
 from ._chat_stream import ChatResult, ChatStream, RequestOptions, StreamKit, StreamOpener
 from ._client_config import ClientConfig, default_data_dir
 from ._identity_file import load_or_create_identity
-from ._ledger import Ledger
+from ._ledger import Ledger, check_account
 from ._local import local_executors
 from ._member import Member
 from ._offers import Offer
@@ -161,6 +164,53 @@ class LoomClient:
         spent = (await self.ledger.totals(status="accepted", since=start)).cost
         self.budget = Budget(config, spent=spent, now=now, on_warning=self._on_budget_warning)
 
+    async def account_budget(
+        self, account: str, config: BudgetConfig, *, on_warning: Callable[[BudgetWarning], None] | None = None
+    ) -> Budget:
+        """A budget for ``account`` (see ``_budget``): ``config``'s amount per period,
+        with what the account has spent this period already, its accepted receipts in
+        the ledger (``Ledger.totals(status="accepted", account=, since=)``), so it
+        survives restarts as the client's own budget does. Pass it as ``budget=`` with
+        ``account=`` to :meth:`stream_chat`; it applies on top of the client's own.
+        Warnings are logged naming the account, and go to ``on_warning`` when given.
+
+        Make one per account and keep it while the client runs: a second one for the
+        same account would not see the first one's reservations in flight.
+
+        Raises:
+            InvalidRequest: a bad account name (``field="account"``).
+            RuntimeError: the client is not running (no ledger open).
+            LedgerError: the ledger could not be read.
+        """
+        check_account(account)
+        if self.ledger is None:
+            raise RuntimeError("the client is not running: use open_client() or run()")
+        now = time.time()
+        start, _ = period_bounds(config.period, now)
+        spent = (await self.ledger.totals(status="accepted", since=start, account=account)).cost
+        return Budget(config, spent=spent, now=now, on_warning=on_warning, account=account)
+
+    def _spending(self, account: str | None, budget: Budget | None) -> Budget | JointBudget | None:
+        """What a request for ``account`` reserves in: ``budget`` (first: its refusal is
+        the one the caller gets when both are short) and the client's own, either, or none.
+
+        Raises:
+            InvalidRequest: a bad account name, or ``budget`` is another account's.
+        """
+        if account is not None:
+            check_account(account)
+        if budget is not None and budget.account is not None and budget.account != account:
+            raise InvalidRequest(
+                f"the budget is account {budget.account!r}'s, but the request is made for "
+                f"{'the client itself' if account is None else repr(account)}",
+                field="budget",
+            )
+        budgets = [b for b in (budget, self.budget) if b is not None]
+        if not budgets:
+            return None
+        joint = JointBudget(*budgets)
+        return joint.budgets[0] if len(joint.budgets) == 1 else joint
+
     def offers(self) -> list[Offer]:
         """The live offers, cheapest first."""
         return sorted(
@@ -215,13 +265,17 @@ class LoomClient:
         """The pool of idle session streams (None before the first request)."""
         return self._sessions
 
-    def stream_kit(self, opener: StreamOpener | None = None) -> StreamKit:
+    def stream_kit(self, opener: StreamOpener | None = None, *, account: str | None = None) -> StreamKit:
         """What each chat stream uses: the libp2p node (or ``opener``), the session pool,
-        the key, the ledger, the token counter, the deadlines.
+        the key, the ledger, the token counter, the deadlines, and the ``account`` its
+        receipts are booked under (None: the client's own).
 
         Raises:
             RuntimeError: the client is not running (no ledger open).
+            InvalidRequest: a bad account name.
         """
+        if account is not None:
+            check_account(account)
         if self.ledger is None:
             raise RuntimeError("the client is not running: use open_client() or run()")
         own = self._opener or self.member.node
@@ -240,6 +294,7 @@ class LoomClient:
             deadlines=self.config.deadlines,
             max_hidden_reasoning_tokens=self.config.max_hidden_reasoning_tokens,
             max_answer_bytes=self.config.max_answer_bytes,
+            account=account,
         )
 
     @asynccontextmanager
@@ -257,6 +312,8 @@ class LoomClient:
         pin: Iterable[str] = (),
         exclude: Iterable[str] = (),
         options: GenerationOptions | None = None,
+        account: str | None = None,
+        budget: Budget | None = None,
         **generation: object,
     ) -> AsyncIterator[ChatStream]:
         """Open a streamed chat with the best candidate that answers; iterate the context
@@ -270,6 +327,12 @@ class LoomClient:
         ids). What the request needs is added: capabilities (tools, vision, JSON) and a
         context of at least its prompt and max tokens. ``max_cost`` (micro-credits)
         bounds the whole request.
+
+        Whom it is for: ``account`` (1 to 64 of ``A-Z a-z 0-9 . _ -``) books the receipt
+        under that account in the ledger (None: the client's own); ``budget`` (say
+        :meth:`account_budget`'s) applies *in addition to* the client's own
+        (``ClientConfig.budget``): each attempt's worst case must fit both and is
+        reserved in both, then settled from the receipt or released in both.
 
         How to generate is :class:`~loomnet.protocol.GenerationOptions`: pass an
         ``options`` object, or its fields as keywords (``max_tokens=``,
@@ -286,11 +349,13 @@ class LoomClient:
 
         Raises:
             InvalidRequest: the request breaks the protocol's schema (``field`` names
-                the field), or ``model`` and ``route`` both name what to serve; raised
-                before any offer is looked up or stream opened.
+                the field), ``model`` and ``route`` both name what to serve, a bad
+                ``account`` name, or a ``budget`` of another account; raised before any
+                offer is looked up or stream opened.
             TypeError: a keyword that is no generation option.
             NoOfferError: no live offer fits the route within ``offer_timeout``.
-            BudgetExceeded: the budget cannot cover the cheapest candidate's worst case.
+            BudgetExceeded: a budget (``budget`` or the client's own) cannot cover the
+                cheapest candidate's worst case; ``.account`` says whose.
             RemoteError, NetworkError (NetworkTimeout), ProtocolError: every attempt
                 failed (``.attempts`` says how), or one failed in a way no other
                 executor would change; then, see :meth:`ChatStream.events`.
@@ -300,11 +365,12 @@ class LoomClient:
             options, generation, max_price_in=max_price_in, max_price_out=max_price_out, max_cost=max_cost
         )
         self.check_request(messages, model=model, options=options)
+        spending = self._spending(account, budget)
         wanted = route_of(
             model, route, max_price_in=max_price_in, max_price_out=max_price_out, on_premise_only=on_premise_only,
             no_retention_only=no_retention_only, pin=pin, exclude=exclude,
         )  # fmt: skip
-        kit = self.stream_kit()
+        kit = self.stream_kit(account=account)
         messages = list(messages)
         prompt_tokens = await acount_prompt_tokens(self.tokens, messages, options, model)
         shape = RequestShape(
@@ -315,7 +381,7 @@ class LoomClient:
         candidates = await self._ranked(wanted, shape)
         stream = await open_first(
             kit, candidates, messages, options,
-            shape=shape, health=self.health, budget=self.budget, max_attempts=self.config.max_attempts,
+            shape=shape, health=self.health, budget=spending, max_attempts=self.config.max_attempts,
         )  # fmt: skip
         try:
             yield stream
@@ -346,7 +412,8 @@ class LoomClient:
         )
 
     async def chat(self, messages: Sequence[ChatMessage], **kwargs) -> ChatResult:
-        """Like :meth:`stream_chat`, collected: returns the text and the verified receipt."""
+        """Like :meth:`stream_chat` (the same keywords, ``account`` and ``budget``
+        included), collected: returns the text and the verified receipt."""
         async with self.stream_chat(messages, **kwargs) as stream:
             async for _ in stream:
                 pass

@@ -27,12 +27,19 @@ Both ledgers hold the same set of receipts: every receipt the executor signed an
 ones it accepted (``accepted``, with its ack) and the ones it did not (``disputed``,
 with the reason, never acknowledged). Only a receipt whose signature does not verify
 is booked nowhere: it cannot be the executor's.
+
+A client row may name an **account** (``account``: who the request was made for, say a
+gateway's user; NULL for the client's own requests): the receipt is the same, the
+account only says whose spending it is, so ``totals(account=...)`` gives one account's
+spending (its budget at start: ``LoomClient.account_budget``). An account name is 1 to
+64 of ``A-Z a-z 0-9 . _ -`` (:func:`check_account`); executor rows never have one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,14 +48,14 @@ from typing import Any, Self
 import msgspec
 import trio
 
-from loomnet.protocol import Envelope, LedgerError, Receipt, ReceiptAck, digest
+from loomnet.protocol import Envelope, InvalidRequest, LedgerError, Receipt, ReceiptAck, digest
 
 from ._ledger_writes import GroupCommit, LedgerStatistics
 
-__all__ = ["Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "STATUSES"]
+__all__ = ["ACCOUNT_MAX_CHARS", "Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "STATUSES", "check_account"]
 
 #: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Seconds SQLite waits for another process (say ``loomnet ledger`` reading) to let go.
 _BUSY_TIMEOUT = 5.0
 _ROLES = ("executor", "client")
@@ -58,6 +65,12 @@ STATUSES: dict[str, tuple[str, ...]] = {
     "executor": ("acknowledged", "unacknowledged"),
 }
 _ALL_STATUSES = tuple(s for statuses in STATUSES.values() for s in statuses)
+#: the longest account name, in characters
+ACCOUNT_MAX_CHARS = 64
+_ACCOUNT = re.compile(rf"[A-Za-z0-9._-]{{1,{ACCOUNT_MAX_CHARS}}}")
+# the same rule in SQL, so no other writer can store a name this code would refuse
+_ACCOUNT_CHECK = (f"CHECK (account IS NULL OR (role = 'client' AND length(account) BETWEEN 1 AND {ACCOUNT_MAX_CHARS} "
+                  "AND account NOT GLOB '*[^A-Za-z0-9._-]*'))")  # fmt: skip
 
 _TABLE = """
 CREATE TABLE {name} (
@@ -71,12 +84,14 @@ CREATE TABLE {name} (
     status TEXT NOT NULL CHECK (
         (role = 'client' AND status IN ('accepted', 'disputed'))
         OR (role = 'executor' AND status IN ('acknowledged', 'unacknowledged'))),
-    dispute_reason TEXT CHECK ((status = 'disputed') = (dispute_reason IS NOT NULL))
+    dispute_reason TEXT CHECK ((status = 'disputed') = (dispute_reason IS NOT NULL)),
+    account TEXT {account_check}
 );
 """
 _INDEXES = (
     "CREATE INDEX receipts_by_recorded_at ON receipts (recorded_at)",
     "CREATE INDEX receipts_by_status ON receipts (status)",
+    "CREATE INDEX receipts_by_account ON receipts (account, recorded_at)",
 )
 _V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, role, executor, client, model, "
                "input_tokens, output_tokens, cost, count_source, issued_at, recorded_at, ack_payload, ack_signer, "
@@ -85,12 +100,13 @@ _V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, ro
 # Version 0 is a new, empty file. Version 1 had no status: its client rows were all
 # accepted (a v1 client booked nothing else), its executor rows acknowledged when they
 # carry an ack. SQLite cannot add a checked column to rows that exist, so the table is
-# rebuilt. Each entry brings its version straight to SCHEMA_VERSION, in one transaction
-# with the version bump: a crash leaves the file as it was.
+# rebuilt. Version 2 had no account: every row was the client's own (NULL), which a
+# plain added column gives. Each entry brings its version straight to SCHEMA_VERSION, in
+# one transaction with the version bump: a crash leaves the file as it was.
 _MIGRATIONS: dict[int, list[str]] = {
-    0: [_TABLE.format(name="receipts"), *_INDEXES],
+    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK), *_INDEXES],
     1: [
-        _TABLE.format(name="receipts_v2"),
+        _TABLE.format(name="receipts_v2", account_check=_ACCOUNT_CHECK),
         f"""INSERT INTO receipts_v2 ({_V1_COLUMNS}, status, dispute_reason)
             SELECT {_V1_COLUMNS}, CASE WHEN role = 'client' THEN 'accepted'
                                        WHEN ack_payload IS NULL THEN 'unacknowledged'
@@ -100,6 +116,7 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE receipts_v2 RENAME TO receipts",
         *_INDEXES,
     ],
+    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1]],
 }
 
 
@@ -131,6 +148,8 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     #: why the client disputes the receipt; None unless ``status`` is ``"disputed"``
     dispute_reason: str | None = None
+    #: whose request it was (a client row only); None: the client's own
+    account: str | None = None
 
 
 class LedgerTotals(msgspec.Struct, frozen=True):
@@ -161,12 +180,44 @@ def _decode(decoder: msgspec.msgpack.Decoder[Any], payload: bytes) -> Any:
         raise ValueError(f"the envelope does not carry what was expected: {exc}") from None
 
 
-def _status_filter(status: str | None) -> tuple[str, tuple[str, ...]]:
-    if status is None:
-        return "", ()
-    if status not in _ALL_STATUSES:
-        raise ValueError(f"status must be one of {_ALL_STATUSES}, not {status!r}")
-    return " WHERE status = ?", (status,)
+def check_account(account: str) -> str:
+    """``account`` if it is a valid account name: 1 to :data:`ACCOUNT_MAX_CHARS` of
+    ``A-Z a-z 0-9 . _ -``, so a valid one is safe to put in logs and error messages as
+    it is.
+
+    Raises:
+        InvalidRequest: (a ``ValueError``, ``field="account"``) anything else; the
+            message never repeats a bad name (it might be a key pasted by mistake).
+    """
+    if not isinstance(account, str):
+        raise InvalidRequest(f"an account name is a string, not {type(account).__name__}", field="account")
+    if _ACCOUNT.fullmatch(account) is None:
+        raise InvalidRequest(
+            f"an account name is 1 to {ACCOUNT_MAX_CHARS} of the characters A-Z a-z 0-9 . _ -; "
+            f"this one has {len(account)} character(s)",
+            field="account",
+        )
+    return account
+
+
+def _filter(
+    status: str | None, account: str | None = None, since: float | None = None
+) -> tuple[str, tuple[object, ...]]:
+    """The WHERE clause (with its leading space, or empty) and its parameters."""
+    terms: list[str] = []
+    params: list[object] = []
+    if status is not None:
+        if status not in _ALL_STATUSES:
+            raise ValueError(f"status must be one of {_ALL_STATUSES}, not {status!r}")
+        terms.append("status = ?")
+        params.append(status)
+    if account is not None:
+        terms.append("account = ?")
+        params.append(check_account(account))
+    if since is not None:
+        terms.append("recorded_at >= ?")
+        params.append(since)
+    return (" WHERE " + " AND ".join(terms) if terms else ""), tuple(params)
 
 
 @contextlib.contextmanager
@@ -280,6 +331,7 @@ class Ledger:
         now: float,
         dispute: str | None = None,
         ack: Envelope | None = None,
+        account: str | None = None,
     ) -> bytes:
         """Durably store a signed receipt; returns its digest (sha256 of the payload).
 
@@ -292,7 +344,8 @@ class Ledger:
         accepts gives its counter-signature as ``ack`` (a receipt ack for this receipt),
         booked with the receipt in the same transaction, as :meth:`record_ack` would
         book it after: one commit and one thread hop instead of two. Returns only once
-        the commit is on disk.
+        the commit is on disk. ``account`` (client rows only; see :func:`check_account`)
+        books it as that account's spending; None: the client's own.
 
         Raises:
             LedgerError: the write failed (with ``ack``: neither is booked), or ``ack``
@@ -300,9 +353,14 @@ class Ledger:
             ValueError: a bad ``role``, a ``dispute`` from the executor or an empty one,
                 ``receipt`` is not what ``envelope`` carries, or an ``ack`` with a
                 dispute, from the executor, or for another receipt.
+            InvalidRequest: (a ``ValueError``) a bad account name, or one from the executor.
         """
         if role not in _ROLES:
             raise ValueError(f"role must be one of {_ROLES}, not {role!r}")
+        if account is not None:
+            check_account(account)
+            if role != "client":
+                raise InvalidRequest("only the client books a receipt under an account", field="account")
         if dispute is not None and (role != "client" or not dispute):
             raise ValueError("only the client disputes a receipt, and it must say why")
         if _decode(_receipt_decoder, envelope.payload) != receipt:
@@ -318,7 +376,7 @@ class Ledger:
         signed = (None, None, None) if ack is None else (ack.payload, ack.signer, ack.sig)
         values = (key, envelope.payload, envelope.signer, envelope.sig, role, executor,
                   r.client, r.model, r.input_tokens, r.output_tokens, r.cost,
-                  r.count_source, r.issued_at, now, *signed, status, dispute)  # fmt: skip
+                  r.count_source, r.issued_at, now, *signed, status, dispute, account)  # fmt: skip
 
         def apply(conn: sqlite3.Connection) -> int:
             """1 when the row (with any ack) is booked; 0 for an ack the row refused."""
@@ -353,25 +411,38 @@ class Ledger:
         _, rows = await self._query("read a receipt", sql, (receipt_digest,))
         return LedgerEntry(**dict(zip(_COLUMNS, rows[0]))) if rows else None
 
-    async def entries(self, *, limit: int = 100, status: str | None = None) -> list[LedgerEntry]:
+    async def entries(
+        self, *, limit: int = 100, status: str | None = None, account: str | None = None
+    ) -> list[LedgerEntry]:
         """Up to ``limit`` entries, the most recently recorded first; only those with
-        ``status`` when given (one of :data:`STATUSES`, else ``ValueError``)."""
+        ``status`` when given (one of :data:`STATUSES`, else ``ValueError``), only those
+        booked under ``account`` when given (None: every row, whoever's).
+
+        Raises:
+            ValueError: a negative limit, an unknown status; ``InvalidRequest`` (a
+                ``ValueError``) for a bad account name.
+        """
         if limit < 0:
             raise ValueError("limit cannot be negative")
-        where, params = _status_filter(status)
+        where, params = _filter(status, account)
         sql = f"{_SELECT}{where} ORDER BY recorded_at DESC, rowid DESC LIMIT ?"
         _, rows = await self._query("list receipts", sql, (*params, limit))
         return [LedgerEntry(**dict(zip(_COLUMNS, row))) for row in rows]
 
-    async def totals(self, *, status: str | None = None, since: float | None = None) -> LedgerTotals:
+    async def totals(
+        self, *, status: str | None = None, since: float | None = None, account: str | None = None
+    ) -> LedgerTotals:
         """Counts and sums over every receipt in the ledger, or over those with
-        ``status`` (say ``"accepted"``: what a client agreed to pay), and with ``since``
+        ``status`` (say ``"accepted"``: what a client agreed to pay), with ``since``
         (seconds since the epoch) over those recorded at or after it (a client's
-        spending this period: see ``_budget``)."""
-        where, params = _status_filter(status)
-        if since is not None:
-            where += (" AND" if where else " WHERE") + " recorded_at >= ?"
-            params = (*params, since)
+        spending this period: see ``_budget``), and with ``account`` over those booked
+        under it (None: every row, the client's own and every account's).
+
+        Raises:
+            ValueError: an unknown status; ``InvalidRequest`` (a ``ValueError``) for a
+                bad account name.
+        """
+        where, params = _filter(status, account, since)
         _, rows = await self._query("sum receipts", f"SELECT {_SUMS} FROM receipts{where}", params)
         return LedgerTotals(*rows[0])
 

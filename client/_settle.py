@@ -8,7 +8,8 @@ and its counter-signature are booked together, in one ledger transaction (one co
 one worker-thread hop), before the ack is sent and before the stream closes. One check lives
 here rather than in ``_receipts`` because only the request knows it: a cost above the
 request's ``max_cost`` (the budget's reservation) is disputed, so an accepted receipt
-never costs more than was reserved for it.
+never costs more than was reserved for it. Every row is booked under ``kit.account``
+(the account the request was made for; None: the client's own), accepted or disputed.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ async def settle_receipt(
     if problems:
         error = rejection(problems)
         reason = "; ".join(r for _, r in problems)
-        await kit.ledger.record_receipt(envelope, receipt, role="client", executor=executor, now=time.time(), dispute=reason)
+        await kit.ledger.record_receipt(
+            envelope, receipt, role="client", executor=executor, now=time.time(), dispute=reason, account=kit.account
+        )
         booked(receipt, False)
         log.warning("receipt from executor %s booked as disputed: %s", executor, reason)
         raise error
@@ -111,7 +114,7 @@ async def settle_receipt(
     )
     # the receipt and our counter-signature: one transaction, one commit, one thread hop
     await kit.ledger.record_receipt(
-        envelope, receipt, role="client", executor=executor, now=time.time(), ack=signed_ack
+        envelope, receipt, role="client", executor=executor, now=time.time(), ack=signed_ack, account=kit.account
     )
     booked(receipt, True)
     result = ChatResult(

@@ -107,6 +107,9 @@ class StreamKit(msgspec.Struct, frozen=True, kw_only=True):
     #: idle session streams to reuse (``_session_pool``); None: a new one-request
     #: stream (``/loomnet/infer/1``) from ``opener`` for every request
     sessions: "SessionPool | None" = None
+    #: the account the request is made for: its receipt is booked under it (the
+    #: ledger's ``account``; ``LoomClient.stream_chat(account=)``); None: the client's own
+    account: str | None = None
 
 
 class RequestOptions(GenerationOptions, frozen=True, kw_only=True):
