@@ -118,12 +118,12 @@ class Gateway:
                                "the network now (GET /v1/models lists what is)", param="model")  # fmt: skip
         account = key.name if key is not None else None
         budget = self._budgets.get(account) if account is not None else None
-        per_key = {"account": account, "budget": budget} if account is not None else {}  # TEMPORARY until acct merges
         async with self.client.stream_chat(
             call.messages,
             route=call.model,
             options=call.options,
-            **per_key,
+            account=account,
+            budget=budget,
             **call.steering.stream_chat_keywords(),
         ) as stream:
             yield stream
