@@ -8,6 +8,7 @@ translation of a :class:`~._call.ChatCall` into ``stream_chat``. The HTTP side
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import secrets
 import time
@@ -17,9 +18,9 @@ from contextlib import asynccontextmanager
 import msgspec
 import trio
 
-from loomnet.protocol import InvalidRequest
+from loomnet.protocol import ErrorCode, InvalidRequest
 
-from .._budget import Budget
+from .._budget import Budget, BudgetExceeded
 from .._chat_stream import ChatStream
 from .._client import LoomClient
 from .._route import Route
@@ -118,15 +119,22 @@ class Gateway:
                                "the network now (GET /v1/models lists what is)", param="model")  # fmt: skip
         account = key.name if key is not None else None
         budget = self._budgets.get(account) if account is not None else None
-        async with self.client.stream_chat(
-            call.messages,
-            route=call.model,
-            options=call.options,
-            account=account,
-            budget=budget,
-            **call.steering.stream_chat_keywords(),
-        ) as stream:
-            yield stream
+        entered = False
+        try:
+            async with self.client.stream_chat(
+                call.messages,
+                route=call.model,
+                options=call.options,
+                account=account,
+                budget=budget,
+                **call.steering.stream_chat_keywords(),
+            ) as stream:
+                entered = True
+                yield stream
+        except BudgetExceeded as exc:
+            if entered:
+                raise
+            raise _budget_refusal(exc) from None
 
     def new_response_id(self, prefix: str) -> tuple[str, int]:
         """A fresh response id (``chatcmpl-<hex>``, ``msg_<hex>``) and the time, unix s."""
@@ -137,3 +145,17 @@ class Gateway:
 
     def statistics(self) -> GatewayStatistics:
         return GatewayStatistics(requests=dict(self._outcomes), hung_up=self.hung_up, in_flight=self.in_flight)
+
+
+def _budget_refusal(exc: BudgetExceeded) -> GatewayError:
+    """A 402 for ``exc``: a key's own budget is the key holder's to know (its amount,
+    spending and renewal); the gateway's own budget is the operator's, so its user
+    learns only that it is spent for now and when it renews."""
+    if exc.account is not None:
+        return GatewayError("budget_exhausted", exc.message, code=ErrorCode.BUDGET_EXCEEDED)
+    renews = dt.datetime.fromtimestamp(exc.period_end, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return GatewayError(
+        "budget_exhausted",
+        f"the gateway's budget cannot cover this request's worst case now; it renews {renews}",
+        code=ErrorCode.BUDGET_EXCEEDED,
+    )
