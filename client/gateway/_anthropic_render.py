@@ -60,6 +60,7 @@ from ._anthropic_wire import (
     MessageOut,
     MessageStart,
     MessageStop,
+    Ping,
     StreamEvent,
     TextDeltaOut,
     TextOut,
@@ -250,6 +251,14 @@ class AnthropicStreamWriter:
         delta = MessageDelta(delta=MessageDeltaBody(stop_reason=stop_reason(result)), usage=_usage(result),
                              loomnet=_facts(result, answer))  # fmt: skip
         return out + _sse(delta) + _sse(MessageStop())
+
+    def ping(self) -> bytes:
+        """A ``ping`` event (clients skip it), for a gateway to send while the answer is
+        silent for long (a model thinking without streaming its reasoning), so that
+        proxies and clients with idle timeouts keep the stream open. Not part of the
+        :class:`~._api.EventWriter` seam."""
+        out = self.start()
+        return out + _sse(Ping())
 
     def error(self, error: GatewayError) -> bytes:
         """An ``error`` event; nothing may follow it."""

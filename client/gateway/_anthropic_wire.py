@@ -41,6 +41,7 @@ __all__ = [
     "MessageStart",
     "MessageStop",
     "MessagesRequest",
+    "Ping",
     "StreamEvent",
     "TextDeltaOut",
     "TextOut",
@@ -340,6 +341,10 @@ class MessageStop(_Event, tag="message_stop"):
     pass
 
 
+class Ping(_Event, tag="ping"):
+    """Keep-alive: clients skip it."""
+
+
 class ErrorObject(Struct, frozen=True, kw_only=True):
     #: Anthropic's error type (``invalid_request_error``, ``not_found_error``, ...)
     type: str
@@ -358,5 +363,12 @@ class ErrorBody(_Event, tag="error"):
 
 
 StreamEvent = (
-    MessageStart | ContentBlockStart | ContentBlockDelta | ContentBlockStop | MessageDelta | MessageStop | ErrorBody
+    MessageStart
+    | ContentBlockStart
+    | ContentBlockDelta
+    | ContentBlockStop
+    | MessageDelta
+    | MessageStop
+    | Ping
+    | ErrorBody
 )

@@ -109,10 +109,13 @@ def served(call: ChatCall, script: Script) -> tuple[ChatResult, Answer]:
 class Gateway:
     """The gateway's part around ``AnthropicAPI``, as an httpx handler. ``model`` answers
     each parsed call; ``fail`` (when set) is raised after the first ``fail_after``
-    deltas of a streamed answer."""
+    deltas of a streamed answer; ``pings``: a ``ping`` event after each delta."""
 
-    def __init__(self, model: Callable[[ChatCall], Script], *, fail: GatewayError | None = None, fail_after: int = 1):
+    def __init__(
+        self, model: Callable[[ChatCall], Script], *, fail: GatewayError | None = None, fail_after: int = 1, pings=False
+    ):
         self.model = model
+        self.pings = pings
         self.fail, self.fail_after = fail, fail_after
         self.calls: list[ChatCall] = []
         self.results: list[tuple[ChatResult, Answer]] = []
@@ -138,7 +141,7 @@ class Gateway:
         for i, delta in enumerate(script.deltas()):
             if self.fail is not None and i == self.fail_after:
                 return self._sse(body + writer.error(self.fail))
-            body += writer.event(delta)
+            body += writer.event(delta) + (writer.ping() if self.pings else b"")
         return self._sse(body + writer.finish(result, answer))
 
     @staticmethod
@@ -233,8 +236,9 @@ def test_a_tool_use_round_trip_whole():
 # ----------------------------------------------------------------------- stream
 
 
-def test_a_streamed_answer_accumulates_to_the_whole_one():
-    gateway = Gateway(weather_agent)
+@pytest.mark.parametrize("pings", [False, True])
+def test_a_streamed_answer_accumulates_to_the_whole_one(pings):
+    gateway = Gateway(weather_agent, pings=pings)
     client = gateway.client()
     ask = dict(model="m", max_tokens=100, messages=[{"role": "user", "content": "Weather in Oslo?"}], tools=[WEATHER])
     whole = client.messages.create(**ask)
@@ -289,8 +293,9 @@ def test_no_done_line_and_each_event_names_its_type():
     script = Script(text="Hello there")
     result, answer = served(call, script)
     writer = API.writer(call, model=SERVED, response_id=answer.response_id, created=1)
-    body = writer.start() + b"".join(writer.event(d) for d in script.deltas()) + writer.finish(result, answer)
-    assert b"[DONE]" not in body
+    body = writer.start() + b"".join(writer.event(d) + writer.ping() for d in script.deltas())
+    body += writer.finish(result, answer)
+    assert b"[DONE]" not in body and body.count(b"event: ping\n") == len(script.deltas())
     for event in body.decode().strip().split("\n\n"):
         name_line, data_line = event.split("\n")
         assert name_line == f"event: {json.loads(data_line.removeprefix('data: '))['type']}"
