@@ -30,6 +30,7 @@ from starlette.routing import Route
 from loomnet.protocol import ErrorCode, LoomError
 
 from .._events import Done
+from ._anthropic import AnthropicAPI
 from ._api import Answer, ChatAPI, receipt_id_of
 from ._errors import GatewayError, failure_of, retry_after_header
 from ._gateway import Gateway
@@ -194,10 +195,6 @@ def _answer_of(result, response_id: str, created: int) -> Answer:
 
 def gateway_app(gateway: Gateway) -> Starlette:
     """The ASGI app of ``gateway`` (see the module doc)."""
-    try:
-        from ._anthropic import AnthropicAPI
-    except ImportError:  # TEMPORARY until the anthropic branch merges
-        AnthropicAPI = OpenAIAPI  # noqa: N806
     openai, anthropic = OpenAIAPI(), AnthropicAPI()
 
     async def models(request: Request) -> Response:
