@@ -120,13 +120,8 @@ def failure_of(exc: BaseException, *, model_known: bool = True) -> GatewayError:
     if STATUS[kind] in (429, 503) and retry_after is None:
         retry_after = DEFAULT_RETRY_AFTER
     text = exc.message if kind not in ("internal",) else "the gateway failed; see its log"
-    return GatewayError(
-        kind,
-        text,
-        code=exc.code,
-        param=getattr(exc, "field", None),
-        retry_after=retry_after,
-    )
+    param = "model" if kind == "model_not_found" else getattr(exc, "field", None)
+    return GatewayError(kind, text, code=exc.code, param=param, retry_after=retry_after)
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:
