@@ -60,8 +60,15 @@ async def test_streamed_completion_with_usage_ends_with_a_usage_chunk(gateway, l
     assert await settled(gateway) == GatewayStatistics(requests={"ok": 1}, hung_up=0, in_flight=0)
 
 
-async def test_streamed_completion_without_usage_has_no_usage_field(gateway):
-    chunks = await in_thread(stream_all, sdk(gateway), model="smol", messages=COUNT, max_tokens=6, **GREEDY)
+async def test_streamed_completion_without_usage_has_no_usage_field(gateway, loom):
+    def run():
+        raw = sdk(gateway).chat.completions.with_raw_response.create(model="smol", messages=COUNT, max_tokens=6,
+                                                                     stream=True, **GREEDY)  # fmt: skip
+        return raw.headers, list(raw.parse())
+
+    headers, chunks = await in_thread(run)
+    assert headers["content-type"].startswith("text/event-stream")
+    assert headers["x-loomnet-executor"] == loom.offers()[0].executor and headers["x-loomnet-model"] == "smollm2-135m"
     assert all("usage" not in c.model_fields_set for c in chunks)
     assert all(c.choices for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
 

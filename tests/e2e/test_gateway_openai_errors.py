@@ -16,7 +16,7 @@ from loomnet.protocol import ErrorCode
 
 from ..node.fake_openai import Failure, FakeOpenAI, openai_error
 from .gateway_kit import (
-    FAKE_MODEL, HELLO, Gate, in_thread, receipts, sdk, settled, start_client, start_fake_executor, start_gateway,
+    FAKE_MODEL, HELLO, USER_KEY, Gate, in_thread, receipts, sdk, settled, start_client, start_fake_executor, start_gateway,
 )  # fmt: skip
 from .gateway_kit import gateway, loom  # noqa: F401  (fixtures)
 
@@ -44,7 +44,13 @@ async def create(server, **request):
     ({"temperature": "hot"}, "temperature"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": [{"content": "hi"}]}, "messages[0].role"),
     ({"max_tokens": -1}, "max_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"seed": -5}, "seed"),
+    ({"tools": [{"type": "function", "function": {"name": "x" * 300}}]}, "tools[0].function.name"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x" * 300, "schema": {}}}},
+     "response_format.json_schema.name"),
     ({"n": 2}, "n"),
     ({"temperature": 5}, "temperature"),
     ({"top_p": 1.5}, "top_p"),
@@ -71,9 +77,6 @@ async def test_a_body_that_is_not_json_is_a_bad_request(gateway):
 
 
 # ------------------------------------------------------------------ 401
-
-
-USER_KEY = "lg-user-key-7f3c9a1e5b2d4c6e8a0f"
 
 
 @pytest.fixture
@@ -242,9 +245,23 @@ async def test_a_failure_after_the_stream_started_raises_while_iterating(nursery
     with pytest.raises(openai.APIError) as info:
         await in_thread(run)
     assert "".join(received) == "one two "
-    assert info.value.body["type"] == "server_error" and isinstance(info.value.body["loomnet_code"], int)
+    assert info.value.body["type"] == "server_error" and info.value.body["code"] == "executor_failed"
+    assert info.value.body["loomnet_code"] == ErrorCode.BACKEND_ERROR
     # the partial answer's receipt was verified and booked by the client, for what streamed
     [receipt] = await receipts(client.ledger)
     assert receipt.finish_reason == "error" and receipt.output_tokens > 0
     statistics = await settled(server)
     assert statistics.requests == {"executor_failed": 1} and statistics.hung_up == 0
+
+
+async def test_a_whole_answer_failing_midway_is_502_and_its_part_is_booked(nursery, tmp_path):
+    fake = FakeOpenAI(pieces=["one ", "two ", "three ", "four"], error_event_after=2)
+    executor = await start_fake_executor(nursery, tmp_path, fake)
+    client = await start_client(nursery, tmp_path, executor)
+    server = await start_gateway(nursery, client)
+    with pytest.raises(openai.InternalServerError) as info:
+        await create(server, model=FAKE_MODEL)
+    assert info.value.status_code == 502
+    assert error_of(info.value)["loomnet_code"] == ErrorCode.BACKEND_ERROR
+    [receipt] = await receipts(client.ledger)
+    assert receipt.finish_reason == "error"

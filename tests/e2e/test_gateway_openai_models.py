@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 async def two_executors(nursery, tmp_path, executor):
     """The embedded model, and a hosted OpenAI model (the fake) on another executor."""
     hosted = await start_fake_executor(nursery, tmp_path, FakeOpenAI(), models=[
-        ModelTerms(name=f"openai:{FAKE_MODEL}", aliases=["hosted"], categories=["quality", "coding"], price_out=2.0)])
+        ModelTerms(name=f"openai:{FAKE_MODEL}", aliases=["hosted", "acme/hosted-v1"], categories=["quality", "coding"], price_out=2.0)])
     client = await start_client(nursery, tmp_path, executor, hosted)
     return executor, hosted, await start_gateway(nursery, client, executors=2)
 
@@ -32,7 +32,7 @@ async def test_models_list_names_models_aliases_categories_and_strategies(two_ex
     kinds = {m.id: m.model_extra["loomnet"]["kind"] for m in models.data}
     assert kinds == {
         "smollm2-135m": "model", FAKE_MODEL: "model",
-        "smol": "alias", "hosted": "alias",
+        "smol": "alias", "hosted": "alias", "acme/hosted-v1": "alias",
         "fast": "category", "quality": "category", "category:coding": "category",
         "cheapest": "strategy", "fastest": "strategy",
     }  # fmt: skip
@@ -55,6 +55,7 @@ async def test_owned_by_never_names_an_executor_or_a_provider(two_executors):
     ("SMOL", "alias", ["smollm2-135m"]),
     ("fast", "category", ["smollm2-135m"]),
     ("category:coding", "category", [FAKE_MODEL]),
+    ("acme/hosted-v1", "alias", [FAKE_MODEL]),  # ids may hold a slash (vLLM, OpenRouter names)
     ("cheapest", "strategy", []),
 ])  # fmt: skip
 async def test_models_retrieve_a_model_an_alias_a_category(two_executors, model_id, kind, served_by):

@@ -1,5 +1,5 @@
-"""Tool calls, response formats and images through the gateway with the official ``openai``
-SDK, to an executor whose backend is the faithful OpenAI fake (``tests/node/fake_openai.py``
+"""Tool calls, response formats, images and generation fields through the gateway with the
+official ``openai`` SDK, to an executor whose backend is the faithful OpenAI fake (``tests/node/fake_openai.py``
 on loopback HTTP): what the SDK sends reaches the runtime, and what the runtime answers
 comes back in OpenAI's shape, whole and streamed."""
 
@@ -61,6 +61,10 @@ async def test_whole_answer_with_tool_calls(gateway, fake):
     ]
     sent = chats(fake)[-1]
     assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "auto"
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    await in_thread(sdk(gateway).chat.completions.create, model=FAKE_MODEL, messages=ASK, tools=[WEATHER],
+                    tool_choice=named)  # fmt: skip
+    assert chats(fake)[-1]["tool_choice"] == named
 
 
 async def test_streamed_tool_calls_through_the_sdk_stream_helper(gateway, fake):
@@ -111,6 +115,23 @@ async def test_the_tool_result_turn_reaches_the_backend(gateway, fake):
     assert sent[2] == {"role": "tool", "tool_call_id": "call_oslo", "content": '{"celsius": 4}'}
 
 
+async def test_generation_fields_and_roles_reach_the_backend(gateway, fake):
+    messages = [
+        {"role": "developer", "content": "Answer briefly."},
+        {"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hello."}]},
+    ]
+    await in_thread(sdk(gateway).chat.completions.create, model=FAKE_MODEL, messages=messages, max_completion_tokens=7,
+                    temperature=0.3, top_p=0.8, seed=42, stop=["\n\n", "END"], presence_penalty=0.5,
+                    frequency_penalty=0.25, user="user-1234")  # fmt: skip
+    sent = chats(fake)[-1]
+    assert [m["role"] for m in sent["messages"]] == ["system", "user"]
+    assert sent["messages"][1]["content"] == "Say hello."
+    assert {k: sent[k] for k in ("max_completion_tokens", "temperature", "top_p", "seed", "stop", "presence_penalty",
+                                 "frequency_penalty", "user")} == {
+        "max_completion_tokens": 7, "temperature": 0.3, "top_p": 0.8, "seed": 42, "stop": ["\n\n", "END"],
+        "presence_penalty": 0.5, "frequency_penalty": 0.25, "user": "user-1234"}  # fmt: skip
+
+
 async def test_response_formats_reach_the_backend(gateway, fake):
     client = sdk(gateway)
     fake.pieces = ['{"ok": ', "true}"]
@@ -123,6 +144,22 @@ async def test_response_formats_reach_the_backend(gateway, fake):
                     response_format={"type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}})
     assert chats(fake)[-1]["response_format"] == {
         "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
+
+
+async def test_the_sdk_parse_helper_gets_its_structured_answer(gateway, fake):
+    import pydantic
+
+    class Verdict(pydantic.BaseModel):
+        ok: bool
+        reason: str
+
+    fake.pieces = ['{"ok": true, ', '"reason": "fine"}']
+    completion = await in_thread(sdk(gateway).chat.completions.parse, model=FAKE_MODEL, messages=ASK,
+                                 response_format=Verdict)  # fmt: skip
+    assert completion.choices[0].message.parsed == Verdict(ok=True, reason="fine")
+    sent = chats(fake)[-1]["response_format"]
+    assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Verdict"
+    assert sent["json_schema"]["schema"]["required"] == ["ok", "reason"]
 
 
 async def test_an_inline_image_reaches_the_backend(gateway, fake):
