@@ -242,7 +242,16 @@ def gateway_app(gateway: Gateway) -> Starlette:
             Route(prefix + "/models/{model_id:path}", model, methods=["GET"]),
         ]
     routes.append(Route("/healthz", healthz, methods=["GET"]))
-    return Starlette(routes=routes)
+
+    async def unknown_url(request: Request, exc: Exception) -> Response:
+        """A path the gateway does not serve, or a method a path does not take: 404 in the
+        caller's API's shape, as OpenAI's API answers both (not starlette's plain text)."""
+        api = anthropic if "anthropic-version" in request.headers else openai
+        where = f"{request.method} {request.url.path}"[:160]
+        return _error_response(api, GatewayError("unknown_url", f"Invalid URL ({where}): the gateway serves "
+                                                 "POST /v1/chat/completions, POST /v1/messages, GET /v1/models"))  # fmt: skip
+
+    return Starlette(routes=routes, exception_handlers={404: unknown_url, 405: unknown_url})
 
 
 def _error_response(api: ChatAPI, error: GatewayError) -> Response:

@@ -4,6 +4,8 @@ completions, usage, and the generation fields the SDK sends."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from loomnet.client.gateway import GatewayStatistics
@@ -71,6 +73,19 @@ async def test_streamed_completion_without_usage_has_no_usage_field(gateway, loo
     assert headers["x-loomnet-executor"] == loom.offers()[0].executor and headers["x-loomnet-model"] == "smollm2-135m"
     assert all("usage" not in c.model_fields_set for c in chunks)
     assert all(c.choices for c in chunks) and chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_the_raw_stream_is_sse_data_lines_ending_with_done(gateway):
+    def run() -> list[str]:
+        with sdk(gateway).chat.completions.with_streaming_response.create(
+            model="smol", messages=COUNT, max_tokens=4, stream=True, stream_options={"include_usage": True}, **GREEDY
+        ) as response:
+            return [line for line in response.iter_lines() if line]
+
+    lines = await in_thread(run)
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]" and lines.count("data: [DONE]") == 1
+    assert json.loads(lines[-2].removeprefix("data: "))["choices"] == []
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens"])

@@ -265,3 +265,18 @@ async def test_a_whole_answer_failing_midway_is_502_and_its_part_is_booked(nurse
     assert error_of(info.value)["loomnet_code"] == ErrorCode.BACKEND_ERROR
     [receipt] = await receipts(client.ledger)
     assert receipt.finish_reason == "error"
+
+
+# ------------------------------------------------------------------ endpoints
+
+
+@pytest.mark.model
+async def test_an_endpoint_the_gateway_does_not_serve_is_not_found_in_openai_shape(gateway):
+    client = sdk(gateway)
+    for call in (lambda: client.embeddings.create(model="smol", input="hi"),
+                 lambda: client.get("/chat/completions", cast_to=object)):  # fmt: skip
+        with pytest.raises(openai.NotFoundError) as info:
+            await in_thread(call)
+        error = error_of(info.value)
+        assert (error["type"], error["code"]) == ("invalid_request_error", "unknown_url")
+        assert error["message"].startswith("Invalid URL (")
