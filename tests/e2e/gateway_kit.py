@@ -20,11 +20,10 @@ import json
 
 import msgspec
 import openai
-import pytest
 import trio
 
 from loomnet.client import ClientConfig, LoomClient
-from loomnet.client.gateway import GatewayConfig, GatewayKey, GatewayServer, serve_gateway
+from loomnet.client.gateway import GatewayConfig, GatewayServer, serve_gateway
 from loomnet.node import Executor, ExecutorConfig, ModelTerms
 from loomnet.node.backends._config import BackendConfig
 from loomnet.node.backends.openai_compat import OpenAICompatBackend
@@ -120,16 +119,10 @@ async def start_fake_executor(
     return executor
 
 
-@pytest.fixture
-async def loom(nursery, tmp_path, executor) -> LoomClient:
-    """A client of the embedded-model executor (``conftest.executor``)."""
-    return await start_client(nursery, tmp_path, executor)
-
-
-@pytest.fixture
-async def gateway(nursery, loom) -> GatewayServer:
-    """An open gateway (no keys) over ``loom``."""
-    return await start_gateway(nursery, loom)
+async def embedded_gateway(nursery: trio.Nursery, tmp_path, executor: Executor, **config) -> GatewayServer:
+    """A gateway (``config``: keys, ...) over a new client of ``executor`` (the embedded
+    model: ``conftest.executor``); the client is ``server.gateway.client``."""
+    return await start_gateway(nursery, await start_client(nursery, tmp_path, executor), **config)
 
 
 # ------------------------------------------------------------------ ledgers

@@ -11,8 +11,7 @@ import pytest
 from loomnet.client.gateway import GatewayStatistics
 from loomnet.protocol import digest
 
-from .gateway_kit import in_thread, sdk, settled, stream_all
-from .gateway_kit import gateway, loom  # noqa: F401  (fixtures)
+from .gateway_kit import embedded_gateway, in_thread, sdk, settled, stream_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -20,7 +19,13 @@ COUNT = [{"role": "user", "content": "Count from one to ten."}]
 GREEDY = {"temperature": 0, "seed": 1}
 
 
-async def test_whole_completion_has_usage_and_receipt_headers(gateway, loom):
+@pytest.fixture
+async def gateway(nursery, tmp_path, executor):
+    return await embedded_gateway(nursery, tmp_path, executor)
+
+
+async def test_whole_completion_has_usage_and_receipt_headers(gateway):
+    loom = gateway.gateway.client
     raw = await in_thread(
         sdk(gateway).chat.completions.with_raw_response.create,
         model="smol", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, **GREEDY,
@@ -44,7 +49,8 @@ async def test_whole_completion_has_usage_and_receipt_headers(gateway, loom):
     assert await settled(gateway) == GatewayStatistics(requests={"ok": 1}, hung_up=0, in_flight=0)
 
 
-async def test_streamed_completion_with_usage_ends_with_a_usage_chunk(gateway, loom):
+async def test_streamed_completion_with_usage_ends_with_a_usage_chunk(gateway):
+    loom = gateway.gateway.client
     chunks = await in_thread(stream_all, sdk(gateway), model="smollm2-135m", messages=COUNT, max_tokens=12,
                              stream_options={"include_usage": True}, **GREEDY)  # fmt: skip
     *answer, last = chunks
@@ -62,7 +68,8 @@ async def test_streamed_completion_with_usage_ends_with_a_usage_chunk(gateway, l
     assert await settled(gateway) == GatewayStatistics(requests={"ok": 1}, hung_up=0, in_flight=0)
 
 
-async def test_streamed_completion_without_usage_has_no_usage_field(gateway, loom):
+async def test_streamed_completion_without_usage_has_no_usage_field(gateway):
+    loom = gateway.gateway.client
     def run():
         raw = sdk(gateway).chat.completions.with_raw_response.create(model="smol", messages=COUNT, max_tokens=6,
                                                                      stream=True, **GREEDY)  # fmt: skip

@@ -12,15 +12,20 @@ import pytest
 import trio
 
 from loomnet.client import BudgetConfig, LoomClient
+from loomnet.client.gateway import GatewayKey
 from loomnet.protocol import ErrorCode
 
 from ..node.fake_openai import Failure, FakeOpenAI, openai_error
 from .gateway_kit import (
-    FAKE_MODEL, HELLO, USER_KEY, Gate, in_thread, receipts, sdk, settled, start_client, start_fake_executor, start_gateway,
+    FAKE_MODEL, HELLO, USER_KEY, Gate, embedded_gateway, in_thread, receipts, sdk, settled, start_client, start_fake_executor, start_gateway,
 )  # fmt: skip
-from .gateway_kit import gateway, loom  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def gateway(nursery, tmp_path, executor):
+    return await embedded_gateway(nursery, tmp_path, executor)
 
 
 def error_of(exc: openai.APIStatusError) -> dict:
@@ -58,7 +63,8 @@ async def create(server, **request):
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"extra_body": {"loomnet": {"pin": "not-a-list"}}}, "loomnet.pin"),
 ])  # fmt: skip
-async def test_a_bad_request_is_a_bad_request_error_naming_the_field(gateway, loom, request_fields, param):
+async def test_a_bad_request_is_a_bad_request_error_naming_the_field(gateway, request_fields, param):
+    loom = gateway.gateway.client
     with pytest.raises(openai.BadRequestError) as info:
         await create(gateway, **request_fields)
     error = error_of(info.value)
@@ -80,10 +86,8 @@ async def test_a_body_that_is_not_json_is_a_bad_request(gateway):
 
 
 @pytest.fixture
-async def keyed(nursery, loom):
-    from loomnet.client.gateway import GatewayKey
-
-    return await start_gateway(nursery, loom, keys=[GatewayKey(name="alice", key=USER_KEY)])
+async def keyed(nursery, tmp_path, executor):
+    return await embedded_gateway(nursery, tmp_path, executor, keys=[GatewayKey(name="alice", key=USER_KEY)])
 
 
 #: the SDK sends no key at all (a header left out per request: the SDK insists on one otherwise)
@@ -96,7 +100,7 @@ PER_KEY_BUDGETS = "account" in inspect.signature(LoomClient.stream_chat).paramet
 @pytest.mark.model
 @pytest.mark.parametrize(("api_key", "headers"), [("unused", NO_KEY), ("lg-wrong-key-00000000000000000", {})],
                          ids=["none", "wrong"])  # fmt: skip
-async def test_a_missing_or_wrong_key_is_an_authentication_error(keyed, loom, api_key, headers):
+async def test_a_missing_or_wrong_key_is_an_authentication_error(keyed, api_key, headers):
     client = sdk(keyed, api_key=api_key)
     calls = [lambda: client.chat.completions.create(model="smol", messages=HELLO, **headers),
              lambda: client.models.list(**headers), lambda: client.models.retrieve("smol", **headers)]  # fmt: skip
@@ -106,7 +110,7 @@ async def test_a_missing_or_wrong_key_is_an_authentication_error(keyed, loom, ap
         error = error_of(info.value)
         assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
         assert error["loomnet_code"] == ErrorCode.GATEWAY_UNAUTHORIZED
-    assert not await receipts(loom.ledger)
+    assert not await receipts(keyed.gateway.client.ledger)
 
 
 @pytest.mark.model
@@ -200,7 +204,7 @@ async def test_a_busy_executor_gets_a_rate_limit_error_with_retry_after(nursery,
 
 @pytest.mark.model
 @pytest.mark.parametrize("how", ["extra_body", "header"])
-async def test_no_offer_under_the_price_cap_is_503(gateway, loom, how):
+async def test_no_offer_under_the_price_cap_is_503(gateway, how):
     cap = {"extra_body": {"loomnet": {"max_price_out": 0.0000001}}} if how == "extra_body" else {
         "extra_headers": {"X-Loomnet-Max-Price-Out": "0.0000001"}}
     with pytest.raises(openai.InternalServerError) as info:
@@ -209,7 +213,7 @@ async def test_no_offer_under_the_price_cap_is_503(gateway, loom, how):
     error = error_of(info.value)
     assert (error["type"], error["code"]) == ("server_error", "no_offer")
     assert int(info.value.response.headers["retry-after"]) >= 1
-    assert not await receipts(loom.ledger)
+    assert not await receipts(gateway.gateway.client.ledger)
 
 
 # ------------------------------------------------------------------ 502

@@ -9,7 +9,6 @@ compared with what the runtime has sent, never with a clock.
 
 from __future__ import annotations
 
-import openai
 import pytest
 import trio
 
@@ -33,7 +32,7 @@ async def gated(nursery, tmp_path, *, expect: int = 1, **settings):
 
 
 async def test_the_first_delta_arrives_while_the_runtime_holds_the_rest(nursery, tmp_path):
-    gate, executor, client, gateway = await gated(nursery, tmp_path)
+    gate, _, _, gateway = await gated(nursery, tmp_path)
     seen: list[tuple[str, int, int]] = []  # (content, answers held, answers finished) as each delta arrived
 
     def run():

@@ -11,8 +11,9 @@ import pytest
 from loomnet.node import ModelTerms
 
 from ..node.fake_openai import FakeOpenAI
-from .gateway_kit import BACKEND_KEY, FAKE_MODEL, in_thread, sdk, start_client, start_fake_executor, start_gateway
-from .gateway_kit import gateway, loom  # noqa: F401  (fixtures)
+from .gateway_kit import (
+    BACKEND_KEY, FAKE_MODEL, embedded_gateway, in_thread, sdk, start_client, start_fake_executor, start_gateway,
+)  # fmt: skip
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -27,7 +28,7 @@ async def two_executors(nursery, tmp_path, executor):
 
 
 async def test_models_list_names_models_aliases_categories_and_strategies(two_executors):
-    embedded, hosted, gateway = two_executors
+    _, _, gateway = two_executors
     models = await in_thread(sdk(gateway).models.list)
     kinds = {m.id: m.model_extra["loomnet"]["kind"] for m in models.data}
     assert kinds == {
@@ -66,7 +67,8 @@ async def test_models_retrieve_a_model_an_alias_a_category(two_executors, model_
     assert model.model_extra["loomnet"]["models"] == served_by
 
 
-async def test_models_retrieve_an_unknown_id_is_not_found(gateway):
+async def test_models_retrieve_an_unknown_id_is_not_found(nursery, tmp_path, executor):
+    gateway = await embedded_gateway(nursery, tmp_path, executor)
     with pytest.raises(openai.NotFoundError) as info:
         await in_thread(sdk(gateway).models.retrieve, "no-such-model")
     error = info.value.body

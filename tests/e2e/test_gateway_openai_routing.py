@@ -57,7 +57,7 @@ async def test_pin_and_exclude_through_extra_body_and_headers(network):
 
 @pytest.mark.parametrize("how", ["extra_body", "header"])
 async def test_excluding_the_only_executor_of_a_model_is_503(network, how):
-    embedded, hosted, gateway = network
+    embedded, _, gateway = network
     exclude = ({"extra_body": {"loomnet": {"exclude": [embedded.peer_id]}}} if how == "extra_body"
                else {"extra_headers": {"X-Loomnet-Exclude": embedded.peer_id}})  # fmt: skip
     with pytest.raises(openai.InternalServerError) as info:

@@ -8,10 +8,9 @@ import logging
 import openai
 import pytest
 
-from loomnet.client.gateway import GatewayConfig, GatewayKey
+from loomnet.client.gateway import GatewayKey
 
-from .gateway_kit import HELLO, USER_KEY, in_thread, sdk, start_gateway
-from .gateway_kit import loom  # noqa: F401  (fixture)
+from .gateway_kit import HELLO, USER_KEY, embedded_gateway, in_thread, sdk
 
 pytestmark = [pytest.mark.integration, pytest.mark.model]
 
@@ -19,10 +18,10 @@ WRONG_KEY = "lg-wrong-key-5e1d9c3b7a2f4e6d8c0b"
 OTHER_KEY = "lg-other-key-0a9b8c7d6e5f4a3b2c1d"
 
 
-async def test_no_key_shows_in_responses_or_logs(nursery, loom, caplog):
+async def test_no_key_shows_in_responses_or_logs(nursery, tmp_path, executor, caplog):
     caplog.set_level(logging.DEBUG)
     keys = [GatewayKey(name="alice", key=USER_KEY), GatewayKey(name="bob", key=OTHER_KEY)]
-    server = await start_gateway(nursery, loom, keys=keys)
+    server = await embedded_gateway(nursery, tmp_path, executor, keys=keys)
     seen: list[str] = []
     wrong = sdk(server, api_key=WRONG_KEY)
     for call in (lambda: wrong.chat.completions.create(model="smol", messages=HELLO),
