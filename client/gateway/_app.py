@@ -95,7 +95,8 @@ class ChatEndpoint:
 
         async def respond(status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
             started[0] = True
-            await send_message({"type": "http.response.start", "status": status, "headers": _headers(extra or {}, _JSON)})
+            head = _headers(extra or {}, _JSON)
+            await send_message({"type": "http.response.start", "status": status, "headers": head})
             await send_message({"type": "http.response.body", "body": body})
 
         async def fail(error: GatewayError) -> None:

@@ -107,7 +107,7 @@ async def start_fake_executor(
     config = ExecutorConfig(**{
         "data_dir": str(tmp_path / name),
         "listen": ["/ip4/127.0.0.1/tcp/0"],
-        "models": models if models is not None else [ModelTerms(name=f"{provider}:{FAKE_MODEL}", price_in=1.0, price_out=2.0)],
+        "models": models if models is not None else [ModelTerms(name=f"{provider}:{FAKE_MODEL}", price_out=2.0)],
         "announce_local": False,
         "request_read_timeout": 5.0,
         "ack_timeout": 10.0,

@@ -17,7 +17,8 @@ from loomnet.protocol import ErrorCode
 
 from ..node.fake_openai import Failure, FakeOpenAI, openai_error
 from .gateway_kit import (
-    FAKE_MODEL, HELLO, USER_KEY, Gate, embedded_gateway, in_thread, receipts, sdk, settled, start_client, start_fake_executor, start_gateway,
+    FAKE_MODEL, HELLO, USER_KEY, Gate, embedded_gateway, in_thread, receipts, sdk, settled, start_client,
+    start_fake_executor, start_gateway,
 )  # fmt: skip
 
 pytestmark = pytest.mark.integration
@@ -122,7 +123,7 @@ async def test_the_right_key_lists_models_as_a_bearer_token_and_as_x_api_key(key
 
 
 @pytest.mark.model
-@pytest.mark.xfail(not PER_KEY_BUDGETS, reason="needs stream_chat(account=, budget=) (the per-key budgets)", strict=True)
+@pytest.mark.xfail(not PER_KEY_BUDGETS, reason="needs stream_chat(account=, budget=): per-key budgets", strict=True)
 async def test_the_right_key_is_answered_as_a_bearer_token_and_as_x_api_key(keyed):
     as_bearer = sdk(keyed, api_key=USER_KEY)
     as_header = sdk(keyed, api_key="unused", default_headers={"x-api-key": USER_KEY})
@@ -221,7 +222,8 @@ async def test_no_offer_under_the_price_cap_is_503(gateway, how):
 
 async def test_a_backend_failing_on_every_executor_is_502(nursery, tmp_path):
     fakes = [FakeOpenAI(), FakeOpenAI()]
-    executors = [await start_fake_executor(nursery, tmp_path, fake, name=f"executor-{i}") for i, fake in enumerate(fakes)]
+    executors = [await start_fake_executor(nursery, tmp_path, fake, name=f"executor-{i}")
+                 for i, fake in enumerate(fakes)]  # fmt: skip
     server = await start_gateway(nursery, await start_client(nursery, tmp_path, *executors), executors=2)
     for fake in fakes:
         fake.failures = [Failure(500, openai_error("The server had an error", "server_error"))] * 3

@@ -88,7 +88,8 @@ async def test_concurrent_streams_share_one_libp2p_host(nursery, tmp_path):
         stream = openai_client.chat.completions.create(model=FAKE_MODEL, messages=[
             {"role": "user", "content": f"Request {i}"}], stream=True, stream_options={"include_usage": True})
         chunks = list(stream)
-        return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return text, chunks[-1].usage.completion_tokens
 
     answers: list[tuple[str, int]] = []
 

@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.model]
 @pytest.fixture
 async def two_executors(nursery, tmp_path, executor):
     """The embedded model, and a hosted OpenAI model (the fake) on another executor."""
-    hosted = await start_fake_executor(nursery, tmp_path, FakeOpenAI(), models=[
-        ModelTerms(name=f"openai:{FAKE_MODEL}", aliases=["hosted", "acme/hosted-v1"], categories=["quality", "coding"], price_out=2.0)])
+    terms = ModelTerms(name=f"openai:{FAKE_MODEL}", aliases=["hosted", "acme/hosted-v1"],
+                       categories=["quality", "coding"], price_out=2.0)  # fmt: skip
+    hosted = await start_fake_executor(nursery, tmp_path, FakeOpenAI(), models=[terms])
     client = await start_client(nursery, tmp_path, executor, hosted)
     return executor, hosted, await start_gateway(nursery, client, executors=2)
 

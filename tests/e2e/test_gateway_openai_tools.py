@@ -99,10 +99,9 @@ async def test_streamed_tool_calls_accumulate_by_index(gateway, fake):
 
 
 async def test_the_tool_result_turn_reaches_the_backend(gateway, fake):
+    call = {"id": "call_oslo", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     history = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_oslo", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-        ]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_oslo", "content": '{"celsius": 4}'},
     ]  # fmt: skip
     completion = await in_thread(sdk(gateway).chat.completions.create, model=FAKE_MODEL, messages=history,
@@ -110,8 +109,9 @@ async def test_the_tool_result_turn_reaches_the_backend(gateway, fake):
     assert completion.choices[0].message.content == fake.text
     sent = chats(fake)[-1]["messages"]
     assert sent[1]["role"] == "assistant"
-    assert [(c["id"], c["function"]["name"], json.loads(c["function"]["arguments"])) for c in sent[1]["tool_calls"]] == [
-        ("call_oslo", "get_weather", {"city": "Oslo"})]
+    [back] = sent[1]["tool_calls"]
+    assert (back["id"], back["function"]["name"], json.loads(back["function"]["arguments"])) == (
+        "call_oslo", "get_weather", {"city": "Oslo"})  # fmt: skip
     assert sent[2] == {"role": "tool", "tool_call_id": "call_oslo", "content": '{"celsius": 4}'}
 
 
