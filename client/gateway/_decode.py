@@ -17,20 +17,21 @@ __all__ = ["decode_body", "image_from_base64", "image_from_data_url", "split_val
 
 T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
-_MISSING = re.compile(r"missing required field `([^`]+)`")
+_NAMED = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
 
 
 def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | None]:
     """``exc``'s words without their location, and the path of the field at fault
     (``messages[0].role``), or None when the whole document is (msgspec says where a
-    field is missing from, not which; the path here names the missing field itself)."""
+    field is missing or unknown, in the object holding it; the path here names the field
+    itself: ``loomnet.max_price``)."""
     text = str(exc)
     match = _PATH.search(text)
     where = match.group(1) if match else ""
     words = text[: match.start()] if match else text
-    missing = _MISSING.search(words)
-    if missing is not None:
-        where = f"{where}.{missing.group(1)}" if where else missing.group(1)
+    named = _NAMED.search(words)
+    if named is not None:
+        where = f"{where}.{named.group(1)}" if where else named.group(1)
     return words, where or None
 
 

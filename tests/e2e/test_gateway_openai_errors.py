@@ -63,6 +63,9 @@ async def create(server, **request):
     ({"messages": []}, "messages"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"extra_body": {"loomnet": {"pin": "not-a-list"}}}, "loomnet.pin"),
+    ({"extra_body": {"loomnet": {"max_price": 1}}}, "loomnet.max_price"),
+    ({"extra_headers": {"X-Loomnet-Max-Price-Out": "cheap"}}, "x-loomnet-max-price-out"),
+    ({"extra_headers": {"X-Loomnet-On-Premise-Only": "perhaps"}}, "x-loomnet-on-premise-only"),
 ])  # fmt: skip
 async def test_a_bad_request_is_a_bad_request_error_naming_the_field(gateway, request_fields, param):
     loom = gateway.gateway.client
