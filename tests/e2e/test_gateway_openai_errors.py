@@ -86,6 +86,17 @@ async def test_a_body_that_is_not_json_is_a_bad_request(gateway):
     assert error_of(info.value)["type"] == "invalid_request_error"
 
 
+async def test_a_prompt_the_runtime_refuses_is_a_bad_request(nursery, tmp_path):
+    fake = FakeOpenAI(refusal=["I can't ", "help with that."])
+    executor = await start_fake_executor(nursery, tmp_path, fake)
+    server = await start_gateway(nursery, await start_client(nursery, tmp_path, executor))
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as info:
+            await create(server, model=FAKE_MODEL, stream=stream)
+        error = error_of(info.value)
+        assert error["loomnet_code"] == ErrorCode.CONTENT_FILTERED and "help with that" not in error["message"]
+
+
 # ------------------------------------------------------------------ 401
 
 

@@ -146,6 +146,14 @@ async def test_response_formats_reach_the_backend(gateway, fake):
         "type": "json_schema", "json_schema": {"name": "verdict", "schema": schema}}
 
 
+async def test_text_beyond_ascii_streams_intact(gateway, fake):
+    fake.pieces = ["Grüß ", "dich ", "👋", "\n日本語", " \"quoted\" \\ done"]
+    chunks = await in_thread(stream_all, sdk(gateway), model=FAKE_MODEL, messages=ASK)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == fake.text
+    whole = await in_thread(sdk(gateway).chat.completions.create, model=FAKE_MODEL, messages=ASK)
+    assert whole.choices[0].message.content == fake.text
+
+
 async def test_the_sdk_parse_helper_gets_its_structured_answer(gateway, fake):
     import pydantic
 
