@@ -87,11 +87,18 @@ class ChatEndpoint:
         gateway = self.gateway
         gateway.in_flight += 1
         started = [False]  # whether the response's head went out
+        ended = [False]  # whether the response's last body went out (set before it is sent)
+
+        async def send_message(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended[0] = True
+            await send(message)
 
         async def respond(status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
             started[0] = True
-            await send({"type": "http.response.start", "status": status, "headers": _headers(extra or {}, _JSON)})
-            await send({"type": "http.response.body", "body": body})
+            head = _headers(extra or {}, _JSON)
+            await send_message({"type": "http.response.start", "status": status, "headers": head})
+            await send_message({"type": "http.response.body", "body": body})
 
         async def fail(error: GatewayError) -> None:
             gateway.count(error.kind)
@@ -110,9 +117,9 @@ class ChatEndpoint:
                 await fail(error)
                 return
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_hangup, receive, nursery.cancel_scope)
+                nursery.start_soon(self._watch_hangup, receive, nursery.cancel_scope, ended)
                 try:
-                    await self._answer(call, key, send, started)
+                    await self._answer(call, key, send_message, started)
                 except GatewayError as error:
                     await fail(error)
                 except LoomError as exc:
@@ -130,12 +137,16 @@ class ChatEndpoint:
         finally:
             gateway.in_flight -= 1
 
-    async def _watch_hangup(self, receive: Receive, scope: trio.CancelScope) -> None:
+    async def _watch_hangup(self, receive: Receive, scope: trio.CancelScope, ended: list[bool]) -> None:
         """Cancel the request when the caller goes away (the body is read by now, so the
-        next message is the disconnect)."""
+        next message is the disconnect). The server also reports the end of a connection
+        whose response was sent in full (hypercorn does, as the exchange closes): that is
+        no hang-up, and the request, finishing its bookkeeping, is left alone."""
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
+                if ended[0]:
+                    return
                 self.gateway.hung_up += 1
                 log.info("gateway: the caller hung up; the request is cancelled")
                 scope.cancel()
@@ -229,7 +240,16 @@ def gateway_app(gateway: Gateway) -> Starlette:
             Route(prefix + "/models/{model_id:path}", model, methods=["GET"]),
         ]
     routes.append(Route("/healthz", healthz, methods=["GET"]))
-    return Starlette(routes=routes)
+
+    async def unknown_url(request: Request, exc: Exception) -> Response:
+        """A path the gateway does not serve, or a method a path does not take: 404 in the
+        caller's API's shape, as OpenAI's API answers both (not starlette's plain text)."""
+        api = anthropic if "anthropic-version" in request.headers else openai
+        where = f"{request.method} {request.url.path}"[:160]
+        return _error_response(api, GatewayError("unknown_url", f"Invalid URL ({where}): the gateway serves "
+                                                 "POST /v1/chat/completions, POST /v1/messages, GET /v1/models"))  # fmt: skip
+
+    return Starlette(routes=routes, exception_handlers={404: unknown_url, 405: unknown_url})
 
 
 def _error_response(api: ChatAPI, error: GatewayError) -> Response:

@@ -13,10 +13,26 @@ from loomnet.protocol import ImagePart
 
 from ._errors import GatewayError
 
-__all__ = ["decode_body", "image_from_base64", "image_from_data_url"]
+__all__ = ["decode_body", "image_from_base64", "image_from_data_url", "split_validation_error"]
 
 T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
+_NAMED = re.compile(r"(?:missing required|contains unknown) field `([^`]+)`")
+
+
+def split_validation_error(exc: msgspec.ValidationError) -> tuple[str, str | None]:
+    """``exc``'s words without their location, and the path of the field at fault
+    (``messages[0].role``), or None when the whole document is (msgspec says where a
+    field is missing or unknown, in the object holding it; the path here names the field
+    itself: ``loomnet.max_price``)."""
+    text = str(exc)
+    match = _PATH.search(text)
+    where = match.group(1) if match else ""
+    words = text[: match.start()] if match else text
+    named = _NAMED.search(words)
+    if named is not None:
+        where = f"{where}.{named.group(1)}" if where else named.group(1)
+    return words, where or None
 
 
 def decode_body(body: bytes, kind: type[T]) -> T:
@@ -24,15 +40,15 @@ def decode_body(body: bytes, kind: type[T]) -> T:
 
     Raises:
         GatewayError: ``invalid_request``; ``param`` is the field's path
-            (``messages[0].content``) when one field is at fault.
+            (``messages[0].content``; ``messages[0].role`` for a missing role) when one
+            field is at fault.
     """
     try:
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        match = _PATH.search(text)
-        param = match.group(1) if match else None
-        raise GatewayError("invalid_request", f"invalid request body: {text}", param=param or None) from None
+        words, param = split_validation_error(exc)
+        where = f" ({param})" if param else ""
+        raise GatewayError("invalid_request", f"invalid request body{where}: {words}", param=param) from None
     except msgspec.DecodeError as exc:
         raise GatewayError("invalid_request", f"the request body is not valid JSON: {exc}") from None
 

@@ -16,6 +16,7 @@ that kind (its own exception class follows from it: 404 ``NotFoundError``, 429
 | ``unauthorized`` | 401 | keys are configured and the request carries none, or an unknown one |
 | ``budget_exhausted`` | 402 | the key's (or the gateway's) budget cannot cover the request's worst case |
 | ``model_not_found`` | 404 | ``model`` names nothing the network offers (no model, alias or category) |
+| ``unknown_url`` | 404 | no such endpoint, or not with this method (as OpenAI's API answers both) |
 | ``request_too_large`` | 413 | the body is over ``max-body-bytes`` |
 | ``rate_limited`` | 429 | executors said the client is over their rate or peer limits (``Retry-After``) |
 | ``over_capacity`` | 429 | every executor tried was busy (``Retry-After``) |
@@ -41,6 +42,7 @@ STATUS: dict[str, int] = {
     "unauthorized": 401,
     "budget_exhausted": 402,
     "model_not_found": 404,
+    "unknown_url": 404,
     "request_too_large": 413,
     "rate_limited": 429,
     "over_capacity": 429,
@@ -120,13 +122,8 @@ def failure_of(exc: BaseException, *, model_known: bool = True) -> GatewayError:
     if STATUS[kind] in (429, 503) and retry_after is None:
         retry_after = DEFAULT_RETRY_AFTER
     text = exc.message if kind not in ("internal",) else "the gateway failed; see its log"
-    return GatewayError(
-        kind,
-        text,
-        code=exc.code,
-        param=getattr(exc, "field", None),
-        retry_after=retry_after,
-    )
+    param = "model" if kind == "model_not_found" else getattr(exc, "field", None)
+    return GatewayError(kind, text, code=exc.code, param=param, retry_after=retry_after)
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:

@@ -27,6 +27,7 @@ stream started ends it with ``data: {"error": {...}}`` (the SDKs raise on it) an
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import msgspec
@@ -36,7 +37,7 @@ from loomnet.protocol import ChatMessage, GenerationOptions, ImagePart, Response
 
 from ._api import Answer, Delta
 from ._call import ChatCall, merge_steering, steering_from_headers
-from ._decode import decode_body, image_from_data_url
+from ._decode import decode_body, image_from_data_url, split_validation_error
 from ._errors import GatewayError
 from ._openai_wire import (
     Chunk,
@@ -72,6 +73,7 @@ _TYPES = {
     "unauthorized": "invalid_request_error",
     "budget_exhausted": "insufficient_quota",
     "model_not_found": "invalid_request_error",
+    "unknown_url": "invalid_request_error",
     "request_too_large": "invalid_request_error",
     "rate_limited": "rate_limit_error",
     "over_capacity": "rate_limit_error",
@@ -84,6 +86,7 @@ _CODES = {
     "unauthorized": "invalid_api_key",
     "budget_exhausted": "insufficient_quota",
     "model_not_found": "model_not_found",
+    "unknown_url": "unknown_url",
     "rate_limited": "rate_limit_exceeded",
     "over_capacity": "over_capacity",
     "no_offer": "no_offer",
@@ -191,7 +194,7 @@ def _options(request: OpenAIRequest) -> GenerationOptions:
         else:
             response_format = ResponseFormat(type="json_object")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    return GenerationOptions(
+    return _checked(GenerationOptions(
         max_tokens=max_tokens,
         temperature=request.temperature,
         top_p=request.top_p,
@@ -203,7 +206,39 @@ def _options(request: OpenAIRequest) -> GenerationOptions:
         tools=tools,
         tool_choice=tool_choice,
         response_format=response_format,
-    )
+    ), request)  # fmt: skip
+
+
+#: where a generation option came from in the request: loomnet's path -> OpenAI's
+_OPTION_PATHS = [
+    (re.compile(r"^tools\[(\d+)\]\.(name|description|parameters)"), r"tools[\1].function.\2"),
+    (re.compile(r"^response_format\.(name|schema)"), r"response_format.json_schema.\1"),
+]
+
+
+def _checked(options: GenerationOptions, request: OpenAIRequest) -> GenerationOptions:
+    """``options``, checked against the protocol's limits here, so that a 400 names the
+    field as the caller wrote it (``max_completion_tokens``, ``tools[0].function.name``);
+    the client library checks them again, in its own names.
+
+    Raises:
+        GatewayError: ``invalid_request`` naming the field.
+    """
+    try:
+        msgspec.convert(msgspec.to_builtins(options), GenerationOptions)
+    except msgspec.ValidationError as exc:
+        words, path = split_validation_error(exc)
+        param = path or ""
+        if param == "max_tokens" and request.max_completion_tokens is not None:
+            param = "max_completion_tokens"
+        elif param.startswith("stop") and isinstance(request.stop, str):
+            param = "stop"
+        elif param == "tool_choice" and request.tool_choice is not None and not isinstance(request.tool_choice, str):
+            param = "tool_choice.function.name"
+        for pattern, replacement in _OPTION_PATHS:
+            param = pattern.sub(replacement, param)
+        raise GatewayError("invalid_request", f"invalid {param or 'request'}: {words}", param=param or None) from None
+    return options
 
 
 class OpenAIAPI:
