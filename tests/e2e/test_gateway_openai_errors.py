@@ -5,13 +5,12 @@ status OpenAI's API would send and a body in OpenAI's error shape (``error.type`
 
 from __future__ import annotations
 
-import inspect
 
 import openai
 import pytest
 import trio
 
-from loomnet.client import BudgetConfig, LoomClient
+from loomnet.client import BudgetConfig
 from loomnet.client.gateway import GatewayKey
 from loomnet.protocol import ErrorCode
 
@@ -107,11 +106,6 @@ async def keyed(nursery, tmp_path, executor):
 
 #: the SDK sends no key at all (a header left out per request: the SDK insists on one otherwise)
 NO_KEY = {"extra_headers": {"Authorization": openai.Omit()}}
-#: ``LoomClient.stream_chat(account=, budget=)`` (issue 10's per-key budgets) is not on this
-#: branch yet: the gateway passes them for every keyed request
-PER_KEY_BUDGETS = "account" in inspect.signature(LoomClient.stream_chat).parameters
-
-
 @pytest.mark.model
 @pytest.mark.parametrize(("api_key", "headers"), [("unused", NO_KEY), ("lg-wrong-key-00000000000000000", {})],
                          ids=["none", "wrong"])  # fmt: skip
@@ -137,7 +131,6 @@ async def test_the_right_key_lists_models_as_a_bearer_token_and_as_x_api_key(key
 
 
 @pytest.mark.model
-@pytest.mark.xfail(not PER_KEY_BUDGETS, reason="needs stream_chat(account=, budget=): per-key budgets", strict=True)
 async def test_the_right_key_is_answered_as_a_bearer_token_and_as_x_api_key(keyed):
     as_bearer = sdk(keyed, api_key=USER_KEY)
     as_header = sdk(keyed, api_key="unused", default_headers={"x-api-key": USER_KEY})
