@@ -101,16 +101,28 @@ class ChatEndpoint:
             await send_message({"type": "http.response.body", "body": body})
 
         async def fail(error: GatewayError) -> None:
+            outcome[0] = error.kind
             gateway.count(error.kind)
             if started[0]:
                 return
             extra = retry_after_header(error.retry_after) if error.status in (429, 503) else {}
             await respond(error.status, self.api.error_body(error), extra)
 
+        began = trio.current_time()
+        call = None
+        outcome = ["hung up"]  # what the log line says; set by each way out
         try:
             request = Request(scope, receive)
             try:
-                body = await _read_body(request, gateway.config.max_body_bytes)
+                if gateway.in_flight > gateway.config.max_concurrent_requests:
+                    raise GatewayError("over_capacity", "the gateway is answering as many requests as it may at once",
+                                       code=ErrorCode.OVER_CAPACITY, retry_after=1.0)  # fmt: skip
+                body = None
+                with trio.move_on_after(gateway.config.body_timeout):
+                    body = await _read_body(request, gateway.config.max_body_bytes)
+                if body is None:
+                    raise GatewayError("request_timeout", f"the request body did not arrive within "
+                                       f"{gateway.config.body_timeout:g} s", code=ErrorCode.REQUEST_TIMEOUT)  # fmt: skip
                 key = gateway.authorize(request.headers)
                 call = self.api.parse(body, request.headers)
             except GatewayError as error:
@@ -120,6 +132,7 @@ class ChatEndpoint:
                 nursery.start_soon(self._watch_hangup, receive, nursery.cancel_scope, ended)
                 try:
                     await self._answer(call, key, send_message, started)
+                    outcome[0] = "ok" if ended[0] else outcome[0]
                 except GatewayError as error:
                     await fail(error)
                 except LoomError as exc:
@@ -136,6 +149,8 @@ class ChatEndpoint:
                 await fail(GatewayError("internal", "the gateway failed; see its log", code=ErrorCode.INTERNAL))
         finally:
             gateway.in_flight -= 1
+            log.info("gateway: %s %s -> %s in %.3f s", self.api.name,
+                     repr(call.model[:64]) if call is not None else "-", outcome[0], trio.current_time() - began)  # fmt: skip
 
     async def _watch_hangup(self, receive: Receive, scope: trio.CancelScope, ended: list[bool]) -> None:
         """Cancel the request when the caller goes away (the body is read by now, so the

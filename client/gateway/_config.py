@@ -46,6 +46,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     keys: Annotated[list[GatewayKey], Meta(max_length=10_000)] = []
     #: the largest request body accepted, bytes (images travel inline, base64)
     max_body_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 32 * 1024 * 1024
+    #: seconds a caller may take to send the whole body (one deadline over all of it:
+    #: a caller dripping a byte at a time cannot hold a request open longer)
+    body_timeout: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    #: chat requests answered at once; past it a request gets 429 with Retry-After at once
+    #: (each one holds a task, a stream to an executor and its answer's buffers)
+    max_concurrent_requests: Annotated[int, Meta(ge=1, le=100_000)] = 256
     client: ClientConfig = ClientConfig()
 
     def __post_init__(self) -> None:
@@ -56,6 +62,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("two gateway keys have the same secret")  # never says which: it is a secret
         if not 1024 <= self.max_body_bytes <= 1 << 30:
             raise ValueError("max-body-bytes must be from 1024 to 1073741824")
+        if not 0 < self.body_timeout <= 3600:  # NaN too
+            raise ValueError("body-timeout must be from 0 (exclusive) to 3600 seconds")
+        if not 1 <= self.max_concurrent_requests <= 100_000:
+            raise ValueError("max-concurrent-requests must be from 1 to 100000")
 
     def __repr__(self) -> str:
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, keys=[{len(self.keys)} key(s)], "

@@ -17,9 +17,10 @@ that kind (its own exception class follows from it: 404 ``NotFoundError``, 429
 | ``budget_exhausted`` | 402 | the key's (or the gateway's) budget cannot cover the request's worst case |
 | ``model_not_found`` | 404 | ``model`` names nothing the network offers (no model, alias or category) |
 | ``unknown_url`` | 404 | no such endpoint, or not with this method (as OpenAI's API answers both) |
+| ``request_timeout`` | 408 | the body did not arrive within ``body-timeout`` |
 | ``request_too_large`` | 413 | the body is over ``max-body-bytes`` |
 | ``rate_limited`` | 429 | executors said the client is over their rate or peer limits (``Retry-After``) |
-| ``over_capacity`` | 429 | every executor tried was busy (``Retry-After``) |
+| ``over_capacity`` | 429 | every executor tried was busy, or the gateway is answering ``max-concurrent-requests`` already (``Retry-After``) |
 | ``executor_failed`` | 502 | the executor, its backend or the stream failed |
 | ``no_offer`` | 503 | no live offer fits (none heard yet, all benched, none under the price cap) |
 | ``internal`` | 500 | a bug or a local failure (the ledger) |
@@ -43,6 +44,7 @@ STATUS: dict[str, int] = {
     "budget_exhausted": 402,
     "model_not_found": 404,
     "unknown_url": 404,
+    "request_timeout": 408,
     "request_too_large": 413,
     "rate_limited": 429,
     "over_capacity": 429,

@@ -74,6 +74,7 @@ _TYPES = {
     "budget_exhausted": "insufficient_quota",
     "model_not_found": "invalid_request_error",
     "unknown_url": "invalid_request_error",
+    "request_timeout": "invalid_request_error",
     "request_too_large": "invalid_request_error",
     "rate_limited": "rate_limit_error",
     "over_capacity": "rate_limit_error",
@@ -92,6 +93,7 @@ _CODES = {
     "no_offer": "no_offer",
     "executor_failed": "executor_failed",
     "request_too_large": "request_too_large",
+    "request_timeout": "request_timeout",
 }
 
 _encode = msgspec.json.Encoder().encode
