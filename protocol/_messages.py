@@ -173,6 +173,9 @@ class ResponseFormat(Struct, frozen=True, kw_only=True):
     type: Literal["text", "json_object", "json_schema"]
     schema: Text | None = None
     name: Label = "response"
+    #: ask the runtime to enforce ``schema`` exactly (OpenAI's Structured Outputs
+    #: ``strict``); runtimes without the switch ignore it. Added with issue 10.
+    strict: bool = False
 
 
 class ChatMessage(Struct, frozen=True):

@@ -186,7 +186,8 @@ def build_body(profile: Profile, params: ChatParams, *, stream: bool) -> dict[st
     rf = params.response_format
     if rf is not None and rf.type == "json_schema" and rf.schema is not None:
         schema = request_json(rf.schema, "the response format's schema")
-        body["response_format"] = {"type": "json_schema", "json_schema": {"name": rf.name, "schema": schema}}
+        spec = {"name": rf.name, "schema": schema, **({"strict": True} if rf.strict else {})}
+        body["response_format"] = {"type": "json_schema", "json_schema": spec}
     elif rf is not None and rf.type != "text":
         body["response_format"] = {"type": "json_object"}
     return body

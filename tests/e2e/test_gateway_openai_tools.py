@@ -168,6 +168,7 @@ async def test_the_sdk_parse_helper_gets_its_structured_answer(gateway, fake):
     sent = chats(fake)[-1]["response_format"]
     assert sent["type"] == "json_schema" and sent["json_schema"]["name"] == "Verdict"
     assert sent["json_schema"]["schema"]["required"] == ["ok", "reason"]
+    assert sent["json_schema"]["strict"] is True  # the SDK asks for Structured Outputs; it reaches the runtime
 
 
 async def test_an_inline_image_reaches_the_backend(gateway, fake):
