@@ -34,15 +34,12 @@ field names.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 
 import msgspec
 
 from loomnet.client import ChatResult
 from loomnet.protocol import (
-    MAX_FRAME_SIZE,
     ChatMessage,
     GenerationOptions,
     ImagePart,
@@ -72,6 +69,7 @@ from ._anthropic_wire import (
 )
 from ._api import Answer
 from ._call import ChatCall, merge_steering, steering_from_headers
+from ._decode import image_from_base64
 from ._errors import GatewayError
 
 __all__ = ["AnthropicAPI", "AnthropicStreamWriter"]
@@ -104,13 +102,7 @@ def _image(block: ImageIn, param: str) -> ImagePart:
         kind = "a URL" if isinstance(source, URLSource) else "a file"
         raise _refuse(f"images must be sent inline (source.type base64): the gateway never fetches {kind}",
                       f"{param}.source")  # fmt: skip
-    try:
-        data = base64.b64decode(source.data, validate=True)
-    except (binascii.Error, ValueError):
-        raise _refuse("the image data is not valid base64", f"{param}.source.data") from None
-    if not data or len(data) > MAX_FRAME_SIZE:
-        raise _refuse(f"the image must be 1 to {MAX_FRAME_SIZE} bytes, not {len(data)}", f"{param}.source.data")
-    return ImagePart(media_type=source.media_type.lower(), data=data)
+    return image_from_base64(source.media_type, source.data, param=f"{param}.source.data")
 
 
 def _tool_result(block: ToolResultIn, param: str) -> str:

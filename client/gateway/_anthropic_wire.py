@@ -25,6 +25,7 @@ import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from ._call import Steering
+from ._decode import split_validation_error
 from ._errors import GatewayError
 
 __all__ = [
@@ -190,7 +191,6 @@ class MessagesRequest(Struct, frozen=True, kw_only=True):
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
 #: msgspec's ``<reason> - at `$.<path>``` suffix, and its missing-field reason
-_AT = re.compile(r"^(?P<reason>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$", re.DOTALL)
 _FIELD = re.compile(r"^Object (?:missing required|contains unknown) field `(?P<field>[^`]+)`$")
 #: extra words for a field whose bad value is usually a client using a feature loomnet lacks
 _HINTS = (
@@ -212,12 +212,9 @@ def decode_request(body: bytes) -> MessagesRequest:
     try:
         return _decoder.decode(body)
     except msgspec.ValidationError as exc:
-        match = _AT.match(str(exc))
-        assert match is not None  # the pattern matches any text
-        reason, param = match.group("reason"), match.group("path") or None
+        reason, param = split_validation_error(exc)
         field = _FIELD.match(reason)
         if field is not None:
-            param = f"{param}.{field.group('field')}" if param else field.group("field")
             reason = "is required" if "missing" in reason else "is not a known field"
         for pattern, hint in _HINTS:
             if param is not None and pattern.search(param):

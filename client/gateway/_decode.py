@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import msgspec
 
-from loomnet.protocol import ImagePart
+from loomnet.protocol import MAX_FRAME_SIZE, ImagePart
 
 from ._errors import GatewayError
 
@@ -62,12 +62,15 @@ def image_from_base64(media_type: str, data: str, *, param: str) -> ImagePart:
     Raises:
         GatewayError: ``invalid_request`` naming ``param`` when the data is not base64.
     """
+    if len(data) > MAX_FRAME_SIZE * 4 // 3 + 4:  # cheaper than decoding what must be refused
+        raise GatewayError("invalid_request", f"{param}: the image must be 1 to {MAX_FRAME_SIZE} bytes", param=param)
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):
-        raise GatewayError("invalid_request", "the image data is not valid base64", param=param) from None
-    if not raw:
-        raise GatewayError("invalid_request", "the image is empty", param=param)
+        raise GatewayError("invalid_request", f"{param}: the image data is not valid base64", param=param) from None
+    if not raw or len(raw) > MAX_FRAME_SIZE:
+        raise GatewayError("invalid_request", f"{param}: the image must be 1 to {MAX_FRAME_SIZE} bytes, not {len(raw)}",
+                           param=param)  # fmt: skip
     return ImagePart(media_type=media_type.lower(), data=raw)
 
 
@@ -85,7 +88,7 @@ def image_from_data_url(url: str, *, param: str) -> ImagePart:
         shown = url[:40] + ("..." if len(url) > 40 else "")
         raise GatewayError(
             "invalid_request",
-            f"images must be sent inline as data:image/<type>;base64,<data> URLs; the gateway never "
+            f"{param}: images must be sent inline as data:image/<type>;base64,<data> URLs; the gateway never "
             f"fetches a URL ({shown!r})",
             param=param,
         )
