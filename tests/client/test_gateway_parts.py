@@ -180,3 +180,29 @@ def test_model_list_has_models_aliases_categories_and_strategies():
 def test_no_offers_lists_nothing():
     listing = model_list([])
     assert listing.data == [] and listing.first_id is None
+
+
+# ------------------------------------------------------------------ images (both APIs share the reader)
+
+
+@pytest.mark.parametrize(
+    "url, words",
+    [
+        ("data:image/png;base64," + "A" * (1_400_000 + 8), "1 to 1048576 bytes"),
+        ("data:image/png;base64,***", "not valid base64"),
+        ("data:image/png;base64,", "1 to 1048576 bytes"),
+        ("https://example.com/cat.png", "never fetches"),
+        ("file:///etc/passwd", "never fetches"),
+    ],
+)
+def test_openai_images_are_bounded_and_never_fetched(url, words):
+    import msgspec
+
+    from loomnet.client.gateway._openai import OpenAIAPI
+
+    body = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what?"}, {"type": "image_url", "image_url": {"url": url}}]}]})  # fmt: skip
+    with pytest.raises(GatewayError) as info:
+        OpenAIAPI().parse(body, {})
+    assert info.value.status == 400 and words in info.value.message
+    assert info.value.param == "messages[0].content[1].image_url.url"
