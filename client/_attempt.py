@@ -58,6 +58,7 @@ from loomnet.protocol import (
     ProtocolError,
     Receipt,
     ReceiptError,
+    cost_of,
 )
 
 from ._budget import Budget, BudgetExceeded, JointBudget, JointReservation, Reservation
@@ -65,6 +66,7 @@ from ._chat_stream import ChatStream
 from ._events import Attempt
 from ._offers import Offer
 from ._route import Candidate, Health, RequestShape
+from ._session_pool import ExecutorBusy
 from ._shape import worst_case_cost
 from ._stream_kit import RequestOptions, StreamKit
 
@@ -108,8 +110,9 @@ def fails_over(error: LoomError) -> bool:
 
 
 def blames_executor(error: LoomError) -> bool:
-    """Whether ``error`` counts against the executor's health (its breaker)."""
-    return error.code not in REQUEST_FAULTS and not isinstance(error, _LOCAL)
+    """Whether ``error`` counts against the executor's health (its breaker). Not this
+    client's own queue to it running full (``ExecutorBusy``)."""
+    return error.code not in REQUEST_FAULTS and not isinstance(error, (*_LOCAL, ExecutorBusy))
 
 
 class AttemptTracker:
@@ -135,6 +138,11 @@ class AttemptTracker:
         self._executor, self._model = offer.executor, offer.model.name
         self._reservation = reservation
         self._wall_clock = wall_clock
+        self._price_in, self._price_out = offer.model.price_in, offer.model.price_out
+        #: the padded prompt tokens (for what an abandoned answer is charged)
+        self.prompt_tokens = 0
+        #: UTF-8 bytes of answer received so far (``ChatStream`` keeps it current)
+        self.delivered: Callable[[], int] = lambda: 0
         self._sent_at = 0.0
         self._first_at: float | None = None
         #: the error the attempt ended with, if any
@@ -156,6 +164,8 @@ class AttemptTracker:
         if self._reservation is not None:
             if receipt is not None and accepted:
                 self._reservation.settle(receipt.cost, now=self._wall_clock())
+            elif receipt is None and error is None and self.delivered() > 0:
+                self._reservation.settle(self.abandoned_cost(), now=self._wall_clock())
             else:
                 self._reservation.release()
         if error is not None and blames_executor(error):
@@ -167,6 +177,16 @@ class AttemptTracker:
                                   seconds=now - since, now=now)
         else:  # the caller left, or the request was at fault: neither a success nor a failure
             self._health.cancelled(self._executor, self._model, now=now)
+
+    def abandoned_cost(self) -> int:
+        """What an answer the caller left part-way through is charged to the budget, in
+        micro-credits: the executor books a receipt for what it sent (``client_gone``)
+        that this client never receives, so the client charges its own generous
+        estimate instead, at most the reservation: the padded prompt, and a token per 3
+        bytes received (English runs ~4). Without it a caller who always hangs up just
+        before the end would never spend its budget."""
+        estimate = cost_of(self.prompt_tokens, max(1, -(-self.delivered() // 3)), self._price_in, self._price_out)
+        return min(estimate, self._reservation.amount if self._reservation is not None else estimate)
 
     def release(self) -> None:
         """Free the reservation of an attempt that never began (nothing was sent)."""
@@ -294,7 +314,9 @@ async def open_first(
         tried.add(offer.executor)
         sent += 1
         tracker = AttemptTracker(health, offer, reservation, wall_clock=wall_clock)
+        tracker.prompt_tokens = shape.prompt_tokens
         stream = ChatStream(kit, offer, messages, attempt_options, total_deadline=deadline, observer=tracker)
+        tracker.delivered = stream.delivered_bytes
         stream.attempts = list(attempts)  # before start(): an empty answer settles there
         try:
             await stream.open()

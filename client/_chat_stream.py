@@ -153,6 +153,10 @@ class ChatStream:
     def model(self) -> str:
         return self.offer.model.name
 
+    def delivered_bytes(self) -> int:
+        """UTF-8 bytes of answer (text, reasoning, tool calls) received so far."""
+        return self._answer.bytes
+
     @property
     def has_content(self) -> bool:
         """Whether any text, reasoning or tool call has arrived: from then on a failure
@@ -208,7 +212,10 @@ class ChatStream:
         (``_retry_stale``)."""
         deadlines = self._kit.deadlines
         open_lease = self._pool.open if fresh else self._pool.lease
-        self._lease = await open_lease(self.executor, addrs=list(self.offer.advert.addrs), timeout=self._left(deadlines.connect))
+        self._lease = await open_lease(
+            self.executor, addrs=list(self.offer.advert.addrs), timeout=self._left(deadlines.connect),
+            wait=self._left(deadlines.first_byte),  # for a free slot: this client's own queue to the executor
+        )  # fmt: skip
         self._stream, self._conn = self._lease.stream, self._lease.conn
         try:
             data = self._conn.send(self._request_frame)

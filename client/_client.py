@@ -281,8 +281,9 @@ class LoomClient:
         own = self._opener or self.member.node
         if opener is None and self._sessions is None:
             self._sessions = SessionPool(
-                own, idle_timeout=self.config.session_idle_timeout, max_idle_per_peer=self.config.max_idle_sessions
-            )
+                own, idle_timeout=self.config.session_idle_timeout, max_idle_per_peer=self.config.max_idle_sessions,
+                max_active_per_peer=self.config.max_streams_per_executor,
+            )  # fmt: skip
         return StreamKit(
             # the client's own opener reuses session streams; another one (a test's) gets
             # one-request streams, since nothing here would close its idle sessions

@@ -82,6 +82,11 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     #: executor's default ``max-streams-per-peer``; idle sessions count there too, but a
     #: client reuses its idle sessions before it opens another, so they never crowd it out
     max_idle_sessions: Annotated[int, Meta(ge=0, le=64)] = 8
+    #: requests this client has open to one executor at once (an executor's default
+    #: ``max-streams-per-peer`` is 8); more wait, in order, for one to end, up to the
+    #: first-byte deadline, then fail over (``PEER_LIMIT``). A client serving many
+    #: callers (the gateway) so queues a burst instead of having the executor refuse it
+    max_streams_per_executor: Annotated[int, Meta(ge=1, le=1024)] = 8
     #: the most executors one request is sent to (failover before the first content)
     max_attempts: Annotated[int, Meta(ge=1, le=16)] = 3
     #: output tokens a request without ``max_tokens`` is assumed to need, for routing
@@ -97,6 +102,8 @@ class ClientConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             raise ValueError("session-idle-timeout must be positive")
         if not 0 <= self.max_idle_sessions <= 64:
             raise ValueError("max-idle-sessions must be from 0 to 64")
+        if not 1 <= self.max_streams_per_executor <= 1024:
+            raise ValueError("max-streams-per-executor must be from 1 to 1024")
 
     @property
     def deadlines(self) -> Deadlines:

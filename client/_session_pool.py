@@ -23,6 +23,15 @@ anyway (a restart, a shutdown) fails at its first byte; ``ChatStream`` then send
 same signed request once more on a new stream: the executor never saw it (it would
 have answered on the old stream), and its replay guard refuses a second copy if it did.
 
+Streams in use per executor are bounded too (``max_active_per_peer``, the client's
+``max-streams-per-executor``, 8 like an executor's default ``max-streams-per-peer``):
+a request past it waits for one of this client's own requests to that executor to end
+(``slot_wait`` seconds at most, then :class:`ExecutorBusy`, which fails over) instead of
+being refused by the executor with ``PEER_LIMIT``. A client that serves many callers
+(the HTTP gateway) so queues its callers' requests itself, in order, rather than turning
+a burst into errors. Since a new stream is opened only when no idle one is left, streams
+in use plus idle ones never exceed the bound either.
+
 Who owns what: the pool owns idle sessions only; a leased one belongs to its
 ``ChatStream`` until given back. ``aclose`` closes every idle session (bounded).
 """
@@ -37,14 +46,16 @@ import trio
 from loomnet.protocol import (
     INFER_PROTOCOL,
     INFER_SESSION_PROTOCOL,
+    ErrorCode,
     InferenceConnection,
+    LoomError,
     Role,
     StreamState,
 )
 
 from ._stream_kit import ByteStream, StreamOpener
 
-__all__ = ["SessionLease", "SessionPool", "SessionPoolStatistics"]
+__all__ = ["ExecutorBusy", "SessionLease", "SessionPool", "SessionPoolStatistics"]
 
 #: protocols asked for, best first
 SESSION_PROTOCOLS = (INFER_SESSION_PROTOCOL, INFER_PROTOCOL)
@@ -63,15 +74,33 @@ class SessionPoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     expired: int
     #: requests sent again on a new stream because a reused session had ended
     stale_retries: int = 0
+    #: streams in use now; requests waiting for a free one now; requests that waited
+    #: (since start), and of those, the ones that gave up (``ExecutorBusy``)
+    active: int = 0
+    waiting: int = 0
+    waited: int = 0
+    busy: int = 0
+
+
+class ExecutorBusy(LoomError):
+    """This client already has ``max-streams-per-executor`` requests open to the
+    executor, and none ended within the wait. Retryable: the next executor may be free;
+    not the executor's fault (its health is not charged)."""
+
+    code = ErrorCode.PEER_LIMIT
+    retryable = True
+    message_is_public = True
 
 
 class SessionLease:
     """One stream leased for one request: ``stream``, its state machine ``conn`` (it
     lives as long as the stream) and whether it served a request before (``reused``)."""
 
-    __slots__ = ("peer", "stream", "conn", "reused", "idle_since", "settled")
+    __slots__ = ("peer", "stream", "conn", "reused", "idle_since", "settled", "slot")
 
     def __init__(self, peer: str, stream: ByteStream, conn: InferenceConnection, *, reused: bool) -> None:
+        #: whether the lease holds one of its executor's slots (freed once, on release)
+        self.slot = False
         self.peer = peer
         self.stream = stream
         self.conn = conn
@@ -95,6 +124,7 @@ class SessionPool:
         max_idle: idle sessions kept in all.
         protocols: asked for, best first (``/loomnet/infer/1`` alone: a one-request
             stream each time, never kept).
+        max_active_per_peer: streams in use per executor at once; None: no bound.
     """
 
     def __init__(
@@ -105,8 +135,12 @@ class SessionPool:
         max_idle_per_peer: int = 8,
         max_idle: int = 256,
         protocols: tuple[str, ...] = SESSION_PROTOCOLS,
+        max_active_per_peer: int | None = None,
     ) -> None:
         self.opener = opener
+        self.max_active_per_peer = max_active_per_peer
+        #: peer -> its slots, while any is taken or awaited (dropped when all are free)
+        self._slots: dict[str, trio.Semaphore] = {}
         self.protocols = protocols
         self.idle_timeout = idle_timeout
         self.max_idle_per_peer = max_idle_per_peer
@@ -115,17 +149,71 @@ class SessionPool:
         self._idle: OrderedDict[str, list[SessionLease]] = OrderedDict()
         self._count = 0
         self._swept_at = -float("inf")
-        self._stats = dict.fromkeys(("opened", "opened_single", "reused", "expired", "stale_retries"), 0)
+        self._stats = dict.fromkeys(("opened", "opened_single", "reused", "expired", "stale_retries", "waited", "busy"), 0)
 
     def statistics(self) -> SessionPoolStatistics:
-        return SessionPoolStatistics(idle=self._count, **self._stats)
+        limit = self.max_active_per_peer or 0
+        active = sum(limit - s.value for s in self._slots.values())
+        waiting = sum(s.statistics().tasks_waiting for s in self._slots.values())
+        return SessionPoolStatistics(idle=self._count, active=active, waiting=waiting, **self._stats)
 
-    async def lease(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
-        """An idle session to ``peer``, or a new stream (a session if ``peer`` serves them).
+    async def _take_slot(self, peer: str, wait: float) -> bool:
+        """One of ``peer``'s slots, waiting ``wait`` seconds at most; False without a bound.
 
         Raises:
+            ExecutorBusy: none came free in time.
+        """
+        if self.max_active_per_peer is None:
+            return False
+        slots = self._slots.get(peer)
+        if slots is None:
+            slots = self._slots[peer] = trio.Semaphore(self.max_active_per_peer)
+        if slots.value > 0:
+            slots.acquire_nowait()
+            return True
+        self._stats["waited"] += 1
+        with trio.move_on_after(wait):
+            await slots.acquire()
+            return True
+        self._stats["busy"] += 1
+        self._drop_free(peer)
+        raise ExecutorBusy(
+            f"this client has {self.max_active_per_peer} requests open to executor {peer[-8:]} already and none "
+            f"ended within {wait:.1f} s (max-streams-per-executor)"
+        )
+
+    def _free_slot(self, lease: SessionLease) -> None:
+        if lease.slot:
+            lease.slot = False
+            self._slots[lease.peer].release()
+            self._drop_free(lease.peer)
+
+    def _drop_free(self, peer: str) -> None:
+        """Forget ``peer``'s slots once all are free and nobody waits: executors come and go."""
+        slots = self._slots.get(peer)
+        if slots is not None and slots.value == self.max_active_per_peer and not slots.statistics().tasks_waiting:
+            del self._slots[peer]
+
+    async def lease(self, peer: str, *, addrs: list[str], timeout: float, wait: float = 0.0) -> SessionLease:
+        """An idle session to ``peer``, or a new stream (a session if ``peer`` serves them),
+        once one of ``peer``'s slots is free (``wait`` seconds at most).
+
+        Raises:
+            ExecutorBusy: no slot came free within ``wait``.
             NetworkError, NetworkTimeout: opening a new stream failed.
         """
+        slot = await self._take_slot(peer, wait)
+        try:
+            lease = await self._lease(peer, addrs=addrs, timeout=timeout)
+        except BaseException:
+            if slot:
+                self._slots[peer].release()
+                self._drop_free(peer)
+            raise
+        lease.slot = slot
+        return lease
+
+    async def _lease(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
         await self._sweep(trio.current_time())
         idle = self._idle.get(peer)
         if idle:  # the freshest; a sweep took out the ones past idle_timeout
@@ -135,10 +223,23 @@ class SessionPool:
                 del self._idle[peer]
             self._stats["reused"] += 1
             return lease
-        return await self.open(peer, addrs=addrs, timeout=timeout)
+        return await self._open(peer, addrs=addrs, timeout=timeout)
 
-    async def open(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
-        """A new stream to ``peer``, never an idle one (a stale session's retry)."""
+    async def open(self, peer: str, *, addrs: list[str], timeout: float, wait: float = 0.0) -> SessionLease:
+        """A new stream to ``peer``, never an idle one (a stale session's retry), once a
+        slot is free (as ``lease``)."""
+        slot = await self._take_slot(peer, wait)
+        try:
+            lease = await self._open(peer, addrs=addrs, timeout=timeout)
+        except BaseException:
+            if slot:
+                self._slots[peer].release()
+                self._drop_free(peer)
+            raise
+        lease.slot = slot
+        return lease
+
+    async def _open(self, peer: str, *, addrs: list[str], timeout: float) -> SessionLease:
         wanted = self.protocols[0] if len(self.protocols) == 1 else self.protocols  # one id: as openers always took it
         stream = await self.opener.open_stream(peer, wanted, addrs=addrs, timeout=timeout)
         session = getattr(stream, "protocol", INFER_PROTOCOL) == INFER_SESSION_PROTOCOL
@@ -163,19 +264,30 @@ class SessionPool:
         """The end of ``lease``'s exchange: kept for the next request when
         ``reusable``; else closed when no answer is in progress (the executor reads the
         end between requests and ends the session cleanly); else reset, so the executor
-        stops generating. Never raises."""
-        if self.reusable(lease):
-            await self.give_back(lease)
-        elif lease.conn.state in (StreamState.IDLE, StreamState.CLOSED, StreamState.SETTLING):
-            await lease.stream.close()
-        else:
-            await lease.stream.reset()
+        stops generating. Never raises. Frees the lease's slot either way, after the
+        stream is idle or ended (so the executor never sees one stream more than the
+        bound; closes and resets are bounded)."""
+        try:
+            if self.reusable(lease):
+                await self.give_back(lease)
+            elif lease.conn.state in (StreamState.IDLE, StreamState.CLOSED, StreamState.SETTLING):
+                await lease.stream.close()
+            else:
+                await lease.stream.reset()
+        finally:
+            self._free_slot(lease)
 
     async def give_back(self, lease: SessionLease) -> None:
         """Keep ``lease`` for the next request to its executor, or close it.
 
         Call when the exchange ended cleanly (``reusable``; else it is closed); never raises.
         """
+        try:
+            await self._give_back(lease)
+        finally:
+            self._free_slot(lease)
+
+    async def _give_back(self, lease: SessionLease) -> None:
         if not self.reusable(lease):
             await lease.stream.close()
             return

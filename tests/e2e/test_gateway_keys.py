@@ -79,3 +79,28 @@ async def test_the_gateways_own_budget_is_not_told_to_its_users(nursery, tmp_pat
     message = info.value.body["message"]
     assert "gateway's budget" in message and "renews" in message
     assert "7" not in message.split("renews")[0]  # neither the amount nor the spending
+
+
+async def test_hanging_up_mid_answer_still_spends_the_keys_budget(nursery, client):
+    import time
+
+    import httpx
+
+    server = await nursery.start(serve_gateway, client, config(alice_budget=1_000_000))
+    budget = server.gateway._budgets["alice"]
+    assert budget.statistics(now=time.time()).spent == 0
+    async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        async with http.stream("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {ALICE}"}, json={
+            "model": "smol", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200,
+            "stream": True,
+        }) as answer:  # fmt: skip
+            assert answer.status_code == 200
+            lines = answer.aiter_lines()
+            while '"content":"' not in (line := await lines.__anext__()) or '"content":""' in line:
+                pass  # up to the first text
+        # the connection is closed here, before the end of the answer
+    with trio.fail_after(10):
+        while server.gateway.statistics().hung_up < 1 or budget.statistics(now=time.time()).reservations:
+            await trio.sleep(0.05)
+    stats = budget.statistics(now=time.time())
+    assert stats.spent > 0 and stats.reserved == 0  # charged an estimate of what was delivered, not freed
