@@ -12,8 +12,28 @@ from loomnet.client._attempt import blames_executor, fails_over
 from loomnet.client._session_pool import ExecutorBusy
 from loomnet.protocol import INFER_SESSION_PROTOCOL, ErrorCode
 
-from ..node.server_harness import ScriptedBackend
-from .test_sessions import _tokens, answer_of, autojump_clock, book, run_client  # noqa: F401 (fixtures)
+from loomnet.client import Ledger
+
+from ..node.server_harness import ScriptedBackend, warm_tokens
+from .test_sessions import answer_of, run_client
+
+
+@pytest.fixture(autouse=True)
+def _tokens():
+    warm_tokens()
+
+
+@pytest.fixture
+def autojump_clock():
+    """Jumps after 0.5 s of real quiet (ledger writes run in worker threads)."""
+    return trio.testing.MockClock(autojump_threshold=0.5)
+
+
+@pytest.fixture
+async def book():
+    ledger = await Ledger.open(":memory:")
+    yield ledger
+    await ledger.aclose()
 
 
 class Counting(ScriptedBackend):
