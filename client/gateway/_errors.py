@@ -12,7 +12,7 @@ that kind (its own exception class follows from it: 404 ``NotFoundError``, 429
 
 | kind | status | when |
 | --- | --- | --- |
-| ``invalid_request`` | 400 | the body is not a valid request; a field breaks the protocol's limits; the model cannot do what it asks (tools, images, JSON) |
+| ``invalid_request`` | 400 | the body is not a valid request; a field breaks the protocol's limits; the model cannot do what it asks (tools, images, JSON); an executor refused the request's ``max_cost`` or price caps |
 | ``unauthorized`` | 401 | keys are configured and the request carries none, or an unknown one |
 | ``budget_exhausted`` | 402 | the key's (or the gateway's) budget cannot cover the request's worst case |
 | ``model_not_found`` | 404 | ``model`` names nothing the network offers (no model, alias or category) |
@@ -65,7 +65,7 @@ _KIND_OF_CODE: dict[ErrorCode, str] = {
     ErrorCode.PEER_LIMIT: "rate_limited",
     ErrorCode.OVER_CAPACITY: "over_capacity",
     ErrorCode.NO_OFFER: "no_offer",
-    ErrorCode.PRICE_CAP_EXCEEDED: "no_offer",
+    ErrorCode.PRICE_CAP_EXCEEDED: "invalid_request",  # the executor refused the request's own max_cost or caps
     ErrorCode.UNKNOWN_MODEL: "no_offer",
     ErrorCode.LEDGER_FAILED: "internal",
     ErrorCode.CONFIG_INVALID: "internal",

@@ -23,7 +23,9 @@ from loomnet.protocol import ErrorCode, InvalidRequest
 from .._budget import Budget, BudgetExceeded
 from .._chat_stream import ChatStream
 from .._client import LoomClient
+from .._offers import Offer
 from .._route import Route
+from .._shape import needed_capabilities
 from ._call import ChatCall
 from ._config import GatewayConfig, GatewayKey
 from ._errors import GatewayError
@@ -81,21 +83,24 @@ class Gateway:
     def model_known(self, model: str) -> bool:
         """Whether ``model`` names something a live offer serves: a model or alias, a
         category one carries, or a strategy while any offer is live."""
+        return bool(self.named_offers(model))
+
+    def named_offers(self, model: str) -> list[Offer]:
+        """The live offers ``model`` names (a model or alias, a category, or every offer
+        for a strategy), whatever else the request needs."""
         try:
             route = Route.parse(model)
         except InvalidRequest:
-            return False
+            return []
         offers = self.client.offers()
         if route.model is not None:
             wanted = route.model.casefold()
             tail = wanted.partition(":")[2]  # provider:model
-            return any(
-                name.casefold() in (wanted, tail) for o in offers for name in (o.model.name, *o.model.aliases)
-            )
+            return [o for o in offers if any(n.casefold() in (wanted, tail) for n in (o.model.name, *o.model.aliases))]
         if route.category is not None:
             wanted = route.category.casefold()
-            return any(c.casefold() == wanted for o in offers for c in o.model.categories)
-        return bool(offers)
+            return [o for o in offers if any(c.casefold() == wanted for c in o.model.categories)]
+        return offers
 
     def settled(self) -> bool:
         """Whether the offer table has had ``offer-timeout`` to fill since start: from
@@ -114,9 +119,13 @@ class Gateway:
                 no valid route.
             LoomError: whatever ``stream_chat`` raises (``failure_of`` maps it).
         """
-        if not self.model_known(call.model) and self.settled():
+        call = _without_unused_tools(call)
+        named = self.named_offers(call.model)
+        if not named and self.settled():
             raise GatewayError("model_not_found", f"no model, alias or category {call.model[:128]!r} is offered on "
-                               "the network now (GET /v1/models lists what is)", param="model")  # fmt: skip
+                               "the network now (GET /v1/models lists what is)", code=ErrorCode.NO_OFFER,
+                               param="model")  # fmt: skip
+        _check_capabilities(call, named)
         account = key.name if key is not None else None
         budget = self._budgets.get(account) if account is not None else None
         entered = False
@@ -159,3 +168,42 @@ def _budget_refusal(exc: BudgetExceeded) -> GatewayError:
         f"the gateway's budget cannot cover this request's worst case now; it renews {renews}",
         code=ErrorCode.BUDGET_EXCEEDED,
     )
+
+
+#: what each capability a request may need is called in an error
+_NEEDS = {"tools": "tools (function calling)", "json": "JSON output (response_format)", "vision": "images"}
+
+
+def _check_capabilities(call: ChatCall, named: list[Offer]) -> None:
+    """Refuse at once, with a 400, a request that no live offer ``model`` names can
+    serve for want of a capability (tools, JSON output, images): the client library
+    would wait ``offer-timeout`` for such an offer and then say none is live, which an
+    SDK reads as a 503 and retries. Nothing named yet (the table still filling): the
+    client library decides."""
+    if not named:
+        return
+    needed = needed_capabilities(call.messages, call.options)
+    if not needed or any(needed <= set(o.model.capabilities) for o in named):
+        return
+    best = max(named, key=lambda o: len(needed & set(o.model.capabilities)))
+    missing = sorted(needed - set(best.model.capabilities))
+    served = sorted({o.model.name for o in named})
+    raise GatewayError(
+        "invalid_request",
+        f"{call.model[:128]!r} ({', '.join(served[:5])}) cannot do what this request needs: "
+        f"{', '.join(_NEEDS.get(m, m) for m in missing)}",
+        code=ErrorCode.UNSUPPORTED_FEATURE,
+        param={"tools": "tools", "json": "response_format", "vision": "messages"}.get(missing[0]),
+    )
+
+
+def _without_unused_tools(call: ChatCall) -> ChatCall:
+    """``tool_choice: "none"`` with tools and no tool turns in the history: the model
+    may not call them, so they are dropped, and a model without function calling can
+    answer (agent frameworks send their tools with every request)."""
+    options = call.options
+    if options.tool_choice != "none" or not options.tools:
+        return call
+    if any(m.tool_calls or m.role == "tool" for m in call.messages):
+        return call
+    return msgspec.structs.replace(call, options=msgspec.structs.replace(options, tools=[], tool_choice=None))
