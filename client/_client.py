@@ -120,6 +120,7 @@ class LoomClient:
             self.key,
             P2PConfig(listen=config.listen, bootstrap=bootstrap, dial_timeout=config.connect_timeout, mdns=config.mdns),
             exchange_timeout=config.join_timeout,
+            watch_local=config.discover_local,
         )
         self.tokens = TokenCounter()
         self.ledger: Ledger | None = None

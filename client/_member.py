@@ -61,10 +61,15 @@ class Member:
             (stream open to the last advert) or answering (first to last write).
         table: the offer table to feed (default: ``OfferTable()`` with its bounds).
         rng: the random source of the redial backoff's jitter.
+        watch_local: keep reading the executors announced on this machine (``_local``)
+            and join each one not connected: one started (or restarted on another port)
+            after this peer is found within :attr:`LOCAL_SCAN` seconds, not never.
     """
 
     #: most mDNS-found peers dialed at once
     MDNS_DIALS = 4
+    #: seconds between two reads of this machine's announced executors (``watch_local``)
+    LOCAL_SCAN = 2.0
 
     def __init__(
         self,
@@ -76,8 +81,10 @@ class Member:
         exchange_timeout: float = 10.0,
         table: OfferTable | None = None,
         rng: random.Random | None = None,
+        watch_local: bool = False,
     ) -> None:
         self.key = key
+        self.watch_local = watch_local
         self.clock = clock
         self.exchange_timeout = exchange_timeout
         self.config = p2p
@@ -126,6 +133,8 @@ class Member:
                 for peer in self.node.connected_peers():
                     first_round.start_soon(self.fetch_adverts, peer)
             nursery.start_soon(self.redialer.run)
+            if self.watch_local:
+                nursery.start_soon(self._watch_local)
             if self.config.mdns or self.config.mdns_announce:
                 announce = info.addrs if self.config.mdns_announce else None
                 self.mdns = MdnsService(self.peer_id, announce=announce)
@@ -156,6 +165,39 @@ class Member:
         """Connected peers, then other peers that sent adverts: how each was found and
         what it sent (``loomnet peers``)."""
         return self.book.records(self.node.connections())
+
+    # -------------------------------------------------------------------- this machine
+
+    async def _watch_local(self) -> None:
+        """Join executors announced on this machine that are not connected (one dial at
+        a time per executor; a failed one is tried again at the next scan)."""
+        dialing: set[str] = set()
+
+        async def join(peer: str, addrs: list[str]) -> None:
+            try:
+                self.book.found(peer, Found.LOCAL_FILE)
+                for addr in addrs:
+                    try:
+                        await self._join(addr)
+                    except LoomError as exc:
+                        log.debug("local executor %s not reached at %s: %s", peer, addr, exc)
+                        continue
+                    log.info("joined %s, announced on this machine", peer)
+                    return
+            finally:
+                dialing.discard(peer)
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(self.LOCAL_SCAN)
+                connected = set(self.node.connected_peers())
+                for local in await trio.to_thread.run_sync(local_executors):
+                    peer = local.peer_id
+                    if peer == self.peer_id or peer in connected or peer in dialing:
+                        continue
+                    addrs = [a for a in local.addrs if "/127.0.0.1/" in a] or local.addrs
+                    dialing.add(peer)
+                    nursery.start_soon(join, peer, [a if "/p2p/" in a else f"{a}/p2p/{peer}" for a in addrs])
 
     # -------------------------------------------------------------------- mDNS
 

@@ -7,6 +7,7 @@ on Ctrl-C or SIGTERM, letting answers in flight finish for a few seconds.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -20,7 +21,9 @@ import click
 import msgspec
 import trio
 
-from loomnet.client.gateway import DEFAULT_PORT, GatewayConfig, open_gateway
+from loomnet.client import open_client
+from loomnet.client.gateway import DEFAULT_PORT, GatewayConfig, serve_gateway
+from loomnet.client.gateway._serve import GRACEFUL_TIMEOUT
 from loomnet.protocol import ConfigError
 
 from ._redact import Redactor, install_log_redaction
@@ -30,8 +33,9 @@ __all__ = ["gateway", "load_gateway_config"]
 
 log = logging.getLogger("loomnet.gateway")
 
-#: seconds answers in flight may take to finish after Ctrl-C or SIGTERM
-_SHUTDOWN_GRACE = 5.0
+#: seconds after the graceful drain before whatever is left is cancelled (the client's
+#: ledger closing, streams resetting)
+_SHUTDOWN_GRACE = 3.0
 
 
 def load_gateway_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None) -> GatewayConfig:
@@ -88,10 +92,13 @@ def _is_loopback(host: str) -> bool:
 def gateway(config_path, host, port, bootstrap, data_dir, wait) -> None:
     """Serve the OpenAI (/v1/chat/completions, /v1/models) and Anthropic (/v1/messages)
     HTTP APIs on the network: point any OpenAI or Anthropic client's base URL here."""
-    from .cli import _check_bootstrap, _run
+    from .cli import _check_bootstrap, _fail, _run
 
     _check_bootstrap(None, None, bootstrap)
-    config = load_gateway_config(config_path) if config_path else GatewayConfig()
+    try:
+        config = load_gateway_config(config_path) if config_path else GatewayConfig()
+    except ConfigError as exc:
+        _fail(exc)
     client = config.client
     changes: dict[str, object] = {}
     if bootstrap:
@@ -113,23 +120,39 @@ def gateway(config_path, host, port, bootstrap, data_dir, wait) -> None:
 
 
 async def _gateway_main(config: GatewayConfig) -> None:
+    """Serve until Ctrl-C or SIGTERM; then stop accepting and let answers in flight
+    finish (hypercorn's graceful shutdown, :data:`GRACEFUL_TIMEOUT` seconds), with a
+    backstop a little later that cancels whatever is left."""
+    stop = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def serve() -> None:
-                async with open_gateway(config) as server:
-                    _print_ready(config, server.url)
-                    await trio.sleep_forever()
+                async with open_client(config.client) as client:
+                    async with trio.open_nursery() as inner:
+                        try:
+                            server = await inner.start(functools.partial(serve_gateway, client, config,
+                                                                         shutdown=stop.wait))  # fmt: skip
+                        except* OSError as group:
+                            exc = group.exceptions[0]
+                            while isinstance(exc, BaseExceptionGroup):
+                                exc = exc.exceptions[0]
+                            raise ConfigError(f"cannot listen on {config.host}:{config.port}: "
+                                              f"{getattr(exc, 'strerror', None) or exc}") from None  # fmt: skip
+                        _print_ready(config, server.url, len(client.offers()))
+                nursery.cancel_scope.cancel()  # drained (or failed): the signal loop is done too
 
             nursery.start_soon(serve)
             async for signum in signals:
-                click.echo(f"\n{signal.Signals(signum).name}: shutting down", err=True)
-                nursery.cancel_scope.deadline = trio.current_time() + _SHUTDOWN_GRACE
-                nursery.cancel_scope.cancel()
+                click.echo(f"\n{signal.Signals(signum).name}: shutting down; answers in flight get "
+                           f"{GRACEFUL_TIMEOUT:g} s to finish", err=True)  # fmt: skip
+                stop.set()
+                nursery.cancel_scope.deadline = trio.current_time() + GRACEFUL_TIMEOUT + _SHUTDOWN_GRACE
                 break
+            await trio.sleep_forever()  # until serve() ends or the backstop passes
 
 
-def _print_ready(config: GatewayConfig, url: str) -> None:
+def _print_ready(config: GatewayConfig, url: str, offers: int) -> None:
     click.echo(f"loomnet gateway listening on {url}")
     click.echo(f"  OpenAI base URL:    {url}/v1")
     click.echo(f"  Anthropic base URL: {url}")
@@ -140,6 +163,12 @@ def _print_ready(config: GatewayConfig, url: str) -> None:
         click.echo("  keys: none; anyone who can reach this address may use it (and spend this client's credits)")
         if not _is_loopback(config.host):
             click.echo(f"warning: listening on {config.host} without keys: add [[keys]] to the config", err=True)
-    click.echo(f"Try: curl {url}/v1/models")
+    if offers:
+        click.echo(f"  offers: {offers} live now")
+    else:
+        click.echo("  offers: none yet; start an executor on this machine (`loomnet executor`, found within seconds)"
+                   " or pass --bootstrap /ip4/<host>/tcp/<port>/p2p/<peer id>")  # fmt: skip
+    auth = ' -H "Authorization: Bearer $YOUR_KEY"' if config.keys else ""
+    click.echo(f"Try: curl{auth} {url}/v1/models")
     click.echo("Stop with Ctrl-C.")
     sys.stdout.flush()

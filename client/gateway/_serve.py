@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import msgspec
@@ -49,10 +49,13 @@ async def serve_gateway(
     client: LoomClient,
     config: GatewayConfig,
     *,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[GatewayServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``config`` over the running ``client`` until cancelled; ``task_status``
-    gets the :class:`GatewayServer` once the port is bound.
+    """Serve ``config`` over the running ``client`` until cancelled, or until
+    ``shutdown()`` returns: then no new connection is accepted, answers in flight get
+    :data:`GRACEFUL_TIMEOUT` seconds to finish (hypercorn's graceful shutdown), and
+    this returns. ``task_status`` gets the :class:`GatewayServer` once the port is bound.
 
     Raises:
         OSError: the address cannot be bound (taken, or not this machine's).
@@ -71,7 +74,7 @@ async def serve_gateway(
         await app(scope, receive, send)
 
     async def run(task_status=trio.TASK_STATUS_IGNORED):
-        await serve(asgi, _hypercorn_config(config), task_status=task_status)
+        await serve(asgi, _hypercorn_config(config), shutdown_trigger=shutdown, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(run)

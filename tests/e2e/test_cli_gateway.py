@@ -84,9 +84,37 @@ def test_gateway_serves_models_and_chat_then_stops_on_sigterm(executor_process, 
             body = answer.json()
             assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] > 0
             assert answer.headers["x-loomnet-executor"].startswith("12D3KooW")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+            # SIGTERM while an answer streams: no new requests, but this one finishes
+            with http.stream("POST", "/v1/chat/completions", headers=auth, json={
+                "model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell a story."}],
+                "max_tokens": 48, "temperature": 0, "seed": 1, "stream": True,
+            }) as streamed:  # fmt: skip
+                lines = streamed.iter_lines()
+                assert next(lines).startswith("data: ")  # the answer has begun
+                proc.send_signal(signal.SIGTERM)
+                rest = [line for line in lines if line]
+            assert rest[-1] == "data: [DONE]"
+        assert proc.wait(timeout=20) == 0
         rest = proc.stdout.read()
         assert "Traceback" not in rest and secret not in rest
     finally:
         stop(proc)
+
+
+def test_config_errors_and_a_taken_port_are_one_line(env, tmp_path):
+    import socket
+
+    bad = tmp_path / "gateway.toml"
+    bad.write_text('[[keys]]\nname = "a"\nkey = "${UNSET_FOR_THIS_TEST}"\n')
+    for args in (["--config", str(bad)], ["--config", str(tmp_path / "missing.toml")]):
+        result = subprocess.run([LOOMNET, "gateway", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.startswith("error [500 CONFIG_INVALID]:") and len(result.stderr.strip().splitlines()) == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([LOOMNET, "gateway", "--port", str(port)], env=env, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -141,3 +141,16 @@ async def test_a_client_finds_an_executor_on_the_lan_by_mdns(nursery, tmp_path, 
     result = await client.chat(HI, max_tokens=6)
     assert result.receipt.output_tokens >= 1
     client.member.stop()
+
+
+async def test_a_client_finds_an_executor_started_on_this_machine_after_it(nursery, tmp_path, executor_config):
+    """The state files of this machine's executors are read again every few seconds, not
+    once at start: an executor started (or restarted on a new port) later is joined."""
+    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), discover_local=True))
+    await nursery.start(client.run)
+    assert client.offers() == []
+    node = Executor(msgspec.structs.replace(executor_config, announce_local=True))
+    await nursery.start(node.run)
+    await wait_until(lambda: bool(client.offers()), timeout=30)
+    assert client.offers()[0].executor == node.info.peer_id
+    assert any(p.peer_id == node.info.peer_id and p.found == "local-file" for p in client.member.peers())
