@@ -117,13 +117,13 @@ class ChatEndpoint:
                 if gateway.in_flight > gateway.config.max_concurrent_requests:
                     raise GatewayError("over_capacity", "the gateway is answering as many requests as it may at once",
                                        code=ErrorCode.OVER_CAPACITY, retry_after=1.0)  # fmt: skip
+                key = gateway.authorize(request.headers)  # before the body: a stranger's is never read
                 body = None
                 with trio.move_on_after(gateway.config.body_timeout):
                     body = await _read_body(request, gateway.config.max_body_bytes)
                 if body is None:
                     raise GatewayError("request_timeout", f"the request body did not arrive within "
                                        f"{gateway.config.body_timeout:g} s", code=ErrorCode.REQUEST_TIMEOUT)  # fmt: skip
-                key = gateway.authorize(request.headers)
                 call = self.api.parse(body, request.headers)
             except GatewayError as error:
                 await fail(error)
@@ -172,7 +172,7 @@ class ChatEndpoint:
         response_id, created = gateway.new_response_id(_ID_PREFIX[api.name])
         async with gateway.open(call, key) as stream:
             head = {"x-loomnet-executor": stream.executor, "x-loomnet-model": stream.model,
-                    "x-request-id": response_id}  # fmt: skip
+                    "x-request-id": response_id, "request-id": response_id}  # fmt: skip
             if not call.stream:
                 async for _ in stream.events():
                     pass
@@ -227,7 +227,7 @@ def gateway_app(gateway: Gateway) -> Starlette:
         try:
             gateway.authorize(request.headers)
         except GatewayError as error:
-            return _error_response(openai, error)
+            return _error_response(anthropic if "anthropic-version" in request.headers else openai, error)
         return Response(msgspec.json.encode(gateway.models()), media_type=_JSON)
 
     async def model(request: Request) -> Response:

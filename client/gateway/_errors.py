@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 
-from loomnet.protocol import ErrorCode, LoomError
+from loomnet.protocol import ErrorCode, LoomError, NetworkError
 
-__all__ = ["GatewayError", "failure_of", "retry_after_header"]
+__all__ = ["GatewayError", "failure_of", "public_text", "retry_after_header"]
 
 #: kind -> HTTP status
 STATUS: dict[str, int] = {
@@ -123,9 +123,37 @@ def failure_of(exc: BaseException, *, model_known: bool = True) -> GatewayError:
     retry_after = getattr(exc, "retry_after", None)
     if STATUS[kind] in (429, 503) and retry_after is None:
         retry_after = DEFAULT_RETRY_AFTER
-    text = exc.message if kind not in ("internal",) else "the gateway failed; see its log"
+    text = public_text(exc) if kind not in ("internal",) else "the gateway failed; see its log"
     param = "model" if kind == "model_not_found" else getattr(exc, "field", None)
     return GatewayError(kind, text, code=exc.code, param=param, retry_after=retry_after)
+
+
+#: what a caller is told of a failure on this client's own side of the network: the
+#: client library's text names libp2p's errors and addresses, which stay in the log
+_NETWORK_WORDS = {
+    ErrorCode.CONNECT_FAILED: "could not reach the executor",
+    ErrorCode.NETWORK_TIMEOUT: "the executor did not answer in time",
+    ErrorCode.STREAM_FAILED: "the stream to the executor failed",
+}
+
+
+def public_text(exc: LoomError) -> str:
+    """``exc``'s message for a caller: loomnet's words. Executors' error frames already
+    are (``LoomError.peer_message``); a network failure here is told by its code only,
+    since its text may quote libp2p and an executor's address. With several attempts,
+    each is named by its executor's last 8 characters and outcome."""
+    attempts = getattr(exc, "attempts", None) or []
+    if len(attempts) > 1:
+        parts = []
+        for a in attempts:
+            words = _NETWORK_WORDS.get(ErrorCode[a.outcome]) if a.outcome in ErrorCode.__members__ else None
+            detail = words or a.detail
+            parts.append(f"{a.executor[-8:]}: {a.outcome}" + (f" ({detail[:160]})" if detail else ""))
+        return f"{len(attempts)} executor(s) tried, none answered: " + "; ".join(parts)
+    if isinstance(exc, NetworkError):
+        where = f" ({attempts[0].executor[-8:]})" if attempts else ""
+        return _NETWORK_WORDS.get(exc.code, "the network failed") + where
+    return exc.message
 
 
 def retry_after_header(seconds: float | None) -> dict[str, str]:

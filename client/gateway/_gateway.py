@@ -78,7 +78,10 @@ class Gateway:
         return model_list(self.client.offers())
 
     def model(self, model_id: str) -> ModelEntry | None:
-        return model_entries(self.client.offers()).get(model_id.casefold())
+        """The listed id ``model_id`` names (``category:fast`` finds ``fast`` too)."""
+        folded = model_id.strip().casefold()
+        entries = model_entries(self.client.offers())
+        return entries.get(folded) or entries.get(folded.removeprefix("category:"))
 
     def model_known(self, model: str) -> bool:
         """Whether ``model`` names something a live offer serves: a model or alias, a
@@ -119,6 +122,9 @@ class Gateway:
                 no valid route.
             LoomError: whatever ``stream_chat`` raises (``failure_of`` maps it).
         """
+        if not call.model.strip():
+            raise GatewayError("invalid_request", "model is empty: name a model, alias, category, 'cheapest' or "
+                               "'fastest' (GET /v1/models lists them)", param="model")  # fmt: skip
         call = _without_unused_tools(call)
         named = self.named_offers(call.model)
         if not named and self.settled():

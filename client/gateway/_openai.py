@@ -189,11 +189,11 @@ def _options(request: OpenAIRequest) -> GenerationOptions:
     if request.response_format is not None and request.response_format.type != "text":
         spec = request.response_format.json_schema
         if request.response_format.type == "json_schema":
-            if spec is None or spec.schema is None:
-                raise GatewayError("invalid_request", "a json_schema response_format needs json_schema.schema",
-                                   param="response_format.json_schema")  # fmt: skip
-            response_format = ResponseFormat(type="json_schema", schema=_encode(spec.schema).decode(), name=spec.name,
-                                             strict=bool(spec.strict))  # fmt: skip
+            if spec is None or spec.schema is None:  # OpenAI accepts it: any JSON object
+                response_format = ResponseFormat(type="json_object")
+            else:
+                response_format = ResponseFormat(type="json_schema", schema=_encode(spec.schema).decode(),
+                                                 name=spec.name, strict=bool(spec.strict))  # fmt: skip
         else:
             response_format = ResponseFormat(type="json_object")
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens

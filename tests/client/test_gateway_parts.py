@@ -206,3 +206,22 @@ def test_openai_images_are_bounded_and_never_fetched(url, words):
         OpenAIAPI().parse(body, {})
     assert info.value.status == 400 and words in info.value.message
     assert info.value.param == "messages[0].content[1].image_url.url"
+
+
+def test_network_failures_are_told_in_loomnets_words_never_libp2ps():
+    from loomnet.client import Attempt
+
+    leak = "open /loomnet/infer/2 to 12D3KooWabc: SwarmDialAllFailedError: unable to connect to /ip4/10.1.2.3/tcp/4001"
+    single = NetworkTimeout(leak, code=ErrorCode.CONNECT_FAILED)
+    single.attempts = [Attempt(executor="12D3KooWexecutorAAAAAAAA", model="m", outcome="CONNECT_FAILED", detail=leak)]
+    error = failure_of(single)
+    assert error.status == 502 and "10.1.2.3" not in error.message and "Swarm" not in error.message
+    assert error.message == "could not reach the executor (AAAAAAAA)"
+
+    busy = RemoteError("the model's runtime is over capacity", code=ErrorCode.OVER_CAPACITY)
+    busy.attempts = [*single.attempts, Attempt(executor="12D3KooWexecutorBBBBBBBB", model="m", outcome="OVER_CAPACITY",
+                                               detail="the model's runtime is over capacity")]  # fmt: skip
+    error = failure_of(busy)
+    assert error.status == 429 and "10.1.2.3" not in error.message and "Swarm" not in error.message
+    assert "AAAAAAAA: CONNECT_FAILED (could not reach the executor)" in error.message
+    assert "BBBBBBBB: OVER_CAPACITY (the model's runtime is over capacity)" in error.message

@@ -23,11 +23,11 @@ pytestmark = pytest.mark.integration
 PIECES = ["Hel", "lo, ", "wor", "ld!"]
 
 
-async def gated(nursery, tmp_path, *, expect: int = 1, **settings):
+async def gated(nursery, tmp_path, *, expect: int = 1, client_settings=None, **settings):
     """(gate, executor, client, gateway) over a fake runtime answering ``PIECES``."""
     gate = Gate(FakeOpenAI(pieces=list(PIECES)), piece=PIECES[0], expect=expect)
     executor = await start_fake_executor(nursery, tmp_path, gate, **settings)
-    client = await start_client(nursery, tmp_path, executor)
+    client = await start_client(nursery, tmp_path, executor, **(client_settings or {}))
     return gate, executor, client, await start_gateway(nursery, client)
 
 
@@ -79,7 +79,8 @@ N = 20
 
 async def test_concurrent_streams_share_one_libp2p_host(nursery, tmp_path):
     gate, executor, client, gateway = await gated(
-        nursery, tmp_path, expect=N, capacity=N, max_queue=N, max_streams_per_peer=N + 4)
+        nursery, tmp_path, expect=N, capacity=N, max_queue=N, max_streams_per_peer=N + 4,
+        client_settings={"max_streams_per_executor": N})  # fmt: skip
     p2p = client.member.node
     before = p2p.statistics()
     openai_client = sdk(gateway)
