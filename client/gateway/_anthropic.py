@@ -69,7 +69,7 @@ from ._anthropic_wire import (
 )
 from ._api import Answer
 from ._call import ChatCall, merge_steering, steering_from_headers
-from ._decode import image_from_base64
+from ._decode import image_from_base64, is_absent, object_text
 from ._errors import GatewayError
 
 __all__ = ["AnthropicAPI", "AnthropicStreamWriter"]
@@ -136,7 +136,8 @@ def _turn(message: MessageIn, i: int, calls_made: set[str]) -> list[ChatMessage]
                 raise _refuse(f"a turn may carry at most {_MAX_IMAGES} images", param)
             images.append(_image(block, param))
         elif isinstance(block, ToolUseIn):
-            calls.append(ToolCall(id=block.id, name=block.name, arguments=_encode(block.input).decode()))
+            arguments = object_text(block.input, param=f"{param}.input")
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=arguments))
         elif isinstance(block, ToolResultIn):
             if block.tool_use_id not in calls_made:
                 raise _refuse(f"no earlier assistant turn made a tool_use with id {block.tool_use_id!r}",
@@ -172,9 +173,9 @@ def _tools(request: MessagesRequest) -> list[ToolSpec]:
         if tool.type not in (None, "custom"):
             raise _refuse(f"server tools ({tool.type!r}) are not available on loomnet; give client tools "
                           "(name, description, input_schema)", f"tools[{k}].type")  # fmt: skip
-        if tool.input_schema is None:
+        if is_absent(tool.input_schema):
             raise _refuse("a tool needs its input_schema", f"tools[{k}].input_schema")
-        schema = _encode(tool.input_schema).decode()
+        schema = object_text(tool.input_schema, param=f"tools[{k}].input_schema")
         tools.append(ToolSpec(name=tool.name, description=tool.description, parameters=schema))
     return tools
 
@@ -183,7 +184,7 @@ def _options(request: MessagesRequest) -> GenerationOptions:
     tools = _tools(request)
     response_format = None
     if request.output_config is not None and request.output_config.format is not None:
-        schema = _encode(request.output_config.format.schema).decode()
+        schema = object_text(request.output_config.format.schema, param="output_config.format.schema")
         response_format = ResponseFormat(type="json_schema", schema=schema)
     return GenerationOptions(
         max_tokens=request.max_tokens,

@@ -117,7 +117,7 @@ def tool_input(call: ToolCall) -> bytes:
         return b"{}"
     try:
         value = msgspec.json.decode(text)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # nested past the stack: not an object we can check
         value = None
     if isinstance(value, dict):
         return text.encode()

@@ -19,13 +19,13 @@ object and ``loomnet_code`` in errors.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, Raw, Struct, UnsetType
 
 from ._call import Steering
-from ._decode import split_validation_error
+from ._decode import ABSENT, split_validation_error, too_deep
 from ._errors import GatewayError
 
 __all__ = [
@@ -57,7 +57,8 @@ __all__ = [
 _Name = Annotated[str, Meta(min_length=1, max_length=128)]
 _Id = Annotated[str, Meta(min_length=1, max_length=128)]
 _Text = Annotated[str, Meta(max_length=512 * 1024)]
-_Schema = dict[str, Any]
+#: a JSON object passed through as it came (``_decode.object_text``): never built in Python
+_Schema = Raw
 _Stop = Annotated[str, Meta(min_length=1, max_length=256)]
 
 # ------------------------------------------------------------------------ request
@@ -96,7 +97,7 @@ class ImageIn(_Block, tag="image"):
 class ToolUseIn(_Block, tag="tool_use"):
     id: _Id
     name: _Name
-    input: _Schema = {}
+    input: _Schema = Raw(b"{}")
 
 
 class ToolResultIn(_Block, tag="tool_result"):
@@ -131,7 +132,7 @@ class ToolIn(Struct, frozen=True, kw_only=True):
     name: _Name
     description: Annotated[str, Meta(max_length=8192)] = ""
     #: required for the client's own tools; server tools (``web_search_...``) have none
-    input_schema: _Schema | None = None
+    input_schema: _Schema = ABSENT
     #: ``"custom"`` or absent for a client tool; anything else is a server tool (refused)
     type: str | None = None
 
@@ -211,6 +212,8 @@ def decode_request(body: bytes) -> MessagesRequest:
     """
     try:
         return _decoder.decode(body)
+    except RecursionError:
+        raise too_deep() from None
     except msgspec.ValidationError as exc:
         reason, param = split_validation_error(exc)
         field = _FIELD.match(reason)

@@ -18,6 +18,7 @@ started ends it with the API's error event.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 import msgspec
@@ -32,8 +33,10 @@ from loomnet.protocol import ErrorCode, LoomError
 from .._events import Done
 from ._anthropic import AnthropicAPI
 from ._api import Answer, ChatAPI, receipt_id_of
+from ._decode import too_deep
 from ._errors import GatewayError, failure_of, retry_after_header
 from ._gateway import Gateway
+from ._models import MAX_PAGE
 from ._openai import OpenAIAPI
 
 __all__ = ["gateway_app"]
@@ -72,8 +75,21 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+#: what may stay as it is in a header value: visible ASCII and the space, but not ``%``
+#: (which starts an escape); everything else (controls, CR/LF, non-ASCII) is %-escaped
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_value(text: str, *, limit: int = 512) -> bytes:
+    """``text`` as an HTTP header value: %-escaped (RFC 3986 style, UTF-8) where it holds
+    anything a header may not, and cut to ``limit`` characters first. Executor-chosen
+    text (a model's name) goes into headers; a CR/LF in it must neither split the
+    response nor make the server refuse to send it."""
+    return urllib.parse.quote(text[:limit], safe=_HEADER_SAFE).encode("ascii")
+
+
 def _headers(extra: dict[str, str], content_type: str) -> list[tuple[bytes, bytes]]:
-    return [(b"content-type", content_type.encode())] + [(k.encode(), v.encode()) for k, v in extra.items()]
+    return [(b"content-type", content_type.encode())] + [(k.encode(), header_value(v)) for k, v in extra.items()]
 
 
 class ChatEndpoint:
@@ -124,7 +140,10 @@ class ChatEndpoint:
                 if body is None:
                     raise GatewayError("request_timeout", f"the request body did not arrive within "
                                        f"{gateway.config.body_timeout:g} s", code=ErrorCode.REQUEST_TIMEOUT)  # fmt: skip
-                call = self.api.parse(body, request.headers)
+                try:
+                    call = self.api.parse(body, request.headers)
+                except RecursionError:  # a structure nested past the stack, wherever it is walked
+                    raise too_deep() from None
             except GatewayError as error:
                 await fail(error)
                 return
@@ -180,8 +199,8 @@ class ChatEndpoint:
                 assert result is not None
                 answer = _answer_of(result, response_id, created)
                 head.update({"x-loomnet-cost": f"{answer.cost / 1e6:.6f}", "x-loomnet-receipt": answer.receipt_id})
+                body = api.whole(call, result, answer)  # before the head: a failure here is still a 500
                 started[0] = True
-                body = api.whole(call, result, answer)
                 await send({"type": "http.response.start", "status": 200, "headers": _headers(head, _JSON)})
                 await send({"type": "http.response.body", "body": body})
                 gateway.count("ok")
@@ -207,6 +226,11 @@ class ChatEndpoint:
                 error = failure_of(exc)
                 await send({"type": "http.response.body", "body": writer.error(error), "more_body": False})
                 raise
+            except Exception as exc:  # a bug, or an answer this gateway cannot render: end in the API's way
+                log.exception("gateway: %s stream failed while rendering the answer", api.name)
+                error = GatewayError("internal", "the gateway failed; see its log", code=ErrorCode.INTERNAL)
+                await send({"type": "http.response.body", "body": writer.error(error), "more_body": False})
+                raise error from exc
 
 
 def _answer_of(result, response_id: str, created: int) -> Answer:
@@ -228,7 +252,14 @@ def gateway_app(gateway: Gateway) -> Starlette:
             gateway.authorize(request.headers)
         except GatewayError as error:
             return _error_response(anthropic if "anthropic-version" in request.headers else openai, error)
-        return Response(msgspec.json.encode(gateway.models()), media_type=_JSON)
+        query = request.query_params
+        limit = query.get("limit", str(MAX_PAGE))
+        if not (limit.isdigit() and 1 <= int(limit) <= MAX_PAGE):
+            error = GatewayError("invalid_request", f"limit must be a whole number from 1 to {MAX_PAGE}", param="limit")
+            return _error_response(anthropic if "anthropic-version" in request.headers else openai, error)
+        listing = await gateway.models(limit=int(limit), after_id=query.get("after_id"),
+                                       before_id=query.get("before_id"))  # fmt: skip
+        return Response(msgspec.json.encode(listing), media_type=_JSON)
 
     async def model(request: Request) -> Response:
         api = anthropic if "anthropic-version" in request.headers else openai
@@ -236,7 +267,7 @@ def gateway_app(gateway: Gateway) -> Starlette:
             gateway.authorize(request.headers)
         except GatewayError as error:
             return _error_response(api, error)
-        entry = gateway.model(request.path_params["model_id"])
+        entry = await gateway.model(request.path_params["model_id"])
         if entry is None:
             error = GatewayError("model_not_found", f"no model {request.path_params['model_id'][:128]!r} is offered "
                                  "on the network now", param="model")  # fmt: skip
@@ -264,7 +295,11 @@ def gateway_app(gateway: Gateway) -> Starlette:
         return _error_response(api, GatewayError("unknown_url", f"Invalid URL ({where}): the gateway serves "
                                                  "POST /v1/chat/completions, POST /v1/messages, GET /v1/models"))  # fmt: skip
 
-    return Starlette(routes=routes, exception_handlers={404: unknown_url, 405: unknown_url})
+    # redirect_slashes off: a trailing slash is a 404 like any unknown path, never a 307
+    # whose Location a Host header chooses
+    app = Starlette(routes=routes, exception_handlers={404: unknown_url, 405: unknown_url})
+    app.router.redirect_slashes = False
+    return app
 
 
 def _error_response(api: ChatAPI, error: GatewayError) -> Response:

@@ -44,14 +44,24 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_PORT
     #: none: anyone who can reach the port may use the gateway (the default on 127.0.0.1)
     keys: Annotated[list[GatewayKey], Meta(max_length=10_000)] = []
-    #: the largest request body accepted, bytes (images travel inline, base64)
-    max_body_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 32 * 1024 * 1024
+    #: the largest request body accepted, bytes. A request must fit one signed loomnet
+    #: frame (1 MiB, images included) once decoded; base64 images (4/3) and JSON's
+    #: escapes (up to 6 bytes a character) make the body larger, hence 4 MiB
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 4 * 1024 * 1024
     #: seconds a caller may take to send the whole body (one deadline over all of it:
     #: a caller dripping a byte at a time cannot hold a request open longer)
     body_timeout: Annotated[float, Meta(gt=0, le=3600)] = 30.0
     #: chat requests answered at once; past it a request gets 429 with Retry-After at once
     #: (each one holds a task, a stream to an executor and its answer's buffers)
     max_concurrent_requests: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    #: seconds a caller may leave its answer's bytes untaken (it reads nothing, or its
+    #: machine is gone) before its connection is closed and its request cancelled, which
+    #: frees the executor's stream for others. The kernel enforces it (TCP_USER_TIMEOUT,
+    #: Linux): a send the server is blocked in cannot be cancelled from Python.
+    send_timeout: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    #: seconds an idle keep-alive connection stays open (longer than the 5 s that httpx,
+    #: and so both official SDKs, keep an idle connection: the caller closes first)
+    idle_timeout: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     client: ClientConfig = ClientConfig()
 
     def __post_init__(self) -> None:
@@ -66,6 +76,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("body-timeout must be from 0 (exclusive) to 3600 seconds")
         if not 1 <= self.max_concurrent_requests <= 100_000:
             raise ValueError("max-concurrent-requests must be from 1 to 100000")
+        for name, value in (("send-timeout", self.send_timeout), ("idle-timeout", self.idle_timeout)):
+            if not 0 < value <= 3600:  # NaN too
+                raise ValueError(f"{name} must be from 0 (exclusive) to 3600 seconds")
 
     def __repr__(self) -> str:
         return (f"GatewayConfig(host={self.host!r}, port={self.port}, keys=[{len(self.keys)} key(s)], "

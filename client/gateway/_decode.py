@@ -13,7 +13,7 @@ from loomnet.protocol import MAX_FRAME_SIZE, ImagePart
 
 from ._errors import GatewayError
 
-__all__ = ["decode_body", "image_from_base64", "image_from_data_url", "split_validation_error"]
+__all__ = ["ABSENT", "decode_body", "image_from_base64", "image_from_data_url", "is_absent", "object_text", "split_validation_error", "too_deep"]
 
 T = TypeVar("T")
 _PATH = re.compile(r" - at `\$\.?(.*)`$")
@@ -51,6 +51,37 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise GatewayError("invalid_request", f"invalid request body{where}: {words}", param=param) from None
     except msgspec.DecodeError as exc:
         raise GatewayError("invalid_request", f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
+
+
+def too_deep() -> GatewayError:
+    """The error for a body nested deeper than Python's stack lets it be read."""
+    return GatewayError("invalid_request", "the request body is nested too deeply to read")
+
+
+#: what a raw field holds when the body left it out (msgspec cannot put ``Raw`` in a union)
+ABSENT = msgspec.Raw(b"")
+
+
+def is_absent(raw: msgspec.Raw) -> bool:
+    """Whether a raw field was left out of the body or sent as ``null``."""
+    return bytes(raw).strip() in (b"", b"null")
+
+
+def object_text(raw: msgspec.Raw, *, param: str) -> str:
+    """A JSON object a request carries as a field (a tool's parameters, a schema) as
+    JSON text, without building it in Python: the wire Structs type such fields
+    ``msgspec.Raw``, so a body of millions of tiny nested values costs its bytes, not a
+    Python object per value. The text goes on as it came; the executor's runtime reads it.
+
+    Raises:
+        GatewayError: ``invalid_request`` naming ``param`` when it is not an object.
+    """
+    text = bytes(raw).decode()
+    if not text.lstrip().startswith("{"):
+        raise GatewayError("invalid_request", f"{param}: expected a JSON object", param=param)
+    return text
 
 
 _DATA_URL = re.compile(r"^data:(image/[a-z0-9.+-]{1,40});base64,(.*)$", re.DOTALL | re.IGNORECASE)

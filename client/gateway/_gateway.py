@@ -9,28 +9,28 @@ translation of a :class:`~._call.ChatCall` into ``stream_chat``. The HTTP side
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 
 import msgspec
 import trio
 
-from loomnet.protocol import ErrorCode, InvalidRequest
+from loomnet.protocol import ErrorCode, InvalidRequest, ModelOffer
 
 from .._budget import Budget, BudgetExceeded
 from .._chat_stream import ChatStream
 from .._client import LoomClient
-from .._offers import Offer
 from .._route import Route
 from .._shape import needed_capabilities
 from ._call import ChatCall
 from ._config import GatewayConfig, GatewayKey
 from ._errors import GatewayError
 from ._keys import KeyTable
-from ._models import ModelEntry, ModelList, model_entries, model_list
+from ._models import MAX_PAGE, ModelCatalog, ModelEntry, ModelList, page_of
 
 __all__ = ["Gateway", "GatewayStatistics"]
 
@@ -61,6 +61,8 @@ class Gateway:
         self._outcomes: dict[str, int] = {}
         self.hung_up = 0
         self.in_flight = 0
+        member = client.member
+        self._catalog = ModelCatalog(lambda: member.table.offers(now=time.time()), lambda: member.table_changed)
 
     async def open_budgets(self) -> None:
         """Derive each key's budget from the ledger (its accepted receipts this period)."""
@@ -74,36 +76,47 @@ class Gateway:
 
     # ---------------------------------------------------------------- models
 
-    def models(self) -> ModelList:
-        return model_list(self.client.offers())
+    async def models(self, *, limit: int = MAX_PAGE, after_id: str | None = None,
+                     before_id: str | None = None) -> ModelList:  # fmt: skip
+        """One page of the listing (``_models``)."""
+        return page_of(await self._catalog.listing(), limit=limit, after_id=after_id, before_id=before_id)
 
-    def model(self, model_id: str) -> ModelEntry | None:
+    async def model(self, model_id: str) -> ModelEntry | None:
         """The listed id ``model_id`` names (``category:fast`` finds ``fast`` too)."""
-        folded = model_id.strip().casefold()
-        entries = model_entries(self.client.offers())
-        return entries.get(folded) or entries.get(folded.removeprefix("category:"))
+        return await self._catalog.entry(model_id)
 
     def model_known(self, model: str) -> bool:
         """Whether ``model`` names something a live offer serves: a model or alias, a
         category one carries, or a strategy while any offer is live."""
-        return bool(self.named_offers(model))
+        return next(self._named(model), None) is not None
 
-    def named_offers(self, model: str) -> list[Offer]:
-        """The live offers ``model`` names (a model or alias, a category, or every offer
-        for a strategy), whatever else the request needs."""
+    def named_offers(self, model: str, *, limit: int | None = None) -> list[ModelOffer]:
+        """The live model offers ``model`` names (a model or alias, a category, or every
+        offer for a strategy), whatever else the request needs; at most ``limit``."""
+        return list(itertools.islice(self._named(model), limit))
+
+    def _named(self, model: str) -> Iterator[ModelOffer]:
+        """The offers ``model`` names, from the offer table's route indexes: a request
+        for a name nothing offers costs a lookup, not a scan of the table."""
         try:
             route = Route.parse(model)
         except InvalidRequest:
-            return []
-        offers = self.client.offers()
+            return
+        table = self.client.member.table
         if route.model is not None:
             wanted = route.model.casefold()
-            tail = wanted.partition(":")[2]  # provider:model
-            return [o for o in offers if any(n.casefold() in (wanted, tail) for n in (o.model.name, *o.model.aliases))]
-        if route.category is not None:
-            wanted = route.category.casefold()
-            return [o for o in offers if any(c.casefold() == wanted for c in o.model.categories)]
-        return offers
+            keys = dict.fromkeys(k for k in (wanted, wanted.partition(":")[2]) if k)  # provider:model too
+            indexes = [table.name_index(k) for k in keys]
+        elif route.category is not None:
+            indexes = [table.category_index(route.category)]
+        else:
+            indexes = [table.all_index()]
+        now = time.time()
+        for index in indexes:
+            for slot in index.slots() if index is not None else ():
+                entry = table.entry_of(slot.executor)
+                if entry is not None and entry.expires_at > now:
+                    yield slot.model
 
     def settled(self) -> bool:
         """Whether the offer table has had ``offer-timeout`` to fill since start: from
@@ -126,7 +139,7 @@ class Gateway:
             raise GatewayError("invalid_request", "model is empty: name a model, alias, category, 'cheapest' or "
                                "'fastest' (GET /v1/models lists them)", param="model")  # fmt: skip
         call = _without_unused_tools(call)
-        named = self.named_offers(call.model)
+        named = self.named_offers(call.model, limit=_CHECKED_OFFERS)
         if not named and self.settled():
             raise GatewayError("model_not_found", f"no model, alias or category {call.model[:128]!r} is offered on "
                                "the network now (GET /v1/models lists what is)", code=ErrorCode.NO_OFFER,
@@ -180,7 +193,12 @@ def _budget_refusal(exc: BudgetExceeded) -> GatewayError:
 _NEEDS = {"tools": "tools (function calling)", "json": "JSON output (response_format)", "vision": "images"}
 
 
-def _check_capabilities(call: ChatCall, named: list[Offer]) -> None:
+#: how many offers the capability check looks at: past it (a strategy over a huge
+#: table), an answer it cannot give is left to the client library
+_CHECKED_OFFERS = 10_000
+
+
+def _check_capabilities(call: ChatCall, named: list[ModelOffer]) -> None:
     """Refuse at once, with a 400, a request that no live offer ``model`` names can
     serve for want of a capability (tools, JSON output, images): the client library
     would wait ``offer-timeout`` for such an offer and then say none is live, which an
@@ -189,11 +207,11 @@ def _check_capabilities(call: ChatCall, named: list[Offer]) -> None:
     if not named:
         return
     needed = needed_capabilities(call.messages, call.options)
-    if not needed or any(needed <= set(o.model.capabilities) for o in named):
+    if not needed or len(named) >= _CHECKED_OFFERS or any(needed <= set(o.capabilities) for o in named):
         return
-    best = max(named, key=lambda o: len(needed & set(o.model.capabilities)))
-    missing = sorted(needed - set(best.model.capabilities))
-    served = sorted({o.model.name for o in named})
+    best = max(named, key=lambda o: len(needed & set(o.capabilities)))
+    missing = sorted(needed - set(best.capabilities))
+    served = sorted({o.name for o in named})
     raise GatewayError(
         "invalid_request",
         f"{call.model[:128]!r} ({', '.join(served[:5])}) cannot do what this request needs: "

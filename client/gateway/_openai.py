@@ -37,7 +37,7 @@ from loomnet.protocol import ChatMessage, GenerationOptions, ImagePart, Response
 
 from ._api import Answer, Delta
 from ._call import ChatCall, merge_steering, steering_from_headers
-from ._decode import decode_body, image_from_data_url, split_validation_error
+from ._decode import decode_body, image_from_data_url, is_absent, object_text, split_validation_error
 from ._errors import GatewayError
 from ._openai_wire import (
     Chunk,
@@ -179,9 +179,10 @@ def _options(request: OpenAIRequest) -> GenerationOptions:
         ToolSpec(
             name=t.function.name,
             description=t.function.description or "",
-            parameters=_encode(t.function.parameters if t.function.parameters is not None else {}).decode(),
+            parameters="{}" if is_absent(t.function.parameters)
+            else object_text(t.function.parameters, param=f"tools[{k}].function.parameters"),
         )
-        for t in request.tools or []
+        for k, t in enumerate(request.tools or [])
     ]
     choice = request.tool_choice
     tool_choice = choice if isinstance(choice, str) or choice is None else choice.function.name
@@ -189,10 +190,10 @@ def _options(request: OpenAIRequest) -> GenerationOptions:
     if request.response_format is not None and request.response_format.type != "text":
         spec = request.response_format.json_schema
         if request.response_format.type == "json_schema":
-            if spec is None or spec.schema is None:  # OpenAI accepts it: any JSON object
+            if spec is None or is_absent(spec.schema):  # OpenAI accepts it: any JSON object
                 response_format = ResponseFormat(type="json_object")
             else:
-                response_format = ResponseFormat(type="json_schema", schema=_encode(spec.schema).decode(),
+                response_format = ResponseFormat(type="json_schema", schema=object_text(spec.schema, param="response_format.json_schema.schema"),
                                                  name=spec.name, strict=bool(spec.strict))  # fmt: skip
         else:
             response_format = ResponseFormat(type="json_object")

@@ -8,11 +8,13 @@ gateway may send one; fields the gateway reads but cannot honour are refused by
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta, Raw
 
 from ._call import Steering
+from ._decode import ABSENT
 
 __all__ = [
     "Chunk",
@@ -29,6 +31,10 @@ __all__ = [
 
 
 # ------------------------------------------------------------------- the request
+
+# Lists are bounded as the network bounds them (protocol/_messages.py), so a body cannot
+# make the gateway build millions of objects before refusing it; JSON objects passed
+# through (tool parameters, schemas) stay raw bytes (``_decode.object_text``).
 
 
 class ImageURL(msgspec.Struct, frozen=True):
@@ -64,8 +70,8 @@ class ToolCallIn(msgspec.Struct, frozen=True):
 
 class MessageIn(msgspec.Struct, frozen=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    tool_calls: list[ToolCallIn] | None = None
+    content: str | Annotated[list[ContentPart], Meta(max_length=1024)] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Meta(max_length=64)] | None = None
     tool_call_id: str | None = None
     name: str | None = None
 
@@ -73,8 +79,8 @@ class MessageIn(msgspec.Struct, frozen=True):
 class FunctionSpec(msgspec.Struct, frozen=True):
     name: str
     description: str | None = None
-    #: a JSON Schema object
-    parameters: dict[str, Any] | None = None
+    #: a JSON Schema object, as it came
+    parameters: Raw = ABSENT
     strict: bool | None = None
 
 
@@ -94,7 +100,7 @@ class ToolChoiceFunction(msgspec.Struct, frozen=True):
 
 class JSONSchemaSpec(msgspec.Struct, frozen=True):
     name: str = "response"
-    schema: dict[str, Any] | None = None
+    schema: Raw = ABSENT
     description: str | None = None
     strict: bool | None = None
 
@@ -112,19 +118,19 @@ class OpenAIRequest(msgspec.Struct, frozen=True):
     """``POST /v1/chat/completions``, the fields the gateway reads."""
 
     model: str
-    messages: list[MessageIn]
+    messages: Annotated[list[MessageIn], Meta(max_length=1024)]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
     n: int | None = None
     logprobs: bool | None = None
-    tools: list[ToolIn] | None = None
+    tools: Annotated[list[ToolIn], Meta(max_length=128)] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None
     response_format: ResponseFormatIn | None = None
     stream: bool | None = None

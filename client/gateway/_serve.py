@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import msgspec
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .._client import LoomClient
 from .._open_client import open_client
@@ -40,9 +42,28 @@ def _hypercorn_config(config: GatewayConfig) -> Config:
     hc.accesslog = None  # requests are logged by the gateway, without keys or prompts
     hc.errorlog = logging.getLogger("loomnet.gateway.http")
     hc.graceful_timeout = GRACEFUL_TIMEOUT
-    hc.keep_alive_timeout = 75.0
+    hc.keep_alive_timeout = config.idle_timeout
     hc.include_server_header = False
     return hc
+
+
+def _listening_sockets(hc: Config, config: GatewayConfig) -> Sockets:
+    """Bound, listening sockets whose connections give up on a caller that leaves sent
+    bytes unacknowledged or untaken (a zero window: it stopped reading) for
+    ``send-timeout`` seconds. hypercorn writes to a connection inside a shielded cancel
+    scope, so no deadline in the app can end such a write; the kernel's
+    ``TCP_USER_TIMEOUT`` (inherited by accepted connections) does: the write fails, the
+    app sees the caller leave, and the request is cancelled.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    sockets = hc.create_sockets()
+    for sock in sockets.insecure_sockets:
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux; elsewhere a stalled caller waits out TCP's own limits
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, round(config.send_timeout * 1000)))
+        sock.listen(hc.backlog)
+    return sockets
 
 
 async def serve_gateway(
@@ -73,8 +94,12 @@ async def serve_gateway(
             return
         await app(scope, receive, send)
 
+    hc = _hypercorn_config(config)
+    sockets = _listening_sockets(hc, config)
+
     async def run(task_status=trio.TASK_STATUS_IGNORED):
-        await serve(asgi, _hypercorn_config(config), shutdown_trigger=shutdown, task_status=task_status)
+        await worker_serve(wrap_app(asgi, hc.wsgi_max_body_size, "asgi"), hc, sockets=sockets,
+                           shutdown_trigger=shutdown, task_status=task_status)  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(run)

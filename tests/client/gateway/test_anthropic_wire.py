@@ -112,14 +112,15 @@ def test_tool_use_and_tool_result_turns():
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_3"}]},
     ]  # fmt: skip
     call = parse(messages=messages, tools=[WEATHER])
+    # tool inputs travel as the caller wrote them (raw JSON text: never rebuilt in Python)
     assert call.messages == [
         ChatMessage("user", "Weather in Paris and Rome?"),
-        ChatMessage("assistant", "Looking.", tool_calls=[ToolCall(id="toolu_1", name="weather", arguments='{"city":"Paris"}'),
-                                                         ToolCall(id="toolu_2", name="weather", arguments='{"city":"Rome"}')]),
+        ChatMessage("assistant", "Looking.", tool_calls=[ToolCall(id="toolu_1", name="weather", arguments='{"city": "Paris"}'),
+                                                         ToolCall(id="toolu_2", name="weather", arguments='{"city": "Rome"}')]),
         ChatMessage("tool", "sunny", tool_call_id="toolu_1"),
         ChatMessage("tool", "rain\n\n12 °C", tool_call_id="toolu_2"),
         ChatMessage("user", "And tomorrow?"),
-        ChatMessage("assistant", "", tool_calls=[ToolCall(id="toolu_3", name="weather", arguments='{"city":"Oslo"}')]),
+        ChatMessage("assistant", "", tool_calls=[ToolCall(id="toolu_3", name="weather", arguments='{"city": "Oslo"}')]),
         ChatMessage("tool", "", tool_call_id="toolu_3"),  # only results: no empty user turn after them
     ]  # fmt: skip
     network_check(call)
@@ -144,12 +145,12 @@ def test_options():
     options = call.options
     assert (options.max_tokens, options.temperature, options.top_p) == (32, 0.3, 0.9)
     assert options.stop == ["\n\nHuman:", "END"] and options.user == "u-42"
-    schema = json.dumps(WEATHER["input_schema"], separators=(",", ":"))
+    schema = json.dumps(WEATHER["input_schema"])  # as the caller wrote it (the test body is json.dumps)
     assert options.tools == [
         ToolSpec(name="weather", description="The weather in a city.", parameters=schema),
         ToolSpec(name="time", description="", parameters=schema),
     ]
-    assert options.response_format == ResponseFormat(type="json_schema", schema='{"type":"object"}')
+    assert options.response_format == ResponseFormat(type="json_schema", schema='{"type": "object"}')
     assert options.tool_choice is None and options.seed is None
     assert call.stream
     network_check(call)
@@ -245,7 +246,7 @@ def _user(*blocks) -> list[dict]:
         (dict(messages=[{"role": "assistant", "content": [{"type": "tool_result", "tool_use_id": "t"}]}]),
          "messages[0].content[0].type", "cannot carry tool_result blocks"),
         (dict(messages=[{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": [1]}]}]),
-         "messages[0].content[0].input", "Expected `object`"),
+         "messages[0].content[0].input", "expected a JSON object"),
         (dict(messages=[{"role": "assistant", "content": [{"type": "tool_use", "id": "", "name": "f"}]}]),
          "messages[0].content[0].id", "length >= 1"),
         (dict(messages=_user({"type": "tool_result", "tool_use_id": "toolu_never"})),
@@ -265,7 +266,7 @@ def _user(*blocks) -> list[dict]:
         (dict(tools=[{"name": "weather"}]), "tools[0].input_schema", "needs its input_schema"),
         (dict(tools=[{"type": "web_search_20250305", "name": "web_search"}]), "tools[0].type", "server tools"),
         (dict(tools=[{"name": "", "input_schema": {}}]), "tools[0].name", "length >= 1"),
-        (dict(tools=[{"name": "f", "input_schema": "{}"}]), "tools[0].input_schema", "Expected `object | null`"),
+        (dict(tools=[{"name": "f", "input_schema": "{}"}]), "tools[0].input_schema", "expected a JSON object"),
         (dict(tool_choice={"type": "any"}), "tool_choice", "needs tools"),
         (dict(tool_choice={"type": "tool", "name": "weather"}), "tool_choice", "needs tools"),
         (dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "time"}), "tool_choice.name", "no tool is named 'time'"),
