@@ -94,20 +94,21 @@ async def start_fake_executor(
     provider: str = "openai",
     models: list[ModelTerms] | None = None,
     name: str = "fake-executor",
+    backend_model: str = FAKE_MODEL,
     **settings,
 ) -> Executor:
     """An executor whose one backend is the OpenAI-compatible adapter talking to ``app``
-    (a :class:`FakeOpenAI`, maybe wrapped) over loopback HTTP; it serves ``FAKE_MODEL``."""
+    (a :class:`FakeOpenAI`, maybe wrapped) over loopback HTTP; it serves ``backend_model``."""
     url = await serve_app(nursery, app)
     hosted = provider in ("openai", "groq", "openrouter")
     backend = OpenAICompatBackend(BackendConfig(
-        provider=provider, endpoint=url + "/v1", api_key=BACKEND_KEY if hosted else None, models=[FAKE_MODEL],
+        provider=provider, endpoint=url + "/v1", api_key=BACKEND_KEY if hosted else None, models=[backend_model],
         max_retries=0,
     ))  # fmt: skip
     config = ExecutorConfig(**{
         "data_dir": str(tmp_path / name),
         "listen": ["/ip4/127.0.0.1/tcp/0"],
-        "models": models if models is not None else [ModelTerms(name=f"{provider}:{FAKE_MODEL}", price_out=2.0)],
+        "models": models if models is not None else [ModelTerms(name=f"{provider}:{backend_model}", price_out=2.0)],
         "announce_local": False,
         "request_read_timeout": 5.0,
         "ack_timeout": 10.0,
