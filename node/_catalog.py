@@ -1,11 +1,14 @@
-"""What this executor offers: each backend model with its aliases, categories and price.
+"""What this executor offers: each model with its aliases, categories and price, and the
+pool of backends that serves it (``_pool``: ``[[models]]`` ``backends``, or every
+backend that lists the model, in config order).
 
 Built at start from the backends' own model lists and the operator's ``[[models]]``
 terms, then kept current by :meth:`Catalog.check_health`: a backend that stops
 answering its health probe drops out of the advert (and its requests are refused,
 retryably, so clients fail over), and comes back when it answers again; a backend
 that was down at start is asked for its models again. Lookups accept a model's name
-or any alias, case-insensitively, as the client's router matches them.
+or any alias, case-insensitively, as the client's router matches them. Backends are
+known by their unique operator-visible names (``names``: a label, ``-2`` after a repeat).
 
 Each entry also carries the model's slot limits (its ``capacity`` and ``max-queue``
 from ``[[models]]``, else the executor's), and each offer its measured speed:
@@ -31,8 +34,10 @@ import trio
 
 from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
+from ._pool import BackendPool, PoolMember, PoolStatistics
+from ._breaker import BreakerSettings
 from .backends._base import Backend, ModelInfo
-from .config import ExecutorConfig
+from .config import ExecutorConfig, ModelTerms
 
 __all__ = ["Catalog", "CatalogEntry", "label_of"]
 
@@ -47,12 +52,29 @@ _SPEED_ALPHA = 0.3
 
 class CatalogEntry(msgspec.Struct, frozen=True):
     offer: ModelOffer
+    #: the pool's first member: its backend and what it calls the model (what a cost
+    #: cap counts the prompt with)
     backend: Backend
-    #: the name the backend knows the model by
     backend_model: str
     #: generations of this model that may run at once, and requests that may wait
     capacity: int = 1
     max_queue: int = 0
+    #: every backend serving the model (``_pool``); None only in hand-made entries
+    pool: BackendPool | None = None
+
+
+def _unique_names(backends: list[Backend]) -> list[str]:
+    """Each backend's operator-visible name: its label, with ``-2``, ``-3``... after a
+    label an earlier backend already has."""
+    names: list[str] = []
+    for backend in backends:
+        label = label_of(backend)
+        name, n = label, 1
+        while name in names:
+            n += 1
+            name = f"{label}-{n}"
+        names.append(name)
+    return names
 
 
 class Catalog:
@@ -61,14 +83,24 @@ class Catalog:
         self.config = config
         self.entries: list[CatalogEntry] = []
         self._by_name: dict[str, CatalogEntry] = {}
-        self._listed: set[int] = set()  # backends whose models are in the catalog
-        self._down: set[int] = set()  # backends failing their health probe
+        self.names = _unique_names(backends)  # each backend's member name, in config order
+        self._listed: dict[str, list[ModelInfo]] = {}  # backend name -> the models it lists
+        self._down: set[str] = set()  # backends failing their health probe, by name
         self._speeds: dict[str, float] = {}  # offer name -> EWMA of output tokens/s
+        self._members: dict[tuple[str, str], PoolMember] = {}  # (model, backend name) -> member
+        self._breaker = BreakerSettings(failures=config.breaker_failures, window=config.breaker_window,
+                                        cooldown=config.breaker_cooldown)  # fmt: skip
+        #: called when what the advert offers may have changed (a breaker opened or closed)
+        self.on_change: Callable[[], None] | None = None
+
+    def name_of(self, backend: Backend) -> str:
+        return self.names[next(i for i, b in enumerate(self.backends) if b is backend)]
 
     @classmethod
     async def build(cls, backends: list[Backend], config: ExecutorConfig) -> "Catalog":
-        """Ask every backend for its models, all at once; the first backend (in config
-        order) to serve a name wins it.
+        """Ask every backend for its models, all at once, then make one pool per model
+        (``_pool``): the backends ``[[models]]`` names for it, or every backend listing
+        it, in config order.
 
         Each backend gets one deadline, ``list-models-timeout``, for its whole answer: a
         runtime that drips its model list, or never answers, cannot stall start-up. A
@@ -81,62 +113,123 @@ class Catalog:
         catalog = cls(backends, config)
         answers = await _each(backends, functools.partial(_list_models, timeout=config.list_models_timeout))
         failures = []
-        for backend, answer in zip(backends, answers):
+        for backend, name, answer in zip(backends, catalog.names, answers):
             if isinstance(answer, BackendError):
-                failures.append(f"{label_of(backend)}: {backend.redactor()(answer.message)}")
-                catalog._down.add(id(backend))
+                failures.append(f"{name}: {backend.redactor()(answer.message)}")
+                catalog._down.add(name)
             else:
-                catalog._add(backend, answer)
+                catalog._listed[name] = answer
+        catalog._rebuild()
         if not catalog.entries:
             detail = "; ".join(failures) or "the backends list no models"
             raise BackendError(f"no model to serve ({detail})", code=ErrorCode.BACKEND_UNAVAILABLE)
         return catalog
 
-    def _add(self, backend: Backend, models: list[ModelInfo]) -> None:
-        """Put ``backend``'s models in the catalog (names already served stay with their backend)."""
-        self._listed.add(id(backend))
-        for info in models:
-            if info.name.casefold() in self._by_name:
-                log.warning("model %s is served by two backends; the first one is used", info.name)
+    def _member(self, model: str, name: str, backend_model: str, weight: int) -> PoolMember:
+        """The pool member for (``model``, backend ``name``), kept across rebuilds (its
+        breaker and requests in flight live on)."""
+        member = self._members.get((model, name))
+        if member is None or member.backend_model != backend_model:
+            backend = self.backends[self.names.index(name)]
+            member = PoolMember(name, backend, backend_model, weight=weight, breaker=self._breaker,
+                                on_change=self._changed)  # fmt: skip
+            member.healthy = name not in self._down
+            self._members[(model, name)] = member
+        member.weight = weight
+        return member
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def _rebuild(self) -> None:
+        """The entries, from the listings so far and the operator's terms."""
+        infos: dict[str, dict[str, ModelInfo]] = {
+            name: {i.name.casefold(): i for i in models} for name, models in self._listed.items()
+        }
+        pools: list[tuple[str, ModelTerms | None, list[tuple[str, str, int]]]] = []
+        claimed: set[str] = set()  # advertised names of configured pools
+        member_of: set[tuple[str, str]] = set()  # (backend, model) pairs serving a configured pool
+        for terms in self.config.models:
+            if not terms.backends:
                 continue
-            terms = self.config.terms_for(info.name, backend.kind)
+            plain = terms.name.partition(":")[2] if ":" in terms.name else terms.name
+            refs = [(ref.backend, ref.model or plain, ref.weight) for ref in terms.pool]
+            pools.append((terms.name, terms, refs))
+            claimed.add(terms.name.casefold())
+            member_of.update((n, m.casefold()) for n, m, _ in refs)
+        implicit: dict[str, tuple[str, list[tuple[str, str, int]]]] = {}
+        for name in self.names:
+            for info in self._listed.get(name, []):
+                folded = info.name.casefold()
+                if folded in claimed or (name, folded) in member_of:
+                    continue  # that name, or this backend's model, serves a configured pool
+                implicit.setdefault(folded, (info.name, []))[1].append((name, info.name, 1))
+        pools += [(model, None, refs) for model, refs in implicit.values()]
+        entries, by_name = [], {}
+        for model, terms, refs in pools:
+            refs = [r for r in refs if not (self.config.on_premise_only and not self._backend(r[0]).on_premise)]
+            known = [infos[n][m.casefold()] for n, m, _ in refs if m.casefold() in infos.get(n, {})]
+            if not refs or not known:
+                continue  # nothing can serve it yet (its backends are down or do not list it)
+            first = self._backend(refs[0][0])
+            terms = terms or self.config.terms_for(model, first.kind)
+            if any(by_name.get(n.casefold()) for n in (model, *terms.aliases)):
+                log.warning("model %s is offered twice; the first pool is used", model)
+                continue
             offer = ModelOffer(
-                name=info.name,
+                name=model,
                 aliases=list(terms.aliases),
                 categories=list(terms.categories),
-                context_length=info.context_length,
+                context_length=min(i.context_length for i in known),
                 price_in=credits_to_micro(terms.price_in),
                 price_out=credits_to_micro(terms.price_out),
-                on_premise=backend.on_premise,
-                capabilities=list(info.capabilities),
+                on_premise=all(self._backend(n).on_premise for n, _, _ in refs),
+                capabilities=sorted(set.intersection(*(set(i.capabilities) for i in known))),
             )
+            members = [self._member(model, n, m, w) for n, m, w in refs]
+            pool = BackendPool(model, members, strategy=terms.strategy, retries=self.config.retry_budget)
             entry = CatalogEntry(
                 offer,
-                backend,
-                info.name,
+                members[0].backend,
+                members[0].backend_model,
                 capacity=min(terms.capacity or self.config.capacity, self.config.capacity),
                 max_queue=self.config.max_queue if terms.max_queue is None else terms.max_queue,
+                pool=pool,
             )
-            self.entries.append(entry)
+            entries.append(entry)
             for name in (offer.name, *offer.aliases):
-                self._by_name.setdefault(name.casefold(), entry)
+                by_name.setdefault(name.casefold(), entry)
+        self.entries, self._by_name = entries, by_name
+
+    def _backend(self, name: str) -> Backend:
+        return self.backends[self.names.index(name)]
 
     def lookup(self, name: str) -> CatalogEntry | None:
         return self._by_name.get(name.casefold())
 
     def is_up(self, backend: Backend) -> bool:
-        return id(backend) not in self._down
+        """Whether ``backend`` passed its last health probe."""
+        return self.name_of(backend) not in self._down
+
+    def available(self, entry: CatalogEntry) -> bool:
+        """Whether some backend of ``entry``'s pool may take a request now."""
+        return entry.pool.available() if entry.pool is not None else self.is_up(entry.backend)
 
     @property
     def offers(self) -> list[ModelOffer]:
-        """What the advert offers now: the models of the backends that are up, each with
-        its measured speed."""
+        """What the advert offers now: the models with an available backend (healthy,
+        its breaker closed or probing), each with its measured speed."""
         return [
             msgspec.structs.replace(e.offer, tokens_per_second=round(speed, 2))
             if (speed := self._speeds.get(e.offer.name)) else e.offer
             for e in self.entries
-            if self.is_up(e.backend)
+            if self.available(e)
         ]
+
+    def statistics(self) -> list[PoolStatistics]:
+        """Each model's pool: its members' health, breaker, requests (``/status``)."""
+        return [e.pool.statistics() for e in self.entries if e.pool is not None]
 
     def note_speed(self, name: str, output_tokens: int, seconds: float) -> None:
         """Learn from one completed generation of offer ``name``: ``output_tokens`` in
@@ -157,15 +250,19 @@ class Catalog:
         answer) is down this round, and the round takes at most ``timeout``.
         """
         probes = await _each(self.backends, functools.partial(self._probe, timeout=timeout))
-        changed = False
-        for backend, (healthy, models) in zip(self.backends, probes):
+        changed = listed = False
+        for name, (healthy, models) in zip(self.names, probes):
             if models is not None:
-                self._add(backend, models)
+                self._listed[name] = models
+                changed = listed = True
+            if healthy == (name in self._down):
                 changed = True
-            if healthy == (id(backend) in self._down):
-                changed = True
-                (self._down.discard if healthy else self._down.add)(id(backend))
-                log.warning("backend %s is %s", label_of(backend), "back" if healthy else "down")
+                (self._down.discard if healthy else self._down.add)(name)
+                log.warning("backend %s is %s", name, "back" if healthy else "down")
+        for (_, name), member in self._members.items():
+            member.healthy = name not in self._down
+        if listed:
+            self._rebuild()
         return changed
 
     async def _probe(self, backend: Backend, *, timeout: float) -> tuple[bool, list[ModelInfo] | None]:
@@ -174,7 +271,7 @@ class Catalog:
             try:
                 if not await backend.health():
                     return False, None
-                if id(backend) in self._listed:
+                if self.name_of(backend) in self._listed:
                     return True, None
                 return True, await backend.list_models()
             except Exception as exc:  # noqa: BLE001 - a failing (or buggy) backend is down, the node goes on

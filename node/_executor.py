@@ -130,6 +130,7 @@ class Executor:
                 self.advertiser = Advertiser(
                     self.key, member, catalog, cfg, load=lambda: server.load, addrs=lambda: list(node_info.addrs)
                 )
+                catalog.on_change = self.advertiser.poke  # a breaker opened or closed: re-advertise
                 await nursery.start(self.advertiser.run)
                 if cfg.announce_local:
                     write_local_executor(self.key.peer_id, list(node_info.addrs))

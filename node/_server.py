@@ -78,6 +78,7 @@ from ._counting import CountingChain
 from ._acks import await_ack
 from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
+from ._pool import PoolMember
 from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
@@ -242,7 +243,7 @@ class InferenceServer:
             raise RequestRejected(
                 f"model {request.model!r} is not served here (serving: {served})", code=ErrorCode.UNKNOWN_MODEL
             )
-        if not self.catalog.is_up(entry.backend):
+        if not self.catalog.available(entry):
             raise RequestRejected(
                 f"the runtime behind {request.model!r} is down; try another executor",
                 code=ErrorCode.BACKEND_UNAVAILABLE,
@@ -302,10 +303,22 @@ class InferenceServer:
         self.rate.admit(peer, now=trio.current_time())  # RATE_LIMITED
         params = await self._cap_cost(request, entry, params)  # PRICE_CAP_EXCEEDED
         output = Output()
-        book = functools.partial(
-            self._book, request_payload=request_payload, client=peer, entry=entry, params=params,
-            max_cost=request.max_cost,
-        )
+        served: list[PoolMember] = []  # the pool member that answered (``_pool``)
+
+        def book(**outcome: object) -> Awaitable[tuple[Envelope, bytes, Receipt]]:
+            """Book with the backend that served: its tokenizer counts what it produced."""
+            by, counted = entry, params
+            if served:
+                member = served[-1]
+                by = msgspec.structs.replace(entry, backend=member.backend, backend_model=member.backend_model)
+                counted = msgspec.structs.replace(params, model=member.backend_model)
+            return self._book(request_payload=request_payload, client=peer, entry=by, params=counted,
+                              max_cost=request.max_cost, **outcome)  # fmt: skip
+
+        if entry.pool is not None:
+            open_events = functools.partial(entry.pool.stream_chat, params, served)
+        else:
+            open_events = functools.partial(entry.backend.stream_chat, params)
         # A slot is held while the backend generates, not while the receipt is counted and
         # settled: a client's next request must not wait because its last ack is in flight.
         lane = self.slots.lane(entry.offer.name, capacity=entry.capacity, max_queue=entry.max_queue)
@@ -316,7 +329,7 @@ class InferenceServer:
             finished = await relay_answer(
                 stream,
                 conn,
-                functools.partial(entry.backend.stream_chat, params),
+                open_events,
                 output,
                 chunk_interval=self.config.chunk_interval,
                 progress_interval=self.config.progress_interval,

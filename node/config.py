@@ -27,6 +27,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
+from typing import Literal
 from pathlib import Path
 
 import msgspec
@@ -37,7 +38,7 @@ from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
 
-__all__ = ["ExecutorConfig", "ModelTerms", "load_config"]
+__all__ = ["ExecutorConfig", "ModelTerms", "PoolBackend", "load_config"]
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -48,10 +49,32 @@ class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
 MAX_PRICE = 1_000_000.0
 
 
-class ModelTerms(_Config):
-    """How one served model is offered: aliases, categories and price."""
+Strategy = Literal["priority", "round_robin", "least_connections", "weighted"]
 
-    #: the backend's model name this entry is about
+
+class PoolBackend(_Config):
+    """One backend of a model's pool, when it needs more than its name (``[[models]]``
+    ``backends = [{backend = "hosted", model = "gpt-4o-mini", weight = 1}]``)."""
+
+    #: the backend's ``name`` (its provider when it has none)
+    backend: str
+    #: what that backend calls the model; None = the advertised name (without a
+    #: ``provider:`` prefix)
+    model: str | None = None
+    #: its share of requests under ``strategy = "weighted"``
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.weight <= 1000:
+            raise ValueError(f"backend {self.backend!r}: weight must be from 1 to 1000")
+
+
+class ModelTerms(_Config):
+    """How one served model is offered: aliases, categories, price, and which backends
+    serve it (a pool, ``node/_pool``)."""
+
+    #: the model's name: the backend's model name, or with ``backends`` set, the name it
+    #: is advertised under
     name: str
     aliases: list[str] = []
     #: e.g. "fast", "balanced", "quality", or your own
@@ -63,6 +86,13 @@ class ModelTerms(_Config):
     capacity: int | None = None
     #: requests of this model that may wait for a slot; None = the executor's ``max-queue``
     max_queue: int | None = None
+    #: the backends serving it, by ``name``, in order (a plain name, or a
+    #: :class:`PoolBackend` table); empty = every backend that lists the model, in the
+    #: order of ``[[backends]]``
+    backends: list[str | PoolBackend] = []
+    #: how a request picks among them: ``priority`` (a fallback chain, in order),
+    #: ``round_robin``, ``least_connections`` or ``weighted`` (``weight`` per backend)
+    strategy: Strategy = "priority"
 
     def __post_init__(self) -> None:
         for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
@@ -77,6 +107,14 @@ class ModelTerms(_Config):
             raise ValueError(f"model {self.name!r}: capacity must be at least 1")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"model {self.name!r}: max-queue cannot be negative")
+        names = [b if isinstance(b, str) else b.backend for b in self.backends]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.name!r}: a backend is listed twice in its backends")
+
+    @property
+    def pool(self) -> list[PoolBackend]:
+        """``backends`` as :class:`PoolBackend` entries."""
+        return [PoolBackend(backend=b) if isinstance(b, str) else b for b in self.backends]
 
 
 class ExecutorConfig(_Config):
@@ -164,6 +202,15 @@ class ExecutorConfig(_Config):
     #: addresses. Off by default: mDNS is unsolicited multicast that many networks (a
     #: bank's, a data centre's) forbid or alarm on; turn it on for a LAN you own
     mdns: bool = False
+    #: a backend's circuit breaker (per model pool member): this many failures of the
+    #: runtime within ``breaker-window`` seconds take it out of rotation for
+    #: ``breaker-cooldown`` seconds; then one request probes it (``node/_breaker``)
+    breaker_failures: int = 3
+    breaker_window: float = 30.0
+    breaker_cooldown: float = 15.0
+    #: retries one request may make in all, its adapters' retries and the failovers to
+    #: the next backend of its model's pool together
+    retry_budget: int = 2
     #: refuse to start with any hosted-API backend (banks, air-gapped sites)
     on_premise_only: bool = False
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
@@ -177,6 +224,20 @@ class ExecutorConfig(_Config):
         for name in ("max_queue", "queue_timeout", "peer_requests_per_minute", "peer_tokens_per_minute"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name.replace('_', '-')} cannot be negative")
+        if not 1 <= self.breaker_failures <= 1000:
+            raise ValueError("breaker-failures must be from 1 to 1000")
+        if not 0 <= self.retry_budget <= 10:
+            raise ValueError("retry-budget must be from 0 to 10")
+        for name in ("breaker_window", "breaker_cooldown"):
+            if not 0 < getattr(self, name) <= 86400:
+                raise ValueError(f"{name.replace('_', '-')} must be from 0 (exclusive) to 86400 seconds")
+        labels = [b.label for b in self.effective_backends]
+        for terms in self.models:
+            for ref in terms.pool:
+                if labels.count(ref.backend) != 1:
+                    why = "no backend has" if ref.backend not in labels else "two backends have"
+                    raise ValueError(f"model {terms.name!r}: {why} the name {ref.backend!r} "
+                                     f"(backends: {', '.join(labels)}); give each backend a unique name")  # fmt: skip
         for terms in self.models:
             if terms.capacity is not None and terms.capacity > self.capacity:
                 raise ValueError(

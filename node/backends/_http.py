@@ -40,6 +40,7 @@ from .._redact import Redactor
 from ._base import Backend
 from ._config import BackendConfig
 from ._refusal import content_filtered
+from ._retry_budget import current_retry_budget
 
 __all__ = [
     "JSON",
@@ -350,6 +351,8 @@ class HttpBackend(Backend):
                 retry_here = error.retryable if error.retry_here is None else error.retry_here
                 if not retry_here or attempt > self.config.max_retries or wait > MAX_RETRY_WAIT:
                     raise
+                if (budget := current_retry_budget()) is not None and not budget.take():
+                    raise  # the request's budget is spent, or another backend is its retry
             await trio.sleep(wait)
         try:
             async with self.map_errors(doing):

@@ -1,0 +1,255 @@
+"""The backends that serve one advertised model: a pool with a selection strategy.
+
+Each member is one backend under its own (operator-visible, unique) name, with its own
+name for the model, its requests in flight, a circuit breaker (``_breaker``) and, for
+``weighted``, a weight. A member is *available* when its backend passes its health
+probe and its breaker lets a request through; a pool with no available member is
+withdrawn from the advert.
+
+Per request, :meth:`BackendPool.candidates` orders the available members:
+
+* ``priority``: in the configured order (a fallback chain: local first, hosted last);
+* ``round_robin``: the configured order, rotated one step per request;
+* ``least_connections``: fewest requests in flight first (ties: configured order);
+* ``weighted``: smooth weighted round-robin (nginx's) picks the first; the rest follow
+  in configured order.
+
+:meth:`BackendPool.stream_chat` tries them in that order. A member that fails before
+its first event with a retryable error is left for the next one at once (no wait); after
+the first event, never: the error goes to the client, with a receipt for what it got.
+One :class:`RetryBudget` per request covers the adapters' own retries and the pool's
+failovers together, so retries never multiply: while another member is left, an adapter
+does not retry its runtime at all (the next member is the retry); the last member may
+use what is left of the budget.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import AsyncIterator, Callable
+from typing import Literal
+
+import msgspec
+
+from loomnet.protocol import BackendError, ErrorCode
+
+from ._breaker import BreakerSettings, BreakerState, CircuitBreaker, counts_against
+from .backends._base import Backend, ChatParams, StreamEvent
+from .backends._retry_budget import RetryBudget, retry_budget
+
+__all__ = ["BackendPool", "PoolMember", "PoolStatistics", "Strategy"]
+
+Strategy = Literal["priority", "round_robin", "least_connections", "weighted"]
+
+
+class PoolMember:
+    """One backend serving the pool's model (see the module doc)."""
+
+    def __init__(self, name: str, backend: Backend, backend_model: str, *, weight: int = 1,
+                 breaker: BreakerSettings, on_change: Callable[[], None] | None = None) -> None:  # fmt: skip
+        self.name = name
+        self.backend = backend
+        self.backend_model = backend_model
+        self.weight = weight
+        self.in_flight = 0
+        self.served = 0
+        self.failed = 0
+        self.healthy = True
+        #: the class of the last error it failed with (never its text: it may hold a URL)
+        self.last_error: str | None = None
+        self._on_change = on_change
+        self.breaker = CircuitBreaker(breaker, on_change=self._breaker_changed)
+        self._current_weight = 0  # smooth weighted round-robin
+
+    def _breaker_changed(self, state: BreakerState) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    @property
+    def available(self) -> bool:
+        return self.healthy and self.breaker.allows()
+
+
+class MemberStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    backend_model: str
+    healthy: bool
+    breaker: str
+    in_flight: int
+    served: int
+    failed: int
+    last_error: str | None
+
+
+class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    strategy: str
+    available: bool
+    members: list[MemberStatistics]
+
+
+class BackendPool:
+    """The members serving advertised model ``model`` (see the module doc)."""
+
+    def __init__(self, model: str, members: list[PoolMember], *, strategy: Strategy = "priority",
+                 retries: int = 2) -> None:  # fmt: skip
+        if not members:
+            raise ValueError(f"model {model!r}: a pool needs at least one backend")
+        self.model = model
+        self.members = members
+        self.strategy: Strategy = strategy
+        self.retries = retries
+        self._turn = 0
+
+    @property
+    def primary(self) -> PoolMember:
+        return self.members[0]
+
+    def available(self) -> bool:
+        return any(m.available for m in self.members)
+
+    def candidates(self) -> list[PoolMember]:
+        """The available members, in the order this request tries them."""
+        members = [m for m in self.members if m.available]
+        if len(members) < 2:
+            return members
+        if self.strategy == "round_robin":
+            start = self._turn % len(members)
+            self._turn += 1
+            return members[start:] + members[:start]
+        if self.strategy == "least_connections":
+            return sorted(members, key=lambda m: m.in_flight)  # stable: ties keep the configured order
+        if self.strategy == "weighted":
+            total = sum(m.weight for m in members)
+            for m in members:
+                m._current_weight += m.weight
+            chosen = max(members, key=lambda m: m._current_weight)
+            chosen._current_weight -= total
+            return [chosen] + [m for m in members if m is not chosen]
+        return members
+
+    def stream_chat(self, params: ChatParams, served: list[PoolMember]) -> _PoolStream:
+        """Like ``Backend.stream_chat``, over the pool's members (module doc).
+        ``served`` gets the member that answered, once its first event came."""
+        return _PoolStream(self, params, served)
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            model=self.model,
+            strategy=self.strategy,
+            available=self.available(),
+            members=[
+                MemberStatistics(name=m.name, backend_model=m.backend_model, healthy=m.healthy,
+                                 breaker=m.breaker.state, in_flight=m.in_flight, served=m.served, failed=m.failed,
+                                 last_error=m.last_error)  # fmt: skip
+                for m in self.members
+            ],
+        )
+
+
+class _PoolStream:
+    """The async context manager :meth:`BackendPool.stream_chat` returns. Entering it
+    tries members until one yields its first event (kept, and given first); the rest of
+    that member's events follow. One task enters and leaves it (the relay's pump), so
+    each member's own context manager is entered and left in that task."""
+
+    def __init__(self, pool: BackendPool, params: ChatParams, served: list[PoolMember]) -> None:
+        self._pool = pool
+        self._params = params
+        self._served = served
+        self._member: PoolMember | None = None
+        self._context = None
+        self._events: AsyncIterator[StreamEvent] | None = None
+        self._first: StreamEvent | None = None
+        self._token: contextvars.Token | None = None
+        self._ok = False
+        self._iterator: AsyncIterator[StreamEvent] | None = None
+
+    async def __aenter__(self) -> AsyncIterator[StreamEvent]:
+        candidates = self._pool.candidates()
+        if not candidates:
+            raise BackendError(f"no backend of {self._pool.model!r} is available now", retryable=True,
+                               code=ErrorCode.BACKEND_UNAVAILABLE)  # fmt: skip
+        budget = RetryBudget(self._pool.retries)
+        self._token = retry_budget.set(budget)
+        error: BaseException | None = None
+        for i, member in enumerate(candidates):
+            if i > 0:
+                if not budget.left or not member.available:
+                    continue
+                budget.left -= 1  # the failover is this request's retry
+            budget.failover_left = any(m.available for m in candidates[i + 1:]) and budget.left > 0
+            try:
+                await self._enter(member)
+                self._iterator = self._iterate()
+                return self._iterator
+            except BackendError as exc:
+                error = exc
+                if not exc.retryable:
+                    break
+        self._reset_budget()
+        assert error is not None
+        raise error
+
+    async def _enter(self, member: PoolMember) -> None:
+        params = msgspec.structs.replace(self._params, model=member.backend_model)
+        member.in_flight += 1
+        member.breaker.begin()
+        context = member.backend.stream_chat(params)
+        try:
+            events = await context.__aenter__()
+        except BaseException as exc:
+            await self._leave_member(member, None, exc)  # never entered: nothing to leave
+            raise
+        try:
+            iterator = events.__aiter__()
+            try:
+                first = await iterator.__anext__()
+            except StopAsyncIteration:
+                raise BackendError(f"{member.name} ended its stream without an event", retryable=True,
+                                   code=ErrorCode.BACKEND_UNAVAILABLE) from None  # fmt: skip
+        except BaseException as exc:
+            await self._leave_member(member, context, exc)
+            raise
+        self._member, self._context, self._events, self._first = member, context, iterator, first
+        self._served.append(member)
+
+    async def _leave_member(self, member: PoolMember, context, exc: BaseException | None) -> None:
+        member.in_flight -= 1
+        try:
+            if context is not None:
+                await context.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+        finally:
+            if exc is None:
+                member.served += 1
+                member.breaker.success()
+            elif isinstance(exc, Exception) and counts_against(exc):
+                member.failed += 1
+                member.last_error = type(exc).__name__ if not isinstance(exc, BackendError) else exc.code.name
+                member.breaker.failure()
+            else:
+                member.breaker.abandon()
+
+    async def _iterate(self) -> AsyncIterator[StreamEvent]:
+        assert self._events is not None and self._first is not None
+        yield self._first
+        async for event in self._events:
+            yield event
+        self._ok = True
+
+    def _reset_budget(self) -> None:
+        if self._token is not None:
+            retry_budget.reset(self._token)
+            self._token = None
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if self._iterator is not None:
+                await self._iterator.aclose()  # type: ignore[attr-defined]
+            if self._member is not None:
+                member, context = self._member, self._context
+                self._member = None
+                await self._leave_member(member, context, exc)  # None: it answered (or was left early)
+        finally:
+            self._reset_budget()
+        return False
