@@ -52,10 +52,11 @@ from loomnet.protocol import Envelope, InvalidRequest, LedgerError, Receipt, Rec
 
 from ._ledger_writes import GroupCommit, LedgerStatistics
 
-__all__ = ["ACCOUNT_MAX_CHARS", "Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "STATUSES", "check_account"]
+__all__ = ["ACCOUNT_MAX_CHARS", "Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "Margin", "STATUSES",
+           "check_account"]
 
 #: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: Seconds SQLite waits for another process (say ``loomnet ledger`` reading) to let go.
 _BUSY_TIMEOUT = 5.0
 _ROLES = ("executor", "client")
@@ -85,9 +86,15 @@ CREATE TABLE {name} (
         (role = 'client' AND status IN ('accepted', 'disputed'))
         OR (role = 'executor' AND status IN ('acknowledged', 'unacknowledged'))),
     dispute_reason TEXT CHECK ((status = 'disputed') = (dispute_reason IS NOT NULL)),
-    account TEXT {account_check}
+    account TEXT {account_check},
+    {provider_columns}
 );
 """
+# Version 4: which of the executor's backends answered, and what its provider charged
+# the operator for it (micro-credits; NULL: a client row, or a backend without a price)
+_PROVIDER_COLUMNS = ("backend TEXT CHECK (backend IS NULL OR (role = 'executor' AND length(backend) <= 128))",
+                     "provider_cost INTEGER CHECK (provider_cost IS NULL OR (role = 'executor' AND provider_cost >= 0))")
+_PROVIDER = ",\n    ".join(_PROVIDER_COLUMNS)
 _INDEXES = (
     "CREATE INDEX receipts_by_recorded_at ON receipts (recorded_at)",
     "CREATE INDEX receipts_by_status ON receipts (status)",
@@ -103,10 +110,11 @@ _V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, ro
 # rebuilt. Version 2 had no account: every row was the client's own (NULL), which a
 # plain added column gives. Each entry brings its version straight to SCHEMA_VERSION, in
 # one transaction with the version bump: a crash leaves the file as it was.
+_ADD_PROVIDER = [f"ALTER TABLE receipts ADD COLUMN {column}" for column in _PROVIDER_COLUMNS]
 _MIGRATIONS: dict[int, list[str]] = {
-    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK), *_INDEXES],
+    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER), *_INDEXES],
     1: [
-        _TABLE.format(name="receipts_v2", account_check=_ACCOUNT_CHECK),
+        _TABLE.format(name="receipts_v2", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER),
         f"""INSERT INTO receipts_v2 ({_V1_COLUMNS}, status, dispute_reason)
             SELECT {_V1_COLUMNS}, CASE WHEN role = 'client' THEN 'accepted'
                                        WHEN ack_payload IS NULL THEN 'unacknowledged'
@@ -116,7 +124,8 @@ _MIGRATIONS: dict[int, list[str]] = {
         "ALTER TABLE receipts_v2 RENAME TO receipts",
         *_INDEXES,
     ],
-    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1]],
+    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1], *_ADD_PROVIDER],
+    3: _ADD_PROVIDER,
 }
 
 
@@ -150,6 +159,11 @@ class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
     dispute_reason: str | None = None
     #: whose request it was (a client row only); None: the client's own
     account: str | None = None
+    #: the executor's backend that answered (an executor row only; its operator-visible
+    #: name, never an endpoint), and what its provider charged for it, micro-credits
+    #: (None: a backend without a price)
+    backend: str | None = None
+    provider_cost: int | None = None
 
 
 class LedgerTotals(msgspec.Struct, frozen=True):
@@ -159,6 +173,24 @@ class LedgerTotals(msgspec.Struct, frozen=True):
     input_tokens: int
     output_tokens: int
     cost: int
+
+
+class Margin(msgspec.Struct, frozen=True, kw_only=True):
+    """An executor's receipts of one model answered by one backend: what clients were
+    billed (``earned``) and what the provider charged (``paid``), micro-credits."""
+
+    model: str
+    #: None: receipts booked before the ledger knew backends, or by the embedded path
+    backend: str | None
+    receipts: int
+    input_tokens: int
+    output_tokens: int
+    earned: int
+    paid: int
+
+    @property
+    def margin(self) -> int:
+        return self.earned - self.paid
 
 
 _COLUMNS = LedgerEntry.__struct_fields__
@@ -332,6 +364,8 @@ class Ledger:
         dispute: str | None = None,
         ack: Envelope | None = None,
         account: str | None = None,
+        backend: str | None = None,
+        provider_cost: int | None = None,
     ) -> bytes:
         """Durably store a signed receipt; returns its digest (sha256 of the payload).
 
@@ -361,6 +395,10 @@ class Ledger:
             check_account(account)
             if role != "client":
                 raise InvalidRequest("only the client books a receipt under an account", field="account")
+        if (backend is not None or provider_cost is not None) and role != "executor":
+            raise ValueError("only the executor books which backend answered and what it cost")
+        if provider_cost is not None and provider_cost < 0:
+            raise ValueError("a provider cost cannot be negative")
         if dispute is not None and (role != "client" or not dispute):
             raise ValueError("only the client disputes a receipt, and it must say why")
         if _decode(_receipt_decoder, envelope.payload) != receipt:
@@ -376,7 +414,8 @@ class Ledger:
         signed = (None, None, None) if ack is None else (ack.payload, ack.signer, ack.sig)
         values = (key, envelope.payload, envelope.signer, envelope.sig, role, executor,
                   r.client, r.model, r.input_tokens, r.output_tokens, r.cost,
-                  r.count_source, r.issued_at, now, *signed, status, dispute, account)  # fmt: skip
+                  r.count_source, r.issued_at, now, *signed, status, dispute, account,
+                  None if backend is None else backend[:128], provider_cost)  # fmt: skip
 
         def apply(conn: sqlite3.Connection) -> int:
             """1 when the row (with any ack) is booked; 0 for an ack the row refused."""
@@ -445,6 +484,23 @@ class Ledger:
         where, params = _filter(status, account, since)
         _, rows = await self._query("sum receipts", f"SELECT {_SUMS} FROM receipts{where}", params)
         return LedgerTotals(*rows[0])
+
+    async def margins(self, *, since: float | None = None, until: float | None = None) -> list[Margin]:
+        """The executor's side: per model and backend, what clients were billed and what
+        the backends' providers charged, over the receipts recorded from ``since`` to
+        ``until`` (seconds since the epoch; None: unbounded), the operator's margin."""
+        terms, params = ["role = 'executor'"], []
+        if since is not None:
+            terms.append("recorded_at >= ?")
+            params.append(since)
+        if until is not None:
+            terms.append("recorded_at < ?")
+            params.append(until)
+        sql = (f"SELECT model, backend, {_SUMS}, COALESCE(SUM(provider_cost), 0) FROM receipts "
+               f"WHERE {' AND '.join(terms)} GROUP BY model, backend ORDER BY model, backend")  # fmt: skip
+        _, rows = await self._query("sum margins", sql, tuple(params))
+        return [Margin(model=r[0], backend=r[1], receipts=r[2], input_tokens=r[3], output_tokens=r[4], earned=r[5],
+                       paid=r[6]) for r in rows]  # fmt: skip
 
     async def totals_by_status(self) -> dict[str, LedgerTotals]:
         """Counts and sums per status, for the statuses that have receipts."""

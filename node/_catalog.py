@@ -26,17 +26,22 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
 import trio
 
+from loomnet.client import Ledger
+from loomnet.client._budget import period_bounds
 from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
-from ._pool import BackendPool, PoolMember, PoolStatistics
 from ._breaker import BreakerSettings
+from ._pool import BackendPool, PoolMember, PoolStatistics
+from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
+from .backends._config import BackendConfig
 from .config import ExecutorConfig, ModelTerms
 
 __all__ = ["Catalog", "CatalogEntry", "label_of"]
@@ -90,8 +95,36 @@ class Catalog:
         self._members: dict[tuple[str, str], PoolMember] = {}  # (model, backend name) -> member
         self._breaker = BreakerSettings(failures=config.breaker_failures, window=config.breaker_window,
                                         cooldown=config.breaker_cooldown)  # fmt: skip
-        #: called when what the advert offers may have changed (a breaker opened or closed)
+        #: called when what the advert offers may have changed (a breaker opened or
+        #: closed, a backend spent its budget or got more)
         self.on_change: Callable[[], None] | None = None
+        #: each backend's provider price (None: free) and spending this period (``_spend``)
+        self.charges: dict[str, ProviderCharge | None] = {}
+        self.spends: dict[str, ProviderSpend] = {}
+        for name, backend in zip(self.names, backends):
+            settings = getattr(backend, "config", None)
+            if isinstance(settings, BackendConfig):
+                self.charges[name] = ProviderCharge.of(name, settings.provider_price_in, settings.provider_price_out)
+                self.spends[name] = ProviderSpend(name, settings.spend_budget, spent=0, now=time.time(),
+                                                  on_change=self._changed)  # fmt: skip
+
+    async def load_spending(self, ledger: Ledger) -> None:
+        """Each budgeted backend's spending this period, from the ledger (at start)."""
+        now = time.time()
+        for name, spend in self.spends.items():
+            if spend.budget is not None:
+                start, _ = period_bounds(spend.budget.period, now)
+                spend.add(sum(m.paid for m in await ledger.margins(since=start) if m.backend == name), now=now)
+
+    def charge(self, member: PoolMember, input_tokens: int, output_tokens: int) -> int | None:
+        """Book what ``member``'s provider charges for an answer; returns it (None: free)."""
+        charge = self.charges.get(member.name)
+        if charge is None:
+            return None
+        cost = charge.cost(input_tokens, output_tokens)
+        if (spend := self.spends.get(member.name)) is not None:
+            spend.add(cost, now=time.time())
+        return cost
 
     def name_of(self, backend: Backend) -> str:
         return self.names[next(i for i, b in enumerate(self.backends) if b is backend)]
@@ -134,6 +167,7 @@ class Catalog:
             member = PoolMember(name, backend, backend_model, weight=weight, breaker=self._breaker,
                                 on_change=self._changed)  # fmt: skip
             member.healthy = name not in self._down
+            member.spend = self.spends.get(name)
             self._members[(model, name)] = member
         member.weight = weight
         return member

@@ -100,6 +100,7 @@ class Executor:
         announced = False
         try:
             catalog = await Catalog.build(backends, cfg)
+            await catalog.load_spending(ledger)  # what each budgeted backend cost this period
             member = self.member = Member(
                 self.key,
                 P2PConfig(

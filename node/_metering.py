@@ -190,12 +190,18 @@ class Meter:
         finish_reason: str,
         usage: Usage | None,
         max_cost: int | None = None,
+        backend: str | None = None,
+        charge: Callable[[int, int], int | None] | None = None,
     ) -> tuple[Envelope, bytes]:
         """Count, sign and write the receipt to the ledger; returns (envelope, digest).
 
         Args:
             max_cost: the request's ``max_cost`` (micro-credits): the receipt bills at
                 most that much (module doc); None = no cap.
+            backend: the name of the backend that answered, booked with the receipt.
+            charge: ``charge(input_tokens, output_tokens)``, what its provider charges
+                for the tokens it produced (before any ``max_cost`` cap: the provider
+                bills them all), booked with the receipt; None: nothing.
 
         Raises:
             LedgerError: the receipt could not be written (it is then not sent either).
@@ -204,6 +210,7 @@ class Meter:
         before the caller can send it or be cancelled.
         """
         tally = await self.count(entry, params, output, usage)
+        provider_cost = charge(tally.input_tokens, tally.output_tokens) if charge is not None else None
         offer = entry.offer
         input_tokens, output_tokens = capped_counts(
             tally.input_tokens, tally.output_tokens, max_cost=max_cost, price_in=offer.price_in, price_out=offer.price_out
@@ -235,7 +242,8 @@ class Meter:
         envelope = seal(SignedKind.RECEIPT, receipt, self.key)
         with trio.CancelScope(shield=True):
             receipt_digest = await self.ledger.record_receipt(
-                envelope, receipt, role="executor", executor=self.key.peer_id, now=self.clock()
+                envelope, receipt, role="executor", executor=self.key.peer_id, now=self.clock(), backend=backend,
+                provider_cost=provider_cost,
             )
         return envelope, receipt_digest
 

@@ -26,6 +26,7 @@ use what is left of the budget.
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Literal
 
@@ -34,6 +35,7 @@ import msgspec
 from loomnet.protocol import BackendError, ErrorCode
 
 from ._breaker import BreakerSettings, BreakerState, CircuitBreaker, counts_against
+from ._spend import ProviderSpend
 from .backends._base import Backend, ChatParams, StreamEvent
 from .backends._retry_budget import RetryBudget, retry_budget
 
@@ -60,6 +62,8 @@ class PoolMember:
         self._on_change = on_change
         self.breaker = CircuitBreaker(breaker, on_change=self._breaker_changed)
         self._current_weight = 0  # smooth weighted round-robin
+        #: its backend's spending against its provider budget (``_spend``); None: not tracked
+        self.spend: ProviderSpend | None = None
 
     def _breaker_changed(self, state: BreakerState) -> None:
         if self._on_change is not None:
@@ -67,7 +71,9 @@ class PoolMember:
 
     @property
     def available(self) -> bool:
-        return self.healthy and self.breaker.allows()
+        """Healthy, its breaker lets a request through, and its budget is not spent."""
+        spent = self.spend is not None and self.spend.exhausted(now=time.time())
+        return self.healthy and not spent and self.breaker.allows()
 
 
 class MemberStatistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -307,13 +307,14 @@ class InferenceServer:
 
         def book(**outcome: object) -> Awaitable[tuple[Envelope, bytes, Receipt]]:
             """Book with the backend that served: its tokenizer counts what it produced."""
-            by, counted = entry, params
+            by, counted, charged = entry, params, {}
             if served:
                 member = served[-1]
                 by = msgspec.structs.replace(entry, backend=member.backend, backend_model=member.backend_model)
                 counted = msgspec.structs.replace(params, model=member.backend_model)
+                charged = {"backend": member.name, "charge": functools.partial(self.catalog.charge, member)}
             return self._book(request_payload=request_payload, client=peer, entry=by, params=counted,
-                              max_cost=request.max_cost, **outcome)  # fmt: skip
+                              max_cost=request.max_cost, **charged, **outcome)  # fmt: skip
 
         if entry.pool is not None:
             open_events = functools.partial(entry.pool.stream_chat, params, served)

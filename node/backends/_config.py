@@ -6,6 +6,8 @@ import unicodedata
 
 import msgspec
 
+from loomnet.client import BudgetConfig
+
 from .._redact import Redactor, url_secrets
 
 __all__ = ["BackendConfig", "bad_character", "redact"]
@@ -43,8 +45,16 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_retries: int = 2
     #: models to serve; empty = every model the runtime lists (required for hosted APIs)
     models: list[str] = []
-    #: a label to tell two backends of one provider apart in logs (never a secret)
+    #: a unique name: what ``[[models]]`` ``backends`` and the operator's status call it
+    #: (never a secret); none = the provider's name
     name: str | None = None
+    #: what the provider charges the operator, credits per million input / output tokens
+    #: (the unit of ``[[models]]`` prices, so the ledger gives the margin); 0 = free
+    provider_price_in: float = 0.0
+    provider_price_out: float = 0.0
+    #: the most this backend may cost per period (``amount`` micro-credits, ``period``,
+    #: ``warn-at``); when spent, it leaves every pool until the period renews (``node/_spend``)
+    spend_budget: BudgetConfig | None = None
 
     def __post_init__(self) -> None:
         # Keys read from files keep their trailing newline: strip what surrounds a value,
@@ -59,6 +69,10 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
                 if problem is not None:
                     name = field.replace("_", "-")
                     raise ValueError(f"backend {self.label}: {name} holds {problem}; the value is not shown")
+        for which in ("provider_price_in", "provider_price_out"):
+            if not 0 <= getattr(self, which) <= 1_000_000:  # NaN too
+                raise ValueError(f"backend {self.label}: {which.replace('_', '-')} must be from 0 to 1000000 "
+                                 "credits per million tokens")  # fmt: skip
         if self.timeout <= 0:
             raise ValueError(f"backend {self.label}: timeout must be positive")
         if not 0 <= self.max_retries <= 10:

@@ -1,4 +1,4 @@
-"""Accounts in the ledger (schema version 3): a client row may name whose request it was.
+"""Accounts in the ledger (since schema version 3): a client row may name whose request it was.
 
 Old files (versions 1 and 2, written as those versions wrote them) are migrated on open
 with every row kept as it was and no account; rows can then be booked under accounts,
@@ -115,13 +115,13 @@ async def test_a_version_2_ledger_is_migrated_keeping_every_row_with_no_account(
     after = [row for row in raw_rows(path, (*_V2_COLUMNS, "account")) if row[0] != digest(signed_receipt(9)[0].payload)]
     assert after == [(*row, None) for row in before]
     version, indexes, columns = schema_of(path)
-    assert version == _ledger.SCHEMA_VERSION == 3 and columns[-1] == "account"
+    assert version == _ledger.SCHEMA_VERSION == 4 and columns[-3:] == ["account", "backend", "provider_cost"]
     assert indexes == {"receipts_by_recorded_at", "receipts_by_status", "receipts_by_account"}
     async with await Ledger.open(path) as reopened:  # opening again migrates nothing twice
         assert (await reopened.totals()).receipts == 5
 
 
-async def test_a_version_1_ledger_is_migrated_straight_to_version_3(tmp_path):
+async def test_a_version_1_ledger_is_migrated_straight_to_the_current_version(tmp_path):
     path = tmp_path / "v1.sqlite"
     write_v1_ledger(path, [("executor", 0, True), ("executor", 1, False), ("client", 2, True), ("client", 3, False)])
     v1_columns = _V2_COLUMNS[:-2]
@@ -134,7 +134,7 @@ async def test_a_version_1_ledger_is_migrated_straight_to_version_3(tmp_path):
     kept = {row[0]: row for row in raw_rows(path, (*v1_columns, "account"))}
     assert [kept[row[0]] for row in before] == [(*row, None) for row in before]
     version, indexes, _ = schema_of(path)
-    assert version == 3 and "receipts_by_account" in indexes
+    assert version == _ledger.SCHEMA_VERSION and "receipts_by_account" in indexes
 
 
 async def test_migrated_and_new_files_check_account_names_in_sql_too(tmp_path):
