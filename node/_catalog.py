@@ -38,7 +38,7 @@ from loomnet.client._budget import period_bounds
 from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
 from ._breaker import BreakerSettings
-from ._pool import BackendPool, PoolMember, PoolStatistics
+from ._pool import BackendLoad, BackendPool, PoolMember, PoolStatistics
 from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
 from .backends._config import BackendConfig
@@ -101,8 +101,10 @@ class Catalog:
         #: each backend's provider price (None: free) and spending this period (``_spend``)
         self.charges: dict[str, ProviderCharge | None] = {}
         self.spends: dict[str, ProviderSpend] = {}
+        self.loads: dict[str, BackendLoad] = {}  # each backend's requests in flight, all pools together
         for name, backend in zip(self.names, backends):
             settings = getattr(backend, "config", None)
+            self.loads[name] = BackendLoad(settings.capacity if isinstance(settings, BackendConfig) else None)
             if isinstance(settings, BackendConfig):
                 self.charges[name] = ProviderCharge.of(name, settings.provider_price_in, settings.provider_price_out)
                 self.spends[name] = ProviderSpend(name, settings.spend_budget, spent=0, now=time.time(),
@@ -165,7 +167,7 @@ class Catalog:
         if member is None or member.backend_model != backend_model:
             backend = self.backends[self.names.index(name)]
             member = PoolMember(name, backend, backend_model, weight=weight, breaker=self._breaker,
-                                on_change=self._changed)  # fmt: skip
+                                on_change=self._changed, load=self.loads[name])  # fmt: skip
             member.healthy = name not in self._down
             member.spend = self.spends.get(name)
             self._members[(model, name)] = member

@@ -39,21 +39,37 @@ from ._spend import ProviderSpend
 from .backends._base import Backend, ChatParams, StreamEvent
 from .backends._retry_budget import RetryBudget, retry_budget
 
-__all__ = ["BackendPool", "PoolMember", "PoolStatistics", "Strategy"]
+__all__ = ["BackendLoad", "BackendPool", "PoolMember", "PoolStatistics", "Strategy"]
 
 Strategy = Literal["priority", "round_robin", "least_connections", "weighted"]
+
+
+class BackendLoad:
+    """One backend's requests in flight, all its pools together, and how many it takes
+    before its pools prefer their other backends (``capacity``; None: no limit)."""
+
+    def __init__(self, capacity: int | None = None) -> None:
+        self.capacity = capacity
+        self.in_flight = 0
+
+    @property
+    def busy(self) -> bool:
+        return self.capacity is not None and self.in_flight >= self.capacity
 
 
 class PoolMember:
     """One backend serving the pool's model (see the module doc)."""
 
     def __init__(self, name: str, backend: Backend, backend_model: str, *, weight: int = 1,
-                 breaker: BreakerSettings, on_change: Callable[[], None] | None = None) -> None:  # fmt: skip
+                 breaker: BreakerSettings, on_change: Callable[[], None] | None = None,
+                 load: BackendLoad | None = None) -> None:  # fmt: skip
         self.name = name
         self.backend = backend
         self.backend_model = backend_model
         self.weight = weight
         self.in_flight = 0
+        #: its backend's load, shared with the backend's other pools
+        self.load = load if load is not None else BackendLoad()
         self.served = 0
         self.failed = 0
         self.healthy = True
@@ -115,8 +131,13 @@ class BackendPool:
         return any(m.available for m in self.members)
 
     def candidates(self) -> list[PoolMember]:
-        """The available members, in the order this request tries them."""
-        members = [m for m in self.members if m.available]
+        """The available members, in the order this request tries them: the strategy's
+        order, with those whose backend is at its ``capacity`` moved last (a busy local
+        runtime spills over to the next backend of its chain)."""
+        members = self._ordered([m for m in self.members if m.available])
+        return [m for m in members if not m.load.busy] + [m for m in members if m.load.busy]
+
+    def _ordered(self, members: list[PoolMember]) -> list[PoolMember]:
         if len(members) < 2:
             return members
         if self.strategy == "round_robin":
@@ -124,7 +145,7 @@ class BackendPool:
             self._turn += 1
             return members[start:] + members[:start]
         if self.strategy == "least_connections":
-            return sorted(members, key=lambda m: m.in_flight)  # stable: ties keep the configured order
+            return sorted(members, key=lambda m: m.load.in_flight)  # stable: ties keep the configured order
         if self.strategy == "weighted":
             total = sum(m.weight for m in members)
             for m in members:
@@ -200,6 +221,7 @@ class _PoolStream:
     async def _enter(self, member: PoolMember) -> None:
         params = msgspec.structs.replace(self._params, model=member.backend_model)
         member.in_flight += 1
+        member.load.in_flight += 1
         member.breaker.begin()
         context = member.backend.stream_chat(params)
         try:
@@ -222,6 +244,7 @@ class _PoolStream:
 
     async def _leave_member(self, member: PoolMember, context, exc: BaseException | None) -> None:
         member.in_flight -= 1
+        member.load.in_flight -= 1
         try:
             if context is not None:
                 await context.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)

@@ -48,6 +48,9 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: a unique name: what ``[[models]]`` ``backends`` and the operator's status call it
     #: (never a secret); none = the provider's name
     name: str | None = None
+    #: requests this backend answers at once before the pools it serves prefer their
+    #: next backend (a busy local runtime spills over to the hosted one); None: no limit
+    capacity: int | None = None
     #: what the provider charges the operator, credits per million input / output tokens
     #: (the unit of ``[[models]]`` prices, so the ledger gives the margin); 0 = free
     provider_price_in: float = 0.0
@@ -73,6 +76,8 @@ class BackendConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             if not 0 <= getattr(self, which) <= 1_000_000:  # NaN too
                 raise ValueError(f"backend {self.label}: {which.replace('_', '-')} must be from 0 to 1000000 "
                                  "credits per million tokens")  # fmt: skip
+        if self.capacity is not None and not 1 <= self.capacity <= 100_000:
+            raise ValueError(f"backend {self.label}: capacity must be from 1 to 100000")
         if self.timeout <= 0:
             raise ValueError(f"backend {self.label}: timeout must be positive")
         if not 0 <= self.max_retries <= 10:

@@ -277,3 +277,25 @@ async def test_an_on_premise_only_executor_never_chains_a_hosted_backend(autojum
     catalog = await Catalog.build([local, hosted], ExecutorConfig(on_premise_only=True))
     (entry,) = catalog.entries
     assert [m.backend for m in entry.pool.members] == [local] and entry.offer.on_premise
+
+
+async def test_a_busy_backend_spills_over_to_the_next_of_its_chain(autojump_clock):
+    local, hosted = Runtime("ollama"), Runtime("openai", on_premise=False)
+    release = trio.Event()
+    local.hold = hosted.hold = release
+    pool = pool_of(local, hosted)
+    pool.members[0].load.capacity = 1  # the local runtime answers one request at a time
+    served: list[str] = []
+
+    async def one() -> None:
+        served.append((await answer(pool))[1])
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one)
+        await trio.sleep(0.01)
+        nursery.start_soon(one)  # local is busy: this one goes to the hosted backend
+        await trio.sleep(0.01)
+        assert (local.in_flight, hosted.in_flight) == (1, 1)
+        release.set()
+    assert sorted(served) == ["b0", "b1"]
+    assert [m.name for m in pool.candidates()] == ["b0", "b1"]  # free again: local first
