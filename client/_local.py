@@ -29,6 +29,8 @@ class LocalExecutor(msgspec.Struct, frozen=True):
     peer_id: str
     addrs: list[str]
     pid: int
+    #: its operator endpoint's URL (``/status``...); None: off, or an older executor
+    operator: str | None = None
 
 
 def _alive(pid: int) -> bool:
@@ -41,13 +43,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def write_local_executor(peer_id: str, addrs: list[str], *, directory: Path | None = None) -> Path:
-    """Announce a running executor to local clients; returns the file written."""
+def write_local_executor(peer_id: str, addrs: list[str], *, directory: Path | None = None,
+                         operator: str | None = None) -> Path:  # fmt: skip
+    """Announce a running executor to local clients (and its operator endpoint's URL,
+    for ``loomnet status``); returns the file written."""
     folder = (directory or state_dir()) / "executors"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{peer_id}.json"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"peer_id": peer_id, "addrs": addrs, "pid": os.getpid()}))
+    record = {"peer_id": peer_id, "addrs": addrs, "pid": os.getpid()}
+    if operator is not None:
+        record["operator"] = operator
+    tmp.write_text(json.dumps(record))
     tmp.replace(path)
     return path
 
@@ -67,8 +74,10 @@ def local_executors(*, directory: Path | None = None) -> list[LocalExecutor]:
         try:
             info = json.loads(path.read_text())
             peer_id, addrs, pid = str(info["peer_id"]), [str(a) for a in info["addrs"]], int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+            operator = info.get("operator")
+            operator = operator if isinstance(operator, str) and operator.startswith("http://") else None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         if _alive(pid):
-            found.append(LocalExecutor(peer_id, addrs, pid))
+            found.append(LocalExecutor(peer_id, addrs, pid, operator))
     return found

@@ -58,6 +58,8 @@ class Advertiser:
         self._changed = trio.Event()
         #: the last advert issued; served on the adverts request stream
         self.current: Envelope | None = None
+        #: adverts published since start
+        self.published = 0
 
     def build(self) -> Envelope:
         now = self._clock()
@@ -85,6 +87,7 @@ class Advertiser:
     async def publish_now(self) -> None:
         try:
             await self._member.publish_advert(self.build())
+            self.published += 1
         except LoomError as exc:
             log.warning("could not publish advert: %s", exc)
 

@@ -241,6 +241,14 @@ class Catalog:
     def _backend(self, name: str) -> Backend:
         return self.backends[self.names.index(name)]
 
+    def by_name(self) -> list[str]:
+        """Every advertised model name (not aliases)."""
+        return [e.offer.name for e in self.entries]
+
+    def speed_of(self, name: str) -> float:
+        """The measured output tokens per second of model ``name`` (0: not measured)."""
+        return self._speeds.get(name, 0.0)
+
     def lookup(self, name: str) -> CatalogEntry | None:
         return self._by_name.get(name.casefold())
 

@@ -11,6 +11,7 @@ cancelled shutdown still releases them.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import msgspec
@@ -29,8 +30,11 @@ from loomnet.protocol import INFER_PROTOCOL, INFER_SESSION_PROTOCOL, ModelOffer,
 
 from ._advertiser import Advertiser
 from ._catalog import Catalog
+from ._metrics import ExecutorMetrics
+from ._operator import serve_operator
 from ._redact import Redactor, install_log_redaction
 from ._server import InferenceServer
+from ._status import ExecutorStatus, backend_statuses, earnings, model_statuses
 from .backends._base import Backend
 from .backends._registry import make_backend
 from .config import ExecutorConfig
@@ -44,6 +48,8 @@ class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     peer_id: str
     addrs: list[str]
     models: list[ModelOffer]
+    #: the operator's endpoint (``/status``, ``/metrics``...); None when it is off
+    operator_url: str | None = None
 
 
 class Executor:
@@ -66,6 +72,47 @@ class Executor:
         self.advertiser: Advertiser | None = None
         self.member: Member | None = None
         self.info: ExecutorInfo | None = None
+        self.catalog: Catalog | None = None
+        self.ledger: Ledger | None = None
+        self.metrics = ExecutorMetrics(models=lambda: self.catalog.by_name() if self.catalog else [])
+        self.metrics.watch(self.status_snapshot)
+        self._started_at = time.time()
+        self.draining = False
+
+    # ---------------------------------------------------------------- the operator's view
+
+    def status_snapshot(self) -> ExecutorStatus:
+        """The executor's state now (``_status``), without the ledger's earnings."""
+        server, catalog, member = self.server, self.catalog, self.member
+        assert server is not None and catalog is not None and member is not None and self.ledger is not None
+        p2p = member.node.statistics()
+        return ExecutorStatus(
+            peer_id=self.key.peer_id, listen=list(self.info.addrs) if self.info else [],
+            peers_connected=p2p.connected_peers, uptime=round(time.time() - self._started_at, 3),
+            served=server.served, refused=server.refused, slots=server.slots.statistics(),
+            models=model_statuses(catalog, server.counts, server.ttft), backends=backend_statuses(catalog),
+            p2p=p2p, adverts_published=self.advertiser.published if self.advertiser else 0,
+            adverts_rejected=member.table.statistics().refused, ledger=self.ledger.statistics(),
+            state="draining" if self.draining else "serving",
+        )  # fmt: skip
+
+    async def status(self) -> ExecutorStatus:
+        """:meth:`status_snapshot` with today's and this month's earnings from the ledger."""
+        snapshot = self.status_snapshot()
+        assert self.ledger is not None
+        return msgspec.structs.replace(snapshot, earnings=await earnings(self.ledger, now=time.time()))
+
+    def ready(self) -> str | None:
+        """None when the executor can serve; else why not (``/readyz``)."""
+        if self.info is None or self.catalog is None:
+            return "starting"
+        if self.draining:
+            return "draining: shutting down"
+        if not any(self.catalog.is_up(b) for b in self.catalog.backends):
+            return "no backend is healthy"
+        if not self.catalog.offers:
+            return "no model is offered (every backend is down, benched or over its budget)"
+        return None
 
     @property
     def peer_id(self) -> str:
@@ -99,7 +146,8 @@ class Executor:
         stop_redacting = install_log_redaction(redactor)
         announced = False
         try:
-            catalog = await Catalog.build(backends, cfg)
+            catalog = self.catalog = await Catalog.build(backends, cfg)
+            self.ledger = ledger
             await catalog.load_spending(ledger)  # what each budgeted backend cost this period
             member = self.member = Member(
                 self.key,
@@ -117,7 +165,8 @@ class Executor:
                 own_advert=lambda: self.advertiser.current if self.advertiser else None,
             )
             server = self.server = InferenceServer(
-                self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke()
+                self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke(),
+                metrics=self.metrics,
             )
             for protocol in (INFER_SESSION_PROTOCOL, INFER_PROTOCOL):  # sessions, and one-request streams
                 member.node.set_stream_handler(
@@ -133,11 +182,15 @@ class Executor:
                 )
                 catalog.on_change = self.advertiser.poke  # a breaker opened or closed: re-advertise
                 await nursery.start(self.advertiser.run)
-                if cfg.announce_local:
-                    write_local_executor(self.key.peer_id, list(node_info.addrs))
-                    announced = True
                 nursery.start_soon(self._watch_backends, catalog)
                 self.info = ExecutorInfo(peer_id=self.key.peer_id, addrs=list(node_info.addrs), models=catalog.offers)
+                if cfg.operator.enabled:
+                    url = await nursery.start(serve_operator, self, cfg.operator)
+                    self.info = msgspec.structs.replace(self.info, operator_url=url)
+                    log.info("executor %s: operator endpoint %s (/status, /metrics)", self.key.peer_id, url)
+                if cfg.announce_local:
+                    write_local_executor(self.key.peer_id, list(node_info.addrs), operator=self.info.operator_url)
+                    announced = True
                 log.info("executor %s serving %s", self.key.peer_id, [o.name for o in catalog.offers])
                 task_status.started(self.info)
         finally:

@@ -71,8 +71,12 @@ class Output(msgspec.Struct, kw_only=True):
     chunks: list[str] = []
     reasoning_parts: list[str] = []
     tool_calls: list[ToolCall] = []
+    #: ``trio.current_time()`` when the first content (not a progress chunk) went out
+    first_content_at: float | None = None
 
     def record(self, frame: ChunkFrame) -> None:
+        if self.first_content_at is None and (frame.text or frame.reasoning or frame.tool_calls):
+            self.first_content_at = trio.current_time()
         self.chunks.append(frame.text)
         if frame.reasoning:
             self.reasoning_parts.append(frame.reasoning)

@@ -51,6 +51,8 @@ class BackendLoad:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self.in_flight = 0
+        #: the error code's name (or exception class) of its last failure, any pool
+        self.last_error: str | None = None
 
     @property
     def busy(self) -> bool:
@@ -255,6 +257,7 @@ class _PoolStream:
             elif isinstance(exc, Exception) and counts_against(exc):
                 member.failed += 1
                 member.last_error = type(exc).__name__ if not isinstance(exc, BackendError) else exc.code.name
+                member.load.last_error = member.last_error
                 member.breaker.failure()
             else:
                 member.breaker.abandon()

@@ -78,6 +78,7 @@ from ._counting import CountingChain
 from ._acks import await_ack
 from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
+from ._metrics import ExecutorMetrics
 from ._pool import PoolMember
 from ._queue import Slots
 from ._slot_wait import wait_for_slot
@@ -121,6 +122,7 @@ class InferenceServer:
         tokens: TokenCounter | None = None,
         on_load_change: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
         self.key = key
         self.config = config
@@ -138,7 +140,19 @@ class InferenceServer:
         self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
         self.served = 0
         self.refused = 0
+        #: per advertised model: (receipts, input tokens, output tokens) since start, and
+        #: the EWMA of its time to first token, seconds (``_status``)
+        self.counts: dict[str, tuple[int, int, int]] = {}
+        self.ttft: dict[str, float] = {}
+        self.metrics = metrics if metrics is not None else ExecutorMetrics(models=lambda: catalog.by_name())
         self._streams = self._sessions = self._sessions_open = self._session_requests = 0
+
+    def _count(self, model: str, receipt: Receipt, ttft: float | None) -> None:
+        served, tokens_in, tokens_out = self.counts.get(model, (0, 0, 0))
+        self.counts[model] = (served + 1, tokens_in + receipt.input_tokens, tokens_out + receipt.output_tokens)
+        if ttft is not None:
+            mean = self.ttft.get(model)
+            self.ttft[model] = ttft if mean is None else mean + 0.3 * (ttft - mean)
 
     @property
     def load(self) -> int:
@@ -206,6 +220,7 @@ class InferenceServer:
             return _OVER
         except LoomError as exc:
             self.refused += 1
+            self.metrics.refused(exc.code)
             log.info("request from %s ended with %s", stream.remote_peer, exc)
             if not isinstance(exc, ClientGone):  # nobody is left to read it
                 await self._send_error(stream, conn, exc)
@@ -215,6 +230,7 @@ class InferenceServer:
                 return _OVER
         except Exception:  # a bug must not kill the node, and the client deserves a code
             self.refused += 1
+            self.metrics.refused(ErrorCode.INTERNAL)
             log.exception("internal error serving %s", stream.remote_peer)
             await self._send_error(stream, conn, LoomError("internal error", code=ErrorCode.INTERNAL))
         if not whole:
@@ -292,6 +308,7 @@ class InferenceServer:
         bookings: trio.Nursery,
     ) -> object | None:
         """Generate, book and send the receipt; returns what ``_await_ack`` returns."""
+        admitted = trio.current_time()
         params = ChatParams(model=entry.backend_model, messages=list(request.messages), **generation_fields(request))
         missing = params.needs() - set(entry.offer.capabilities)
         if missing:
@@ -341,11 +358,17 @@ class InferenceServer:
         finally:
             slot.release()
         elapsed = trio.current_time() - started
+        ttft = None if output.first_content_at is None else output.first_content_at - admitted
         if failure is not None:
-            raise await self._settle_failure(failure, output, book)
+            error = await self._settle_failure(failure, output, book)
+            self.metrics.request_done(entry.offer.name, error.code, ttft=ttft, duration=trio.current_time() - admitted)
+            raise error
         finish_reason = str(finished.finish_reason)
         envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
+        self._count(entry.offer.name, receipt, ttft)
+        self.metrics.request_done(entry.offer.name, None, ttft=ttft, duration=trio.current_time() - admitted,
+                                  input_tokens=receipt.input_tokens, output_tokens=receipt.output_tokens)  # fmt: skip
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await await_ack(

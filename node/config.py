@@ -38,7 +38,7 @@ from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
 
-__all__ = ["ExecutorConfig", "ModelTerms", "PoolBackend", "load_config"]
+__all__ = ["ExecutorConfig", "ModelTerms", "OperatorConfig", "PoolBackend", "load_config"]
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -115,6 +115,23 @@ class ModelTerms(_Config):
     def pool(self) -> list[PoolBackend]:
         """``backends`` as :class:`PoolBackend` entries."""
         return [PoolBackend(backend=b) if isinstance(b, str) else b for b in self.backends]
+
+
+class OperatorConfig(_Config):
+    """The operator's HTTP endpoint: ``/status``, ``/metrics``, ``/healthz``,
+    ``/readyz`` (``node/_operator``). On by default, on this machine only."""
+
+    enabled: bool = True
+    #: 127.0.0.1: only this machine (Prometheus on another host: its address, and a firewall)
+    host: str = "127.0.0.1"
+    #: None: 8401, or a free port when another process holds it (the URL is printed at
+    #: start and written to the local state file, where ``loomnet status`` finds it);
+    #: a port given here that is taken stops the executor at start
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ValueError("operator port must be from 0 to 65535")
 
 
 class ExecutorConfig(_Config):
@@ -213,6 +230,8 @@ class ExecutorConfig(_Config):
     retry_budget: int = 2
     #: refuse to start with any hosted-API backend (banks, air-gapped sites)
     on_premise_only: bool = False
+    #: the operator's HTTP endpoint (status, metrics, health)
+    operator: OperatorConfig = msgspec.field(default_factory=OperatorConfig)
     embedded: EmbeddedConfig = msgspec.field(default_factory=EmbeddedConfig)
     #: the runtimes and hosted APIs served; none = the embedded model
     backends: list[BackendConfig] = []
@@ -376,7 +395,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     overrides: dict[str, object] = {}
     for field in msgspec.structs.fields(ExecutorConfig):
         value = environ.get("LOOMNET_" + field.name.upper())
-        if value is None or field.name in ("embedded", "models", "backends"):
+        if value is None or field.name in ("embedded", "models", "backends", "operator"):
             continue
         is_list = getattr(field.type, "__origin__", None) is list
         overrides[field.encode_name] = [v.strip() for v in value.split(",") if v.strip()] if is_list else value

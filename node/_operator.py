@@ -1,0 +1,127 @@
+"""The operator's HTTP endpoint: a starlette app served by hypercorn on trio, in the
+executor's own nursery.
+
+Routes (all ``GET``):
+
+* ``/status``: :class:`~loomnet.node._status.ExecutorStatus` as JSON;
+* ``/metrics``: Prometheus text (``_metrics``; names in ``docs/metrics.md``);
+* ``/healthz``: 200 while the process serves HTTP at all;
+* ``/readyz``: 200 when at least one backend is healthy and the libp2p host listens,
+  else 503 naming why.
+
+It binds 127.0.0.1 by default. Nothing it answers holds a secret: backends by name and
+kind, peers counted, never listed. The port: ``[operator] port``, or by default 8401,
+falling back to a free port when another process (a second executor on the machine)
+holds it; the URL is printed at start and written to the local state file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import msgspec
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ._metrics import CONTENT_TYPE
+from .config import OperatorConfig
+
+__all__ = ["DEFAULT_OPERATOR_PORT", "operator_app", "serve_operator"]
+
+log = logging.getLogger("loomnet.operator")
+
+#: the endpoint's default port (next to the gateway's 8400)
+DEFAULT_OPERATOR_PORT = 8401
+_JSON = "application/json"
+
+
+def operator_app(executor) -> Starlette:
+    """The app over a running ``Executor`` (its ``status()``, ``status_snapshot()``,
+    ``metrics`` and ``ready()``)."""
+
+    async def status(request: Request) -> Response:
+        return Response(msgspec.json.encode(await executor.status()), media_type=_JSON)
+
+    async def metrics(request: Request) -> Response:
+        return Response(executor.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type=_JSON)
+
+    async def readyz(request: Request) -> Response:
+        why = executor.ready()
+        if why is None:
+            return Response(b'{"status":"ready"}', media_type=_JSON)
+        return JSONResponse({"status": "not ready", "reason": why}, status_code=503)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no such page: {request.method} {request.url.path[:100]}; "
+                             "try /status, /metrics, /healthz, /readyz"}, status_code=404)  # fmt: skip
+
+    app = Starlette(
+        routes=[Route("/status", status), Route("/metrics", metrics), Route("/healthz", healthz),
+                Route("/readyz", readyz)],
+        exception_handlers={404: not_found, 405: not_found},
+    )  # fmt: skip
+    app.router.redirect_slashes = False
+    return app
+
+
+def _sockets(hc: Config, config: OperatorConfig) -> Sockets:
+    """Bound, listening sockets (see the module doc for the port).
+
+    Raises:
+        OSError: the address cannot be bound (a port given in the config is taken).
+    """
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    ports = [config.port] if config.port is not None else [DEFAULT_OPERATOR_PORT, 0]
+    for i, port in enumerate(ports):
+        hc.bind = [f"{host}:{port}"]
+        try:
+            sockets = hc.create_sockets()
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and i + 1 < len(ports):
+                log.info("port %d is taken; the operator endpoint takes a free one", port)
+                continue
+            raise
+        for sock in sockets.insecure_sockets:
+            sock.listen(hc.backlog)
+        return sockets
+    raise OSError(errno.EADDRINUSE, "no port")  # pragma: no cover - the free port never fails so
+
+
+async def serve_operator(executor, config: OperatorConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve :func:`operator_app` until cancelled; ``task_status`` gets its URL."""
+    hc = Config()
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("loomnet.operator.http")
+    hc.keep_alive_timeout = 10.0
+    hc.graceful_timeout = 1.0
+    hc.include_server_header = False
+    sockets = _sockets(hc, config)
+    for sock in sockets.insecure_sockets:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    app = operator_app(executor)
+
+    async def asgi(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await app(scope, receive, send)
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        await worker_serve(wrap_app(asgi, hc.wsgi_max_body_size, "asgi"), hc, sockets=sockets, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(run)
+        task_status.started(binds[0].replace("0.0.0.0", "127.0.0.1") if binds else None)
