@@ -134,7 +134,8 @@ def _request_of(n: int, line: BatchLine, defaults: LineDefaults) -> ChatRequest:
     else:
         system = line.system if line.system is not None else defaults.system
         messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", line.prompt)]
-    where = (line.model, line.route) if line.model is not None or line.route is not None else (defaults.model, defaults.route)
+    own_place = line.model is not None or line.route is not None
+    where = (line.model, line.route) if own_place else (defaults.model, defaults.route)
 
     def pick(own, default):
         return own if own is not None else default
@@ -221,8 +222,9 @@ class _Report:
         self.failed_lines.append(answer.line)
         e = answer.error
         assert e is not None
-        click.echo(("\r\x1b[K" if self.tty else "") + f"line {answer.line}: error [{e.code} {e.name}]: {e.message}",
-                   err=True)  # fmt: skip
+        head = f"line {answer.line}: "
+        message = e.message.removeprefix(head)  # a bad line's message names its line already
+        click.echo(("\r\x1b[K" if self.tty else "") + f"{head}error [{e.code} {e.name}]: {message}", err=True)
 
     def summary(self) -> None:
         failed = len(self.failed_lines)

@@ -253,7 +253,7 @@ def served_by(outcomes) -> Counter:
 @fail_after(60)
 async def test_a_batch_over_two_equal_executors_is_split_between_them_in_order(tmp_path):
     async with trio.open_nursery() as nursery:
-        client, net = await networked_client(tmp_path, nursery, {A: echoes(), B: echoes()})
+        client, _ = await networked_client(tmp_path, nursery, {A: echoes(), B: echoes()})
         try:
             outcomes = await client.chat_many([request(i, model="m1") for i in range(24)], concurrency=4)
         finally:
@@ -288,8 +288,10 @@ async def test_a_cheaper_executor_takes_the_batch_within_its_stream_slots(tmp_pa
         return behaviour
 
     async with trio.open_nursery() as nursery:
-        client, net = await networked_client(tmp_path, nursery, {A: counted(A), B: counted(B)},
-                                             prices={A: 1_000_000, B: 2_000_000}, max_streams_per_executor=2)  # fmt: skip
+        client, _ = await networked_client(
+            tmp_path, nursery, {A: counted(A), B: counted(B)}, prices={A: 1_000_000, B: 2_000_000},
+            max_streams_per_executor=2,
+        )  # fmt: skip
         try:
             outcomes = await client.chat_many([request(i, model="m1") for i in range(12)], concurrency=4)
             stats = client.sessions.statistics()

@@ -142,6 +142,7 @@ def test_a_file_of_bad_lines_only_writes_each_error_in_place_sends_nothing_and_e
     assert [(a["line"], a.get("id"), a["ok"], a["error"]["code"]) for a in answers] == [
         (1, None, False, 209), (3, "x", False, 209),
     ]  # fmt: skip
-    assert "line 1: error [209 BAD_REQUEST]" in result.output and "line 3: error [209 BAD_REQUEST]" in result.output
+    assert "line 1: error [209 BAD_REQUEST]: Expected `str | null`, got `int` - at `$.prompt`" in result.output
+    assert "line 3: error [209 BAD_REQUEST]: \"messages\" is empty" in result.output
     assert "[batch] 2 line(s): 0 answered, 2 failed (line 1, 3)" in result.output
     assert not (tmp_path / "d").exists()  # no client was started: nothing to send
