@@ -6,6 +6,7 @@ the offer table) and how it asks for work (``LoomClient``). The executor in
 """
 
 from ._attempt import fails_over as fails_over
+from ._batch import BatchProgress as BatchProgress, ChatRequest as ChatRequest, Outcome as Outcome
 from ._budget import (
     Budget as Budget,
     BudgetConfig as BudgetConfig,
@@ -63,6 +64,7 @@ from ._tokens import TokenCounter as TokenCounter
 
 __all__ = [
     "Attempt",
+    "BatchProgress",
     "Budget",
     "BudgetConfig",
     "BudgetExceeded",
@@ -70,6 +72,7 @@ __all__ = [
     "BudgetWarning",
     "Candidate",
     "ChatEvent",
+    "ChatRequest",
     "ChatResult",
     "ChatStream",
     "ClientConfig",
@@ -87,6 +90,7 @@ __all__ = [
     "NodeInfo",
     "Offer",
     "OfferTable",
+    "Outcome",
     "P2PConfig",
     "P2PNode",
     "P2PStream",

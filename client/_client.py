@@ -40,7 +40,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -57,6 +57,7 @@ from loomnet.protocol import (
 )
 
 from ._attempt import open_first
+from ._batch import BatchProgress, ChatRequest, Outcome, chat_as_completed, chat_many
 from ._budget import Budget, BudgetConfig, BudgetWarning, JointBudget, period_bounds
 from ._chat_stream import ChatResult, ChatStream, RequestOptions, StreamKit, StreamOpener
 from ._client_config import ClientConfig, default_data_dir
@@ -421,3 +422,46 @@ class LoomClient:
                 pass
         assert stream.result is not None
         return stream.result
+
+    async def chat_many(
+        self,
+        requests: Iterable[ChatRequest],
+        *,
+        concurrency: int = 4,
+        budget: Budget | None = None,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+    ) -> list[Outcome]:
+        """Many chats at once (``_batch``; ``docs/client.md``, "Many prompts at once"):
+        each :class:`ChatRequest` (messages and :meth:`chat`'s keywords) runs as
+        :meth:`chat`, at most ``concurrency`` at once, each routed, failed over and
+        settled on its own; ``budget`` applies to every item (as :meth:`chat`'s).
+
+        Returns:
+            One outcome per request, in input order: its :class:`ChatResult`, or the
+            ``LoomError`` it ended with (``.code``: the stable code). One item's failure
+            never ends the others.
+
+        Raises:
+            InvalidRequest: ``concurrency`` is not from 1 to 1024 (before anything is sent).
+            TypeError: an item that is no ``ChatRequest``.
+            RuntimeError: the client is not running.
+        """
+        return await chat_many(self, requests, concurrency=concurrency, budget=budget, on_progress=on_progress)
+
+    def chat_as_completed(
+        self,
+        requests: Iterable[ChatRequest],
+        *,
+        concurrency: int = 4,
+        budget: Budget | None = None,
+        on_progress: Callable[[BatchProgress], None] | None = None,
+    ) -> AbstractAsyncContextManager[trio.abc.ReceiveChannel[tuple[int, Outcome]]]:
+        """:meth:`chat_many`, handing out ``(index, outcome)`` as each item ends::
+
+            async with client.chat_as_completed(requests, concurrency=8) as finished:
+                async for index, outcome in finished:
+                    ...
+
+        Leaving the ``async with`` early cancels the items still running. Raises as
+        :meth:`chat_many`, at the call."""
+        return chat_as_completed(self, requests, concurrency=concurrency, budget=budget, on_progress=on_progress)

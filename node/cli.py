@@ -173,7 +173,16 @@ def _client_config(bootstrap, data_dir, wait, timeout: float = 900.0, budget: Bu
 
 
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
+@click.option(
+    "--batch", "batch_path", metavar="FILE",
+    help="Answer every line of a JSONL file instead of PROMPT ('-': stdin); one JSON answer per line "
+    "to stdout, in input order (docs/client.md, \"loomnet chat --batch\").",
+)  # fmt: skip
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="With --batch: write the answers here.")
+@click.option(
+    "--concurrency", type=click.IntRange(1, 1024), help="With --batch: requests in flight at once (default 4).",
+)  # fmt: skip
 @click.option("--model", help="Model name or alias (never served by another model); any live offer when omitted.")
 @click.option(
     "--route",
@@ -199,12 +208,31 @@ def _client_config(bootstrap, data_dir, wait, timeout: float = 900.0, budget: Bu
 )
 @_with_client_options
 def chat(
-    prompt, model, route, system, max_tokens, temperature, seed, max_price_in, max_price_out, on_premise_only,
-    no_retention_only, budget, budget_period, bootstrap, data_dir, wait, timeout,
+    prompt, batch_path, output, concurrency, model, route, system, max_tokens, temperature, seed, max_price_in,
+    max_price_out, on_premise_only, no_retention_only, budget, budget_period, bootstrap, data_dir, wait, timeout,
 ):  # fmt: skip
     """Send PROMPT to the network and stream the answer (reasoning, if the model shows
     any, goes dimmed to stderr; the answer to stdout). Executors that failed before the
-    answer began are named on stderr."""
+    answer began are named on stderr. With --batch FILE, every line of FILE instead."""
+    if (prompt is None) == (batch_path is None):
+        raise click.UsageError("give a PROMPT or --batch FILE (one of them)")
+    if batch_path is None and (output is not None or concurrency is not None):
+        raise click.UsageError("--output and --concurrency go with --batch")
+    limit = None if budget is None else BudgetConfig(amount=credits_to_micro(budget), period=budget_period)
+    config = _client_config(bootstrap, data_dir, wait, timeout, limit)
+    caps = dict(
+        max_price_in=None if max_price_in is None else credits_to_micro(max_price_in),
+        max_price_out=None if max_price_out is None else credits_to_micro(max_price_out),
+    )
+    if batch_path is not None:
+        from ._cli_batch import LineDefaults, chat_batch
+
+        defaults = LineDefaults(
+            model=model, route=route, system=system, max_tokens=max_tokens, temperature=temperature, seed=seed,
+            on_premise_only=on_premise_only, no_retention_only=no_retention_only, **caps,
+        )  # fmt: skip
+        chat_batch(config, batch_path, output, concurrency or 4, defaults)
+        return
     messages = ([ChatMessage("system", system)] if system else []) + [ChatMessage("user", prompt)]
     options = dict(
         model=model,
@@ -212,13 +240,11 @@ def chat(
         max_tokens=max_tokens,
         temperature=temperature,
         seed=seed,
-        max_price_in=None if max_price_in is None else credits_to_micro(max_price_in),
-        max_price_out=None if max_price_out is None else credits_to_micro(max_price_out),
         on_premise_only=on_premise_only,
         no_retention_only=no_retention_only,
+        **caps,
     )
-    limit = None if budget is None else BudgetConfig(amount=credits_to_micro(budget), period=budget_period)
-    _run(_chat_main, _client_config(bootstrap, data_dir, wait, timeout, limit), messages, options)
+    _run(_chat_main, config, messages, options)
 
 
 async def _chat_main(config: ClientConfig, messages, options) -> None:
