@@ -190,12 +190,15 @@ class Meter:
         finish_reason: str,
         usage: Usage | None,
         max_cost: int | None = None,
+        cached: bool = False,
     ) -> tuple[Envelope, bytes]:
         """Count, sign and write the receipt to the ledger; returns (envelope, digest).
 
         Args:
             max_cost: the request's ``max_cost`` (micro-credits): the receipt bills at
                 most that much (module doc); None = no cap.
+            cached: the answer came from the response cache (the receipt says so; its
+                prices are ``entry.offer``'s, which the caller set to the cache's billing).
 
         Raises:
             LedgerError: the receipt could not be written (it is then not sent either).
@@ -231,6 +234,7 @@ class Meter:
             reasoning_tokens=parts.reasoning,
             hidden_reasoning_tokens=parts.hidden_reasoning,
             tool_call_tokens=parts.tool_calls,
+            cached=cached,
         )
         envelope = seal(SignedKind.RECEIPT, receipt, self.key)
         with trio.CancelScope(shield=True):

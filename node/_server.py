@@ -82,6 +82,7 @@ from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
 from ._relay import ClientGone, relay_answer
+from ._response_cache import CacheLookup, ResponseCaches, billed_prices, entry_cache_terms
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -135,6 +136,8 @@ class InferenceServer:
         )
         budget = RequestBudget(per_peer=config.max_request_bytes_per_peer, total=config.max_request_bytes)
         self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
+        #: per-model answer caches (``[models.cache]``); ``caches.statistics()`` per model
+        self.caches = ResponseCaches(lambda model: entry_cache_terms(config, catalog.lookup(model)))
         self.served = 0
         self.refused = 0
         self._streams = self._sessions = self._sessions_open = self._session_requests = 0
@@ -306,6 +309,10 @@ class InferenceServer:
             self._book, request_payload=request_payload, client=peer, entry=entry, params=params,
             max_cost=request.max_cost,
         )
+        # the response cache (``_response_cache``): a hit is answered without a slot or the backend
+        cache = self.caches.lookup(entry.offer.name, params, peer, now=trio.current_time())
+        if cache is not None and cache.hit is not None:
+            return await self._serve_cached(stream, conn, entry, cache, book, bookings)
         # A slot is held while the backend generates, not while the receipt is counted and
         # settled: a client's next request must not wait because its last ack is in flight.
         lane = self.slots.lane(entry.offer.name, capacity=entry.capacity, max_queue=entry.max_queue)
@@ -331,7 +338,35 @@ class InferenceServer:
             raise await self._settle_failure(failure, output, book)
         finish_reason = str(finished.finish_reason)
         envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        if cache is not None:  # a complete answer, booked: the response cache may keep it
+            cache.store(output, finished, now=trio.current_time())
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
+        self.served += 1
+        await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
+        return await await_ack(
+            self.intake, self.ledger, stream, conn, receipt_digest, bookings, timeout=self.config.ack_timeout
+        )
+
+    async def _serve_cached(
+        self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, cache: CacheLookup,
+        book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]], bookings: trio.Nursery,
+    ) -> object | None:
+        """Answer from the response cache: the stored answer streams as chunk frames (the
+        relay's batching and client watch, no slot, no backend); the receipt says
+        ``cached``, is counted from the stored usage and priced per the model's ``billing``."""
+        assert cache.hit is not None
+        price_in, price_out = billed_prices(entry.offer.price_in, entry.offer.price_out, cache.cache.terms)
+        billed = msgspec.structs.replace(entry, offer=msgspec.structs.replace(entry.offer, price_in=price_in, price_out=price_out))
+        book = functools.partial(book, entry=billed, cached=True)
+        output = Output()
+        try:
+            finished = await relay_answer(
+                stream, conn, cache.hit.replay, output, chunk_interval=self.config.chunk_interval,
+                progress_interval=self.config.progress_interval, send_timeout=self.config.ack_timeout,
+            )
+        except Exception as exc:  # the client left or broke the protocol: bill what it got
+            raise await self._settle_failure(exc, output, book) from None
+        envelope, receipt_digest, _ = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await await_ack(

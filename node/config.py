@@ -36,6 +36,7 @@ from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
+from ._response_cache import CacheTerms
 
 __all__ = ["ExecutorConfig", "ModelTerms", "load_config"]
 
@@ -63,6 +64,9 @@ class ModelTerms(_Config):
     capacity: int | None = None
     #: requests of this model that may wait for a slot; None = the executor's ``max-queue``
     max_queue: int | None = None
+    #: ``[models.cache]``: answer identical deterministic requests from memory
+    #: (``_response_cache``); None (no table) = off
+    cache: CacheTerms | None = None
 
     def __post_init__(self) -> None:
         for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
