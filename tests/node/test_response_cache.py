@@ -4,7 +4,9 @@ LRU's two bounds, the TTL on trio's clock (autojump), billing, and the config ta
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -268,3 +270,26 @@ def test_every_bad_cache_setting_is_a_config_error_naming_the_key_and_where(tmp_
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, table)
     assert says in caught.value.message and "$.models[0].cache" in caught.value.message
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_commented_out_example_in_the_executor_config_loads_once_uncommented(tmp_path):
+    text = (ROOT / "configs" / "executor.toml").read_text()
+    assert load_config(ROOT / "configs" / "executor.toml", environ={}).models[0].cache is None  # off as shipped
+    start = text.index("# [models.cache]")
+    uncommented = text[:start] + re.sub(r"^# ", "", text[start:], flags=re.M)
+    path = tmp_path / "executor.toml"
+    path.write_text(uncommented)
+    terms = load_config(path, environ={}).terms_for("smollm2-135m")
+    assert terms.cache == CacheTerms(ttl=300.0, max_entries=1000, max_bytes=32 << 20, billing="free", shared=False)
+
+
+def test_the_example_in_the_backend_docs_loads(tmp_path):
+    text = (ROOT / "docs" / "backends.md").read_text()
+    block = re.search(r"## Response cache.*?```toml\n(.*?)```", text, re.S).group(1)
+    path = tmp_path / "executor.toml"
+    path.write_text(block)
+    terms = load_config(path, environ={}).models[0]
+    assert terms.cache == CacheTerms(ttl=300.0, max_entries=1000, max_bytes=32 << 20, billing="discount", discount=0.5)
