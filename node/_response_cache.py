@@ -34,7 +34,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from fractions import Fraction
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import msgspec
 
@@ -54,6 +54,8 @@ __all__ = [
 MAX_TTL = 365 * 86400.0
 MAX_ENTRIES = 10_000_000
 MAX_BYTES = 1 << 40
+
+_Entry_T = TypeVar("_Entry_T")
 
 
 class CacheTerms(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -241,6 +243,14 @@ class CacheLookup(msgspec.Struct, frozen=True, kw_only=True):
         answer = CachedAnswer(text=output.text, reasoning=output.reasoning, tool_calls=list(output.tool_calls),
                               finish_reason=str(finished.finish_reason), usage=finished.usage)
         self.cache.put(self.key, answer, now=now)
+
+    def billed(self, entry: _Entry_T) -> _Entry_T:
+        """``entry`` (a catalog entry) with its offer's prices as a hit bills them
+        (:func:`billed_prices`): what the hit's receipt is metered and priced with."""
+        offer = entry.offer  # type: ignore[attr-defined]
+        price_in, price_out = billed_prices(offer.price_in, offer.price_out, self.cache.terms)
+        offer = msgspec.structs.replace(offer, price_in=price_in, price_out=price_out)
+        return msgspec.structs.replace(entry, offer=offer)  # type: ignore[type-var]
 
 
 class ResponseCaches:

@@ -82,7 +82,7 @@ from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
 from ._relay import ClientGone, relay_answer
-from ._response_cache import CacheLookup, ResponseCaches, billed_prices, entry_cache_terms
+from ._response_cache import CacheLookup, ResponseCaches, entry_cache_terms
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -355,9 +355,7 @@ class InferenceServer:
         relay's batching and client watch, no slot, no backend); the receipt says
         ``cached``, is counted from the stored usage and priced per the model's ``billing``."""
         assert cache.hit is not None
-        price_in, price_out = billed_prices(entry.offer.price_in, entry.offer.price_out, cache.cache.terms)
-        billed = msgspec.structs.replace(entry, offer=msgspec.structs.replace(entry.offer, price_in=price_in, price_out=price_out))
-        book = functools.partial(book, entry=billed, cached=True)
+        book = functools.partial(book, entry=cache.billed(entry), cached=True)
         output = Output()
         try:
             finished = await relay_answer(
@@ -366,7 +364,8 @@ class InferenceServer:
             )
         except Exception as exc:  # the client left or broke the protocol: bill what it got
             raise await self._settle_failure(exc, output, book) from None
-        envelope, receipt_digest, _ = await book(output=output, finish_reason=str(finished.finish_reason), usage=finished.usage)
+        finish_reason = str(finished.finish_reason)
+        envelope, receipt_digest, _ = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await await_ack(

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import trio
+import trio.testing
 
 from loomnet.client._receipts import receipt_problems
 from loomnet.node._response_cache import CacheTerms
@@ -27,6 +28,13 @@ from .server_harness import (
 USAGE = Usage(input_tokens=11, output_tokens=4, source="backend")
 PRICE_IN, PRICE_OUT = 1_500_000, 3_000_000  # micro-credits per million tokens
 DETERMINISTIC = {"temperature": 0.0, "seed": 7}
+
+
+@pytest.fixture
+def autojump_clock():
+    """Jumps only after 0.5 s of real idleness: the ledger and tiktoken work in worker
+    threads, and a jump while one runs would fire every deadline meanwhile."""
+    return trio.testing.MockClock(autojump_threshold=0.5)
 
 
 def hello_backend() -> ScriptedBackend:
