@@ -29,6 +29,11 @@ the handler for one deadline at most. When the answer fails part-way, the
 receipt for what was sent rides on the error frame, and a failure to book it never
 replaces the original error.
 
+A model with a response cache (``[models.cache]``, ``_response_cache``) answers a
+deterministic request it answered before without a slot or the backend: the lookup
+comes after every admission check but the slot, the stored answer streams through the
+same relay, and the receipt says ``cached``. A completed, booked answer is stored.
+
 What a peer is told is loomnet's words only (``LoomError.peer_message``): library
 text, endpoints and configuration go to the operator's log, never into a frame.
 """
