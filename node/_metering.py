@@ -196,6 +196,7 @@ class Meter:
         max_cost: int | None = None,
         backend: str | None = None,
         charge: Callable[[int, int], int | None] | None = None,
+        cached: bool = False,
     ) -> tuple[Envelope, bytes]:
         """Count, sign and write the receipt to the ledger; returns (envelope, digest).
 
@@ -206,6 +207,8 @@ class Meter:
             charge: ``charge(input_tokens, output_tokens)``, what its provider charges
                 for the tokens it produced (before any ``max_cost`` cap: the provider
                 bills them all), booked with the receipt; None: nothing.
+            cached: the answer came from the response cache (the receipt says so; its
+                prices are ``entry.offer``'s, which the caller set to the cache's billing).
 
         Raises:
             LedgerError: the receipt could not be written (it is then not sent either).
@@ -242,6 +245,7 @@ class Meter:
             reasoning_tokens=parts.reasoning,
             hidden_reasoning_tokens=parts.hidden_reasoning,
             tool_call_tokens=parts.tool_calls,
+            cached=cached,
         )
         envelope = seal(SignedKind.RECEIPT, receipt, self.key)
         with trio.CancelScope(shield=True):

@@ -29,6 +29,11 @@ the handler for one deadline at most. When the answer fails part-way, the
 receipt for what was sent rides on the error frame, and a failure to book it never
 replaces the original error.
 
+A model with a response cache (``[models.cache]``, ``_response_cache``) answers a
+deterministic request it answered before without a slot or the backend: the lookup
+comes after every admission check but the slot, the stored answer streams through the
+same relay, and the receipt says ``cached``. A completed, booked answer is stored.
+
 What a peer is told is loomnet's words only (``LoomError.peer_message``): library
 text, endpoints and configuration go to the operator's log, never into a frame.
 """
@@ -84,6 +89,7 @@ from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
 from ._relay import ClientGone, relay_answer
+from ._response_cache import CacheLookup, ResponseCaches, entry_cache_terms
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -138,6 +144,8 @@ class InferenceServer:
         )
         budget = RequestBudget(per_peer=config.max_request_bytes_per_peer, total=config.max_request_bytes)
         self.intake = Intake(read_timeout=config.request_read_timeout, send_timeout=config.ack_timeout, budget=budget)
+        #: per-model answer caches (``[models.cache]``); ``caches.statistics()`` per model
+        self.caches = ResponseCaches(lambda model: entry_cache_terms(config, catalog.lookup(model)))
         self.served = 0
         self.refused = 0
         #: per advertised model: (receipts, input tokens, output tokens) since start, and
@@ -322,8 +330,9 @@ class InferenceServer:
         output = Output()
         served: list[PoolMember] = []  # the pool member that answered (``_pool``)
 
-        def book(**outcome: object) -> Awaitable[tuple[Envelope, bytes, Receipt]]:
-            """Book with the backend that served: its tokenizer counts what it produced."""
+        def book(*, entry: CatalogEntry = entry, **outcome: object) -> Awaitable[tuple[Envelope, bytes, Receipt]]:
+            """Book with the backend that served: its tokenizer counts what it produced,
+            its provider's charge is booked with the receipt."""
             by, counted, charged = entry, params, {}
             if served:
                 member = served[-1]
@@ -333,6 +342,10 @@ class InferenceServer:
             return self._book(request_payload=request_payload, client=peer, entry=by, params=counted,
                               max_cost=request.max_cost, **charged, **outcome)  # fmt: skip
 
+        # the response cache (``_response_cache``): a hit is answered without a slot or the backend
+        cache = self.caches.lookup(entry.offer.name, params, peer, now=trio.current_time())
+        if cache is not None and cache.hit is not None:
+            return await self._serve_cached(stream, conn, entry, cache, book, bookings)
         if entry.pool is not None:
             open_events = functools.partial(entry.pool.stream_chat, params, served)
         else:
@@ -365,10 +378,37 @@ class InferenceServer:
             raise error
         finish_reason = str(finished.finish_reason)
         envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        if cache is not None:  # a complete answer, booked: the response cache may keep it
+            cache.store(output, finished, now=trio.current_time())
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
         self._count(entry.offer.name, receipt, ttft)
         self.metrics.request_done(entry.offer.name, None, ttft=ttft, duration=trio.current_time() - admitted,
                                   input_tokens=receipt.input_tokens, output_tokens=receipt.output_tokens)  # fmt: skip
+        self.served += 1
+        await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
+        return await await_ack(
+            self.intake, self.ledger, stream, conn, receipt_digest, bookings, timeout=self.config.ack_timeout
+        )
+
+    async def _serve_cached(
+        self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, cache: CacheLookup,
+        book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]], bookings: trio.Nursery,
+    ) -> object | None:
+        """Answer from the response cache: the stored answer streams as chunk frames (the
+        relay's batching and client watch, no slot, no backend); the receipt says
+        ``cached``, is counted from the stored usage and priced per the model's ``billing``."""
+        assert cache.hit is not None
+        book = functools.partial(book, entry=cache.billed(entry), cached=True)
+        output = Output()
+        try:
+            finished = await relay_answer(
+                stream, conn, cache.hit.replay, output, chunk_interval=self.config.chunk_interval,
+                progress_interval=self.config.progress_interval, send_timeout=self.config.ack_timeout,
+            )
+        except Exception as exc:  # the client left or broke the protocol: bill what it got
+            raise await self._settle_failure(exc, output, book) from None
+        finish_reason = str(finished.finish_reason)
+        envelope, receipt_digest, _ = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await await_ack(

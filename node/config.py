@@ -37,6 +37,7 @@ from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
+from ._response_cache import CacheTerms
 
 __all__ = ["ExecutorConfig", "ModelTerms", "OperatorConfig", "PoolBackend", "load_config"]
 
@@ -93,6 +94,9 @@ class ModelTerms(_Config):
     #: how a request picks among them: ``priority`` (a fallback chain, in order),
     #: ``round_robin``, ``least_connections`` or ``weighted`` (``weight`` per backend)
     strategy: Strategy = "priority"
+    #: ``[models.cache]``: answer identical deterministic requests from memory
+    #: (``_response_cache``); None (no table) = off
+    cache: CacheTerms | None = None
 
     def __post_init__(self) -> None:
         for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):

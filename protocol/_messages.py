@@ -283,6 +283,11 @@ class Receipt(Struct, frozen=True, kw_only=True):
     hidden_reasoning_tokens: Tokens = 0
     #: output tokens of the tool calls streamed in chunk frames (wrappers included)
     tool_call_tokens: Tokens = 0
+    #: True when the answer came from the executor's response cache (an identical
+    #: deterministic request answered before), not from a new generation; its prices are
+    #: then what the operator bills for cached answers (at most the offer's). Added with
+    #: issue 11: older receipts decode as False, and their signed bytes are untouched.
+    cached: bool = False
 
     @property
     def text_tokens(self) -> int:

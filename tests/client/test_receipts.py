@@ -223,3 +223,37 @@ def test_hidden_reasoning_up_to_the_default_limit_passes():
     at_limit = DEFAULT_MAX_HIDDEN_REASONING_TOKENS
     r = receipt(output_tokens=6 + at_limit, hidden_reasoning_tokens=at_limit)
     assert check(signed(r)) == r
+
+
+# ------------------------------------------------------------------ cached answers (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("price_in", "price_out"),
+    [(1_500_000, 3_000_000), (1_125_000, 2_250_000), (0, 0)],
+    ids=["normal", "discount-25%", "free"],
+)
+def test_a_cached_receipt_at_the_offer_or_lower_prices_passes(price_in, price_out):
+    """A response-cache hit bills per the operator's ``billing``: the discount shows in
+    the receipt's prices, and its cost follows exactly from them (0 when free)."""
+    r = receipt(cached=True, price_in=price_in, price_out=price_out)
+    assert r.cost == cost_of(30, 6, price_in, price_out) and (price_in or r.cost == 0)
+    accepted = check(signed(r))
+    assert accepted.cached and accepted == r
+
+
+def test_a_cached_receipt_above_the_offer_or_with_a_cost_off_its_prices_is_a_mismatch():
+    for r in (
+        receipt(cached=True, price_out=PRICES["price_out"] + 1),
+        receipt(cached=True, price_in=0, price_out=0, cost=1),  # "free", yet billed
+        receipt(cached=True, cost=cost_of(30, 6, **PRICES) - 1),  # cheaper than its prices say: not exact
+    ):
+        with pytest.raises(ReceiptError) as caught:
+            check(signed(r))
+        assert caught.value.code == ErrorCode.RECEIPT_MISMATCH
+
+
+def test_a_cached_receipt_must_still_cover_exactly_what_was_streamed():
+    with pytest.raises(ReceiptError) as caught:
+        check(signed(receipt(cached=True, price_in=0, price_out=0)), text="Something else.")
+    assert caught.value.code == ErrorCode.RECEIPT_MISMATCH and "other text" in caught.value.message

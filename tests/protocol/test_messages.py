@@ -88,3 +88,47 @@ def test_arbitrary_bytes_never_crash_the_decoder(data):
         decode_frame(data)
     except MessageDecodeError:
         pass
+
+
+class _ReceiptBeforeIssue11(msgspec.Struct, frozen=True, kw_only=True):
+    """``Receipt`` as it was before its ``cached`` field (issue 11), field for field."""
+
+    request_digest: bytes
+    client: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    count_source: str
+    price_in: int
+    price_out: int
+    cost: int
+    output_digest: bytes
+    chunks: int
+    finish_reason: str
+    issued_at: float
+    tool_calls_digest: bytes = b""
+    reasoning_digest: bytes = b""
+    reasoning_tokens: int = 0
+    hidden_reasoning_tokens: int = 0
+    tool_call_tokens: int = 0
+
+
+def test_a_receipt_signed_before_the_cached_field_still_verifies_and_reads_as_not_cached():
+    from loomnet.protocol import Envelope, Receipt, SignedKind, SigningKey, digest, open_envelope
+
+    key = SigningKey(b"k" * 32)
+    fields = dict(
+        request_digest=digest(b"request"), client="12D3KooWClient", model="m1", input_tokens=11, output_tokens=4,
+        count_source="backend", price_in=1, price_out=2, cost=1, output_digest=digest(b"Hello"), chunks=1,
+        finish_reason="stop", issued_at=1.0,
+    )
+    old_payload = msgspec.msgpack.encode(_ReceiptBeforeIssue11(**fields))
+    old = Envelope(payload=old_payload, signer=key.public_key, sig=key.sign(SignedKind.RECEIPT.prefix + old_payload))
+    receipt, signer = open_envelope(SignedKind.RECEIPT, old)
+    assert signer == key.peer_id and receipt == Receipt(**fields) and receipt.cached is False
+    # a new receipt only adds the field at the end: an older reader skips it, and the
+    # bytes before it are what they always were
+    new_payload = msgspec.msgpack.encode(Receipt(**fields, cached=True))
+    assert msgspec.msgpack.decode(new_payload, type=_ReceiptBeforeIssue11) == _ReceiptBeforeIssue11(**fields)
+    header = 3  # msgpack map16: 0xde and the field count
+    assert new_payload[header:] == old_payload[header:] + msgspec.msgpack.encode("cached") + msgspec.msgpack.encode(True)
