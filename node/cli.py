@@ -122,6 +122,9 @@ def _print_ready(info) -> None:
     for addr in info.addrs:
         click.echo(f"  listen  : {addr}")
     click.echo(f"  models  : {models}")
+    if info.operator_url:
+        click.echo(f"  status  : {info.operator_url}/status   metrics: {info.operator_url}/metrics   "
+                   f"(or: {loomnet} status)")  # fmt: skip
     click.echo("\nChat with it from a second terminal (same machine, no flags needed):")
     click.echo(f"  {loomnet} chat \"Hello, who are you?\"")
     remote = [a for a in info.addrs if "/127.0.0.1/" not in a and "/::1/" not in a]
@@ -306,3 +309,5 @@ from ._cli_route import route as _route  # noqa: E402  (after main: it borrows t
 main.add_command(_route)
 from ._cli_gateway import gateway as _gateway  # noqa: E402
 main.add_command(_gateway)
+from ._cli_status import status as _status  # noqa: E402
+main.add_command(_status)
