@@ -37,6 +37,7 @@ recomputes before it counter-signs and books it.
 
 from __future__ import annotations
 
+import collections
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -257,10 +258,24 @@ class LoomClient:
                 await changed.wait()
         live = sorted({o.model.name for o in self.member.table.offers(now=time.time())})
         raise NoOfferError(
-            f"no live offer for {describe_route(route)}; live models: {', '.join(live) or 'none'}",
+            f"no live offer for {describe_route(route)}{self._why_none(route, shape)}; "
+            f"live models: {', '.join(live) or 'none'}",
             code=ErrorCode.NO_OFFER,
             live_models=tuple(live),
         )
+
+    def _why_none(self, route: Route, shape: RequestShape) -> str:
+        """Why the offers the route names were all left out, counted by reason (say,
+        ``2 benched by the circuit breaker after failures``), or "" when it names none."""
+        explain = getattr(self.router, "explain", None)  # a router passed in may have none
+        if explain is None:
+            return ""
+        explained = explain(route, shape, self.health, now=trio.current_time(), rng=self._rng, wall=time.time())
+        reasons = collections.Counter(r.reason for r in explained.rejected)
+        if not reasons:
+            return ""
+        details = {r.reason: r.detail for r in explained.rejected}
+        return ": " + ", ".join(f"{n} {details[reason]}" for reason, n in reasons.most_common(4))
 
     @property
     def sessions(self) -> SessionPool | None:

@@ -10,10 +10,13 @@ directory is ``$LOOMNET_STATE_DIR``, else ``$XDG_STATE_HOME/loomnet``, else
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
 import msgspec
+
+log = logging.getLogger("loomnet.client")
 
 __all__ = ["LocalExecutor", "local_executors", "remove_local_executor", "state_dir", "write_local_executor"]
 
@@ -70,7 +73,12 @@ def local_executors(*, directory: Path | None = None) -> list[LocalExecutor]:
     """Executors announced on this machine whose process is still alive."""
     folder = (directory or state_dir()) / "executors"
     found = []
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    try:
+        paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    except OSError as exc:  # out of descriptors for a moment, a folder gone: none found this time
+        log.debug("cannot list local executors in %s: %s", folder, exc)
+        return []
+    for path in paths:
         try:
             info = json.loads(path.read_text())
             peer_id, addrs, pid = str(info["peer_id"]), [str(a) for a in info["addrs"]], int(info["pid"])

@@ -71,7 +71,7 @@ async def open_client(
         errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
         if len(errors) != 1:
             raise
-        if error is None or isinstance(error, trio.Cancelled):
+        if error is None or _only_cancelled(error):
             error = errors[0]
     if error is not None:
         try:
@@ -102,6 +102,14 @@ def _sole_error(group: BaseExceptionGroup) -> BaseException:
     leaves = _leaves(group)
     errors = [e for e in leaves if not isinstance(e, trio.Cancelled)] or leaves
     return errors[0] if len(errors) == 1 else group
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancellation: ``trio.Cancelled``, or a group (nested
+    nurseries in the block, an ASGI server's) holding nothing else."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(isinstance(e, trio.Cancelled) for e in _leaves(exc))
+    return isinstance(exc, trio.Cancelled)
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -64,6 +64,9 @@ def render(s: ExecutorStatus, url: str) -> str:
     for e in s.earnings:
         lines.append(f"  {e.period:<9}: {e.receipts} receipt(s), earned {e.earned:.6f}, paid providers "
                      f"{e.paid:.6f}, margin {e.margin:.6f} credits")  # fmt: skip
+        for line in e.lines:
+            lines.append(f"      {line.model} via {line.backend or '-'}: {line.receipts} receipt(s), earned "
+                         f"{line.earned:.6f}, paid {line.paid:.6f}, margin {line.margin:.6f}")  # fmt: skip
     lines.append("  models:")
     for m in s.models:
         ttft = f"{m.ttft * 1000:.0f} ms" if m.ttft is not None else "-"

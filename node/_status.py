@@ -22,7 +22,7 @@ from ._pool import MemberStatistics
 from ._queue import SlotStatistics
 from ._spend import SpendStatistics
 
-__all__ = ["BackendStatus", "Earnings", "ExecutorStatus", "ModelStatus"]
+__all__ = ["BackendStatus", "Earnings", "ExecutorStatus", "MarginLine", "ModelStatus"]
 
 _MICRO = 1_000_000
 
@@ -70,9 +70,21 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     backends: list[MemberStatistics]
 
 
+class MarginLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One model answered by one backend in a period, credits."""
+
+    model: str
+    #: None: receipts booked before the ledger knew backends (schema < 4)
+    backend: str | None
+    receipts: int
+    earned: float
+    paid: float
+    margin: float
+
+
 class Earnings(msgspec.Struct, frozen=True, kw_only=True):
     """Receipts booked in one period so far: what clients were billed (``earned``) and
-    what providers charged (``paid``), credits."""
+    what providers charged (``paid``), credits; ``lines`` per model and backend."""
 
     period: str
     since: float
@@ -80,6 +92,7 @@ class Earnings(msgspec.Struct, frozen=True, kw_only=True):
     earned: float
     paid: float
     margin: float
+    lines: list[MarginLine] = []
 
 
 class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,6 +158,9 @@ async def earnings(ledger: Ledger, *, now: float) -> list[Earnings]:
         since, _ = period_bounds(period, now)  # type: ignore[arg-type]
         margins = await ledger.margins(since=since)
         earned, paid = sum(m.earned for m in margins), sum(m.paid for m in margins)
+        lines = [MarginLine(model=m.model, backend=m.backend, receipts=m.receipts, earned=m.earned / _MICRO,
+                            paid=m.paid / _MICRO, margin=m.margin / _MICRO) for m in margins]  # fmt: skip
         out.append(Earnings(period=period, since=since, receipts=sum(m.receipts for m in margins),
-                            earned=earned / _MICRO, paid=paid / _MICRO, margin=(earned - paid) / _MICRO))  # fmt: skip
+                            earned=earned / _MICRO, paid=paid / _MICRO, margin=(earned - paid) / _MICRO,
+                            lines=lines))  # fmt: skip
     return out

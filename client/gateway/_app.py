@@ -125,6 +125,7 @@ class ChatEndpoint:
             await respond(error.status, self.api.error_body(error), extra)
 
         began = trio.current_time()
+        admitted: list = [None]  # the key admit() counted, released on the way out
         call = None
         outcome = ["hung up"]  # what the log line says; set by each way out
         try:
@@ -134,6 +135,8 @@ class ChatEndpoint:
                     raise GatewayError("over_capacity", "the gateway is answering as many requests as it may at once",
                                        code=ErrorCode.OVER_CAPACITY, retry_after=1.0)  # fmt: skip
                 key = gateway.authorize(request.headers)  # before the body: a stranger's is never read
+                gateway.admit(key)  # the key's own share and budget, before its body too
+                admitted[0] = key
                 body = None
                 with trio.move_on_after(gateway.config.body_timeout):
                     body = await _read_body(request, gateway.config.max_body_bytes)
@@ -168,6 +171,7 @@ class ChatEndpoint:
                 await fail(GatewayError("internal", "the gateway failed; see its log", code=ErrorCode.INTERNAL))
         finally:
             gateway.in_flight -= 1
+            gateway.release(admitted[0])
             log.info("gateway: %s %s -> %s in %.3f s", self.api.name,
                      repr(call.model[:64]) if call is not None else "-", outcome[0], trio.current_time() - began)  # fmt: skip
 

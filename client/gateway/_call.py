@@ -47,6 +47,12 @@ class Steering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pin: Annotated[list[_PeerId], Meta(max_length=64)] = []
     exclude: Annotated[list[_PeerId], Meta(max_length=256)] = []
 
+    def __post_init__(self) -> None:
+        for name in ("max_price_in", "max_price_out", "max_cost"):
+            value = getattr(self, name)
+            if value is not None and value > 0 and credits_to_micro(value) < 1:
+                raise ValueError(f"{name} must be 0 or at least 0.000001 credits (one micro-credit), not {value:g}")
+
     def stream_chat_keywords(self) -> dict[str, object]:
         """The ``LoomClient.stream_chat`` keywords this steering asks for."""
 

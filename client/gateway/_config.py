@@ -54,6 +54,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     #: chat requests answered at once; past it a request gets 429 with Retry-After at once
     #: (each one holds a task, a stream to an executor and its answer's buffers)
     max_concurrent_requests: Annotated[int, Meta(ge=1, le=100_000)] = 256
+    #: HTTP connections open at once; more wait in the kernel's accept queue (so a
+    #: flood of idle connections cannot take every file descriptor the process has)
+    max_connections: Annotated[int, Meta(ge=1, le=1_000_000)] = 512
+    #: chat requests one key may have at once (keys only; none: a keyless gateway
+    #: shares ``max-concurrent-requests``); a key over it gets 429, others are unaffected
+    max_requests_per_key: Annotated[int, Meta(ge=1, le=100_000)] = 64
     #: seconds a caller may leave its answer's bytes untaken (it reads nothing, or its
     #: machine is gone) before its connection is closed and its request cancelled, which
     #: frees the executor's stream for others. The kernel enforces it (TCP_USER_TIMEOUT,
@@ -76,6 +82,10 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             raise ValueError("body-timeout must be from 0 (exclusive) to 3600 seconds")
         if not 1 <= self.max_concurrent_requests <= 100_000:
             raise ValueError("max-concurrent-requests must be from 1 to 100000")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ValueError("max-connections must be from 1 to 1000000")
+        if not 1 <= self.max_requests_per_key <= 100_000:
+            raise ValueError("max-requests-per-key must be from 1 to 100000")
         for name, value in (("send-timeout", self.send_timeout), ("idle-timeout", self.idle_timeout)):
             if not 0 < value <= 3600:  # NaN too
                 raise ValueError(f"{name} must be from 0 (exclusive) to 3600 seconds")

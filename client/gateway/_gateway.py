@@ -45,8 +45,9 @@ class GatewayStatistics(msgspec.Struct, frozen=True, kw_only=True):
     #: requests whose caller hung up before the answer ended (their network request
     #: was cancelled)
     hung_up: int
-    #: requests being answered now
+    #: requests being answered now, and HTTP connections open now
     in_flight: int
+    connections: int = 0
 
 
 class Gateway:
@@ -61,6 +62,10 @@ class Gateway:
         self._outcomes: dict[str, int] = {}
         self.hung_up = 0
         self.in_flight = 0
+        #: requests in flight per key name (body reading included; ``admit``)
+        self.key_in_flight: dict[str, int] = {}
+        #: the HTTP server's cap on connections (``_http_server``; set by ``serve_gateway``)
+        self.connections = None
         member = client.member
         self._catalog = ModelCatalog(lambda: member.table.offers(now=time.time()), lambda: member.table_changed)
 
@@ -73,6 +78,36 @@ class Gateway:
     def authorize(self, headers: Mapping[str, str]) -> GatewayKey | None:
         """See :meth:`KeyTable.check`."""
         return self.keys.check(headers)
+
+    def admit(self, key: GatewayKey | None) -> None:
+        """Refuse at once, before its body is read, a request its key cannot make now:
+        one over the key's ``max-requests-per-key`` (429: one key cannot hold every
+        place), or one whose budget (the key's, or the gateway client's own) has nothing
+        left this period (402). Counts the request as the key's until :meth:`release`.
+
+        Raises:
+            GatewayError: ``over_capacity`` or ``budget_exhausted``.
+        """
+        if key is None:
+            return
+        held = self.key_in_flight.get(key.name, 0)
+        if held >= self.config.max_requests_per_key:
+            raise GatewayError("over_capacity", f"this key has {held} requests in flight, its most at once",
+                               code=ErrorCode.OVER_CAPACITY, retry_after=1.0)  # fmt: skip
+        now = time.time()
+        for budget in (self._budgets.get(key.name), self.client.budget):
+            if budget is not None and budget.left(now=now) <= 0:
+                raise _spent(budget, now)
+        self.key_in_flight[key.name] = held + 1
+
+    def release(self, key: GatewayKey | None) -> None:
+        """The end of a request :meth:`admit` counted."""
+        if key is not None:
+            left = self.key_in_flight.get(key.name, 0) - 1
+            if left > 0:
+                self.key_in_flight[key.name] = left
+            else:
+                self.key_in_flight.pop(key.name, None)
 
     # ---------------------------------------------------------------- models
 
@@ -172,7 +207,21 @@ class Gateway:
         self._outcomes[outcome] = self._outcomes.get(outcome, 0) + 1
 
     def statistics(self) -> GatewayStatistics:
-        return GatewayStatistics(requests=dict(self._outcomes), hung_up=self.hung_up, in_flight=self.in_flight)
+        return GatewayStatistics(requests=dict(self._outcomes), hung_up=self.hung_up, in_flight=self.in_flight,
+                                 connections=self.connections.open if self.connections is not None else 0)  # fmt: skip
+
+
+def _spent(budget: Budget, now: float) -> GatewayError:
+    """A 402 for a budget with nothing left this period (the key's own says how much;
+    the gateway's own does not, as ``_budget_refusal``)."""
+    stats = budget.statistics(now=now)
+    renews = dt.datetime.fromtimestamp(stats.period_end, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if budget.account is None:
+        words = f"the gateway's budget is spent for now; it renews {renews}"
+    else:
+        words = (f"the budget of key {budget.account!r} is spent: {stats.spent} of this {stats.period}'s "
+                 f"{stats.amount} micro-credits (with {stats.reserved} held by requests in flight); it renews {renews}")
+    return GatewayError("budget_exhausted", words, code=ErrorCode.BUDGET_EXCEEDED)
 
 
 def _budget_refusal(exc: BudgetExceeded) -> GatewayError:

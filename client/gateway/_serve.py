@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 import msgspec
 import trio
 from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .._client import LoomClient
@@ -18,6 +17,7 @@ from .._open_client import open_client
 from ._app import gateway_app
 from ._config import GatewayConfig
 from ._gateway import Gateway
+from ._http_server import ConnectionLimit, serve_limited
 
 __all__ = ["GatewayServer", "open_gateway", "serve_gateway"]
 
@@ -83,6 +83,7 @@ async def serve_gateway(
         LedgerError: a key's budget could not be read from the ledger.
     """
     gateway = Gateway(client, config)
+    gateway.connections = ConnectionLimit(config.max_connections)
     await gateway.open_budgets()
     app = gateway_app(gateway)
 
@@ -98,8 +99,8 @@ async def serve_gateway(
     sockets = _listening_sockets(hc, config)
 
     async def run(task_status=trio.TASK_STATUS_IGNORED):
-        await worker_serve(wrap_app(asgi, hc.wsgi_max_body_size, "asgi"), hc, sockets=sockets,
-                           shutdown_trigger=shutdown, task_status=task_status)  # fmt: skip
+        await serve_limited(wrap_app(asgi, hc.wsgi_max_body_size, "asgi"), hc, sockets, limit=gateway.connections,
+                            shutdown_trigger=shutdown, task_status=task_status)  # fmt: skip
 
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(run)

@@ -111,6 +111,12 @@ class Model:
             public = f"the prompt ({prompt_tokens} tokens) does not fit the model's context window ({self.context_length} tokens)"
             raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=public)
         with map_llama_errors("generation failed"):
+            if options.get("seed") is not None:
+                # A seeded request must not depend on what ran before it: llama.cpp reuses
+                # the longest cached prefix of the last prompt, and a prefix read from the
+                # cache gives slightly different logits than one evaluated afresh, so the
+                # same seed sampled differently after another request. Evaluate it whole.
+                self.llm.reset()
             chunks = self.llm.create_chat_completion(messages=messages, stream=True, **options)
         return prompt_tokens, chunks
 

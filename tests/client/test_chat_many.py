@@ -358,3 +358,21 @@ async def test_a_batch_needs_a_running_client(tmp_path):
         await client.chat_many([request(0)])
     with pytest.raises(RuntimeError, match="not running"):
         client.chat_as_completed([request(0)])
+
+
+@fail_after(60)
+async def test_no_offer_says_why_every_offer_was_left_out(tmp_path):
+    """Every executor serving the model is benched: the error says so, not just that
+    nothing is live (the gateway's 503 carries these words)."""
+    async with trio.open_nursery() as nursery:
+        client, _ = await networked_client(tmp_path, nursery, {A: echoes(), B: echoes()})
+        try:
+            for key in (A, B):
+                for _ in range(5):
+                    client.health.failed(key.peer_id, "m1", now=trio.current_time())
+            with pytest.raises(NoOfferError) as info:
+                await client.chat([ChatMessage("user", "hi")], model="m1")
+        finally:
+            await client.ledger.aclose()
+        nursery.cancel_scope.cancel()
+    assert "2 benched by the circuit breaker after failures" in info.value.message, info.value.message

@@ -226,3 +226,87 @@ async def test_the_catalog_is_built_once_for_concurrent_readers_and_only_when_du
     assert len(builds) == 3
     assert not any(builds)  # each built in a worker thread, never on the event loop
     assert msgspec.json.encode(page_of(await catalog.listing())) == b'{"object":"list","data":[],"has_more":false,"first_id":null,"last_id":null}'
+
+
+# ---------------------------------------------------------------- floods and hogs
+
+
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+async def test_a_flood_of_idle_connections_is_capped_and_the_gateway_goes_on(nursery, lone_client):
+    """Idle connections past ``max-connections`` wait in the kernel's queue instead of
+    taking descriptors; once the idle ones are closed (``idle-timeout``), callers are
+    answered again."""
+    server = await start(nursery, lone_client, max_connections=4, idle_timeout=1.0)
+    idle = []
+    try:
+        for _ in range(20):
+            idle.append(await trio.open_tcp_stream(*host_port(server.url)))
+        await trio.sleep(0.3)
+        assert server.gateway.statistics().connections == 4  # the rest wait unaccepted
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            answer = await http.get("/healthz")  # served once idle ones are cut (1 s each round)
+        assert answer.status_code == 200
+        assert server.gateway.statistics().connections <= 4
+    finally:
+        for stream in idle:
+            await stream.aclose()
+
+
+KEYS = [{"name": "alice", "key": "alice-key-0123456789abcdef"}, {"name": "bob", "key": "bob-key-0123456789abcdef01"}]
+
+
+async def test_one_key_cannot_hold_every_place(nursery, lone_client):
+    """A key with ``max-requests-per-key`` requests in flight (their bodies still
+    arriving) gets 429 for the next at once; another key is not refused for it."""
+    from loomnet.client.gateway import GatewayKey
+
+    keys = [GatewayKey(**k) for k in KEYS]
+    server = await start(nursery, lone_client, keys=keys, max_requests_per_key=2, max_concurrent_requests=10,
+                         body_timeout=30.0)  # fmt: skip
+    held = []
+    for _ in range(2):  # alice's two requests hold their places: their bodies never end
+        stream = await trio.open_tcp_stream(*host_port(server.url))
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                              b"alice-key-0123456789abcdef\r\ncontent-length: 100\r\n\r\n{")  # fmt: skip
+        held.append(stream)
+    with trio.fail_after(10):
+        while server.gateway.key_in_flight.get("alice", 0) < 2:
+            await trio.sleep(0.01)
+    body = {"model": "m", "messages": [user()]}
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+        alice = await http.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEYS[0]['key']}"})
+        assert alice.status_code == 429 and alice.headers["retry-after"] == "1"
+        assert "this key has 2 requests in flight" in alice.json()["error"]["message"]
+        bob = await http.post("/v1/chat/completions", json={**body, "model": ""},
+                              headers={"authorization": f"Bearer {KEYS[1]['key']}"})  # fmt: skip
+        assert bob.status_code == 400  # answered (an empty model), not refused for alice's load
+    for stream in held:
+        await stream.aclose()
+    with trio.fail_after(10):
+        while server.gateway.key_in_flight:
+            await trio.sleep(0.01)
+
+
+async def test_a_spent_key_is_refused_before_its_body_is_read(nursery, lone_client):
+    """A key whose budget has nothing left gets 402 at once: it does not hold a place
+    while it drips a body."""
+    from loomnet.client import BudgetConfig
+    from loomnet.client.gateway import GatewayKey
+
+    keys = [GatewayKey(name="alice", key=KEYS[0]["key"], budget=BudgetConfig(amount=0))]
+    server = await start(nursery, lone_client, keys=keys, body_timeout=30.0)
+    stream = await trio.open_tcp_stream(*host_port(server.url))
+    async with stream:
+        await stream.send_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer "
+                              b"alice-key-0123456789abcdef\r\ncontent-length: 100\r\n\r\n{")  # and no more
+        received = b""
+        with trio.fail_after(10):  # long before the 30 s body timeout
+            while b"}" not in received:
+                received += await stream.receive_some(65536)
+    assert received.startswith(b"HTTP/1.1 402"), received[:300]
+    assert b"budget of key 'alice' is spent" in received and b"insufficient_quota" in received
+    assert server.gateway.key_in_flight == {}

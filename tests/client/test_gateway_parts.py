@@ -225,3 +225,14 @@ def test_network_failures_are_told_in_loomnets_words_never_libp2ps():
     assert error.status == 429 and "10.1.2.3" not in error.message and "Swarm" not in error.message
     assert "AAAAAAAA: CONNECT_FAILED (could not reach the executor)" in error.message
     assert "BBBBBBBB: OVER_CAPACITY (the model's runtime is over capacity)" in error.message
+
+
+@pytest.mark.parametrize("field", ["max_cost", "max_price_in", "max_price_out"])
+def test_a_cap_below_one_micro_credit_is_refused_not_rounded_to_zero(field):
+    import msgspec
+
+    with pytest.raises(msgspec.ValidationError, match="at least 0.000001 credits"):
+        msgspec.convert({field: 0.0000001}, Steering)
+    assert getattr(msgspec.convert({field: 0.000001}, Steering), field) == 0.000001
+    with pytest.raises(GatewayError, match="at least 0.000001 credits"):
+        steering_from_headers({f"X-Loomnet-{field.replace('_', '-').title()}": "0.0000001"})

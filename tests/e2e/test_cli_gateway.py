@@ -118,3 +118,28 @@ def test_config_errors_and_a_taken_port_are_one_line(env, tmp_path):
                                 timeout=60)  # fmt: skip
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+_FAILING_CLIENT = """
+import sys, time
+import loomnet.client._member as member
+start = time.time()
+def broken(*args, **kwargs):  # a client task that fails once the gateway is up
+    if time.time() - start > 3:
+        raise OSError(24, "Too many open files")
+    return []
+member.local_executors = broken
+from loomnet.node.cli import main
+sys.argv = ["loomnet", "gateway", "--port", "0"]
+main()
+"""
+
+
+def test_a_failing_client_stops_the_gateway_with_an_error_not_exit_0(env):
+    """The gateway's client dies (here: a task of it raises): the command says why on
+    stderr and exits non-zero, so a supervisor restarts it; never a silent exit 0."""
+    result = subprocess.run([sys.executable, "-c", _FAILING_CLIENT], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert "loomnet gateway listening on" in result.stdout, result.stdout + result.stderr
+    assert result.returncode != 0, (result.stdout, result.stderr)
+    assert "Too many open files" in result.stderr

@@ -87,6 +87,9 @@ async def test_status_metrics_and_health_say_what_happened(nursery, tmp_path, mo
     assert (day["period"], month["period"]) == ("day", "month") and day["receipts"] == 2
     assert day["earned"] > 0 and day["paid"] == backends["hosted"]["spend"]["spent"] / 1e6
     assert day["margin"] == pytest.approx(day["earned"] - day["paid"])
+    lines = {(line["model"], line["backend"]): line for line in day["lines"]}
+    assert set(lines) == {("chat-m", "desk"), ("chat-m", "hosted")}
+    assert lines[("chat-m", "desk")]["paid"] == 0 and lines[("chat-m", "hosted")]["paid"] == day["paid"]
 
     metrics = (await get(url, "/metrics"))
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -180,6 +183,7 @@ async def test_loomnet_status_prints_what_the_endpoint_says(nursery, tmp_path, m
     assert shown.exit_code == 0, shown.output
     assert executor.peer_id in shown.output and "chat-m" in shown.output and "offered" in shown.output
     assert "desk" in shown.output and "hosted" in shown.output and CANARY not in shown.output
+    assert "chat-m via desk" in shown.output  # the margin per model and backend
     as_json = await trio.to_thread.run_sync(run, "--json", "--url", executor.info.operator_url)
     assert as_json.exit_code == 0 and '"peer_id"' in as_json.output
     nothing = await trio.to_thread.run_sync(run, "--url", "http://127.0.0.1:1")

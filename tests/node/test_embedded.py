@@ -110,6 +110,23 @@ async def test_stream_equals_non_stream(backend, stock_llama):
     assert finished.finish_reason == ref["choices"][0]["finish_reason"]
 
 
+@needs_model
+async def test_a_seed_samples_the_same_answer_whatever_ran_before(backend):
+    """Temperature 1.5 with a seed: the same request gives the same answer right after
+    itself and after another request (llama.cpp's prefix cache would otherwise change the
+    logits, and with them what the seed samples)."""
+    params = chat([ChatMessage(role="user", content="Invent a name for a dragon.")], temperature=1.5, seed=7,
+                  max_tokens=16)  # fmt: skip
+    other = chat([ChatMessage(role="user", content="Invent a name for a dog.")], temperature=1.5, seed=3,
+                 max_tokens=16)  # fmt: skip
+    with trio.fail_after(LIMIT):
+        first, _ = await collect(backend, params)
+        again, _ = await collect(backend, params)
+        await collect(backend, other)
+        after_other, _ = await collect(backend, params)
+    assert first == again == after_other
+
+
 def test_sampling_maps_every_option_to_create_chat_completion_arguments():
     """llama-cpp-python's own argument names; unset options are left to llama's defaults
     (``max_tokens`` and ``temperature`` to the config's); ``user`` goes nowhere."""
