@@ -71,7 +71,7 @@ class Advertiser:
             ttl=self._config.advert_ttl,
             addrs=self._addrs(),
             models=offers,
-            capacity=self._config.capacity,
+            capacity=self._catalog.capacity(self._config.capacity),
             load=min(self._load(), _MAX_LOAD),
             on_premise=all(o.on_premise for o in offers),
             prompt_retention=self._config.prompt_retention,

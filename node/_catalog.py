@@ -271,6 +271,19 @@ class Catalog:
             if self.available(e)
         ]
 
+    def capacity(self, total: int) -> int:
+        """What the advert says the executor can run at once: ``total`` (its
+        ``capacity``), or less when every available backend has a ``capacity`` of its
+        own and they add up to less (a backend down, benched or over budget counts for
+        nothing); 0 when no backend is available."""
+        available = {m.name: m.load.capacity for e in self.entries if e.pool is not None
+                     for m in e.pool.members if m.available}  # fmt: skip
+        if not available:
+            return 0 if self.entries else total
+        if any(c is None for c in available.values()):
+            return total
+        return min(total, sum(c for c in available.values() if c is not None))
+
     def statistics(self) -> list[PoolStatistics]:
         """Each model's pool: its members' health, breaker, requests (``/status``)."""
         return [e.pool.statistics() for e in self.entries if e.pool is not None]

@@ -311,3 +311,5 @@ from ._cli_gateway import gateway as _gateway  # noqa: E402
 main.add_command(_gateway)
 from ._cli_status import status as _status  # noqa: E402
 main.add_command(_status)
+from ._cli_ledger import ledger as _ledger  # noqa: E402
+main.add_command(_ledger)

@@ -299,3 +299,19 @@ async def test_a_busy_backend_spills_over_to_the_next_of_its_chain(autojump_cloc
         release.set()
     assert sorted(served) == ["b0", "b1"]
     assert [m.name for m in pool.candidates()] == ["b0", "b1"]  # free again: local first
+
+
+async def test_the_advertised_capacity_is_what_the_available_backends_can_run(autojump_clock):
+    from loomnet.node.backends._config import BackendConfig
+
+    a, b = Runtime("ollama"), Runtime("vllm")
+    a.config = BackendConfig(provider="ollama", capacity=2)
+    b.config = BackendConfig(provider="vllm", capacity=3)
+    catalog = await Catalog.build([a, b], ExecutorConfig(capacity=8, breaker_failures=1))
+    assert catalog.capacity(8) == 5  # 2 + 3, under the executor's 8
+    assert catalog.capacity(4) == 4  # never over the executor's own
+    catalog.entries[0].pool.members[0].breaker.failure()  # a benched: only b's 3 count
+    assert catalog.capacity(8) == 3
+    b.config = BackendConfig(provider="vllm")  # a backend without a capacity: the executor's
+    catalog = await Catalog.build([a, b], ExecutorConfig(capacity=8))
+    assert catalog.capacity(8) == 8

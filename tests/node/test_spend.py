@@ -138,3 +138,33 @@ async def test_the_ledger_books_what_each_backend_cost_and_a_restart_remembers(n
     texts, margins = await run_once(1)
     assert texts == ["from desk"]
     assert {m.backend: m.receipts for m in margins} == {"hosted": 3, "desk": 2}
+
+
+def test_loomnet_ledger_margins_shows_earned_and_paid_per_model_and_backend(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from loomnet.client._ledger import Ledger
+    from loomnet.node.cli import main
+
+    from ..client.test_ledger import EXECUTOR, signed_receipt
+
+    async def book():
+        async with await Ledger.open(tmp_path / "executor" / "ledger.sqlite") as ledger:
+            for n, backend, paid in ((1, "desk", None), (2, "hosted", 700), (3, "hosted", 300)):
+                envelope, receipt = signed_receipt(n)
+                await ledger.record_receipt(envelope, receipt, role="executor", executor=EXECUTOR.peer_id,
+                                            now=time.time(), backend=backend, provider_cost=paid)  # fmt: skip
+        return receipt
+
+    receipt = trio.run(book)
+    shown = CliRunner().invoke(main, ["ledger", "margins", "--data-dir", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    assert "desk" in shown.output and "hosted" in shown.output and "total" in shown.output
+    rows = CliRunner().invoke(main, ["ledger", "margins", "--data-dir", str(tmp_path), "--json", "--period", "all"])
+    by_backend = {r["backend"]: r for r in map(json.loads, rows.output.splitlines())}
+    assert by_backend["hosted"]["paid"] == 0.001 and by_backend["hosted"]["receipts"] == 2
+    assert by_backend["desk"]["paid"] == 0 and by_backend["desk"]["model"] == receipt.model
+    missing = CliRunner().invoke(main, ["ledger", "margins", "--data-dir", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 1 and "no executor ledger at" in missing.output
