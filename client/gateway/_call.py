@@ -48,10 +48,11 @@ class Steering(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     exclude: Annotated[list[_PeerId], Meta(max_length=256)] = []
 
     def __post_init__(self) -> None:
-        for name in ("max_price_in", "max_price_out", "max_cost"):
-            value = getattr(self, name)
-            if value is not None and value > 0 and credits_to_micro(value) < 1:
-                raise ValueError(f"{name} must be 0 or at least 0.000001 credits (one micro-credit), not {value:g}")
+        # a max_cost under one micro-credit would become 0 (a request that may cost
+        # nothing); price caps under it become 0 too, which means "free models only"
+        if self.max_cost is not None and self.max_cost > 0 and credits_to_micro(self.max_cost) < 1:
+            raise ValueError(f"max_cost must be 0 or at least 0.000001 credits (one micro-credit), "
+                             f"not {self.max_cost:g}")  # fmt: skip
 
     def stream_chat_keywords(self) -> dict[str, object]:
         """The ``LoomClient.stream_chat`` keywords this steering asks for."""

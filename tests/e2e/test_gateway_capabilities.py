@@ -60,5 +60,5 @@ async def test_tools_with_tool_choice_none_are_dropped_so_any_model_answers(gate
 
 async def test_a_max_cost_below_the_worst_case_is_400(gateway):
     with pytest.raises(openai.BadRequestError) as info:
-        await create(gateway, max_tokens=100, extra_body={"loomnet": {"max_cost": 0.0000001}})
+        await create(gateway, max_tokens=100, extra_body={"loomnet": {"max_cost": 0.000001}})
     assert info.value.body["loomnet_code"] == 206
