@@ -1,7 +1,8 @@
 """A circuit breaker per backend pool member: closed → open → half-open → closed.
 
 Closed, requests flow and failures are remembered for ``window`` seconds; ``failures``
-of them inside the window open the breaker. Open, the member gets no request for
+of them inside the window open the breaker, whatever succeeded between them (a backend
+that fails most of its requests is benched, not kept by its occasional success). Open, the member gets no request for
 ``cooldown`` seconds (its pool serves from the rest). Then it is half-open: exactly one
 request is let through as a probe; its success closes the breaker, its failure opens it
 for another cool-down. Only failures of the runtime count (it is down, slow, overloaded,
@@ -76,9 +77,12 @@ class CircuitBreaker:
             self._probing = True
 
     def success(self) -> None:
-        self._probing = False
-        self._failures.clear()
-        if self._state != "closed":
+        """A request went well. Closed, it changes nothing: failures are counted in the
+        window whatever succeeded between them (a backend failing most requests opens).
+        Half-open (the probe): closed again, the window empty."""
+        was_probing, self._probing = self._probing, False
+        if self._state != "closed" and (was_probing or self.state == "half_open"):
+            self._failures.clear()
             self._set("closed")
 
     def failure(self) -> None:

@@ -217,7 +217,8 @@ class Catalog:
                 name=model,
                 aliases=list(terms.aliases),
                 categories=list(terms.categories),
-                context_length=min(i.context_length for i in known),
+                # the smallest window a backend reports (0: none reports one)
+                context_length=min((i.context_length for i in known if i.context_length > 0), default=0),
                 price_in=credits_to_micro(terms.price_in),
                 price_out=credits_to_micro(terms.price_out),
                 on_premise=all(self._backend(n).on_premise for n, _, _ in refs),

@@ -152,6 +152,18 @@ def _request_of(n: int, line: BatchLine, defaults: LineDefaults) -> ChatRequest:
     )  # fmt: skip
 
 
+class _IdOnly(msgspec.Struct):
+    id: Annotated[str, Meta(max_length=256)] | int | None = None
+
+
+def _id_of(raw: bytes) -> str | int | None:
+    """The ``id`` of a line that is JSON but not a valid line, so its answer keeps it."""
+    try:
+        return msgspec.json.decode(raw, type=_IdOnly).id
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
 def parse_batch(data: bytes, defaults: LineDefaults) -> list[Parsed]:
     """Every non-blank line of a batch file, decoded (module doc); never raises for a
     bad line: that line's ``error`` says what is wrong, naming its number."""
@@ -163,7 +175,7 @@ def parse_batch(data: bytes, defaults: LineDefaults) -> list[Parsed]:
             line = _decoder.decode(raw)
         except msgspec.ValidationError as exc:
             field = str(exc).rpartition("`$.")[2].rstrip("`") if "`$." in str(exc) else None
-            out.append(Parsed(line=n, error=_line_error(n, str(exc), field)))
+            out.append(Parsed(line=n, id=_id_of(raw), error=_line_error(n, str(exc), field)))
             continue
         except msgspec.DecodeError as exc:
             out.append(Parsed(line=n, error=_line_error(n, f"not a JSON object: {exc}")))

@@ -72,6 +72,10 @@ def render(s: ExecutorStatus, url: str) -> str:
         ttft = f"{m.ttft * 1000:.0f} ms" if m.ttft is not None else "-"
         lines.append(f"    {m.name:<24} {'offered' if m.offered else 'WITHDRAWN':<9} {m.price_in:g}/{m.price_out:g} "
                      f"per M  {m.served} served  {m.tokens_per_second:g} tok/s  TTFT {ttft}  ({m.strategy})")  # fmt: skip
+        if m.cache is not None:
+            c = m.cache
+            lines.append(f"      cache: {c.hits} hit(s), {c.misses} miss(es), {c.entries} answer(s) held "
+                         f"({c.bytes} bytes), {c.evictions} evicted, {c.expired} expired")  # fmt: skip
         for b in m.backends:
             lines.append(f"      - {b.name:<16} breaker {b.breaker:<9} {b.in_flight} in flight, {b.served} served, "
                          f"{b.failed} failed{f', last {b.last_error}' if b.last_error else ''}")  # fmt: skip
@@ -81,7 +85,10 @@ def render(s: ExecutorStatus, url: str) -> str:
         if b.spend is not None:
             budget = f" of {b.spend.amount}" if b.spend.amount is not None else ""
             spend = f", spent {b.spend.spent}{budget} micro-credits this {b.spend.period or 'run'}"
-            spend += " (BUDGET SPENT)" if b.spend.exhausted else ""
+            if b.spend.exhausted:
+                spend += " (BUDGET SPENT: out of rotation)"
+            elif b.spend.warned:
+                spend += f" (past {round(max(b.spend.warned) * 100)}%)"
         lines.append(f"    {b.name:<16} {b.kind:<12} {'healthy' if b.healthy else 'DOWN':<8} {b.in_flight} in flight"
                      f"{spend}")  # fmt: skip
     return "\n".join(lines)

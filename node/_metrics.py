@@ -113,6 +113,14 @@ class _SnapshotCollector(Collector):
                                   "period, micro-credits", labels=["backend"])  # fmt: skip
         budget = GaugeMetricFamily("loomnet_backend_spend_budget_micro", "The backend's spend budget per period, "
                                    "micro-credits (absent: none)", labels=["backend"])  # fmt: skip
+        warning = GaugeMetricFamily("loomnet_backend_spend_warning", "The highest spend threshold a backend "
+                                    "reached this period: 0, a warn-at fraction (0.75, 0.9), or 1 (spent: out of "
+                                    "rotation)", labels=["backend"])  # fmt: skip
+        for backend in status.backends:  # type: ignore[attr-defined]
+            if backend.spend is not None and backend.spend.amount is not None:
+                level = 1.0 if backend.spend.exhausted else max(backend.spend.warned, default=0.0)
+                warning.add_metric([backend.name], level)
+        yield warning
         for backend in status.backends:  # type: ignore[attr-defined]
             up.add_metric([backend.name], 1.0 if backend.healthy else 0.0)
             in_flight.add_metric([backend.name], backend.in_flight)
@@ -127,6 +135,18 @@ class _SnapshotCollector(Collector):
             for member in model.backends:
                 breaker.add_metric([model.name, member.name], 1.0 if member.breaker == "open" else 0.0)
         yield breaker
+        hits = CounterMetricFamily("loomnet_cache_hits", "Requests answered from a model's response cache",
+                                   labels=["model"])  # fmt: skip
+        misses = CounterMetricFamily("loomnet_cache_misses", "Cacheable requests the response cache could not "
+                                     "answer", labels=["model"])  # fmt: skip
+        cached = GaugeMetricFamily("loomnet_cache_bytes", "Bytes of answers a model's response cache holds",
+                                   labels=["model"])  # fmt: skip
+        for model in status.models:  # type: ignore[attr-defined]
+            if model.cache is not None:
+                hits.add_metric([model.name], model.cache.hits)
+                misses.add_metric([model.name], model.cache.misses)
+                cached.add_metric([model.name], model.cache.bytes)
+        yield from (hits, misses, cached)
         p2p = status.p2p  # type: ignore[attr-defined]
         yield _counter("loomnet_adverts_published", "Adverts this executor signed and published",
                        status.adverts_published)  # type: ignore[attr-defined]  # fmt: skip

@@ -207,7 +207,10 @@ class _PoolStream:
                 if not budget.left or not member.available:
                     continue
                 budget.left -= 1  # the failover is this request's retry
-            budget.failover_left = any(m.available for m in candidates[i + 1:]) and budget.left > 0
+            # the next backend is this one's retry; a half-open backend's probe is one
+            # request, never retried by its adapter (a probe costs one upstream call)
+            budget.failover_left = (any(m.available for m in candidates[i + 1:]) and budget.left > 0) or (
+                member.breaker.state == "half_open")
             try:
                 await self._enter(member)
                 self._iterator = self._iterate()

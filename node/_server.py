@@ -400,15 +400,22 @@ class InferenceServer:
         assert cache.hit is not None
         book = functools.partial(book, entry=cache.billed(entry), cached=True)
         output = Output()
+        admitted = trio.current_time()
         try:
             finished = await relay_answer(
                 stream, conn, cache.hit.replay, output, chunk_interval=self.config.chunk_interval,
                 progress_interval=self.config.progress_interval, send_timeout=self.config.ack_timeout,
             )
         except Exception as exc:  # the client left or broke the protocol: bill what it got
-            raise await self._settle_failure(exc, output, book) from None
+            error = await self._settle_failure(exc, output, book)
+            self.metrics.request_done(entry.offer.name, error.code, duration=trio.current_time() - admitted)
+            raise error from None
         finish_reason = str(finished.finish_reason)
-        envelope, receipt_digest, _ = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        ttft = None if output.first_content_at is None else output.first_content_at - admitted
+        self._count(entry.offer.name, receipt, ttft)
+        self.metrics.request_done(entry.offer.name, None, ttft=ttft, duration=trio.current_time() - admitted,
+                                  input_tokens=receipt.input_tokens, output_tokens=receipt.output_tokens)  # fmt: skip
         self.served += 1
         await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
         return await await_ack(

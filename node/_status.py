@@ -20,6 +20,7 @@ from loomnet.client._p2p_types import P2PStatistics
 from ._catalog import Catalog
 from ._pool import MemberStatistics
 from ._queue import SlotStatistics
+from ._response_cache import CacheStatistics
 from ._spend import SpendStatistics
 
 __all__ = ["BackendStatus", "Earnings", "ExecutorStatus", "MarginLine", "ModelStatus"]
@@ -68,6 +69,9 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     output_tokens: int
     strategy: str
     backends: list[MemberStatistics]
+    #: its response cache (``[models.cache]``): hits, misses, entries, bytes, evictions,
+    #: expiries; None when it has none
+    cache: CacheStatistics | None = None
 
 
 class MarginLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,8 +136,11 @@ def backend_statuses(catalog: Catalog) -> list[BackendStatus]:
     return out
 
 
-def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], ttft: dict[str, float]) -> list[ModelStatus]:
-    """``counts``: model -> (receipts, input tokens, output tokens) since start."""
+def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], ttft: dict[str, float],
+                   caches: dict[str, CacheStatistics] | None = None) -> list[ModelStatus]:  # fmt: skip
+    """``counts``: model -> (receipts, input tokens, output tokens) since start;
+    ``caches``: model -> its response cache's statistics."""
+    caches = caches or {}
     offered = {o.name for o in catalog.offers}
     out = []
     for entry in catalog.entries:
@@ -146,7 +153,7 @@ def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], tt
             max_queue=entry.max_queue, tokens_per_second=round(catalog.speed_of(offer.name), 2),
             ttft=ttft.get(offer.name), served=served, input_tokens=tokens_in, output_tokens=tokens_out,
             strategy=pool.strategy if pool is not None else "priority",
-            backends=pool.statistics().members if pool is not None else [],
+            backends=pool.statistics().members if pool is not None else [], cache=caches.get(offer.name),
         ))  # fmt: skip
     return out
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 CANARY = "sk-canary-OPERATOR-7f3c9a1e5b2d4c6e8a0f"
 
 
-async def start(nursery, tmp_path, monkeypatch, **settings):
+async def start(nursery, tmp_path, monkeypatch, cache=None, **settings):
     monkeypatch.setenv("LOOMNET_STATE_DIR", str(tmp_path / "state"))
     fakes = {"desk": FakeOpenAI(flavour="vllm", pieces=["from desk"]),
              "hosted": FakeOpenAI(flavour="openai", pieces=["from hosted"])}  # fmt: skip
@@ -42,7 +42,7 @@ async def start(nursery, tmp_path, monkeypatch, **settings):
         data_dir=str(tmp_path / "executor"), listen=["/ip4/127.0.0.1/tcp/0"], health_interval=600.0,
         breaker_failures=1, breaker_cooldown=600.0, operator=OperatorConfig(port=0),
         backends=[BackendConfig(provider="vllm", name="desk"), BackendConfig(provider="vllm", name="hosted")],
-        models=[ModelTerms(name="chat-m", aliases=["cm"], categories=["fast"], price_out=2.0,
+        models=[ModelTerms(name="chat-m", aliases=["cm"], categories=["fast"], price_out=2.0, cache=cache,
                            backends=[PoolBackend(backend="desk", model="m1"), PoolBackend(backend="hosted", model="m1")])],
         **settings,
     )  # fmt: skip
@@ -188,3 +188,24 @@ async def test_loomnet_status_prints_what_the_endpoint_says(nursery, tmp_path, m
     assert as_json.exit_code == 0 and '"peer_id"' in as_json.output
     nothing = await trio.to_thread.run_sync(run, "--url", "http://127.0.0.1:1")
     assert nothing.exit_code == 1 and "no status" in nothing.output
+
+
+async def test_cache_hits_are_counted_and_the_cache_is_shown(nursery, tmp_path, monkeypatch):
+    from loomnet.node._response_cache import CacheTerms
+
+    executor, client, fakes = await start(nursery, tmp_path, monkeypatch, cache=CacheTerms(billing="free"))
+    hi = [ChatMessage("user", "hi")]
+    results = [await client.chat(hi, model="chat-m", temperature=0.0, seed=5) for _ in range(3)]
+    assert [r.receipt.cached for r in results] == [False, True, True]
+    assert fakes["desk"].count("/v1/chat/completions") == 1
+    status = (await get(executor.info.operator_url, "/status")).json()
+    (model,) = status["models"]
+    assert model["served"] == 3 and model["cache"]["hits"] == 2 and model["cache"]["misses"] == 1
+    families = {f.name: f for f in text_string_to_metric_families((await get(executor.info.operator_url,
+                                                                              "/metrics")).text)}  # fmt: skip
+    requests = {s.labels["outcome"]: s.value for s in families["loomnet_requests"].samples
+                if s.name == "loomnet_requests_total"}  # fmt: skip
+    assert requests == {"ok": 3.0}
+    assert [s.value for s in families["loomnet_cache_hits"].samples if s.name == "loomnet_cache_hits_total"] == [2.0]
+    warning = {s.labels["backend"]: s.value for s in families["loomnet_backend_spend_warning"].samples}
+    assert warning == {"hosted": 0.0}

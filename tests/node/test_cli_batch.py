@@ -146,3 +146,13 @@ def test_a_file_of_bad_lines_only_writes_each_error_in_place_sends_nothing_and_e
     assert "line 3: error [209 BAD_REQUEST]: \"messages\" is empty" in result.output
     assert "[batch] 2 line(s): 0 answered, 2 failed (line 1, 3)" in result.output
     assert not (tmp_path / "d").exists()  # no client was started: nothing to send
+
+
+def test_a_bad_line_keeps_its_id_in_the_answer():
+    [bad, unreadable, good] = parse_batch(
+        b'{"id": "bad", "prompt": "x", "temprature": 0}\n{"id": "half", "prompt": \n{"id": 7, "prompt": "ok"}',
+        DEFAULTS,
+    )
+    assert (bad.id, bad.error is not None) == ("bad", True)
+    assert unreadable.id is None and unreadable.error is not None  # not JSON: no id to keep
+    assert (good.id, good.error) == (7, None)

@@ -315,3 +315,37 @@ async def test_the_advertised_capacity_is_what_the_available_backends_can_run(au
     b.config = BackendConfig(provider="vllm")  # a backend without a capacity: the executor's
     catalog = await Catalog.build([a, b], ExecutorConfig(capacity=8))
     assert catalog.capacity(8) == 8
+
+
+async def test_successes_between_failures_do_not_keep_a_failing_backend_in(autojump_clock):
+    """3 failures within the window open the breaker, whatever succeeded between them."""
+    breaker = CircuitBreaker(BreakerSettings(failures=3, window=30.0, cooldown=5.0))
+    for _ in range(3):
+        breaker.success()
+        breaker.failure()
+        breaker.success()
+        await trio.sleep(1.0)
+    assert breaker.state == "open"
+
+
+async def test_a_half_open_probe_is_not_retried_by_its_adapter(autojump_clock):
+    first, second = Runtime("a"), Runtime("b")
+    pool = pool_of(first, second)
+    for _ in range(2):
+        pool.members[0].breaker.failure()
+    assert pool.members[0].breaker.state == "open"
+    await trio.sleep(5.0)  # half-open: the next request probes it
+    second.fail_before = down()
+    first.fail_before = down()
+    with pytest.raises(BackendError):
+        await answer(pool)
+    assert first.budgets[-1][1] is True  # the probe's adapter was told not to retry
+
+
+async def test_an_unknown_context_length_does_not_hide_the_known_ones(autojump_clock):
+    class NoWindow(Runtime):
+        async def list_models(self):
+            return [ModelInfo(name=m, context_length=0, capabilities=["chat"]) for m in self.models]
+
+    catalog = await Catalog.build([Runtime("ollama"), NoWindow("vllm")], ExecutorConfig())
+    assert catalog.entries[0].offer.context_length == 4096
