@@ -56,7 +56,7 @@ __all__ = ["ACCOUNT_MAX_CHARS", "Ledger", "LedgerEntry", "LedgerStatistics", "Le
            "check_account"]
 
 #: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: Seconds SQLite waits for another process (say ``loomnet ledger`` reading) to let go.
 _BUSY_TIMEOUT = 5.0
 _ROLES = ("executor", "client")
@@ -111,8 +111,19 @@ _V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, ro
 # plain added column gives. Each entry brings its version straight to SCHEMA_VERSION, in
 # one transaction with the version bump: a crash leaves the file as it was.
 _ADD_PROVIDER = [f"ALTER TABLE receipts ADD COLUMN {column}" for column in _PROVIDER_COLUMNS]
+# Version 5: what a provider charged for work no receipt bills (a client that left
+# before the first content: the provider read the prompt all the same)
+_CHARGES = [
+    """CREATE TABLE provider_charges (
+        backend TEXT NOT NULL CHECK (length(backend) <= 128), model TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL CHECK (input_tokens >= 0),
+        output_tokens INTEGER NOT NULL CHECK (output_tokens >= 0),
+        cost INTEGER NOT NULL CHECK (cost >= 0), recorded_at REAL NOT NULL)""",
+    "CREATE INDEX provider_charges_by_recorded_at ON provider_charges (recorded_at)",
+]
 _MIGRATIONS: dict[int, list[str]] = {
-    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER), *_INDEXES],
+    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER), *_INDEXES,
+        *_CHARGES],
     1: [
         _TABLE.format(name="receipts_v2", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER),
         f"""INSERT INTO receipts_v2 ({_V1_COLUMNS}, status, dispute_reason)
@@ -123,9 +134,11 @@ _MIGRATIONS: dict[int, list[str]] = {
         "DROP TABLE receipts",
         "ALTER TABLE receipts_v2 RENAME TO receipts",
         *_INDEXES,
+        *_CHARGES,
     ],
-    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1], *_ADD_PROVIDER],
-    3: _ADD_PROVIDER,
+    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1], *_ADD_PROVIDER, *_CHARGES],
+    3: [*_ADD_PROVIDER, *_CHARGES],
+    4: _CHARGES,
 }
 
 
@@ -485,22 +498,47 @@ class Ledger:
         _, rows = await self._query("sum receipts", f"SELECT {_SUMS} FROM receipts{where}", params)
         return LedgerTotals(*rows[0])
 
+    async def record_provider_charge(self, *, backend: str, model: str, input_tokens: int, output_tokens: int,
+                                     cost: int, now: float) -> None:  # fmt: skip
+        """Durably book what a backend's provider charged for work no receipt bills (a
+        client that left before the first content). Counted in :meth:`margins` as paid.
+
+        Raises:
+            LedgerError: the write failed.
+            ValueError: a negative count or cost.
+        """
+        if min(input_tokens, output_tokens, cost) < 0:
+            raise ValueError("provider charges cannot be negative")
+        values = (backend[:128], model, input_tokens, output_tokens, cost, now)
+        sql = ("INSERT INTO provider_charges (backend, model, input_tokens, output_tokens, cost, recorded_at) "
+               "VALUES (?, ?, ?, ?, ?, ?)")  # fmt: skip
+        await self._write("record a provider charge", lambda conn: conn.execute(sql, values).rowcount)
+
     async def margins(self, *, since: float | None = None, until: float | None = None) -> list[Margin]:
         """The executor's side: per model and backend, what clients were billed and what
-        the backends' providers charged, over the receipts recorded from ``since`` to
+        the backends' providers charged (with their receipts, and for work no receipt
+        bills: :meth:`record_provider_charge`), over what was recorded from ``since`` to
         ``until`` (seconds since the epoch; None: unbounded), the operator's margin."""
-        terms, params = ["role = 'executor'"], []
+        terms, params = [], []
         if since is not None:
             terms.append("recorded_at >= ?")
             params.append(since)
         if until is not None:
             terms.append("recorded_at < ?")
             params.append(until)
+        where = " AND ".join(["role = 'executor'", *terms])
         sql = (f"SELECT model, backend, {_SUMS}, COALESCE(SUM(provider_cost), 0) FROM receipts "
-               f"WHERE {' AND '.join(terms)} GROUP BY model, backend ORDER BY model, backend")  # fmt: skip
+               f"WHERE {where} GROUP BY model, backend")  # fmt: skip
         _, rows = await self._query("sum margins", sql, tuple(params))
-        return [Margin(model=r[0], backend=r[1], receipts=r[2], input_tokens=r[3], output_tokens=r[4], earned=r[5],
-                       paid=r[6]) for r in rows]  # fmt: skip
+        found = {(r[0], r[1]): list(r[2:]) for r in rows}
+        sql = (f"SELECT model, backend, COALESCE(SUM(cost), 0) FROM provider_charges "
+               f"{'WHERE ' + ' AND '.join(terms) if terms else ''} GROUP BY model, backend")  # fmt: skip
+        _, rows = await self._query("sum provider charges", sql, tuple(params))
+        for model, backend, cost in rows:
+            found.setdefault((model, backend), [0, 0, 0, 0, 0])[4] += cost
+        return [Margin(model=model, backend=backend, receipts=r[0], input_tokens=r[1], output_tokens=r[2],
+                       earned=r[3], paid=r[4])
+                for (model, backend), r in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1] or ""))]  # fmt: skip
 
     async def totals_by_status(self) -> dict[str, LedgerTotals]:
         """Counts and sums per status, for the statuses that have receipts."""

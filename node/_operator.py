@@ -18,8 +18,11 @@ holds it; the URL is printed at start and written to the local state file.
 from __future__ import annotations
 
 import errno
+import hmac
 import logging
 import socket
+import time
+from typing import Annotated
 
 import msgspec
 import trio
@@ -62,17 +65,52 @@ def operator_app(executor) -> Starlette:
             return Response(b'{"status":"ready"}', media_type=_JSON)
         return JSONResponse({"status": "not ready", "reason": why}, status_code=503)
 
+    async def spend_budget(request: Request) -> Response:
+        """``POST /admin/backends/{name}/spend-budget`` ``{"amount": micro-credits}``: the
+        backend's spend budget from now on (raising it puts a spent backend back in
+        rotation at once). Not persisted: the TOML's amount applies again at restart."""
+        refusal = _admin_refusal(request, executor.config.operator.admin_token)
+        if refusal is not None:
+            return refusal
+        name = request.path_params["name"]
+        spend = executor.catalog.spends.get(name) if executor.catalog else None
+        if spend is None:
+            return JSONResponse({"error": f"no backend named {name[:64]!r}"}, status_code=404)
+        try:
+            body = msgspec.json.decode(await request.body(), type=_BudgetChange)
+            spend.set_amount(body.amount, now=time.time())
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            return JSONResponse({"error": str(exc)[:300]}, status_code=400)
+        log.warning("admin: backend %s spend budget set to %d micro-credits", name, body.amount)
+        return Response(msgspec.json.encode(spend.statistics(now=time.time())), media_type=_JSON)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no such page: {request.method} {request.url.path[:100]}; "
                              "try /status, /metrics, /healthz, /readyz"}, status_code=404)  # fmt: skip
 
     app = Starlette(
         routes=[Route("/status", status), Route("/metrics", metrics), Route("/healthz", healthz),
-                Route("/readyz", readyz)],
+                Route("/readyz", readyz),
+                Route("/admin/backends/{name}/spend-budget", spend_budget, methods=["POST"])],
         exception_handlers={404: not_found, 405: not_found},
     )  # fmt: skip
     app.router.redirect_slashes = False
     return app
+
+
+class _BudgetChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    amount: Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
+
+
+def _admin_refusal(request: Request, token: str | None) -> Response | None:
+    """None when the request carries the admin token (``Authorization: Bearer``,
+    compared in constant time); else a 401 that never echoes what was sent."""
+    sent = request.headers.get("authorization", "")
+    scheme, _, given = sent.partition(" ")
+    if token is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    why = "this executor has no admin token configured" if token is None else "a valid admin token is required"
+    return JSONResponse({"error": why}, status_code=401, headers={"www-authenticate": "Bearer"})
 
 
 def _sockets(hc: Config, config: OperatorConfig) -> Sockets:

@@ -35,7 +35,7 @@ import msgspec
 from loomnet.protocol import BackendError, ErrorCode
 
 from ._breaker import BreakerSettings, BreakerState, CircuitBreaker, counts_against
-from ._spend import ProviderSpend
+from ._spend import ProviderSpend, SpendHold
 from .backends._base import Backend, ChatParams, StreamEvent
 from .backends._retry_budget import RetryBudget, retry_budget
 
@@ -157,10 +157,16 @@ class BackendPool:
             return [chosen] + [m for m in members if m is not chosen]
         return members
 
-    def stream_chat(self, params: ChatParams, served: list[PoolMember]) -> _PoolStream:
+    def stream_chat(self, params: ChatParams, served: list[PoolMember], *, holds: list[SpendHold] | None = None,
+                    worst_case: Callable[[PoolMember], int] | None = None) -> _PoolStream:  # fmt: skip
         """Like ``Backend.stream_chat``, over the pool's members (module doc).
-        ``served`` gets the member that answered, once its first event came."""
-        return _PoolStream(self, params, served)
+        ``served`` gets each member whose runtime took the request, in order: the last
+        one is the one that answered, when one did. With ``worst_case(member)`` (its
+        provider's charge for the request's worst case, micro-credits), a member with a
+        spend budget is asked only if that fits what is left (``ProviderSpend.hold``;
+        the holds go to ``holds``, for the caller to release once the charge is booked);
+        one it does not fit is passed over (no retry spent)."""
+        return _PoolStream(self, params, served, holds if holds is not None else [], worst_case)
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
@@ -182,10 +188,13 @@ class _PoolStream:
     that member's events follow. One task enters and leaves it (the relay's pump), so
     each member's own context manager is entered and left in that task."""
 
-    def __init__(self, pool: BackendPool, params: ChatParams, served: list[PoolMember]) -> None:
+    def __init__(self, pool: BackendPool, params: ChatParams, served: list[PoolMember], holds: list[SpendHold],
+                 worst_case: Callable[[PoolMember], int] | None) -> None:  # fmt: skip
         self._pool = pool
         self._params = params
         self._served = served
+        self._holds = holds
+        self._worst_case = worst_case
         self._member: PoolMember | None = None
         self._context = None
         self._events: AsyncIterator[StreamEvent] | None = None
@@ -202,11 +211,18 @@ class _PoolStream:
         budget = RetryBudget(self._pool.retries)
         self._token = retry_budget.set(budget)
         error: BaseException | None = None
+        asked = False
         for i, member in enumerate(candidates):
-            if i > 0:
-                if not budget.left or not member.available:
-                    continue
+            if asked and (not budget.left or not member.available):
+                continue
+            if not self._hold(member):
+                error = error or BackendError(f"no backend of {self._pool.model!r} has the spend budget left for "
+                                              "this request's worst case", retryable=True,
+                                              code=ErrorCode.BACKEND_UNAVAILABLE)  # fmt: skip
+                continue
+            if asked:
                 budget.left -= 1  # the failover is this request's retry
+            asked = True
             # the next backend is this one's retry; a half-open backend's probe is one
             # request, never retried by its adapter (a probe costs one upstream call)
             budget.failover_left = (any(m.available for m in candidates[i + 1:]) and budget.left > 0) or (
@@ -223,6 +239,17 @@ class _PoolStream:
         assert error is not None
         raise error
 
+    def _hold(self, member: PoolMember) -> bool:
+        """Hold ``member``'s worst-case charge against its spend budget; False when it
+        does not fit."""
+        if self._worst_case is None or member.spend is None or member.spend.budget is None:
+            return True
+        hold = member.spend.hold(self._worst_case(member), now=time.time())
+        if hold is None:
+            return False
+        self._holds.append(hold)
+        return True
+
     async def _enter(self, member: PoolMember) -> None:
         params = msgspec.structs.replace(self._params, model=member.backend_model)
         member.in_flight += 1
@@ -234,6 +261,7 @@ class _PoolStream:
         except BaseException as exc:
             await self._leave_member(member, None, exc)  # never entered: nothing to leave
             raise
+        self._served.append(member)  # its runtime took the request (its provider may bill it from here)
         try:
             iterator = events.__aiter__()
             try:
@@ -245,7 +273,6 @@ class _PoolStream:
             await self._leave_member(member, context, exc)
             raise
         self._member, self._context, self._events, self._first = member, context, iterator, first
-        self._served.append(member)
 
     async def _leave_member(self, member: PoolMember, context, exc: BaseException | None) -> None:
         member.in_flight -= 1

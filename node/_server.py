@@ -85,6 +85,7 @@ from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
 from ._metrics import ExecutorMetrics
 from ._pool import PoolMember
+from ._spend import SpendHold
 from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
@@ -346,8 +347,10 @@ class InferenceServer:
         cache = self.caches.lookup(entry.offer.name, params, peer, now=trio.current_time())
         if cache is not None and cache.hit is not None:
             return await self._serve_cached(stream, conn, entry, cache, book, bookings)
+        holds: list[SpendHold] = []  # worst cases held against providers' spend budgets until booked
         if entry.pool is not None:
-            open_events = functools.partial(entry.pool.stream_chat, params, served)
+            worst = functools.partial(self._worst_provider_cost, entry, params)
+            open_events = functools.partial(entry.pool.stream_chat, params, served, holds=holds, worst_case=worst)
         else:
             open_events = functools.partial(entry.backend.stream_chat, params)
         # A slot is held while the backend generates, not while the receipt is counted and
@@ -372,12 +375,21 @@ class InferenceServer:
             slot.release()
         elapsed = trio.current_time() - started
         ttft = None if output.first_content_at is None else output.first_content_at - admitted
-        if failure is not None:
-            error = await self._settle_failure(failure, output, book)
-            self.metrics.request_done(entry.offer.name, error.code, ttft=ttft, duration=trio.current_time() - admitted)
-            raise error
-        finish_reason = str(finished.finish_reason)
-        envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+        try:
+            if failure is not None:
+                error = await self._settle_failure(failure, output, book)
+                if not output.has_content:  # no receipt bills it; each provider that took it still read the prompt
+                    for member in dict.fromkeys(served):
+                        await self._charge_unbilled(member, entry, params)
+                self.metrics.request_done(entry.offer.name, error.code, ttft=ttft,
+                                          duration=trio.current_time() - admitted)  # fmt: skip
+                raise error
+            finish_reason = str(finished.finish_reason)
+            envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason,
+                                                           usage=finished.usage)  # fmt: skip
+        finally:
+            for hold in holds:  # the real charges are booked now
+                hold.release()
         if cache is not None:  # a complete answer, booked: the response cache may keep it
             cache.store(output, finished, now=trio.current_time())
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
@@ -449,6 +461,37 @@ class InferenceServer:
         receipt = msgspec.msgpack.decode(envelope.payload, type=Receipt)
         self.rate.charge(receipt.client, receipt.input_tokens + receipt.output_tokens, now=trio.current_time())
         return envelope, receipt_digest, receipt
+
+    def _worst_provider_cost(self, entry: CatalogEntry, params: ChatParams, member: PoolMember) -> int:
+        """What ``member``'s provider would charge at most for this request: a prompt
+        estimate that errs high (a token per 3 bytes, 16 per message for the template)
+        and every token ``max_tokens`` allows (else the model's context), at its price."""
+        charge = self.catalog.charges.get(member.name)
+        if charge is None:
+            return 0
+        prompt = sum(len(m.content.encode()) // 3 + 16 for m in params.messages)
+        output = params.max_tokens or entry.offer.context_length or 4096
+        return charge.cost(prompt, output)
+
+    async def _charge_unbilled(self, member: PoolMember, entry: CatalogEntry, params: ChatParams) -> None:
+        """What ``member``'s provider charges for a request that ended before any content
+        (the client left, or the stream failed): the prompt it read, counted here (its
+        tokenizer, else tiktoken), added to its spend and booked in the ledger
+        (``provider_charges``), so the spend budget sees every answer the operator paid
+        for. Free backends, and failures to count or book, cost nothing more (logged)."""
+        if self.catalog.charges.get(member.name) is None:
+            return
+        try:
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.count_timeout + 5):
+                chain = CountingChain(member.backend, member.backend_model, self.tokens, budget=self.config.count_timeout)
+                prompt = await chain.prompt(msgspec.structs.replace(params, model=member.backend_model))
+                cost = self.catalog.charge(member, prompt.tokens, 0)
+                if cost:
+                    await self.ledger.record_provider_charge(backend=member.name, model=entry.offer.name,
+                                                             input_tokens=prompt.tokens, output_tokens=0, cost=cost,
+                                                             now=self.clock())  # fmt: skip
+        except Exception:  # noqa: BLE001 - never replace the request's own error
+            log.exception("could not book what backend %s charged for an unbilled request", member.name)
 
     async def _settle_failure(
         self, failure: Exception, output: Output, book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]]

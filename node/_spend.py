@@ -27,7 +27,7 @@ from loomnet.client import BudgetConfig
 from loomnet.client._budget import period_bounds
 from loomnet.protocol import cost_of, credits_to_micro
 
-__all__ = ["ProviderCharge", "ProviderSpend", "SpendStatistics"]
+__all__ = ["ProviderCharge", "ProviderSpend", "SpendHold", "SpendStatistics"]
 
 log = logging.getLogger("loomnet.spend")
 
@@ -63,8 +63,24 @@ class SpendStatistics(msgspec.Struct, frozen=True, kw_only=True):
     period_end: float | None
     #: the warning thresholds reached this period
     warned: list[float]
+    #: worst cases held by requests under way (they may cost up to this much more)
+    reserved: int = 0
     #: at 100 %: out of rotation until the period renews or the amount is raised
     exhausted: bool
+
+
+class SpendHold:
+    """Part of a budget held for one request's worst case until :meth:`release`
+    (idempotent): the real charge is added by ``ProviderSpend.add``."""
+
+    def __init__(self, spend: "ProviderSpend", amount: int) -> None:
+        self._spend = spend
+        self.amount = amount
+
+    def release(self) -> None:
+        if self.amount:
+            self._spend._reserved -= self.amount
+            self.amount = 0
 
 
 class ProviderSpend:
@@ -81,7 +97,22 @@ class ProviderSpend:
         self._spent = spent
         self._warned: set[float] = set()
         self._was_exhausted = False
+        self._reserved = 0  # worst cases of requests under way (``hold``)
         self._check(now)
+
+    def hold(self, worst_case: int, *, now: float) -> SpendHold | None:
+        """Hold ``worst_case`` micro-credits for a request about to go to this backend;
+        None when spent plus what requests under way may still cost plus it would pass
+        the budget (the request goes to another backend instead). A backend without a
+        budget always gets an empty hold. Release it once the request's real charge is
+        added, or it ended."""
+        self._roll(now)
+        if self._amount is None:
+            return SpendHold(self, 0)
+        if self._spent + self._reserved + worst_case > self._amount:
+            return None
+        self._reserved += worst_case
+        return SpendHold(self, worst_case)
 
     def add(self, cost: int, *, now: float) -> None:
         """The provider charged ``cost`` micro-credits for one answer."""
@@ -111,6 +142,7 @@ class ProviderSpend:
             backend=self.backend, amount=self._amount, spent=self._spent,
             period=self.budget.period if limited else None, period_start=self._start if limited else None,
             period_end=self._end if limited else None, warned=sorted(self._warned), exhausted=self._exhausted(),
+            reserved=self._reserved,
         )  # fmt: skip
 
     def _exhausted(self) -> bool:

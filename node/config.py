@@ -132,10 +132,19 @@ class OperatorConfig(_Config):
     #: start and written to the local state file, where ``loomnet status`` finds it);
     #: a port given here that is taken stops the executor at start
     port: int | None = None
+    #: the bearer token of the admin routes (``/admin/...``); write ``${VAR}``, never
+    #: the token; none: the admin routes refuse every request
+    admin_token: str | None = None
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 65535:
             raise ValueError("operator port must be from 0 to 65535")
+        if self.admin_token is not None and len(self.admin_token) < 16:
+            raise ValueError("operator admin-token must be at least 16 characters")
+
+    def __repr__(self) -> str:  # never show the token
+        token = "<set>" if self.admin_token else None
+        return f"OperatorConfig(enabled={self.enabled}, host={self.host!r}, port={self.port}, admin_token={token})"
 
 
 class ExecutorConfig(_Config):
@@ -429,6 +438,8 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
         _llm_zero_config(raw, environ)
         if isinstance(raw.get("backends"), list):
             raw["backends"] = _expand_secrets(raw["backends"], "backends", environ)
+        if isinstance(raw.get("operator"), dict):
+            raw["operator"] = _expand_secrets(raw["operator"], "operator", environ)
         return msgspec.convert(raw, ExecutorConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config {where}: {exc}") from None

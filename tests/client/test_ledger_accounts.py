@@ -115,8 +115,9 @@ async def test_a_version_2_ledger_is_migrated_keeping_every_row_with_no_account(
     after = [row for row in raw_rows(path, (*_V2_COLUMNS, "account")) if row[0] != digest(signed_receipt(9)[0].payload)]
     assert after == [(*row, None) for row in before]
     version, indexes, columns = schema_of(path)
-    assert version == _ledger.SCHEMA_VERSION == 4 and columns[-3:] == ["account", "backend", "provider_cost"]
-    assert indexes == {"receipts_by_recorded_at", "receipts_by_status", "receipts_by_account"}
+    assert version == _ledger.SCHEMA_VERSION == 5 and columns[-3:] == ["account", "backend", "provider_cost"]
+    assert indexes == {"receipts_by_recorded_at", "receipts_by_status", "receipts_by_account",
+                       "provider_charges_by_recorded_at"}
     async with await Ledger.open(path) as reopened:  # opening again migrates nothing twice
         assert (await reopened.totals()).receipts == 5
 

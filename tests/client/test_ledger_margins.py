@@ -81,4 +81,37 @@ async def test_a_version_3_ledger_is_migrated_keeping_every_row(tmp_path):
              if r[0] != digest(signed_receipt(9)[0].payload)]  # fmt: skip
     assert after == [(*r, None, None) for r in before]
     version, _, names = schema_of(path)
-    assert version == _ledger.SCHEMA_VERSION == 4 and names[-2:] == ["backend", "provider_cost"]
+    assert version == _ledger.SCHEMA_VERSION == 5 and names[-2:] == ["backend", "provider_cost"]
+
+
+async def test_charges_no_receipt_bills_count_as_paid(tmp_path):
+    async with await Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        receipt = await book(ledger, 1, backend="hosted", provider_cost=100, now=100.0)
+        await ledger.record_provider_charge(backend="hosted", model=receipt.model, input_tokens=900, output_tokens=0,
+                                            cost=45, now=150.0)  # fmt: skip
+        await ledger.record_provider_charge(backend="hosted", model="other", input_tokens=10, output_tokens=0,
+                                            cost=5, now=999.0)  # fmt: skip
+        with pytest.raises(ValueError):
+            await ledger.record_provider_charge(backend="hosted", model="m", input_tokens=-1, output_tokens=0,
+                                                cost=1, now=1.0)  # fmt: skip
+        margins = await ledger.margins(until=500.0)
+    assert margins == [Margin(model=receipt.model, backend="hosted", receipts=1, input_tokens=receipt.input_tokens,
+                              output_tokens=receipt.output_tokens, earned=receipt.cost, paid=145)]  # fmt: skip
+
+
+async def test_a_version_4_ledger_gets_the_charges_table(tmp_path):
+    path = tmp_path / "v4.sqlite"
+    write_v2_ledger(path, V2_ROWS)
+    raw = sqlite3.connect(path)
+    try:  # what loomnet's version 4 did to it
+        for statement in [*_ledger._MIGRATIONS[2][:2], *_ledger._ADD_PROVIDER]:
+            raw.execute(statement)
+        raw.execute("PRAGMA user_version = 4")
+        raw.commit()
+    finally:
+        raw.close()
+    async with await Ledger.open(path) as ledger:
+        await ledger.record_provider_charge(backend="b", model="m", input_tokens=1, output_tokens=0, cost=2, now=1.0)
+        assert [(m.model, m.paid) for m in await ledger.margins() if m.backend == "b"] == [("m", 2)]
+        assert len(await ledger.entries()) == 4
+    assert schema_of(path)[0] == 5

@@ -6,6 +6,7 @@ canary API key appears nowhere in what the endpoint answers."""
 from __future__ import annotations
 
 import httpx
+import msgspec
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
@@ -209,3 +210,36 @@ async def test_cache_hits_are_counted_and_the_cache_is_shown(nursery, tmp_path, 
     assert [s.value for s in families["loomnet_cache_hits"].samples if s.name == "loomnet_cache_hits_total"] == [2.0]
     warning = {s.labels["backend"]: s.value for s in families["loomnet_backend_spend_warning"].samples}
     assert warning == {"hosted": 0.0}
+
+
+ADMIN = "admin-token-0123456789abcdef"
+
+
+async def test_the_admin_raises_a_spend_budget_at_runtime_and_nobody_else_can(nursery, tmp_path, monkeypatch):
+    executor, client, fakes = await start(nursery, tmp_path, monkeypatch)
+    url = executor.info.operator_url
+    spend = executor.catalog.spends["hosted"]
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        refused = await http.post("/admin/backends/hosted/spend-budget", json={"amount": 5})
+        assert refused.status_code == 401 and "no admin token" in refused.json()["error"]
+    config = msgspec.structs.replace(executor.config, operator=OperatorConfig(port=0, admin_token=ADMIN))
+    executor.config = config
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        wrong = await http.post("/admin/backends/hosted/spend-budget", json={"amount": 5},
+                                headers={"authorization": "Bearer not-the-token-at-all"})  # fmt: skip
+        assert wrong.status_code == 401 and "not-the-token" not in wrong.text
+        auth = {"authorization": f"Bearer {ADMIN}"}
+        spent = await http.post("/admin/backends/hosted/spend-budget", json={"amount": 0}, headers=auth)
+        assert spent.status_code == 200 and spent.json()["exhausted"] is True
+        assert (await client.chat([ChatMessage("user", "hi")], model="chat-m")).text == "from desk"
+        fakes["desk"].failures = [Failure(503, openai_error("overloaded", "server_error"))]
+        with pytest.raises(LoomError):  # desk fails, hosted is out of rotation: no failover left
+            await client.chat([ChatMessage("user", "hi")], model="chat-m")
+        raised = await http.post("/admin/backends/hosted/spend-budget", json={"amount": 10**9}, headers=auth)
+        assert raised.status_code == 200 and raised.json()["exhausted"] is False and spend.budget is not None
+        assert (await http.post("/admin/backends/nope/spend-budget", json={"amount": 1}, headers=auth)).status_code == 404
+        assert (await http.post("/admin/backends/hosted/spend-budget", json={"amount": -1},
+                                headers=auth)).status_code == 400  # fmt: skip
+        assert (await http.post("/admin/backends/desk/spend-budget", json={"amount": 1},
+                                headers=auth)).status_code == 400  # desk has no budget  # fmt: skip
+    assert ADMIN not in repr(config)

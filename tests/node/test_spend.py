@@ -6,6 +6,7 @@ read back at the next start."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import time
 
@@ -92,15 +93,17 @@ async def test_the_ledger_books_what_each_backend_cost_and_a_restart_remembers(n
     caplog.set_level(logging.WARNING, logger="loomnet.spend")
     fakes = {"desk": FakeOpenAI(flavour="vllm", pieces=["from desk"]),
              "hosted": FakeOpenAI(flavour="vllm", pieces=["from hosted"])}  # fmt: skip
-    # the fake reports 11 prompt and 4 completion tokens: at 100 000 credits per million
-    # each way, an answer costs the operator 1.5 credits = 1 500 000 micro-credits
-    budget = BudgetConfig(amount=3_500_000, period="month")
+    # the hosted fake reports 16 prompt and 4 completion tokens, as many as the executor's
+    # worst-case estimate for "hi" with max_tokens 4: at 50 000 credits per million each
+    # way, an answer holds and then costs 1 credit = 1 000 000 micro-credits
+    budget = BudgetConfig(amount=4_000_000, period="month")
+    fakes["hosted"].usage = {"prompt_tokens": 16, "completion_tokens": 4, "total_tokens": 20}
     urls = {name: await serve_app(nursery, fake) for name, fake in fakes.items()}
 
     def backends():
         return [
             OpenAICompatBackend(BackendConfig(provider="vllm", name="hosted", endpoint=urls["hosted"] + "/v1",
-                                              models=["m1"], provider_price_in=100_000, provider_price_out=100_000,
+                                              models=["m1"], provider_price_in=50_000, provider_price_out=50_000,
                                               spend_budget=budget)),
             OpenAICompatBackend(BackendConfig(provider="vllm", name="desk", endpoint=urls["desk"] + "/v1",
                                               models=["m1"])),
@@ -121,23 +124,24 @@ async def test_the_ledger_books_what_each_backend_cost_and_a_restart_remembers(n
             client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]],
                                              discover_local=False, offer_timeout=10.0))  # fmt: skip
             await inner.start(client.run)
-            texts = [(await client.chat([ChatMessage("user", "hi")], model="chat-m")).text for _ in range(asks)]
+            texts = [(await client.chat([ChatMessage("user", "hi")], model="chat-m", max_tokens=4)).text
+                     for _ in range(asks)]
             margins = await executor.server.ledger.margins()
             inner.cancel_scope.cancel()
         return texts, margins
 
-    texts, margins = await run_once(4)
-    # hosted first: two answers are 86 % of its budget (a warning), the third spends it
-    # (4.5 of 3.5 credits: an answer under way is never cut), then desk serves
-    assert texts == ["from hosted"] * 3 + ["from desk"]
+    texts, margins = await run_once(5)
+    # hosted first: the third answer is 75 % of its budget (a warning), the fourth spends
+    # it all (each request held its worst case: never more), then desk serves
+    assert texts == ["from hosted"] * 4 + ["from desk"]
     paid = {m.backend: m.paid for m in margins}
-    assert paid == {"hosted": 4_500_000, "desk": 0}
+    assert paid == {"hosted": 4_000_000, "desk": 0}
     assert any("past the 75% warning" in r.getMessage() for r in caplog.records)
     assert any("out of rotation" in r.getMessage() for r in caplog.records)
     # a restart reads this month's spending from the ledger: hosted stays out
     texts, margins = await run_once(1)
     assert texts == ["from desk"]
-    assert {m.backend: m.receipts for m in margins} == {"hosted": 3, "desk": 2}
+    assert {m.backend: m.receipts for m in margins} == {"hosted": 4, "desk": 2}
 
 
 def test_loomnet_ledger_margins_shows_earned_and_paid_per_model_and_backend(tmp_path):
@@ -168,3 +172,80 @@ def test_loomnet_ledger_margins_shows_earned_and_paid_per_model_and_backend(tmp_
     assert by_backend["desk"]["paid"] == 0 and by_backend["desk"]["model"] == receipt.model
     missing = CliRunner().invoke(main, ["ledger", "margins", "--data-dir", str(tmp_path / "nowhere")])
     assert missing.exit_code == 1 and "no executor ledger at" in missing.output
+
+
+async def test_a_client_leaving_before_any_content_still_counts_what_the_provider_read(nursery, tmp_path):
+    """No receipt bills a request whose client left before its first content, but the
+    hosted provider read (and bills) the prompt: its spend and the ledger count it."""
+    fake = FakeOpenAI(flavour="vllm", pieces=["late"], first_byte_delay=30.0)
+    url = await serve_app(nursery, fake)
+    backend = OpenAICompatBackend(BackendConfig(provider="vllm", name="hosted", endpoint=url + "/v1", models=["m1"],
+                                                provider_price_in=100_000, spend_budget=BudgetConfig(amount=10**12)))  # fmt: skip
+    config = ExecutorConfig(data_dir=str(tmp_path / "executor"), listen=["/ip4/127.0.0.1/tcp/0"], announce_local=False,
+                            health_interval=600.0, backends=[BackendConfig(provider="vllm", name="hosted")])  # fmt: skip
+    executor = Executor(config, backends=[backend])
+    await nursery.start(executor.run)
+    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]],
+                                     discover_local=False, offer_timeout=10.0))  # fmt: skip
+    await nursery.start(client.run)
+    long_prompt = [ChatMessage("user", "word " * 500)]
+    async with trio.open_nursery() as asking:
+        asking.start_soon(functools.partial(client.chat, long_prompt, model="m1"))
+        with trio.fail_after(20):
+            while fake.in_flight == 0:
+                await trio.sleep(0.01)
+        asking.cancel_scope.cancel()  # the client leaves before the first token
+    spend = executor.catalog.spends["hosted"]
+    with trio.fail_after(20):
+        while spend.statistics(now=time.time()).spent == 0:
+            await trio.sleep(0.05)
+    spent = spend.statistics(now=time.time()).spent
+    assert spent >= 500 * 100_000  # ~500+ prompt tokens at 100 000 credits (1e11 micro) per million
+    (margin,) = await executor.ledger.margins()
+    assert (margin.receipts, margin.earned, margin.paid) == (0, 0, spent)
+
+
+async def test_concurrent_requests_cannot_overshoot_a_spend_budget(autojump_clock):
+    """Each request holds its worst case against the budget while it runs: past what is
+    left, the next goes to the chain's next backend instead (no retry spent)."""
+    hosted, desk = Runtime("openai"), Runtime("ollama")
+    release = trio.Event()
+    hosted.hold = desk.hold = release
+    members = [PoolMember(n, r, "m", breaker=BREAKER) for n, r in (("hosted", hosted), ("desk", desk))]
+    now = time.time()
+    members[0].spend = ProviderSpend("hosted", BudgetConfig(amount=1000), spent=0, now=now)
+    pool = BackendPool("m", members)
+    holds, served_by = [], []
+
+    async def one() -> None:
+        served = []
+        async with pool.stream_chat(PARAMS, served, holds=holds, worst_case=lambda member: 400) as events:
+            async for _ in events:
+                pass
+        served_by.append(served[-1].name)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
+            await trio.sleep(0.01)
+        assert (hosted.in_flight, desk.in_flight) == (2, 1)  # 400 + 400 fit 1000; a third would not
+        assert members[0].spend.statistics(now=now).reserved == 800
+        release.set()
+    for hold in holds:
+        hold.release()
+    members[0].spend.add(300, now=now)  # what the two answers really cost
+    assert members[0].spend.statistics(now=now).reserved == 0
+    served = []
+    async with pool.stream_chat(PARAMS, served, holds=holds, worst_case=lambda member: 400) as events:
+        async for _ in events:
+            pass
+    assert served[-1].name == "hosted" and sorted(served_by) == ["desk", "hosted", "hosted"]
+    served = []
+    async with pool.stream_chat(PARAMS, served, worst_case=lambda member: 10_000) as events:
+        async for _ in events:
+            pass
+    assert served == [members[1]]  # too big for what hosted has left: desk (no budget) serves
+    alone = BackendPool("m", [members[0]])
+    with pytest.raises(Exception, match="spend budget left"):
+        async with alone.stream_chat(PARAMS, [], worst_case=lambda member: 10_000):
+            pass
