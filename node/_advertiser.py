@@ -60,11 +60,13 @@ class Advertiser:
         self.current: Envelope | None = None
         #: adverts published since start
         self.published = 0
+        #: draining: adverts offer nothing, so clients route elsewhere
+        self.withdrawn = False
 
     def build(self) -> Envelope:
         now = self._clock()
         self._seq = max(self._seq + 1, int(now * 1000))
-        offers = self._catalog.offers
+        offers = [] if self.withdrawn else self._catalog.offers
         advert = Advert(
             seq=self._seq,
             issued_at=now,

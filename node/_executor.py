@@ -43,6 +43,9 @@ __all__ = ["Executor", "ExecutorInfo"]
 
 log = logging.getLogger("loomnet.executor")
 
+#: seconds each resource (a backend, the ledger) gets to close at shutdown
+_CLOSE_TIMEOUT = 3.0
+
 
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
     peer_id: str
@@ -102,6 +105,29 @@ class Executor:
         snapshot = self.status_snapshot()
         assert self.ledger is not None
         return msgspec.structs.replace(snapshot, earnings=await earnings(self.ledger, now=time.time()))
+
+    async def drain(self, grace: float | None = None) -> bool:
+        """Stop taking requests and let those admitted finish: new ones are refused
+        with ``SHUTTING_DOWN`` (retryable: clients go elsewhere), the advert is
+        re-published offering nothing, and this returns once none is left or after
+        ``grace`` seconds (``drain-timeout``, 5 s), whichever comes first. Returns True
+        when every admitted request finished. Cancel ``run`` afterwards to stop."""
+        grace = self.config.drain_timeout if grace is None else grace
+        self.draining = True
+        if self.server is not None:
+            self.server.draining = True
+        log.warning("executor %s: draining (up to %g s for requests in flight)", self.key.peer_id, grace)
+        if self.advertiser is not None:
+            self.advertiser.withdrawn = True
+            with trio.move_on_after(min(grace, 2.0)):
+                await self.advertiser.publish_now()
+        with trio.move_on_after(grace):
+            while self.server is not None and self.server.active:
+                await trio.sleep(0.05)
+            return True
+        log.warning("executor %s: %d request(s) still running after %g s; cancelling them",
+                    self.key.peer_id, self.server.active if self.server else 0, grace)  # fmt: skip
+        return False
 
     def ready(self) -> str | None:
         """None when the executor can serve; else why not (``/readyz``)."""
@@ -198,9 +224,11 @@ class Executor:
             try:
                 if announced:
                     remove_local_executor(self.key.peer_id)
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    for backend in backends:
+                # each resource within its own bound: a slow backend never skips the ledger's close
+                for backend in backends:
+                    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                         await backend.aclose()
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await ledger.aclose()
             finally:
                 stop_redacting()

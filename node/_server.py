@@ -149,6 +149,10 @@ class InferenceServer:
         self.caches = ResponseCaches(lambda model: entry_cache_terms(config, catalog.lookup(model)))
         self.served = 0
         self.refused = 0
+        #: shutting down: new requests are refused (SHUTTING_DOWN), those admitted finish
+        self.draining = False
+        #: requests admitted and not finished (generating, queued, booking)
+        self.active = 0
         #: per advertised model: (receipts, input tokens, output tokens) since start, and
         #: the EWMA of its time to first token, seconds (``_status``)
         self.counts: dict[str, tuple[int, int, int]] = {}
@@ -224,7 +228,11 @@ class InferenceServer:
             if conn.requests > 1:
                 self._session_requests += 1
             request_payload, request, entry = self._admit(stream, frame)
-            return await self._serve(stream, conn, request_payload, request, entry, bookings)
+            self.active += 1
+            try:
+                return await self._serve(stream, conn, request_payload, request, entry, bookings)
+            finally:
+                self.active -= 1
         except SessionIdle:
             return _OVER
         except LoomError as exc:
@@ -262,6 +270,9 @@ class InferenceServer:
                 "request is signed by another peer than the one sending it", code=ErrorCode.SIGNER_MISMATCH
             )
         self.replay.check(request, now=self.clock())
+        if self.draining:
+            raise RequestRejected("this executor is shutting down; try another", code=ErrorCode.SHUTTING_DOWN,
+                                  retryable=True)  # fmt: skip
         entry = self.catalog.lookup(request.model)
         if entry is None:
             served = ", ".join(o.name for o in self.catalog.offers)

@@ -105,10 +105,23 @@ async def _executor_main(config_path: str | None) -> None:
             info = await nursery.start(node.run)
             _print_ready(info)
             async for signum in signals:
-                click.echo(f"\n{signal.Signals(signum).name}: shutting down", err=True)
+                click.echo(f"\n{signal.Signals(signum).name}: shutting down; requests in flight get "
+                           f"{config.drain_timeout:g} s to finish (again to stop at once)", err=True)  # fmt: skip
+                with trio.move_on_after(config.drain_timeout + 1):
+                    async with trio.open_nursery() as draining:
+                        draining.start_soon(_cancel_on_signal, signals, draining.cancel_scope)
+                        await node.drain()
+                        draining.cancel_scope.cancel()
                 nursery.cancel_scope.deadline = trio.current_time() + _SHUTDOWN_GRACE
                 nursery.cancel_scope.cancel()
                 break
+
+
+async def _cancel_on_signal(signals, scope: trio.CancelScope) -> None:
+    """A second Ctrl-C or SIGTERM during the drain stops at once."""
+    async for _ in signals:
+        scope.cancel()
+        return
 
 
 def _print_ready(info) -> None:

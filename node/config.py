@@ -208,6 +208,10 @@ class ExecutorConfig(_Config):
     #: is closed (an honest peer stays within yamux's flow-control windows)
     max_unread_bytes_per_connection: int = 8 << 20
     max_unread_bytes: int = 128 << 20
+    #: seconds a shutdown (SIGTERM) lets admitted requests finish before cancelling
+    #: them; meanwhile new requests are refused with SHUTTING_DOWN and the advert offers
+    #: nothing
+    drain_timeout: float = 5.0
     #: stream chunks are flushed at least this often (seconds) while tokens flow
     chunk_interval: float = 0.05
     #: seconds without any chunk after which a progress chunk goes out while the backend
@@ -253,6 +257,8 @@ class ExecutorConfig(_Config):
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ValueError("capacity must be at least 1")
+        if not 0 <= self.drain_timeout <= 3600:
+            raise ValueError("drain-timeout must be from 0 to 3600 seconds")
         for name in ("max_queue", "queue_timeout", "peer_requests_per_minute", "peer_tokens_per_minute"):
             if not getattr(self, name) >= 0:  # NaN too
                 raise ValueError(f"{name.replace('_', '-')} cannot be negative")

@@ -98,6 +98,9 @@ class ErrorCode(enum.IntEnum):
     #: The client peer is over one of the executor's rate limits (requests or tokens
     #: per minute); retry after ``retry_after`` seconds.
     RATE_LIMITED = 212
+    #: The executor is shutting down (draining): it finishes what it has and takes
+    #: nothing new; retry with another executor.
+    SHUTTING_DOWN = 213
 
     # 3xx: the LLM runtime behind the executor
     #: The backend cannot be reached or is not ready.

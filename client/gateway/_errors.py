@@ -64,6 +64,7 @@ _KIND_OF_CODE: dict[ErrorCode, str] = {
     ErrorCode.RATE_LIMITED: "rate_limited",
     ErrorCode.PEER_LIMIT: "rate_limited",
     ErrorCode.OVER_CAPACITY: "over_capacity",
+    ErrorCode.SHUTTING_DOWN: "no_offer",  # a 503 with Retry-After: the next try goes elsewhere
     ErrorCode.NO_OFFER: "no_offer",
     ErrorCode.PRICE_CAP_EXCEEDED: "invalid_request",  # the executor refused the request's own max_cost or caps
     ErrorCode.UNKNOWN_MODEL: "no_offer",
