@@ -190,7 +190,7 @@ class Catalog:
             if not terms.backends:
                 continue
             plain = terms.name.partition(":")[2] if ":" in terms.name else terms.name
-            refs = [(ref.backend, ref.model or plain, ref.weight) for ref in terms.pool]
+            refs = [(ref.backend, ref.model or plain, ref.weight) for ref in terms.pool if ref.backend in self.names]
             pools.append((terms.name, terms, refs))
             claimed.add(terms.name.casefold())
             member_of.update((n, m.casefold()) for n, m, _ in refs)
@@ -241,6 +241,75 @@ class Catalog:
 
     def _backend(self, name: str) -> Backend:
         return self.backends[self.names.index(name)]
+
+    # ---------------------------------------------------------------- the operator's changes
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        """Take backend ``name`` out of every chain, or put it back (the admin's switch).
+
+        Raises:
+            KeyError: no backend has that name.
+        """
+        self.loads[name].enabled = enabled
+        self._changed()
+
+    def reconfigure(self, config: ExecutorConfig) -> None:
+        """New terms (prices, aliases, categories, pools) from ``config``: the entries are
+        rebuilt (requests under way keep the entry they were admitted with)."""
+        self.config = config
+        self._rebuild()
+        self._changed()
+
+    async def add_backend(self, backend: Backend, name: str, *, timeout: float) -> str | None:
+        """Add ``backend`` under ``name`` and ask it for its models (one deadline,
+        ``timeout``); returns None, or why it starts down (its models are then listed by
+        the next health probe).
+
+        Raises:
+            ValueError: a backend already has that name.
+        """
+        if name in self.names:
+            raise ValueError(f"a backend is already named {name!r}")
+        settings = getattr(backend, "config", None)
+        self.backends.append(backend)
+        self.names.append(name)
+        self.loads[name] = BackendLoad(settings.capacity if isinstance(settings, BackendConfig) else None)
+        if isinstance(settings, BackendConfig):
+            self.charges[name] = ProviderCharge.of(name, settings.provider_price_in, settings.provider_price_out)
+            self.spends[name] = ProviderSpend(name, settings.spend_budget, spent=0, now=time.time(),
+                                              on_change=self._changed)  # fmt: skip
+        answer = await _list_models(backend, timeout=timeout)
+        why = None
+        if isinstance(answer, BackendError):
+            self._down.add(name)
+            why = backend.redactor()(answer.message)
+        else:
+            self._listed[name] = answer
+        self._rebuild()
+        self._changed()
+        return why
+
+    def remove_backend(self, name: str) -> Backend:
+        """Take backend ``name`` out of the catalog (every pool loses it; requests under
+        way on it go on); returns it, for the caller to close once they are done.
+
+        Raises:
+            KeyError: no backend has that name.
+        """
+        if name not in self.names:
+            raise KeyError(name)
+        i = self.names.index(name)
+        backend = self.backends.pop(i)
+        self.names.pop(i)
+        self._listed.pop(name, None)
+        self._down.discard(name)
+        self.charges.pop(name, None)
+        self.spends.pop(name, None)
+        for key in [k for k in self._members if k[1] == name]:
+            del self._members[key]
+        self._rebuild()
+        self._changed()
+        return backend
 
     def by_name(self) -> list[str]:
         """Every advertised model name (not aliases)."""

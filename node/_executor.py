@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -28,6 +29,7 @@ from loomnet.client import (
 )
 from loomnet.protocol import INFER_PROTOCOL, INFER_SESSION_PROTOCOL, ModelOffer, SigningKey
 
+from ._admin import Admin
 from ._advertiser import Advertiser
 from ._catalog import Catalog
 from ._metrics import ExecutorMetrics
@@ -65,10 +67,16 @@ class Executor:
     """
 
     def __init__(
-        self, config: ExecutorConfig, *, key: SigningKey | None = None, backends: list[Backend] | None = None
+        self, config: ExecutorConfig, *, key: SigningKey | None = None, backends: list[Backend] | None = None,
+        overlay_path: Path | None = None,
     ) -> None:
         self.config = config
         self.home = (Path(config.data_dir).expanduser() if config.data_dir else default_data_dir()) / "executor"
+        #: the admin's changes (``_admin``): next to the TOML (the CLI says where), else here
+        self.overlay_path = overlay_path or self.home / "admin.json"
+        self.admin: Admin | None = None
+        self._nursery: trio.Nursery | None = None
+        self._redactor: Redactor | None = None
         self.key = key or load_or_create_identity(self.home / "identity.key")
         self._backends = backends
         self.server: InferenceServer | None = None
@@ -129,6 +137,31 @@ class Executor:
                     self.key.peer_id, self.server.active if self.server else 0, grace)  # fmt: skip
         return False
 
+    def add_redaction(self, redactor: Redactor) -> None:
+        """Keep a backend added at runtime's secrets out of every log line too."""
+        if self._redactor is not None:
+            self._redactor.extend(redactor)
+
+    def close_later(self, backend: Backend, done: Callable[[], bool], *, within: float = 30.0) -> None:
+        """Close a removed ``backend`` once ``done()`` (its requests ended), or after
+        ``within`` seconds, in the executor's own nursery."""
+
+        async def close() -> None:
+            with trio.move_on_after(within):
+                while not done():
+                    await trio.sleep(0.1)
+            with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                await backend.aclose()
+
+        if self._nursery is not None:
+            self._nursery.start_soon(close)
+
+    def start_drain(self) -> None:
+        """:meth:`drain` in the background (the admin's drain): the executor then
+        refuses new requests until it is restarted."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self.drain)
+
     def ready(self) -> str | None:
         """None when the executor can serve; else why not (``/readyz``)."""
         if self.info is None or self.catalog is None:
@@ -167,7 +200,7 @@ class Executor:
         ledger = await Ledger.open(self.home / "ledger.sqlite")
         backends = self._make_backends()
         # every configured secret, in every form, leaves every log record (tracebacks too)
-        redactor = Redactor()
+        redactor = self._redactor = Redactor()
         for source in (*backends, *cfg.backends):
             redactor.extend(source.redactor())
         stop_redacting = install_log_redaction(redactor)
@@ -202,7 +235,12 @@ class Executor:
                     max_streams_per_peer=cfg.max_streams_per_peer,
                     refuse=server.intake.refuse_stream,  # PEER_LIMIT
                 )
+            self.admin = Admin(self, overlay_path=self.overlay_path, audit_path=self.home / "audit.log")
+            for name in self.admin.overlay.disabled:  # switched off by the admin before a restart
+                if name in catalog.names:
+                    catalog.set_enabled(name, False)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 node_info = await nursery.start(member.run)
                 self.advertiser = Advertiser(
                     self.key, member, catalog, cfg, load=lambda: server.load, addrs=lambda: list(node_info.addrs)

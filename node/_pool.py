@@ -51,6 +51,8 @@ class BackendLoad:
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
         self.in_flight = 0
+        #: the operator's switch (admin ``disable``): a disabled backend is in no chain
+        self.enabled = True
         #: the error code's name (or exception class) of its last failure, any pool
         self.last_error: str | None = None
 
@@ -89,9 +91,9 @@ class PoolMember:
 
     @property
     def available(self) -> bool:
-        """Healthy, its breaker lets a request through, and its budget is not spent."""
+        """Enabled, healthy, its breaker lets a request through, its budget not spent."""
         spent = self.spend is not None and self.spend.exhausted(now=time.time())
-        return self.healthy and not spent and self.breaker.allows()
+        return self.load.enabled and self.healthy and not spent and self.breaker.allows()
 
 
 class MemberStatistics(msgspec.Struct, frozen=True, kw_only=True):

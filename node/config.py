@@ -39,7 +39,7 @@ from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
 from ._response_cache import CacheTerms
 
-__all__ = ["ExecutorConfig", "ModelTerms", "OperatorConfig", "PoolBackend", "load_config"]
+__all__ = ["ExecutorConfig", "ModelTerms", "OperatorConfig", "PoolBackend", "expand_secrets", "load_config"]
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -386,6 +386,16 @@ def _expand_secrets(value: object, where: str, environ: Mapping[str, str]) -> ob
     return value
 
 
+def expand_secrets(value: object, where: str, environ: Mapping[str, str]) -> object:
+    """Replace every ``${VAR}`` in the strings under ``value`` from ``environ``.
+
+    Raises:
+        ConfigError: a variable is not set, or holds a control character (naming it,
+            never its value).
+    """
+    return _expand_secrets(value, where, environ)
+
+
 def _llm_zero_config(raw: dict[str, object], environ: Mapping[str, str]) -> None:
     """Apply the LLM_* variables when the file configures no backend."""
     if raw.get("backends"):
@@ -421,8 +431,10 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     return overrides
 
 
-def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None) -> ExecutorConfig:
-    """Read ``path`` (TOML; None = defaults), apply ``LOOMNET_*`` overrides, validate.
+def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None,
+                overlay: object | None = None) -> ExecutorConfig:
+    """Read ``path`` (TOML; None = defaults), apply ``LOOMNET_*`` overrides and the
+    admin's ``overlay`` (``_admin.AdminOverlay``), validate.
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown key, wrong type or bad value;
@@ -440,6 +452,10 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {where} is not valid TOML: {exc}") from None
     raw.update(_env_overrides(environ))
+    if overlay is not None:  # the admin's changes at runtime, persisted (``_admin``)
+        from ._admin import apply_overlay
+
+        raw = apply_overlay(raw, overlay)  # type: ignore[arg-type]
     try:
         _llm_zero_config(raw, environ)
         if isinstance(raw.get("backends"), list):

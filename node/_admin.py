@@ -1,0 +1,318 @@
+"""The operator's changes at runtime: add, update, remove, enable and disable backends,
+set a model's price, aliases and categories, drain. Applied at once (the next advert
+shows them), persisted as an **overlay**, and written to an **audit log**.
+
+The overlay (:class:`AdminOverlay`, JSON) lives next to the executor's TOML
+(``executor.toml`` → ``executor.admin.json``), or in the executor's data folder when it
+runs without one. It holds backend tables as the operator sent them: a secret is a
+``${VAR}`` reference there, expanded from the executor's environment when applied, and
+an admin request carrying a literal key is refused, so no secret is ever written to
+disk. At start the overlay is applied over the TOML (:func:`apply_overlay`), so the
+precedence is: the admin's changes, then the TOML, then the ``LOOMNET_*`` environment
+overrides (which set top-level scalars only; the admin changes backends and models).
+
+The audit log (``<data-dir>/executor/audit.log``) gets one JSON line per action: when
+(UTC, ISO-8601), who (``admin``: the bearer of the admin token), what, on what, and the
+change without secrets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from loomnet.protocol import ConfigError
+
+from .backends._config import BackendConfig
+from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
+from .config import ExecutorConfig, ModelTerms, expand_secrets
+
+__all__ = ["Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "load_overlay", "overlay_path_for"]
+
+log = logging.getLogger("loomnet.admin")
+
+_REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+#: backend table keys whose value is a secret: only a ``${VAR}`` reference is accepted
+_SECRET_KEYS = ("api-key",)
+
+
+class AdminError(Exception):
+    """An admin request that cannot be applied; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class ModelChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
+    """What an admin sets on one model (None: left as it is)."""
+
+    price_in: float | None = None
+    price_out: float | None = None
+    aliases: list[str] | None = None
+    categories: list[str] | None = None
+
+
+class AdminOverlay(msgspec.Struct, kw_only=True):
+    """The admin's changes over the TOML (see the module doc)."""
+
+    version: int = 1
+    #: backend tables added or updated, as sent (kebab-case keys, secrets as ``${VAR}``)
+    backends: list[dict[str, Any]] = []
+    #: names of the TOML's backends the admin removed
+    removed: list[str] = []
+    #: names of backends switched off
+    disabled: list[str] = []
+    #: per model name
+    models: dict[str, ModelChange] = {}
+
+
+def overlay_path_for(config_path: str | os.PathLike | None, home: Path) -> Path:
+    """Next to the TOML (``x.toml`` → ``x.admin.json``), else ``<home>/admin.json``."""
+    if config_path is None:
+        return home / "admin.json"
+    path = Path(config_path)
+    return path.with_name(path.stem + ".admin.json")
+
+
+def load_overlay(path: Path) -> AdminOverlay:
+    """The overlay at ``path``; an empty one when there is none.
+
+    Raises:
+        ConfigError: the file is unreadable or not an overlay (naming the file).
+    """
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=AdminOverlay)
+    except FileNotFoundError:
+        return AdminOverlay()
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ConfigError(f"admin overlay {path}: {exc}") from None
+
+
+def _label(table: dict[str, Any]) -> str:
+    return str(table.get("name") or table.get("provider") or "")
+
+
+def apply_overlay(raw: dict[str, Any], overlay: AdminOverlay) -> dict[str, Any]:
+    """The raw TOML dict with the admin's changes: removed backends gone (and out of
+    every model's ``backends``), added or updated ones in (replacing one of the same
+    name), model terms merged into ``[[models]]``."""
+    replaced = {_label(t) for t in overlay.backends}
+    gone = set(overlay.removed)
+    backends = [t for t in raw.get("backends", []) if isinstance(t, dict) and _label(t) not in replaced | gone]
+    backends += [dict(t) for t in overlay.backends if _label(t) not in gone]
+    models = [dict(m) for m in raw.get("models", []) if isinstance(m, dict)]
+    for entry in models:
+        if isinstance(entry.get("backends"), list):
+            entry["backends"] = [b for b in entry["backends"]
+                                 if (b if isinstance(b, str) else b.get("backend")) not in gone]  # fmt: skip
+    for name, change in overlay.models.items():
+        entry = next((m for m in models if m.get("name") == name), None)
+        if entry is None:
+            entry = {"name": name}
+            models.append(entry)
+        entry.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+    out = dict(raw)
+    if backends or "backends" in raw or overlay.backends:
+        out["backends"] = backends
+    out["models"] = models
+    return out
+
+
+class Admin:
+    """The admin actions of one running executor (see the module doc). ``executor``
+    is the ``Executor``: its catalog, config, advertiser and nursery."""
+
+    def __init__(self, executor, *, overlay_path: Path, audit_path: Path,
+                 environ: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.executor = executor
+        self.overlay_path = overlay_path
+        self.audit_path = audit_path
+        self.overlay = load_overlay(overlay_path)
+        self._environ = environ
+        self._lock = trio.Lock()
+
+    # ---------------------------------------------------------------- reading
+
+    def backends(self) -> list[dict[str, Any]]:
+        catalog = self.executor.catalog
+        out = []
+        for name, backend in zip(catalog.names, catalog.backends):
+            models = sorted({e.offer.name for e in catalog.entries if e.pool is not None
+                             for m in e.pool.members if m.name == name})  # fmt: skip
+            out.append({"name": name, "kind": backend.kind, "enabled": catalog.loads[name].enabled,
+                        "healthy": catalog.is_up(backend), "on_premise": backend.on_premise, "models": models})  # fmt: skip
+        return out
+
+    # ---------------------------------------------------------------- backends
+
+    async def add_backend(self, table: dict[str, Any]) -> dict[str, Any]:
+        """Add a backend (or replace the one of the same ``name``) from a ``[[backends]]``
+        table; returns its entry in :meth:`backends`, with ``down`` saying why it
+        starts down, if it does.
+
+        Raises:
+            AdminError: no name, a literal secret, an invalid table, a hosted backend
+                on an on-premise-only executor, an unset ``${VAR}``.
+        """
+        async with self._lock:
+            name = table.get("name")
+            if not isinstance(name, str) or not name:
+                raise AdminError("a backend added at runtime needs a name")
+            for key in _SECRET_KEYS:
+                if key in table and not (isinstance(table[key], str) and _REFERENCE.match(table[key])):
+                    raise AdminError(f"{key} must be a ${{VAR}} reference to the executor's environment, never the "
+                                     "secret itself (the overlay is written to disk)")  # fmt: skip
+            config = self._backend_config(table)
+            catalog = self.executor.catalog
+            if name in catalog.names:
+                await self._remove(name, persist=False)
+            backend = make_backend(config, embedded=self.executor.config.embedded)
+            self.executor.add_redaction(backend.redactor())
+            why = await catalog.add_backend(backend, name, timeout=self.executor.config.list_models_timeout)
+            self.overlay.backends = [t for t in self.overlay.backends if _label(t) != name] + [dict(table)]
+            self.overlay.removed = [n for n in self.overlay.removed if n != name]
+            await self._save("add backend", name, {k: v for k, v in table.items() if k not in _SECRET_KEYS})
+            entry = next(b for b in self.backends() if b["name"] == name)
+            return {**entry, "down": why}
+
+    async def remove_backend(self, name: str) -> None:
+        """Remove a backend: out of every pool at once; requests under way on it go on
+        (it is closed once they are done, within 30 s).
+
+        Raises:
+            AdminError: no such backend (404).
+        """
+        async with self._lock:
+            await self._remove(name, persist=True)
+
+    async def _remove(self, name: str, *, persist: bool) -> None:
+        catalog = self.executor.catalog
+        if name not in catalog.names:
+            raise AdminError(f"no backend named {name[:64]!r}", status=404)
+        load = catalog.loads[name]
+        backend = catalog.remove_backend(name)
+        self._set_config(_without_backend(self.executor.config, name))
+        self.executor.close_later(backend, lambda: load.in_flight == 0)
+        if persist:
+            self.overlay.backends = [t for t in self.overlay.backends if _label(t) != name]
+            if name not in self.overlay.removed:
+                self.overlay.removed.append(name)
+            self.overlay.disabled = [n for n in self.overlay.disabled if n != name]
+            await self._save("remove backend", name, {})
+
+    async def set_enabled(self, name: str, enabled: bool) -> None:
+        """Switch a backend on or off (off: in no chain; its health probe goes on).
+
+        Raises:
+            AdminError: no such backend (404).
+        """
+        async with self._lock:
+            catalog = self.executor.catalog
+            if name not in catalog.names:
+                raise AdminError(f"no backend named {name[:64]!r}", status=404)
+            catalog.set_enabled(name, enabled)
+            self.overlay.disabled = [n for n in self.overlay.disabled if n != name] + ([] if enabled else [name])
+            await self._save("enable backend" if enabled else "disable backend", name, {})
+
+    # ---------------------------------------------------------------- models
+
+    async def set_model(self, name: str, change: ModelChange) -> None:
+        """Set a model's price, aliases or categories; the next advert shows them.
+
+        Raises:
+            AdminError: an invalid value (a price out of range...).
+        """
+        async with self._lock:
+            config = self.executor.config
+            models = list(config.models)
+            i = next((k for k, m in enumerate(models) if m.name == name), None)
+            base = msgspec.to_builtins(models[i] if i is not None else ModelTerms(name=name))
+            base.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+            try:
+                terms = msgspec.convert(base, ModelTerms)
+            except (msgspec.ValidationError, ValueError) as exc:
+                raise AdminError(f"model {name[:64]!r}: {exc}") from None
+            if i is None:
+                models.append(terms)
+            else:
+                models[i] = terms
+            self._set_config(msgspec.structs.replace(config, models=models))
+            merged = msgspec.to_builtins(self.overlay.models.get(name, ModelChange()))
+            merged.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+            self.overlay.models[name] = msgspec.convert(merged, ModelChange)
+            await self._save("set model", name, msgspec.to_builtins(change))
+
+    async def drain(self) -> None:
+        """Stop taking requests (SHUTTING_DOWN) and let those in flight finish."""
+        await self._audit("drain", None, {})
+        self.executor.start_drain()
+
+    # ---------------------------------------------------------------- internals
+
+    def _backend_config(self, table: dict[str, Any]) -> BackendConfig:
+        environ = self._environ if self._environ is not None else dict(os.environ)
+        try:
+            expanded = expand_secrets(table, f"backend {_label(table)!r}", environ)
+            config = msgspec.convert(expanded, BackendConfig, strict=False)
+        except ConfigError as exc:
+            raise AdminError(exc.message) from None
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise AdminError(f"backend {_label(table)[:64]!r}: {exc}") from None
+        if self.executor.config.on_premise_only and canonical_provider(config.provider) in HOSTED_PROVIDERS:
+            raise AdminError(f"this executor is on-premise-only: backend {config.label!r} ({config.provider}) is a "
+                             "hosted API")  # fmt: skip
+        return config
+
+    def _set_config(self, config: ExecutorConfig) -> None:
+        try:
+            config = msgspec.convert(msgspec.to_builtins(config), ExecutorConfig)  # every check of a loaded config
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise AdminError(str(exc)) from None
+        self.executor.config = config
+        self.executor.catalog.reconfigure(config)
+        if self.executor.server is not None:
+            self.executor.server.config = config
+
+    async def _save(self, action: str, target: str | None, change: dict[str, Any]) -> None:
+        data = msgspec.json.format(msgspec.json.encode(self.overlay), indent=2)
+
+        def write() -> None:
+            self.overlay_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.overlay_path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(self.overlay_path)
+
+        await trio.to_thread.run_sync(write)
+        await self._audit(action, target, change)
+
+    async def _audit(self, action: str, target: str | None, change: dict[str, Any]) -> None:
+        line = json.dumps({"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "who": "admin",
+                           "action": action, "target": target, "change": change}, default=str) + "\n"  # fmt: skip
+
+        def append() -> None:
+            self.audit_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.audit_path.open("a") as f:
+                f.write(line)
+
+        await trio.to_thread.run_sync(append)
+        log.warning("admin: %s %s", action, target or "")
+
+
+def _without_backend(config: ExecutorConfig, name: str) -> ExecutorConfig:
+    """``config`` less backend ``name``: out of ``backends`` and every model's pool."""
+    backends = [b for b in config.backends if b.label != name]
+    models = []
+    for terms in config.models:
+        kept = [b for b in terms.backends if (b if isinstance(b, str) else b.backend) != name]
+        models.append(msgspec.structs.replace(terms, backends=kept) if kept != list(terms.backends) else terms)
+    return msgspec.structs.replace(config, backends=backends, models=models)
