@@ -52,7 +52,10 @@ def _reading(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _open(data_dir, side, status, account, since, until) -> tuple[str, Path, dict[str, Any]]:
+def _open(
+    data_dir: str | None, side: str | None, status: str | None, account: str | None, since: float | None,
+    until: float | None,
+) -> tuple[str, Path, dict[str, Any]]:
     """(side, ledger file, the ``Ledger`` query filters) for the options given.
 
     Raises:

@@ -285,3 +285,12 @@ def test_export_that_cannot_write_leaves_nothing(home, tmp_path):
     result = run("export", "--data-dir", str(folder), "--csv", str(tmp_path / "missing" / "x.csv"), code=1)
     assert result.output.startswith(f"Error: could not write {tmp_path / 'missing' / 'x.csv'}")
     assert result.output.count("\n") == 1
+
+
+def test_the_docs_list_the_export_columns_in_order():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "ledger.md").read_text()
+    table = text.split("| column | what |", 1)[1].split("\n\n", 1)[0]
+    documented = [line.split("`")[1] for line in table.splitlines() if line.startswith("| `")]
+    assert documented == list(CSV_COLUMNS)
