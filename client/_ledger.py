@@ -43,7 +43,7 @@ import re
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import msgspec
 import trio
@@ -52,8 +52,8 @@ from loomnet.protocol import Envelope, InvalidRequest, LedgerError, Receipt, Rec
 
 from ._ledger_writes import GroupCommit, LedgerStatistics
 
-__all__ = ["ACCOUNT_MAX_CHARS", "Ledger", "LedgerEntry", "LedgerStatistics", "LedgerTotals", "Margin", "STATUSES",
-           "check_account"]
+__all__ = ["ACCOUNT_MAX_CHARS", "GROUPINGS", "GroupTotals", "Grouping", "Ledger", "LedgerCursor", "LedgerEntry",
+           "LedgerPage", "LedgerStatistics", "LedgerTotals", "Margin", "STATUSES", "check_account"]
 
 #: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
 SCHEMA_VERSION = 5
@@ -558,3 +558,126 @@ class Ledger:
         with trio.CancelScope(shield=True), _map_sqlite_errors("close"):
             await self._writes.wait_idle()
             await trio.to_thread.run_sync(close, limiter=self._limiter)
+
+    # ------------------------------------------------------------------------------------
+    # Queries for ``loomnet ledger`` list, totals and export (node/_cli_ledger*.py; docs/ledger.md).
+    # Add further read-only queries here; the structs they return follow the class.
+    # Every window is over ``recorded_at`` (this side's clock, seconds since the epoch):
+    # ``since`` inclusive, ``until`` exclusive, None unbounded. SQL is parameterised; the
+    # only text put into a statement comes from the fixed ``_GROUPS`` table.
+    # ------------------------------------------------------------------------------------
+
+    async def totals_by(
+        self,
+        group: Grouping,
+        *,
+        since: float | None = None,
+        until: float | None = None,
+        status: str | None = None,
+        account: str | None = None,
+    ) -> list[GroupTotals]:
+        """Counts and sums (tokens; ``cost`` in micro-credits) per ``group``, ordered by
+        its key: ``"day"`` the UTC date a row was recorded (``YYYY-MM-DD``), ``"model"``,
+        ``"peer"`` the other side's peer id (the client on an executor's row, the executor
+        on a client's), ``"account"`` (None: the client's own requests; every executor row).
+        Only rows in the window, with ``status`` and under ``account`` when given.
+
+        Raises:
+            ValueError: an unknown group or status, ``since`` after ``until``;
+                ``InvalidRequest`` (a ``ValueError``) for a bad account name.
+        """
+        if group not in _GROUPS:
+            raise ValueError(f"group must be one of {GROUPINGS}, not {group!r}")
+        where, params = _window(status, account, since, until)
+        sql = f"SELECT {_GROUPS[group]} AS key, {_SUMS} FROM receipts{where} GROUP BY key ORDER BY key"
+        _, rows = await self._query("sum receipts", sql, params)
+        return [GroupTotals(*row) for row in rows]
+
+    async def page(
+        self,
+        *,
+        after: LedgerCursor | None = None,
+        limit: int = 500,
+        newest_first: bool = False,
+        since: float | None = None,
+        until: float | None = None,
+        status: str | None = None,
+        account: str | None = None,
+    ) -> LedgerPage:
+        """Up to ``limit`` entries in the order they were recorded (``newest_first``: the
+        reverse), starting after ``after`` (the previous page's ``next``; None: from the
+        start), filtered as :meth:`totals_by`. Pages are keyed on (``recorded_at``,
+        rowid), never on offsets, so each costs the same however deep it is, and rows
+        booked meanwhile are neither skipped nor repeated (in recording order they come
+        last). ``next`` is None when no row follows this page.
+
+        Raises:
+            ValueError: ``limit`` below 1, an unknown status, ``since`` after ``until``;
+                ``InvalidRequest`` (a ``ValueError``) for a bad account name.
+        """
+        if limit < 1:
+            raise ValueError("a page holds at least one entry")
+        where, params = _window(status, account, since, until)
+        order, beyond = ("DESC", "<") if newest_first else ("ASC", ">")
+        if after is not None:
+            cursor = f"(recorded_at {beyond} ? OR (recorded_at = ? AND rowid {beyond} ?))"
+            where = f"{where} AND {cursor}" if where else f" WHERE {cursor}"
+            params = (*params, after.recorded_at, after.recorded_at, after.rowid)
+        sql = (f"SELECT rowid, {', '.join(_COLUMNS)} FROM receipts{where} "
+               f"ORDER BY recorded_at {order}, rowid {order} LIMIT ?")  # fmt: skip
+        _, rows = await self._query("list receipts", sql, (*params, limit + 1))
+        entries = [LedgerEntry(**dict(zip(_COLUMNS, row[1:]))) for row in rows[:limit]]
+        last = rows[limit - 1] if len(rows) > limit else None
+        return LedgerPage(entries, None if last is None else LedgerCursor(entries[-1].recorded_at, last[0]))
+
+
+#: How :meth:`Ledger.totals_by` groups; each maps to a fixed SQL expression, never to input.
+Grouping = Literal["day", "model", "peer", "account"]
+_GROUPS: dict[str, str] = {
+    "day": "strftime('%Y-%m-%d', recorded_at, 'unixepoch')",
+    "model": "model",
+    "peer": "CASE role WHEN 'executor' THEN client ELSE executor END",
+    "account": "account",
+}
+GROUPINGS: tuple[str, ...] = tuple(_GROUPS)
+
+
+class GroupTotals(msgspec.Struct, frozen=True):
+    """Sums over the receipts of one group (:meth:`Ledger.totals_by`); ``cost`` in micro-credits."""
+
+    #: the day, model, peer id or account; None: no account (the client's own, or an executor row)
+    key: str | None
+    receipts: int
+    input_tokens: int
+    output_tokens: int
+    cost: int
+
+
+class LedgerCursor(msgspec.Struct, frozen=True):
+    """Where a :class:`LedgerPage` ended: its last row's ``recorded_at`` and SQLite rowid."""
+
+    recorded_at: float
+    rowid: int
+
+
+class LedgerPage(msgspec.Struct, frozen=True):
+    """One page of :meth:`Ledger.page`; pass ``next`` as ``after`` for the following one."""
+
+    entries: list[LedgerEntry]
+    #: None: this was the last page
+    next: LedgerCursor | None
+
+
+def _window(
+    status: str | None, account: str | None, since: float | None, until: float | None
+) -> tuple[str, tuple[object, ...]]:
+    """:func:`_filter`'s WHERE clause and parameters, with ``recorded_at < until`` added."""
+    if since is not None and until is not None and since > until:
+        raise ValueError(f"the window starts ({since}) after it ends ({until})")
+    where, params = _filter(status, account, since)
+    if until is None:
+        return where, params
+    return (f"{where} AND recorded_at < ?" if where else " WHERE recorded_at < ?"), (*params, until)
+
+
+# ---------------------------------------------------- end of the queries for ``loomnet ledger``

@@ -1,7 +1,8 @@
 """``loomnet ledger``: what the ledger says, without a running node.
 
-``loomnet ledger margins`` (the executor's side): per model and per backend, over the
-current UTC day, week or month (or everything), what clients were billed and what the
+``list``, ``totals`` and ``export`` read either side's ledger (``_cli_ledger_read``;
+docs/ledger.md). ``margins`` (the executor's side): per model and per backend, over
+the current UTC day, week or month (or everything), what clients were billed and what the
 backends' providers charged: the operator's margin (``Ledger.margins``; docs/backends.md,
 "Provider spend"). It opens ``<data-dir>/executor/ledger.sqlite`` (``--data-dir``, else
 ``$LOOMNET_DATA_DIR``, else ``~/.local/share/loomnet``) alongside a running executor
@@ -22,6 +23,8 @@ import trio
 from loomnet.client import Ledger, default_data_dir
 from loomnet.client._budget import period_bounds
 
+from ._cli_ledger_read import export, list_receipts, totals
+
 __all__ = ["ledger"]
 
 _MICRO = 1_000_000
@@ -29,7 +32,12 @@ _MICRO = 1_000_000
 
 @click.group()
 def ledger() -> None:
-    """Read the ledger: what was billed, what providers charged."""
+    """Read a ledger: receipts, totals, a CSV export; the executor's margins."""
+
+
+ledger.add_command(list_receipts)
+ledger.add_command(totals)
+ledger.add_command(export)
 
 
 @ledger.command()
