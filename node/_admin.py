@@ -33,7 +33,7 @@ from loomnet.protocol import ConfigError
 
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
-from .config import ExecutorConfig, ModelTerms, expand_secrets
+from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
 __all__ = ["Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "load_overlay", "overlay_path_for"]
 
@@ -60,6 +60,9 @@ class ModelChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     price_out: float | None = None
     aliases: list[str] | None = None
     categories: list[str] | None = None
+    #: which backends serve it, in order (``[[models]] backends``): switch or reorder
+    backends: list[str | PoolBackend] | None = None
+    strategy: str | None = None
 
 
 class AdminOverlay(msgspec.Struct, kw_only=True):
@@ -179,6 +182,9 @@ class Admin:
             backend = make_backend(config, embedded=self.executor.config.embedded)
             self.executor.add_redaction(backend.redactor())
             why = await catalog.add_backend(backend, name, timeout=self.executor.config.list_models_timeout)
+            current = self.executor.config
+            known = [b for b in current.effective_backends if b.label != name]
+            self._set_config(msgspec.structs.replace(current, backends=[*known, config]))
             self.overlay.backends = [t for t in self.overlay.backends if _label(t) != name] + [dict(table)]
             self.overlay.removed = [n for n in self.overlay.removed if n != name]
             await self._save("add backend", name, {k: v for k, v in table.items() if k not in _SECRET_KEYS})

@@ -22,7 +22,7 @@ import hmac
 import logging
 import socket
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 import trio
@@ -34,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ._admin import AdminError, ModelChange
 from ._metrics import CONTENT_TYPE
 from .config import OperatorConfig
 
@@ -84,6 +85,39 @@ def operator_app(executor) -> Starlette:
         log.warning("admin: backend %s spend budget set to %d micro-credits", name, body.amount)
         return Response(msgspec.json.encode(spend.statistics(now=time.time())), media_type=_JSON)
 
+    async def admin(request: Request) -> Response:
+        """The admin routes (``_admin``), each behind the admin token."""
+        refusal = _admin_refusal(request, executor.config.operator.admin_token)
+        if refusal is not None:
+            return refusal
+        actions = executor.admin
+        name = request.path_params.get("name", "")
+        verb = request.path_params.get("verb")
+        try:
+            if request.method == "GET":
+                return JSONResponse({"backends": actions.backends()})
+            if request.url.path == "/admin/drain":
+                await actions.drain()
+                return JSONResponse({"state": "draining"})
+            if request.url.path.startswith("/admin/models/"):
+                change = msgspec.json.decode(await request.body() or b"{}", type=ModelChange)
+                await actions.set_model(name, change)
+                return JSONResponse({"model": name, "set": msgspec.to_builtins(change)})
+            if request.method == "DELETE":
+                await actions.remove_backend(name)
+                return JSONResponse({"removed": name})
+            if verb in ("enable", "disable"):
+                await actions.set_enabled(name, verb == "enable")
+                return JSONResponse({"backend": name, "enabled": verb == "enable"})
+            table = msgspec.json.decode(await request.body(), type=dict[str, Any])
+            if name:  # update: the sent keys over the backend's current table
+                table = {**_current_table(executor, name), **table, "name": name}
+            return JSONResponse(await actions.add_backend(table))
+        except AdminError as exc:
+            return JSONResponse({"error": exc.message[:500]}, status_code=exc.status)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return JSONResponse({"error": str(exc)[:300]}, status_code=400)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no such page: {request.method} {request.url.path[:100]}; "
                              "try /status, /metrics, /healthz, /readyz"}, status_code=404)  # fmt: skip
@@ -91,11 +125,33 @@ def operator_app(executor) -> Starlette:
     app = Starlette(
         routes=[Route("/status", status), Route("/metrics", metrics), Route("/healthz", healthz),
                 Route("/readyz", readyz),
-                Route("/admin/backends/{name}/spend-budget", spend_budget, methods=["POST"])],
+                Route("/admin/backends/{name}/spend-budget", spend_budget, methods=["POST"]),
+                Route("/admin/backends", admin, methods=["GET", "POST"]),
+                Route("/admin/backends/{name}", admin, methods=["PATCH", "DELETE"]),
+                Route("/admin/backends/{name}/{verb:str}", admin, methods=["POST"]),
+                Route("/admin/models/{name:path}", admin, methods=["PATCH"]),
+                Route("/admin/drain", admin, methods=["POST"])],
         exception_handlers={404: not_found, 405: not_found},
     )  # fmt: skip
     app.router.redirect_slashes = False
     return app
+
+
+def _current_table(executor, name: str) -> dict[str, Any]:
+    """The ``[[backends]]`` table a backend was configured with (secrets as the
+    overlay holds them: ``${VAR}``), for an update to merge into.
+
+    Raises:
+        AdminError: no such backend (404), or one the TOML configures whose table the
+            admin does not hold (send the whole table to replace it).
+    """
+    if name not in executor.catalog.names:
+        raise AdminError(f"no backend named {name[:64]!r}", status=404)
+    table = next((t for t in executor.admin.overlay.backends if t.get("name") == name), None)
+    if table is None:
+        raise AdminError(f"backend {name!r} comes from the TOML: send its whole table (POST /admin/backends) "
+                         "to replace it")  # fmt: skip
+    return dict(table)
 
 
 class _BudgetChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -21,7 +21,7 @@ from typing import NoReturn
 import click
 import trio
 
-from loomnet.client import BudgetConfig, ClientConfig, ReasoningDelta, TextDelta, open_client
+from loomnet.client import BudgetConfig, ClientConfig, ReasoningDelta, TextDelta, default_data_dir, open_client
 from loomnet.protocol import ChatMessage, ErrorCode, LoomError, credits_to_micro
 
 # Importing loomnet makes ~55,000 objects the cyclic GC tracks, nearly all alive until
@@ -98,8 +98,13 @@ async def _executor_main(config_path: str | None) -> None:
     from ._executor import Executor  # here: the client commands never need it
     from .config import load_config
 
-    config = load_config(config_path)
-    node = Executor(config)
+    from ._admin import load_overlay, overlay_path_for
+
+    probe = load_config(config_path)  # where the data folder is, for the overlay without a TOML
+    home = (Path(probe.data_dir).expanduser() if probe.data_dir else default_data_dir()) / "executor"
+    overlay_path = overlay_path_for(config_path, home)
+    config = load_config(config_path, overlay=load_overlay(overlay_path))  # the admin's changes win
+    node = Executor(config, overlay_path=overlay_path)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             info = await nursery.start(node.run)

@@ -1,0 +1,134 @@
+"""The operator's admin actions at runtime, end to end: a real executor loaded from a
+TOML (two fake OpenAI-compatible runtimes on loopback), a real client over py-libp2p.
+Refused without the token; a backend added (its key a ${VAR}), a model switched to it and
+repriced, a backend disabled: each seen by the client in the next advert and the next
+answer; persisted as an overlay that a restart applies; audit-logged; no secret on disk."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+
+from loomnet.client import ClientConfig, LoomClient
+from loomnet.node import Executor
+from loomnet.node._admin import load_overlay, overlay_path_for
+from loomnet.node.config import load_config
+from loomnet.protocol import ChatMessage
+
+from ..node.asgi_server import serve_app
+from ..node.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "admin-token-0123456789abcdef"
+CANARY = "sk-canary-ADMIN-0123456789abcdef"
+HI = [ChatMessage("user", "hi")]
+
+
+async def run_executor(nursery, tmp_path, desk_url: str, env: dict[str, str]) -> Executor:
+    path = tmp_path / "executor.toml"
+    path.write_text(f'''data-dir = "{tmp_path / 'data'}"
+listen = ["/ip4/127.0.0.1/tcp/0"]
+announce-local = false
+health-interval = 600.0
+
+[operator]
+port = 0
+admin-token = "${{ADMIN_TOKEN}}"
+
+[[backends]]
+name = "desk"
+provider = "vllm"
+endpoint = "{desk_url}/v1"
+models = ["m1"]
+
+[[models]]
+name = "chat-m"
+price-out = 1.0
+backends = [{{ backend = "desk", model = "m1" }}]
+''')
+    overlay = overlay_path_for(path, tmp_path / "data" / "executor")
+    config = load_config(path, environ=env, overlay=load_overlay(overlay))
+    executor = Executor(config, overlay_path=overlay)
+    await nursery.start(executor.run)
+    return executor
+
+
+async def offer_of(client: LoomClient, name: str, *, price_out: int | None = None, gone: bool = False):
+    """Wait for the client's table to show ``name`` (at ``price_out``), or no ``name``."""
+    with trio.fail_after(30):
+        while True:
+            changed = client.member.table_changed
+            offers = [o for o in client.offers() if o.model.name == name]
+            if gone and not offers:
+                return None
+            if not gone and offers and (price_out is None or offers[0].model.price_out == price_out):
+                return offers[0]
+            await changed.wait()
+
+
+async def test_admin_actions_change_what_clients_see_and_survive_a_restart(nursery, tmp_path, monkeypatch):
+    env = {"ADMIN_TOKEN": TOKEN, "HOSTED_KEY": CANARY}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    desk, hosted = FakeOpenAI(flavour="vllm", pieces=["from desk"]), FakeOpenAI(flavour="vllm", pieces=["from hosted"])
+    desk_url, hosted_url = await serve_app(nursery, desk), await serve_app(nursery, hosted)
+    async with trio.open_nursery() as first:
+        executor = await run_executor(first, tmp_path, desk_url, env)
+        client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[executor.info.addrs[0]],
+                                         discover_local=False, offer_timeout=10.0))  # fmt: skip
+        await first.start(client.run)
+        assert (await client.chat(HI, model="chat-m")).text == "from desk"
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        async with httpx.AsyncClient(base_url=executor.info.operator_url, timeout=30) as http:
+            assert (await http.get("/admin/backends")).status_code == 401
+            assert (await http.post("/admin/drain", headers={"authorization": "Bearer wrong-token-000000"})).status_code == 401
+            table = {"name": "hosted", "provider": "vllm", "endpoint": f"{hosted_url}/v1", "models": ["m1"],
+                     "api-key": "${HOSTED_KEY}"}  # fmt: skip
+            literal = await http.post("/admin/backends", json={**table, "api-key": CANARY}, headers=auth)
+            assert literal.status_code == 400 and "${VAR}" in literal.json()["error"] and CANARY not in literal.text
+            added = await http.post("/admin/backends", json=table, headers=auth)
+            assert added.status_code == 200 and added.json()["down"] is None, added.text
+            # switch chat-m to the new backend and reprice it: the next advert shows the price
+            switched = await http.patch("/admin/models/chat-m", json={"backends": [{"backend": "hosted", "model": "m1"}], "price-out": 3.0},
+                                        headers=auth)  # fmt: skip
+            assert switched.status_code == 200, switched.text
+            await offer_of(client, "chat-m", price_out=3_000_000)
+            assert (await client.chat(HI, model="chat-m")).text == "from hosted"
+            listed = (await http.get("/admin/backends", headers=auth)).json()["backends"]
+            assert {b["name"]: b["models"] for b in listed} == {"desk": ["m1"], "hosted": ["chat-m"]}
+            # disable hosted: chat-m has no backend left and leaves the advert
+            assert (await http.post("/admin/backends/hosted/disable", headers=auth)).status_code == 200
+            await offer_of(client, "chat-m", gone=True)
+            assert (await http.post("/admin/backends/nope/disable", headers=auth)).status_code == 404
+            status = await http.get("/status")
+            assert CANARY not in status.text
+        first.cancel_scope.cancel()
+    overlay_file = tmp_path / "executor.admin.json"
+    audit = (tmp_path / "data" / "executor" / "audit.log").read_text()
+    assert CANARY not in overlay_file.read_text() and CANARY not in audit
+    assert [json.loads(line)["action"] for line in audit.splitlines()] == ["add backend", "set model",
+                                                                          "disable backend"]  # fmt: skip
+    # a restart applies the overlay: hosted is there, disabled; chat-m is hosted's at 3.0
+    async with trio.open_nursery() as second:
+        executor = await run_executor(second, tmp_path, desk_url, env)
+        assert executor.catalog.names == ["desk", "hosted"]
+        assert not executor.catalog.loads["hosted"].enabled
+        assert [o.name for o in executor.catalog.offers] == ["m1"]  # chat-m: its only backend is off
+        async with httpx.AsyncClient(base_url=executor.info.operator_url, timeout=30) as http:
+            auth = {"authorization": f"Bearer {TOKEN}"}
+            assert (await http.post("/admin/backends/hosted/enable", headers=auth)).status_code == 200
+            assert [e.offer.price_out for e in executor.catalog.entries if e.offer.name == "chat-m"] == [3_000_000]
+            assert (await http.delete("/admin/backends/hosted", headers=auth)).status_code == 200
+            assert executor.catalog.names == ["desk"] and "chat-m" not in [o.name for o in executor.catalog.offers]
+            drained = await http.post("/admin/drain", headers=auth)
+            assert drained.status_code == 200
+            with trio.fail_after(10):
+                while executor.ready() != "draining: shutting down":
+                    await trio.sleep(0.01)
+        second.cancel_scope.cancel()
+    overlay = load_overlay(overlay_file)
+    assert overlay.removed == ["hosted"] and overlay.backends == [] and overlay.disabled == []
