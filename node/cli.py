@@ -331,3 +331,5 @@ from ._cli_status import status as _status  # noqa: E402
 main.add_command(_status)
 from ._cli_ledger import ledger as _ledger  # noqa: E402
 main.add_command(_ledger)
+from ._cli_admin import admin as _admin  # noqa: E402
+main.add_command(_admin)

@@ -132,3 +132,45 @@ async def test_admin_actions_change_what_clients_see_and_survive_a_restart(nurse
         second.cancel_scope.cancel()
     overlay = load_overlay(overlay_file)
     assert overlay.removed == ["hosted"] and overlay.backends == [] and overlay.disabled == []
+
+
+async def test_loomnet_admin_drives_the_same_api(nursery, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from loomnet.node.cli import main
+
+    env = {"ADMIN_TOKEN": TOKEN, "HOSTED_KEY": CANARY}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    desk, hosted = FakeOpenAI(flavour="vllm"), FakeOpenAI(flavour="vllm")
+    desk_url, hosted_url = await serve_app(nursery, desk), await serve_app(nursery, hosted)
+    executor = await run_executor(nursery, tmp_path, desk_url, env)
+    url = executor.info.operator_url
+    table = tmp_path / "hosted.toml"
+    table.write_text(f'name = "hosted"\nprovider = "vllm"\nendpoint = "{hosted_url}/v1"\nmodels = ["m1"]\n'
+                     'api-key = "${HOSTED_KEY}"\n')  # fmt: skip
+
+    def run(*args, token: str | None = TOKEN):
+        environ = {"LOOMNET_ADMIN_TOKEN": token} if token else {"LOOMNET_ADMIN_TOKEN": ""}
+        return CliRunner().invoke(main, ["admin", *args, "--url", url], env=environ)
+
+    async def admin(*args, **kw):
+        return await trio.to_thread.run_sync(lambda: run(*args, **kw))
+
+    no_token = await admin("backends", "list", token=None)
+    assert no_token.exit_code == 2 and "LOOMNET_ADMIN_TOKEN" in no_token.output
+    wrong = await admin("backends", "list", token="wrong-token-00000000")
+    assert wrong.exit_code == 1 and "error 401" in wrong.output
+    added = await admin("backends", "add", str(table))
+    assert added.exit_code == 0 and "added hosted" in added.output, added.output
+    listed = await admin("backends", "list")
+    assert "desk" in listed.output and "hosted" in listed.output and CANARY not in listed.output
+    assert (await admin("backends", "disable", "hosted")).exit_code == 0
+    assert "DISABLED" in (await admin("backends", "list")).output
+    priced = await admin("model", "chat-m", "--price-out", "7", "--backend", "desk=m1")
+    assert priced.exit_code == 0, priced.output
+    assert [e.offer.price_out for e in executor.catalog.entries if e.offer.name == "chat-m"] == [7_000_000]
+    budget = await admin("spend-budget", "desk", "5")
+    assert budget.exit_code == 1 and "no spend budget" in budget.output
+    assert (await admin("backends", "remove", "hosted")).exit_code == 0
+    assert (await admin("drain")).exit_code == 0 and executor.draining
