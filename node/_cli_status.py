@@ -71,7 +71,8 @@ def render(s: ExecutorStatus, url: str) -> str:
     for m in s.models:
         ttft = f"{m.ttft * 1000:.0f} ms" if m.ttft is not None else "-"
         lines.append(f"    {m.name:<24} {'offered' if m.offered else 'WITHDRAWN':<9} {m.price_in:g}/{m.price_out:g} "
-                     f"per M  {m.served} served  {m.tokens_per_second:g} tok/s  TTFT {ttft}  ({m.strategy})")  # fmt: skip
+                     f"per M  {m.running} running {m.queued} queued  {m.served} served  {m.tokens_per_second:g} tok/s  "
+                     f"TTFT {ttft}  ({m.strategy})")  # fmt: skip
         if m.cache is not None:
             c = m.cache
             lines.append(f"      cache: {c.hits} hit(s), {c.misses} miss(es), {c.entries} answer(s) held "

@@ -166,6 +166,11 @@ class Slots:
     def statistics(self) -> SlotStatistics:
         return SlotStatistics(capacity=self.capacity, running=self.running, queued=self.queued, **self._counts)
 
+    def load_of(self, name: str) -> tuple[int, int]:
+        """Model ``name``'s generations running now and requests waiting for a slot."""
+        lane = self._lanes.get(name)
+        return (lane.running, lane.waiting) if lane is not None else (0, 0)
+
     def lane(self, name: str, *, capacity: int, max_queue: int) -> Lane:
         """The lane of model ``name``, made with these limits the first time it is asked for."""
         lane = self._lanes.get(name)

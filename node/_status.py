@@ -59,6 +59,9 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     #: generations of it that may run at once, and requests that may wait
     capacity: int
     max_queue: int
+    #: its generations running now, and its requests waiting for a slot now
+    running: int = 0
+    queued: int = 0
     #: measured: output tokens per second (EWMA), time to first token in seconds (EWMA;
     #: None until measured)
     tokens_per_second: float
@@ -137,7 +140,7 @@ def backend_statuses(catalog: Catalog) -> list[BackendStatus]:
 
 
 def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], ttft: dict[str, float],
-                   caches: dict[str, CacheStatistics] | None = None) -> list[ModelStatus]:  # fmt: skip
+                   caches: dict[str, CacheStatistics] | None = None, load=lambda name: (0, 0)) -> list[ModelStatus]:  # fmt: skip
     """``counts``: model -> (receipts, input tokens, output tokens) since start;
     ``caches``: model -> its response cache's statistics."""
     caches = caches or {}
@@ -154,6 +157,7 @@ def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], tt
             ttft=ttft.get(offer.name), served=served, input_tokens=tokens_in, output_tokens=tokens_out,
             strategy=pool.strategy if pool is not None else "priority",
             backends=pool.statistics().members if pool is not None else [], cache=caches.get(offer.name),
+            running=load(offer.name)[0], queued=load(offer.name)[1],
         ))  # fmt: skip
     return out
 

@@ -78,6 +78,7 @@ async def test_status_metrics_and_health_say_what_happened(nursery, tmp_path, mo
     assert (model["name"], model["aliases"], model["categories"], model["price_out"]) == ("chat-m", ["cm"], ["fast"], 2.0)
     assert model["offered"] and model["served"] == 2 and model["output_tokens"] > 0 and model["ttft"] is not None
     assert model["strategy"] == "priority"
+    assert (model["running"], model["queued"]) == (0, 0)  # nothing in flight now
     members = {m["name"]: m for m in model["backends"]}
     assert members["desk"]["breaker"] == "open" and members["desk"]["last_error"] == "OVER_CAPACITY"  # a 503 "overloaded"
     assert (members["desk"]["served"], members["hosted"]["served"]) == (1, 1)

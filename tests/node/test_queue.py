@@ -180,3 +180,19 @@ async def test_a_released_slot_is_released_once(autojump_clock):
 async def test_a_model_capacity_above_the_executor_total_is_held_to_the_total():
     slots, _ = make(capacity=2)
     assert slots.lane("m1", capacity=5, max_queue=1).capacity == 2
+
+
+async def test_load_of_a_model_counts_its_running_and_waiting_requests(autojump_clock):
+    from loomnet.node._queue import Slots
+
+    slots = Slots(capacity=1, queue_timeout=60.0)
+    lane = slots.lane("m", capacity=1, max_queue=4)
+    assert slots.load_of("m") == (0, 0) and slots.load_of("unknown") == (0, 0)
+    held = slots.acquire_nowait(lane)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slots.acquire, lane)
+        await trio.sleep(1)
+        assert slots.load_of("m") == (1, 1)
+        held.release()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
