@@ -4,7 +4,7 @@ shows them), persisted as an **overlay**, and written to an **audit log**.
 
 The overlay (:class:`AdminOverlay`, JSON) lives next to the executor's TOML
 (``executor.toml`` → ``executor.admin.json``), or in the executor's data folder when it
-runs without one. It holds backend tables as the operator sent them: a secret is a
+runs without one or the TOML's folder is read-only (:func:`overlay_path_for`). It holds backend tables as the operator sent them: a secret is a
 ``${VAR}`` reference there, expanded from the executor's environment when applied, and
 an admin request carrying a literal key is refused, so no secret is ever written to
 disk. At start the overlay is applied over the TOML (:func:`apply_overlay`), so the
@@ -80,11 +80,17 @@ class AdminOverlay(msgspec.Struct, kw_only=True):
 
 
 def overlay_path_for(config_path: str | os.PathLike | None, home: Path) -> Path:
-    """Next to the TOML (``x.toml`` → ``x.admin.json``), else ``<home>/admin.json``."""
+    """Next to the TOML (``x.toml`` → ``x.admin.json``) when one is there already or
+    the TOML's folder is writable; else (no TOML, or a read-only ``/etc`` under
+    systemd's ``ProtectSystem`` or a container's read-only root) ``<home>/admin.json``,
+    in the executor's data folder."""
     if config_path is None:
         return home / "admin.json"
     path = Path(config_path)
-    return path.with_name(path.stem + ".admin.json")
+    beside = path.with_name(path.stem + ".admin.json")
+    if beside.exists() or os.access(path.parent, os.W_OK):
+        return beside
+    return home / "admin.json"
 
 
 def load_overlay(path: Path) -> AdminOverlay:

@@ -3,7 +3,8 @@
 Keys are kebab-case in TOML (``advert-interval``); unknown keys are errors, so a typo
 never silently falls back to a default. Any top-level scalar or list setting can be
 overridden from the environment as ``LOOMNET_<NAME>`` (``LOOMNET_LISTEN``,
-``LOOMNET_ADVERT_INTERVAL``, ...); lists are comma-separated.
+``LOOMNET_ADVERT_INTERVAL``, ...); lists are comma-separated. ``[operator]`` keys are
+``LOOMNET_OPERATOR_HOST``, ``_PORT``, ``_ENABLED`` and ``_ADMIN_TOKEN``.
 
 Backends are ``[[backends]]`` tables. Secrets are written ``${ENV_VAR}`` and expanded
 at load; a variable that is not set is an error, never an empty key. Expanded values
@@ -420,8 +421,16 @@ def _llm_zero_config(raw: dict[str, object], environ: Mapping[str, str]) -> None
     raw["backends"] = [backend]
 
 
+#: ``LOOMNET_OPERATOR_*`` variables → ``[operator]`` keys (a container sets these)
+_OPERATOR_VARS = {"LOOMNET_OPERATOR_HOST": "host", "LOOMNET_OPERATOR_PORT": "port",
+                  "LOOMNET_OPERATOR_ENABLED": "enabled", "LOOMNET_OPERATOR_ADMIN_TOKEN": "admin-token"}  # fmt: skip
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, object]:
     overrides: dict[str, object] = {}
+    operator = {key: environ[var].strip() for var, key in _OPERATOR_VARS.items() if environ.get(var, "").strip()}
+    if operator:
+        overrides["operator"] = operator
     for field in msgspec.structs.fields(ExecutorConfig):
         value = environ.get("LOOMNET_" + field.name.upper())
         if value is None or field.name in ("embedded", "models", "backends", "operator"):
@@ -451,7 +460,10 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
             raise ConfigError(f"cannot read config {where}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config {where} is not valid TOML: {exc}") from None
-    raw.update(_env_overrides(environ))
+    env = _env_overrides(environ)
+    if isinstance(env.get("operator"), dict) and isinstance(raw.get("operator"), dict):
+        env["operator"] = {**raw["operator"], **env["operator"]}  # the variables override the table key by key
+    raw.update(env)
     if overlay is not None:  # the admin's changes at runtime, persisted (``_admin``)
         from ._admin import apply_overlay
 

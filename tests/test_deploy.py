@@ -326,14 +326,11 @@ def unit_env() -> dict[str, str]:
 
 
 def drain_seconds(config: ExecutorConfig | None = None) -> float:
-    """How long SIGTERM lets streams in flight finish: a ``*grace*`` setting of the
-    executor's config when it has one, else the CLI's constant."""
+    """How long SIGTERM may take before the process closes its resources: the drain
+    (``drain-timeout``, and the second the CLI allows over it), then the CLI's grace for
+    cancelling what is left."""
     config = config or ExecutorConfig()
-    for f in msgspec.structs.fields(ExecutorConfig):
-        value = getattr(config, f.name)
-        if "grace" in f.name and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return float(cli._SHUTDOWN_GRACE)
+    return float(config.drain_timeout) + 1.0 + float(cli._SHUTDOWN_GRACE)
 
 
 def loomnet_command(argv: list[str]):

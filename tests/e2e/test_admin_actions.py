@@ -174,3 +174,18 @@ async def test_loomnet_admin_drives_the_same_api(nursery, tmp_path, monkeypatch)
     assert budget.exit_code == 1 and "no spend budget" in budget.output
     assert (await admin("backends", "remove", "hosted")).exit_code == 0
     assert (await admin("drain")).exit_code == 0 and executor.draining
+
+
+def test_the_overlay_goes_to_the_data_folder_when_the_tomls_folder_is_read_only(tmp_path, monkeypatch):
+    import os
+
+    toml = tmp_path / "etc" / "executor.toml"
+    toml.parent.mkdir()
+    toml.write_text("")
+    home = tmp_path / "data" / "executor"
+    assert overlay_path_for(toml, home) == tmp_path / "etc" / "executor.admin.json"
+    assert overlay_path_for(None, home) == home / "admin.json"
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # /etc read-only (ProtectSystem=strict)
+    assert overlay_path_for(toml, home) == home / "admin.json"
+    (tmp_path / "etc" / "executor.admin.json").write_text("{}")  # one already there is used
+    assert overlay_path_for(toml, home) == tmp_path / "etc" / "executor.admin.json"

@@ -144,3 +144,14 @@ def test_llm_zero_config_variables():
     assert embedded.effective_backends[0].provider == "embedded"
     e = embedded.embedded
     assert (e.model_path, e.context_size, e.threads, e.max_tokens, e.temperature) == ("/models/x.gguf", 4096, 1, 64, 0.5)
+
+
+def test_operator_settings_from_the_environment(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[operator]\nhost = "127.0.0.1"\nport = 9000\n')
+    env = {"LOOMNET_OPERATOR_HOST": "0.0.0.0", "LOOMNET_OPERATOR_ADMIN_TOKEN": "token-from-env-0123456789"}
+    config = load_config(path, environ=env)
+    assert (config.operator.host, config.operator.port) == ("0.0.0.0", 9000)  # the file's port stays
+    assert config.operator.admin_token == "token-from-env-0123456789"
+    assert "token-from-env" not in repr(config.operator)
+    assert load_config(None, environ={"LOOMNET_OPERATOR_PORT": "8499"}).operator.port == 8499
