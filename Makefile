@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp-installed
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install run test chat offers clean bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
+.PHONY: install run test browser chat offers clean bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
 
 install: $(STAMP)
 
@@ -32,8 +32,15 @@ chat: install
 offers: install
 	$(BIN)/loomnet offers
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The status page's browser test drives Debian's headless Chromium (never a browser
+# build downloaded by a tool): installed from Debian's packages when missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  echo ">>> Installing Debian's chromium and chromium-driver for the status page's browser test."; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 # Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~6 min
 # on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~1 min).

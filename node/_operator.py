@@ -7,7 +7,8 @@ Routes (all ``GET``):
 * ``/metrics``: Prometheus text (``_metrics``; names in ``docs/metrics.md``);
 * ``/healthz``: 200 while the process serves HTTP at all;
 * ``/readyz``: 200 when at least one backend is healthy and the libp2p host listens,
-  else 503 naming why.
+  else 503 naming why;
+* ``/``: the live status page, and with the admin token its admin panel (``_status_page``).
 
 It binds 127.0.0.1 by default. Nothing it answers holds a secret: backends by name and
 kind, peers counted, never listed. The port: ``[operator] port``, or by default 8401,
@@ -31,11 +32,12 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ._admin import AdminError, ModelChange
 from ._metrics import CONTENT_TYPE
+from ._status_page import STATUS_PAGE
 from .config import OperatorConfig
 
 __all__ = ["DEFAULT_OPERATOR_PORT", "operator_app", "serve_operator"]
@@ -56,6 +58,9 @@ def operator_app(executor) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         return Response(executor.metrics.render(), media_type=CONTENT_TYPE)
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(STATUS_PAGE, headers=_PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
@@ -123,7 +128,7 @@ def operator_app(executor) -> Starlette:
                              "try /status, /metrics, /healthz, /readyz"}, status_code=404)  # fmt: skip
 
     app = Starlette(
-        routes=[Route("/status", status), Route("/metrics", metrics), Route("/healthz", healthz),
+        routes=[Route("/", page), Route("/status", status), Route("/metrics", metrics), Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/admin/backends/{name}/spend-budget", spend_budget, methods=["POST"]),
                 Route("/admin/backends", admin, methods=["GET", "POST"]),
@@ -135,6 +140,15 @@ def operator_app(executor) -> Starlette:
     )  # fmt: skip
     app.router.redirect_slashes = False
     return app
+
+
+#: the page loads nothing from anywhere else, and no other site may frame it
+_PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "cache-control": "no-store",
+}
 
 
 def _current_table(executor, name: str) -> dict[str, Any]:

@@ -35,6 +35,8 @@ class BackendStatus(msgspec.Struct, frozen=True, kw_only=True):
     on_premise: bool
     #: passed its last health probe
     healthy: bool
+    #: switched on (the admin can switch a backend off: it is then in no chain)
+    enabled: bool = True
     #: requests it answers now, all its models together, and how many before its
     #: chains prefer their next backend (None: no limit)
     in_flight: int
@@ -133,6 +135,7 @@ def backend_statuses(catalog: Catalog) -> list[BackendStatus]:
         priced = catalog.charges.get(name) is not None or (spend is not None and spend.budget is not None)
         out.append(BackendStatus(
             name=name, kind=backend.kind, on_premise=backend.on_premise, healthy=catalog.is_up(backend),
+            enabled=load.enabled,
             in_flight=load.in_flight, capacity=load.capacity, last_error=load.last_error,
             spend=spend.statistics(now=now) if spend is not None and priced else None,
         ))  # fmt: skip
