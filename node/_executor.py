@@ -77,6 +77,7 @@ class Executor:
         self.admin: Admin | None = None
         self._nursery: trio.Nursery | None = None
         self._redactor: Redactor | None = None
+        self._addrs: list[str] = []
         self.key = key or load_or_create_identity(self.home / "identity.key")
         self._backends = backends
         self.server: InferenceServer | None = None
@@ -85,10 +86,32 @@ class Executor:
         self.info: ExecutorInfo | None = None
         self.catalog: Catalog | None = None
         self.ledger: Ledger | None = None
-        self.metrics = ExecutorMetrics(models=lambda: self.catalog.by_name() if self.catalog else [])
+        self.metrics = ExecutorMetrics(models=self.model_names)
         self.metrics.watch(self.status_snapshot)
         self._started_at = time.time()
         self.draining = False
+
+    # ---------------------------------------------------------------- what the parts ask of it
+    # The executor owns the state its parts share (catalog, server counters, the advert,
+    # the listen addresses); they ask it through these methods, not through captured locals.
+
+    def model_names(self) -> list[str]:
+        return self.catalog.by_name() if self.catalog else []
+
+    def own_advert(self):
+        """The last advert this executor signed (its gossip member hands it out)."""
+        return self.advertiser.current if self.advertiser else None
+
+    def offers_changed(self) -> None:
+        """Load or offers changed: re-advertise soon."""
+        if self.advertiser is not None:
+            self.advertiser.poke()
+
+    def load(self) -> int:
+        return self.server.load if self.server is not None else 0
+
+    def listen_addrs(self) -> list[str]:
+        return list(self._addrs)
 
     # ---------------------------------------------------------------- the operator's view
 
@@ -223,10 +246,10 @@ class Executor:
                     mdns=cfg.mdns,
                     mdns_announce=cfg.mdns,
                 ),
-                own_advert=lambda: self.advertiser.current if self.advertiser else None,
+                own_advert=self.own_advert,
             )
             server = self.server = InferenceServer(
-                self.key, cfg, catalog, ledger, on_load_change=lambda: self.advertiser and self.advertiser.poke(),
+                self.key, cfg, catalog, ledger, on_load_change=self.offers_changed,
                 metrics=self.metrics,
             )
             for protocol in (INFER_SESSION_PROTOCOL, INFER_PROTOCOL):  # sessions, and one-request streams
@@ -243,8 +266,9 @@ class Executor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 node_info = await nursery.start(member.run)
+                self._addrs = list(node_info.addrs)
                 self.advertiser = Advertiser(
-                    self.key, member, catalog, cfg, load=lambda: server.load, addrs=lambda: list(node_info.addrs)
+                    self.key, member, catalog, cfg, load=self.load, addrs=self.listen_addrs
                 )
                 catalog.on_change = self.advertiser.poke  # a breaker opened or closed: re-advertise
                 await nursery.start(self.advertiser.run)
