@@ -47,6 +47,8 @@ log = logging.getLogger("loomnet.executor")
 
 #: seconds each resource (a backend, the ledger) gets to close at shutdown
 _CLOSE_TIMEOUT = 3.0
+#: seconds answers cut short by a drain's end get to send their receipts
+_ABORT_TIMEOUT = 2.0
 
 
 class ExecutorInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,8 +159,13 @@ class Executor:
             while self.server is not None and self.server.active:
                 await trio.sleep(0.05)
             return True
-        log.warning("executor %s: %d request(s) still running after %g s; cancelling them",
+        log.warning("executor %s: %d request(s) still running after %g s; ending them with SHUTTING_DOWN",
                     self.key.peer_id, self.server.active if self.server else 0, grace)  # fmt: skip
+        if self.server is not None:  # each answer ends at a frame boundary, with a receipt for what was sent
+            self.server.abort.set()
+            with trio.move_on_after(_ABORT_TIMEOUT):
+                while self.server.active:
+                    await trio.sleep(0.05)
         return False
 
     def add_redaction(self, redactor: Redactor) -> None:
@@ -287,11 +294,21 @@ class Executor:
             try:
                 if announced:
                     remove_local_executor(self.key.peer_id)
-                # each resource within its own bound: a slow backend never skips the ledger's close
-                for backend in backends:
-                    with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
-                        await backend.aclose()
+                # the backends (those added at runtime too) close together within one bound,
+                # then the ledger within its own: a slow backend never skips the ledger's close
+                open_backends = list(self.catalog.backends) if self.catalog is not None else list(backends)
+                with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
+                    async with trio.open_nursery() as closing:
+                        for backend in dict.fromkeys(open_backends + list(backends)):
+                            closing.start_soon(_close_quietly, backend)
                 with trio.CancelScope(shield=True), trio.move_on_after(_CLOSE_TIMEOUT):
                     await ledger.aclose()
             finally:
                 stop_redacting()
+
+
+async def _close_quietly(backend: Backend) -> None:
+    try:
+        await backend.aclose()
+    except Exception:  # noqa: BLE001 - one backend's failure to close never stops the others'
+        log.exception("backend %s failed to close", getattr(backend, "kind", "?"))

@@ -53,9 +53,11 @@ from loomnet.client import P2PStream
 from loomnet.protocol import (
     BackendError,
     ChunkFrame,
+    ErrorCode,
     InferenceConnection,
     LoomError,
     NetworkError,
+    RequestRejected,
     ToolCall,
     UnexpectedFrame,
 )
@@ -89,6 +91,7 @@ async def relay_answer(
     chunk_interval: float,
     progress_interval: float,
     send_timeout: float,
+    abort: trio.Event | None = None,
 ) -> Finished:
     """Stream one answer from ``open_events()`` (a backend's ``stream_chat``) to ``stream``.
 
@@ -99,6 +102,10 @@ async def relay_answer(
         chunk_interval: seconds between chunk frames while deltas flow.
         progress_interval: seconds without any frame after which a progress chunk goes out.
         send_timeout: seconds one frame may take to write.
+        abort: once set (the executor's drain ran out of time), the answer ends at the
+            next frame boundary: what the backend produced goes out first, then this
+            raises ``SHUTTING_DOWN`` (retryable only when no content was sent), so the
+            caller books and sends a receipt for what the client got.
 
     Returns:
         The backend's :class:`Finished` event, after every chunk (its tool calls
@@ -116,7 +123,7 @@ async def relay_answer(
     frame.
     """
     relay = _Relay(stream, conn, output, chunk_interval, progress_interval, send_timeout)
-    return await relay.run(open_events)
+    return await relay.run(open_events, abort)
 
 
 class _Relay:
@@ -151,12 +158,15 @@ class _Relay:
         #: why the watch stopped the answer, if it did
         self._stopped_by_client: LoomError | None = None
 
-    async def run(self, open_events: Callable[[], AbstractAsyncContextManager[AsyncIterator[StreamEvent]]]) -> Finished:
+    async def run(self, open_events: Callable[[], AbstractAsyncContextManager[AsyncIterator[StreamEvent]]],
+                  abort: trio.Event | None = None) -> Finished:  # fmt: skip
         finished: Finished | None = None
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._pump, open_events)
             nursery.start_soon(self._watch, nursery.cancel_scope)
+            if abort is not None:
+                nursery.start_soon(self._abort_on, abort)
             try:
                 finished = await self._send()
             except Exception as exc:  # re-raised below, outside the nursery: no ExceptionGroup
@@ -207,6 +217,11 @@ class _Relay:
         if self._end is None:  # the first end counts (an error leaving stream_chat after Finished does not)
             self._end = end
             self._wake.set()
+
+    async def _abort_on(self, abort: trio.Event) -> None:
+        await abort.wait()
+        self._ended(RequestRejected("the executor is shutting down; the answer was cut short",
+                                    code=ErrorCode.SHUTTING_DOWN, retryable=not self._content_sent))  # fmt: skip
 
     async def _watch(self, scope: trio.CancelScope) -> None:
         self._stopped_by_client = await wait_client_left(self.stream)

@@ -153,6 +153,9 @@ class InferenceServer:
         self.draining = False
         #: requests admitted and not finished (generating, queued, booking)
         self.active = 0
+        #: set when a drain runs out of time: answers end at a frame boundary with
+        #: SHUTTING_DOWN and a receipt for what was sent (``relay_answer``)
+        self.abort = trio.Event()
         #: per advertised model: (receipts, input tokens, output tokens) since start, and
         #: the EWMA of its time to first token, seconds (``_status``)
         self.counts: dict[str, tuple[int, int, int]] = {}
@@ -379,6 +382,7 @@ class InferenceServer:
                 chunk_interval=self.config.chunk_interval,
                 progress_interval=self.config.progress_interval,
                 send_timeout=self.config.ack_timeout,
+                abort=self.abort,
             )
         except Exception as exc:  # settled below, once the slot is free
             failure = exc
@@ -428,6 +432,7 @@ class InferenceServer:
             finished = await relay_answer(
                 stream, conn, cache.hit.replay, output, chunk_interval=self.config.chunk_interval,
                 progress_interval=self.config.progress_interval, send_timeout=self.config.ack_timeout,
+                abort=self.abort,
             )
         except Exception as exc:  # the client left or broke the protocol: bill what it got
             error = await self._settle_failure(exc, output, book)

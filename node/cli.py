@@ -112,7 +112,7 @@ async def _executor_main(config_path: str | None) -> None:
             async for signum in signals:
                 click.echo(f"\n{signal.Signals(signum).name}: shutting down; requests in flight get "
                            f"{config.drain_timeout:g} s to finish (again to stop at once)", err=True)  # fmt: skip
-                with trio.move_on_after(config.drain_timeout + 1):
+                with trio.move_on_after(config.drain_timeout + 3):  # the drain, and its cut answers' receipts
                     async with trio.open_nursery() as draining:
                         draining.start_soon(_cancel_on_signal, signals, draining.cancel_scope)
                         await node.drain()

@@ -327,10 +327,10 @@ def unit_env() -> dict[str, str]:
 
 def drain_seconds(config: ExecutorConfig | None = None) -> float:
     """How long SIGTERM may take before the process closes its resources: the drain
-    (``drain-timeout``, and the second the CLI allows over it), then the CLI's grace for
+    (``drain-timeout``, and the 3 s the CLI allows over it for cut answers' receipts), then the CLI's grace for
     cancelling what is left."""
     config = config or ExecutorConfig()
-    return float(config.drain_timeout) + 1.0 + float(cli._SHUTDOWN_GRACE)
+    return float(config.drain_timeout) + 3.0 + float(cli._SHUTDOWN_GRACE)
 
 
 def loomnet_command(argv: list[str]):

@@ -66,13 +66,24 @@ async def test_a_drain_gives_up_after_its_grace(nursery, tmp_path):
     fake = FakeOpenAI(flavour="vllm", first_byte_delay=3600.0)
     executor = await start_fake_executor(nursery, tmp_path, fake, provider="vllm")
     client = await start_client(nursery, tmp_path, executor)
-    nursery.start_soon(lambda: client.chat(HI, model="vllm:m1"))
+    failures = []
+
+    async def ask() -> None:
+        with pytest.raises(LoomError) as info:
+            await client.chat(HI, model="vllm:m1")
+        failures.append(info.value.code)
+
+    nursery.start_soon(ask)
     with trio.fail_after(60):
         while fake.in_flight == 0:
             await trio.sleep(0.01)
     began = trio.current_time()
     assert await executor.drain(grace=0.5) is False
     assert 0.5 <= trio.current_time() - began < 10.0
+    with trio.fail_after(20):
+        while not failures:
+            await trio.sleep(0.01)
+    assert failures == [ErrorCode.SHUTTING_DOWN]  # nothing was sent: a refusal the client may retry elsewhere
 
 
 LOOMNET = str(Path(sys.executable).with_name("loomnet"))
@@ -121,3 +132,31 @@ async def test_sigterm_drains_and_exits_0(nursery, tmp_path):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_an_answer_still_running_when_the_drain_ends_gets_shutting_down_and_a_receipt(nursery, tmp_path):
+    """Past the grace, an answer under way ends at a frame boundary: the client gets
+    SHUTTING_DOWN (not a bare truncation) and a receipt for the text it received, booked
+    on both sides."""
+    from .gateway_kit import Gate
+
+    gate = Gate(FakeOpenAI(flavour="vllm", pieces=["first ", "second"]), piece="first ")
+    executor = await start_fake_executor(nursery, tmp_path, gate, provider="vllm")
+    client = await start_client(nursery, tmp_path, executor)
+    failures: list = []
+
+    async def ask() -> None:
+        with pytest.raises(LoomError) as info:
+            await client.chat(HI, model="vllm:m1")
+        failures.append(info.value)
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(ask)
+        with trio.fail_after(20):
+            await gate.arrived.wait()  # "first " went out; the rest is held
+        assert await executor.drain(grace=0.5) is False
+    (error,) = failures
+    assert error.code == ErrorCode.SHUTTING_DOWN, error
+    accepted = await client.ledger.entries(status="accepted")
+    assert len(accepted) == 1 and accepted[0].output_tokens > 0  # billed for "first ", and no more
+    assert executor.server.active == 0
