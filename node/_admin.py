@@ -35,11 +35,17 @@ from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
-__all__ = ["Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "load_overlay", "overlay_path_for"]
+__all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "check_model_name",
+           "load_overlay", "overlay_path_for"]
 
 log = logging.getLogger("loomnet.admin")
 
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+_ANY_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: a backend name the admin gives: safe in a URL path, a log line, a metric label
+_BACKEND_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: the most bytes an admin request body may have
+MAX_ADMIN_BODY = 64 * 1024
 #: backend table keys whose value is a secret: only a ``${VAR}`` reference is accepted
 _SECRET_KEYS = ("api-key",)
 
@@ -105,6 +111,18 @@ def load_overlay(path: Path) -> AdminOverlay:
         return AdminOverlay()
     except (OSError, msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise ConfigError(f"admin overlay {path}: {exc}") from None
+
+
+def check_model_name(name: str) -> str:
+    """``name`` if it can be a model's name: 1 to 128 characters, none a control
+    character (it is shown in terminals and pages, and advertised to the network).
+
+    Raises:
+        AdminError: anything else (400).
+    """
+    if not 1 <= len(name) <= 128 or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise AdminError("a model name is 1 to 128 characters, with no control character")
+    return name
 
 
 def _label(table: dict[str, Any]) -> str:
@@ -175,17 +193,28 @@ class Admin:
         """
         async with self._lock:
             name = table.get("name")
-            if not isinstance(name, str) or not name:
-                raise AdminError("a backend added at runtime needs a name")
+            if not isinstance(name, str) or not _BACKEND_NAME.match(name):
+                raise AdminError("a backend added at runtime needs a name of 1 to 64 of A-Z a-z 0-9 . _ -")
             for key in _SECRET_KEYS:
                 if key in table and not (isinstance(table[key], str) and _REFERENCE.match(table[key])):
                     raise AdminError(f"{key} must be a ${{VAR}} reference to the executor's environment, never the "
                                      "secret itself (the overlay is written to disk)")  # fmt: skip
+            endpoint = table.get("endpoint")
+            if isinstance(endpoint, str) and "@" in endpoint.partition("://")[2].partition("/")[0]:
+                raise AdminError("endpoint must not carry credentials (user:password@): give api-key as a ${VAR}")
+            allowed = set(self.executor.config.operator.admin_variables)
+            for variable in _ANY_REFERENCE.findall(json.dumps(table)):
+                if variable not in allowed:
+                    raise AdminError(f"${{{variable}}} is not one of [operator] admin-variables: an admin may only "
+                                     "hand a backend the variables the operator listed there")  # fmt: skip
             config = self._backend_config(table)
+            try:  # everything that can refuse it, before the backend it replaces is touched
+                backend = make_backend(config, embedded=self.executor.config.embedded)
+            except (ConfigError, ValueError) as exc:
+                raise AdminError(f"backend {name!r}: {getattr(exc, 'message', exc)}") from None
             catalog = self.executor.catalog
             if name in catalog.names:
                 await self._remove(name, persist=False)
-            backend = make_backend(config, embedded=self.executor.config.embedded)
             self.executor.add_redaction(backend.redactor())
             why = await catalog.add_backend(backend, name, timeout=self.executor.config.list_models_timeout)
             current = self.executor.config
@@ -193,6 +222,7 @@ class Admin:
             self._set_config(msgspec.structs.replace(current, backends=[*known, config]))
             self.overlay.backends = [t for t in self.overlay.backends if _label(t) != name] + [dict(table)]
             self.overlay.removed = [n for n in self.overlay.removed if n != name]
+            self.overlay.disabled = [n for n in self.overlay.disabled if n != name]  # a new backend starts enabled
             await self._save("add backend", name, {k: v for k, v in table.items() if k not in _SECRET_KEYS})
             entry = next(b for b in self.backends() if b["name"] == name)
             return {**entry, "down": why}
@@ -215,6 +245,11 @@ class Admin:
         backend = catalog.remove_backend(name)
         self._set_config(_without_backend(self.executor.config, name))
         self.executor.close_later(backend, lambda: load.in_flight == 0)
+        for model in list(self.overlay.models):  # the admin's chains lose it too, or a restart would refuse them
+            chain = self.overlay.models[model].backends
+            if chain is not None:
+                kept = [b for b in chain if (b if isinstance(b, str) else b.backend) != name]
+                self.overlay.models[model] = msgspec.structs.replace(self.overlay.models[model], backends=kept)
         if persist:
             self.overlay.backends = [t for t in self.overlay.backends if _label(t) != name]
             if name not in self.overlay.removed:
@@ -244,6 +279,9 @@ class Admin:
         Raises:
             AdminError: an invalid value (a price out of range...).
         """
+        check_model_name(name)
+        if change.backends is not None and not change.backends:
+            raise AdminError("backends must name at least one backend (disable its backends to withdraw a model)")
         async with self._lock:
             config = self.executor.config
             models = list(config.models)
@@ -252,13 +290,14 @@ class Admin:
             base.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
             try:
                 terms = msgspec.convert(base, ModelTerms)
-            except (msgspec.ValidationError, ValueError) as exc:
+                if i is None:
+                    models.append(terms)
+                else:
+                    models[i] = terms
+                updated = msgspec.structs.replace(config, models=models)
+            except (msgspec.ValidationError, ValueError, TypeError) as exc:
                 raise AdminError(f"model {name[:64]!r}: {exc}") from None
-            if i is None:
-                models.append(terms)
-            else:
-                models[i] = terms
-            self._set_config(msgspec.structs.replace(config, models=models))
+            self._set_config(updated)
             merged = msgspec.to_builtins(self.overlay.models.get(name, ModelChange()))
             merged.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
             self.overlay.models[name] = msgspec.convert(merged, ModelChange)
@@ -278,8 +317,12 @@ class Admin:
             config = msgspec.convert(expanded, BackendConfig, strict=False)
         except ConfigError as exc:
             raise AdminError(exc.message) from None
-        except (msgspec.ValidationError, ValueError) as exc:
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise AdminError(f"backend {_label(table)[:64]!r}: {exc}") from None
+        try:
+            canonical_provider(config.provider)
+        except Exception as exc:  # noqa: BLE001 - an unknown provider is the request's fault
+            raise AdminError(f"backend {config.label!r}: {getattr(exc, 'message', exc)}") from None
         if self.executor.config.on_premise_only and canonical_provider(config.provider) in HOSTED_PROVIDERS:
             raise AdminError(f"this executor is on-premise-only: backend {config.label!r} ({config.provider}) is a "
                              "hosted API")  # fmt: skip
@@ -288,8 +331,8 @@ class Admin:
     def _set_config(self, config: ExecutorConfig) -> None:
         try:
             config = msgspec.convert(msgspec.to_builtins(config), ExecutorConfig)  # every check of a loaded config
-        except (msgspec.ValidationError, ValueError) as exc:
-            raise AdminError(str(exc)) from None
+        except (msgspec.ValidationError, ValueError, TypeError) as exc:
+            raise AdminError(str(exc)[:500]) from None
         self.executor.config = config
         self.executor.catalog.reconfigure(config)
         if self.executor.server is not None:
@@ -307,9 +350,13 @@ class Admin:
         await trio.to_thread.run_sync(write)
         await self._audit(action, target, change)
 
+    #: where the admin request being applied came from (``_operator`` sets it)
+    source: str | None = None
+
     async def _audit(self, action: str, target: str | None, change: dict[str, Any]) -> None:
         line = json.dumps({"at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "who": "admin",
-                           "action": action, "target": target, "change": change}, default=str) + "\n"  # fmt: skip
+                           "from": self.source, "action": action, "target": target, "change": change},
+                          default=str) + "\n"  # fmt: skip
 
         def append() -> None:
             self.audit_path.parent.mkdir(parents=True, exist_ok=True)

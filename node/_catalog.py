@@ -197,6 +197,10 @@ class Catalog:
         implicit: dict[str, tuple[str, list[tuple[str, str, int]]]] = {}
         for name in self.names:
             for info in self._listed.get(name, []):
+                if not _printable(info.name):
+                    log.warning("backend %s lists a model whose name has control characters; it is not offered",
+                                name)  # fmt: skip
+                    continue
                 folded = info.name.casefold()
                 if folded in claimed or (name, folded) in member_of:
                     continue  # that name, or this backend's model, serves a configured pool
@@ -213,9 +217,11 @@ class Catalog:
             if any(by_name.get(n.casefold()) for n in (model, *terms.aliases)):
                 log.warning("model %s is offered twice; the first pool is used", model)
                 continue
+            if not _printable(model):
+                continue
             offer = ModelOffer(
                 name=model,
-                aliases=list(terms.aliases),
+                aliases=[a for a in terms.aliases if _printable(a)],
                 categories=list(terms.categories),
                 # the smallest window a backend reports (0: none reports one)
                 context_length=min((i.context_length for i in known if i.context_length > 0), default=0),
@@ -406,6 +412,11 @@ class Catalog:
                 return False, None
         log.warning("backend %s did not answer its health probe within %g s", label_of(backend), timeout)
         return False, None
+
+
+def _printable(name: str) -> bool:
+    """No control character: a name is advertised, logged and shown in terminals."""
+    return not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name)
 
 
 def label_of(backend: Backend) -> str:

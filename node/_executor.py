@@ -127,7 +127,7 @@ class Executor:
             peers_connected=p2p.connected_peers, uptime=round(time.time() - self._started_at, 3),
             served=server.served, refused=server.refused, slots=server.slots.statistics(),
             models=model_statuses(catalog, server.counts, server.ttft, server.caches.statistics(),
-                                  load=server.slots.load_of),
+                                  load=server.slots.load_of, withdrawn=self.draining),
             backends=backend_statuses(catalog),
             p2p=p2p, adverts_published=self.advertiser.published if self.advertiser else 0,
             adverts_rejected=member.table.statistics().refused, ledger=self.ledger.statistics(),

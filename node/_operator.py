@@ -35,7 +35,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ._admin import AdminError, ModelChange
+from ._admin import MAX_ADMIN_BODY, AdminError, ModelChange
 from ._metrics import CONTENT_TYPE
 from ._status_page import STATUS_PAGE
 from .config import OperatorConfig
@@ -83,9 +83,11 @@ def operator_app(executor) -> Starlette:
         if spend is None:
             return JSONResponse({"error": f"no backend named {name[:64]!r}"}, status_code=404)
         try:
-            body = msgspec.json.decode(await request.body(), type=_BudgetChange)
+            body = msgspec.json.decode(await _bounded_body(request), type=_BudgetChange)
             spend.set_amount(body.amount, now=time.time())
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        except AdminError as exc:
+            return JSONResponse({"error": exc.message[:300]}, status_code=exc.status)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
             return JSONResponse({"error": str(exc)[:300]}, status_code=400)
         log.warning("admin: backend %s spend budget set to %d micro-credits", name, body.amount)
         return Response(msgspec.json.encode(spend.statistics(now=time.time())), media_type=_JSON)
@@ -96,8 +98,11 @@ def operator_app(executor) -> Starlette:
         if refusal is not None:
             return refusal
         actions = executor.admin
+        actions.source = request.client.host if request.client else None
         name = request.path_params.get("name", "")
         verb = request.path_params.get("verb")
+        if verb is not None and verb not in ("enable", "disable"):
+            return JSONResponse({"error": f"no admin action {verb[:32]!r} on a backend"}, status_code=404)
         try:
             if request.method == "GET":
                 return JSONResponse({"backends": actions.backends()})
@@ -105,7 +110,7 @@ def operator_app(executor) -> Starlette:
                 await actions.drain()
                 return JSONResponse({"state": "draining"})
             if request.url.path.startswith("/admin/models/"):
-                change = msgspec.json.decode(await request.body() or b"{}", type=ModelChange)
+                change = msgspec.json.decode(await _bounded_body(request) or b"{}", type=ModelChange)
                 await actions.set_model(name, change)
                 return JSONResponse({"model": name, "set": msgspec.to_builtins(change)})
             if request.method == "DELETE":
@@ -114,7 +119,7 @@ def operator_app(executor) -> Starlette:
             if verb in ("enable", "disable"):
                 await actions.set_enabled(name, verb == "enable")
                 return JSONResponse({"backend": name, "enabled": verb == "enable"})
-            table = msgspec.json.decode(await request.body(), type=dict[str, Any])
+            table = msgspec.json.decode(await _bounded_body(request), type=dict[str, Any])
             if name:  # update: the sent keys over the backend's current table
                 table = {**_current_table(executor, name), **table, "name": name}
             return JSONResponse(await actions.add_backend(table))
@@ -122,6 +127,8 @@ def operator_app(executor) -> Starlette:
             return JSONResponse({"error": exc.message[:500]}, status_code=exc.status)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return JSONResponse({"error": str(exc)[:300]}, status_code=400)
+        except RecursionError:
+            return JSONResponse({"error": "the body is nested too deeply"}, status_code=400)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": f"no such page: {request.method} {request.url.path[:100]}; "
@@ -174,13 +181,28 @@ class _BudgetChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def _admin_refusal(request: Request, token: str | None) -> Response | None:
     """None when the request carries the admin token (``Authorization: Bearer``,
-    compared in constant time); else a 401 that never echoes what was sent."""
+    compared in constant time); else a 401 that never echoes what was sent, logged with
+    where it came from (never what it sent)."""
     sent = request.headers.get("authorization", "")
     scheme, _, given = sent.partition(" ")
     if token is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
         return None
     why = "this executor has no admin token configured" if token is None else "a valid admin token is required"
+    source = request.client.host if request.client else "?"
+    log.warning("admin: refused %s %s from %s (%s)", request.method, request.url.path[:100], source,
+                "no token configured" if token is None else "no valid token")  # fmt: skip
     return JSONResponse({"error": why}, status_code=401, headers={"www-authenticate": "Bearer"})
+
+
+async def _bounded_body(request: Request) -> bytes:
+    """The admin request's body, refused past :data:`MAX_ADMIN_BODY` bytes."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_ADMIN_BODY:
+            raise AdminError(f"the body is over {MAX_ADMIN_BODY} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _sockets(hc: Config, config: OperatorConfig) -> Sockets:

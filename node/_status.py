@@ -143,11 +143,13 @@ def backend_statuses(catalog: Catalog) -> list[BackendStatus]:
 
 
 def model_statuses(catalog: Catalog, counts: dict[str, tuple[int, int, int]], ttft: dict[str, float],
-                   caches: dict[str, CacheStatistics] | None = None, load=lambda name: (0, 0)) -> list[ModelStatus]:  # fmt: skip
+                   caches: dict[str, CacheStatistics] | None = None, load=lambda name: (0, 0),
+                   withdrawn: bool = False) -> list[ModelStatus]:  # fmt: skip
     """``counts``: model -> (receipts, input tokens, output tokens) since start;
-    ``caches``: model -> its response cache's statistics."""
+    ``caches``: model -> its response cache's statistics; ``withdrawn``: the advert
+    offers nothing (a drain), so no model is offered."""
     caches = caches or {}
-    offered = {o.name for o in catalog.offers}
+    offered = set() if withdrawn else {o.name for o in catalog.offers}
     out = []
     for entry in catalog.entries:
         offer, pool = entry.offer, entry.pool

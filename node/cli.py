@@ -22,7 +22,7 @@ import click
 import trio
 
 from loomnet.client import BudgetConfig, ClientConfig, ReasoningDelta, TextDelta, default_data_dir, open_client
-from loomnet.protocol import ChatMessage, ErrorCode, LoomError, credits_to_micro
+from loomnet.protocol import ChatMessage, ConfigError, ErrorCode, LoomError, credits_to_micro
 
 # Importing loomnet makes ~55,000 objects the cyclic GC tracks, nearly all alive until
 # the process ends; the interpreter's last collection walked them all once more at
@@ -103,7 +103,13 @@ async def _executor_main(config_path: str | None) -> None:
     probe = load_config(config_path)  # where the data folder is, for the overlay without a TOML
     home = (Path(probe.data_dir).expanduser() if probe.data_dir else default_data_dir()) / "executor"
     overlay_path = overlay_path_for(config_path, home)
-    config = load_config(config_path, overlay=load_overlay(overlay_path))  # the admin's changes win
+    try:
+        config = load_config(config_path, overlay=load_overlay(overlay_path))  # the admin's changes win
+    except ConfigError as exc:
+        if not overlay_path.exists():
+            raise
+        raise ConfigError(f"{exc.message} (with the admin's runtime changes in {overlay_path}: fix or remove "
+                          "that file)") from None  # fmt: skip
     node = Executor(config, overlay_path=overlay_path)
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -136,6 +136,10 @@ class OperatorConfig(_Config):
     #: the bearer token of the admin routes (``/admin/...``); write ``${VAR}``, never
     #: the token; none: the admin routes refuse every request
     admin_token: str | None = None
+    #: the environment variables an admin may hand a backend added at runtime as
+    #: ``${VAR}`` (its api-key): none by default, so the admin token is not a way to send
+    #: every secret of the executor's environment to an endpoint of the admin's choosing
+    admin_variables: list[str] = []
 
     def __post_init__(self) -> None:
         if self.port is not None and not 0 <= self.port <= 65535:

@@ -38,6 +38,7 @@ health-interval = 600.0
 [operator]
 port = 0
 admin-token = "${{ADMIN_TOKEN}}"
+admin-variables = ["HOSTED_KEY"]
 
 [[backends]]
 name = "desk"
@@ -189,3 +190,60 @@ def test_the_overlay_goes_to_the_data_folder_when_the_tomls_folder_is_read_only(
     assert overlay_path_for(toml, home) == home / "admin.json"
     (tmp_path / "etc" / "executor.admin.json").write_text("{}")  # one already there is used
     assert overlay_path_for(toml, home) == tmp_path / "etc" / "executor.admin.json"
+
+
+async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_path, monkeypatch):
+    env = {"ADMIN_TOKEN": TOKEN, "HOSTED_KEY": CANARY, "OTHER_SECRET": "sk-other-0123456789"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    desk, hosted = FakeOpenAI(flavour="vllm"), FakeOpenAI(flavour="vllm")
+    desk_url, hosted_url = await serve_app(nursery, desk), await serve_app(nursery, hosted)
+    auth = {"authorization": f"Bearer {TOKEN}"}
+    table = {"name": "hosted", "provider": "vllm", "endpoint": f"{hosted_url}/v1", "models": ["m1"]}
+    async with trio.open_nursery() as first:
+        executor = await run_executor(first, tmp_path, desk_url, env)
+        async with httpx.AsyncClient(base_url=executor.info.operator_url, timeout=30) as http:
+            async def post(path, body, status):
+                answer = await http.post(path, json=body, headers=auth)
+                assert answer.status_code == status, (path, body, answer.text)
+                return answer
+
+            # refused, each with its reason, and nothing changes
+            await post("/admin/backends", {**table, "api-key": "${OTHER_SECRET}"}, 400)  # not an allowed variable
+            await post("/admin/backends", {**table, "endpoint": f"http://u:pw@{hosted_url[7:]}/v1"}, 400)
+            await post("/admin/backends", {**table, "name": "a/b"}, 400)
+            await post("/admin/backends", {**table, "name": "x" * 100}, 400)
+            await post("/admin/backends", {**table, "name": "desk", "provider": "nope"}, 400)  # a failed replace
+            assert executor.catalog.names == ["desk"]  # desk is still there
+            nested = await http.post("/admin/backends", content=b"{\"a\": " + b"[" * 30_000 + b"]" * 30_000 + b"}",
+                                     headers=auth)  # fmt: skip
+            assert nested.status_code == 400
+            huge = await http.post("/admin/backends", content=b"x" * 200_000, headers=auth)
+            assert huge.status_code == 413
+            assert (await http.post("/admin/backends/desk/explode", headers=auth)).status_code == 404
+            bad_model = await http.patch("/admin/models/evil%1B%5B31m", json={"price-out": 1.0}, headers=auth)
+            assert bad_model.status_code == 400
+            empty = await http.patch("/admin/models/chat-m", json={"backends": []}, headers=auth)
+            assert empty.status_code == 400
+            # a model chain naming a backend, then that backend removed: the restart still works
+            await post("/admin/backends", {**table, "api-key": "${HOSTED_KEY}"}, 200)
+            chain = [{"backend": "desk", "model": "m1"}, {"backend": "hosted", "model": "m1"}]
+            assert (await http.patch("/admin/models/chat-m", json={"backends": chain}, headers=auth)).status_code == 200
+            assert (await http.post("/admin/backends/hosted/disable", headers=auth)).status_code == 200
+            await post("/admin/backends", table, 200)  # replaced: a new backend starts enabled, on disk too
+            assert executor.admin.overlay.disabled == []
+            assert (await http.delete("/admin/backends/hosted", headers=auth)).status_code == 200
+            await http.post("/admin/drain", headers=auth)
+            with trio.fail_after(10):
+                while not executor.draining:
+                    await trio.sleep(0.01)
+            status = (await http.get("/status")).json()
+            assert not any(m["offered"] for m in status["models"])  # the advert offers nothing while draining
+        first.cancel_scope.cancel()
+    lines = [json.loads(line) for line in (tmp_path / "data" / "executor" / "audit.log").read_text().splitlines()]
+    assert all(line["from"] == "127.0.0.1" for line in lines)
+    async with trio.open_nursery() as second:  # the overlay's chain lost hosted: the restart applies it
+        executor = await run_executor(second, tmp_path, desk_url, env)
+        (entry,) = [e for e in executor.catalog.entries if e.offer.name == "chat-m"]
+        assert [m.name for m in entry.pool.members] == ["desk"]
+        second.cancel_scope.cancel()

@@ -349,3 +349,9 @@ async def test_an_unknown_context_length_does_not_hide_the_known_ones(autojump_c
 
     catalog = await Catalog.build([Runtime("ollama"), NoWindow("vllm")], ExecutorConfig())
     assert catalog.entries[0].offer.context_length == 4096
+
+
+async def test_a_model_name_with_control_characters_is_never_offered(autojump_clock):
+    catalog = await Catalog.build([Runtime("ollama", models=["good", "evil\x1b]0;owned\x07", "two\nlines"])],
+                                  ExecutorConfig())  # fmt: skip
+    assert [o.name for o in catalog.offers] == ["good"]
