@@ -324,9 +324,15 @@ async def _offers_main(config: ClientConfig, as_json: bool) -> None:
     for o in table:
         m = o.model
         click.echo(
-            f"{m.name[:24]:24} {','.join(m.aliases)[:20]:20} {m.price_in / 1e6:10.4f} {m.price_out / 1e6:10.4f} "
-            f"{o.advert.load}/{o.advert.capacity:<4} {m.context_length:6}  {o.executor}"
+            f"{shown(m.name)[:24]:24} {shown(','.join(m.aliases))[:20]:20} {m.price_in / 1e6:10.4f} "
+            f"{m.price_out / 1e6:10.4f} {o.advert.load}/{o.advert.capacity:<4} {m.context_length:6}  {o.executor}"
         )
+
+
+def shown(text: str) -> str:
+    """``text`` from the network as a terminal may print it: control characters (an
+    escape sequence, a line break a peer slipped into a model's name) as ``\\xNN``."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 from ._cli_peers import peers as _peers  # noqa: E402  (registered here: it uses this module's helpers)
 main.add_command(_peers)
 from ._cli_route import route as _route  # noqa: E402  (after main: it borrows this module's helpers)

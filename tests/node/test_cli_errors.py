@@ -70,3 +70,10 @@ def test_a_bootstrap_that_is_no_multiaddr_is_a_usage_error():
     result = CliRunner().invoke(main, ["chat", "--bootstrap", "garbage", "hi"])
     assert result.exit_code == 2
     assert "not a multiaddr" in result.output
+
+
+def test_names_from_the_network_are_shown_without_their_control_characters():
+    from loomnet.node.cli import shown
+
+    assert shown("evil\x1b]0;owned\x07\nline") == "evil\\x1b]0;owned\\x07\\x0aline"
+    assert shown("modèle · ok") == "modèle · ok"
