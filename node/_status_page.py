@@ -25,6 +25,7 @@ STATUS_PAGE = """<!doctype html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>loomnet executor</title>
+<link rel="icon" href="data:,">
 <style>
 body { font: 14px system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
@@ -46,11 +47,12 @@ table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 
 <svg id="chart" width="600" height="120" role="img" aria-label="requests and tokens over time"></svg>
 <div class="muted">blue: requests served (total); orange: output tokens (total); last 60 polls</div>
 <h2>Models</h2>
-<table id="models"><thead><tr><th>model</th><th>state</th><th>price in/out</th><th>running/queued</th>
-<th>served</th><th>tok/s</th><th>TTFT</th><th>backends (chain)</th><th>admin</th></tr></thead><tbody></tbody></table>
+<table id="models"><thead><tr><th>model</th><th>aliases</th><th>categories</th><th>state</th><th>price in/out</th>
+<th>running/queued</th><th>served</th><th>tokens in/out</th><th>tok/s</th><th>TTFT</th><th>backends (chain)</th>
+<th>admin</th></tr></thead><tbody></tbody></table>
 <h2>Backends</h2>
 <table id="backends"><thead><tr><th>backend</th><th>kind</th><th>health</th><th>on</th><th>in flight</th>
-<th>spend</th><th>admin</th></tr></thead><tbody></tbody></table>
+<th>last error</th><th>spend</th><th>admin</th></tr></thead><tbody></tbody></table>
 <h2>Earnings</h2>
 <table id="earnings"><thead><tr><th>period</th><th>receipts</th><th>earned</th><th>paid providers</th>
 <th>margin</th></tr></thead><tbody></tbody></table>
@@ -119,7 +121,7 @@ function render(s) {
   const up = Math.round(s.uptime);
   document.getElementById("summary").textContent = s.state + ", up " + up + " s, " + s.peers_connected +
     " peer(s); " + s.slots.running + " running / capacity " + s.slots.capacity + ", " + s.slots.queued +
-    " queued; " + s.served + " served, " + s.refused + " refused";
+    " queued; " + s.served + " served, " + s.refused + " refused; listening on " + s.listen.join(", ");
   const tokens = s.models.reduce((sum, m) => sum + m.output_tokens, 0);
   history.push({served: s.served, tokens: tokens});
   if (history.length > 60) history.shift();
@@ -132,6 +134,7 @@ function render(s) {
   if (now === shape) {
     for (const m of s.models) {
       setText("load-" + m.name, m.running + " / " + m.queued); setText("served-" + m.name, m.served);
+      setText("tokens-" + m.name, m.input_tokens + " / " + m.output_tokens);
       setText("tps-" + m.name, m.tokens_per_second);
       setText("ttft-" + m.name, m.ttft === null ? "-" : Math.round(m.ttft * 1000) + " ms");
     }
@@ -143,9 +146,11 @@ function render(s) {
   for (const m of s.models) {
     const chain = m.backends.map(b => b.name + " (" + b.breaker + ")").join(" > ");
     const cell = (id, text) => { const span = el("span", text); span.id = id; return span; };
-    models.appendChild(row([m.name, el("span", m.offered ? "offered" : "WITHDRAWN", m.offered ? "ok" : "bad"),
+    models.appendChild(row([m.name, m.aliases.join(", "), m.categories.join(", "),
+      el("span", m.offered ? "offered" : "WITHDRAWN", m.offered ? "ok" : "bad"),
       m.price_in + " / " + m.price_out, cell("load-" + m.name, m.running + " / " + m.queued),
-      cell("served-" + m.name, m.served), cell("tps-" + m.name, m.tokens_per_second),
+      cell("served-" + m.name, m.served), cell("tokens-" + m.name, m.input_tokens + " / " + m.output_tokens),
+      cell("tps-" + m.name, m.tokens_per_second),
       cell("ttft-" + m.name, m.ttft === null ? "-" : Math.round(m.ttft * 1000) + " ms"), chain, modelAdmin(m)]));
   }
   const backends = document.querySelector("#backends tbody"); backends.replaceChildren();
@@ -157,7 +162,7 @@ function render(s) {
       encodeURIComponent(b.name) + (b.enabled ? "/disable" : "/enable")), "toggle-" + b.name);
     const flight = el("span", b.in_flight); flight.id = "flight-" + b.name;
     backends.appendChild(row([b.name, b.kind, el("span", b.healthy ? "healthy" : "DOWN", b.healthy ? "ok" : "bad"),
-      b.enabled ? "on" : "OFF", flight, spend, toggle]));
+      b.enabled ? "on" : "OFF", flight, b.last_error, spend, toggle]));
   }
   const earnings = document.querySelector("#earnings tbody"); earnings.replaceChildren();
   for (const e of s.earnings) earnings.appendChild(row([e.period, e.receipts, e.earned, e.paid, e.margin]));
