@@ -24,9 +24,14 @@ async def post(url: str, path: str, body: dict, **headers) -> httpx.Response:
         return await http.post(path, json=body, headers=headers)
 
 
-async def test_a_model_name_no_header_may_hold_is_escaped_in_the_header(nursery, tmp_path):
-    """An executor names its model with CR/LF and non-ASCII: the answer still comes, the
-    name is %-escaped in ``x-loomnet-model`` (no header is injected) and intact in the body."""
+async def test_a_model_name_no_header_may_hold_is_escaped_in_the_header(nursery, tmp_path, monkeypatch):
+    """A hostile executor names its model with CR/LF and non-ASCII (loomnet's own never
+    offers a name with control characters: that check is switched off here, as a modified
+    executor would): the answer still comes, the name is %-escaped in ``x-loomnet-model``
+    (no header is injected) and intact in the body."""
+    from loomnet.node import _catalog
+
+    monkeypatch.setattr(_catalog, "_printable", lambda name: True)
     hostile = "evil\r\nset-cookie: stolen=1 \u00fc"
     fake = FakeOpenAI(flavour="vllm")
     executor = await start_fake_executor(nursery, tmp_path, fake, provider="vllm", backend_model=hostile)
