@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import tomllib
+import urllib.parse
 from typing import Any
 
 import click
@@ -54,6 +55,11 @@ def _call(url: str | None, method: str, path: str, body: dict[str, Any] | None =
         click.echo(f"error {answer.status_code}: {data.get('error', data)}", err=True)
         sys.exit(1)
     return data
+
+
+def _q(name: str) -> str:
+    """``name`` as one path segment (a ``/`` or ``%`` in it stays part of the name)."""
+    return urllib.parse.quote(name, safe="")
 
 
 _url = click.option("--url", help="The operator endpoint (default: the executor on this machine).")
@@ -105,7 +111,7 @@ def backends_add(url: str | None, table_file) -> None:
 @click.argument("name")
 def backends_disable(url: str | None, name: str) -> None:
     """Take a backend out of every chain (its models leave the advert if it was their only one)."""
-    _call(url, "POST", f"/admin/backends/{name}/disable")
+    _call(url, "POST", f"/admin/backends/{_q(name)}/disable")
     click.echo(f"disabled {name}")
 
 
@@ -114,7 +120,7 @@ def backends_disable(url: str | None, name: str) -> None:
 @click.argument("name")
 def backends_enable(url: str | None, name: str) -> None:
     """Put a disabled backend back."""
-    _call(url, "POST", f"/admin/backends/{name}/enable")
+    _call(url, "POST", f"/admin/backends/{_q(name)}/enable")
     click.echo(f"enabled {name}")
 
 
@@ -123,7 +129,7 @@ def backends_enable(url: str | None, name: str) -> None:
 @click.argument("name")
 def backends_remove(url: str | None, name: str) -> None:
     """Remove a backend (requests under way on it finish)."""
-    _call(url, "DELETE", f"/admin/backends/{name}")
+    _call(url, "DELETE", f"/admin/backends/{_q(name)}")
     click.echo(f"removed {name}")
 
 
@@ -153,7 +159,7 @@ def model(url: str | None, name: str, price_in, price_out, aliases, categories, 
     if not change:
         click.echo("nothing to set: give --price-in, --price-out, --alias, --category or --backend", err=True)
         sys.exit(2)
-    _call(url, "PATCH", f"/admin/models/{name}", change)
+    _call(url, "PATCH", f"/admin/models/{_q(name)}", change)
     click.echo(f"set {name}: {json.dumps(change)}")
 
 
@@ -163,7 +169,7 @@ def model(url: str | None, name: str, price_in, price_out, aliases, categories, 
 @click.argument("amount", type=click.IntRange(0))
 def spend_budget(url: str | None, name: str, amount: int) -> None:
     """Set a backend's spend budget (micro-credits per period) until the next restart."""
-    stats = _call(url, "POST", f"/admin/backends/{name}/spend-budget", {"amount": amount})
+    stats = _call(url, "POST", f"/admin/backends/{_q(name)}/spend-budget", {"amount": amount})
     click.echo(f"{name}: budget {stats['amount']}, spent {stats['spent']}"
                f"{' (spent: out of rotation)' if stats['exhausted'] else ''}")  # fmt: skip
 
