@@ -29,10 +29,10 @@ the handler for one deadline at most. When the answer fails part-way, the
 receipt for what was sent rides on the error frame, and a failure to book it never
 replaces the original error.
 
-A model with a response cache (``[models.cache]``, ``_response_cache``) answers a
-deterministic request it answered before without a slot or the backend: the lookup
-comes after every admission check but the slot, the stored answer streams through the
-same relay, and the receipt says ``cached``. A completed, booked answer is stored.
+A model with a response cache answers a deterministic request it answered before
+without a slot or the backend (``_server_cached``); the lookup comes after every
+admission check but the slot. The parts: admission (``_server_admission``), billing
+(``_server_billing``), cached answers (``_server_cached``).
 
 What a peer is told is loomnet's words only (``LoomError.peer_message``): library
 text, endpoints and configuration go to the operator's log, never into a frame.
@@ -58,7 +58,6 @@ from loomnet.protocol import (
     EndOfStream,
     Envelope,
     ErrorCode,
-    ErrorFrame,
     InferenceConnection,
     InferenceRequest,
     LoomError,
@@ -68,21 +67,18 @@ from loomnet.protocol import (
     RequestRejected,
     ReplayGuard,
     Role,
-    SignedKind,
     SigningKey,
     StreamState,
-    encode_frame,
-    encode_frame_body,
     generation_fields,
-    open_envelope,
 )
 
 from ._catalog import Catalog, CatalogEntry
-from ._cost_cap import check_worst_case
-from ._counting import CountingChain
 from ._acks import await_ack
 from ._intake import Intake, RequestBudget, SessionIdle
 from ._metering import Meter, Output
+from ._server_admission import Admission
+from ._server_billing import Billing
+from ._server_cached import CachedAnswers
 from ._metrics import ExecutorMetrics
 from ._pool import PoolMember
 from ._spend import SpendHold
@@ -90,7 +86,7 @@ from ._queue import Slots
 from ._slot_wait import wait_for_slot
 from ._rate import PeerRateLimiter
 from ._relay import ClientGone, relay_answer
-from ._response_cache import CacheLookup, ResponseCaches, entry_cache_terms
+from ._response_cache import ResponseCaches, entry_cache_terms
 from .backends._base import ChatParams
 from .config import ExecutorConfig
 
@@ -116,7 +112,7 @@ class ServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     session_requests: int
 
 
-class InferenceServer:
+class InferenceServer(Admission, CachedAnswers, Billing):
     """Serves inference streams for one executor."""
 
     def __init__(
@@ -263,62 +259,6 @@ class InferenceServer:
 
     # ---------------------------------------------------------------- admission
 
-    def _admit(self, stream: P2PStream, frame: object) -> tuple[bytes, InferenceRequest, CatalogEntry]:
-        if not isinstance(frame, RequestFrame):  # pragma: no cover - the state machine allows nothing else
-            raise RequestRejected("expected a request frame", code=ErrorCode.UNEXPECTED_FRAME)
-        request, signer = open_envelope(SignedKind.REQUEST, frame.envelope)
-        assert isinstance(request, InferenceRequest)
-        if signer != stream.remote_peer:
-            raise RequestRejected(
-                "request is signed by another peer than the one sending it", code=ErrorCode.SIGNER_MISMATCH
-            )
-        self.replay.check(request, now=self.clock())
-        if self.draining:
-            raise RequestRejected("this executor is shutting down; try another", code=ErrorCode.SHUTTING_DOWN,
-                                  retryable=True)  # fmt: skip
-        entry = self.catalog.lookup(request.model)
-        if entry is None:
-            served = ", ".join(o.name for o in self.catalog.offers)
-            raise RequestRejected(
-                f"model {request.model!r} is not served here (serving: {served})", code=ErrorCode.UNKNOWN_MODEL
-            )
-        if not self.catalog.available(entry):
-            raise RequestRejected(
-                f"the runtime behind {request.model!r} is down; try another executor",
-                code=ErrorCode.BACKEND_UNAVAILABLE,
-                retryable=True,
-            )
-        offer = entry.offer
-        if (request.max_price_in is not None and offer.price_in > request.max_price_in) or (
-            request.max_price_out is not None and offer.price_out > request.max_price_out
-        ):
-            raise RequestRejected(
-                f"price {offer.price_in}/{offer.price_out} micro-credits per million tokens (in/out) "
-                f"is above the cap {request.max_price_in}/{request.max_price_out}",
-                code=ErrorCode.PRICE_CAP_EXCEEDED,
-            )
-        return frame.envelope.payload, request, entry
-
-    async def _send_error(self, stream: P2PStream, conn: InferenceConnection, exc: LoomError) -> None:
-        frame = ErrorFrame(  # a peer gets loomnet's words only; exc.message went to the log
-            code=int(exc.code),
-            message=exc.peer_message[:2000],
-            retryable=exc.retryable,
-            retry_after=getattr(exc, "retry_after", None),
-            receipt=getattr(exc, "receipt", None),
-        )
-        try:
-            if conn.state in (StreamState.IDLE, StreamState.OPEN):
-                data = conn.send(frame)
-            elif conn.state is StreamState.FAILED:
-                # the peer broke the protocol; still say why, once, then give up
-                data = encode_frame(encode_frame_body(frame))
-            else:
-                return
-            await stream.send_all(data, timeout=self.config.ack_timeout)
-        except LoomError:
-            pass
-
     # ------------------------------------------------------------------ serving
 
     async def _serve(
@@ -408,38 +348,12 @@ class InferenceServer:
         if cache is not None:  # a complete answer, booked: the response cache may keep it
             cache.store(output, finished, now=trio.current_time())
         self.catalog.note_speed(entry.offer.name, receipt.output_tokens, elapsed)
-        self._count(entry.offer.name, receipt, ttft)
-        self.metrics.request_done(entry.offer.name, None, ttft=ttft, duration=trio.current_time() - admitted,
-                                  input_tokens=receipt.input_tokens, output_tokens=receipt.output_tokens)  # fmt: skip
-        self.served += 1
-        await FrameIO(stream, conn).send(ReceiptFrame(envelope), timeout=self.config.ack_timeout)
-        return await await_ack(
-            self.intake, self.ledger, stream, conn, receipt_digest, bookings, timeout=self.config.ack_timeout
-        )
+        return await self._deliver(stream, conn, entry, envelope, receipt_digest, receipt, output, admitted, bookings)
 
-    async def _serve_cached(
-        self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, cache: CacheLookup,
-        book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]], bookings: trio.Nursery,
-    ) -> object | None:
-        """Answer from the response cache: the stored answer streams as chunk frames (the
-        relay's batching and client watch, no slot, no backend); the receipt says
-        ``cached``, is counted from the stored usage and priced per the model's ``billing``."""
-        assert cache.hit is not None
-        book = functools.partial(book, entry=cache.billed(entry), cached=True)
-        output = Output()
-        admitted = trio.current_time()
-        try:
-            finished = await relay_answer(
-                stream, conn, cache.hit.replay, output, chunk_interval=self.config.chunk_interval,
-                progress_interval=self.config.progress_interval, send_timeout=self.config.ack_timeout,
-                abort=self.abort,
-            )
-        except Exception as exc:  # the client left or broke the protocol: bill what it got
-            error = await self._settle_failure(exc, output, book)
-            self.metrics.request_done(entry.offer.name, error.code, duration=trio.current_time() - admitted)
-            raise error from None
-        finish_reason = str(finished.finish_reason)
-        envelope, receipt_digest, receipt = await book(output=output, finish_reason=finish_reason, usage=finished.usage)
+    async def _deliver(self, stream: P2PStream, conn: InferenceConnection, entry: CatalogEntry, envelope: Envelope,
+                       receipt_digest: bytes, receipt: Receipt, output: Output, admitted: float,
+                       bookings: trio.Nursery) -> object | None:  # fmt: skip
+        """A booked answer: counted (status, metrics), its receipt sent, its ack awaited."""
         ttft = None if output.first_content_at is None else output.first_content_at - admitted
         self._count(entry.offer.name, receipt, ttft)
         self.metrics.request_done(entry.offer.name, None, ttft=ttft, duration=trio.current_time() - admitted,
@@ -449,90 +363,3 @@ class InferenceServer:
         return await await_ack(
             self.intake, self.ledger, stream, conn, receipt_digest, bookings, timeout=self.config.ack_timeout
         )
-
-    async def _cap_cost(self, request: InferenceRequest, entry: CatalogEntry, params: ChatParams) -> ChatParams:
-        """Check the request's worst case against its ``max_cost`` (``_cost_cap``); returns
-        the params to run, with ``max_tokens`` capped where the request set none.
-
-        The prompt is counted only when there is a cap and a price: tokenizing costs time
-        (up to ``count-timeout`` with the model's own tokenizer).
-
-        Raises:
-            RequestRejected: ``PRICE_CAP_EXCEEDED``, not retryable.
-        """
-        offer = entry.offer
-        if request.max_cost is None or not (offer.price_in or offer.price_out):
-            return params
-        chain = CountingChain(entry.backend, params.model, self.tokens, budget=self.config.count_timeout)
-        prompt = await chain.prompt(params)
-        max_tokens = check_worst_case(
-            max_cost=request.max_cost, prompt_tokens=prompt.tokens, max_tokens=params.max_tokens,
-            context_length=offer.context_length, price_in=offer.price_in, price_out=offer.price_out,
-        )
-        return params if max_tokens is None else msgspec.structs.replace(params, max_tokens=max_tokens)
-
-    async def _book(self, **booking: object) -> tuple[Envelope, bytes, Receipt]:
-        """Book a receipt (``Meter.book``) and charge its tokens to the client's rate limit."""
-        envelope, receipt_digest = await self.meter.book(**booking)  # type: ignore[arg-type]
-        receipt = msgspec.msgpack.decode(envelope.payload, type=Receipt)
-        self.rate.charge(receipt.client, receipt.input_tokens + receipt.output_tokens, now=trio.current_time())
-        return envelope, receipt_digest, receipt
-
-    def _worst_provider_cost(self, entry: CatalogEntry, params: ChatParams, member: PoolMember) -> int:
-        """What ``member``'s provider would charge at most for this request: a prompt
-        estimate that errs high (a token per 3 bytes, 16 per message for the template)
-        and every token ``max_tokens`` allows (else the model's context), at its price."""
-        charge = self.catalog.charges.get(member.name)
-        if charge is None:
-            return 0
-        prompt = sum(len(m.content.encode()) // 3 + 16 for m in params.messages)
-        output = params.max_tokens or entry.offer.context_length or 4096
-        return charge.cost(prompt, output)
-
-    async def _charge_unbilled(self, member: PoolMember, entry: CatalogEntry, params: ChatParams) -> None:
-        """What ``member``'s provider charges for a request that ended before any content
-        (the client left, or the stream failed): the prompt it read, counted here (its
-        tokenizer, else tiktoken), added to its spend and booked in the ledger
-        (``provider_charges``), so the spend budget sees every answer the operator paid
-        for. Free backends, and failures to count or book, cost nothing more (logged)."""
-        if self.catalog.charges.get(member.name) is None:
-            return
-        try:
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.count_timeout + 5):
-                chain = CountingChain(member.backend, member.backend_model, self.tokens, budget=self.config.count_timeout)
-                prompt = await chain.prompt(msgspec.structs.replace(params, model=member.backend_model))
-                cost = self.catalog.charge(member, prompt.tokens, 0)
-                if cost:
-                    await self.ledger.record_provider_charge(backend=member.name, model=entry.offer.name,
-                                                             input_tokens=prompt.tokens, output_tokens=0, cost=cost,
-                                                             now=self.clock())  # fmt: skip
-        except Exception:  # noqa: BLE001 - never replace the request's own error
-            log.exception("could not book what backend %s charged for an unbilled request", member.name)
-
-    async def _settle_failure(
-        self, failure: Exception, output: Output, book: Callable[..., Awaitable[tuple[Envelope, bytes, Receipt]]]
-    ) -> LoomError:
-        """Book a receipt for what the client was sent before ``failure``; returns the error
-        to answer with (the original one: an error while booking is only logged).
-
-        Only content is billed: a stream that carried progress chunks alone gets no receipt.
-        The receipt of a client that left is booked on this side only ("client_gone");
-        otherwise it rides on the error frame ("error").
-        """
-        if isinstance(failure, LoomError):
-            error = failure
-        else:  # a bug in an adapter: the log gets everything, the peer a code
-            log.error("generation failed with an unexpected error", exc_info=failure)
-            error = LoomError(f"internal error: {type(failure).__name__}", code=ErrorCode.INTERNAL)
-        if not output.has_content:
-            return error
-        gone = isinstance(failure, ClientGone)
-        try:
-            envelope, _, _ = await book(output=output, finish_reason="client_gone" if gone else "error", usage=None)
-        except Exception:  # noqa: BLE001 - never replace the original error
-            log.exception("could not book the partial receipt after %s", error)
-            return error
-        self.served += 1
-        if not gone:
-            error.receipt = envelope  # type: ignore[attr-defined]  # _send_error sends it
-        return error

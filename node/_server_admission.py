@@ -1,0 +1,90 @@
+"""Admitting a request, and refusing it: the checks of the request frame that come
+before anything is generated (signature, signer = the stream's peer, replay guard, the
+drain, the model, its backends, the price caps), and the error frame a refusal or a
+failure becomes (loomnet's words only, with a partial answer's receipt).
+
+A mixin of :class:`~loomnet.node._server.InferenceServer` (its ``catalog``,
+``replay``, ``clock``, ``draining`` and ``config``).
+"""
+
+from __future__ import annotations
+
+from loomnet.client import P2PStream
+from loomnet.protocol import (
+    ErrorCode,
+    ErrorFrame,
+    InferenceConnection,
+    InferenceRequest,
+    LoomError,
+    RequestFrame,
+    RequestRejected,
+    SignedKind,
+    StreamState,
+    encode_frame,
+    encode_frame_body,
+    open_envelope,
+)
+
+from ._catalog import CatalogEntry
+
+__all__ = ["Admission"]
+
+
+class Admission:
+    """See the module doc."""
+
+    def _admit(self, stream: P2PStream, frame: object) -> tuple[bytes, InferenceRequest, CatalogEntry]:
+        if not isinstance(frame, RequestFrame):  # pragma: no cover - the state machine allows nothing else
+            raise RequestRejected("expected a request frame", code=ErrorCode.UNEXPECTED_FRAME)
+        request, signer = open_envelope(SignedKind.REQUEST, frame.envelope)
+        assert isinstance(request, InferenceRequest)
+        if signer != stream.remote_peer:
+            raise RequestRejected(
+                "request is signed by another peer than the one sending it", code=ErrorCode.SIGNER_MISMATCH
+            )
+        self.replay.check(request, now=self.clock())
+        if self.draining:
+            raise RequestRejected("this executor is shutting down; try another", code=ErrorCode.SHUTTING_DOWN,
+                                  retryable=True)  # fmt: skip
+        entry = self.catalog.lookup(request.model)
+        if entry is None:
+            served = ", ".join(o.name for o in self.catalog.offers)
+            raise RequestRejected(
+                f"model {request.model!r} is not served here (serving: {served})", code=ErrorCode.UNKNOWN_MODEL
+            )
+        if not self.catalog.available(entry):
+            raise RequestRejected(
+                f"the runtime behind {request.model!r} is down; try another executor",
+                code=ErrorCode.BACKEND_UNAVAILABLE,
+                retryable=True,
+            )
+        offer = entry.offer
+        if (request.max_price_in is not None and offer.price_in > request.max_price_in) or (
+            request.max_price_out is not None and offer.price_out > request.max_price_out
+        ):
+            raise RequestRejected(
+                f"price {offer.price_in}/{offer.price_out} micro-credits per million tokens (in/out) "
+                f"is above the cap {request.max_price_in}/{request.max_price_out}",
+                code=ErrorCode.PRICE_CAP_EXCEEDED,
+            )
+        return frame.envelope.payload, request, entry
+
+    async def _send_error(self, stream: P2PStream, conn: InferenceConnection, exc: LoomError) -> None:
+        frame = ErrorFrame(  # a peer gets loomnet's words only; exc.message went to the log
+            code=int(exc.code),
+            message=exc.peer_message[:2000],
+            retryable=exc.retryable,
+            retry_after=getattr(exc, "retry_after", None),
+            receipt=getattr(exc, "receipt", None),
+        )
+        try:
+            if conn.state in (StreamState.IDLE, StreamState.OPEN):
+                data = conn.send(frame)
+            elif conn.state is StreamState.FAILED:
+                # the peer broke the protocol; still say why, once, then give up
+                data = encode_frame(encode_frame_body(frame))
+            else:
+                return
+            await stream.send_all(data, timeout=self.config.ack_timeout)
+        except LoomError:
+            pass
