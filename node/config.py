@@ -28,128 +28,18 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from typing import Literal
 from pathlib import Path
 
 import msgspec
 
 from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 
+from ._config_terms import ModelTerms, OperatorConfig, PoolBackend, _Config
 from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
-from ._response_cache import CacheTerms
 
 __all__ = ["ExecutorConfig", "ModelTerms", "OperatorConfig", "PoolBackend", "expand_secrets", "load_config"]
-
-
-class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
-    pass
-
-
-#: the highest price a model may have, credits per million tokens
-MAX_PRICE = 1_000_000.0
-
-
-Strategy = Literal["priority", "round_robin", "least_connections", "weighted"]
-
-
-class PoolBackend(_Config):
-    """One backend of a model's pool, when it needs more than its name (``[[models]]``
-    ``backends = [{backend = "hosted", model = "gpt-4o-mini", weight = 1}]``)."""
-
-    #: the backend's ``name`` (its provider when it has none)
-    backend: str
-    #: what that backend calls the model; None = the advertised name (without a
-    #: ``provider:`` prefix)
-    model: str | None = None
-    #: its share of requests under ``strategy = "weighted"``
-    weight: int = 1
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.weight <= 1000:
-            raise ValueError(f"backend {self.backend!r}: weight must be from 1 to 1000")
-
-
-class ModelTerms(_Config):
-    """How one served model is offered: aliases, categories, price, and which backends
-    serve it (a pool, ``node/_pool``)."""
-
-    #: the model's name: the backend's model name, or with ``backends`` set, the name it
-    #: is advertised under
-    name: str
-    aliases: list[str] = []
-    #: e.g. "fast", "balanced", "quality", or your own
-    categories: list[str] = []
-    #: credits per million input / output tokens
-    price_in: float = 0.0
-    price_out: float = 0.0
-    #: generations of this model that may run at once; None = the executor's ``capacity``
-    capacity: int | None = None
-    #: requests of this model that may wait for a slot; None = the executor's ``max-queue``
-    max_queue: int | None = None
-    #: the backends serving it, by ``name``, in order (a plain name, or a
-    #: :class:`PoolBackend` table); empty = every backend that lists the model, in the
-    #: order of ``[[backends]]``
-    backends: list[str | PoolBackend] = []
-    #: how a request picks among them: ``priority`` (a fallback chain, in order),
-    #: ``round_robin``, ``least_connections`` or ``weighted`` (``weight`` per backend)
-    strategy: Strategy = "priority"
-    #: ``[models.cache]``: answer identical deterministic requests from memory
-    #: (``_response_cache``); None (no table) = off
-    cache: CacheTerms | None = None
-
-    def __post_init__(self) -> None:
-        for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
-            # NaN fails both comparisons; the cap keeps every receipt's cost within the
-            # wire's integer range (2**31 tokens at this price is ~4e15 micro-credits)
-            if not 0 <= price <= MAX_PRICE:
-                raise ValueError(
-                    f"model {self.name!r}: {which} must be a number from 0 to {MAX_PRICE:g} credits per "
-                    f"million tokens, not {price}"
-                )
-        if self.capacity is not None and self.capacity < 1:
-            raise ValueError(f"model {self.name!r}: capacity must be at least 1")
-        if self.max_queue is not None and self.max_queue < 0:
-            raise ValueError(f"model {self.name!r}: max-queue cannot be negative")
-        names = [b if isinstance(b, str) else b.backend for b in self.backends]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model {self.name!r}: a backend is listed twice in its backends")
-
-    @property
-    def pool(self) -> list[PoolBackend]:
-        """``backends`` as :class:`PoolBackend` entries."""
-        return [PoolBackend(backend=b) if isinstance(b, str) else b for b in self.backends]
-
-
-class OperatorConfig(_Config):
-    """The operator's HTTP endpoint: ``/status``, ``/metrics``, ``/healthz``,
-    ``/readyz`` (``node/_operator``). On by default, on this machine only."""
-
-    enabled: bool = True
-    #: 127.0.0.1: only this machine (Prometheus on another host: its address, and a firewall)
-    host: str = "127.0.0.1"
-    #: None: 8401, or a free port when another process holds it (the URL is printed at
-    #: start and written to the local state file, where ``loomnet status`` finds it);
-    #: a port given here that is taken stops the executor at start
-    port: int | None = None
-    #: the bearer token of the admin routes (``/admin/...``); write ``${VAR}``, never
-    #: the token; none: the admin routes refuse every request
-    admin_token: str | None = None
-    #: the environment variables an admin may hand a backend added at runtime as
-    #: ``${VAR}`` (its api-key): none by default, so the admin token is not a way to send
-    #: every secret of the executor's environment to an endpoint of the admin's choosing
-    admin_variables: list[str] = []
-
-    def __post_init__(self) -> None:
-        if self.port is not None and not 0 <= self.port <= 65535:
-            raise ValueError("operator port must be from 0 to 65535")
-        if self.admin_token is not None and len(self.admin_token) < 16:
-            raise ValueError("operator admin-token must be at least 16 characters")
-
-    def __repr__(self) -> str:  # never show the token
-        token = "<set>" if self.admin_token else None
-        return f"OperatorConfig(enabled={self.enabled}, host={self.host!r}, port={self.port}, admin_token={token})"
 
 
 class ExecutorConfig(_Config):

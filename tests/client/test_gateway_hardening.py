@@ -11,21 +11,10 @@ import msgspec
 import pytest
 import trio
 
-from loomnet.client import ClientConfig, LoomClient
-from loomnet.client.gateway import GatewayConfig, serve_gateway
 from loomnet.client.gateway._app import header_value
 from loomnet.client.gateway._models import ModelCatalog, ModelEntry, ModelFacts, page_of
 
-
-@pytest.fixture
-async def lone_client(nursery, tmp_path):
-    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False, offer_timeout=30.0))
-    await nursery.start(client.run)
-    return client
-
-
-async def start(nursery, client, **settings):
-    return await nursery.start(serve_gateway, client, GatewayConfig(port=0, **settings))
+from .test_gateway_http import host_port, start
 
 
 ANTHROPIC = {"anthropic-version": "2023-06-01"}
@@ -229,11 +218,6 @@ async def test_the_catalog_is_built_once_for_concurrent_readers_and_only_when_du
 
 
 # ---------------------------------------------------------------- floods and hogs
-
-
-def host_port(url: str) -> tuple[str, int]:
-    host, port = url.removeprefix("http://").split(":")
-    return host, int(port)
 
 
 async def test_a_flood_of_idle_connections_is_capped_and_the_gateway_goes_on(nursery, lone_client):

@@ -7,18 +7,9 @@ from __future__ import annotations
 import logging
 
 import httpx
-import pytest
 import trio
 
-from loomnet.client import ClientConfig, LoomClient
 from loomnet.client.gateway import GatewayConfig, serve_gateway
-
-
-@pytest.fixture
-async def lone_client(nursery, tmp_path):
-    client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), discover_local=False, offer_timeout=30.0))
-    await nursery.start(client.run)
-    return client
 
 
 async def start(nursery, client, **settings):
