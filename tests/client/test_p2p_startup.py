@@ -226,12 +226,15 @@ async def test_trap_x_a_client_leaves_without_sleeping(nursery: trio.Nursery, mo
         await stream.close()
         monkeypatch.setattr(trio, "sleep", recording)
         client.stop()
-    while server.connected_peers():  # the server's side closes as promptly
-        await real_sleep(0.01)
+    # The server's side closes as promptly; its inbound slot is given back by the
+    # connection's own task a few scheduler ticks after the peer leaves the swarm
+    # (CI once read the count in between), so both are awaited, within 5 s.
+    with trio.fail_after(5):
+        while server.connected_peers() or server.statistics().connections_inbound:
+            await real_sleep(0.01)
     monkeypatch.undo()
     assert [s for s in sleeps if "close" in s[0].lower() or "cleanup" in s[0].lower()] == []
     assert server._guard.open_muxers(client.peer_id) == []
-    assert server.statistics().connections_inbound == 0
     server.stop()
 
 
