@@ -17,9 +17,8 @@ own completed generations of that model (:meth:`Catalog.note_speed`), 0 until on
 was measured.
 
 Backends are asked all at once, and each one's whole answer (a health probe and a
-model listing together) has one deadline: the HTTP adapters' timeouts apply per read,
-so a runtime dripping its model list would otherwise stall start-up, or the health
-loop, for as long as it dripped.
+model listing together) has one deadline (``_catalog_listing``). A model's entry is a
+:class:`~loomnet.node._catalog_entry.CatalogEntry` (importable from here too).
 """
 
 from __future__ import annotations
@@ -27,17 +26,17 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
 
 import msgspec
-import trio
 
 from loomnet.client import Ledger
 from loomnet.client._budget import period_bounds
 from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_micro
 
 from ._breaker import BreakerSettings
+from ._catalog_entry import CatalogEntry, unique_names
+from ._catalog_listing import each, label_of, list_models, probe
 from ._pool import BackendLoad, BackendPool, PoolMember, PoolStatistics
 from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
@@ -48,38 +47,9 @@ __all__ = ["Catalog", "CatalogEntry", "label_of"]
 
 log = logging.getLogger("loomnet.catalog")
 
-_T = TypeVar("_T")
-
 
 #: Weight of the newest generation in the measured speed's EWMA.
 _SPEED_ALPHA = 0.3
-
-
-class CatalogEntry(msgspec.Struct, frozen=True):
-    offer: ModelOffer
-    #: the pool's first member: its backend and what it calls the model (what a cost
-    #: cap counts the prompt with)
-    backend: Backend
-    backend_model: str
-    #: generations of this model that may run at once, and requests that may wait
-    capacity: int = 1
-    max_queue: int = 0
-    #: every backend serving the model (``_pool``); None only in hand-made entries
-    pool: BackendPool | None = None
-
-
-def _unique_names(backends: list[Backend]) -> list[str]:
-    """Each backend's operator-visible name: its label, with ``-2``, ``-3``... after a
-    label an earlier backend already has."""
-    names: list[str] = []
-    for backend in backends:
-        label = label_of(backend)
-        name, n = label, 1
-        while name in names:
-            n += 1
-            name = f"{label}-{n}"
-        names.append(name)
-    return names
 
 
 class Catalog:
@@ -88,7 +58,7 @@ class Catalog:
         self.config = config
         self.entries: list[CatalogEntry] = []
         self._by_name: dict[str, CatalogEntry] = {}
-        self.names = _unique_names(backends)  # each backend's member name, in config order
+        self.names = unique_names(backends)  # each backend's member name, in config order
         self._listed: dict[str, list[ModelInfo]] = {}  # backend name -> the models it lists
         self._down: set[str] = set()  # backends failing their health probe, by name
         self._speeds: dict[str, float] = {}  # offer name -> EWMA of output tokens/s
@@ -146,7 +116,7 @@ class Catalog:
                 message names each backend by its label, never its endpoint or key.
         """
         catalog = cls(backends, config)
-        answers = await _each(backends, functools.partial(_list_models, timeout=config.list_models_timeout))
+        answers = await each(backends, functools.partial(list_models, timeout=config.list_models_timeout))
         failures = []
         for backend, name, answer in zip(backends, catalog.names, answers):
             if isinstance(answer, BackendError):
@@ -284,7 +254,7 @@ class Catalog:
             self.charges[name] = ProviderCharge.of(name, settings.provider_price_in, settings.provider_price_out)
             self.spends[name] = ProviderSpend(name, settings.spend_budget, spent=0, now=time.time(),
                                               on_change=self._changed)  # fmt: skip
-        answer = await _list_models(backend, timeout=timeout)
+        answer = await list_models(backend, timeout=timeout)
         why = None
         if isinstance(answer, BackendError):
             self._down.add(name)
@@ -382,7 +352,7 @@ class Catalog:
         one deadline, ``timeout`` seconds: one that answers too slowly (or drips its
         answer) is down this round, and the round takes at most ``timeout``.
         """
-        probes = await _each(self.backends, functools.partial(self._probe, timeout=timeout))
+        probes = await each(self.backends, lambda b: probe(b, listed=self.name_of(b) in self._listed, timeout=timeout))
         changed = listed = False
         for name, (healthy, models) in zip(self.names, probes):
             if models is not None:
@@ -398,58 +368,7 @@ class Catalog:
             self._rebuild()
         return changed
 
-    async def _probe(self, backend: Backend, *, timeout: float) -> tuple[bool, list[ModelInfo] | None]:
-        """(healthy, its models if it had to be listed); never raises a backend's error."""
-        with trio.move_on_after(timeout):
-            try:
-                if not await backend.health():
-                    return False, None
-                if self.name_of(backend) in self._listed:
-                    return True, None
-                return True, await backend.list_models()
-            except Exception as exc:  # noqa: BLE001 - a failing (or buggy) backend is down, the node goes on
-                log.warning("backend %s failed its health probe: %s", label_of(backend), exc)
-                return False, None
-        log.warning("backend %s did not answer its health probe within %g s", label_of(backend), timeout)
-        return False, None
-
 
 def _printable(name: str) -> bool:
     """No control character: a name is advertised, logged and shown in terminals."""
     return not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name)
-
-
-def label_of(backend: Backend) -> str:
-    """What the operator calls ``backend`` (its ``name``, else its provider): never a secret."""
-    return str(getattr(backend, "label", None) or backend.kind)
-
-
-async def _list_models(backend: Backend, *, timeout: float) -> list[ModelInfo] | BackendError:
-    """``backend``'s models, or the error (a timeout included) that kept it from listing them."""
-    with trio.move_on_after(timeout):
-        try:
-            return await backend.list_models()
-        except BackendError as exc:
-            log.warning("backend %s is not serving: %s", label_of(backend), exc)
-            return exc
-        except Exception as exc:  # noqa: BLE001 - an adapter's bug makes that backend down, not the node
-            log.exception("backend %s failed to list its models", label_of(backend))
-            return BackendError(f"listing its models failed ({type(exc).__name__})", code=ErrorCode.INTERNAL)
-    log.warning("backend %s did not list its models within %g s", label_of(backend), timeout)
-    return BackendError(
-        f"did not list its models within {timeout:g} s", code=ErrorCode.BACKEND_TIMEOUT, retryable=True
-    )
-
-
-async def _each(backends: list[Backend], fn: Callable[[Backend], Awaitable[_T]]) -> list[_T]:
-    """``fn(backend)`` for every backend concurrently, the results in ``backends``' order.
-    ``fn`` must not raise (the nursery would wrap it in a group)."""
-    results: list[Any] = [None] * len(backends)
-
-    async def one(i: int, backend: Backend) -> None:
-        results[i] = await fn(backend)
-
-    async with trio.open_nursery() as nursery:
-        for i, backend in enumerate(backends):
-            nursery.start_soon(one, i, backend)
-    return results
