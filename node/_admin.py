@@ -29,10 +29,11 @@ from typing import Any
 import msgspec
 import trio
 
-from loomnet.protocol import ConfigError
+from loomnet.protocol import ConfigError, ErrorCode
 
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
+from ._config_terms import NameTaken, alias_clash, backend_name_problem
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
 __all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "check_model_name",
@@ -42,8 +43,6 @@ log = logging.getLogger("loomnet.admin")
 
 _REFERENCE = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 _ANY_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-#: a backend name the admin gives: safe in a URL path, a log line, a metric label
-_BACKEND_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 #: the most bytes an admin request body may have
 MAX_ADMIN_BODY = 64 * 1024
 #: backend table keys whose value is a secret: only a ``${VAR}`` reference is accepted
@@ -51,12 +50,14 @@ _SECRET_KEYS = ("api-key",)
 
 
 class AdminError(Exception):
-    """An admin request that cannot be applied; ``status`` is the HTTP status to answer."""
+    """An admin request that cannot be applied; ``status`` is the HTTP status to answer,
+    ``code`` the loomnet error code the answer carries (``"code"``), when one fits."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
+    def __init__(self, message: str, status: int = 400, code: ErrorCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
+        self.code = code
 
 
 class ModelChange(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -193,8 +194,8 @@ class Admin:
         """
         async with self._lock:
             name = table.get("name")
-            if not isinstance(name, str) or not _BACKEND_NAME.match(name):
-                raise AdminError("a backend added at runtime needs a name of 1 to 64 of A-Z a-z 0-9 . _ -")
+            if (problem := backend_name_problem(name)) is not None:
+                raise AdminError(f"a backend added at runtime needs a name: {problem}")
             for key in _SECRET_KEYS:
                 if key in table and not (isinstance(table[key], str) and _REFERENCE.match(table[key])):
                     raise AdminError(f"{key} must be a ${{VAR}} reference to the executor's environment, never the "
@@ -277,7 +278,8 @@ class Admin:
         """Set a model's price, aliases or categories; the next advert shows them.
 
         Raises:
-            AdminError: an invalid value (a price out of range...).
+            AdminError: an invalid value (a price out of range...); an alias that is
+                already a name (409, ``NAME_TAKEN``: ``_config_terms.alias_clash``).
         """
         check_model_name(name)
         if change.backends is not None and not change.backends:
@@ -295,8 +297,14 @@ class Admin:
                 else:
                     models[i] = terms
                 updated = msgspec.structs.replace(config, models=models)
+            except NameTaken as exc:
+                raise AdminError(exc.message, status=409, code=exc.code) from None
             except (msgspec.ValidationError, ValueError, TypeError) as exc:
                 raise AdminError(f"model {name[:64]!r}: {exc}") from None
+            configured = {n.casefold() for terms in models for n in (terms.name, terms.name.partition(":")[2])}
+            listed = [e.offer.name for e in self.executor.catalog.entries if e.offer.name.casefold() not in configured]
+            if (clash := alias_clash(models, listed)) is not None:  # the names only a backend's listing gives, too
+                raise AdminError(clash, status=409, code=ErrorCode.NAME_TAKEN)
             self._set_config(updated)
             merged = msgspec.to_builtins(self.overlay.models.get(name, ModelChange()))
             merged.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
@@ -331,6 +339,10 @@ class Admin:
     def _set_config(self, config: ExecutorConfig) -> None:
         try:
             config = msgspec.convert(msgspec.to_builtins(config), ExecutorConfig)  # every check of a loaded config
+        except NameTaken as exc:
+            raise AdminError(exc.message[:500], status=409, code=exc.code) from None
+        except ConfigError as exc:
+            raise AdminError(exc.message[:500]) from None
         except (msgspec.ValidationError, ValueError, TypeError) as exc:
             raise AdminError(str(exc)[:500]) from None
         self.executor.config = config

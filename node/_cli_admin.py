@@ -20,6 +20,7 @@ import click
 import httpx
 
 from loomnet.client import local_executors
+from loomnet.protocol import ErrorCode
 
 __all__ = ["admin"]
 
@@ -52,7 +53,10 @@ def _call(url: str | None, method: str, path: str, body: dict[str, Any] | None =
     except ValueError:
         data = {"error": answer.text[:300]}
     if answer.status_code >= 400:
-        click.echo(f"error {answer.status_code}: {data.get('error', data)}", err=True)
+        code = data.get("code") if isinstance(data, dict) else None
+        named = f" [{code} {ErrorCode(code).name}]" if code in ErrorCode._value2member_map_ else ""
+        wait = f" (retry after {answer.headers['retry-after']} s)" if "retry-after" in answer.headers else ""
+        click.echo(f"error {answer.status_code}{named}: {data.get('error', data)}{wait}", err=True)
         sys.exit(1)
     return data
 

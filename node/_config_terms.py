@@ -6,13 +6,19 @@ cache), and the operator endpoint (``[operator]``). ``config`` assembles them in
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import msgspec
 
+from loomnet.client._route import CATEGORIES
+from loomnet.protocol import ConfigError, ErrorCode
+
 from ._response_cache import CacheTerms
 
-__all__ = ["MAX_PRICE", "ModelTerms", "OperatorConfig", "PoolBackend", "Strategy"]
+__all__ = ["BACKEND_NAME_RULE", "MAX_PRICE", "ModelTerms", "NameTaken", "OperatorConfig", "PoolBackend", "Strategy",
+           "alias_clash", "backend_name_problem"]  # fmt: skip
 
 
 class _Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename="kebab"):
@@ -24,6 +30,22 @@ MAX_PRICE = 1_000_000.0
 
 
 Strategy = Literal["priority", "round_robin", "least_connections", "weighted"]
+
+#: what a backend's name may be: one path segment of an admin URL
+#: (``/admin/backends/<name>``), safe in a log line and a metric label
+BACKEND_NAME_RULE = "1 to 64 characters, each one of A-Z a-z 0-9 . _ -"
+_BACKEND_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def backend_name_problem(name: object) -> str | None:
+    """None when ``name`` can be a backend's name (:data:`BACKEND_NAME_RULE`); else why
+    not, naming the rule. The one check of a backend's name: the TOML's (at load) and
+    the admin's (at runtime) alike, so every configured backend is addressable by the
+    admin routes."""
+    if isinstance(name, str) and _BACKEND_NAME.fullmatch(name):
+        return None
+    shown = repr(name[:80]) if isinstance(name, str) else type(name).__name__
+    return f"backend name {shown} is not usable: a backend's name is {BACKEND_NAME_RULE}"
 
 
 class PoolBackend(_Config):
@@ -92,6 +114,60 @@ class ModelTerms(_Config):
     def pool(self) -> list[PoolBackend]:
         """``backends`` as :class:`PoolBackend` entries."""
         return [PoolBackend(backend=b) if isinstance(b, str) else b for b in self.backends]
+
+
+class NameTaken(ConfigError):
+    """A model's alias is already a name (:func:`alias_clash`): ``NAME_TAKEN``."""
+
+    code = ErrorCode.NAME_TAKEN
+
+
+#: words a client's route reads before any model name (``client/_route``)
+_ROUTE_KEYWORDS = ("cheapest", "fastest")
+
+
+def _advertised(terms: ModelTerms) -> set[str]:
+    """The names ``terms`` may be advertised under, casefolded: its name, and without
+    a pool the model's name without its ``provider:`` prefix."""
+    names = {terms.name.casefold()}
+    if not terms.backends and ":" in terms.name:
+        names.add(terms.name.partition(":")[2].casefold())
+    return names
+
+
+def alias_clash(models: Sequence[ModelTerms], offered: Iterable[str] = ()) -> str | None:
+    """None when every alias in ``models`` names its own model only; else why one does
+    not. An alias may not be (casefolded, as clients match names) another model's name
+    (of ``models``, or ``offered``: names a backend lists without terms), another
+    model's alias, a category (built-in or of any model), ``cheapest`` or ``fastest``, or
+    start with ``category:``: a client asking for it would get something else."""
+    taken: dict[str, tuple[int | None, str]] = {}  # word -> (the model holding it, if one; what it is)
+    for word in _ROUTE_KEYWORDS:
+        taken[word] = (None, f"the route keyword {word!r}")
+    for word in sorted(CATEGORIES):
+        taken[word] = (None, f"the built-in category {word!r}")
+    for terms in models:
+        for category in terms.categories:
+            taken.setdefault(category.casefold(), (None, f"a category (of model {terms.name!r})"))
+    for i, terms in enumerate(models):
+        for name in _advertised(terms):
+            taken.setdefault(name, (i, f"the name of model {terms.name!r}"))
+    for name in offered:
+        taken.setdefault(name.casefold(), (None, f"the name of model {name!r}"))
+    for i, terms in enumerate(models):
+        own = _advertised(terms)
+        for alias in terms.aliases:
+            word = alias.casefold()
+            if word in own:
+                continue  # its own name again: harmless
+            if word.startswith("category:"):
+                return f"model {terms.name!r}: alias {alias!r} starts with 'category:', which clients read as one"
+            holder, what = taken.get(word, (i, ""))
+            if holder != i:
+                return (f"model {terms.name!r}: alias {alias!r} is already {what}; a client asking for it would not "
+                        "reach this model")  # fmt: skip
+            taken[word] = (i, f"an alias of model {terms.name!r}")
+    return None
 
 
 class OperatorConfig(_Config):

@@ -10,6 +10,11 @@ Routes (all ``GET``):
   else 503 naming why;
 * ``/``: the live status page, and with the admin token its admin panel (``_status_page``).
 
+The admin routes (``/admin/...``, ``_admin``) need the bearer admin token; a source
+guessing it is locked out after too many refusals (``_admin_guard``). Their error
+bodies are ``{"error": ..., "code": <loomnet error code>}`` (the code when one fits:
+``ADMIN_UNAUTHORIZED``, ``ADMIN_LOCKED_OUT``, ``NAME_TAKEN``).
+
 It binds 127.0.0.1 by default. Nothing it answers holds a secret: backends by name and
 kind, peers counted, never listed. The port: ``[operator] port``, or by default 8401,
 falling back to a free port when another process (a second executor on the machine)
@@ -35,7 +40,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from loomnet.protocol import ErrorCode
+
 from ._admin import MAX_ADMIN_BODY, AdminError, ModelChange
+from ._admin_guard import AdminGuard
 from ._metrics import CONTENT_TYPE
 from ._status_page import STATUS_PAGE
 from .config import OperatorConfig
@@ -49,9 +57,11 @@ DEFAULT_OPERATOR_PORT = 8401
 _JSON = "application/json"
 
 
-def operator_app(executor) -> Starlette:
+def operator_app(executor, *, guard: AdminGuard | None = None) -> Starlette:
     """The app over a running ``Executor`` (its ``status()``, ``status_snapshot()``,
-    ``metrics`` and ``ready()``)."""
+    ``metrics`` and ``ready()``); ``guard`` counts refused admin tokens (default: 10
+    within 60 s lock a source out for 60 s)."""
+    guard = guard if guard is not None else AdminGuard()
 
     async def status(request: Request) -> Response:
         return Response(msgspec.json.encode(await executor.status()), media_type=_JSON)
@@ -75,7 +85,7 @@ def operator_app(executor) -> Starlette:
         """``POST /admin/backends/{name}/spend-budget`` ``{"amount": micro-credits}``: the
         backend's spend budget from now on (raising it puts a spent backend back in
         rotation at once). Not persisted: the TOML's amount applies again at restart."""
-        refusal = _admin_refusal(request, executor.config.operator.admin_token)
+        refusal = _admin_refusal(request, executor.config.operator.admin_token, guard)
         if refusal is not None:
             return refusal
         name = request.path_params["name"]
@@ -86,7 +96,7 @@ def operator_app(executor) -> Starlette:
             body = msgspec.json.decode(await _bounded_body(request), type=_BudgetChange)
             spend.set_amount(body.amount, now=time.time())
         except AdminError as exc:
-            return JSONResponse({"error": exc.message[:300]}, status_code=exc.status)
+            return _admin_error(exc)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError) as exc:
             return JSONResponse({"error": str(exc)[:300]}, status_code=400)
         log.warning("admin: backend %s spend budget set to %d micro-credits", name, body.amount)
@@ -94,7 +104,7 @@ def operator_app(executor) -> Starlette:
 
     async def admin(request: Request) -> Response:
         """The admin routes (``_admin``), each behind the admin token."""
-        refusal = _admin_refusal(request, executor.config.operator.admin_token)
+        refusal = _admin_refusal(request, executor.config.operator.admin_token, guard)
         if refusal is not None:
             return refusal
         actions = executor.admin
@@ -124,7 +134,7 @@ def operator_app(executor) -> Starlette:
                 table = {**_current_table(executor, name), **table, "name": name}
             return JSONResponse(await actions.add_backend(table))
         except AdminError as exc:
-            return JSONResponse({"error": exc.message[:500]}, status_code=exc.status)
+            return _admin_error(exc)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             return JSONResponse({"error": str(exc)[:300]}, status_code=400)
         except RecursionError:
@@ -179,19 +189,38 @@ class _BudgetChange(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     amount: Annotated[int, msgspec.Meta(ge=0, le=1 << 62)]
 
 
-def _admin_refusal(request: Request, token: str | None) -> Response | None:
+def _admin_error(exc: AdminError) -> Response:
+    body: dict[str, Any] = {"error": exc.message[:500]}
+    if exc.code is not None:
+        body["code"] = int(exc.code)
+    return JSONResponse(body, status_code=exc.status)
+
+
+def _locked_out(seconds: int) -> Response:
+    return JSONResponse({"error": f"too many refused admin tokens from this address: every admin call from it is "
+                         f"refused for {seconds} s more", "code": int(ErrorCode.ADMIN_LOCKED_OUT)},
+                        status_code=429, headers={"retry-after": str(seconds)})  # fmt: skip
+
+
+def _admin_refusal(request: Request, token: str | None, guard: AdminGuard) -> Response | None:
     """None when the request carries the admin token (``Authorization: Bearer``,
-    compared in constant time); else a 401 that never echoes what was sent, logged with
-    where it came from (never what it sent)."""
+    compared in constant time) and its source is not locked out (``guard``); else a 401
+    (``ADMIN_UNAUTHORIZED``) or 429 (``ADMIN_LOCKED_OUT``, ``Retry-After``) that never
+    echoes what was sent, logged with where it came from (never what it sent)."""
+    source = request.client.host if request.client else "?"
+    if (wait := guard.retry_after(source)) is not None:
+        return _locked_out(wait)  # even with the right token: a 200 would confirm a guess
     sent = request.headers.get("authorization", "")
     scheme, _, given = sent.partition(" ")
     if token is not None and scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
         return None
     why = "this executor has no admin token configured" if token is None else "a valid admin token is required"
-    source = request.client.host if request.client else "?"
     log.warning("admin: refused %s %s from %s (%s)", request.method, request.url.path[:100], source,
                 "no token configured" if token is None else "no valid token")  # fmt: skip
-    return JSONResponse({"error": why}, status_code=401, headers={"www-authenticate": "Bearer"})
+    if token is not None and (locked := guard.refused(source)) is not None:
+        return _locked_out(locked)
+    return JSONResponse({"error": why, "code": int(ErrorCode.ADMIN_UNAUTHORIZED)}, status_code=401,
+                        headers={"www-authenticate": "Bearer"})  # fmt: skip
 
 
 async def _bounded_body(request: Request) -> bytes:

@@ -34,7 +34,8 @@ import msgspec
 
 from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 
-from ._config_terms import ModelTerms, OperatorConfig, PoolBackend, _Config
+from ._config_terms import (ModelTerms, NameTaken, OperatorConfig, PoolBackend, _Config, alias_clash,
+                            backend_name_problem)
 from .backends._config import BackendConfig, bad_character
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider
 from .backends.embedded import EmbeddedConfig
@@ -171,6 +172,8 @@ class ExecutorConfig(_Config):
                     why = "no backend has" if ref.backend not in labels else "two backends have"
                     raise ValueError(f"model {terms.name!r}: {why} the name {ref.backend!r} "
                                      f"(backends: {', '.join(labels)}); give each backend a unique name")  # fmt: skip
+        if (clash := alias_clash(self.models)) is not None:
+            raise NameTaken(clash)
         for terms in self.models:
             if terms.capacity is not None and terms.capacity > self.capacity:
                 raise ValueError(
@@ -199,6 +202,9 @@ class ExecutorConfig(_Config):
         if not self.listen:
             raise ValueError("listen needs at least one address")
         for backend in self.backends:
+            if (problem := backend_name_problem(backend.label)) is not None:
+                raise ConfigError(f"backend {backend.label[:80]!r}: {problem} (the admin routes, logs and metric "
+                                  "labels name it); give it a name that is")  # fmt: skip
             provider = canonical_provider(backend.provider)
             if self.on_premise_only and provider in HOSTED_PROVIDERS:
                 raise ValueError(
@@ -371,5 +377,5 @@ def load_config(path: str | os.PathLike | None = None, *, environ: Mapping[str, 
         return msgspec.convert(raw, ExecutorConfig, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"config {where}: {exc}") from None
-    except ConfigError as exc:
-        raise ConfigError(f"config {where}: {exc.message}") from None
+    except ConfigError as exc:  # its code stays (NAME_TAKEN...)
+        raise type(exc)(f"config {where}: {exc.message}", code=exc.code) from None

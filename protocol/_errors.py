@@ -148,6 +148,16 @@ class ErrorCode(enum.IntEnum):
     #: The request body is larger than the gateway accepts.
     REQUEST_TOO_LARGE = 601
 
+    # 7xx: the operator's side (``node/_operator``, ``node/_admin``, the executor's config)
+    #: An admin route was called without the admin token, or with another one.
+    ADMIN_UNAUTHORIZED = 700
+    #: Too many refused admin tokens came from this address within the window: every
+    #: admin call from it is refused until ``Retry-After`` (seconds) has passed.
+    ADMIN_LOCKED_OUT = 701
+    #: A model's alias is already a name: another model's name or alias, a category, or
+    #: a route keyword (``cheapest``, ``fastest``); clients could not reach it.
+    NAME_TAKEN = 702
+
 
 #: What a peer is told for an error whose own message is not for peers (see
 #: :attr:`LoomError.peer_message`): loomnet's words, one line per code.

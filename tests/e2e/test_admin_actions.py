@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import httpx
+import msgspec
 import pytest
 import trio
 
@@ -16,7 +17,8 @@ from loomnet.client import ClientConfig, LoomClient
 from loomnet.node import Executor
 from loomnet.node._admin import load_overlay, overlay_path_for
 from loomnet.node.config import load_config
-from loomnet.protocol import ChatMessage
+from loomnet.node._config_terms import BACKEND_NAME_RULE
+from loomnet.protocol import ChatMessage, ErrorCode
 
 from ..node.asgi_server import serve_app
 from ..node.fake_openai import FakeOpenAI
@@ -211,7 +213,8 @@ async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_pa
             # refused, each with its reason, and nothing changes
             await post("/admin/backends", {**table, "api-key": "${OTHER_SECRET}"}, 400)  # not an allowed variable
             await post("/admin/backends", {**table, "endpoint": f"http://u:pw@{hosted_url[7:]}/v1"}, 400)
-            await post("/admin/backends", {**table, "name": "a/b"}, 400)
+            slash = await post("/admin/backends", {**table, "name": "a/b"}, 400)
+            assert BACKEND_NAME_RULE in slash.json()["error"]  # the config's one rule
             await post("/admin/backends", {**table, "name": "x" * 100}, 400)
             await post("/admin/backends", {**table, "name": "desk", "provider": "nope"}, 400)  # a failed replace
             assert executor.catalog.names == ["desk"]  # desk is still there
@@ -227,6 +230,16 @@ async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_pa
             assert empty.status_code == 400
             # a model chain naming a backend, then that backend removed: the restart still works
             await post("/admin/backends", {**table, "api-key": "${HOSTED_KEY}"}, 200)
+            # an alias that is already a name: another model's (m1: hosted lists it), an alias, a category,
+            # a route keyword; 409 NAME_TAKEN, and nothing changes
+            assert (await http.patch("/admin/models/other", json={"aliases": ["o"]}, headers=auth)).status_code == 200
+            for aliases in (["M1"], ["Other"], ["o"], ["fast"], ["cheapest"], ["fastest"], ["category:x"]):
+                taken = await http.patch("/admin/models/chat-m", json={"aliases": aliases}, headers=auth)
+                assert taken.status_code == 409 and taken.json()["code"] == ErrorCode.NAME_TAKEN, (aliases, taken.text)
+            assert (await http.patch("/admin/models/chat-m", json={"categories": ["o"]}, headers=auth)).status_code == 409
+            assert "aliases" not in msgspec.to_builtins(executor.admin.overlay.models["chat-m"] if "chat-m" in
+                                                        executor.admin.overlay.models else {})  # fmt: skip
+            assert [m.aliases for m in executor.config.models if m.name == "chat-m"] == [[]]
             chain = [{"backend": "desk", "model": "m1"}, {"backend": "hosted", "model": "m1"}]
             assert (await http.patch("/admin/models/chat-m", json={"backends": chain}, headers=auth)).status_code == 200
             assert (await http.post("/admin/backends/hosted/disable", headers=auth)).status_code == 200
