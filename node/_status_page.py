@@ -4,11 +4,16 @@ One self-contained HTML document (no script, style or font from anywhere else: n
 run air-gapped) whose script polls ``/status`` every 2 seconds and shows the same facts
 as ``loomnet status``: the executor, each model (offered or not, prices, load, speed,
 its backends and their breakers), each backend (health, on/off, load, provider spend),
-earnings, and a chart of requests and tokens served over the last minutes (kept in the
-page, from successive polls).
+earnings, and a chart of the rates of the last 60 polls: requests served per minute and
+output tokens per second, each from the difference between two successive polls over
+the executor's uptime between them (answers arriving out of order are dropped; a
+counter or uptime that went down is a restart, counted from zero, never plotted
+negative).
 
-With the admin token typed in (kept in the tab's ``sessionStorage`` only, sent as a
-bearer token), each model gets a "serve from" choice (its chain reordered so the chosen
+The admin controls are hidden until the operator has typed the admin token (kept in the
+tab's ``sessionStorage`` only, sent as a bearer token) and a first admin call with it
+(``GET /admin/backends``) succeeded; a 401 or 429 (``_admin_guard``) says so and hides
+them again. Then each model gets a "serve from" choice (its chain reordered so the chosen
 backend comes first: ``PATCH /admin/models/<name>``) and price fields, each backend an
 enable/disable button, and the executor a drain button; the page says what each call
 answered. Everything shown is text set with ``textContent``: nothing from ``/status`` is
@@ -33,6 +38,7 @@ table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 
 .bad { color: #b00; font-weight: bold; } .ok { color: #070; } .muted { color: #777; }
 #admin { background: #f6f6f6; padding: 0.5em 1em; margin-top: 1em; }
 #message { margin-left: 1em; } svg { border: 1px solid #ddd; background: #fff; }
+body:not(.admin-on) .admin-only { display: none !important; }
 </style>
 </head>
 <body>
@@ -40,26 +46,27 @@ table { border-collapse: collapse; } td, th { padding: 3px 10px; border-bottom: 
 <div id="summary">loading /status ...</div>
 <div id="admin">
   Admin token: <input id="token" type="password" size="32" autocomplete="off">
-  <button id="use-token">Use token</button> <button id="drain">Drain</button>
+  <button id="use-token">Use token</button> <button id="drain" class="admin-only">Drain</button>
   <span id="message"></span>
 </div>
 <h2>Requests and tokens served</h2>
-<svg id="chart" width="600" height="120" role="img" aria-label="requests and tokens over time"></svg>
-<div class="muted">blue: requests served (total); orange: output tokens (total); last 60 polls</div>
+<svg id="chart" width="600" height="120" role="img" aria-label="requests per minute and tokens per second"></svg>
+<div class="muted">blue: requests served per minute; orange: output tokens per second; each line scaled to its
+own peak; last 60 polls. <span id="rates-now"></span></div>
 <h2>Models</h2>
 <table id="models"><thead><tr><th>model</th><th>aliases</th><th>categories</th><th>state</th><th>price in/out</th>
 <th>running/queued</th><th>served</th><th>tokens in/out</th><th>tok/s</th><th>TTFT</th><th>backends (chain)</th>
-<th>admin</th></tr></thead><tbody></tbody></table>
+<th class="admin-only">admin</th></tr></thead><tbody></tbody></table>
 <h2>Backends</h2>
 <table id="backends"><thead><tr><th>backend</th><th>kind</th><th>health</th><th>on</th><th>in flight</th>
-<th>last error</th><th>spend</th><th>admin</th></tr></thead><tbody></tbody></table>
+<th>last error</th><th>spend</th><th class="admin-only">admin</th></tr></thead><tbody></tbody></table>
 <h2>Earnings</h2>
 <table id="earnings"><thead><tr><th>period</th><th>receipts</th><th>earned</th><th>paid providers</th>
 <th>margin</th></tr></thead><tbody></tbody></table>
 <script>
 "use strict";
-const history = [];
-let last = null;
+const rates = [];  // {requests: per minute, tokens: per second}, one per poll after the first
+let last = null, previous = null, asked = 0, answered = 0, adminOn = false;
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -72,6 +79,7 @@ function row(cells) {
   for (const cell of cells) {
     const td = document.createElement("td");
     if (cell instanceof Node) td.appendChild(cell); else td.textContent = cell === null ? "-" : String(cell);
+    if (cell instanceof Element && cell.classList.contains("admin-only")) td.className = "admin-only";
     tr.appendChild(td);
   }
   return tr;
@@ -81,23 +89,43 @@ function say(text, bad) {
   const m = document.getElementById("message");
   m.textContent = text; m.className = bad ? "bad" : "ok";
 }
-async function admin(method, path, body) {
-  if (!token()) { say("type the admin token first", true); return null; }
+function setAdmin(on) { adminOn = on; document.body.classList.toggle("admin-on", on); }
+async function call(method, path, body) {
   const answer = await fetch(path, {method: method, headers: {"authorization": "Bearer " + token(),
     "content-type": "application/json"}, body: body === undefined ? undefined : JSON.stringify(body)});
   let data = {};
   try { data = await answer.json(); } catch (e) { data = {error: answer.statusText}; }
+  if (answer.status === 401 || answer.status === 429) {  // a refused token: the controls hide again
+    sessionStorage.removeItem("loomnet-admin-token"); setAdmin(false);
+    const wait = answer.headers.get("retry-after");
+    say(answer.status === 401 ? "the admin token was refused (401): admin controls hidden; type the right one"
+      : "too many refused admin tokens from this address (429): try again in " + wait + " s", true);
+    return null;
+  }
   if (!answer.ok) { say(method + " " + path + ": " + answer.status + " " + (data.error || ""), true); return null; }
+  return data;
+}
+async function admin(method, path, body) {
+  if (!adminOn || !token()) { say("type the admin token first", true); return null; }
+  const data = await call(method, path, body);
+  if (data === null) return null;
   say(method + " " + path + ": done", false);
   shape = null;  // show the change at once
   poll();
   return data;
 }
+async function verify() {
+  // the first admin call with a new token: only its success shows the controls
+  if (!token()) { setAdmin(false); return; }
+  say("checking the admin token ...", false);
+  if (await call("GET", "/admin/backends") === null) return;
+  setAdmin(true); say("admin token accepted: admin controls shown", false);
+}
 function button(label, onclick, id) {
   const b = el("button", label); b.onclick = onclick; if (id) b.id = id; return b;
 }
 function modelAdmin(model) {
-  const box = document.createElement("span");
+  const box = el("span", null, "admin-only");
   const pick = el("select"); pick.id = "serve-" + model.name;
   for (const b of model.backends) { const o = el("option", b.name); o.value = b.name; pick.appendChild(o); }
   box.appendChild(el("span", "serve from ")); box.appendChild(pick);
@@ -122,9 +150,10 @@ function render(s) {
   document.getElementById("summary").textContent = s.state + ", up " + up + " s, " + s.peers_connected +
     " peer(s); " + s.slots.running + " running / capacity " + s.slots.capacity + ", " + s.slots.queued +
     " queued; " + s.served + " served, " + s.refused + " refused; listening on " + s.listen.join(", ");
-  const tokens = s.models.reduce((sum, m) => sum + m.output_tokens, 0);
-  history.push({served: s.served, tokens: tokens});
-  if (history.length > 60) history.shift();
+  const sample = {uptime: s.uptime, served: s.served, tokens: s.models.reduce((sum, m) => sum + m.output_tokens, 0)};
+  const rate = previous === null ? null : rateOf(previous, sample);
+  previous = sample;
+  if (rate !== null) { rates.push(rate); if (rates.length > 60) rates.shift(); }
   chart();
   // the tables (and the admin controls in them) are rebuilt only when what they show
   // changes, so a choice being made or a price being typed is not reset by a poll
@@ -160,6 +189,7 @@ function render(s) {
       (b.spend.exhausted ? " (SPENT)" : "");
     const toggle = button(b.enabled ? "Disable" : "Enable", () => admin("POST", "/admin/backends/" +
       encodeURIComponent(b.name) + (b.enabled ? "/disable" : "/enable")), "toggle-" + b.name);
+    toggle.className = "admin-only";
     const flight = el("span", b.in_flight); flight.id = "flight-" + b.name;
     backends.appendChild(row([b.name, b.kind, el("span", b.healthy ? "healthy" : "DOWN", b.healthy ? "ok" : "bad"),
       b.enabled ? "on" : "OFF", flight, b.last_error, spend, toggle]));
@@ -167,22 +197,38 @@ function render(s) {
   const earnings = document.querySelector("#earnings tbody"); earnings.replaceChildren();
   for (const e of s.earnings) earnings.appendChild(row([e.period, e.receipts, e.earned, e.paid, e.margin]));
 }
+function rateOf(prev, cur) {
+  // requests per minute and tokens per second between two polls, over the executor's
+  // uptime between them; an uptime that went down is a restart (its counters started
+  // from zero), and a counter that went down was reset: it counts from zero, never negative
+  if (cur.uptime < prev.uptime) prev = {uptime: 0, served: 0, tokens: 0};
+  const seconds = cur.uptime - prev.uptime;
+  if (!(seconds > 0)) return null;
+  const grown = key => { const d = cur[key] - prev[key]; return d >= 0 ? d : Math.max(0, cur[key]); };
+  return {requests: grown("served") * 60 / seconds, tokens: grown("tokens") / seconds};
+}
 function chart() {
   const svg = document.getElementById("chart"); svg.replaceChildren();
   const w = 600, h = 120;
-  for (const [key, color] of [["served", "#1f77b4"], ["tokens", "#ff7f0e"]]) {
-    const top = Math.max(1, ...history.map(p => p[key]));
-    const points = history.map((p, i) => (i * w / 59).toFixed(1) + "," + (h - 5 - p[key] * (h - 10) / top).toFixed(1));
+  for (const [key, color] of [["requests", "#1f77b4"], ["tokens", "#ff7f0e"]]) {
+    const top = Math.max(1e-9, ...rates.map(p => p[key]));
+    const points = rates.map((p, i) => (i * w / 59).toFixed(1) + "," + (h - 5 - p[key] * (h - 10) / top).toFixed(1));
     const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
     line.setAttribute("points", points.join(" ")); line.setAttribute("fill", "none");
     line.setAttribute("stroke", color); line.setAttribute("stroke-width", "2"); line.setAttribute("class", "series-" + key);
+    line.setAttribute("data-values", rates.map(p => p[key].toFixed(3)).join(" "));
     svg.appendChild(line);
   }
+  const now = rates[rates.length - 1];
+  if (now) setText("rates-now", "now: " + now.requests.toFixed(1) + " requests/min, " + now.tokens.toFixed(1) + " tokens/s");
 }
 async function poll() {
+  const mine = ++asked;
   try {
     const answer = await fetch("/status");
-    last = await answer.json();
+    const s = await answer.json();
+    if (mine < answered) return;  // an older answer after a newer one: it would read as a reset
+    answered = mine; last = s;
     render(last);
   } catch (e) {
     document.getElementById("summary").textContent = "cannot read /status: " + e;
@@ -191,12 +237,13 @@ async function poll() {
 document.getElementById("use-token").onclick = () => {
   sessionStorage.setItem("loomnet-admin-token", document.getElementById("token").value);
   document.getElementById("token").value = "";
-  say("token set for this tab", false);
+  verify();
 };
 document.getElementById("drain").onclick = () => {
   if (confirm("Drain: refuse new requests and let those in flight finish?")) admin("POST", "/admin/drain");
 };
 poll();
+verify();
 setInterval(poll, 2000);
 </script>
 </body>
