@@ -177,6 +177,15 @@ async def test_loomnet_admin_drives_the_same_api(nursery, tmp_path, monkeypatch)
     assert budget.exit_code == 1 and "no spend budget" in budget.output
     assert (await admin("backends", "remove", "hosted")).exit_code == 0
     assert (await admin("drain")).exit_code == 0 and executor.draining
+    # guessing the token: the 10th refusal (the wrong token above was the first) locks this address out,
+    # the right token included
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        codes = [(await http.get("/admin/backends", headers={"authorization": f"Bearer guess-{i:016d}"})).status_code
+                 for i in range(9)]  # fmt: skip
+    assert codes == [401] * 8 + [429]
+    locked = await admin("backends", "list")
+    assert locked.exit_code == 1 and "error 429 [701 ADMIN_LOCKED_OUT]" in locked.output
+    assert "(retry after 60 s)" in locked.output or "(retry after 59 s)" in locked.output
 
 
 def test_the_overlay_goes_to_the_data_folder_when_the_tomls_folder_is_read_only(tmp_path, monkeypatch):
