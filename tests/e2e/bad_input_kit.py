@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 import msgspec
+import pytest
 import trio
 
 from loomnet.client import ClientConfig, LoomClient, P2PConfig, P2PNode, P2PStream
@@ -120,17 +121,25 @@ class Hostile:
         return await self.node.open_stream(self.executor.peer_id, protocol, addrs=self.executor.info.addrs, timeout=10)
 
     async def exchange(
-        self, data: bytes, protocol: str = INFER_PROTOCOL, *, half_close: bool = False, timeout: float = 30.0
+        self, data: bytes, protocol: str = INFER_PROTOCOL, *, half_close: bool = False, to_end: bool = False,
+        timeout: float = 30.0,
     ) -> "Reply":
         """Write ``data`` on a new stream (then half-close it if asked) and read what the
-        executor sends back up to its first terminal frame or the stream's end."""
+        executor sends back up to its first terminal frame or the stream's end (with
+        ``to_end``, on to the end: ``Reply.ended`` says whether it came within ``timeout``)."""
         stream = await self.open(protocol)
         try:
             with trio.fail_after(timeout):
                 await stream.send_all(data, timeout=5)
                 if half_close:
                     await stream.close()
-                return await read_reply(stream)
+                reply = await read_reply(stream)
+            if to_end and not reply.ended:
+                with trio.move_on_after(timeout):
+                    rest = await read_reply(stream)
+                    reply.frames += rest.frames
+                    reply.ended = rest.ended
+            return reply
         finally:
             await stream.reset()
 
@@ -170,6 +179,21 @@ async def read_reply(stream: P2PStream) -> Reply:
             frames.append(decode_frame(body))
             if isinstance(frames[-1], (ErrorFrame, ReceiptFrame)):
                 return Reply(frames, False, trio.current_time() - start)
+
+
+@pytest.fixture
+def backend() -> Instant:
+    return Instant()
+
+
+@pytest.fixture
+async def executor(nursery, tmp_path, backend):
+    return await start_executor(nursery, tmp_path, backend)
+
+
+@pytest.fixture
+async def hostile(nursery, executor) -> Hostile:
+    return await Hostile.start(nursery, executor)
 
 
 def framed(envelope: Envelope) -> bytes:
@@ -213,7 +237,7 @@ async def honest_is_served(nursery: trio.Nursery, tmp_path, executor: Executor, 
 
 
 __all__ = [
-    "CONTEXT", "HI", "MODEL", "PRICE_IN", "PRICE_OUT", "READ_TIMEOUT", "Hostile", "Instant", "Reply",
+    "backend", "executor", "hostile", "CONTEXT", "HI", "MODEL", "PRICE_IN", "PRICE_OUT", "READ_TIMEOUT", "Hostile", "Instant", "Reply",
     "assert_no_effect", "framed", "honest_is_served", "read_reply", "request_fields", "start_executor",
     "start_honest", "wait_until",
 ]

@@ -72,8 +72,11 @@ from .bad_input_kit import (
     Hostile,
     Instant,
     assert_no_effect,
+    backend,  # noqa: F401 - fixtures
+    executor,  # noqa: F401
     framed,
     honest_is_served,
+    hostile,  # noqa: F401
     start_executor,
 )
 
@@ -92,21 +95,6 @@ REFUSALS: dict[str, tuple[dict[str, object], ErrorCode]] = {
     "max-cost": ({"max_cost": 1, "max_tokens": 500}, ErrorCode.PRICE_CAP_EXCEEDED),
     "max-tokens-over-context": ({"max_tokens": CONTEXT + 1}, ErrorCode.MAX_TOKENS_OVER_CONTEXT),
 }
-
-
-@pytest.fixture
-def backend() -> Instant:
-    return Instant()
-
-
-@pytest.fixture
-async def executor(nursery, tmp_path, backend):
-    return await start_executor(nursery, tmp_path, backend)
-
-
-@pytest.fixture
-async def hostile(nursery, executor) -> Hostile:
-    return await Hostile.start(nursery, executor)
 
 
 def forged_bytes(hostile: Hostile, case: str) -> bytes:
