@@ -211,13 +211,15 @@ async def wait_until(predicate, timeout: float = 20.0) -> None:
             await trio.sleep(0.02)
 
 
-async def assert_no_effect(executor: Executor, backend: Instant, *, entries: int = 0, calls: int = 0) -> None:
+async def assert_no_effect(
+    executor: Executor, backend: Instant, *, entries: int = 0, calls: int = 0, sessions: int = 0
+) -> None:
     """The refusal left nothing: no ledger entry and no backend call beyond those
-    expected, no stream, session, slot or buffered byte held; then an honest client is
-    served, booked, and counted, as before."""
+    expected, no stream, session, slot or buffered byte held (but ``sessions``: honest
+    clients' pooled session streams, which stay open between requests)."""
     server = executor.server
-    await wait_until(lambda: executor.member.node.statistics().streams_inbound == 0)
-    assert server.statistics().sessions_open == 0
+    await wait_until(lambda: executor.member.node.statistics().streams_inbound == sessions)
+    assert server.statistics().sessions_open == sessions
     assert (server.slots.running, server.slots.queued, server.active) == (0, 0, 0)
     assert server.intake.statistics().buffered_bytes == 0
     assert backend.entered == calls

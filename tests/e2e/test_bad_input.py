@@ -67,10 +67,13 @@ from loomnet.protocol import (
 from ..limits import fail_after
 from .bad_input_kit import (
     CONTEXT,
+    HI,
+    MODEL,
     PRICE_IN,
     PRICE_OUT,
     Hostile,
     Instant,
+    Reply,
     assert_no_effect,
     backend,  # noqa: F401 - fixtures
     executor,  # noqa: F401
@@ -78,6 +81,7 @@ from .bad_input_kit import (
     honest_is_served,
     hostile,  # noqa: F401
     start_executor,
+    start_honest,
 )
 
 pytestmark = pytest.mark.integration
@@ -135,4 +139,59 @@ async def test_a_replayed_request_runs_once(nursery, tmp_path, executor, backend
         again = await hostile.exchange(data, other)
         assert again.code == ErrorCode.REPLAYED_NONCE
     await assert_no_effect(executor, backend, entries=1, calls=1)  # the first, only
+    await honest_is_served(nursery, tmp_path, executor, backend)
+
+
+@fail_after(120)
+async def test_a_request_flood_from_one_peer_is_rate_limited_and_others_are_served(nursery, tmp_path):
+    backend = Instant()
+    executor = await start_executor(nursery, tmp_path, backend, peer_requests_per_minute=3)  # one per 20 s after 3
+    hostile = await Hostile.start(nursery, executor)
+    honest = await start_honest(nursery, tmp_path, executor)
+    replies: list[Reply] = []
+
+    async def one(protocol: str) -> None:
+        replies.append(await hostile.exchange(framed(hostile.sealed()), protocol))
+
+    flood = 24
+    async with trio.open_nursery() as both:
+        for i in range(flood):  # at once, on both protocols
+            both.start_soon(one, (INFER_PROTOCOL, INFER_SESSION_PROTOCOL)[i % 2])
+        with trio.fail_after(30):
+            result = await honest.chat(HI, model=MODEL, max_tokens=4)  # served during the flood
+    assert result.text == "Hello."
+
+    served = [r for r in replies if isinstance(r.frames[-1], ReceiptFrame)]
+    refused = [r.error for r in replies if r not in served]
+    assert len(served) == 3  # the peer's minute's worth, not one more
+    assert len(refused) == flood - 3
+    # over its rate; or, at once, over its open streams (max-streams-per-peer 8): both retryable
+    assert {e.code for e in refused} <= {ErrorCode.RATE_LIMITED, ErrorCode.PEER_LIMIT}
+    assert any(e.code == ErrorCode.RATE_LIMITED for e in refused)
+    for error in refused:
+        assert error.retryable
+        if error.code == ErrorCode.RATE_LIMITED:
+            assert 0 < error.retry_after <= 20.0
+    assert executor.server.rate.statistics().refused_requests == sum(e.code == ErrorCode.RATE_LIMITED for e in refused)
+    # the three, and the honest one (whose session stream stays open for its next request)
+    await assert_no_effect(executor, backend, entries=3 + 1, calls=3 + 1, sessions=1)
+
+    again = await hostile.exchange(framed(hostile.sealed()), INFER_PROTOCOL)  # still limited afterwards
+    assert again.code == ErrorCode.RATE_LIMITED
+    await honest_is_served(nursery, tmp_path, executor, backend, name="honest-after")
+
+
+@fail_after(90)
+@PROTOCOLS
+async def test_over_the_token_rate_is_refused(nursery, tmp_path, protocol):
+    backend = Instant()  # each answer bills 5 + 2 tokens
+    executor = await start_executor(nursery, tmp_path, backend, peer_tokens_per_minute=6)
+    hostile = await Hostile.start(nursery, executor)
+    first = await hostile.exchange(framed(hostile.sealed()), protocol)
+    assert isinstance(first.frames[-1], ReceiptFrame)  # admitted with allowance left; overdraws it
+    second = await hostile.exchange(framed(hostile.sealed()), protocol)
+    assert second.code == ErrorCode.RATE_LIMITED and second.error.retryable
+    assert 0 < second.error.retry_after <= 60.0
+    assert executor.server.rate.statistics().refused_tokens == 1
+    await assert_no_effect(executor, backend, entries=1, calls=1)
     await honest_is_served(nursery, tmp_path, executor, backend)
