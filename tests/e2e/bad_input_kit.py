@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import os
 import time
-import msgspec
-import pytest
-import trio
 
+import msgspec
+import trio
 from loomnet.client import ClientConfig, LoomClient, P2PConfig, P2PNode, P2PStream
 from loomnet.node import Executor, ExecutorConfig
 from loomnet.node.backends._base import ModelInfo
@@ -61,14 +60,14 @@ class Instant(ScriptedBackend):
 
 
 async def start_executor(nursery: trio.Nursery, tmp_path, backend: Instant, **settings: object) -> Executor:
-    fields: dict[str, object] = dict(
-        data_dir=str(tmp_path / "executor"),
-        listen=["/ip4/127.0.0.1/tcp/0"],
-        announce_local=False,
-        models=[ModelTerms(name=MODEL, price_in=PRICE_IN, price_out=PRICE_OUT)],
-        request_read_timeout=READ_TIMEOUT,
-        ack_timeout=5.0,
-    )
+    fields: dict[str, object] = {
+        "data_dir": str(tmp_path / "executor"),
+        "listen": ["/ip4/127.0.0.1/tcp/0"],
+        "announce_local": False,
+        "models": [ModelTerms(name=MODEL, price_in=PRICE_IN, price_out=PRICE_OUT)],
+        "request_read_timeout": READ_TIMEOUT,
+        "ack_timeout": 5.0,
+    }
     fields.update(settings)
     executor = Executor(ExecutorConfig(**fields), backends=[backend])  # type: ignore[arg-type]
     await nursery.start(executor.run)
@@ -95,17 +94,17 @@ class Hostile:
         self.executor = executor
 
     @classmethod
-    async def start(cls, nursery: trio.Nursery, executor: Executor) -> "Hostile":
+    async def start(cls, nursery: trio.Nursery, executor: Executor) -> Hostile:
         seed = os.urandom(32)
         node = P2PNode(seed, P2PConfig())
         await nursery.start(node.run)
         return cls(node, SigningKey(seed), executor)
 
     def request(self, **overrides: object) -> InferenceRequest:
-        fields: dict[str, object] = dict(
-            audience=self.executor.peer_id, nonce=os.urandom(16), created_at=time.time(), model=MODEL,
-            messages=HI, max_tokens=4,
-        )  # fmt: skip
+        fields: dict[str, object] = {
+            "audience": self.executor.peer_id, "nonce": os.urandom(16), "created_at": time.time(), "model": MODEL,
+            "messages": HI, "max_tokens": 4,
+        }  # fmt: skip
         fields.update(overrides)
         return InferenceRequest(**fields)  # type: ignore[arg-type]
 
@@ -123,7 +122,7 @@ class Hostile:
     async def exchange(
         self, data: bytes, protocol: str = INFER_PROTOCOL, *, half_close: bool = False, to_end: bool = False,
         timeout: float = 30.0,
-    ) -> "Reply":
+    ) -> Reply:
         """Write ``data`` on a new stream (then half-close it if asked) and read what the
         executor sends back up to its first terminal frame or the stream's end (with
         ``to_end``, on to the end: ``Reply.ended`` says whether it came within ``timeout``)."""
@@ -181,21 +180,6 @@ async def read_reply(stream: P2PStream) -> Reply:
                 return Reply(frames, False, trio.current_time() - start)
 
 
-@pytest.fixture
-def backend() -> Instant:
-    return Instant()
-
-
-@pytest.fixture
-async def executor(nursery, tmp_path, backend):
-    return await start_executor(nursery, tmp_path, backend)
-
-
-@pytest.fixture
-async def hostile(nursery, executor) -> Hostile:
-    return await Hostile.start(nursery, executor)
-
-
 def framed(envelope: Envelope) -> bytes:
     return encode_frame(encode_frame_body(RequestFrame(envelope)))
 
@@ -239,7 +223,7 @@ async def honest_is_served(nursery: trio.Nursery, tmp_path, executor: Executor, 
 
 
 __all__ = [
-    "backend", "executor", "hostile", "CONTEXT", "HI", "MODEL", "PRICE_IN", "PRICE_OUT", "READ_TIMEOUT", "Hostile", "Instant", "Reply",
+    "CONTEXT", "HI", "MODEL", "PRICE_IN", "PRICE_OUT", "READ_TIMEOUT", "Hostile", "Instant", "Reply",
     "assert_no_effect", "framed", "honest_is_served", "read_reply", "request_fields", "start_executor",
     "start_honest", "wait_until",
 ]

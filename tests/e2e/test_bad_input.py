@@ -54,7 +54,6 @@ import time
 import msgspec
 import pytest
 import trio
-
 from loomnet.protocol import (
     INFER_PROTOCOL,
     INFER_SESSION_PROTOCOL,
@@ -75,11 +74,8 @@ from .bad_input_kit import (
     Instant,
     Reply,
     assert_no_effect,
-    backend,  # noqa: F401 - fixtures
-    executor,  # noqa: F401
     framed,
     honest_is_served,
-    hostile,  # noqa: F401
     start_executor,
     start_honest,
 )
@@ -87,6 +83,21 @@ from .bad_input_kit import (
 pytestmark = pytest.mark.integration
 
 PROTOCOLS = pytest.mark.parametrize("protocol", [INFER_PROTOCOL, INFER_SESSION_PROTOCOL], ids=["infer-1", "session"])
+
+
+@pytest.fixture
+def backend() -> Instant:
+    return Instant()
+
+
+@pytest.fixture
+async def executor(nursery, tmp_path, backend):
+    return await start_executor(nursery, tmp_path, backend)
+
+
+@pytest.fixture
+async def hostile(nursery, executor) -> Hostile:
+    return await Hostile.start(nursery, executor)
 
 #: case -> (the request's fields changed, the code the executor answers with)
 REFUSALS: dict[str, tuple[dict[str, object], ErrorCode]] = {

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-import trio
-
 from loomnet.protocol import (
     INFER_PROTOCOL,
     INFER_SESSION_PROTOCOL,
@@ -33,13 +31,12 @@ from ..limits import fail_after
 from .bad_input_kit import (
     READ_TIMEOUT,
     Hostile,
+    Instant,
     assert_no_effect,
-    backend,  # noqa: F401 - fixtures
-    executor,  # noqa: F401
     framed,
     honest_is_served,
-    hostile,  # noqa: F401
     request_fields,
+    start_executor,
 )
 
 pytestmark = pytest.mark.integration
@@ -47,6 +44,21 @@ pytestmark = pytest.mark.integration
 PROTOCOLS = pytest.mark.parametrize("protocol", [INFER_PROTOCOL, INFER_SESSION_PROTOCOL], ids=["infer-1", "session"])
 #: generous: a loaded 2-core machine, and libp2p's own latency, on top of the deadline
 SLACK = 10.0
+
+
+@pytest.fixture
+def backend() -> Instant:
+    return Instant()
+
+
+@pytest.fixture
+async def executor(nursery, tmp_path, backend):
+    return await start_executor(nursery, tmp_path, backend)
+
+
+@pytest.fixture
+async def hostile(nursery, executor) -> Hostile:
+    return await Hostile.start(nursery, executor)
 
 
 def raw_frame(value: object) -> bytes:

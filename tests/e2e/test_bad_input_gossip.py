@@ -18,12 +18,23 @@ import time
 import pytest
 import trio
 import trio.testing
-
 from loomnet.client._offers import OfferTable
-from loomnet.client._validator import FLOOD_BURST, FLOOD_INTERVAL, AdvertValidator, Rejection
-from loomnet.protocol import ADVERT_TOPIC, SigningKey, seal, SignedKind
+from loomnet.client._validator import (
+    FLOOD_BURST,
+    FLOOD_INTERVAL,
+    AdvertValidator,
+    Rejection,
+)
+from loomnet.protocol import ADVERT_TOPIC, SignedKind, SigningKey, seal
 
-from ..client.test_member_gossip import advert, line, raw, record, wait_for, wait_for_seq
+from ..client.test_member_gossip import (
+    advert,
+    line,
+    raw,
+    record,
+    wait_for,
+    wait_for_seq,
+)
 from ..limits import fail_after
 
 pytestmark = pytest.mark.integration
