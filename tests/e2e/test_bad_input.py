@@ -21,6 +21,7 @@ huge length announced, then a stall     test_bad_input_framing.py::test_a_frame_
                                         (a drip, byte by byte: test_peer_limits.py::test_a_request_dripped_byte_by_byte_meets_one_deadline)
 unknown fields                          test_bad_input_framing.py::test_an_unknown_frame_type_is_refused;
                                         ::test_unknown_fields_in_a_request_are_skipped (schema evolution)
+                                        (a known frame out of place: ::test_an_ack_before_any_request_is_refused)
 wrong types                             test_bad_input_framing.py::test_wrong_types_are_refused (frame and signed payload)
 bad signature                           test_refused_request[bad-signature]
 signer ≠ remote peer                    test_refused_request[signer-mismatch]
