@@ -23,7 +23,14 @@ An advert on the gossip topic is accepted only when, in this order (cheapest fir
    validator's own memory of the adverts it let through, which covers the gap between
    validation and the table (``stale``). The same ``seq`` again passes only with the
    very same payload, a harmless duplicate (our own publishes come back through the
-   validator exactly so); the same ``seq`` with another payload is refused.
+   validator exactly so); the same ``seq`` with another payload is refused;
+7. on gossip, its signer has published no more than its allowance (``flood``): a
+   token bucket per signer of ``FLOOD_BURST`` adverts, refilled one every
+   ``FLOOD_INTERVAL`` seconds, charged for each new advert let through (a duplicate is
+   free). An honest executor publishes at most one advert a second (the advertiser's
+   ``min_gap``), so its bucket never runs dry; a peer publishing faster sees the
+   excess dropped at the first honest hop, unrelayed, instead of every node in the
+   mesh checking and keeping each one.
 
 The adverts stream (``/loomnet/adverts/1``) is checked by the offer table itself; a
 peer that hands over an advert the table refuses is charged the reason :meth:`check`
@@ -33,7 +40,8 @@ Signatures are checked through the table's ``verified`` (``_advert_cache``): the
 validator and the table share one check per signed advert, so an advert the validator
 passed costs the table no second check.
 
-Memory: the last-seen memory holds ``(seq, sha256 of payload)`` for at most
+Memory: the last-seen memory holds ``(seq, sha256 of payload)`` and the flood
+allowance for at most
 ``max_signers`` signers, least recently refreshed evicted first; it never holds an
 advert.
 """
@@ -56,13 +64,18 @@ from loomnet.protocol import (
 
 from ._offers import OfferTable
 
-__all__ = ["MAX_GOSSIP_ADVERT", "AdvertValidator", "Rejection", "ValidatorStatistics"]
+__all__ = ["FLOOD_BURST", "FLOOD_INTERVAL", "MAX_GOSSIP_ADVERT", "AdvertValidator", "Rejection", "ValidatorStatistics"]
 
 MAX_ADVERT_SIZE = SignedKind.ADVERT.max_payload  # bytes of signed payload (128 KiB)
 
 #: The largest gossip message that can hold a valid advert: the payload maximum plus the
 #: envelope's signer, signature and msgpack headers (under 100 bytes; 1 KiB of room).
 MAX_GOSSIP_ADVERT = MAX_ADVERT_SIZE + 1024
+
+#: New adverts one signer may publish on gossip at once (its bucket's size).
+FLOOD_BURST = 8
+#: Seconds to earn one more: twice the rate of an honest executor (at most 1 a second).
+FLOOD_INTERVAL = 0.5
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
 
@@ -84,6 +97,8 @@ class Rejection(enum.Enum):
     EXPIRED = "expired"
     #: not newer than the last advert seen from its signer
     STALE = "stale"
+    #: its signer published new adverts on gossip faster than its allowance
+    FLOOD = "flood"
 
 
 class ValidatorStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -112,6 +127,7 @@ class AdvertValidator:
         self.table = table
         self.max_signers = max_signers
         self._last: dict[str, tuple[int, bytes]] = {}  # signer -> (seq, payload digest); LRU order
+        self._allowance: dict[str, tuple[float, float]] = {}  # signer -> (adverts, at); gossip only
         self._checked = 0
         self._refused: dict[Rejection, int] = {}
 
@@ -160,6 +176,8 @@ class AdvertValidator:
             return self._refuse(Rejection.EXPIRED)
         if self._is_stale(signer, advert, envelope.payload, now=now):
             return self._refuse(Rejection.STALE)
+        if sender is not None and self._is_new(signer, advert, envelope.payload) and self._allowed(signer, now) < 1:
+            return self._refuse(Rejection.FLOOD)
         return None, envelope, advert, signer
 
     def _refuse(self, reason: Rejection) -> tuple[Rejection, None, None, str]:
@@ -179,12 +197,30 @@ class AdvertValidator:
         self._last[signer] = held  # re-inserted: the most recently refreshed
         while len(self._last) > self.max_signers:
             del self._last[next(iter(self._last))]
+        while len(self._allowance) > self.max_signers:  # oldest charged first; a forgotten one is full
+            del self._allowance[next(iter(self._allowance))]
 
+    def _is_new(self, signer: str, advert: Advert, payload: bytes) -> bool:
+        """Not the very advert the validator let through last from ``signer`` (a
+        duplicate, which costs no allowance)."""
+        remembered = self._last.get(signer)
+        return remembered is None or (advert.seq, hashlib.sha256(payload).digest()) != remembered
+
+    def _allowed(self, signer: str, now: float) -> float:
+        """New adverts ``signer`` may publish on gossip now (its bucket, refilled)."""
+        held = self._allowance.pop(signer, None)
+        if held is None:
+            return float(FLOOD_BURST)
+        adverts, at = held
+        self._allowance[signer] = held  # re-inserted: the most recently seen
+        return min(FLOOD_BURST, adverts + max(now - at, 0.0) / FLOOD_INTERVAL)
     def validate(self, data: bytes, *, sender: str, now: float) -> Rejection | None:
         """:meth:`check` for a gossip message, then :meth:`accept` if it passed."""
         reason, envelope, advert, signer = self._check(data, sender=sender, now=now)
         if reason is None:
             assert envelope is not None and advert is not None
+            if self._is_new(signer, advert, envelope.payload):
+                self._allowance[signer] = (self._allowed(signer, now) - 1, now)
             self._remember(signer, advert, envelope.payload)
         return reason
 

@@ -4,7 +4,8 @@ Admission, in order: the request frame arrives in time and decodes; its signatur
 verifies; its signer is the peer at the other end of the stream (Noise
 authenticated that peer, so nobody can spend someone else's signed request); the
 replay guard passes it (audience, age, nonce); the model is served; the advertised
-price is within the request's caps; the model supports what the request needs; the
+price is within the request's caps; ``max_tokens`` is within the model's context
+window (``MAX_TOKENS_OVER_CONTEXT``); the model supports what the request needs; the
 client peer is within its rate limits (``_rate``: ``RATE_LIMITED``, retryable); the
 request's worst case is within its ``max_cost`` (``_cost_cap``: ``PRICE_CAP_EXCEEDED``;
 without ``max_tokens`` the generation is capped to what ``max_cost`` buys instead); a

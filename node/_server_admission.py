@@ -1,6 +1,7 @@
 """Admitting a request, and refusing it: the checks of the request frame that come
 before anything is generated (signature, signer = the stream's peer, replay guard, the
-drain, the model, its backends, the price caps), and the error frame a refusal or a
+drain, the model, its backends, the price caps, ``max_tokens`` within the model's
+context window), and the error frame a refusal or a
 failure becomes (loomnet's words only, with a partial answer's receipt).
 
 A mixin of :class:`~loomnet.node._server.InferenceServer` (its ``catalog``,
@@ -66,6 +67,13 @@ class Admission:
                 f"price {offer.price_in}/{offer.price_out} micro-credits per million tokens (in/out) "
                 f"is above the cap {request.max_price_in}/{request.max_price_out}",
                 code=ErrorCode.PRICE_CAP_EXCEEDED,
+            )
+        if request.max_tokens is not None and 0 < offer.context_length < request.max_tokens:
+            raise RequestRejected(
+                f"max_tokens {request.max_tokens} is above the context window of {offer.name!r} "
+                f"({offer.context_length} tokens)",
+                code=ErrorCode.MAX_TOKENS_OVER_CONTEXT,
+                retryable=True,
             )
         return frame.envelope.payload, request, entry
 

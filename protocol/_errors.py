@@ -101,6 +101,10 @@ class ErrorCode(enum.IntEnum):
     #: The executor is shutting down (draining): it finishes what it has and takes
     #: nothing new; retry with another executor.
     SHUTTING_DOWN = 213
+    #: The request's ``max_tokens`` is above the model's context window (as the
+    #: executor advertises it): no answer can be that long. Retryable: another
+    #: executor may run the model with a larger window.
+    MAX_TOKENS_OVER_CONTEXT = 214
 
     # 3xx: the LLM runtime behind the executor
     #: The backend cannot be reached or is not ready.

@@ -67,6 +67,7 @@ _KIND_OF_CODE: dict[ErrorCode, str] = {
     ErrorCode.SHUTTING_DOWN: "no_offer",  # a 503 with Retry-After: the next try goes elsewhere
     ErrorCode.NO_OFFER: "no_offer",
     ErrorCode.PRICE_CAP_EXCEEDED: "invalid_request",  # the executor refused the request's own max_cost or caps
+    ErrorCode.MAX_TOKENS_OVER_CONTEXT: "invalid_request",  # as OpenAI answers a max_tokens over the window
     ErrorCode.UNKNOWN_MODEL: "no_offer",
     ErrorCode.LEDGER_FAILED: "internal",
     ErrorCode.CONFIG_INVALID: "internal",
