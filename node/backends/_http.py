@@ -23,7 +23,6 @@ HTTP Basic auth (httpx's rule).
 from __future__ import annotations
 
 import email.utils
-import json
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,7 @@ from loomnet.protocol import BackendError, ErrorCode
 
 from .._redact import Redactor
 from ._base import Backend
+from ._payloads import json_value
 from ._config import BackendConfig
 from ._refusal import content_filtered
 from ._retry_budget import current_retry_budget
@@ -104,7 +104,7 @@ def _parse_body(body: bytes) -> tuple[str, dict]:
     """The human message in any of the error shapes the wire facts list, and the
     error object (``{}`` when there is none). Whole: the caller redacts, then clips."""
     try:
-        data = json.loads(body)
+        data = json_value(body)
     except ValueError:
         return body.decode("utf-8", "replace").strip() or "no body", {}
     if isinstance(data, dict):
@@ -215,7 +215,7 @@ def request_json(text: str, what: str) -> object:
         BackendError: ``BAD_REQUEST`` when ``text`` is not JSON.
     """
     try:
-        return json.loads(text) if text.strip() else {}
+        return json_value(text) if text.strip() else {}
     except ValueError:
         message = f"{what[:120]} is not valid JSON"  # loomnet's words about the peer's own request
         raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message) from None
