@@ -27,7 +27,7 @@ from loomnet.protocol import BackendError, ChatMessage, LoomError
 from .protocol_targets import typed_error
 from .strategies import chunked, mutated
 
-__all__ = ["BACKEND_TARGETS", "VALID_BODIES"]
+__all__ = ["ADAPTERS", "BACKEND_TARGETS", "HELLO", "VALID_BODIES"]
 
 #: seconds one adapter example may take before it counts as a hang
 ADAPTER_DEADLINE = 10.0
@@ -183,7 +183,7 @@ def _bodies(provider: str) -> st.SearchStrategy[bytes]:
                      _odd_body(provider))
 
 
-_ADAPTERS = {
+ADAPTERS = {
     "openai": (OpenAICompatBackend, "openai"),
     "ollama": (OllamaBackend, "ollama"),
     "anthropic": (AnthropicBackend, "anthropic"),
@@ -203,7 +203,7 @@ def _check_adapter(provider: str, case: tuple[str, int, list[bytes]]) -> None:
     """One adapter's stream (or whole answer, or model list) over a body: its events
     then one Finished, or a BackendError; within :data:`ADAPTER_DEADLINE`."""
     operation, status, chunks = case
-    cls, kind = _ADAPTERS[provider]
+    cls, kind = ADAPTERS[provider]
 
     async def body():
         for chunk in chunks:
@@ -247,5 +247,5 @@ def _adapter_target(provider: str) -> tuple[str, str, st.SearchStrategy[Any], An
 BACKEND_TARGETS = (
     ("backend-framing", "SSE and NDJSON framing (node/backends/_framing.py), any bytes in any chunks",
      _framing_case(), check_framing),
-    *(_adapter_target(p) for p in _ADAPTERS),
+    *(_adapter_target(p) for p in ADAPTERS),
 )

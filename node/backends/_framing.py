@@ -91,9 +91,9 @@ class LineSplitter:
 
     __slots__ = ("_pending", "max_line")
 
-    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+    def __init__(self, *, max_line: int | None = None) -> None:
         self._pending = bytearray()
-        self.max_line = max_line
+        self.max_line = MAX_LINE if max_line is None else max_line
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The lines ``chunk`` completes.
@@ -143,7 +143,7 @@ class SSEDecoder:
 
     __slots__ = ("_lines", "_event", "_data", "_size")
 
-    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+    def __init__(self, *, max_line: int | None = None) -> None:
         self._lines = LineSplitter(max_line=max_line)
         self._event = ""
         self._data: list[bytes] = []
@@ -214,7 +214,7 @@ class NDJSONDecoder:
 
     __slots__ = ("_lines",)
 
-    def __init__(self, *, max_line: int = MAX_LINE) -> None:
+    def __init__(self, *, max_line: int | None = None) -> None:
         self._lines = LineSplitter(max_line=max_line)
 
     def feed(self, chunk: bytes) -> list[bytes]:
