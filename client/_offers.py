@@ -114,7 +114,7 @@ def decode_advert_envelope(data: bytes, verified: VerifiedAdverts | None = None)
     """
     try:
         envelope = _envelope_decoder.decode(data)
-    except (msgspec.DecodeError, ValueError, TypeError) as exc:
+    except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise MessageDecodeError(f"advert envelope does not decode: {describe_decode_error(exc)}") from None
     if verified is not None:
         advert, signer = verified.open(envelope)

@@ -158,7 +158,9 @@ class AdvertValidator:
                 return self._refuse(Rejection.OVERSIZED)
             try:
                 envelope = _envelope_decoder.decode(data)
-            except (msgspec.DecodeError, ValueError, TypeError):
+            except (msgspec.DecodeError, ValueError, TypeError, RecursionError):
+                # RecursionError: msgspec recurses into what it skips, so an unknown field
+                # nested ~1000 deep (a 1 KB message) raised it here (found by fuzz/run.py)
                 return self._refuse(Rejection.MALFORMED)
         if len(envelope.payload) > MAX_ADVERT_SIZE:
             return self._refuse(Rejection.OVERSIZED)

@@ -10,6 +10,8 @@ A mixin of :class:`~loomnet.node._server.InferenceServer` (its ``catalog``,
 
 from __future__ import annotations
 
+import math
+
 from loomnet.client import P2PStream
 from loomnet.protocol import (
     ErrorCode,
@@ -29,6 +31,19 @@ from loomnet.protocol import (
 from ._catalog import CatalogEntry
 
 __all__ = ["Admission"]
+
+#: the longest ``retry_after`` an error frame carries (seconds; the frame's schema limit)
+_MAX_RETRY_AFTER = 86400.0
+
+
+def _wire_seconds(value: object) -> float | None:
+    """A ``retry_after`` as the error frame's schema allows it: a number within
+    ``[0, 86400]`` s, or None for anything else (NaN, ±inf, not a number). An error's
+    ``retry_after`` may come from a runtime; sent as it was, ``inf`` made the whole frame
+    undecodable, and the peer saw a malformed frame instead of the error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return min(max(float(value), 0.0), _MAX_RETRY_AFTER)
 
 
 class Admission:
@@ -82,7 +97,7 @@ class Admission:
             code=int(exc.code),
             message=exc.peer_message[:2000],
             retryable=exc.retryable,
-            retry_after=getattr(exc, "retry_after", None),
+            retry_after=_wire_seconds(getattr(exc, "retry_after", None)),
             receipt=getattr(exc, "receipt", None),
         )
         try:

@@ -73,39 +73,59 @@ class SSEEvent(msgspec.Struct, frozen=True):
     data: bytes
 
 
-def _too_long() -> BackendError:
-    return BackendError(f"backend sent a line over {MAX_LINE} bytes", code=ErrorCode.BACKEND_ERROR)
+def _too_long(max_line: int, what: str = "a line") -> BackendError:
+    return BackendError(f"backend sent {what} over {max_line} bytes", code=ErrorCode.BACKEND_ERROR)
 
 
 class LineSplitter:
-    """Bytes in, whole lines out (without ``\\n``; a ``\\r`` before it stays on the line)."""
+    """Bytes in, whole lines out (without ``\\n``; a ``\\r`` before it stays on the line).
 
-    __slots__ = ("_pending",)
+    The unfinished line is kept in a ``bytearray`` and only each new chunk is searched for
+    a newline, so a long line that trickles in costs time linear in its length (joining
+    the pending bytes to every chunk cost quadratic time: 4 MiB sent 100 bytes at a time
+    took minutes of CPU).
 
-    def __init__(self) -> None:
-        self._pending = b""
+    Args:
+        max_line: most bytes of an unfinished line (default :data:`MAX_LINE`).
+    """
+
+    __slots__ = ("_pending", "max_line")
+
+    def __init__(self, *, max_line: int | None = None) -> None:
+        self._pending = bytearray()
+        self.max_line = MAX_LINE if max_line is None else max_line
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The lines ``chunk`` completes.
 
         Raises:
-            BackendError: ``BACKEND_ERROR`` when the unfinished line exceeds :data:`MAX_LINE`.
+            BackendError: ``BACKEND_ERROR`` when the unfinished line exceeds ``max_line``.
         """
-        if self._pending:
-            chunk = self._pending + chunk
+        if b"\n" not in chunk:
+            self._pending += chunk
+            if len(self._pending) > self.max_line:
+                raise _too_long(self.max_line)
+            return []
         lines = chunk.split(b"\n")
-        self._pending = lines.pop()
-        if len(self._pending) > MAX_LINE:
-            raise _too_long()
+        if self._pending:
+            self._pending += lines[0]
+            lines[0] = bytes(self._pending)
+        self._pending = bytearray(lines.pop())
+        if len(self._pending) > self.max_line:
+            raise _too_long(self.max_line)
         return lines
 
     def idle(self) -> bool:
         """No unfinished line is pending: the next chunk starts a line."""
         return not self._pending
 
+    def held(self) -> int:
+        """Bytes of the unfinished line (at most ``max_line``)."""
+        return len(self._pending)
+
     def end(self) -> bytes:
         """What came after the last newline (b"" when nothing): the body's last line."""
-        rest, self._pending = self._pending, b""
+        rest, self._pending = bytes(self._pending), bytearray()
         return rest
 
 
@@ -113,22 +133,29 @@ class SSEDecoder:
     """Server-sent events from a byte stream (sans-IO). Comments (``: OPENROUTER
     PROCESSING``, pings) are skipped; llama-server's non-standard ``error: {json}``
     lines come out as ``error`` events; fields other than ``data``, ``event`` and
-    ``error`` (``id``, ``retry``) are ignored."""
+    ``error`` (``id``, ``retry``) are ignored.
 
-    __slots__ = ("_lines", "_event", "_data")
+    Args:
+        max_line: most bytes of an unfinished line, and of one event's ``data`` lines
+            together (default :data:`MAX_LINE`): a runtime that sends ``data:`` lines
+            and never the blank line that ends the event is refused, not buffered.
+    """
 
-    def __init__(self) -> None:
-        self._lines = LineSplitter()
+    __slots__ = ("_lines", "_event", "_data", "_size")
+
+    def __init__(self, *, max_line: int | None = None) -> None:
+        self._lines = LineSplitter(max_line=max_line)
         self._event = ""
         self._data: list[bytes] = []
+        self._size = 0  # bytes in _data
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """The events ``chunk`` completes, in order.
 
         Raises:
-            BackendError: ``BACKEND_ERROR`` for a line over :data:`MAX_LINE` bytes.
+            BackendError: ``BACKEND_ERROR`` for a line, or an event's data, over ``max_line`` bytes.
         """
-        if not self._data and chunk[:5] == b"data:" and self._lines.idle():
+        if not self._data and chunk[:5] == b"data:" and self._lines.idle() and len(chunk) <= self._lines.max_line:
             # the usual chunk: one whole event of one data line (no splitting, no line by line)
             line = chunk[:-2] if chunk[-2:] == b"\n\n" else chunk[:-4] if chunk[-4:] == b"\r\n\r\n" else b""
             if line and b"\n" not in line and line[-1:] != b"\r":
@@ -148,13 +175,18 @@ class SSEDecoder:
             self._line(b"", events)
         return events
 
+    def held(self) -> int:
+        """Bytes held between chunks: the unfinished line, or the unfinished event's
+        data (each at most ``max_line``)."""
+        return max(self._lines.held(), self._size)
+
     def _line(self, line: bytes, events: list[SSEEvent]) -> None:
         if line[-1:] == b"\r":
             line = line[:-1]
         if not line:  # the blank line: the event is complete
             if data := self._data:
                 events.append(SSEEvent(self._event or "message", data[0] if len(data) == 1 else b"\n".join(data)))
-                self._data = []
+                self._data, self._size = [], 0
             self._event = ""
             return
         if line[0] == 58:  # b":": a comment
@@ -163,6 +195,9 @@ class SSEDecoder:
         if value[:1] == b" ":
             value = value[1:]
         if field == b"data":
+            self._size += len(value) + 1
+            if self._size > self._lines.max_line:
+                raise _too_long(self._lines.max_line, "an event")
             self._data.append(value)
         elif field == b"event":
             self._event = value.decode("utf-8", "replace")
@@ -171,20 +206,28 @@ class SSEDecoder:
 
 
 class NDJSONDecoder:
-    """One JSON value a line (Ollama's native streaming), as bytes; blank lines skipped."""
+    """One JSON value a line (Ollama's native streaming), as bytes; blank lines skipped.
+
+    Args:
+        max_line: most bytes of an unfinished line (default :data:`MAX_LINE`).
+    """
 
     __slots__ = ("_lines",)
 
-    def __init__(self) -> None:
-        self._lines = LineSplitter()
+    def __init__(self, *, max_line: int | None = None) -> None:
+        self._lines = LineSplitter(max_line=max_line)
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The non-blank lines ``chunk`` completes.
 
         Raises:
-            BackendError: ``BACKEND_ERROR`` for a line over :data:`MAX_LINE` bytes.
+            BackendError: ``BACKEND_ERROR`` for a line over ``max_line`` bytes.
         """
         return [line for line in self._lines.feed(chunk) if line.strip()]
+
+    def held(self) -> int:
+        """Bytes of the unfinished line held between chunks (at most ``max_line``)."""
+        return self._lines.held()
 
     def end(self) -> list[bytes]:
         """The body's last line, if it had no newline."""

@@ -23,7 +23,7 @@ HTTP Basic auth (httpx's rule).
 from __future__ import annotations
 
 import email.utils
-import json
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -38,6 +38,7 @@ from loomnet.protocol import BackendError, ErrorCode
 
 from .._redact import Redactor
 from ._base import Backend
+from ._payloads import json_value
 from ._config import BackendConfig
 from ._refusal import content_filtered
 from ._retry_budget import current_retry_budget
@@ -69,20 +70,37 @@ JSON = {"content-type": "application/json"}
 encode_json = msgspec.json.Encoder().encode
 
 
+#: the longest wait a runtime may ask for that is passed on (seconds): an error frame's limit
+MAX_RETRY_AFTER = 86400.0
+
+
+def _wait(seconds: float) -> float | None:
+    """``seconds`` within ``[0, MAX_RETRY_AFTER]``; None when it is no number (NaN, ±inf)."""
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER) if math.isfinite(seconds) else None
+
+
 def retry_after_seconds(headers: httpx.Headers) -> float | None:
-    """The server's requested wait, from ``retry-after-ms`` or ``retry-after``."""
+    """The server's requested wait, from ``retry-after-ms`` or ``retry-after``: seconds
+    within ``[0, MAX_RETRY_AFTER]``, or None when it gave none or no number (``NaN``,
+    ``inf``, ``1e999``). It goes into the error frame a peer gets, whose schema allows a
+    day at most: an ``inf`` there made the frame undecodable, so the client saw a
+    malformed frame instead of the runtime's error (and ``NaN`` passed ``wait >
+    MAX_RETRY_WAIT`` and reached ``trio.sleep``)."""
     if (ms := headers.get("retry-after-ms")) is not None:
         try:
-            return max(float(ms) / 1000.0, 0.0)
+            return _wait(float(ms) / 1000.0)
         except ValueError:
             pass
     if (value := headers.get("retry-after")) is not None:
         try:
-            return max(float(value), 0.0)
+            return _wait(float(value))
         except ValueError:
             parsed = email.utils.parsedate_tz(value)
             if parsed is not None:
-                return max(email.utils.mktime_tz(parsed) - time.time(), 0.0)
+                try:
+                    return _wait(email.utils.mktime_tz(parsed) - time.time())
+                except (OverflowError, ValueError):
+                    return MAX_RETRY_AFTER
     return None
 
 
@@ -104,7 +122,7 @@ def _parse_body(body: bytes) -> tuple[str, dict]:
     """The human message in any of the error shapes the wire facts list, and the
     error object (``{}`` when there is none). Whole: the caller redacts, then clips."""
     try:
-        data = json.loads(body)
+        data = json_value(body)
     except ValueError:
         return body.decode("utf-8", "replace").strip() or "no body", {}
     if isinstance(data, dict):
@@ -215,7 +233,7 @@ def request_json(text: str, what: str) -> object:
         BackendError: ``BAD_REQUEST`` when ``text`` is not JSON.
     """
     try:
-        return json.loads(text) if text.strip() else {}
+        return json_value(text) if text.strip() else {}
     except ValueError:
         message = f"{what[:120]} is not valid JSON"  # loomnet's words about the peer's own request
         raise BackendError(message, code=ErrorCode.BAD_REQUEST, public=message) from None

@@ -24,7 +24,7 @@ from loomnet.protocol import BackendError, ToolCall
 
 from ._base import Completion, Finished, ReasoningDelta, TextDelta, Usage, token_count
 from ._openai_profiles import Profile
-from ._payloads import typed
+from ._payloads import json_value, typed
 from ._refusal import content_filtered
 
 __all__ = ["StreamParser", "parse_completion", "parse_usage", "refusal_error"]
@@ -239,7 +239,7 @@ _NO_FUNCTION = _Function()
 
 def _maybe_json(data: bytes) -> Any:
     try:
-        return json.loads(data)
+        return json_value(data)
     except ValueError:
         return data.decode("utf-8", "replace")
 

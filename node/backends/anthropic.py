@@ -56,7 +56,7 @@ from ._base import ChatParams, Completion, Finished, ModelInfo, ReasoningDelta, 
 from ._config import BackendConfig
 from ._framing import event_stream, iter_sse
 from ._http import HttpBackend, encode_json, error_for_status
-from ._payloads import typed
+from ._payloads import json_value, typed
 from ._http import as_object as _obj
 
 __all__ = ["API_VERSION", "DEFAULT_ENDPOINT", "DEFAULT_MAX_TOKENS", "AnthropicBackend"]
@@ -119,7 +119,7 @@ class AnthropicBackend(HttpBackend):
     def _whole(self, raw: bytes) -> dict[str, Any]:
         """A whole (non-streamed) answer, which may be an error object too."""
         try:
-            data = json.loads(raw)
+            data = json_value(raw)
         except ValueError:
             data = None
         if not isinstance(data, dict):

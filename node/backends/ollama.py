@@ -20,7 +20,6 @@ mapping itself (bodies, lines, counts) is in ``_ollama_wire``.
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractAsyncContextManager, aclosing, suppress
 from typing import Any, AsyncGenerator, AsyncIterator
 
@@ -35,7 +34,7 @@ from ._config import BackendConfig
 from ._framing import MAX_LINE, event_stream, iter_ndjson
 from ._http import JSON, HttpBackend, encode_json
 from ._ollama_wire import LINE, Line, build_chat_request, ending, message_of, tool_calls_of
-from ._payloads import lenient, typed
+from ._payloads import json_value, lenient, typed
 
 __all__ = ["DEFAULT_ENDPOINT", "SHOW_CONCURRENCY", "OllamaBackend", "build_chat_request"]
 
@@ -163,7 +162,7 @@ class OllamaBackend(HttpBackend):
                 if len(data) > MAX_LINE:
                     raise self._error(f"{self.label} sent over {MAX_LINE} bytes while {doing}")
         try:
-            value = json.loads(data)
+            value = json_value(data)
         except ValueError:
             raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True) from None
         if not isinstance(value, dict):

@@ -24,7 +24,6 @@ answers), ``/models`` and the runtimes' tokenizer routes.
 
 from __future__ import annotations
 
-from json import loads
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager
 from typing import Any, AsyncGenerator, TypeVar
@@ -38,6 +37,7 @@ from ._base import ChatParams, Completion, ModelInfo, StreamEvent
 from ._config import BackendConfig
 from ._framing import event_stream, iter_sse
 from ._http import JSON, HttpBackend, encode_json
+from ._payloads import json_value
 from ._openai_answers import StreamParser, parse_completion
 from ._openai_profiles import PROFILES, TOKENIZE, Profile, build_body, parse_models, root_of, served_context, token_count
 
@@ -147,7 +147,7 @@ class OpenAICompatBackend(HttpBackend):
         async with self._open(request, doing) as response:
             body = await response.aread()
         try:
-            return loads(body)
+            return json_value(body)
         except ValueError:
             pass  # raised below, so that the body (which may quote anything) is not its context
         raise self._error(f"{self.label} sent a body that is not JSON while {doing}", retryable=True)
