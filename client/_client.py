@@ -45,7 +45,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
-
 from loomnet.protocol import (
     ChatMessage,
     ErrorCode,
@@ -60,7 +59,13 @@ from loomnet.protocol import (
 from ._attempt import open_first
 from ._batch import BatchProgress, ChatRequest, Outcome, chat_as_completed, chat_many
 from ._budget import Budget, BudgetConfig, BudgetWarning, JointBudget, period_bounds
-from ._chat_stream import ChatResult, ChatStream, RequestOptions, StreamKit, StreamOpener
+from ._chat_stream import (
+    ChatResult,
+    ChatStream,
+    RequestOptions,
+    StreamKit,
+    StreamOpener,
+)
 from ._client_config import ClientConfig, default_data_dir
 from ._identity_file import load_or_create_identity
 from ._ledger import Ledger, check_account

@@ -30,7 +30,6 @@ from __future__ import annotations
 import msgspec
 import pytest
 import trio
-
 from loomnet.client import ClientConfig, Ledger, LoomClient
 from loomnet.protocol import ChatMessage, LoomError, Receipt
 
