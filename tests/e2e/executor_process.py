@@ -56,7 +56,9 @@ class Paced:
     caller hangs up (the executor dies or cancels). ``held``: answers held now;
     ``answers``: streamed answers begun; ``finished``: answers sent to their end."""
 
-    def __init__(self, app: FakeOpenAI, *, pace: float = 0.01, hold_every: int = 2) -> None:
+    def __init__(
+        self, app: FakeOpenAI, *, pace: float = 0.01, hold_every: int = 2
+    ) -> None:
         self.app = app
         self.pace = pace
         self.hold_every = hold_every
@@ -78,7 +80,11 @@ class Paced:
 
         async def paced_send(message) -> None:
             nonlocal sent_content
-            body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+            body = (
+                message.get("body", b"")
+                if message["type"] == "http.response.body"
+                else b""
+            )
             content = _CONTENT.search(body) is not None
             if content:
                 await trio.sleep(self.pace)
@@ -151,10 +157,16 @@ class ExecutorProcess:
             while b"Stop with Ctrl-C" not in self.output:
                 chunk = await self.proc.stdout.receive_some(65536)
                 if not chunk:
-                    raise AssertionError(f"the executor exited before it was ready:\n{self.output.decode()[-3000:]}")
+                    raise AssertionError(
+                        f"the executor exited before it was ready:\n{self.output.decode()[-3000:]}"
+                    )
                 self.output += chunk
         lines = self.output.decode().splitlines()
-        self.addr = next(line.split()[-1] for line in lines if "listen  :" in line and f"/tcp/{self.port}/" in line)
+        self.addr = next(
+            line.split()[-1]
+            for line in lines
+            if "listen  :" in line and f"/tcp/{self.port}/" in line
+        )
         self.peer_id = self.addr.rsplit("/p2p/", 1)[1]
         return self.addr
 

@@ -48,12 +48,18 @@ ACCEPTED_BEFORE_KILL = 30
 REDIAL_WITHIN = 20.0
 
 
-async def test_kill_9_mid_stream_loses_no_receipt_and_corrupts_no_ledger(nursery, tmp_path):
+async def test_kill_9_mid_stream_loses_no_receipt_and_corrupts_no_ledger(
+    nursery, tmp_path
+):
     paced, url = await serve_paced(nursery, pieces=PIECES, usage=USAGE)
     # adverts a minute apart: the client must come back to the restarted executor by
     # itself, not because a fresh advert happened to arrive
-    executor = ExecutorProcess(tmp_path / "executor", url, port=free_port(),
-                               settings="advert-interval = 60.0\nadvert-ttl = 120.0\n")
+    executor = ExecutorProcess(
+        tmp_path / "executor",
+        url,
+        port=free_port(),
+        settings="advert-interval = 60.0\nadvert-ttl = 120.0\n",
+    )
     try:
         addr = await executor.start()
         client = LoomClient(ClientConfig(data_dir=str(tmp_path / "client"), bootstrap=[addr], discover_local=False,
@@ -88,16 +94,23 @@ async def test_kill_9_mid_stream_loses_no_receipt_and_corrupts_no_ledger(nursery
                 assert failures == [], failures  # nothing failed before the kill
                 assert await executor.kill() == -9
                 killed.set()
-                paced.holding = False  # the restarted executor's answers go through whole
+                paced.holding = (
+                    False  # the restarted executor's answers go through whole
+                )
         assert len(results) >= ACCEPTED_BEFORE_KILL and len(failures) >= 2
-        assert all(isinstance(f, LoomError) for f in failures), [repr(f) for f in failures]
+        assert all(isinstance(f, LoomError) for f in failures), [
+            repr(f) for f in failures
+        ]
 
         # the same identity, folder and address; the client comes back to it by itself
         assert await executor.start() == addr
         asked = trio.current_time()
         with trio.fail_after(REDIAL_WITHIN):
             again = await client.chat(HI, model="m1")
-        assert again.text == "".join(PIECES) and trio.current_time() - asked < REDIAL_WITHIN
+        assert (
+            again.text == "".join(PIECES)
+            and trio.current_time() - asked < REDIAL_WITHIN
+        )
         assert await executor.terminate() == 0, executor.output.decode()[-3000:]
     finally:
         await executor.ensure_stopped()
@@ -109,18 +122,26 @@ async def test_kill_9_mid_stream_loses_no_receipt_and_corrupts_no_ledger(nursery
 
     answered = {r.receipt_envelope.payload for r in [*results, again]}
     assert len(answered) == len(results) + 1
-    assert answered <= {e.receipt_payload for e in ours.values() if e.status == "accepted"}
+    assert answered <= {
+        e.receipt_payload for e in ours.values() if e.status == "accepted"
+    }
     for receipt_digest, ours_entry in ours.items():  # write before send
-        assert receipt_digest in theirs, "a receipt the client holds is missing from the executor's ledger"
+        assert receipt_digest in theirs, (
+            "a receipt the client holds is missing from the executor's ledger"
+        )
         assert theirs[receipt_digest].receipt_payload == ours_entry.receipt_payload
         assert theirs[receipt_digest].receipt_sig == ours_entry.receipt_sig
     for receipt_digest, entry in theirs.items():
         if entry.status == "acknowledged":
             assert ours[receipt_digest].status == "accepted"
     undelivered = [theirs[d] for d in theirs.keys() - ours.keys()]
-    assert all(e.status == "unacknowledged" and e.client == client.peer_id for e in undelivered)
+    assert all(
+        e.status == "unacknowledged" and e.client == client.peer_id for e in undelivered
+    )
     assert len(undelivered) <= len(failures)
-    receipts = [msgspec.msgpack.decode(e.receipt_payload, type=Receipt) for e in theirs.values()]
+    receipts = [
+        msgspec.msgpack.decode(e.receipt_payload, type=Receipt) for e in theirs.values()
+    ]
     assert all(r.output_tokens > 0 for r in receipts)
 
 
