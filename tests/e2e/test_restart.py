@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import pytest
 import trio
-
 from loomnet.client import ClientConfig, Ledger, LoomClient
 from loomnet.protocol import ChatMessage, ErrorCode, RemoteError, digest
 
