@@ -45,7 +45,6 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import trio
-
 from loomnet.protocol import (
     ChatMessage,
     ErrorCode,
@@ -60,7 +59,13 @@ from loomnet.protocol import (
 from ._attempt import open_first
 from ._batch import BatchProgress, ChatRequest, Outcome, chat_as_completed, chat_many
 from ._budget import Budget, BudgetConfig, BudgetWarning, JointBudget, period_bounds
-from ._chat_stream import ChatResult, ChatStream, RequestOptions, StreamKit, StreamOpener
+from ._chat_stream import (
+    ChatResult,
+    ChatStream,
+    RequestOptions,
+    StreamKit,
+    StreamOpener,
+)
 from ._client_config import ClientConfig, default_data_dir
 from ._identity_file import load_or_create_identity
 from ._ledger import Ledger, check_account
@@ -79,6 +84,9 @@ __all__ = ["ClientConfig", "LoomClient", "default_data_dir", "request_options"]
 
 #: seconds a client's shutdown gives its idle session streams to close
 _SESSION_CLOSE_TIMEOUT = 2.0
+#: seconds between rankings while a request waits for an offer and the table is quiet
+#: (a benched executor's bench may end meanwhile: ``_health``)
+_RERANK = 0.5
 
 
 class LoomClient:
@@ -241,8 +249,11 @@ class LoomClient:
         return [c.offer for c in await self._ranked(wanted, shape, timeout=timeout)]
 
     async def _ranked(self, route: Route, shape: RequestShape, *, timeout: float | None = None) -> list[Candidate]:
-        """The router's candidates for ``route``, waiting for the offer table to change
-        until there is one, up to ``timeout`` (default ``offer_timeout``).
+        """The router's candidates for ``route``, waiting until there is one, up to
+        ``timeout`` (default ``offer_timeout``): ranked again whenever the offer table
+        changes, and at least every ``_RERANK`` seconds, since the health table changes
+        with time alone (a benched executor comes back when its bench ends: an executor
+        that restarted is tried again then, not at its next advert, seconds later).
 
         Raises:
             NoOfferError: none in time.
@@ -255,7 +266,8 @@ class LoomClient:
                 )
                 if ranked:
                     return ranked
-                await changed.wait()
+                with trio.move_on_after(_RERANK):
+                    await changed.wait()
         live = sorted({o.model.name for o in self.member.table.offers(now=time.time())})
         raise NoOfferError(
             f"no live offer for {describe_route(route)}{self._why_none(route, shape)}; "
