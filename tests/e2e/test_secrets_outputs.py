@@ -25,6 +25,7 @@ pieces (redactor, config loader) are in ``tests/node/test_secrets.py``.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio.testing
 from click.testing import CliRunner
 
 from loomnet.client import ClientConfig, LoomClient
@@ -92,9 +94,8 @@ def shown(response: httpx.Response) -> str:
     return f"{response.status_code} {response.text} {response.headers!r}"
 
 
-async def test_no_canary_in_any_output(nursery, tmp_path, caplog, monkeypatch):
-    caplog.set_level(logging.DEBUG)
-    caplog.set_level(logging.INFO, logger="libp2p")
+async def start_network(nursery, tmp_path, monkeypatch):
+    """The executor (from TOML, secrets from the environment), a client, the gateway."""
     env = {"CANARY_KEY": CANARY, "ADMIN_TOKEN": ADMIN_TOKEN}
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -114,6 +115,14 @@ async def test_no_canary_in_any_output(nursery, tmp_path, caplog, monkeypatch):
             await client.member.table_changed.wait()
     gateway_config = GatewayConfig(port=0, keys=[GatewayKey(name="app", key=GATEWAY_KEY)])
     gateway = await nursery.start(serve_gateway, client, gateway_config)
+    return executor, client, gateway, fake, url, toml
+
+
+async def test_no_canary_in_any_output(nursery, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="libp2p")
+    executor, client, gateway, fake, url, toml = await start_network(nursery, tmp_path, monkeypatch)
+    config, gateway_config = executor.config, gateway.gateway.config
     seen: list[str] = []
     operator = executor.info.operator_url
 
@@ -188,3 +197,37 @@ async def test_no_canary_in_any_output(nursery, tmp_path, caplog, monkeypatch):
     for path in files:
         assert leaked(path.read_bytes().decode("latin-1")) == [], path
     assert "${CANARY_KEY}" in toml.read_text() and CANARY not in toml.read_text()
+
+
+async def test_a_caller_naming_a_url_reaches_only_the_configured_backend(nursery, tmp_path, monkeypatch):
+    """Through the gateway (the HTTP door strangers use): a URL as the model, in the
+    OpenAI SDK's ``base_url``/``api_base``/``extra_body`` shapes, in headers. Only the
+    configured runtime is dialled; a listener at the named address sees nothing."""
+    executor, client, gateway, fake, url, toml = await start_network(nursery, tmp_path, monkeypatch)
+    knocks: list[object] = []
+    trap = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+
+    async def knocked(stream) -> None:
+        knocks.append(stream.socket.getpeername())
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, knocked, [trap])
+    there = f"http://127.0.0.1:{trap.socket.getsockname()[1]}"
+    user = {"authorization": f"Bearer {GATEWAY_KEY}"}
+    body = {"model": "gpt-test", "messages": [{"role": "user", "content": f"see {there}"}], "max_tokens": 16}
+    extras = {"base_url": there + "/v1", "api_base": there, "endpoint": there, "url": there, "provider": "ollama",
+              "extra_body": {"base_url": there, "endpoint": there}, "user": there}  # fmt: skip
+    with trio.fail_after(60):
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as http:
+            for model in (there + "/v1", f"openai:{there}", there.removeprefix("http://")):
+                answer = await http.post("/v1/chat/completions", json={**body, "model": model}, headers=user)
+                assert answer.status_code == 404 and "model_not_found" in answer.text, answer.text  # no such model
+            before = len(fake.requests)
+            for path in ("/v1/chat/completions", "/v1/messages"):
+                answer = await http.post(path, json={**body, **extras}, headers={
+                    **user, "x-forwarded-host": there, "forwarded": f"host={there}", "x-base-url": there})
+                assert answer.status_code == 200 and "Hello, world!" in answer.text, answer.text
+    assert len(fake.requests) == before + 2 and all("/chat/completions" in r.path for r in fake.requests[before:])
+    assert there in json.dumps(fake.requests[-1].body)  # the runtime got the URL as text in the prompt
+    await trio.testing.wait_all_tasks_blocked()
+    assert knocks == []
