@@ -41,8 +41,8 @@ import trio
 from .backends._base import Backend
 from .backends._registry import PROVIDERS
 
-__all__ = ["EXPOSED", "MAX_ADDRESSES", "PROBE_TIMEOUT", "StatusWarning", "check_exposure", "local_target",
-           "own_addresses", "listening_on"]
+__all__ = ["EXPOSED", "MAX_ADDRESSES", "PROBE_TIMEOUT", "StatusWarning", "check_exposure", "listening_on",
+           "local_target", "own_addresses"]
 
 log = logging.getLogger("loomnet.executor")
 

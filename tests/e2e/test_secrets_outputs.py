@@ -190,7 +190,6 @@ async def test_no_canary_in_any_output(nursery, tmp_path, caplog, monkeypatch):
 
     for text in seen:
         assert leaked(text) == [], text[:2000]
-    await trio.sleep(0)  # let the last audit and ledger writes land
     files = [p for p in tmp_path.rglob("*") if p.is_file() and p != toml]
     assert any(p.name == "audit.log" for p in files) and any(p.name.startswith("ledger.sqlite") for p in files)
     assert any(Path(tmp_path / "state") in p.parents for p in files)  # the local state file
@@ -203,7 +202,7 @@ async def test_a_caller_naming_a_url_reaches_only_the_configured_backend(nursery
     """Through the gateway (the HTTP door strangers use): a URL as the model, in the
     OpenAI SDK's ``base_url``/``api_base``/``extra_body`` shapes, in headers. Only the
     configured runtime is dialled; a listener at the named address sees nothing."""
-    executor, client, gateway, fake, url, toml = await start_network(nursery, tmp_path, monkeypatch)
+    _, _, gateway, fake, _, _ = await start_network(nursery, tmp_path, monkeypatch)
     knocks: list[object] = []
     trap = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
 
