@@ -32,6 +32,7 @@ from loomnet.protocol import INFER_PROTOCOL, INFER_SESSION_PROTOCOL, ModelOffer,
 from ._admin import Admin
 from ._advertiser import Advertiser
 from ._catalog import Catalog
+from ._exposure import StatusWarning, check_exposure
 from ._metrics import ExecutorMetrics
 from ._operator import serve_operator
 from ._redact import Redactor, install_log_redaction
@@ -92,6 +93,8 @@ class Executor:
         self.metrics.watch(self.status_snapshot)
         self._started_at = time.time()
         self.draining = False
+        #: start-up findings for the operator (``/status`` ``warnings``, ``_exposure``)
+        self.warnings: list[StatusWarning] = []
 
     # ---------------------------------------------------------------- what the parts ask of it
     # The executor owns the state its parts share (catalog, server counters, the advert,
@@ -131,7 +134,7 @@ class Executor:
             backends=backend_statuses(catalog),
             p2p=p2p, adverts_published=self.advertiser.published if self.advertiser else 0,
             adverts_rejected=member.table.statistics().refused, ledger=self.ledger.statistics(),
-            state="draining" if self.draining else "serving",
+            state="draining" if self.draining else "serving", warnings=list(self.warnings),
         )  # fmt: skip
 
     async def status(self) -> ExecutorStatus:
@@ -221,6 +224,15 @@ class Executor:
             if await catalog.check_health(timeout=self.config.health_interval) and self.advertiser:
                 self.advertiser.poke()
 
+    async def _check_exposure(self, catalog: Catalog, done: trio.Event) -> None:
+        """Warn (log, ``/status``) about local backends reachable from other hosts."""
+        try:
+            self.warnings += await check_exposure(zip(catalog.names, catalog.backends))
+        except Exception:  # noqa: BLE001 - a check that fails is no reason not to serve
+            log.exception("could not check whether local backends are reachable from other hosts")
+        finally:
+            done.set()
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled.
 
@@ -272,6 +284,8 @@ class Executor:
                     catalog.set_enabled(name, False)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                exposure_checked = trio.Event()  # probes run while libp2p starts (<= 0.5 s)
+                nursery.start_soon(self._check_exposure, catalog, exposure_checked)
                 node_info = await nursery.start(member.run)
                 self._addrs = list(node_info.addrs)
                 self.advertiser = Advertiser(
@@ -289,6 +303,7 @@ class Executor:
                     write_local_executor(self.key.peer_id, list(node_info.addrs), operator=self.info.operator_url)
                     announced = True
                 log.info("executor %s serving %s", self.key.peer_id, [o.name for o in catalog.offers])
+                await exposure_checked.wait()  # so "ready" comes with /status's warnings
                 task_status.started(self.info)
         finally:
             try:

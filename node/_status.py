@@ -18,12 +18,13 @@ from loomnet.client._ledger_writes import LedgerStatistics
 from loomnet.client._p2p_types import P2PStatistics
 
 from ._catalog import Catalog
+from ._exposure import StatusWarning
 from ._pool import MemberStatistics
 from ._queue import SlotStatistics
 from ._response_cache import CacheStatistics
 from ._spend import SpendStatistics
 
-__all__ = ["BackendStatus", "Earnings", "ExecutorStatus", "MarginLine", "ModelStatus"]
+__all__ = ["BackendStatus", "Earnings", "ExecutorStatus", "MarginLine", "ModelStatus", "StatusWarning"]
 
 _MICRO = 1_000_000
 
@@ -124,6 +125,10 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     earnings: list[Earnings] = []
     #: ``draining`` once shutdown began: no new request is accepted
     state: str = "serving"
+    #: what the operator should fix, found at start-up: ``{code, backend, message}``
+    #: (``backend_exposed``: a local backend's port is reachable from other hosts,
+    #: ``_exposure``); empty when all is well
+    warnings: list[StatusWarning] = []
 
 
 def backend_statuses(catalog: Catalog) -> list[BackendStatus]:

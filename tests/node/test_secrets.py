@@ -14,6 +14,8 @@ from urllib.parse import quote, quote_plus
 import httpx
 import msgspec
 import pytest
+import trio
+import trio.testing
 
 from loomnet.node._redact import MASK, MIN_FRAGMENT, Redactor, install_log_redaction, url_secrets
 from loomnet.node.backends._base import ChatParams
@@ -25,11 +27,24 @@ from loomnet.node.backends.gemini import GeminiBackend
 from loomnet.node.backends.ollama import OllamaBackend
 from loomnet.node.backends.openai_compat import OpenAICompatBackend
 from loomnet.node.config import load_config
-from loomnet.protocol import BackendError, ChatMessage, ConfigError
+from loomnet.protocol import (
+    BackendError,
+    ChatMessage,
+    ConfigError,
+    Envelope,
+    ErrorCode,
+    RequestFrame,
+    ResponseFormat,
+    SignedKind,
+    ToolSpec,
+)
 
 from ..limits import fail_after
 from .asgi_server import serve_app
+from .fake_ollama import FakeOllama
 from .fake_openai import Failure, FakeOpenAI, openai_error
+from .memory_stream import stream_pair
+from .server_harness import ClientEnd, Harness
 
 KEY = "sk-CANARY-0a1b2c3d4e5f"
 HELLO = [ChatMessage(role="user", content="Say hello.")]
@@ -255,3 +270,70 @@ async def test_a_key_quoted_at_the_end_of_a_long_error_is_redacted_whole(provide
         found = [p for p in pieces if p in str(error) or p in repr(error) or p in error.peer_message]
         assert found == [], f"key at {at}: {error.message[-80:]!r}"
         assert len(error.message) <= MAX_MESSAGE and "xxxx" in error.message  # clipped, the why kept
+
+
+# ---------------------------------------------------------------- nothing a peer sends selects a URL
+
+
+@fail_after(30)
+async def test_nothing_a_peer_sends_selects_a_url(nursery, tmp_path):
+    """Backend endpoints come only from the operator's config. A signed request naming a
+    URL everywhere a peer can put text (the model name, the messages, ``user``, stop
+    sequences, a tool, a JSON schema's ``$ref``, and unknown fields such as ``endpoint``
+    or ``base_url``) reaches only the configured runtime, which gets it as data; a
+    listener at the named address sees no connection at all."""
+    knocks: list[object] = []
+    trap = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+
+    async def knocked(stream) -> None:
+        knocks.append(stream.socket.getpeername())
+        await stream.aclose()
+
+    nursery.start_soon(trio.serve_listeners, knocked, [trap])
+    port = trap.socket.getsockname()[1]
+    await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()  # the trap notices a knock...
+    while not knocks:
+        await trio.sleep(0.01)
+    knocks.clear()  # ...and from here on must see none
+    urls = [f"http://127.0.0.1:{port}/v1", f"http://localhost:{port}", f"127.0.0.1:{port}", f"ollama:http://127.0.0.1:{port}"]
+    runtime, ollama = FakeOpenAI(flavour="vllm"), FakeOllama()
+    desk = make_backend(BackendConfig(provider="vllm", name="desk", endpoint=await serve_app(nursery, runtime) + "/v1",
+                                      models=["m1"], max_retries=0))  # fmt: skip
+    lan = make_backend(BackendConfig(provider="ollama", name="lan", endpoint=await serve_app(nursery, ollama),
+                                     models=["llama3.2"], max_retries=0))  # fmt: skip
+    harness = await Harness.start(tmp_path, [desk, lan])
+    try:
+        for url in urls:  # a URL as the model: no such model, and nothing dialled
+            answer = await harness.ask(url)
+            assert answer.error is not None and answer.error.code == ErrorCode.UNKNOWN_MODEL, url
+        url = urls[0]
+        schema = json.dumps({"$id": url, "$ref": f"{url}/schema.json", "$schema": url})
+        answer = await harness.ask(
+            "m1", [ChatMessage("user", f"Fetch {url} and {urls[1]} for me.")], user=url, stop=[url],
+            tools=[ToolSpec(name="fetch", description=url, parameters=json.dumps({"$ref": url}))],
+            response_format=ResponseFormat(type="json_schema", schema=schema),
+        )  # fmt: skip
+        assert answer.error is None and answer.text == "Hello, world!"
+        assert url in json.dumps(runtime.requests[-1].body)  # the runtime got the URL, as text
+        assert (await harness.ask("llama3.2", [ChatMessage("user", url)], user=urls[1])).text == "Hello, world!"
+
+        # unknown fields a peer adds (an older executor skips them): signed, sent, ignored
+        client_stream, executor_stream = stream_pair(harness.client_key.peer_id, harness.executor_key.peer_id)
+        end = ClientEnd(client_stream, harness.client_key)
+        request = msgspec.to_builtins(harness.request("m1"), builtin_types=(bytes,))
+        extra = {"endpoint": url, "base_url": url, "api_base": url, "url": url, "host": "127.0.0.1", "port": port,
+                 "backend": url, "provider": "ollama", "headers": {"Host": f"127.0.0.1:{port}"}}  # fmt: skip
+        payload = msgspec.msgpack.encode({**request, **extra})
+        sig = harness.client_key.sign(SignedKind.REQUEST.prefix + payload)
+        envelope = Envelope(payload=payload, signer=harness.client_key.public_key, sig=sig)
+        async with trio.open_nursery() as streams:
+            streams.start_soon(harness.server.handle, executor_stream)
+            await client_stream.send_all(end.conn.send(RequestFrame(envelope)), timeout=5)
+            answer = await end.read_answer()
+        assert answer.error is None and answer.text == "Hello, world!"
+        assert runtime.requests[-1].path.endswith("/chat/completions")
+    finally:
+        await harness.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert knocks == []  # not one connection attempt to any address a peer named
+    assert len([r for r in runtime.requests if r.path.endswith("/chat/completions")]) == 2
