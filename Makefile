@@ -15,7 +15,7 @@ PIP        := $(BIN)/pip install --disable-pip-version-check
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install lock run test browser chat offers clean bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
+.PHONY: install lock run test browser chat offers clean fuzz soak bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
 
 install: $(STAMP)
 
@@ -74,6 +74,16 @@ browser:
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 	  echo ">>> Installing Debian's chromium and chromium-driver for the status page's browser test."; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+# Long-run fuzzing (fuzz/README.md): every decoder a peer or a runtime reaches, N
+# examples per target (default 100 000); TARGET=name for one; findings go to fuzz/findings/.
+fuzz: install
+	$(BIN)/python fuzz/run.py --examples $(or $(N),100000) $(if $(TARGET),--target $(TARGET)) $(FUZZ_ARGS)
+
+# One executor through N requests (default 100 000, about an hour here); fails if RSS
+# or open file descriptors grow past their bounds (bench/soak.py --help for options).
+soak: install
+	$(BIN)/python bench/soak.py --requests $(or $(N),100000) $(SOAK_ARGS)
 
 # Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~6 min
 # on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~1 min).
