@@ -61,6 +61,7 @@ def render(s: ExecutorStatus, url: str) -> str:
         f"  load     : {s.slots.running} running / capacity {s.slots.capacity}, {s.slots.queued} queued; "
         f"{s.served} served, {s.refused} refused",
     ]
+    lines += [f"  WARNING  : {w.message}" + (f" (backend {w.backend})" if w.backend else "") for w in s.warnings]
     for e in s.earnings:
         lines.append(f"  {e.period:<9}: {e.receipts} receipt(s), earned {e.earned:.6f}, paid providers "
                      f"{e.paid:.6f}, margin {e.margin:.6f} credits")  # fmt: skip

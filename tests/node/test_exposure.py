@@ -11,13 +11,16 @@ from __future__ import annotations
 import logging
 
 import httpx
+import msgspec
 import pytest
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 from loomnet.node import Executor
+from loomnet.node._cli_status import render
 from loomnet.node._exposure import EXPOSED, check_exposure, listening_on, local_target, own_addresses
+from loomnet.node._status import ExecutorStatus
 from loomnet.node.backends._config import BackendConfig
 from loomnet.node.backends._registry import make_backend
 from loomnet.node.config import ExecutorConfig, OperatorConfig
@@ -139,5 +142,9 @@ async def test_the_executor_warns_in_its_log_and_status(nursery, tmp_path, monke
     assert [(w["code"], w["backend"]) for w in status["warnings"]] == [(EXPOSED, "lan-ollama")]
     assert "OLLAMA_HOST=127.0.0.1" in status["warnings"][0]["message"]
     assert KEY not in answer.text and f":{open_port}" not in answer.text  # no key, no endpoint
+    shown = render(msgspec.json.decode(answer.content, type=ExecutorStatus), executor.info.operator_url)
+    assert [line for line in shown.splitlines() if "WARNING" in line] == [
+        f"  WARNING  : {status['warnings'][0]['message']} (backend lan-ollama)"
+    ]  # `loomnet status` says it too
     logged = [r.getMessage() for r in caplog.records if "reachable from other hosts" in r.getMessage()]
     assert len(logged) == 1 and "lan-ollama" in logged[0] and KEY not in logged[0]
