@@ -29,7 +29,6 @@ import logging
 import msgspec
 import pytest
 import trio
-
 from loomnet.client import ClientConfig, LoomClient
 from loomnet.node import Executor, ExecutorConfig, ModelTerms
 from loomnet.node.backends._config import BackendConfig
@@ -37,7 +36,7 @@ from loomnet.node.backends.openai_compat import OpenAICompatBackend
 from loomnet.protocol import ChatMessage, ErrorCode, Receipt, RemoteError
 
 from ..limits import fail_after
-from ..node.asgi_server import DropConnection, send_chunk, start_stream
+from ..node.asgi_server import DropConnection, send_chunk, serve_app, start_stream
 from ..node.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.integration
@@ -110,7 +109,7 @@ class Faulty:
             if message["type"] != "http.response.body" or not body.startswith(b"data: {"):
                 return await send(message)
             delta = json.loads(body[len(b"data: "):])["choices"][0]["delta"]
-            if "content" in delta and delta["content"]:
+            if delta.get("content"):
                 if events == self.after:
                     await trio.sleep(0.3)  # the pieces before went out as a chunk first
                     if self.mode == "drop":
@@ -134,7 +133,7 @@ class _Done(Exception):
 
 async def start_executor(nursery, tmp_path, name: str, app, *, price_out: float) -> Executor:
     """An executor serving MODEL through the OpenAI-compatible adapter in front of ``app``."""
-    url = await serve_app_for(nursery, app)
+    url = await serve_app(nursery, app)
     backend = OpenAICompatBackend(BackendConfig(provider="vllm", name=name, endpoint=url + "/v1", models=[MODEL],
                                                 timeout=BACKEND_TIMEOUT, max_retries=0))  # fmt: skip
     config = ExecutorConfig(
@@ -146,12 +145,6 @@ async def start_executor(nursery, tmp_path, name: str, app, *, price_out: float)
     executor = Executor(config, backends=[backend])
     await nursery.start(executor.run)
     return executor
-
-
-async def serve_app_for(nursery, app) -> str:
-    from ..node.asgi_server import serve_app
-
-    return await serve_app(nursery, app)
 
 
 async def start_client(nursery, tmp_path, executors: list[Executor]) -> LoomClient:
