@@ -149,3 +149,23 @@ async def test_a_slow_reader_holds_bounded_memory_for_a_bounded_time_and_its_gen
     assert receipt.output_digest == hashlib.sha256(written.encode()).digest() and receipt.output_tokens >= 1
     reading.cancel()
     await stream.reset()
+
+
+SLOW_PEERS = Path(__file__).resolve().parents[2] / "bench" / "slow_peers.py"
+
+
+def test_slow_peer_flood_leaves_rss_flat(tmp_path):
+    """``bench/slow_peers.py`` for ``LOOMNET_FLOOD_SECONDS`` (15 s in CI; 60 for the long
+    run): slow readers and a request flood against an executor process, whose RSS must
+    stay within the bench's bound after the warm-up while an honest client is served in
+    every third of the run."""
+    seconds = float(os.environ.get("LOOMNET_FLOOD_SECONDS", "15"))
+    record = tmp_path / "flood.json"
+    run = subprocess.run(
+        [sys.executable, str(SLOW_PEERS), "--seconds", str(seconds), "--json", str(record)],
+        check=False, capture_output=True, text=True, timeout=seconds + 180,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    facts = json.loads(record.read_text())
+    assert facts["alive"] and facts["honest_failed"] == [] and all(facts["served_each_third"])
+    assert facts["slow_streams"] > 0 and facts["flood_requests"] > 0
