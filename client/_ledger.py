@@ -37,174 +37,45 @@ spending (its budget at start: ``LoomClient.account_budget``). An account name i
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import msgspec
 import trio
 
 from loomnet.protocol import Envelope, InvalidRequest, LedgerError, Receipt, ReceiptAck, digest
 
+from ._ledger_rows import (
+    _GROUPS,
+    GROUPINGS,
+    GroupTotals,
+    Grouping,
+    LedgerCursor,
+    LedgerEntry,
+    LedgerPage,
+    LedgerTotals,
+    Margin,
+    _filter,
+    _window,
+    check_account,
+)
+from ._ledger_schema import (  # noqa: F401 - the schema's names, read by the tests through this module
+    _ADD_PROVIDER,
+    _MIGRATIONS,
+    _ROLES,
+    ACCOUNT_MAX_CHARS,
+    SCHEMA_VERSION,
+    STATUSES,
+    _connect,
+    _map_sqlite_errors,
+)
 from ._ledger_writes import GroupCommit, LedgerStatistics
 
 __all__ = ["ACCOUNT_MAX_CHARS", "GROUPINGS", "GroupTotals", "Grouping", "Ledger", "LedgerCursor", "LedgerEntry",
            "LedgerPage", "LedgerStatistics", "LedgerTotals", "Margin", "STATUSES", "check_account"]
-
-#: ``PRAGMA user_version`` of the schema below; older files are migrated on open.
-SCHEMA_VERSION = 5
-#: Seconds SQLite waits for another process (say ``loomnet ledger`` reading) to let go.
-_BUSY_TIMEOUT = 5.0
-_ROLES = ("executor", "client")
-#: The statuses a row may have, per role (see the module doc).
-STATUSES: dict[str, tuple[str, ...]] = {
-    "client": ("accepted", "disputed"),
-    "executor": ("acknowledged", "unacknowledged"),
-}
-_ALL_STATUSES = tuple(s for statuses in STATUSES.values() for s in statuses)
-#: the longest account name, in characters
-ACCOUNT_MAX_CHARS = 64
-_ACCOUNT = re.compile(rf"[A-Za-z0-9._-]{{1,{ACCOUNT_MAX_CHARS}}}")
-# the same rule in SQL, so no other writer can store a name this code would refuse
-_ACCOUNT_CHECK = (f"CHECK (account IS NULL OR (role = 'client' AND length(account) BETWEEN 1 AND {ACCOUNT_MAX_CHARS} "
-                  "AND account NOT GLOB '*[^A-Za-z0-9._-]*'))")  # fmt: skip
-
-_TABLE = """
-CREATE TABLE {name} (
-    receipt_digest BLOB PRIMARY KEY, receipt_payload BLOB NOT NULL,
-    receipt_signer BLOB NOT NULL, receipt_sig BLOB NOT NULL,
-    role TEXT NOT NULL CHECK (role IN ('executor', 'client')),
-    executor TEXT NOT NULL, client TEXT NOT NULL, model TEXT NOT NULL,
-    input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL, cost INTEGER NOT NULL,
-    count_source TEXT NOT NULL, issued_at REAL NOT NULL, recorded_at REAL NOT NULL,
-    ack_payload BLOB, ack_signer BLOB, ack_sig BLOB,
-    status TEXT NOT NULL CHECK (
-        (role = 'client' AND status IN ('accepted', 'disputed'))
-        OR (role = 'executor' AND status IN ('acknowledged', 'unacknowledged'))),
-    dispute_reason TEXT CHECK ((status = 'disputed') = (dispute_reason IS NOT NULL)),
-    account TEXT {account_check},
-    {provider_columns}
-);
-"""
-# Version 4: which of the executor's backends answered, and what its provider charged
-# the operator for it (micro-credits; NULL: a client row, or a backend without a price)
-_PROVIDER_COLUMNS = ("backend TEXT CHECK (backend IS NULL OR (role = 'executor' AND length(backend) <= 128))",
-                     "provider_cost INTEGER CHECK (provider_cost IS NULL OR (role = 'executor' AND provider_cost >= 0))")
-_PROVIDER = ",\n    ".join(_PROVIDER_COLUMNS)
-_INDEXES = (
-    "CREATE INDEX receipts_by_recorded_at ON receipts (recorded_at)",
-    "CREATE INDEX receipts_by_status ON receipts (status)",
-    "CREATE INDEX receipts_by_account ON receipts (account, recorded_at)",
-)
-_V1_COLUMNS = ("receipt_digest, receipt_payload, receipt_signer, receipt_sig, role, executor, client, model, "
-               "input_tokens, output_tokens, cost, count_source, issued_at, recorded_at, ack_payload, ack_signer, "
-               "ack_sig")  # fmt: skip
-
-# Version 0 is a new, empty file. Version 1 had no status: its client rows were all
-# accepted (a v1 client booked nothing else), its executor rows acknowledged when they
-# carry an ack. SQLite cannot add a checked column to rows that exist, so the table is
-# rebuilt. Version 2 had no account: every row was the client's own (NULL), which a
-# plain added column gives. Each entry brings its version straight to SCHEMA_VERSION, in
-# one transaction with the version bump: a crash leaves the file as it was.
-_ADD_PROVIDER = [f"ALTER TABLE receipts ADD COLUMN {column}" for column in _PROVIDER_COLUMNS]
-# Version 5: what a provider charged for work no receipt bills (a client that left
-# before the first content: the provider read the prompt all the same)
-_CHARGES = [
-    """CREATE TABLE provider_charges (
-        backend TEXT NOT NULL CHECK (length(backend) <= 128), model TEXT NOT NULL,
-        input_tokens INTEGER NOT NULL CHECK (input_tokens >= 0),
-        output_tokens INTEGER NOT NULL CHECK (output_tokens >= 0),
-        cost INTEGER NOT NULL CHECK (cost >= 0), recorded_at REAL NOT NULL)""",
-    "CREATE INDEX provider_charges_by_recorded_at ON provider_charges (recorded_at)",
-]
-_MIGRATIONS: dict[int, list[str]] = {
-    0: [_TABLE.format(name="receipts", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER), *_INDEXES,
-        *_CHARGES],
-    1: [
-        _TABLE.format(name="receipts_v2", account_check=_ACCOUNT_CHECK, provider_columns=_PROVIDER),
-        f"""INSERT INTO receipts_v2 ({_V1_COLUMNS}, status, dispute_reason)
-            SELECT {_V1_COLUMNS}, CASE WHEN role = 'client' THEN 'accepted'
-                                       WHEN ack_payload IS NULL THEN 'unacknowledged'
-                                       ELSE 'acknowledged' END, NULL
-            FROM receipts ORDER BY rowid""",
-        "DROP TABLE receipts",
-        "ALTER TABLE receipts_v2 RENAME TO receipts",
-        *_INDEXES,
-        *_CHARGES,
-    ],
-    2: [f"ALTER TABLE receipts ADD COLUMN account TEXT {_ACCOUNT_CHECK}", _INDEXES[-1], *_ADD_PROVIDER, *_CHARGES],
-    3: [*_ADD_PROVIDER, *_CHARGES],
-    4: _CHARGES,
-}
-
-
-class LedgerEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One row: a signed receipt (the exact bytes, their sha256, the executor's key and
-    signature), what it says, which side wrote it (``role``), the client's ack once
-    there is one, and the row's ``status`` (see :data:`STATUSES`) with, for a disputed
-    receipt, why the client did not accept it. ``cost`` is in micro-credits, times in
-    seconds since the epoch.
-    """
-
-    receipt_digest: bytes
-    receipt_payload: bytes
-    receipt_signer: bytes
-    receipt_sig: bytes
-    role: str
-    executor: str
-    client: str
-    model: str
-    input_tokens: int
-    output_tokens: int
-    cost: int
-    count_source: str
-    issued_at: float
-    recorded_at: float
-    ack_payload: bytes | None = None
-    ack_signer: bytes | None = None
-    ack_sig: bytes | None = None
-    status: str
-    #: why the client disputes the receipt; None unless ``status`` is ``"disputed"``
-    dispute_reason: str | None = None
-    #: whose request it was (a client row only); None: the client's own
-    account: str | None = None
-    #: the executor's backend that answered (an executor row only; its operator-visible
-    #: name, never an endpoint), and what its provider charged for it, micro-credits
-    #: (None: a backend without a price)
-    backend: str | None = None
-    provider_cost: int | None = None
-
-
-class LedgerTotals(msgspec.Struct, frozen=True):
-    """Sums over the receipts in a ledger (or those of one status); ``cost`` in micro-credits."""
-
-    receipts: int
-    input_tokens: int
-    output_tokens: int
-    cost: int
-
-
-class Margin(msgspec.Struct, frozen=True, kw_only=True):
-    """An executor's receipts of one model answered by one backend: what clients were
-    billed (``earned``) and what the provider charged (``paid``), micro-credits."""
-
-    model: str
-    #: None: receipts booked before the ledger knew backends, or by the embedded path
-    backend: str | None
-    receipts: int
-    input_tokens: int
-    output_tokens: int
-    earned: int
-    paid: int
-
-    @property
-    def margin(self) -> int:
-        return self.earned - self.paid
-
 
 _COLUMNS = LedgerEntry.__struct_fields__
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM receipts"
@@ -223,87 +94,6 @@ def _decode(decoder: msgspec.msgpack.Decoder[Any], payload: bytes) -> Any:
         return decoder.decode(payload)
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
         raise ValueError(f"the envelope does not carry what was expected: {exc}") from None
-
-
-def check_account(account: str) -> str:
-    """``account`` if it is a valid account name: 1 to :data:`ACCOUNT_MAX_CHARS` of
-    ``A-Z a-z 0-9 . _ -``, so a valid one is safe to put in logs and error messages as
-    it is.
-
-    Raises:
-        InvalidRequest: (a ``ValueError``, ``field="account"``) anything else; the
-            message never repeats a bad name (it might be a key pasted by mistake).
-    """
-    if not isinstance(account, str):
-        raise InvalidRequest(f"an account name is a string, not {type(account).__name__}", field="account")
-    if _ACCOUNT.fullmatch(account) is None:
-        raise InvalidRequest(
-            f"an account name is 1 to {ACCOUNT_MAX_CHARS} of the characters A-Z a-z 0-9 . _ -; "
-            f"this one has {len(account)} character(s)",
-            field="account",
-        )
-    return account
-
-
-def _filter(
-    status: str | None, account: str | None = None, since: float | None = None
-) -> tuple[str, tuple[object, ...]]:
-    """The WHERE clause (with its leading space, or empty) and its parameters."""
-    terms: list[str] = []
-    params: list[object] = []
-    if status is not None:
-        if status not in _ALL_STATUSES:
-            raise ValueError(f"status must be one of {_ALL_STATUSES}, not {status!r}")
-        terms.append("status = ?")
-        params.append(status)
-    if account is not None:
-        terms.append("account = ?")
-        params.append(check_account(account))
-    if since is not None:
-        terms.append("recorded_at >= ?")
-        params.append(since)
-    return (" WHERE " + " AND ".join(terms) if terms else ""), tuple(params)
-
-
-@contextlib.contextmanager
-def _map_sqlite_errors(action: str) -> Iterator[None]:
-    """Turn SQLite and file system failures into ``LedgerError`` (LEDGER_FAILED)."""
-    try:
-        yield
-    except (sqlite3.Error, OSError) as exc:
-        raise LedgerError(f"ledger: could not {action}: {exc}") from exc
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) the database and bring its schema to SCHEMA_VERSION."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, _BUSY_TIMEOUT, isolation_level=None, check_same_thread=False)
-    try:
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        if _schema_version(conn, path) < SCHEMA_VERSION:
-            conn.execute("BEGIN IMMEDIATE")  # another process may be migrating: read again, locked
-            try:
-                version = _schema_version(conn, path)
-                for statement in _MIGRATIONS.get(version, ()):  # nothing left if another process migrated
-                    conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
-    (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version > SCHEMA_VERSION:
-        raise LedgerError(f"ledger {str(path)!r} has schema version {version}, newer "
-                          f"than this loomnet's {SCHEMA_VERSION}")  # fmt: skip
-    return version
 
 
 class Ledger:
@@ -629,55 +419,3 @@ class Ledger:
         entries = [LedgerEntry(**dict(zip(_COLUMNS, row[1:]))) for row in rows[:limit]]
         last = rows[limit - 1] if len(rows) > limit else None
         return LedgerPage(entries, None if last is None else LedgerCursor(entries[-1].recorded_at, last[0]))
-
-
-#: How :meth:`Ledger.totals_by` groups; each maps to a fixed SQL expression, never to input.
-Grouping = Literal["day", "model", "peer", "account"]
-_GROUPS: dict[str, str] = {
-    "day": "strftime('%Y-%m-%d', recorded_at, 'unixepoch')",
-    "model": "model",
-    "peer": "CASE role WHEN 'executor' THEN client ELSE executor END",
-    "account": "account",
-}
-GROUPINGS: tuple[str, ...] = tuple(_GROUPS)
-
-
-class GroupTotals(msgspec.Struct, frozen=True):
-    """Sums over the receipts of one group (:meth:`Ledger.totals_by`); ``cost`` in micro-credits."""
-
-    #: the day, model, peer id or account; None: no account (the client's own, or an executor row)
-    key: str | None
-    receipts: int
-    input_tokens: int
-    output_tokens: int
-    cost: int
-
-
-class LedgerCursor(msgspec.Struct, frozen=True):
-    """Where a :class:`LedgerPage` ended: its last row's ``recorded_at`` and SQLite rowid."""
-
-    recorded_at: float
-    rowid: int
-
-
-class LedgerPage(msgspec.Struct, frozen=True):
-    """One page of :meth:`Ledger.page`; pass ``next`` as ``after`` for the following one."""
-
-    entries: list[LedgerEntry]
-    #: None: this was the last page
-    next: LedgerCursor | None
-
-
-def _window(
-    status: str | None, account: str | None, since: float | None, until: float | None
-) -> tuple[str, tuple[object, ...]]:
-    """:func:`_filter`'s WHERE clause and parameters, with ``recorded_at < until`` added."""
-    if since is not None and until is not None and since > until:
-        raise ValueError(f"the window starts ({since}) after it ends ({until})")
-    where, params = _filter(status, account, since)
-    if until is None:
-        return where, params
-    return (f"{where} AND recorded_at < ?" if where else " WHERE recorded_at < ?"), (*params, until)
-
-
-# ---------------------------------------------------- end of the queries for ``loomnet ledger``
