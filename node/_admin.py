@@ -36,8 +36,8 @@ from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backe
 from ._config_terms import NameTaken, alias_clash, backend_name_problem
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
-__all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "check_model_name",
-           "load_overlay", "overlay_path_for"]
+__all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "advertised_name", "apply_overlay",
+           "check_model_name", "find_terms", "load_overlay", "merge_change", "overlay_path_for"]
 
 log = logging.getLogger("loomnet.admin")
 
@@ -130,10 +130,63 @@ def _label(table: dict[str, Any]) -> str:
     return str(table.get("name") or table.get("provider") or "")
 
 
+def _is_provider(prefix: str) -> bool:
+    try:
+        canonical_provider(prefix)
+    except ConfigError:
+        return False
+    return True
+
+
+def advertised_name(terms: dict[str, Any] | ModelTerms) -> str:
+    """The name a ``[[models]]`` entry is advertised under: its ``name``, less a
+    ``provider:`` prefix when it names no pool (``openai:gpt-4o-mini`` → ``gpt-4o-mini``)."""
+    name, backends = (terms.get("name"), terms.get("backends")) if isinstance(terms, dict) else (terms.name, terms.backends)
+    name = str(name or "")
+    prefix, sep, rest = name.partition(":")
+    return rest if sep and not backends and _is_provider(prefix) else name
+
+
+def find_terms(models: list[Any], name: str, *, provider: str | None = None) -> int | None:
+    """The index of the ``[[models]]`` entry (dicts or :class:`ModelTerms`) that sets the
+    terms of the model advertised as ``name`` (casefolded, as clients match names):
+    one spelled ``name`` itself, else a ``provider:name`` one (of ``provider``, when
+    given: the provider of the backend serving it); None when there is none."""
+    folded = name.casefold()
+
+    def spelled(m: Any) -> str:
+        return str(m.get("name") if isinstance(m, dict) else m.name)
+
+    exact = next((i for i, m in enumerate(models) if spelled(m).casefold() == folded), None)
+    if exact is not None:
+        return exact
+    for i, m in enumerate(models):
+        prefix = spelled(m).partition(":")[0]
+        if advertised_name(m).casefold() == folded and spelled(m).casefold() != folded and (
+                provider is None or (_is_provider(prefix) and canonical_provider(prefix) == canonical_provider(provider))):  # fmt: skip
+            return i
+    return None
+
+
+def merge_change(entry: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (a ``[[models]]`` table) with ``change``'s set keys over it. A switch to
+    a pool (``backends``) of an entry spelled ``provider:model`` renames it to the
+    advertised ``model``: a pool's entry is advertised under its name as written, and
+    the switch must not rename what clients see. Prices, aliases, categories stay."""
+    out = dict(entry)
+    was = advertised_name(entry)
+    out.update({k: v for k, v in change.items() if v is not None})
+    if out.get("backends"):
+        out["name"] = was
+    return out
+
+
 def apply_overlay(raw: dict[str, Any], overlay: AdminOverlay) -> dict[str, Any]:
     """The raw TOML dict with the admin's changes: removed backends gone (and out of
     every model's ``backends``), added or updated ones in (replacing one of the same
-    name), model terms merged into ``[[models]]``."""
+    name), model terms merged into the ``[[models]]`` entry advertised under their
+    name (:func:`find_terms`: ``openai:gpt-4o-mini`` takes ``gpt-4o-mini``'s), or
+    added as a new entry when none is."""
     replaced = {_label(t) for t in overlay.backends}
     gone = set(overlay.removed)
     backends = [t for t in raw.get("backends", []) if isinstance(t, dict) and _label(t) not in replaced | gone]
@@ -144,11 +197,11 @@ def apply_overlay(raw: dict[str, Any], overlay: AdminOverlay) -> dict[str, Any]:
             entry["backends"] = [b for b in entry["backends"]
                                  if (b if isinstance(b, str) else b.get("backend")) not in gone]  # fmt: skip
     for name, change in overlay.models.items():
-        entry = next((m for m in models if m.get("name") == name), None)
-        if entry is None:
-            entry = {"name": name}
-            models.append(entry)
-        entry.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+        i = find_terms(models, name)
+        if i is None:
+            models.append({"name": name})
+            i = len(models) - 1
+        models[i] = merge_change(models[i], msgspec.to_builtins(change))
     out = dict(raw)
     if backends or "backends" in raw or overlay.backends:
         out["backends"] = backends
@@ -168,6 +221,10 @@ class Admin:
         self.overlay = load_overlay(overlay_path)
         self._environ = environ
         self._lock = trio.Lock()
+        for model in self.overlay.models:  # a model renamed or gone from the TOML: say so, never silently
+            if executor.catalog is not None and executor.catalog.lookup(model) is None:
+                log.warning("admin overlay %s: model %r matches no model served now; its stored terms apply "
+                            "only if a backend lists it again", overlay_path, model[:64])  # fmt: skip
 
     # ---------------------------------------------------------------- reading
 
@@ -241,7 +298,7 @@ class Admin:
     async def _remove(self, name: str, *, persist: bool) -> None:
         catalog = self.executor.catalog
         if name not in catalog.names:
-            raise AdminError(f"no backend named {name[:64]!r}", status=404)
+            raise AdminError(f"no backend named {name[:64]!r}", status=404, code=ErrorCode.ADMIN_NO_SUCH_BACKEND)
         load = catalog.loads[name]
         backend = catalog.remove_backend(name)
         self._set_config(_without_backend(self.executor.config, name))
@@ -267,19 +324,27 @@ class Admin:
         async with self._lock:
             catalog = self.executor.catalog
             if name not in catalog.names:
-                raise AdminError(f"no backend named {name[:64]!r}", status=404)
+                raise AdminError(f"no backend named {name[:64]!r}", status=404, code=ErrorCode.ADMIN_NO_SUCH_BACKEND)
             catalog.set_enabled(name, enabled)
             self.overlay.disabled = [n for n in self.overlay.disabled if n != name] + ([] if enabled else [name])
             await self._save("enable backend" if enabled else "disable backend", name, {})
 
     # ---------------------------------------------------------------- models
 
-    async def set_model(self, name: str, change: ModelChange) -> None:
-        """Set a model's price, aliases or categories; the next advert shows them.
+    async def set_model(self, name: str, change: ModelChange) -> str:
+        """Set a model's price, aliases, categories or pool; the next advert shows them.
+        ``name`` is the model's advertised name or an alias, whatever the TOML's
+        spelling (``openai:gpt-4o-mini`` is changed by ``gpt-4o-mini``): exactly the
+        ``[[models]]`` entry giving that model its terms is changed (one is made for a
+        model a backend lists without terms). A switch (``backends``) keeps its prices,
+        aliases and categories. Returns the model's advertised name.
 
         Raises:
-            AdminError: an invalid value (a price out of range...); an alias that is
-                already a name (409, ``NAME_TAKEN``: ``_config_terms.alias_clash``).
+            AdminError: a model neither served nor configured (404,
+                ``ADMIN_NO_SUCH_MODEL``: nothing is changed, persisted or logged); an
+                invalid value (a price out of range, an alias the advert schema
+                refuses...); an alias that is already a name (409, ``NAME_TAKEN``:
+                ``_config_terms.alias_clash``).
         """
         check_model_name(name)
         if change.backends is not None and not change.backends:
@@ -287,11 +352,10 @@ class Admin:
         async with self._lock:
             config = self.executor.config
             models = list(config.models)
-            i = next((k for k, m in enumerate(models) if m.name == name), None)
-            base = msgspec.to_builtins(models[i] if i is not None else ModelTerms(name=name))
-            base.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+            target, i = self._resolve_model(name)
+            base = msgspec.to_builtins(models[i]) if i is not None else {"name": target}
             try:
-                terms = msgspec.convert(base, ModelTerms)
+                terms = msgspec.convert(merge_change(base, msgspec.to_builtins(change)), ModelTerms)
                 if i is None:
                     models.append(terms)
                 else:
@@ -299,17 +363,46 @@ class Admin:
                 updated = msgspec.structs.replace(config, models=models)
             except NameTaken as exc:
                 raise AdminError(exc.message, status=409, code=exc.code) from None
+            except ConfigError as exc:
+                raise AdminError(f"model {target[:64]!r}: {exc.message}", code=exc.code) from None
             except (msgspec.ValidationError, ValueError, TypeError) as exc:
-                raise AdminError(f"model {name[:64]!r}: {exc}") from None
+                raise AdminError(f"model {target[:64]!r}: {exc}") from None
             configured = {n.casefold() for terms in models for n in (terms.name, terms.name.partition(":")[2])}
             listed = [e.offer.name for e in self.executor.catalog.entries if e.offer.name.casefold() not in configured]
             if (clash := alias_clash(models, listed)) is not None:  # the names only a backend's listing gives, too
                 raise AdminError(clash, status=409, code=ErrorCode.NAME_TAKEN)
             self._set_config(updated)
-            merged = msgspec.to_builtins(self.overlay.models.get(name, ModelChange()))
+            key = next((k for k in self.overlay.models if k.casefold() == target.casefold()), target)
+            merged = msgspec.to_builtins(self.overlay.models.pop(key, ModelChange()))
             merged.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
-            self.overlay.models[name] = msgspec.convert(merged, ModelChange)
-            await self._save("set model", name, msgspec.to_builtins(change))
+            self.overlay.models[target] = msgspec.convert(merged, ModelChange)
+            await self._save("set model", target, msgspec.to_builtins(change))
+            return target
+
+    def _resolve_model(self, name: str) -> tuple[str, int | None]:
+        """(the advertised name of the model ``name`` names, the index in the config's
+        ``models`` of the entry giving it its terms, or None when it has none yet).
+
+        Raises:
+            AdminError: no model is served or configured under that name or alias (404).
+        """
+        config = self.executor.config
+        entry = self.executor.catalog.lookup(name)
+        if entry is not None:
+            target = entry.offer.name
+            pooled = next((k for k, m in enumerate(config.models) if m.backends and m.name == target), None)
+            if pooled is not None:
+                return target, pooled
+            terms = config.terms_for(target, entry.backend.kind)  # the terms the catalog gave it
+            return target, next((k for k, m in enumerate(config.models) if m is terms), None)
+        i = find_terms(list(config.models), name)
+        if i is None:  # an alias of a configured model not served now (its backend down)
+            folded = name.casefold()
+            i = next((k for k, m in enumerate(config.models) if folded in {a.casefold() for a in m.aliases}), None)
+        if i is None:
+            raise AdminError(f"no model named {name[:64]!r} is served or configured here (name it as /status "
+                             "shows it, or by an alias)", status=404, code=ErrorCode.ADMIN_NO_SUCH_MODEL)  # fmt: skip
+        return advertised_name(config.models[i]), i
 
     async def drain(self) -> None:
         """Stop taking requests (SHUTTING_DOWN) and let those in flight finish."""
