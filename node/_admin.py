@@ -33,7 +33,7 @@ from loomnet.protocol import ConfigError, ErrorCode
 
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
-from ._config_terms import NameTaken, alias_clash, backend_name_problem
+from ._config_terms import OFFER_BOUNDS, NameTaken, alias_clash, backend_name_problem, name_problem
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
 __all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "advertised_name", "apply_overlay",
@@ -115,14 +115,15 @@ def load_overlay(path: Path) -> AdminOverlay:
 
 
 def check_model_name(name: str) -> str:
-    """``name`` if it can be a model's name: 1 to 128 characters, none a control
-    character (it is shown in terminals and pages, and advertised to the network).
+    """``name`` if it can be a model's name: what an advert allows (1 to 128
+    characters, ``OFFER_BOUNDS``), none a control or invisible character (it is shown in
+    terminals and pages, and advertised to the network).
 
     Raises:
         AdminError: anything else (400).
     """
-    if not 1 <= len(name) <= 128 or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise AdminError("a model name is 1 to 128 characters, with no control character")
+    if (problem := name_problem("a model name", name, OFFER_BOUNDS.name)) is not None:
+        raise AdminError(problem)
     return name
 
 

@@ -41,6 +41,7 @@ from ._pool import BackendLoad, BackendPool, PoolMember, PoolStatistics
 from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
 from .backends._config import BackendConfig
+from ._config_terms import OFFER_BOUNDS, name_problem
 from .config import ExecutorConfig, ModelTerms
 
 __all__ = ["Catalog", "CatalogEntry", "label_of"]
@@ -168,7 +169,8 @@ class Catalog:
         for name in self.names:
             for info in self._listed.get(name, []):
                 if not _printable(info.name):
-                    log.warning("backend %s lists a model whose name has control characters; it is not offered",
+                    log.warning("backend %s lists a model whose name an advert cannot carry (too long, or control "
+                                "or invisible characters); it is not offered",
                                 name)  # fmt: skip
                     continue
                 folded = info.name.casefold()
@@ -370,5 +372,7 @@ class Catalog:
 
 
 def _printable(name: str) -> bool:
-    """No control character: a name is advertised, logged and shown in terminals."""
-    return not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name)
+    """A name an advert allows (``OFFER_BOUNDS``), without a control, invisible
+    formatting or line separator character: it is advertised, logged and shown in
+    terminals."""
+    return name_problem("name", name, OFFER_BOUNDS.name) is None

@@ -132,6 +132,7 @@ class Executor:
             p2p=p2p, adverts_published=self.advertiser.published if self.advertiser else 0,
             adverts_rejected=member.table.statistics().refused, ledger=self.ledger.statistics(),
             state="draining" if self.draining else "serving",
+            advert_problem=self.advertiser.problem if self.advertiser else None,
         )  # fmt: skip
 
     async def status(self) -> ExecutorStatus:

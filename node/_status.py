@@ -124,6 +124,9 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     earnings: list[Earnings] = []
     #: ``draining`` once shutdown began: no new request is accepted
     state: str = "serving"
+    #: why this executor's own advert fails the advert schema (every peer refuses it:
+    #: no client can reach this executor); None: it passes
+    advert_problem: str | None = None
 
 
 def backend_statuses(catalog: Catalog) -> list[BackendStatus]:

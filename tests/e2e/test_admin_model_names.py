@@ -114,3 +114,42 @@ async def test_a_provider_prefixed_model_is_changed_by_its_advertised_name(nurse
         assert [m.name for m in entry.pool.members] == ["spare"] and entry.offer.aliases == ["mini"]
         second.cancel_scope.cancel()
     assert any("retired-model" in r.getMessage() and "matches no model" in r.getMessage() for r in caplog.records)
+
+
+def _advert_bounds():
+    import msgspec
+
+    from loomnet.protocol import ModelOffer
+
+    fields = {f.name: f.type for f in msgspec.inspect.type_info(ModelOffer).fields}
+    return fields["aliases"], fields["categories"]
+
+
+async def test_terms_an_advert_could_not_carry_are_refused_and_a_bad_advert_is_reported(nursery, tmp_path, caplog):
+    import msgspec
+
+    desk, spare = FakeOpenAI(flavour="vllm"), FakeOpenAI(flavour="vllm")
+    executor = await run_executor(nursery, tmp_path, await serve_app(nursery, desk), await serve_app(nursery, spare))
+    aliases, categories = _advert_bounds()
+    async with httpx.AsyncClient(base_url=executor.info.operator_url, timeout=30) as http:
+        for change in ({"aliases": [f"a{i}" for i in range(aliases.max_length + 1)]},
+                       {"aliases": ["x" * (aliases.item_type.max_length + 1)]}, {"aliases": ["zero\u200bwidth"]},
+                       {"aliases": [""]}, {"categories": [""]}, {"categories": ["c\u2028d"]},
+                       {"categories": [f"c{i}" for i in range(categories.max_length + 1)]},
+                       {"categories": ["y" * (categories.item_type.max_length + 1)]}):  # fmt: skip
+            refused = await http.patch("/admin/models/gpt-4o-mini", json=change, headers=AUTH)
+            assert refused.status_code == 400, (change, refused.text)
+        assert not (tmp_path / "executor.admin.json").exists()
+        entry = entry_of(executor, "gpt-4o-mini")
+        assert (entry.offer.aliases, entry.offer.categories) == (["mini"], ["cheap"])
+        assert (await http.get("/status")).json()["advert_problem"] is None
+        # defence in depth: an advert that fails its own schema anyway is logged and shown, not silently refused
+        caplog.set_level(logging.ERROR, logger="loomnet.advertiser")
+        bad = msgspec.structs.replace(entry.offer, categories=["c"] * (categories.max_length + 1))
+        executor.catalog.entries[0] = msgspec.structs.replace(entry, offer=bad)
+        executor.advertiser.poke()
+        with trio.fail_after(30):
+            while (problem := (await http.get("/status")).json()["advert_problem"]) is None:
+                await trio.sleep(0.05)
+        assert "categories" in problem
+        assert any("own advert fails" in r.getMessage() for r in caplog.records)
