@@ -25,6 +25,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -34,6 +35,7 @@ from loomnet.protocol import ConfigError, ErrorCode
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
 from ._config_terms import OFFER_BOUNDS, NameTaken, alias_clash, backend_name_problem, name_problem
+from ._redact import query_secret_names
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
 __all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "advertised_name", "apply_overlay",
@@ -261,6 +263,10 @@ class Admin:
             endpoint = table.get("endpoint")
             if isinstance(endpoint, str) and "@" in endpoint.partition("://")[2].partition("/")[0]:
                 raise AdminError("endpoint must not carry credentials (user:password@): give api-key as a ${VAR}")
+            if isinstance(endpoint, str) and (keys := query_secret_names(endpoint, allowed=_REFERENCE)):
+                raise AdminError(f"endpoint's query parameter {keys[0]!r} carries a credential: write it as a ${{VAR}} "
+                                 "reference to the executor's environment, never the secret itself (the overlay and "
+                                 "the audit log are written to disk)")  # fmt: skip
             allowed = set(self.executor.config.operator.admin_variables)
             for variable in _ANY_REFERENCE.findall(json.dumps(table)):
                 if variable not in allowed:
@@ -425,6 +431,10 @@ class Admin:
             canonical_provider(config.provider)
         except Exception as exc:  # noqa: BLE001 - an unknown provider is the request's fault
             raise AdminError(f"backend {config.label!r}: {getattr(exc, 'message', exc)}") from None
+        scheme, host = _scheme_and_host(config.endpoint)
+        if config.endpoint is not None and (scheme not in ("http", "https") or not host):
+            raise AdminError(f"backend {config.label!r}: endpoint must be an http:// or https:// URL with a host "
+                             f"(not {scheme or 'no scheme'}:)")  # fmt: skip
         if self.executor.config.on_premise_only and canonical_provider(config.provider) in HOSTED_PROVIDERS:
             raise AdminError(f"this executor is on-premise-only: backend {config.label!r} ({config.provider}) is a "
                              "hosted API")  # fmt: skip
@@ -447,10 +457,13 @@ class Admin:
     async def _save(self, action: str, target: str | None, change: dict[str, Any]) -> None:
         data = msgspec.json.format(msgspec.json.encode(self.overlay), indent=2)
 
-        def write() -> None:
+        def write() -> None:  # 0600: the admin's changes are the operator's business only
             self.overlay_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.overlay_path.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            tmp.unlink(missing_ok=True)  # a leftover one may have another mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             tmp.replace(self.overlay_path)
 
         await trio.to_thread.run_sync(write)
@@ -464,13 +477,23 @@ class Admin:
                            "from": self.source, "action": action, "target": target, "change": change},
                           default=str) + "\n"  # fmt: skip
 
-        def append() -> None:
+        def append() -> None:  # 0600, as the overlay
             self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.audit_path.open("a") as f:
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:
                 f.write(line)
 
         await trio.to_thread.run_sync(append)
         log.warning("admin: %s %s", action, target or "")
+
+
+def _scheme_and_host(url: str | None) -> tuple[str, str]:
+    """(``url``'s scheme, lower-case, and host), empty strings when it has none."""
+    try:
+        parts = urlsplit(url or "")
+        return parts.scheme.lower()[:16], parts.hostname or ""
+    except ValueError:
+        return "", ""
 
 
 def _without_backend(config: ExecutorConfig, name: str) -> ExecutorConfig:
