@@ -36,7 +36,7 @@ from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_mic
 
 from ._breaker import BreakerSettings
 from ._catalog_entry import CatalogEntry, unique_names
-from ._catalog_listing import each, label_of, list_models, probe
+from ._catalog_listing import each, error_class, label_of, list_models, probe
 from ._pool import BackendLoad, BackendPool, PoolMember, PoolStatistics
 from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
@@ -123,6 +123,7 @@ class Catalog:
             if isinstance(answer, BackendError):
                 failures.append(f"{name}: {backend.redactor()(answer.message)}")
                 catalog._down.add(name)
+                catalog.loads[name].last_error = error_class(answer)
             else:
                 catalog._listed[name] = answer
         catalog._rebuild()
@@ -260,6 +261,7 @@ class Catalog:
         why = None
         if isinstance(answer, BackendError):
             self._down.add(name)
+            self.loads[name].last_error = error_class(answer)
             why = backend.redactor()(answer.message)
         else:
             self._listed[name] = answer
@@ -356,7 +358,9 @@ class Catalog:
         """
         probes = await each(self.backends, lambda b: probe(b, listed=self.name_of(b) in self._listed, timeout=timeout))
         changed = listed = False
-        for name, (healthy, models) in zip(self.names, probes):
+        for name, (healthy, models, error) in zip(self.names, probes):
+            if error is not None and name in self.loads:
+                self.loads[name].last_error = error  # /status shows why it is down
             if models is not None:
                 self._listed[name] = models
                 changed = listed = True
