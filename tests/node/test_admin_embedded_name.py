@@ -6,7 +6,6 @@ The real embedded model, a real executor, its operator endpoint on loopback."""
 from __future__ import annotations
 
 import httpx
-import pytest
 import trio
 
 from loomnet.node import Executor
