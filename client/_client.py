@@ -38,6 +38,7 @@ recomputes before it counter-signs and books it.
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -82,8 +83,13 @@ from ._tokens import TokenCounter
 
 __all__ = ["ClientConfig", "LoomClient", "default_data_dir", "request_options"]
 
+log = logging.getLogger("loomnet.client")
+
 #: seconds a client's shutdown gives its idle session streams to close
 _SESSION_CLOSE_TIMEOUT = 2.0
+#: seconds a stopping client waits, at most, for its executors to end its sessions
+#: (so the last acknowledgement is read before the connection goes; ``close_sessions``)
+_SESSION_LINGER = 1.0
 #: seconds between rankings while a request waits for an offer and the table is quiet
 #: (a benched executor's bench may end meanwhile: ``_health``)
 _RERANK = 0.5
@@ -164,6 +170,19 @@ class LoomClient:
                     with trio.move_on_after(_SESSION_CLOSE_TIMEOUT):
                         await self._sessions.aclose()
                 await self.ledger.aclose()
+
+    async def close_sessions(self, *, linger: float = _SESSION_LINGER) -> None:
+        """End this client's idle sessions gracefully before its host stops
+        (``SessionPool.aclose``): each executor reads the last acknowledgement sent on
+        them before the connection goes, within ``linger`` seconds in all. Never raises;
+        finishes (bounded) even when the caller is cancelled."""
+        if self._sessions is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(linger + 0.5):
+            try:
+                await self._sessions.aclose(linger=linger)
+            except Exception:  # noqa: BLE001 - a failing close never stops the shutdown
+                log.debug("closing sessions failed", exc_info=True)
 
     async def _open_budget(self) -> None:
         """Read this period's spending from the ledger (accepted receipts; ``_budget``)."""

@@ -59,6 +59,7 @@ async def open_client(
                 try:
                     yield client
                 finally:
+                    await client.close_sessions()  # the last ack reaches its executor before the host stops
                     client.member.stop()
                     nursery.cancel_scope.cancel()
             except BaseException as exc:  # re-raised below, outside the nursery, so it is not grouped

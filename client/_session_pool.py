@@ -308,11 +308,38 @@ class SessionPool:
         dropped += self._expired(now)
         await self._close(dropped)
 
-    async def aclose(self) -> None:
-        """Close every idle session (each close is bounded by the stream)."""
+    async def aclose(self, *, linger: float = 0.0) -> None:
+        """Close every idle session (each close is bounded by the stream).
+
+        ``linger`` > 0: close gracefully, for a client about to stop its host. Each
+        session is half-closed, then read until the executor ends it too (it does once
+        it has read everything before our end: the last receipt's acknowledgement
+        included), ``linger`` seconds at most for all together; one still open then is
+        reset. Without it, a host stopped right after the last answer tears its
+        connections down while that acknowledgement may still be unread on the
+        executor's side, and the executor books the receipt unacknowledged.
+        """
         idle, self._idle = self._idle, OrderedDict()
         self._count = 0
-        await self._close([lease for leases in idle.values() for lease in leases], count=False)
+        leases = [lease for leases in idle.values() for lease in leases]
+        if linger <= 0 or not leases:
+            await self._close(leases, count=False)
+            return
+        deadline = trio.current_time() + linger
+
+        async def end(lease: SessionLease) -> None:
+            await lease.stream.close()
+            try:
+                while trio.current_time() < deadline:
+                    if not await lease.stream.receive_some(timeout=max(0.001, deadline - trio.current_time())):
+                        return  # the executor's end: everything we sent was read
+            except LoomError:  # timed out, or the stream failed: nothing more to wait for
+                pass
+            await lease.stream.reset()
+
+        async with trio.open_nursery() as nursery:
+            for lease in leases:
+                nursery.start_soon(end, lease)
 
     def _take_oldest(self, peer: str) -> SessionLease:
         leases = self._idle[peer]

@@ -25,6 +25,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 import trio
@@ -33,11 +34,12 @@ from loomnet.protocol import ConfigError, ErrorCode
 
 from .backends._config import BackendConfig
 from .backends._registry import HOSTED_PROVIDERS, canonical_provider, make_backend
-from ._config_terms import NameTaken, alias_clash, backend_name_problem
+from ._config_terms import OFFER_BOUNDS, NameTaken, alias_clash, backend_name_problem, name_problem
+from ._redact import query_secret_names
 from .config import ExecutorConfig, ModelTerms, PoolBackend, expand_secrets
 
-__all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "apply_overlay", "check_model_name",
-           "load_overlay", "overlay_path_for"]
+__all__ = ["MAX_ADMIN_BODY", "Admin", "AdminError", "AdminOverlay", "ModelChange", "advertised_name", "apply_overlay",
+           "check_model_name", "find_terms", "load_overlay", "merge_change", "overlay_path_for"]
 
 log = logging.getLogger("loomnet.admin")
 
@@ -115,14 +117,15 @@ def load_overlay(path: Path) -> AdminOverlay:
 
 
 def check_model_name(name: str) -> str:
-    """``name`` if it can be a model's name: 1 to 128 characters, none a control
-    character (it is shown in terminals and pages, and advertised to the network).
+    """``name`` if it can be a model's name: what an advert allows (1 to 128
+    characters, ``OFFER_BOUNDS``), none a control or invisible character (it is shown in
+    terminals and pages, and advertised to the network).
 
     Raises:
         AdminError: anything else (400).
     """
-    if not 1 <= len(name) <= 128 or any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise AdminError("a model name is 1 to 128 characters, with no control character")
+    if (problem := name_problem("a model name", name, OFFER_BOUNDS.name)) is not None:
+        raise AdminError(problem)
     return name
 
 
@@ -130,10 +133,63 @@ def _label(table: dict[str, Any]) -> str:
     return str(table.get("name") or table.get("provider") or "")
 
 
+def _is_provider(prefix: str) -> bool:
+    try:
+        canonical_provider(prefix)
+    except ConfigError:
+        return False
+    return True
+
+
+def advertised_name(terms: dict[str, Any] | ModelTerms) -> str:
+    """The name a ``[[models]]`` entry is advertised under: its ``name``, less a
+    ``provider:`` prefix when it names no pool (``openai:gpt-4o-mini`` → ``gpt-4o-mini``)."""
+    name, backends = (terms.get("name"), terms.get("backends")) if isinstance(terms, dict) else (terms.name, terms.backends)
+    name = str(name or "")
+    prefix, sep, rest = name.partition(":")
+    return rest if sep and not backends and _is_provider(prefix) else name
+
+
+def find_terms(models: list[Any], name: str, *, provider: str | None = None) -> int | None:
+    """The index of the ``[[models]]`` entry (dicts or :class:`ModelTerms`) that sets the
+    terms of the model advertised as ``name`` (casefolded, as clients match names):
+    one spelled ``name`` itself, else a ``provider:name`` one (of ``provider``, when
+    given: the provider of the backend serving it); None when there is none."""
+    folded = name.casefold()
+
+    def spelled(m: Any) -> str:
+        return str(m.get("name") if isinstance(m, dict) else m.name)
+
+    exact = next((i for i, m in enumerate(models) if spelled(m).casefold() == folded), None)
+    if exact is not None:
+        return exact
+    for i, m in enumerate(models):
+        prefix = spelled(m).partition(":")[0]
+        if advertised_name(m).casefold() == folded and spelled(m).casefold() != folded and (
+                provider is None or (_is_provider(prefix) and canonical_provider(prefix) == canonical_provider(provider))):  # fmt: skip
+            return i
+    return None
+
+
+def merge_change(entry: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """``entry`` (a ``[[models]]`` table) with ``change``'s set keys over it. A switch to
+    a pool (``backends``) of an entry spelled ``provider:model`` renames it to the
+    advertised ``model``: a pool's entry is advertised under its name as written, and
+    the switch must not rename what clients see. Prices, aliases, categories stay."""
+    out = dict(entry)
+    was = advertised_name(entry)
+    out.update({k: v for k, v in change.items() if v is not None})
+    if out.get("backends"):
+        out["name"] = was
+    return out
+
+
 def apply_overlay(raw: dict[str, Any], overlay: AdminOverlay) -> dict[str, Any]:
     """The raw TOML dict with the admin's changes: removed backends gone (and out of
     every model's ``backends``), added or updated ones in (replacing one of the same
-    name), model terms merged into ``[[models]]``."""
+    name), model terms merged into the ``[[models]]`` entry advertised under their
+    name (:func:`find_terms`: ``openai:gpt-4o-mini`` takes ``gpt-4o-mini``'s), or
+    added as a new entry when none is."""
     replaced = {_label(t) for t in overlay.backends}
     gone = set(overlay.removed)
     backends = [t for t in raw.get("backends", []) if isinstance(t, dict) and _label(t) not in replaced | gone]
@@ -144,11 +200,11 @@ def apply_overlay(raw: dict[str, Any], overlay: AdminOverlay) -> dict[str, Any]:
             entry["backends"] = [b for b in entry["backends"]
                                  if (b if isinstance(b, str) else b.get("backend")) not in gone]  # fmt: skip
     for name, change in overlay.models.items():
-        entry = next((m for m in models if m.get("name") == name), None)
-        if entry is None:
-            entry = {"name": name}
-            models.append(entry)
-        entry.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+        i = find_terms(models, name)
+        if i is None:
+            models.append({"name": name})
+            i = len(models) - 1
+        models[i] = merge_change(models[i], msgspec.to_builtins(change))
     out = dict(raw)
     if backends or "backends" in raw or overlay.backends:
         out["backends"] = backends
@@ -168,6 +224,10 @@ class Admin:
         self.overlay = load_overlay(overlay_path)
         self._environ = environ
         self._lock = trio.Lock()
+        for model in self.overlay.models:  # a model renamed or gone from the TOML: say so, never silently
+            if executor.catalog is not None and executor.catalog.lookup(model) is None:
+                log.warning("admin overlay %s: model %r matches no model served now; its stored terms apply "
+                            "only if a backend lists it again", overlay_path, model[:64])  # fmt: skip
 
     # ---------------------------------------------------------------- reading
 
@@ -203,6 +263,10 @@ class Admin:
             endpoint = table.get("endpoint")
             if isinstance(endpoint, str) and "@" in endpoint.partition("://")[2].partition("/")[0]:
                 raise AdminError("endpoint must not carry credentials (user:password@): give api-key as a ${VAR}")
+            if isinstance(endpoint, str) and (keys := query_secret_names(endpoint, allowed=_REFERENCE)):
+                raise AdminError(f"endpoint's query parameter {keys[0]!r} carries a credential: write it as a ${{VAR}} "
+                                 "reference to the executor's environment, never the secret itself (the overlay and "
+                                 "the audit log are written to disk)")  # fmt: skip
             allowed = set(self.executor.config.operator.admin_variables)
             for variable in _ANY_REFERENCE.findall(json.dumps(table)):
                 if variable not in allowed:
@@ -241,7 +305,7 @@ class Admin:
     async def _remove(self, name: str, *, persist: bool) -> None:
         catalog = self.executor.catalog
         if name not in catalog.names:
-            raise AdminError(f"no backend named {name[:64]!r}", status=404)
+            raise AdminError(f"no backend named {name[:64]!r}", status=404, code=ErrorCode.ADMIN_NO_SUCH_BACKEND)
         load = catalog.loads[name]
         backend = catalog.remove_backend(name)
         self._set_config(_without_backend(self.executor.config, name))
@@ -267,19 +331,27 @@ class Admin:
         async with self._lock:
             catalog = self.executor.catalog
             if name not in catalog.names:
-                raise AdminError(f"no backend named {name[:64]!r}", status=404)
+                raise AdminError(f"no backend named {name[:64]!r}", status=404, code=ErrorCode.ADMIN_NO_SUCH_BACKEND)
             catalog.set_enabled(name, enabled)
             self.overlay.disabled = [n for n in self.overlay.disabled if n != name] + ([] if enabled else [name])
             await self._save("enable backend" if enabled else "disable backend", name, {})
 
     # ---------------------------------------------------------------- models
 
-    async def set_model(self, name: str, change: ModelChange) -> None:
-        """Set a model's price, aliases or categories; the next advert shows them.
+    async def set_model(self, name: str, change: ModelChange) -> str:
+        """Set a model's price, aliases, categories or pool; the next advert shows them.
+        ``name`` is the model's advertised name or an alias, whatever the TOML's
+        spelling (``openai:gpt-4o-mini`` is changed by ``gpt-4o-mini``): exactly the
+        ``[[models]]`` entry giving that model its terms is changed (one is made for a
+        model a backend lists without terms). A switch (``backends``) keeps its prices,
+        aliases and categories. Returns the model's advertised name.
 
         Raises:
-            AdminError: an invalid value (a price out of range...); an alias that is
-                already a name (409, ``NAME_TAKEN``: ``_config_terms.alias_clash``).
+            AdminError: a model neither served nor configured (404,
+                ``ADMIN_NO_SUCH_MODEL``: nothing is changed, persisted or logged); an
+                invalid value (a price out of range, an alias the advert schema
+                refuses...); an alias that is already a name (409, ``NAME_TAKEN``:
+                ``_config_terms.alias_clash``).
         """
         check_model_name(name)
         if change.backends is not None and not change.backends:
@@ -287,11 +359,10 @@ class Admin:
         async with self._lock:
             config = self.executor.config
             models = list(config.models)
-            i = next((k for k, m in enumerate(models) if m.name == name), None)
-            base = msgspec.to_builtins(models[i] if i is not None else ModelTerms(name=name))
-            base.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
+            target, i = self._resolve_model(name)
+            base = msgspec.to_builtins(models[i]) if i is not None else {"name": target}
             try:
-                terms = msgspec.convert(base, ModelTerms)
+                terms = msgspec.convert(merge_change(base, msgspec.to_builtins(change)), ModelTerms)
                 if i is None:
                     models.append(terms)
                 else:
@@ -299,17 +370,46 @@ class Admin:
                 updated = msgspec.structs.replace(config, models=models)
             except NameTaken as exc:
                 raise AdminError(exc.message, status=409, code=exc.code) from None
+            except ConfigError as exc:
+                raise AdminError(f"model {target[:64]!r}: {exc.message}", code=exc.code) from None
             except (msgspec.ValidationError, ValueError, TypeError) as exc:
-                raise AdminError(f"model {name[:64]!r}: {exc}") from None
+                raise AdminError(f"model {target[:64]!r}: {exc}") from None
             configured = {n.casefold() for terms in models for n in (terms.name, terms.name.partition(":")[2])}
             listed = [e.offer.name for e in self.executor.catalog.entries if e.offer.name.casefold() not in configured]
             if (clash := alias_clash(models, listed)) is not None:  # the names only a backend's listing gives, too
                 raise AdminError(clash, status=409, code=ErrorCode.NAME_TAKEN)
             self._set_config(updated)
-            merged = msgspec.to_builtins(self.overlay.models.get(name, ModelChange()))
+            key = next((k for k in self.overlay.models if k.casefold() == target.casefold()), target)
+            merged = msgspec.to_builtins(self.overlay.models.pop(key, ModelChange()))
             merged.update({k: v for k, v in msgspec.to_builtins(change).items() if v is not None})
-            self.overlay.models[name] = msgspec.convert(merged, ModelChange)
-            await self._save("set model", name, msgspec.to_builtins(change))
+            self.overlay.models[target] = msgspec.convert(merged, ModelChange)
+            await self._save("set model", target, msgspec.to_builtins(change))
+            return target
+
+    def _resolve_model(self, name: str) -> tuple[str, int | None]:
+        """(the advertised name of the model ``name`` names, the index in the config's
+        ``models`` of the entry giving it its terms, or None when it has none yet).
+
+        Raises:
+            AdminError: no model is served or configured under that name or alias (404).
+        """
+        config = self.executor.config
+        entry = self.executor.catalog.lookup(name)
+        if entry is not None:
+            target = entry.offer.name
+            pooled = next((k for k, m in enumerate(config.models) if m.backends and m.name == target), None)
+            if pooled is not None:
+                return target, pooled
+            terms = config.terms_for(target, entry.backend.kind)  # the terms the catalog gave it
+            return target, next((k for k, m in enumerate(config.models) if m is terms), None)
+        i = find_terms(list(config.models), name)
+        if i is None:  # an alias of a configured model not served now (its backend down)
+            folded = name.casefold()
+            i = next((k for k, m in enumerate(config.models) if folded in {a.casefold() for a in m.aliases}), None)
+        if i is None:
+            raise AdminError(f"no model named {name[:64]!r} is served or configured here (name it as /status "
+                             "shows it, or by an alias)", status=404, code=ErrorCode.ADMIN_NO_SUCH_MODEL)  # fmt: skip
+        return advertised_name(config.models[i]), i
 
     async def drain(self) -> None:
         """Stop taking requests (SHUTTING_DOWN) and let those in flight finish."""
@@ -331,6 +431,10 @@ class Admin:
             canonical_provider(config.provider)
         except Exception as exc:  # noqa: BLE001 - an unknown provider is the request's fault
             raise AdminError(f"backend {config.label!r}: {getattr(exc, 'message', exc)}") from None
+        scheme, host = _scheme_and_host(config.endpoint)
+        if config.endpoint is not None and (scheme not in ("http", "https") or not host):
+            raise AdminError(f"backend {config.label!r}: endpoint must be an http:// or https:// URL with a host "
+                             f"(not {scheme or 'no scheme'}:)")  # fmt: skip
         if self.executor.config.on_premise_only and canonical_provider(config.provider) in HOSTED_PROVIDERS:
             raise AdminError(f"this executor is on-premise-only: backend {config.label!r} ({config.provider}) is a "
                              "hosted API")  # fmt: skip
@@ -353,10 +457,13 @@ class Admin:
     async def _save(self, action: str, target: str | None, change: dict[str, Any]) -> None:
         data = msgspec.json.format(msgspec.json.encode(self.overlay), indent=2)
 
-        def write() -> None:
+        def write() -> None:  # 0600: the admin's changes are the operator's business only
             self.overlay_path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.overlay_path.with_suffix(".tmp")
-            tmp.write_bytes(data)
+            tmp.unlink(missing_ok=True)  # a leftover one may have another mode
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             tmp.replace(self.overlay_path)
 
         await trio.to_thread.run_sync(write)
@@ -370,13 +477,23 @@ class Admin:
                            "from": self.source, "action": action, "target": target, "change": change},
                           default=str) + "\n"  # fmt: skip
 
-        def append() -> None:
+        def append() -> None:  # 0600, as the overlay
             self.audit_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.audit_path.open("a") as f:
+            fd = os.open(self.audit_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:
                 f.write(line)
 
         await trio.to_thread.run_sync(append)
         log.warning("admin: %s %s", action, target or "")
+
+
+def _scheme_and_host(url: str | None) -> tuple[str, str]:
+    """(``url``'s scheme, lower-case, and host), empty strings when it has none."""
+    try:
+        parts = urlsplit(url or "")
+        return parts.scheme.lower()[:16], parts.hostname or ""
+    except ValueError:
+        return "", ""
 
 
 def _without_backend(config: ExecutorConfig, name: str) -> ExecutorConfig:

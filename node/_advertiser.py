@@ -20,7 +20,7 @@ from collections.abc import Callable
 import trio
 
 from loomnet.client import Member
-from loomnet.protocol import Advert, Envelope, LoomError, SignedKind, SigningKey, seal
+from loomnet.protocol import Advert, Envelope, LoomError, SignedKind, SigningKey, open_envelope, seal
 
 from ._catalog import Catalog
 from .config import ExecutorConfig
@@ -62,6 +62,9 @@ class Advertiser:
         self.published = 0
         #: draining: adverts offer nothing, so clients route elsewhere
         self.withdrawn = False
+        #: why the last advert built fails the checks every peer makes of it (so every
+        #: peer refuses it and this executor is off the network); None: it passes
+        self.problem: str | None = None
 
     def build(self) -> Envelope:
         now = self._clock()
@@ -78,9 +81,29 @@ class Advertiser:
             on_premise=all(o.on_premise for o in offers),
             prompt_retention=self._config.prompt_retention,
         )
-        self.current = seal(SignedKind.ADVERT, advert, self._key)
+        try:
+            self.current = seal(SignedKind.ADVERT, advert, self._key)
+        except LoomError as exc:  # too large for any peer: no advert goes out at all
+            self.problem = str(exc)[:300]
+            raise
+        self._check(self.current)
         self._member.add_advert(self.current)
         return self.current
+
+    def _check(self, envelope: Envelope) -> None:
+        """Open ``envelope`` as a peer would; a refusal is logged (once per reason, as
+        an error: no peer will route here) and kept in :attr:`problem` for ``/status``."""
+        try:
+            open_envelope(SignedKind.ADVERT, envelope)
+        except LoomError as exc:
+            problem = str(exc)[:300]
+            if problem != self.problem:
+                log.error("this executor's own advert fails the advert schema, so every peer refuses it: %s", problem)
+            self.problem = problem
+        else:
+            if self.problem is not None:
+                log.warning("this executor's advert passes the advert schema again")
+            self.problem = None
 
     def poke(self) -> None:
         """Something advertised changed: publish soon (sync, never blocks)."""

@@ -36,11 +36,12 @@ from loomnet.protocol import BackendError, ErrorCode, ModelOffer, credits_to_mic
 
 from ._breaker import BreakerSettings
 from ._catalog_entry import CatalogEntry, unique_names
-from ._catalog_listing import each, label_of, list_models, probe
+from ._catalog_listing import each, error_class, label_of, list_models, probe
 from ._pool import BackendLoad, BackendPool, PoolMember, PoolStatistics
 from ._spend import ProviderCharge, ProviderSpend
 from .backends._base import Backend, ModelInfo
 from .backends._config import BackendConfig
+from ._config_terms import OFFER_BOUNDS, name_problem
 from .config import ExecutorConfig, ModelTerms
 
 __all__ = ["Catalog", "CatalogEntry", "label_of"]
@@ -122,6 +123,7 @@ class Catalog:
             if isinstance(answer, BackendError):
                 failures.append(f"{name}: {backend.redactor()(answer.message)}")
                 catalog._down.add(name)
+                catalog.loads[name].last_error = error_class(answer)
             else:
                 catalog._listed[name] = answer
         catalog._rebuild()
@@ -168,7 +170,8 @@ class Catalog:
         for name in self.names:
             for info in self._listed.get(name, []):
                 if not _printable(info.name):
-                    log.warning("backend %s lists a model whose name has control characters; it is not offered",
+                    log.warning("backend %s lists a model whose name an advert cannot carry (too long, or control "
+                                "or invisible characters); it is not offered",
                                 name)  # fmt: skip
                     continue
                 folded = info.name.casefold()
@@ -258,6 +261,7 @@ class Catalog:
         why = None
         if isinstance(answer, BackendError):
             self._down.add(name)
+            self.loads[name].last_error = error_class(answer)
             why = backend.redactor()(answer.message)
         else:
             self._listed[name] = answer
@@ -354,7 +358,9 @@ class Catalog:
         """
         probes = await each(self.backends, lambda b: probe(b, listed=self.name_of(b) in self._listed, timeout=timeout))
         changed = listed = False
-        for name, (healthy, models) in zip(self.names, probes):
+        for name, (healthy, models, error) in zip(self.names, probes):
+            if error is not None and name in self.loads:
+                self.loads[name].last_error = error  # /status shows why it is down
             if models is not None:
                 self._listed[name] = models
                 changed = listed = True
@@ -370,5 +376,7 @@ class Catalog:
 
 
 def _printable(name: str) -> bool:
-    """No control character: a name is advertised, logged and shown in terminals."""
-    return not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name)
+    """A name an advert allows (``OFFER_BOUNDS``), without a control, invisible
+    formatting or line separator character: it is advertised, logged and shown in
+    terminals."""
+    return name_problem("name", name, OFFER_BOUNDS.name) is None

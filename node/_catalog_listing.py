@@ -10,6 +10,7 @@ the node goes on.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -19,7 +20,7 @@ from loomnet.protocol import BackendError, ErrorCode
 
 from .backends._base import Backend, ModelInfo
 
-__all__ = ["each", "label_of", "list_models", "probe"]
+__all__ = ["UNHEALTHY", "each", "error_class", "label_of", "list_models", "probe"]
 
 log = logging.getLogger("loomnet.catalog")
 
@@ -49,21 +50,53 @@ async def list_models(backend: Backend, *, timeout: float) -> list[ModelInfo] | 
     )
 
 
-async def probe(backend: Backend, *, listed: bool, timeout: float) -> tuple[bool, list[ModelInfo] | None]:
-    """(healthy, its models when it is healthy and not ``listed`` yet) within ``timeout``
-    seconds for the whole probe; never raises a backend's error."""
+#: the error class of a failed health probe whose backend says no more than "not healthy"
+UNHEALTHY = "UNHEALTHY"
+
+
+_HTTP_STATUS = re.compile(r" answered HTTP ([1-5][0-9][0-9])\b")
+
+
+def error_class(exc: BaseException) -> str:
+    """What ``/status`` shows of a failure: its loomnet code's name with what kind of
+    failure it was (``BACKEND_UNAVAILABLE (HTTP 401)``, ``BACKEND_UNAVAILABLE
+    (ConnectError)``), or its exception class; never its text (which may quote a body,
+    an endpoint or a key)."""
+    if not isinstance(exc, BackendError):
+        return type(exc).__name__
+    if (status := _HTTP_STATUS.search(exc.message)) is not None:
+        return f"{exc.code.name} (HTTP {status.group(1)})"
+    cause = exc.__cause__
+    return f"{exc.code.name} ({type(cause).__name__})" if cause is not None else exc.code.name
+
+
+async def probe(backend: Backend, *, listed: bool, timeout: float) -> tuple[bool, list[ModelInfo] | None, str | None]:
+    """(healthy, its models when it is healthy and not ``listed`` yet, the failure's
+    error class when it is not healthy) within ``timeout`` seconds for the whole probe;
+    never raises a backend's error.
+
+    A health check answers only yes or no, so a failed one asks the backend for its
+    models, within the same deadline, to learn the failure's class (the connection
+    refused, a key refused with 401...): that is what ``/status`` shows.
+    """
+    error: str | None = None
     with trio.move_on_after(timeout):
         try:
             if not await backend.health():
-                return False, None
+                error = UNHEALTHY
+                await backend.list_models()
+                return False, None, UNHEALTHY  # it lists its models, but says it cannot serve
             if listed:
-                return True, None
-            return True, await backend.list_models()
+                return True, None, None
+            return True, await backend.list_models(), None
         except Exception as exc:  # noqa: BLE001 - a failing (or buggy) backend is down, the node goes on
-            log.warning("backend %s failed its health probe: %s", label_of(backend), exc)
-            return False, None
+            if error is None:
+                log.warning("backend %s failed its health probe: %s", label_of(backend), exc)
+            return False, None, error_class(exc)
+    if error is not None:
+        return False, None, error
     log.warning("backend %s did not answer its health probe within %g s", label_of(backend), timeout)
-    return False, None
+    return False, None, ErrorCode.BACKEND_TIMEOUT.name
 
 
 async def each(backends: list[Backend], fn: Callable[[Backend], Awaitable[_T]]) -> list[_T]:

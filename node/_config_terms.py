@@ -13,11 +13,12 @@ from typing import Literal
 import msgspec
 
 from loomnet.client._route import CATEGORIES
-from loomnet.protocol import ConfigError, ErrorCode
+from loomnet.protocol import ConfigError, ErrorCode, ModelOffer
 
 from ._response_cache import CacheTerms
+from .backends._config import bad_character
 
-__all__ = ["BACKEND_NAME_RULE", "MAX_PRICE", "ModelTerms", "NameTaken", "OperatorConfig", "PoolBackend", "Strategy",
+__all__ = ["BACKEND_NAME_RULE", "MAX_PRICE", "OFFER_BOUNDS", "name_problem", "ModelTerms", "NameTaken", "OperatorConfig", "PoolBackend", "Strategy",
            "alias_clash", "backend_name_problem"]  # fmt: skip
 
 
@@ -65,6 +66,46 @@ class PoolBackend(_Config):
             raise ValueError(f"backend {self.backend!r}: weight must be from 1 to 1000")
 
 
+class _OfferBounds(msgspec.Struct, frozen=True):
+    name: tuple[int, int]
+    aliases: int
+    alias: tuple[int, int]
+    categories: int
+    category: tuple[int, int]
+
+
+def _offer_bounds() -> _OfferBounds:
+    """The advert schema's own bounds on a model's name, aliases and categories
+    (``protocol.ModelOffer``), read from it so the two can never disagree: terms past
+    them would make every advert invalid, refused by every peer."""
+    fields = {f.name: f.type for f in msgspec.inspect.type_info(ModelOffer).fields}
+
+    def length(t) -> tuple[int, int]:
+        return (max(1, t.min_length or 0), t.max_length)  # an empty name or category is no use to a client
+
+    name, aliases, categories = fields["name"], fields["aliases"], fields["categories"]
+    return _OfferBounds(name=length(name), aliases=aliases.max_length, alias=length(aliases.item_type),
+                        categories=categories.max_length, category=length(categories.item_type))  # fmt: skip
+
+
+#: what an advert allows (:func:`_offer_bounds`)
+OFFER_BOUNDS = _offer_bounds()
+
+
+def name_problem(what: str, name: object, bounds: tuple[int, int]) -> str | None:
+    """None when ``name`` can be advertised as a model's name, alias or category: a
+    string of ``bounds`` characters without a control, invisible formatting or line
+    separator character; else why not (never the whole value)."""
+    if not isinstance(name, str):
+        return f"{what} must be a string"
+    low, high = bounds
+    if not low <= len(name) <= high:
+        return f"{what} {name[:40]!r} must be {low} to {high} characters (the advert's limit)"
+    if (problem := bad_character(name)) is not None:
+        return f"{what} {name[:40]!r} holds {problem}"
+    return None
+
+
 class ModelTerms(_Config):
     """How one served model is offered: aliases, categories, price, and which backends
     serve it (a pool, ``node/_pool``)."""
@@ -94,6 +135,7 @@ class ModelTerms(_Config):
     cache: CacheTerms | None = None
 
     def __post_init__(self) -> None:
+        self._check_names()
         for which, price in (("price-in", self.price_in), ("price-out", self.price_out)):
             # NaN fails both comparisons; the cap keeps every receipt's cost within the
             # wire's integer range (2**31 tokens at this price is ~4e15 micro-credits)
@@ -109,6 +151,23 @@ class ModelTerms(_Config):
         names = [b if isinstance(b, str) else b.backend for b in self.backends]
         if len(set(names)) != len(names):
             raise ValueError(f"model {self.name!r}: a backend is listed twice in its backends")
+
+    def _check_names(self) -> None:
+        """The name, aliases and categories within what an advert allows (``OFFER_BOUNDS``).
+
+        Raises:
+            ValueError: one is not (a config load's ``ConfigError``, an admin's 400).
+        """
+        bounds = OFFER_BOUNDS
+        problems = [name_problem("the name", self.name, bounds.name)]
+        if len(self.aliases) > bounds.aliases:
+            problems.append(f"at most {bounds.aliases} aliases (the advert's limit), not {len(self.aliases)}")
+        if len(self.categories) > bounds.categories:
+            problems.append(f"at most {bounds.categories} categories (the advert's limit), not {len(self.categories)}")
+        problems += [name_problem("alias", a, bounds.alias) for a in self.aliases]
+        problems += [name_problem("category", c, bounds.category) for c in self.categories]
+        if (problem := next((p for p in problems if p is not None), None)) is not None:
+            raise ValueError(f"model {self.name[:64]!r}: {problem}")
 
     @property
     def pool(self) -> list[PoolBackend]:

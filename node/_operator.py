@@ -91,7 +91,8 @@ def operator_app(executor, *, guard: AdminGuard | None = None) -> Starlette:
         name = request.path_params["name"]
         spend = executor.catalog.spends.get(name) if executor.catalog else None
         if spend is None:
-            return JSONResponse({"error": f"no backend named {name[:64]!r}"}, status_code=404)
+            return JSONResponse({"error": f"no backend named {name[:64]!r}", "code": int(ErrorCode.ADMIN_NO_SUCH_BACKEND)},
+                                status_code=404)  # fmt: skip
         try:
             body = msgspec.json.decode(await _bounded_body(request), type=_BudgetChange)
             spend.set_amount(body.amount, now=time.time())
@@ -121,8 +122,8 @@ def operator_app(executor, *, guard: AdminGuard | None = None) -> Starlette:
                 return JSONResponse({"state": "draining"})
             if request.url.path.startswith("/admin/models/"):
                 change = msgspec.json.decode(await _bounded_body(request) or b"{}", type=ModelChange)
-                await actions.set_model(name, change)
-                return JSONResponse({"model": name, "set": msgspec.to_builtins(change)})
+                model = await actions.set_model(name, change)
+                return JSONResponse({"model": model, "set": msgspec.to_builtins(change)})
             if request.method == "DELETE":
                 await actions.remove_backend(name)
                 return JSONResponse({"removed": name})
@@ -162,7 +163,7 @@ def operator_app(executor, *, guard: AdminGuard | None = None) -> Starlette:
 #: the page loads nothing from anywhere else, and no other site may frame it
 _PAGE_HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self'; frame-ancestors 'none'",
+    "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",  # data:: the page's empty icon
     "x-content-type-options": "nosniff",
     "cache-control": "no-store",
 }
@@ -177,7 +178,7 @@ def _current_table(executor, name: str) -> dict[str, Any]:
             admin does not hold (send the whole table to replace it).
     """
     if name not in executor.catalog.names:
-        raise AdminError(f"no backend named {name[:64]!r}", status=404)
+        raise AdminError(f"no backend named {name[:64]!r}", status=404, code=ErrorCode.ADMIN_NO_SUCH_BACKEND)
     table = next((t for t in executor.admin.overlay.backends if t.get("name") == name), None)
     if table is None:
         raise AdminError(f"backend {name!r} comes from the TOML: send its whole table (POST /admin/backends) "

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
 __all__ = ["MIN_FRAGMENT", "MIN_SECRET", "MASK", "RedactingFilter", "Redactor", "install_log_redaction",
-           "url_secrets"]
+           "query_secret_names", "url_secrets"]
 
 #: characters a secret needs before it is searched for by value
 MIN_SECRET = 4
@@ -75,6 +75,26 @@ def url_secrets(url: str | None) -> list[str]:
         if value and re.fullmatch(_KEY_PARAM, unquote(name), re.IGNORECASE):
             found += [value, unquote(value)]
     return found
+
+
+def query_secret_names(url: str | None, *, allowed: re.Pattern[str] | None = None) -> list[str]:
+    """The names of ``url``'s query parameters that carry a credential (named like a
+    key: ``api-key``, ``key``, ``token``, ... as :func:`url_secrets` finds them), except
+    those whose whole value matches ``allowed`` (a ``${VAR}`` reference). Never the
+    values: a caller refusing the URL names the parameter only."""
+    if not url:
+        return []
+    try:
+        query = urlsplit(url).query
+    except ValueError:
+        return []
+    names = []
+    for pair in re.split(r"[&;]", query):
+        name, _, value = pair.partition("=")
+        if value and re.fullmatch(_KEY_PARAM, unquote(name), re.IGNORECASE):
+            if allowed is None or not allowed.fullmatch(unquote(value)):
+                names.append(unquote(name)[:32])
+    return names
 
 
 def _forms(secret: str) -> set[str]:

@@ -129,6 +129,9 @@ class ExecutorStatus(msgspec.Struct, frozen=True, kw_only=True):
     #: (``backend_exposed``: a local backend's port is reachable from other hosts,
     #: ``_exposure``); empty when all is well
     warnings: list[StatusWarning] = []
+    #: why this executor's own advert fails the advert schema (every peer refuses it:
+    #: no client can reach this executor); None: it passes
+    advert_problem: str | None = None
 
 
 def backend_statuses(catalog: Catalog) -> list[BackendStatus]:

@@ -138,8 +138,15 @@ function modelAdmin(model) {
   const pin = el("input"); pin.size = 6; pin.id = "price-in-" + model.name; pin.value = model.price_in;
   const pout = el("input"); pout.size = 6; pout.id = "price-out-" + model.name; pout.value = model.price_out;
   box.appendChild(el("span", " price ")); box.appendChild(pin); box.appendChild(el("span", "/")); box.appendChild(pout);
-  box.appendChild(button("Set price", () => admin("PATCH", "/admin/models/" + encodeURIComponent(model.name),
-    {"price-in": Number(pin.value), "price-out": Number(pout.value)}), "set-price-" + model.name));
+  box.appendChild(button("Set price", () => {
+    // a cleared field is not a price of 0: refuse it rather than give the model away
+    const prices = [pin.value.trim(), pout.value.trim()];
+    if (prices.some(p => p === "" || !Number.isFinite(Number(p)) || Number(p) < 0)) {
+      say("type both prices (credits per million tokens, 0 or more) before Set price", true); return;
+    }
+    admin("PATCH", "/admin/models/" + encodeURIComponent(model.name),
+      {"price-in": Number(prices[0]), "price-out": Number(prices[1])});
+  }, "set-price-" + model.name));
   return box;
 }
 let shape = null;

@@ -161,6 +161,11 @@ class ErrorCode(enum.IntEnum):
     #: A model's alias is already a name: another model's name or alias, a category, or
     #: a route keyword (``cheapest``, ``fastest``); clients could not reach it.
     NAME_TAKEN = 702
+    #: An admin change names a model this executor neither serves nor configures: it
+    #: would change nothing (the advertised name or an alias is expected).
+    ADMIN_NO_SUCH_MODEL = 703
+    #: An admin change names a backend this executor does not have.
+    ADMIN_NO_SUCH_BACKEND = 704
 
 
 #: What a peer is told for an error whose own message is not for peers (see

@@ -54,7 +54,7 @@ def make_backend(config: BackendConfig, *, embedded=None) -> Backend:
     module = importlib.import_module(f"{__package__}.{module_name}")
     cls = getattr(module, class_name)
     if provider == "embedded":
-        return cls(embedded)
+        return cls(embedded, label=config.name)  # its own settings are [embedded]; its name is the table's
     models = [_strip_provider(m, provider) for m in config.models]
     return cls(msgspec.structs.replace(config, provider=provider, models=models))
 

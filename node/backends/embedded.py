@@ -122,8 +122,11 @@ class EmbeddedBackend(Backend):
     kind = "embedded"
     on_premise = True
 
-    def __init__(self, config: EmbeddedConfig | None = None) -> None:
+    def __init__(self, config: EmbeddedConfig | None = None, *, label: str | None = None) -> None:
         self.config = config if config is not None else EmbeddedConfig()
+        #: the operator's name for it (``[[backends]] name``): what status, metrics, the
+        #: ledger and the admin routes call it; None: ``embedded``
+        self.label = label
         self._model: Model | None = None
         self._closed = False
         self._load_lock = trio.Lock()

@@ -222,6 +222,13 @@ async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_pa
             # refused, each with its reason, and nothing changes
             await post("/admin/backends", {**table, "api-key": "${OTHER_SECRET}"}, 400)  # not an allowed variable
             await post("/admin/backends", {**table, "endpoint": f"http://u:pw@{hosted_url[7:]}/v1"}, 400)
+            # a literal secret in the endpoint's query string: refused, never stored or echoed
+            for query in (f"?api-key={CANARY}", f"?x=1&token={CANARY}", f"?KEY={CANARY}", f"?api%2Dkey={CANARY}"):
+                leaked = await post("/admin/backends", {**table, "endpoint": f"{hosted_url}/v1{query}"}, 400)
+                assert CANARY not in leaked.text and "${VAR}" in leaked.json()["error"]
+            # not a web endpoint: refused
+            for endpoint in ("file:///etc/passwd", "ftp://127.0.0.1/v1", "http:///v1", "gopher://x"):
+                await post("/admin/backends", {**table, "endpoint": endpoint}, 400)
             slash = await post("/admin/backends", {**table, "name": "a/b"}, 400)
             assert BACKEND_NAME_RULE in slash.json()["error"]  # the config's one rule
             await post("/admin/backends", {**table, "name": "x" * 100}, 400)
@@ -241,8 +248,8 @@ async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_pa
             await post("/admin/backends", {**table, "api-key": "${HOSTED_KEY}"}, 200)
             # an alias that is already a name: another model's (m1: hosted lists it), an alias, a category,
             # a route keyword; 409 NAME_TAKEN, and nothing changes
-            assert (await http.patch("/admin/models/other", json={"aliases": ["o"]}, headers=auth)).status_code == 200
-            for aliases in (["M1"], ["Other"], ["o"], ["fast"], ["cheapest"], ["fastest"], ["category:x"]):
+            assert (await http.patch("/admin/models/m1", json={"aliases": ["o"]}, headers=auth)).status_code == 200
+            for aliases in (["M1"], ["o"], ["fast"], ["cheapest"], ["fastest"], ["category:x"]):
                 taken = await http.patch("/admin/models/chat-m", json={"aliases": aliases}, headers=auth)
                 assert taken.status_code == 409 and taken.json()["code"] == ErrorCode.NAME_TAKEN, (aliases, taken.text)
             assert (await http.patch("/admin/models/chat-m", json={"categories": ["o"]}, headers=auth)).status_code == 409
@@ -262,8 +269,11 @@ async def test_hostile_or_careless_admin_requests_change_nothing(nursery, tmp_pa
             status = (await http.get("/status")).json()
             assert not any(m["offered"] for m in status["models"])  # the advert offers nothing while draining
         first.cancel_scope.cancel()
-    lines = [json.loads(line) for line in (tmp_path / "data" / "executor" / "audit.log").read_text().splitlines()]
+    audit_file, overlay_file = tmp_path / "data" / "executor" / "audit.log", tmp_path / "executor.admin.json"
+    lines = [json.loads(line) for line in audit_file.read_text().splitlines()]
     assert all(line["from"] == "127.0.0.1" for line in lines)
+    for written in (audit_file, overlay_file):  # the operator's alone, and never a secret
+        assert written.stat().st_mode & 0o777 == 0o600 and CANARY not in written.read_text()
     async with trio.open_nursery() as second:  # the overlay's chain lost hosted: the restart applies it
         executor = await run_executor(second, tmp_path, desk_url, env)
         (entry,) = [e for e in executor.catalog.entries if e.offer.name == "chat-m"]

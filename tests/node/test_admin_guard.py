@@ -112,3 +112,23 @@ async def test_without_a_configured_token_refusals_do_not_lock_anyone_out(autoju
         for _ in range(5):
             assert (await client.get("/admin/backends")).status_code == 401
     assert len(guard) == 0
+
+
+async def test_an_unauthenticated_oversized_body_is_refused_as_unauthenticated(autojump_clock):
+    """Auth is checked before the body's size: a stranger learns 401, never 413."""
+    async with http(app_for(AdminGuard()), "127.0.0.1") as client:
+        for path in ("/admin/backends", "/admin/backends/desk/spend-budget"):
+            answer = await client.post(path, content=b"x" * 200_000)
+            assert answer.status_code == 401 and answer.json()["code"] == ErrorCode.ADMIN_UNAUTHORIZED
+        answer = await client.patch("/admin/models/m1", content=b"x" * 200_000,
+                                    headers={"authorization": f"Bearer {WRONG}"})  # fmt: skip
+        assert answer.status_code == 401
+
+
+async def test_the_status_page_policy_allows_its_own_icon():
+    """The page's ``<link rel="icon" href="data:,">`` is allowed by its CSP (no console error)."""
+    async with http(app_for(AdminGuard()), "127.0.0.1") as client:
+        page = await client.get("/")
+    assert 'href="data:,"' in page.text
+    img = next(d for d in page.headers["content-security-policy"].split(";") if d.strip().startswith("img-src"))
+    assert "data:" in img.split()

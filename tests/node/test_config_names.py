@@ -83,3 +83,58 @@ def test_a_provider_prefixed_model_is_known_by_its_plain_name_too():
     assert "the name of model 'm1'" in alias_clash([ModelTerms(name="qwen", aliases=["M1"])], offered=["m1"])
     with pytest.raises(NameTaken):
         ExecutorConfig(models=models)  # built in code, not loaded: the same check
+
+
+def _model_toml(**fields) -> str:
+    lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+    return f'[[backends]]\nname = "desk"\nprovider = "ollama"\n\n[[models]]\nname = "m1"\n{lines}\n'
+
+
+def _advert_bounds():
+    """The advert schema's bounds, read from the protocol itself (never copied)."""
+    import msgspec
+
+    from loomnet.protocol import ModelOffer
+
+    fields = {f.name: f.type for f in msgspec.inspect.type_info(ModelOffer).fields}
+    return fields["aliases"], fields["categories"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"aliases": [f"a{i}" for i in range(_advert_bounds()[0].max_length + 1)]},  # one alias too many
+    {"aliases": ["x" * (_advert_bounds()[0].item_type.max_length + 1)]},  # an alias too long
+    {"aliases": [""]},
+    {"aliases": ["zero\u200bwidth"]},  # a zero-width space (Cf)
+    {"aliases": ["line\u2028sep"]},  # a line separator (Zl)
+    {"aliases": ["tab\there"]},
+    {"categories": [f"c{i}" for i in range(_advert_bounds()[1].max_length + 1)]},
+    {"categories": ["y" * (_advert_bounds()[1].item_type.max_length + 1)]},
+    {"categories": [""]},
+    {"categories": ["para\u2029sep"]},
+])  # fmt: skip
+def test_terms_an_advert_could_not_carry_are_refused_at_load(tmp_path, fields):
+    with pytest.raises(ConfigError) as info:
+        load_config(toml(tmp_path, _model_toml(**fields)), environ={})
+    assert info.value.code == ErrorCode.CONFIG_INVALID and "'m1'" in info.value.message
+
+
+@pytest.mark.parametrize("name", ["zero\u200bwidth", "x" * 129])
+def test_a_model_name_an_advert_could_not_carry_is_refused_at_load(tmp_path, name):
+    text = f'[[backends]]\nname = "desk"\nprovider = "ollama"\n\n[[models]]\nname = {json.dumps(name)}\n'
+    with pytest.raises(ConfigError) as info:
+        load_config(toml(tmp_path, text), environ={})
+    assert info.value.code == ErrorCode.CONFIG_INVALID
+
+
+def test_terms_at_the_advert_limits_load_and_make_a_valid_advert(tmp_path):
+    import msgspec
+
+    from loomnet.protocol import ModelOffer
+
+    aliases, categories = _advert_bounds()
+    fields = {"aliases": [f"{i:03d}" + "a" * (aliases.item_type.max_length - 3) for i in range(aliases.max_length)],
+              "categories": [f"{i:02d}" + "c" * (categories.item_type.max_length - 2)
+                             for i in range(categories.max_length)]}  # fmt: skip
+    (terms,) = load_config(toml(tmp_path, _model_toml(**fields)), environ={}).models
+    offer = ModelOffer(name=terms.name, aliases=terms.aliases, categories=terms.categories)
+    assert msgspec.json.decode(msgspec.json.encode(offer), type=ModelOffer) == offer
