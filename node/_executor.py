@@ -134,12 +134,8 @@ class Executor:
             backends=backend_statuses(catalog),
             p2p=p2p, adverts_published=self.advertiser.published if self.advertiser else 0,
             adverts_rejected=member.table.statistics().refused, ledger=self.ledger.statistics(),
-<<<<<<< HEAD
             state="draining" if self.draining else "serving", warnings=list(self.warnings),
-=======
-            state="draining" if self.draining else "serving",
             advert_problem=self.advertiser.problem if self.advertiser else None,
->>>>>>> ops12b
         )  # fmt: skip
 
     async def status(self) -> ExecutorStatus:
