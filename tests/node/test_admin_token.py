@@ -12,9 +12,19 @@ import hmac
 
 from starlette.requests import Request
 
+import time
+
 from loomnet.node import _operator
+from loomnet.node._admin_guard import AdminGuard
 
 TOKEN = "adm-0123456789abcdef0123456789abcdef"
+
+
+def refusal_of(authorization: str | None, token: str | None):
+    """The admin's answer to one request, with a lockout guard that never trips here
+    (the lockout itself is ``tests/node/test_admin_guard.py``)."""
+    guard = AdminGuard(failures=1_000, clock=time.monotonic)
+    return _operator._admin_refusal(request(authorization), token, guard)
 
 
 def request(authorization: str | None) -> Request:
@@ -34,18 +44,18 @@ def test_every_presented_token_is_compared_in_constant_time_and_only_the_token_p
     monkeypatch.setattr(_operator.hmac, "compare_digest", spy)
     wrong = [TOKEN[:-1] + "0", TOKEN[:8], TOKEN + "0", "0" * len(TOKEN), "", TOKEN.upper()]
     for given in wrong:
-        refusal = _operator._admin_refusal(request(f"Bearer {given}"), TOKEN)
+        refusal = refusal_of(f"Bearer {given}", TOKEN)
         assert refusal is not None and refusal.status_code == 401, given
         assert refusal.headers["www-authenticate"] == "Bearer"
         assert given.encode() not in refusal.body or not given  # what was sent is never echoed
     assert compared == [(g.encode(), TOKEN.encode()) for g in wrong]
     for header in (None, TOKEN, f"Basic {TOKEN}", f"Token {TOKEN}"):  # no bearer: refused, nothing to compare
-        assert _operator._admin_refusal(request(header), TOKEN).status_code == 401, header
-    assert _operator._admin_refusal(request(f"Bearer {TOKEN}"), TOKEN) is None
-    assert _operator._admin_refusal(request(f"bearer  {TOKEN} "), TOKEN) is None  # scheme case, spaces
+        assert refusal_of(header, TOKEN).status_code == 401, header
+    assert refusal_of(f"Bearer {TOKEN}", TOKEN) is None
+    assert refusal_of(f"bearer  {TOKEN} ", TOKEN) is None  # scheme case, spaces
     assert TOKEN not in caplog.text and TOKEN[:8] not in caplog.text  # the refusals were logged without it
 
 
 def test_without_a_configured_token_nothing_passes():
-    refusal = _operator._admin_refusal(request(f"Bearer {TOKEN}"), None)
+    refusal = refusal_of(f"Bearer {TOKEN}", None)
     assert refusal is not None and refusal.status_code == 401 and b"no admin token configured" in refusal.body
