@@ -83,6 +83,34 @@ async def _memory_watch(path: str, every: float) -> None:
         return (f"malloc: arena={m.arena / mib:.1f} mmap={m.hblkhd / mib:.1f}({m.hblks}) used={m.uordblks / mib:.1f} "
                 f"free={m.fordblks / mib:.1f} pyblocks={sys.getallocatedblocks()} threads={threading.active_count()}")
 
+    def big_buffers() -> str:
+        """Live str/bytes/bytearray of 16 KiB or more, found as referents of containers
+        (they are not tracked by gc themselves), by the type of their holder; yamux state."""
+        seen: set[int] = set()
+        held: collections.Counter = collections.Counter()
+        yamux = [0, 0, 0]  # connections, streams, buffered bytes
+        sample: collections.Counter = collections.Counter()
+        states: collections.Counter = collections.Counter()  # (closed, send_closed, recv_closed, reset, buffered, stamped, odd id)
+        for holder in gc.get_objects():
+            name = type(holder).__qualname__
+            if name.endswith("Yamux") and hasattr(holder, "stream_buffers"):
+                yamux[0] += 1
+                yamux[1] += len(holder.streams)
+                yamux[2] += sum(map(len, holder.stream_buffers.values()))
+                for sid, st in holder.streams.items():
+                    states[(st.closed, st.send_closed, st.recv_closed, getattr(st, "reset_received", None),
+                            len(holder.stream_buffers.get(sid, b"")) > 0, getattr(st, "_closed_at", 0.0) > 0,
+                            sid % 2)] += 1  # fmt: skip
+                    if st.closed and holder.stream_buffers.get(sid):
+                        sample[str(holder.peer_id)[-6:]] += 1
+                        sample["bytes:" + bytes(holder.stream_buffers[sid][:24]).hex()] += 1
+            for ref in gc.get_referents(holder):
+                if isinstance(ref, (str, bytes, bytearray)) and id(ref) not in seen and sys.getsizeof(ref) >= 16384:
+                    seen.add(id(ref))
+                    held[name] += sys.getsizeof(ref)
+        top = ", ".join(f"{k}:{v / 2**20:.1f}" for k, v in held.most_common(8))
+        return f"yamux conns={yamux[0]} streams={yamux[1]} buffered={yamux[2] / 2**20:.1f}MiB; big buffers MiB by holder: {top}\n    stream states (closed, send_closed, recv_closed, reset_received, buffered, stamped, odd id): {dict(states.most_common(6))}\n    closed with unread bytes, by peer and first bytes: {dict(sample.most_common(10))}"
+
     frames = int(os.environ.get("LOOMNET_MEMWATCH_FRAMES", "12"))
     if frames:
         tracemalloc.start(frames)
@@ -92,7 +120,8 @@ async def _memory_watch(path: str, every: float) -> None:
             while True:
                 await trio.sleep(every)
                 out.write(f"t={trio.current_time() - began:.0f}s rss={rss():.1f}MiB {malloc()} "
-                          f"objects={len(gc.get_objects())} tasks={trio.lowlevel.current_statistics().tasks_living}\n")
+                          f"objects={len(gc.get_objects())} tasks={trio.lowlevel.current_statistics().tasks_living}\n"
+                          f"    {big_buffers()}\n")
                 out.flush()
     first, types0, began = None, None, trio.current_time()
     with open(path, "a") as out:
