@@ -319,7 +319,7 @@ class P2PStream:
 
 
 async def _settle_yamux_stream(net_stream: Any, *, discard: bool) -> None:
-    """Drop a finished yamux stream's entry from its connection now (trap H).
+    """Drop a finished yamux stream's entry from its connection now (trap Y).
 
     py-libp2p 0.8.1 keeps a stream in its connection's ``streams``/``stream_buffers``/
     ``stream_events`` while its receive buffer holds unread bytes, even once it is dead

@@ -1,4 +1,4 @@
-"""A stream a handler is done with leaves its yamux connection's tables at once (trap H),
+"""A stream a handler is done with leaves its yamux connection's tables at once (trap Y),
 against real py-libp2p hosts on 127.0.0.1.
 
 py-libp2p 0.8.1 kept an entry (the stream, its receive buffer, its event) for every
