@@ -91,10 +91,10 @@ async def test_a_stream_left_unread_and_reset_leaves_no_entry_behind(nodes: Any,
         stream = await client.open_stream(info.peer_id, REFUSE, addrs=info.addrs, timeout=5)
         await stream.send_all(b"\0\0\4\0" + os.urandom(1024), timeout=5)
         if peer_resets == "after the handler ends":
-            await wait_until(lambda: done == i + 1)
+            await wait_until(lambda i=i: done == i + 1)
         await stream.reset()
         reset.set()
-        await wait_until(lambda: done == i + 1)
+        await wait_until(lambda i=i: done == i + 1)
     # every stream is over on both sides: the server's connection keeps none of them
     assert len(ids) == STREAMS
     await wait_until(lambda: not left(server, ids), timeout=5, why=lambda: left(server, ids))
