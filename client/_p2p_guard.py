@@ -204,6 +204,7 @@ class PeerGuard:
                 await stream.reset()
             finally:
                 await stream.close()
+                await stream.discard_unread()  # the handler is done: nothing reads it again
 
         return guarded
 

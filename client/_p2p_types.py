@@ -300,6 +300,7 @@ class P2PStream:
             return
         self._closed = True
         await _bounded_cleanup(self._stream.close)
+        await _bounded_cleanup(lambda: _settle_yamux_stream(self._stream, discard=False))
 
     async def reset(self) -> None:
         """Abort both directions. Never raises; idempotent; survives cancellation."""
@@ -307,3 +308,48 @@ class P2PStream:
             return
         self._reset = True
         await _bounded_cleanup(self._stream.reset)
+        await _bounded_cleanup(lambda: _settle_yamux_stream(self._stream, discard=True))
+
+    async def discard_unread(self) -> None:
+        """We will never read this stream again: drop the bytes the peer sent that were
+        not read (a refused request's body, say), so the stream's entry in its
+        connection goes as soon as the peer's side is over too, instead of when a
+        sweeper finds it (see :func:`_settle_yamux_stream`). Never raises."""
+        await _bounded_cleanup(lambda: _settle_yamux_stream(self._stream, discard=True))
+
+
+async def _settle_yamux_stream(net_stream: Any, *, discard: bool) -> None:
+    """Drop a finished yamux stream's entry from its connection now (trap Y).
+
+    py-libp2p 0.8.1 keeps a stream in its connection's ``streams``/``stream_buffers``/
+    ``stream_events`` while its receive buffer holds unread bytes, even once it is dead
+    both ways, until a sweeper reclaims it after a 60 s grace; the sweeper skips a
+    stream not marked ``closed``, and ``YamuxStream.close`` marks a stream the peer had
+    reset open again (``closed = send_closed and recv_closed``; a RST leaves
+    ``recv_closed`` False). So every stream a peer reset before we read all it sent,
+    and that we then closed, stayed for the connection's life: an executor refusing a
+    request flood (``RATE_LIMITED``, the body left unread) kept ~20 entries a second
+    (``bench/slow_peers.py``).
+
+    Here a stream the peer reset is marked closed again; with ``discard`` (our reset, or
+    the handler is done with it) its unread bytes are dropped first. A closed stream
+    with nothing left to read then leaves its connection's tables at once (yamux's own
+    ``_finalize_stream_locked``). Duck-typed: another muxer is left as it is.
+    """
+    muxed = getattr(net_stream, "muxed_stream", None)
+    conn = getattr(muxed, "conn", None)
+    finalize = getattr(conn, "_finalize_stream_locked", None)
+    if finalize is None or not isinstance(getattr(conn, "stream_buffers", None), dict):
+        return
+    async with conn.streams_lock:
+        sid = muxed.stream_id
+        if conn.streams.get(sid) is not muxed:
+            return  # already gone (or the connection closed)
+        if discard and (buffer := conn.stream_buffers.get(sid)):
+            buffer.clear()  # not credited back to the peer's window: it may send no more
+        if muxed.reset_received:
+            muxed.closed = True
+        if muxed.closed:
+            if (event := conn.stream_events.get(sid)) is not None:
+                event.set()  # a reader still waiting wakes to the end
+            finalize(muxed, fully_closed=True)

@@ -22,6 +22,16 @@ started (``open_client``), a counter never loads an encoding twice (a second cal
 waits for the load in flight), and async callers use :meth:`TokenCounter.acount`,
 which counts a short text on the spot once its encoding is loaded (a thread hop costs
 more than the count) and anything else in a worker thread.
+
+Memory: tiktoken returns a list of token ids, ~40 bytes a token as Python ints (a 2 MiB
+answer: ~350 000 tokens, ~14 MiB). Counted whole, several such texts at once (an
+executor booking the receipts of many cut streams together) raised an executor's
+resident memory by tens of MiB for good (the allocator keeps what it grew to; found by
+``bench/slow_peers.py``). So :meth:`TokenCounter.count` counts a long text slice by
+slice (``_SLICE_CHARS``), cutting only where tiktoken's own pre-tokenizer splits (see
+:func:`_slices`, so the count is exact), and :meth:`TokenCounter.acount` runs at most
+``_COUNT_THREADS`` counts in worker threads at once per counter (counting is CPU-bound:
+more threads than cores only hold more memory at once).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ import tempfile
 import threading
 import types
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import trio
 
@@ -65,6 +75,11 @@ _O200K = re.compile(r"(?:chatgpt-4o|gpt-4o|gpt-4\.1|gpt-4\.5|gpt-5|gpt-oss|o1|o3
 #: Characters :meth:`TokenCounter.acount` counts on the calling thread (~0.17 ms at most,
 #: about what a worker-thread hop costs); longer texts are counted in a worker thread.
 INLINE_CHARS = 1024
+#: Characters counted at once at most where the text allows (:func:`_slices`): ~20 000
+#: token ids, ~1 MiB, however long the text.
+_SLICE_CHARS = 64 * 1024
+#: Worker threads counting at once per counter (:meth:`TokenCounter.acount`).
+_COUNT_THREADS = 2
 
 
 class _Encoder(Protocol):
@@ -208,6 +223,7 @@ class TokenCounter:
         self._lock = threading.Lock()  # guards _locks
         self._locks: dict[str, threading.Lock] = {}
         self.loads = 0  #: encodings built (or found unbuildable) by this counter
+        self._threads = trio.CapacityLimiter(_COUNT_THREADS)  # counts in worker threads at once
 
     def encoding_name_for(self, model: str) -> str:
         """``"o200k_base"`` for the gpt-4o, 4.1, 4.5, 5, oss and o1/o3/o4 families,
@@ -262,11 +278,7 @@ class TokenCounter:
             return estimate_tokens(text), "estimate"
         encoder = self._encodings[name]
         assert encoder is not None
-        try:
-            return len(encoder.encode_ordinary(text)), "tiktoken"
-        except UnicodeEncodeError:  # lone surrogates: count them as U+FFFD, as tiktoken does
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-            return len(encoder.encode_ordinary(text)), "tiktoken"
+        return sum(_count_slice(encoder, piece) for piece in _slices(text, _SLICE_CHARS)), "tiktoken"
 
     def count_nowait(self, text: str, model: str | None = None) -> tuple[int, str]:
         """:meth:`count`, only when it cannot block: the encoding is loaded and ``text``
@@ -288,9 +300,49 @@ class TokenCounter:
         try:
             result = self.count_nowait(text, model)
         except trio.WouldBlock:
-            return await trio.to_thread.run_sync(self.count, text, model)
+            return await trio.to_thread.run_sync(self.count, text, model, limiter=self._threads)
         await trio.lowlevel.checkpoint()
         return result
+
+
+def _count_slice(encoder: _Encoder, text: str) -> int:
+    try:
+        return len(encoder.encode_ordinary(text))
+    except UnicodeEncodeError:  # lone surrogates: count them as U+FFFD, as tiktoken does
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return len(encoder.encode_ordinary(text))
+
+
+def _slices(text: str, size: int) -> Iterator[str]:
+    """``text`` in consecutive slices of about ``size`` characters whose token counts add
+    up to the whole text's, in cl100k_base and o200k_base alike.
+
+    A slice ends only before a space that has a letter on each side (``"word| word"``):
+    no match of either encoding's pre-tokenizer regex spans that point (a letter run
+    never takes a following space; the space opens the next word's match, ``" word"``),
+    no match before it looks past it (only whitespace runs look ahead), and BPE merges
+    never cross a regex match. So the pieces and their tokens are exactly the whole
+    text's. A text without such a point in a stretch is counted in longer slices (whole,
+    at worst); ``tests/client/test_tokens_slices.py`` checks the sums against whole counts.
+    """
+    start, end = 0, len(text)
+    while end - start > size:
+        cut = _find_cut(text, start + max(1, size // 2), start + size)
+        if cut == -1:
+            cut = _find_cut(text, start + size, end)
+            if cut == -1:
+                break
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _find_cut(text: str, lo: int, hi: int) -> int:
+    """The first cut point (see :func:`_slices`) in ``text[lo:hi]``, -1 if none."""
+    cut = text.find(" ", lo, hi)
+    while cut != -1 and not (0 < cut < len(text) - 1 and text[cut - 1].isalpha() and text[cut + 1].isalpha()):
+        cut = text.find(" ", cut + 1, hi)
+    return cut
 
 
 def estimate_tokens(text: str) -> int:

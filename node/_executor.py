@@ -22,6 +22,7 @@ from loomnet.client import (
     Ledger,
     Member,
     P2PConfig,
+    TokenCounter,
     default_data_dir,
     load_or_create_identity,
     remove_local_executor,
@@ -45,6 +46,18 @@ from .config import ExecutorConfig
 __all__ = ["Executor", "ExecutorInfo"]
 
 log = logging.getLogger("loomnet.executor")
+
+
+async def _warm_tokens(tokens: TokenCounter, models: list[str]) -> None:
+    """Load tiktoken's encodings for ``models`` (and cl100k_base, what any other model
+    counts with) in a worker thread at start-up, once each (~0.2-0.5 s, ~40 MiB for
+    good), so the first receipts do not load them while serving: under a flood, many
+    receipts at once each waited for that load in a thread of their own (found by
+    ``bench/slow_peers.py``). Abandoned on cancellation: a short-lived executor does
+    not wait for it at shutdown.
+    """
+    for name in sorted({"cl100k_base", *map(tokens.encoding_name_for, models)}):
+        await trio.to_thread.run_sync(tokens.load, name, abandon_on_cancel=True)
 
 #: seconds each resource (a backend, the ledger) gets to close at shutdown
 _CLOSE_TIMEOUT = 3.0
@@ -287,6 +300,7 @@ class Executor:
                 self._nursery = nursery
                 exposure_checked = trio.Event()  # probes run while libp2p starts (<= 0.5 s)
                 nursery.start_soon(self._check_exposure, catalog, exposure_checked)
+                nursery.start_soon(_warm_tokens, server.tokens, [offer.name for offer in catalog.offers])
                 node_info = await nursery.start(member.run)
                 self._addrs = list(node_info.addrs)
                 self.advertiser = Advertiser(
