@@ -18,7 +18,7 @@ PIP        := $(BIN)/pip install --disable-pip-version-check
 # The multimodal (llava/mtmd) library is not needed for text chat; skipping it saves ~45 s.
 export CMAKE_ARGS ?= -DLLAVA_BUILD=OFF
 
-.PHONY: install lock run test browser chat offers clean fuzz soak bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
+.PHONY: install lock run test browser chat offers clean fuzz soak flood bench bench-quick bench-seam bench-ttft bench-stream bench-throughput bench-gossip bench-route bench-crypto bench-libp2p
 
 install: $(STAMP)
 
@@ -90,6 +90,11 @@ fuzz: install
 # or open file descriptors grow past their bounds (bench/soak.py --help for options).
 soak: install
 	$(BIN)/python bench/soak.py --requests $(or $(N),100000) $(SOAK_ARGS)
+
+# Slow readers and a request flood against one executor process for N seconds (default
+# 60; CI runs 15): fails if its RSS grows past the bound or an honest client goes unserved.
+flood: install
+	$(BIN)/python bench/slow_peers.py --seconds $(or $(N),60) $(FLOOD_ARGS)
 
 # Benchmarks (bench/README.md). `make bench` runs the whole suite at full size (~6 min
 # on 2 cores) into bench/out/<commit>.json; `make bench-quick` runs it tiny (~1 min).
