@@ -41,6 +41,10 @@ def status(url: str | None, as_json: bool) -> None:
             answer = httpx.get(where.rstrip("/") + "/status", timeout=10)
             answer.raise_for_status()
             body = msgspec.json.decode(answer.content, type=ExecutorStatus)
+        except httpx.HTTPStatusError as exc:  # its text sends the operator to a web page: the status says it all
+            click.echo(f"{where}: no status (HTTP {exc.response.status_code}: not a loomnet operator endpoint?)", err=True)
+            failed = True
+            continue
         except (httpx.HTTPError, msgspec.DecodeError, msgspec.ValidationError) as exc:
             click.echo(f"{where}: no status ({type(exc).__name__}: {str(exc)[:200]})", err=True)
             failed = True

@@ -190,6 +190,9 @@ async def test_loomnet_status_prints_what_the_endpoint_says(nursery, tmp_path, m
     assert as_json.exit_code == 0 and '"peer_id"' in as_json.output
     nothing = await trio.to_thread.run_sync(run, "--url", "http://127.0.0.1:1")
     assert nothing.exit_code == 1 and "no status" in nothing.output
+    # an endpoint that is not an operator's: the HTTP status, not httpx's pointer to a web page
+    wrong = await trio.to_thread.run_sync(run, "--url", executor.info.operator_url.rstrip("/") + "/nowhere")
+    assert wrong.exit_code == 1 and "no status (HTTP 404" in wrong.output and "http" not in wrong.output.split("(", 1)[1]
 
 
 async def test_cache_hits_are_counted_and_the_cache_is_shown(nursery, tmp_path, monkeypatch):
