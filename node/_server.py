@@ -12,8 +12,9 @@ request's worst case is within its ``max_cost`` (``_cost_cap``: ``PRICE_CAP_EXCE
 without ``max_tokens`` the generation is capped to what ``max_cost`` buys instead); the
 nonce is stored (``_remember``: ``REPLAYED_NONCE`` for a copy that raced, ``PEER_LIMIT``
 when the peer holds its share of the replay memory, ``OVER_CAPACITY`` when it is full),
-last, so a refused request never holds one; a generation slot is free, or comes within the queue deadline (``_queue``: a full queue
-or a wait that runs out is ``OVER_CAPACITY``, retryable, with ``retry_after``). Every
+last, so a refused request never holds one; a generation slot is free, or comes
+within the queue deadline (``_queue``: a full queue or a wait that runs out is
+``OVER_CAPACITY``, retryable, with ``retry_after``). Every
 refusal is an error frame with a stable code, never a bare reset. While a request
 waits for a slot it gets no frame; the server watches its stream meanwhile, so a
 client that leaves is dropped from the queue at once.
