@@ -14,6 +14,18 @@ the formatted traceback, whose chained httpx exceptions carry the key) and
 the records of every library (a filter on a logger would miss records its children
 propagate).
 
+Base64 of a secret inside anything (``base64(user:key)`` for any user, the key inside an
+encoded JSON body, in the standard or the URL-safe alphabet): base64 turns each 3 bytes
+into 4 characters, so what the key becomes depends on the bytes before it only through
+their count mod 3. For each of the 3 offsets, the characters that carry key bits only
+(the first and last ones, which mix in the prefix's or the suffix's bits, dropped) are
+the same whatever the prefix and suffix are: the key's base64 *core* at that offset.
+Where a core appears, the whole base64 token around it is redacted. (Found by a review:
+a provider echoing ``Authorization: Basic base64(user:key)`` for a user the redactor
+was not told about, in a log line; a ``Basic`` shape masks that header, not the same
+token in a JSON body.) A core is searched for only when it is at least
+:data:`_MIN_BASE64_CORE` characters long.
+
 Secrets shorter than :data:`MIN_SECRET` characters are not searched for by value (a
 two-letter "password" would blank every word containing it); their shapes still are.
 
@@ -42,6 +54,12 @@ MIN_SECRET = 4
 MIN_FRAGMENT = 6
 #: what a secret is replaced with
 MASK = "***"
+#: base64 characters of a secret's core (48 bits) before it is searched for: a shorter
+#: one could occur by chance in an innocent token, and the whole token is redacted
+_MIN_BASE64_CORE = 8
+#: the characters of a base64 token, both alphabets (standard ``+/``, URL-safe ``-_``)
+_BASE64_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/-_")
+_URLSAFE = str.maketrans("+/", "-_")
 
 #: query parameters whose values are credentials (Gemini ``key``, Azure ``api-key``, SAS ``sig``, ...)
 _KEY_PARAM = r"(?:api[-_]?key|key|token|access[-_]?token|auth|secret|password|passwd|pwd|sig|signature|code)"
@@ -110,6 +128,20 @@ def _forms(secret: str) -> set[str]:
     return {f for f in forms if len(f) >= MIN_SECRET}
 
 
+def _base64_cores(secret: str) -> set[str]:
+    """The base64 characters that carry ``secret``'s bits only, at each of the 3 byte
+    offsets a prefix can leave it at (see the module doc), in both alphabets."""
+    raw = secret.encode("utf-8", "surrogatepass")
+    cores = set()
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + raw).decode("ascii")
+        # character i carries bits [6i, 6i + 6); the secret's are [8 * offset, 8 * (offset + len))
+        core = encoded[-(-8 * offset // 6) : 8 * (offset + len(raw)) // 6]
+        if len(core) >= _MIN_BASE64_CORE:
+            cores |= {core, core.translate(_URLSAFE)}
+    return cores
+
+
 class Redactor:
     """Replaces every known secret, in every form, and every credential-shaped text.
 
@@ -121,6 +153,8 @@ class Redactor:
     def __init__(self, secrets: Iterable[str | None] = ()) -> None:
         self._forms: set[str] = set()
         self._pattern: re.Pattern[str] | None = None
+        self._cores: set[str] = set()  # base64 cores of the secrets (``_base64_cores``)
+        self._core_pattern: re.Pattern[str] | None = None
         self._heads: set[str] = set()  # starts of forms, MIN_FRAGMENT characters or more
         self._tails: set[str] = set()  # ends of forms, likewise
         self._longest = 0
@@ -131,8 +165,11 @@ class Redactor:
         for secret in secrets:
             if secret and len(secret.strip()) >= MIN_SECRET:
                 self._forms |= _forms(secret)
+                self._cores |= _base64_cores(secret) | _base64_cores(secret.strip())
         ordered = sorted(self._forms, key=len, reverse=True)  # longest first: no partial leftovers
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        cores = sorted(self._cores, key=len, reverse=True)
+        self._core_pattern = re.compile("|".join(map(re.escape, cores))) if cores else None
         self._heads = {f[:n] for f in self._forms for n in range(MIN_FRAGMENT, len(f))}
         self._tails = {f[-n:] for f in self._forms for n in range(MIN_FRAGMENT, len(f))}
         self._longest = max(map(len, self._forms), default=0)
@@ -140,16 +177,46 @@ class Redactor:
     def extend(self, other: "Redactor") -> None:
         """Also redact everything ``other`` redacts."""
         self._forms |= other._forms
+        self._cores |= other._cores
         self.add()
 
     def __call__(self, text: str) -> str:
         """``text`` with every secret form and credential shape replaced by :data:`MASK`,
         and a secret's start at its end (or a secret's end at its start) too."""
+        if self._core_pattern is not None:
+            text = self._redact_base64(text)
         if self._pattern is not None:
             text = self._trim_fragments(self._pattern.sub(MASK, text))
         for pattern, replacement in _SHAPES:
             text = pattern.sub(replacement, text)
         return text
+
+    def _redact_base64(self, text: str) -> str:
+        """``text`` with every base64 token that holds a secret's core replaced whole
+        (the token: the run of base64 characters around the core, and its ``=``
+        padding). One pass over ``text`` for the cores, then only around a hit."""
+        assert self._core_pattern is not None
+        spans: list[tuple[int, int]] = []
+        for match in self._core_pattern.finditer(text):
+            start, end = match.span()
+            if spans and start < spans[-1][1]:
+                continue  # inside a token already redacted
+            while start > 0 and text[start - 1] in _BASE64_CHARS:
+                start -= 1
+            while end < len(text) and text[end] in _BASE64_CHARS:
+                end += 1
+            pad = end
+            while pad < len(text) and pad - end < 2 and text[pad] == "=":
+                pad += 1
+            spans.append((start, pad))
+        if not spans:
+            return text
+        parts, at = [], 0
+        for start, end in spans:
+            parts += [text[at:start], MASK]
+            at = end
+        parts.append(text[at:])
+        return "".join(parts)
 
     def _trim_fragments(self, text: str) -> str:
         """``text`` without a cut-off secret at either end (see the module doc)."""

@@ -3,14 +3,18 @@
 Admission, in order: the request frame arrives in time and decodes; its signature
 verifies; its signer is the peer at the other end of the stream (Noise
 authenticated that peer, so nobody can spend someone else's signed request); the
-replay guard passes it (audience, age, nonce); the model is served; the advertised
+replay guard passes it (audience, age, a nonce not seen before; nothing is stored
+yet); the executor is not draining; the model is served; the advertised
 price is within the request's caps; ``max_tokens`` is within the model's context
 window (``MAX_TOKENS_OVER_CONTEXT``); the model supports what the request needs; the
 client peer is within its rate limits (``_rate``: ``RATE_LIMITED``, retryable); the
 request's worst case is within its ``max_cost`` (``_cost_cap``: ``PRICE_CAP_EXCEEDED``;
-without ``max_tokens`` the generation is capped to what ``max_cost`` buys instead); a
-generation slot is free, or comes within the queue deadline (``_queue``: a full queue
-or a wait that runs out is ``OVER_CAPACITY``, retryable, with ``retry_after``). Every
+without ``max_tokens`` the generation is capped to what ``max_cost`` buys instead); the
+nonce is stored (``_remember``: ``REPLAYED_NONCE`` for a copy that raced, ``PEER_LIMIT``
+when the peer holds its share of the replay memory, ``OVER_CAPACITY`` when it is full),
+last, so a refused request never holds one; a generation slot is free, or comes
+within the queue deadline (``_queue``: a full queue or a wait that runs out is
+``OVER_CAPACITY``, retryable, with ``retry_after``). Every
 refusal is an error frame with a stable code, never a bare reset. While a request
 waits for a slot it gets no frame; the server watches its stream meanwhile, so a
 client that leaves is dropped from the queue at once.
@@ -283,6 +287,7 @@ class InferenceServer(Admission, CachedAnswers, Billing):
         peer = stream.remote_peer
         self.rate.admit(peer, now=trio.current_time())  # RATE_LIMITED
         params = await self._cap_cost(request, entry, params)  # PRICE_CAP_EXCEEDED
+        self._remember(request, peer)  # REPLAYED_NONCE, OVER_CAPACITY, PEER_LIMIT: the nonce is stored last
         output = Output()
         served: list[PoolMember] = []  # the pool member that answered (``_pool``)
 

@@ -1,7 +1,8 @@
 """Admitting a request, and refusing it: the checks of the request frame that come
-before anything is generated (signature, signer = the stream's peer, replay guard, the
-drain, the model, its backends, the price caps, ``max_tokens`` within the model's
-context window), and the error frame a refusal or a
+before anything is generated (signature, signer = the stream's peer, audience, age and
+a known nonce, the drain, the model, its backends, the price caps, ``max_tokens``
+within the model's context window), the last step of admission (``_remember``: the
+nonce is stored, once every other check passed), and the error frame a refusal or a
 failure becomes (loomnet's words only, with a partial answer's receipt).
 
 A mixin of :class:`~loomnet.node._server.InferenceServer` (its ``catalog``,
@@ -58,7 +59,10 @@ class Admission:
             raise RequestRejected(
                 "request is signed by another peer than the one sending it", code=ErrorCode.SIGNER_MISMATCH
             )
-        self.replay.check(request, now=self.clock())
+        # audience, age, a nonce known already: nothing is remembered yet. The nonce is
+        # stored last (``_remember``), once every other check passed: a request refused
+        # for anything else must not hold a slot of the replay memory
+        self.replay.fresh(request, now=self.clock())
         if self.draining:
             raise RequestRejected("this executor is shutting down; try another", code=ErrorCode.SHUTTING_DOWN,
                                   retryable=True)  # fmt: skip
@@ -91,6 +95,18 @@ class Admission:
                 retryable=True,
             )
         return frame.envelope.payload, request, entry
+
+    def _remember(self, request: InferenceRequest, peer: str) -> None:
+        """The last step of admission: the request's nonce is checked again and stored
+        (no ``await`` between the check and the store, so of copies that raced past
+        ``_admit`` exactly one runs). Last, so that a request refused for its rate, its
+        model, its price... never holds a slot of the replay memory.
+
+        Raises:
+            RequestRejected: ``REPLAYED_NONCE``; ``OVER_CAPACITY`` (the memory is full);
+                ``PEER_LIMIT`` (``peer`` holds its share of it), both retryable.
+        """
+        self.replay.remember(request, now=self.clock(), peer=peer)
 
     async def _send_error(self, stream: P2PStream, conn: InferenceConnection, exc: LoomError) -> None:
         frame = ErrorFrame(  # a peer gets loomnet's words only; exc.message went to the log

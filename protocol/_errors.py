@@ -93,7 +93,8 @@ class ErrorCode(enum.IntEnum):
     #: The request did not arrive before the executor's read deadline.
     REQUEST_TIMEOUT = 210
     #: The peer holds more connections, streams or buffered bytes than the executor
-    #: allows one peer (or all peers together); retry once some finish.
+    #: allows one peer (or all peers together), or its whole share of the executor's
+    #: replay memory (its recent requests' nonces); retry once some finish.
     PEER_LIMIT = 211
     #: The client peer is over one of the executor's rate limits (requests or tokens
     #: per minute); retry after ``retry_after`` seconds.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import random
+import re
 from urllib.parse import quote, quote_plus
 
 import httpx
@@ -87,6 +89,75 @@ def test_url_secrets_and_short_secrets():
     assert set(url_secrets("http://user:p%40ss@h/v1?api_key=k3y&model=x")) >= {"p%40ss", "p@ss", "user:p@ss", "k3y"}
     assert url_secrets("http://h/v1?model=x") == [] and url_secrets(None) == []
     assert Redactor(["ab"])("absolutely") == "absolutely"  # too short to search for by value
+
+
+def decoded_leaks(text: str, secret: str = KEY) -> list[str]:
+    """The base64 runs in ``text`` that decode (either alphabet, at any of the 4 offsets
+    a run may start at, padded or not) to bytes holding 8 bytes of ``secret`` in a row:
+    a leak the redactor's own shapes cannot hide from this check."""
+    raw, found = secret.encode(), []
+    pieces = {raw[i:i + 8] for i in range(len(raw) - 7)}
+    for run in re.findall(r"[A-Za-z0-9+/_-]{4,}", text):
+        for shift in range(4):
+            chunk = run[shift:].translate(str.maketrans("-_", "+/"))  # either alphabet
+            chunk = chunk[: len(chunk) - 1] if len(chunk) % 4 == 1 else chunk
+            decoded = base64.b64decode(chunk + "=" * (-len(chunk) % 4))
+            if any(piece in decoded for piece in pieces):
+                found.append(run)
+    return found
+
+
+def test_base64_of_anything_around_a_key_is_redacted():
+    # Basic auth for a user the redactor was never told about, a key inside an encoded
+    # JSON body, with 0..5 characters or random bytes before it and after it, in the
+    # standard and the URL-safe alphabet, padded or not, in a header or a JSON body
+    rng = random.Random(13)
+    redact = Redactor([KEY])
+    prefixes = ["", ":", *("abcdef"[:n] + ":" for n in range(6)),
+                *(rng.randbytes(rng.randrange(1, 40)) for _ in range(30))]
+    suffixes = [b"", b"\n", b'", "x": 1}', *(rng.randbytes(rng.randrange(1, 9)) for _ in range(5))]
+    checked = 0
+    for prefix in prefixes:
+        for suffix in suffixes:
+            blob = (prefix.encode() if isinstance(prefix, str) else prefix) + KEY.encode() + suffix
+            for encode in (base64.b64encode, base64.urlsafe_b64encode):
+                for token in (encode(blob).decode(), encode(blob).decode().rstrip("=")):
+                    for text in (f"upstream echoed Authorization: Basic {token}\r\n",
+                                 f"upstream echoed authorization: basic {token}",
+                                 json.dumps({"headers": {"authorization": token}, "status": 401}),
+                                 json.dumps({"auth": token}, separators=(",", ":")),
+                                 f"x-debug={token};next"):
+                        out = redact(text)
+                        assert decoded_leaks(out) == [] and token not in out and MASK in out, (prefix, suffix, out)
+                        checked += 1
+    assert decoded_leaks(base64.b64encode(b"bob:" + KEY.encode()).decode()) != []  # the check itself sees a leak
+    assert checked > 3000
+
+
+def test_base64_redaction_masks_the_token_and_keeps_the_rest():
+    redact = Redactor([KEY])
+    innocent = base64.b64encode(bytes(range(256))).decode()  # not the key: untouched
+    token = base64.b64encode(b"alice:" + KEY.encode()).decode()
+    text = json.dumps({"authorization": f"Basic {token}", "user_agent": "curl/8", "blob": innocent})
+    out = redact(text)
+    assert json.loads(out) == {"authorization": f"Basic {MASK}", "user_agent": "curl/8", "blob": innocent}
+    assert redact(f"{token},{token} and {token}") == f"{MASK},{MASK} and {MASK}"
+
+
+def test_base64_of_a_key_in_a_log_record_is_redacted(caplog):
+    caplog.set_level(logging.DEBUG)
+    uninstall = install_log_redaction(Redactor([KEY]))
+    try:
+        for user in ("", "u", "us", "usr", "user", "admin"):
+            token = base64.b64encode(f"{user}:{KEY}".encode()).decode()
+            echo = {"echo": {"authorization": f"basic {token}"}}
+            logging.getLogger("loomnet.backend").warning("provider error: %s", echo)
+    finally:
+        uninstall()
+    assert len(caplog.records) == 6
+    for record in caplog.records:
+        text = logging.Formatter().format(record)
+        assert decoded_leaks(text) == [] and leaks(text) == [], text
 
 
 # ---------------------------------------------------------------- config
@@ -270,6 +341,30 @@ async def test_a_key_quoted_at_the_end_of_a_long_error_is_redacted_whole(provide
         found = [p for p in pieces if p in str(error) or p in repr(error) or p in error.peer_message]
         assert found == [], f"key at {at}: {error.message[-80:]!r}"
         assert len(error.message) <= MAX_MESSAGE and "xxxx" in error.message  # clipped, the why kept
+
+
+@pytest.mark.parametrize("provider", ADAPTERS)
+async def test_a_provider_echoing_basic_auth_of_the_key_for_any_user_never_shows_it(provider):
+    # The review's repro: a proxy in front of the provider echoes the Authorization
+    # header it got, Basic auth of ``<user>:<key>`` for a user the executor never named
+    for user in ("", "a", "ab", "abc", "abcd", "proxy-user"):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            token = encode(f"{user}:{LONG_KEY}".encode()).decode()
+            text = f"upstream refused credentials (authorization: basic {token})"
+            status, body, kind = _error_body(provider, "status", text)
+            transport = httpx.MockTransport(
+                lambda r, status=status, body=body, kind=kind: httpx.Response(status, content=body,
+                                                                              headers={"content-type": kind}))
+            config = BackendConfig(provider=provider, api_key=LONG_KEY, models=["m"], max_retries=0)
+            async with ADAPTERS[provider](config, transport=transport) as backend:
+                with pytest.raises(BackendError) as info:
+                    async with backend.stream_chat(ChatParams(model="m", messages=HELLO)) as events:
+                        async for _ in events:
+                            pass
+            error = info.value
+            for shown in (str(error), repr(error), error.message, error.peer_message):
+                assert decoded_leaks(shown, LONG_KEY) == [] and token not in shown, (user, shown)
+            assert "upstream refused credentials" in error.message  # the why stays
 
 
 # ---------------------------------------------------------------- nothing a peer sends selects a URL
