@@ -115,9 +115,9 @@ async def test_a_short_prompt_is_counted_without_a_thread_hop(monkeypatch):
     tokens.count("warm")  # the client loads its encoding at start (open_client)
     hops = []
 
-    async def no_hop(fn, *args, **kwargs):
+    async def no_hop(fn, *args, limiter=None, abandon_on_cancel=False, thread_name=None):  # trio's own keywords
         hops.append(fn)
-        return fn(*args, **kwargs)
+        return fn(*args)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", no_hop)
     await acount_prompt_tokens(tokens, HELLO, GenerationOptions())

@@ -29,9 +29,10 @@ async def test_a_model_name_no_header_may_hold_is_escaped_in_the_header(nursery,
     offers a name with control characters: that check is switched off here, as a modified
     executor would): the answer still comes, the name is %-escaped in ``x-loomnet-model``
     (no header is injected) and intact in the body."""
-    from loomnet.node import _catalog
+    from loomnet.node import _catalog, _config_terms
 
     monkeypatch.setattr(_catalog, "_printable", lambda name: True)
+    monkeypatch.setattr(_config_terms, "bad_character", lambda name: None)  # its config check too
     hostile = "evil\r\nset-cookie: stolen=1 \u00fc"
     fake = FakeOpenAI(flavour="vllm")
     executor = await start_fake_executor(nursery, tmp_path, fake, provider="vllm", backend_model=hostile)
