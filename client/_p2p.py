@@ -55,7 +55,9 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   with which a peer could claim any peer id.
 - X. Closing a connection does not sleep: yamux's close and the swarm's connection
   cleanup each slept 0.1 s (a leaving client took ~0.2-0.3 s).
-  I to X, with measurements: ``docs/network.md``.
+- Z. Yamux returns flow-control credit as go-yamux does, at half a window
+  (``_p2p_yamux``): libp2p sent a WINDOW_UPDATE frame for almost every read.
+  I to Z, with measurements: ``docs/network.md``.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ with lean_imports():  # trap V: only the libp2p that loomnet runs
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamReset
-    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_GO_AWAY, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux
+    from libp2p.stream_muxer.yamux.yamux import FLAG_SYN, TYPE_GO_AWAY, TYPE_PING, YAMUX_HEADER_FORMAT, Yamux, YamuxStream
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
     from libp2p.tools.anyio_service import background_trio_service
     from libp2p.transport.manager import TransportManager
@@ -133,6 +135,7 @@ from ._p2p_gossip import (
 )
 from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, prompt_cleanup, redial_only
 from ._p2p_guard import PeerGuard, guarded_muxer
+from ._p2p_yamux import credit_at_half_window
 from ._p2p_swarm import guard_inbound, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
@@ -181,6 +184,10 @@ multiaddr_ip4.Codec.to_bytes, multiaddr_ip4.Codec.to_string = ip4_codec(BinaryPa
 assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"
 assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
 SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
+# Trap Z: flow-control credit at half a window (go-yamux), not a WINDOW_UPDATE per read.
+for _name in ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch", "_auto_tune_and_send_window_update"):
+    assert hasattr(YamuxStream, _name), "libp2p changed: see trap Z"
+YamuxStream._auto_tune_and_send_window_update = credit_at_half_window  # type: ignore[method-assign]
 # Trap T: the signed peer record in every pubsub RPC is not stored.
 for _module in (pubsub_module, gossipsub_module):
     assert hasattr(_module, "maybe_consume_signed_record"), "libp2p changed: see trap T"
