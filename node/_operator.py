@@ -245,15 +245,20 @@ def _sockets(hc: Config, config: OperatorConfig) -> Sockets:
     ports = [config.port] if config.port is not None else [DEFAULT_OPERATOR_PORT, 0]
     for i, port in enumerate(ports):
         hc.bind = [f"{host}:{port}"]
+        sockets = None
         try:
             sockets = hc.create_sockets()
+            # listen() can fail too: with SO_REUSEADDR, two processes starting at once
+            # both bind the port, and the second to listen gets EADDRINUSE here
+            for sock in sockets.insecure_sockets:
+                sock.listen(hc.backlog)
         except OSError as exc:
+            for sock in sockets.insecure_sockets if sockets is not None else ():
+                sock.close()
             if exc.errno == errno.EADDRINUSE and i + 1 < len(ports):
                 log.info("port %d is taken; the operator endpoint takes a free one", port)
                 continue
             raise
-        for sock in sockets.insecure_sockets:
-            sock.listen(hc.backlog)
         return sockets
     raise OSError(errno.EADDRINUSE, "no port")  # pragma: no cover - the free port never fails so
 

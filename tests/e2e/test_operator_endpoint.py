@@ -5,6 +5,8 @@ canary API key appears nowhere in what the endpoint answers."""
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import msgspec
 import pytest
@@ -144,15 +146,33 @@ async def test_not_ready_when_no_model_can_be_served(nursery, tmp_path, monkeypa
     assert status["models"][0]["offered"] is False
 
 
-async def test_the_default_port_falls_back_to_a_free_one_when_taken(nursery, tmp_path, monkeypatch):
+@pytest.mark.parametrize("holder_state", ["listening", "bound, not yet listening"])
+async def test_the_default_port_falls_back_to_a_free_one_when_taken(nursery, tmp_path, monkeypatch, holder_state):
+    """"bound, not yet listening": another executor starting at the same moment (both
+    bind with SO_REUSEADDR, the second to listen() gets EADDRINUSE); it crashed the
+    executor at start with ``OSError: [Errno 98]`` (seen when the benches started two)."""
     import socket
 
     from loomnet.node._operator import DEFAULT_OPERATOR_PORT
 
     holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         holder.bind(("127.0.0.1", DEFAULT_OPERATOR_PORT))
-        holder.listen()
+        if holder_state == "listening":
+            holder.listen()
+        else:  # the other process listens between our bind and our listen
+            from hypercorn.config import Config
+
+            create_sockets = Config.create_sockets
+
+            def bound_then_beaten(self):
+                sockets = create_sockets(self)
+                with contextlib.suppress(OSError):
+                    holder.listen()
+                return sockets
+
+            monkeypatch.setattr(Config, "create_sockets", bound_then_beaten)
     except OSError:
         pass  # another process holds it already: the same case
     try:
