@@ -9,6 +9,8 @@ other end of its stream.
 
 from __future__ import annotations
 
+import functools
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -46,10 +48,21 @@ def _b58decode(text: str) -> bytes:
     return b"\0" * pad + body
 
 
+#: Peer ids remembered: every request, receipt and ack names its signer by a key,
+#: usually one of a few peers'; a peer sending new keys only evicts.
+_KEY_CACHE = 4096
+
+
 def peer_id_from_public_key(public_key: bytes) -> str:
     """The libp2p peer id (``12D3KooW...``) of a raw 32-byte Ed25519 public key."""
     if len(public_key) != 32:
         raise SignatureError(f"an Ed25519 public key is 32 bytes, not {len(public_key)}")
+    return _peer_id(bytes(public_key))
+
+
+@functools.lru_cache(maxsize=_KEY_CACHE)
+def _peer_id(public_key: bytes) -> str:
+    # base58 of 38 bytes in Python is ~15 us, three times per request (issue 9)
     return _b58encode(_PEER_ID_PREFIX + public_key)
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from loomnet.protocol import (
@@ -46,3 +48,14 @@ def test_seed_must_be_32_bytes():
     with pytest.raises(Exception) as info:
         SigningKey(b"short")
     assert info.value.code.name == "CONFIG_INVALID"
+
+
+def test_peer_ids_are_remembered_within_a_bound_and_stay_right() -> None:
+    """The peer-id cache (base58 costs ~15 us, three times per request) never answers
+    for the wrong key, and a peer sending ever new keys cannot grow it."""
+    from loomnet.protocol._identity import _KEY_CACHE, _b58encode, _peer_id, _PEER_ID_PREFIX
+
+    keys = [os.urandom(32) for _ in range(_KEY_CACHE + 50)]
+    for key in keys + keys[:10] + [bytearray(keys[0]), memoryview(keys[1])]:
+        assert peer_id_from_public_key(key) == _b58encode(_PEER_ID_PREFIX + bytes(key))
+    assert _peer_id.cache_info().currsize <= _KEY_CACHE
