@@ -55,7 +55,7 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   with which a peer could claim any peer id.
 - X. Closing a connection does not sleep: yamux's close and the swarm's connection
   cleanup each slept 0.1 s (a leaving client took ~0.2-0.3 s).
-- Z. Yamux returns flow-control credit as go-yamux does, at half a window
+- Z. Yamux returns flow-control credit once 16 KiB is owed, in a fixed 256 KiB window
   (``_p2p_yamux``): libp2p sent a WINDOW_UPDATE frame for almost every read.
   I to Z, with measurements: ``docs/network.md``.
 """
@@ -135,7 +135,7 @@ from ._p2p_gossip import (
 )
 from ._p2p_dials import NoNegativeCache, close_peer_fully, dial_on_request, prompt_cleanup, redial_only
 from ._p2p_guard import PeerGuard, guarded_muxer
-from ._p2p_yamux import credit_at_half_window
+from ._p2p_yamux import credit_when_owed
 from ._p2p_swarm import guard_inbound, use_muxer
 from ._p2p_types import (
     _CLEANUP_TIMEOUT,
@@ -184,10 +184,9 @@ multiaddr_ip4.Codec.to_bytes, multiaddr_ip4.Codec.to_string = ip4_codec(BinaryPa
 assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"
 assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
 SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
-# Trap Z: flow-control credit at half a window (go-yamux), not a WINDOW_UPDATE per read.
-for _name in ("_grow_threshold", "_grow_to_delta", "_apply_autotune_epoch", "_auto_tune_and_send_window_update"):
-    assert hasattr(YamuxStream, _name), "libp2p changed: see trap Z"
-YamuxStream._auto_tune_and_send_window_update = credit_at_half_window  # type: ignore[method-assign]
+# Trap Z: flow-control credit once 16 KiB is owed, not a WINDOW_UPDATE per read.
+assert hasattr(YamuxStream, "_auto_tune_and_send_window_update"), "libp2p changed: see trap Z"
+YamuxStream._auto_tune_and_send_window_update = credit_when_owed  # type: ignore[method-assign]
 # Trap T: the signed peer record in every pubsub RPC is not stored.
 for _module in (pubsub_module, gossipsub_module):
     assert hasattr(_module, "maybe_consume_signed_record"), "libp2p changed: see trap T"

@@ -1,11 +1,13 @@
-"""Yamux flow-control credit goes back at half a window, as go-yamux sends it (trap Z),
-against real py-libp2p hosts on 127.0.0.1.
+"""Yamux flow-control credit goes back once 16 KiB is owed, in a fixed 256 KiB window
+(trap Z), against real py-libp2p hosts on 127.0.0.1.
 
 py-libp2p 0.8.1 sent a WINDOW_UPDATE frame for almost every read (6.3 of them for 4
 data frames per request on a session stream): each a Noise message and a socket write,
 most of what py-libp2p added to a request. Fails without ``client/_p2p_yamux``.
-The bulk tests hold the other half: with credit returned less often, a stream moving
-many windows' worth of bytes, read in small pieces or slowly, still never stalls.
+The other tests hold the other half: with credit returned less often, nothing stalls
+(py-libp2p's writer gives up after 5 s without credit, so credit held back for half a
+window starved a sender whose reader took 100 KB and paused, or who answered before
+reading the rest), and no stream buffers past its window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import trio
 
 from loomnet.client._p2p import P2PConfig, P2PNode, P2PStream
+from loomnet.client._p2p_yamux import CREDIT_AT
 
 from ..limits import fail_after
 
@@ -97,8 +100,9 @@ async def test_small_messages_back_and_forth_send_no_window_update(nodes: Any) -
         assert await read_exactly(stream, 4, piece=4) == len(body).to_bytes(4, "big")
         assert await read_exactly(stream, size, piece=size) == body
     await stream.close()
-    # 600 reads a side; the bytes each way pass half a window only once
-    assert counted[0] <= 4, f"{counted[0]} window updates for {rounds} round trips"
+    # 600 reads a side: credit once per 16 KiB each way, not once or twice per read
+    each_way = rounds * (4 + size)
+    assert counted[0] <= 2 * (each_way // CREDIT_AT + 1), f"{counted[0]} window updates for {rounds} round trips"
 
 
 @pytest.mark.parametrize("reader", ["small pieces", "slow"])
@@ -130,8 +134,9 @@ async def test_many_windows_of_bulk_data_never_stall(nodes: Any, reader: str) ->
             await trio.sleep(0.05)  # the sender fills the window and waits for credit
     await sent.wait()
     assert bytes(got) == payload
-    # credit at half a window (the window may grow): a few dozen updates, not one per read
-    assert 1 <= counted[0] <= total // (WINDOW // 2) + 2, counted[0]
+    # at least one credit per window (else the sender could not have sent it all), at
+    # most one per 16 KiB read: ~200, not one per read (3 000 of 1 000 bytes)
+    assert total // WINDOW <= counted[0] <= total // CREDIT_AT + 2, counted[0]
     await stream.close()
 
 
@@ -160,4 +165,97 @@ async def test_bulk_both_ways_at_once_never_stalls(nodes: Any) -> None:
 
         inner.start_soon(send)
         assert await read_exactly(stream, total, piece=4096) == b"s" * total
+    await stream.close()
+
+
+async def write_then_read(stream: P2PStream, out: bytes, size: int) -> bytes:
+    await stream.send_all(out, timeout=10)
+    return await read_exactly(stream, size)
+
+
+@fail_after(60)
+async def test_a_reader_that_takes_a_message_and_pauses_leaves_its_sender_going(nodes: Any) -> None:
+    """300 KB in one write; the reader takes the first 100 KB, then works on it for
+    longer than py-libp2p's writer waits for credit (5 s). Held back for half a window
+    (128 KiB), the 100 KB's credit never went, and the write failed after 5 s."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    message = 100 * 1024
+    payload = os.urandom(3 * message)
+    outcome: list[str] = []
+
+    async def send(stream: P2PStream) -> None:
+        await stream.receive_some(1, timeout=10)
+        try:
+            await stream.send_all(payload, timeout=30)
+            outcome.append("sent")
+        except Exception as exc:  # noqa: BLE001 - the test reports it
+            outcome.append(repr(exc))
+        await stream.close()
+
+    server.set_stream_handler(BULK, send)
+    stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
+    await stream.send_all(b"g", timeout=5)
+    first = await read_exactly(stream, message)
+    await trio.sleep(5.5)
+    assert first + await read_exactly(stream, 2 * message) == payload
+    assert outcome == ["sent"]
+    await stream.close()
+
+
+@fail_after(60)
+async def test_both_sides_writing_more_than_a_window_before_reading_all_never_stall(nodes: Any) -> None:
+    """The server writes 300 KB, then reads; the client reads 100 KB of it, answers with
+    300 KB, then reads the rest. Nobody pauses; with credit held back for half a window
+    both writes waited for credit that never came, and both failed after 5 s."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    message = 100 * 1024
+    served = trio.Event()
+
+    async def serve(stream: P2PStream) -> None:
+        await stream.receive_some(1, timeout=10)
+        assert await write_then_read(stream, b"s" * 3 * message, 3 * message) == b"c" * 3 * message
+        served.set()
+        await stream.close()
+
+    server.set_stream_handler(BULK, serve)
+    stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
+    await stream.send_all(b"g", timeout=5)
+    assert await read_exactly(stream, message) == b"s" * message
+    assert await write_then_read(stream, b"c" * 3 * message, 2 * message) == b"s" * 2 * message
+    with trio.fail_after(10):
+        await served.wait()
+    await stream.close()
+
+
+@fail_after(60)
+async def test_a_fast_sender_never_gets_past_the_window(nodes: Any) -> None:
+    """Credit is what the reader took, never ahead of it, and the window stays 256 KiB
+    (py-libp2p's auto-tuning doubled it on the first credit, up to 16 MiB, past trap K's
+    8 MiB bound on unread bytes): what waits unread stays within one window."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    total = 8 * WINDOW
+
+    async def bulk(stream: P2PStream) -> None:
+        await stream.receive_some(1, timeout=10)
+        await stream.send_all(b"b" * total, timeout=30)
+        await stream.close()
+
+    server.set_stream_handler(BULK, bulk)
+    stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
+    muxed = stream._stream.muxed_stream
+    buffers = muxed.conn.stream_buffers
+    await stream.send_all(b"g", timeout=5)
+    got, most_waiting, reads = 0, 0, 0
+    while got < total:
+        most_waiting = max(most_waiting, len(buffers.get(muxed.stream_id, b"")))
+        got += len(await stream.receive_some(1000, timeout=10))
+        reads += 1
+        if reads % 50 == 0:
+            await trio.sleep(0.01)  # the sender catches up and fills the window
+    assert got == total
+    assert 0 < most_waiting <= WINDOW, most_waiting
+    assert muxed.target_recv_window == WINDOW
     await stream.close()
