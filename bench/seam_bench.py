@@ -11,7 +11,12 @@ blocks alternating between two transports, ``--rounds`` rounds:
   side (``client/_memory_stream.py``): no libp2p, no sockets; what is measured is
   loomnet alone;
 * **libp2p**: two ``P2PNode``s on loopback (Noise, yamux), the executor's node serving
-  ``/loomnet/infer/2`` and ``/1`` with the same ``InferenceServer.handle``.
+  ``/loomnet/infer/2`` and ``/1`` with the same ``InferenceServer.handle``;
+* **libp2p, py-libp2p's credit rule**: the same two nodes with yamux's flow-control
+  credit sent by py-libp2p's own rule (a ``WINDOW_UPDATE`` after almost every read)
+  instead of trap Z's (``client/_p2p_yamux.py``; credit once 16 KiB is owed), swapped in
+  for that path's blocks only: trap Z's effect measured in the same run. The window
+  updates each path writes per request are counted at the muxers.
 
 Both sides run in this process, so CPU per request is the two sides together
 (``time.process_time``); wall per request is one request's whole exchange, receipt and
@@ -24,11 +29,13 @@ Run: ``make bench-seam`` or ``.venv/bin/python bench/seam_bench.py [--quick] [--
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import trio
@@ -42,6 +49,7 @@ from loomnet.client import Ledger, P2PConfig, TokenCounter  # noqa: E402
 from loomnet.client._chat_stream import ChatStream, RequestOptions, StreamKit  # noqa: E402
 from loomnet.client._memory_stream import MemoryStreamOpener  # noqa: E402
 from loomnet.client._offers import Offer  # noqa: E402
+from loomnet.client import _p2p  # noqa: E402
 from loomnet.client._p2p import P2PNode  # noqa: E402
 from loomnet.client._session_pool import SessionPool  # noqa: E402
 from loomnet.node._catalog import Catalog  # noqa: E402
@@ -79,7 +87,8 @@ async def run(args: argparse.Namespace, report: Report) -> None:
                 info = await nursery.start(executor_node.run)
                 await nursery.start(client_node.run)
                 paths = {}
-                for name, opener, addrs in (("memory", memory, []), ("libp2p", client_node, list(info.addrs))):
+                for name, opener, addrs in (("memory", memory, []), ("libp2p", client_node, list(info.addrs)),
+                                            (OLD_CREDIT, client_node, list(info.addrs))):  # fmt: skip
                     kit = StreamKit(opener=opener, key=client_key, ledger=client_ledger, tokens=tokens,
                                     sessions=SessionPool(opener))  # fmt: skip
                     offer = Offer(executor=executor_key.peer_id, model=model, expires_at=float("inf"),
@@ -97,19 +106,25 @@ async def run(args: argparse.Namespace, report: Report) -> None:
                     finally:
                         await stream.aclose()
 
-                wall: dict[str, list[float]] = {"memory": [], "libp2p": []}
-                cpu: dict[str, list[float]] = {"memory": [], "libp2p": []}
+                wall: dict[str, list[float]] = {name: [] for name in paths}
+                cpu: dict[str, list[float]] = {name: [] for name in paths}
+                updates: dict[str, list[float]] = {name: [] for name in paths}
                 for name in paths:  # warm: sessions opened, connections made, caches filled
-                    for _ in range(args.warmup):
-                        await ask(name)
-                for r in range(args.rounds):
-                    order = ("memory", "libp2p") if r % 2 == 0 else ("libp2p", "memory")
-                    for name in order:
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        for _ in range(args.requests):
+                    with credit_rule(name):
+                        for _ in range(args.warmup):
                             await ask(name)
-                        cpu[name].append((time.process_time() - c0) / args.requests * 1000)
-                        wall[name].append((time.perf_counter() - t0) / args.requests * 1000)
+                counted = count_window_updates(client_node, executor_node)
+                for r in range(args.rounds):
+                    order = list(paths) if r % 2 == 0 else list(reversed(paths))
+                    for name in order:
+                        with credit_rule(name):
+                            before = counted[0]
+                            c0, t0 = time.process_time(), time.perf_counter()
+                            for _ in range(args.requests):
+                                await ask(name)
+                            cpu[name].append((time.process_time() - c0) / args.requests * 1000)
+                            wall[name].append((time.perf_counter() - t0) / args.requests * 1000)
+                            updates[name].append((counted[0] - before) / args.requests)
                 stats = server.statistics()
                 nursery.cancel_scope.cancel()
         finally:
@@ -121,7 +136,46 @@ async def run(args: argparse.Namespace, report: Report) -> None:
         mem, p2p = statistics.median(samples["memory"]), statistics.median(samples["libp2p"])
         report.row(case, metric, "ms", p2p, baseline=mem, compare="added", note=note)
         report.row(case, metric + ", libp2p / memory", "x", p2p / mem if mem else float("nan"))
-    report.extra = {"wall_ms": wall, "cpu_ms": cpu, "server": {"served": stats.served, "sessions": stats.sessions}}
+        old = statistics.median(samples[OLD_CREDIT])
+        report.row(case, metric + ", py-libp2p's credit rule -> trap Z", "ms", p2p, baseline=old, compare="ratio",
+                   note="baseline: the libp2p path with py-libp2p's own yamux credit rule")  # fmt: skip
+    report.row(case, "window updates per request, py-libp2p's credit rule -> trap Z", "frames",
+               statistics.median(updates["libp2p"]), baseline=statistics.median(updates[OLD_CREDIT]))  # fmt: skip
+    report.extra = {"wall_ms": wall, "cpu_ms": cpu, "window_updates": updates,
+                    "server": {"served": stats.served, "sessions": stats.sessions}}  # fmt: skip
+
+
+OLD_CREDIT = "libp2p, py-libp2p's credit rule"
+
+
+@contextlib.contextmanager
+def credit_rule(path: str) -> Iterator[None]:
+    """py-libp2p's own yamux credit rule while ``path`` is ``OLD_CREDIT``'s blocks run."""
+    stream_class = _p2p.YamuxStream
+    ours = stream_class._auto_tune_and_send_window_update
+    if path == OLD_CREDIT:
+        stream_class._auto_tune_and_send_window_update = _p2p.LIBP2P_CREDIT_RULE
+    try:
+        yield
+    finally:
+        stream_class._auto_tune_and_send_window_update = ours
+
+
+def count_window_updates(*nodes: P2PNode) -> list[int]:
+    """Count, from now on, the plain WINDOW_UPDATE frames (credit: no SYN/ACK/FIN/RST
+    flags) the open connections of ``nodes`` write; ``[count]``, updated in place."""
+    counted = [0]
+    for node in nodes:
+        for muxer in node._guard.open_muxers():
+            write = muxer._write_frame
+
+            async def counting(data: bytes, write=write) -> None:  # noqa: ANN001
+                if data[1] == 1 and data[2:4] == b"\0\0":  # type WINDOW_UPDATE, no flags
+                    counted[0] += 1
+                await write(data)
+
+            muxer._write_frame = counting
+    return counted
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -186,6 +186,8 @@ assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
 SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
 # Trap Z: flow-control credit once 16 KiB is owed, not a WINDOW_UPDATE per read.
 assert hasattr(YamuxStream, "_auto_tune_and_send_window_update"), "libp2p changed: see trap Z"
+#: py-libp2p's own rule, kept for ``bench/seam_bench.py``'s same-run comparison
+LIBP2P_CREDIT_RULE = YamuxStream._auto_tune_and_send_window_update
 YamuxStream._auto_tune_and_send_window_update = credit_when_owed  # type: ignore[method-assign]
 # Trap T: the signed peer record in every pubsub RPC is not stored.
 for _module in (pubsub_module, gossipsub_module):
