@@ -55,8 +55,9 @@ rest of loomnet plain trio channels, ``str`` peer ids, ``bytes`` and our excepti
   with which a peer could claim any peer id.
 - X. Closing a connection does not sleep: yamux's close and the swarm's connection
   cleanup each slept 0.1 s (a leaving client took ~0.2-0.3 s).
-- Z. Yamux returns flow-control credit once 16 KiB is owed, in a fixed 256 KiB window
-  (``_p2p_yamux``): libp2p sent a WINDOW_UPDATE frame for almost every read.
+- Z. Yamux flow-control credit once 16 KiB is owed (or sooner while the sender may be
+  waiting), in a fixed window of one whole frame (``_p2p_yamux``): libp2p sent a
+  WINDOW_UPDATE frame for almost every read.
   I to Z, with measurements: ``docs/network.md``.
 """
 
@@ -184,7 +185,7 @@ multiaddr_ip4.Codec.to_bytes, multiaddr_ip4.Codec.to_string = ip4_codec(BinaryPa
 assert 0.1 in SwarmConn._cleanup.__code__.co_consts, "libp2p changed: see trap X"
 assert 0.1 in Yamux.close.__code__.co_consts, "libp2p changed: see trap X"
 SwarmConn._cleanup = prompt_cleanup  # type: ignore[method-assign]
-# Trap Z: flow-control credit once 16 KiB is owed, not a WINDOW_UPDATE per read.
+# Trap Z: flow-control credit once 16 KiB is owed, in a one-frame window, not a WINDOW_UPDATE per read.
 assert hasattr(YamuxStream, "_auto_tune_and_send_window_update"), "libp2p changed: see trap Z"
 #: py-libp2p's own rule, kept for ``bench/seam_bench.py``'s same-run comparison
 LIBP2P_CREDIT_RULE = YamuxStream._auto_tune_and_send_window_update

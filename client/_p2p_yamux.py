@@ -1,4 +1,5 @@
-"""Yamux flow-control credit returned once 16 KiB is owed, in a fixed window (trap Z).
+"""Yamux flow-control credit: a window of one whole frame, credit once 16 KiB is owed
+(or sooner while the sender may be waiting) (trap Z).
 
 py-libp2p 0.8.1's ``YamuxStream._auto_tune_and_send_window_update`` runs after every
 read and, besides go-yamux's rule, has three rules of its own (``pending flush``,
@@ -9,31 +10,40 @@ for 4 data frames per request on a session stream (``bench/seam_bench.py``, coun
 decrypt and a few task wake-ups on the receiver: py-libp2p's per-frame cost is most of
 what it adds to a request (``bench/RESULTS.md``).
 
-The rule kept here: credit goes back once the reader has taken :data:`CREDIT_AT`
-bytes (16 KiB) since the last credit, all of it at once. A session's requests and
-answers (a few hundred bytes to a few KiB each) then cost a window update every dozen
-requests or so instead of one or two per frame.
+The rule kept here, per stream:
 
-Why not go-yamux's half window: py-libp2p's writer gives up after 5 s at a zero window
-(``YamuxStream.write``: "Timed out waiting for window update"; go-yamux waits as long
-as its stream's write deadline), so credit held back for 128 KiB starved a sender whose
-reader took a little and paused, or read steadily but slowly (20 KB/s), where
-py-libp2p's own rule did not (review of this change, ``tests/client/test_p2p_yamux_credit.py``).
-With 16 KiB, a sender waits for credit only while its reader has taken less than
-16 KiB since the last credit: a reader taking 16 KiB per 5 s (3.2 KB/s) keeps any
-sender going, and a reader that stops reading stops it, as before.
+* **The window is one whole loomnet frame** (:data:`WINDOW`: ``MAX_FRAME_SIZE`` plus
+  room), granted at the stream's first read (protocol negotiation reads first), and
+  fixed after that. A peer can always write a whole frame (a 1 MiB request) without
+  waiting for us to read it: an executor refusing a request from its header leaves the
+  body unread, and a client whose write waited for credit that never came failed after
+  5 s with STREAM_FAILED instead of reading the executor's refusal (py-libp2p's
+  auto-tuning had grown windows to 2-4 MiB by the end of negotiation, so this held
+  before, by accident; 256 KiB broke it: review of this change).
+* **Credit goes back once the reader has taken** :data:`CREDIT_AT` **bytes** (16 KiB)
+  since the last credit, all of it at once: a session's requests and answers (a few
+  hundred bytes to a few KiB each) cost a window update every dozen requests or so
+  instead of one or two per frame.
+* **Or sooner, while the sender may be waiting**: with less than :data:`LOW_WINDOW` of
+  its window left, whatever the reader took goes back at a read that comes
+  :data:`CREDIT_AFTER` (0.5 s) or more after the last credit. py-libp2p's writer gives
+  up after 5 s at a zero window (``YamuxStream.write``: "Timed out waiting for window
+  update"; go-yamux waits as long as the stream's write deadline), so a reader that
+  takes a little and pauses, or reads small pieces slowly, must not hold credit back
+  for 16 KiB. With this rule a blocked sender goes on whenever its reader reads at
+  least once in 5 s, as with py-libp2p's own rule; it costs at most two extra updates
+  a second, and only on a stream whose sender is nearly out of window.
 
-Why the window stays at 256 KiB (yamux's default; py-libp2p's auto-tuning is not
-kept): py-libp2p doubled a stream's window on its first credit (its epoch starts at
-zero) and up to 16 MiB, past the 8 MiB of unread bytes after which trap K closes a
-connection as flooded (``_p2p_guard``); an honest stream that sped up and then slowed
-down got its connection closed. loomnet's streams carry text: 256 KiB is 2.5 MB/s per
-stream at a 100 ms round trip.
+Why not py-libp2p's auto-tuning: it doubled a stream's window on its first credit (its
+epoch starts at zero) and on, up to 16 MiB, past the 8 MiB of unread bytes after which
+trap K closes a connection as flooded (``_p2p_guard``): an honest stream that sped up
+and then slowed down had its connection closed. loomnet's streams carry text; a fixed
+window of ~1 MiB is 10 MB/s per stream at a 100 ms round trip.
 
-What a peer can make us hold is unchanged: credit never takes a stream past its
-window (``owed`` is what the reader took; nothing is granted ahead), and trap K's bound
-on unread bytes still applies. A peer running py-libp2p's rule still sends us its
-frequent updates; that is correct yamux either way.
+What a peer can make us hold: credit is what the reader took, never ahead of it, so a
+stream holds at most :data:`WINDOW` unread from an honest peer (before, 2-16 MiB), and
+trap K bounds what a dishonest one sends past it. A peer running py-libp2p's rule still
+sends us its frequent updates; that is correct yamux either way.
 
 This module imports nothing of libp2p: ``_p2p`` installs :func:`credit_when_owed` on
 libp2p's ``YamuxStream``.
@@ -43,11 +53,20 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CREDIT_AT", "credit_when_owed"]
+import trio
 
-#: Bytes a reader takes before their credit goes back to the sender (at most half the
-#: stream's window). See the module doc for why not more, and not less.
+from loomnet.protocol import MAX_FRAME_SIZE
+
+__all__ = ["CREDIT_AFTER", "CREDIT_AT", "LOW_WINDOW", "WINDOW", "credit_when_owed"]
+
+#: A stream's receive window (bytes): one whole frame, its length prefix and room.
+WINDOW = MAX_FRAME_SIZE + 64 * 1024
+#: Bytes a reader takes before their credit goes back to the sender.
 CREDIT_AT = 16 * 1024
+#: Window left to the sender (bytes) under which it may be about to wait for credit.
+LOW_WINDOW = 64 * 1024
+#: Seconds after the last credit from which, under ``LOW_WINDOW``, any credit owed goes.
+CREDIT_AFTER = 0.5
 
 
 async def credit_when_owed(self: Any, *, bytes_read: int = 0) -> None:
@@ -62,10 +81,20 @@ async def credit_when_owed(self: Any, *, bytes_read: int = 0) -> None:
     del bytes_read
     increment = 0
     async with self.window_lock:
+        if self.target_recv_window < WINDOW:  # the stream's first read: one frame's window
+            increment = WINDOW - self.target_recv_window
+            self.target_recv_window = WINDOW
+            self.recv_window += increment
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         owed = self.target_recv_window - (self.recv_window + buffered)
-        if owed > 0 and owed >= min(CREDIT_AT, self.target_recv_window // 2):
+        now = trio.current_time()
+        if owed > 0 and (
+            owed >= CREDIT_AT
+            or (self.recv_window < LOW_WINDOW and now - getattr(self, "_credited_at", 0.0) >= CREDIT_AFTER)
+        ):
             self.recv_window += owed
-            increment = owed
+            increment += owed
+        if increment:
+            self._credited_at = now
     if increment:  # never under window_lock: inbound updates need it (libp2p's rule)
         await self.send_window_update(increment, skip_lock=True)

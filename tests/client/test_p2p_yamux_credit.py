@@ -1,13 +1,15 @@
-"""Yamux flow-control credit goes back once 16 KiB is owed, in a fixed 256 KiB window
-(trap Z), against real py-libp2p hosts on 127.0.0.1.
+"""Yamux flow-control credit (trap Z, ``client/_p2p_yamux.py``) against real py-libp2p
+hosts on 127.0.0.1: a window of one whole frame, credit once 16 KiB is owed, or sooner
+while the sender may be waiting.
 
 py-libp2p 0.8.1 sent a WINDOW_UPDATE frame for almost every read (6.3 of them for 4
 data frames per request on a session stream): each a Noise message and a socket write,
-most of what py-libp2p added to a request. Fails without ``client/_p2p_yamux``.
-The other tests hold the other half: with credit returned less often, nothing stalls
-(py-libp2p's writer gives up after 5 s without credit, so credit held back for half a
-window starved a sender whose reader took 100 KB and paused, or who answered before
-reading the rest), and no stream buffers past its window.
+most of what py-libp2p added to a request. The other tests hold the other half, from two
+reviews of the change: nothing stalls (py-libp2p's writer gives up after 5 s without
+credit), a whole frame can be written to a reader that refuses it unread, and no stream
+holds more than its window. py-libp2p's rule, go-yamux's half window, a 256 KiB window,
+credit only at 16 KiB, at 64 KiB, at every read, and credit ahead of the reader each
+fail at least one test here.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import pytest
 import trio
 
 from loomnet.client._p2p import P2PConfig, P2PNode, P2PStream
-from loomnet.client._p2p_yamux import CREDIT_AT
+from loomnet.client._p2p_yamux import CREDIT_AT, WINDOW
 
 from ..limits import fail_after
 
@@ -28,8 +30,6 @@ pytestmark = pytest.mark.integration
 
 ECHO = "/loomnet/test/echo/1.0.0"
 BULK = "/loomnet/test/bulk/1.0.0"
-#: yamux's initial stream window (py-libp2p's DEFAULT_WINDOW_SIZE, go-yamux's too)
-WINDOW = 256 * 1024
 _TYPE_WINDOW_UPDATE = 1
 
 
@@ -110,7 +110,7 @@ async def test_small_messages_back_and_forth_send_no_window_update(nodes: Any) -
 async def test_many_windows_of_bulk_data_never_stall(nodes: Any, reader: str) -> None:
     server, info = await nodes()
     client, _ = await nodes()
-    total = 12 * WINDOW + 12345  # past the initial window many times, and not a multiple of it
+    total = 3 * WINDOW + 12345  # past the window several times, and not a multiple of it
     payload = os.urandom(total)
     sent = trio.Event()
 
@@ -134,19 +134,21 @@ async def test_many_windows_of_bulk_data_never_stall(nodes: Any, reader: str) ->
             await trio.sleep(0.05)  # the sender fills the window and waits for credit
     await sent.wait()
     assert bytes(got) == payload
-    # at least one credit per window (else the sender could not have sent it all), at
-    # most one per 16 KiB read: ~200, not one per read (3 000 of 1 000 bytes)
-    assert total // WINDOW <= counted[0] <= total // CREDIT_AT + 2, counted[0]
+    # about one credit per 16 KiB read: ~200, not one per read (3 300 of 1 000 bytes),
+    # and not one per 64 KiB (~50); at most two a second more while the sender waits
+    assert total // (CREDIT_AT + 65536) < counted[0] <= total // CREDIT_AT + 2 + 2 * 60, counted[0]
+    if reader == "small pieces":
+        assert counted[0] >= total // (CREDIT_AT + 1000) - 2, counted[0]
     await stream.close()
 
 
 @fail_after(60)
-async def test_bulk_both_ways_at_once_never_stalls(nodes: Any) -> None:
-    """Each side writes many windows before reading anything back; each side's reader
-    runs beside its writer, so credit must flow both ways while both are sending."""
+async def test_both_sides_writing_more_than_a_window_before_reading_all_never_stall(nodes: Any) -> None:
+    """Each side writes a window and a half, then reads: each side's reader runs beside
+    its writer, so credit must flow both ways while both are sending."""
     server, info = await nodes()
     client, _ = await nodes()
-    total = 6 * WINDOW
+    total = WINDOW + WINDOW // 2
 
     async def serve(stream: P2PStream) -> None:
         async def send() -> None:
@@ -173,16 +175,9 @@ async def write_then_read(stream: P2PStream, out: bytes, size: int) -> bytes:
     return await read_exactly(stream, size)
 
 
-@fail_after(60)
-async def test_a_reader_that_takes_a_message_and_pauses_leaves_its_sender_going(nodes: Any) -> None:
-    """300 KB in one write; the reader takes the first 100 KB, then works on it for
-    longer than py-libp2p's writer waits for credit (5 s). Held back for half a window
-    (128 KiB), the 100 KB's credit never went, and the write failed after 5 s."""
-    server, info = await nodes()
-    client, _ = await nodes()
-    message = 100 * 1024
-    payload = os.urandom(3 * message)
-    outcome: list[str] = []
+def sender(payload: bytes, outcome: list[str]) -> Any:
+    """A handler that waits for one byte, writes ``payload`` in one write and records
+    how that went (py-libp2p's writer fails after 5 s without credit)."""
 
     async def send(stream: P2PStream) -> None:
         await stream.receive_some(1, timeout=10)
@@ -193,50 +188,84 @@ async def test_a_reader_that_takes_a_message_and_pauses_leaves_its_sender_going(
             outcome.append(repr(exc))
         await stream.close()
 
-    server.set_stream_handler(BULK, send)
+    return send
+
+
+@fail_after(60)
+async def test_a_reader_that_takes_a_message_and_pauses_leaves_its_sender_going(nodes: Any) -> None:
+    """The sender writes a window and 100 KB; the reader takes 100 KB, then works on it
+    for longer than py-libp2p's writer waits for credit (5 s). Held back for half a
+    window, the 100 KB's credit never went, and the write failed after 5 s."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    message = 100 * 1024
+    payload = os.urandom(WINDOW + message)
+    outcome: list[str] = []
+    server.set_stream_handler(BULK, sender(payload, outcome))
     stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
     await stream.send_all(b"g", timeout=5)
+    await trio.sleep(0.3)  # the window fills; the sender waits for credit
     first = await read_exactly(stream, message)
     await trio.sleep(5.5)
-    assert first + await read_exactly(stream, 2 * message) == payload
     assert outcome == ["sent"]
+    assert first + await read_exactly(stream, len(payload) - message) == payload
     await stream.close()
 
 
 @fail_after(60)
-async def test_both_sides_writing_more_than_a_window_before_reading_all_never_stall(nodes: Any) -> None:
-    """The server writes 300 KB, then reads; the client reads 100 KB of it, answers with
-    300 KB, then reads the rest. Nobody pauses; with credit held back for half a window
-    both writes waited for credit that never came, and both failed after 5 s."""
+async def test_a_slow_reader_of_small_pieces_leaves_its_sender_going(nodes: Any) -> None:
+    """A reader taking 3 KiB every 2 s of a sender that filled the window and has 12 KiB
+    left: credit only at 16 KiB read came after 10 s, and the write failed after 5 s.
+    Under a low window, what was read goes back at a read 0.5 s after the last credit."""
     server, info = await nodes()
     client, _ = await nodes()
-    message = 100 * 1024
-    served = trio.Event()
-
-    async def serve(stream: P2PStream) -> None:
-        await stream.receive_some(1, timeout=10)
-        assert await write_then_read(stream, b"s" * 3 * message, 3 * message) == b"c" * 3 * message
-        served.set()
-        await stream.close()
-
-    server.set_stream_handler(BULK, serve)
+    piece = 3 * 1024
+    payload = os.urandom(WINDOW + 4 * piece)
+    outcome: list[str] = []
+    server.set_stream_handler(BULK, sender(payload, outcome))
     stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
     await stream.send_all(b"g", timeout=5)
-    assert await read_exactly(stream, message) == b"s" * message
-    assert await write_then_read(stream, b"c" * 3 * message, 2 * message) == b"s" * 2 * message
-    with trio.fail_after(10):
-        await served.wait()
+    await trio.sleep(0.3)  # the window fills; the sender waits for credit
+    got = b""
+    for _ in range(4):
+        got += await read_exactly(stream, piece, piece=piece)
+        await trio.sleep(2.0)
+    assert outcome == ["sent"]
+    assert got + await read_exactly(stream, len(payload) - len(got)) == payload
     await stream.close()
+
+
+@fail_after(60)
+async def test_a_whole_frame_reaches_a_reader_that_refuses_it_unread(nodes: Any) -> None:
+    """An executor refuses a request from its header (rate limit, budget) and leaves the
+    body unread: the client's write of a 900 KB request must end, so that it reads the
+    refusal. In a 256 KiB window the write waited for credit that never came and failed
+    after 5 s with STREAM_FAILED, the executor's answer lost."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    refusal = b"\0\0\0\7REFUSED"
+
+    async def refuse(stream: P2PStream) -> None:
+        await read_exactly(stream, 4, piece=4)
+        await stream.send_all(refusal, timeout=5)
+
+    server.set_stream_handler(BULK, refuse)
+    stream = await client.open_stream(info.peer_id, BULK, addrs=info.addrs, timeout=5)
+    size = 900 * 1024
+    with trio.fail_after(4):  # well inside py-libp2p's 5 s wait
+        await stream.send_all(size.to_bytes(4, "big") + os.urandom(size), timeout=10)
+    assert await read_exactly(stream, len(refusal)) == refusal
+    await stream.reset()
 
 
 @fail_after(60)
 async def test_a_fast_sender_never_gets_past_the_window(nodes: Any) -> None:
-    """Credit is what the reader took, never ahead of it, and the window stays 256 KiB
-    (py-libp2p's auto-tuning doubled it on the first credit, up to 16 MiB, past trap K's
-    8 MiB bound on unread bytes): what waits unread stays within one window."""
+    """Credit is what the reader took, never ahead of it, and the window stays one frame
+    (py-libp2p's auto-tuning doubled it up to 16 MiB, past trap K's 8 MiB bound on a
+    connection's unread bytes): what waits unread stays within one window."""
     server, info = await nodes()
     client, _ = await nodes()
-    total = 8 * WINDOW
+    total = 4 * WINDOW
 
     async def bulk(stream: P2PStream) -> None:
         await stream.receive_some(1, timeout=10)
@@ -251,11 +280,11 @@ async def test_a_fast_sender_never_gets_past_the_window(nodes: Any) -> None:
     got, most_waiting, reads = 0, 0, 0
     while got < total:
         most_waiting = max(most_waiting, len(buffers.get(muxed.stream_id, b"")))
-        got += len(await stream.receive_some(1000, timeout=10))
+        got += len(await stream.receive_some(4096, timeout=10))
         reads += 1
         if reads % 50 == 0:
-            await trio.sleep(0.01)  # the sender catches up and fills the window
+            await trio.sleep(0.02)  # the sender catches up and fills the window
     assert got == total
-    assert 0 < most_waiting <= WINDOW, most_waiting
+    assert WINDOW // 2 < most_waiting <= WINDOW, most_waiting
     assert muxed.target_recv_window == WINDOW
     await stream.close()
