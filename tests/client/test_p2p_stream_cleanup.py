@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from loomnet.client._p2p import P2PConfig, P2PNode, P2PStream
+from loomnet.client._p2p import P2PNode, P2PStream
 
 from ..limits import fail_after
 
@@ -26,22 +26,6 @@ pytestmark = pytest.mark.integration
 REFUSE = "/loomnet/test/refuse/1.0.0"
 #: streams each test opens
 STREAMS = 20
-
-
-@pytest.fixture
-async def nodes(nursery: trio.Nursery) -> Any:
-    started: list[P2PNode] = []
-
-    async def start() -> tuple[P2PNode, Any]:
-        node = P2PNode(os.urandom(32), P2PConfig())
-        started.append(node)
-        return node, await nursery.start(node.run)
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            node.stop()
 
 
 def left(node: P2PNode, ids: set[int]) -> list[tuple]:

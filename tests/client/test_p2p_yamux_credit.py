@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from loomnet.client._p2p import P2PConfig, P2PNode, P2PStream
+from loomnet.client._p2p import P2PNode, P2PStream
 from loomnet.client._p2p_yamux import CREDIT_AT, WINDOW
 
 from ..limits import fail_after
@@ -31,22 +31,6 @@ pytestmark = pytest.mark.integration
 ECHO = "/loomnet/test/echo/1.0.0"
 BULK = "/loomnet/test/bulk/1.0.0"
 _TYPE_WINDOW_UPDATE = 1
-
-
-@pytest.fixture
-async def nodes(nursery: trio.Nursery) -> Any:
-    started: list[P2PNode] = []
-
-    async def start() -> tuple[P2PNode, Any]:
-        node = P2PNode(os.urandom(32), P2PConfig())
-        started.append(node)
-        return node, await nursery.start(node.run)
-
-    try:
-        yield start
-    finally:
-        for node in started:
-            node.stop()
 
 
 def count_window_updates(*nodes: P2PNode) -> list[int]:
