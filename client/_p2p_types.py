@@ -43,7 +43,7 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_connections_per_peer: int = 8  # live inbound connections from one peer
     max_streams_per_connection: int = 64  # inbound streams open at once on one connection
     max_streams_per_peer: int = 32  # streams one peer has open at once on one of our protocols
-    max_unread_bytes_per_connection: int = 8 << 20  # bytes a peer sent that we have not read yet
+    max_unread_bytes_per_connection: int = 16 << 20  # bytes a peer sent that we have not read yet
     max_unread_bytes: int = 128 << 20  # the same, all connections together
     # Yamux keepalive: a ping every keepalive_interval on each connection; one not answered
     # within keepalive_timeout means the far side no longer serves it (stopped, frozen, gone
@@ -318,6 +318,16 @@ class P2PStream:
         await _bounded_cleanup(lambda: _settle_yamux_stream(self._stream, discard=True))
 
 
+class _DroppedBytes(bytearray):
+    """A stream buffer nobody will read: what yamux appends to it is dropped (trap Y)."""
+
+    def extend(self, data: Any) -> None:
+        pass
+
+    def __iadd__(self, data: Any) -> _DroppedBytes:
+        return self
+
+
 async def _settle_yamux_stream(net_stream: Any, *, discard: bool) -> None:
     """Drop a finished yamux stream's entry from its connection now (trap Y).
 
@@ -345,8 +355,12 @@ async def _settle_yamux_stream(net_stream: Any, *, discard: bool) -> None:
         sid = muxed.stream_id
         if conn.streams.get(sid) is not muxed:
             return  # already gone (or the connection closed)
-        if discard and (buffer := conn.stream_buffers.get(sid)):
-            buffer.clear()  # not credited back to the peer's window: it may send no more
+        if discard and sid in conn.stream_buffers:
+            # not credited back to the peer's window, and what the peer still sends (the
+            # rest of a refused request's body, up to its window) is dropped on arrival:
+            # it used to wait in the buffer until the peer closed, counting toward trap
+            # K's bound, so a client refused ten times in a row had its connection closed
+            conn.stream_buffers[sid] = _DroppedBytes()
         if muxed.reset_received:
             muxed.closed = True
         if muxed.closed:

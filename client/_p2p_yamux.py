@@ -26,17 +26,19 @@ The rule kept here, per stream:
   instead of one or two per frame.
 * **Or sooner, while the sender may be waiting**: with less than :data:`LOW_WINDOW` of
   its window left, whatever the reader took goes back at a read that comes
-  :data:`CREDIT_AFTER` (0.5 s) or more after the last credit. py-libp2p's writer gives
+  :data:`CREDIT_AFTER` (0.1 s) or more after the last credit. py-libp2p's writer gives
   up after 5 s at a zero window (``YamuxStream.write``: "Timed out waiting for window
   update"; go-yamux waits as long as the stream's write deadline), so a reader that
   takes a little and pauses, or reads small pieces slowly, must not hold credit back
   for 16 KiB. With this rule a blocked sender goes on whenever its reader reads at
-  least once in 5 s, as with py-libp2p's own rule; it costs at most two extra updates
-  a second, and only on a stream whose sender is nearly out of window.
+  least once in 5 s, as with py-libp2p's own rule (but for reads less than 0.1 s apart
+  that take under 16 KiB in all before a pause over 5 s); it costs at most ten extra
+  updates a second, and only on a stream whose sender is nearly out of window.
 
 Why not py-libp2p's auto-tuning: it doubled a stream's window on its first credit (its
-epoch starts at zero) and on, up to 16 MiB, past the 8 MiB of unread bytes after which
-trap K closes a connection as flooded (``_p2p_guard``): an honest stream that sped up
+epoch starts at zero) and on, up to 16 MiB, past the unread bytes after which trap K
+closes a connection as flooded (``_p2p_guard``; 8 MiB then, 16 MiB now, which eight
+streams' windows fit in): an honest stream that sped up
 and then slowed down had its connection closed. loomnet's streams carry text; a fixed
 window of ~1 MiB is 10 MB/s per stream at a 100 ms round trip.
 
@@ -66,7 +68,7 @@ CREDIT_AT = 16 * 1024
 #: Window left to the sender (bytes) under which it may be about to wait for credit.
 LOW_WINDOW = 64 * 1024
 #: Seconds after the last credit from which, under ``LOW_WINDOW``, any credit owed goes.
-CREDIT_AFTER = 0.5
+CREDIT_AFTER = 0.1
 
 
 async def credit_when_owed(self: Any, *, bytes_read: int = 0) -> None:

@@ -102,7 +102,7 @@ class ExecutorConfig(_Config):
     #: bytes a peer may have sent on one connection that the executor has not read
     #: yet, and the same for all connections together; past either the connection
     #: is closed (an honest peer stays within yamux's flow-control windows)
-    max_unread_bytes_per_connection: int = 8 << 20
+    max_unread_bytes_per_connection: int = 16 << 20
     max_unread_bytes: int = 128 << 20
     #: seconds a shutdown (SIGTERM) lets admitted requests finish before cancelling
     #: them; meanwhile new requests are refused with SHUTTING_DOWN and the advert offers

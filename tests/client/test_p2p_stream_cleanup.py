@@ -103,3 +103,33 @@ async def test_a_stream_we_reset_drops_what_it_had_not_read(nodes: Any) -> None:
     await got.wait()
     await wait_until(lambda: not left(server, ids), timeout=5, why=lambda: left(server, ids))
     await stream.reset()
+
+
+@fail_after(60)
+async def test_refused_bodies_arriving_after_the_handler_ends_are_dropped(nodes: Any) -> None:
+    """An executor refuses a 1 MiB request from its header (rate limit, budget) and its
+    handler ends; the rest of the body keeps arriving. It used to wait in yamux's buffer
+    until the client closed, counting toward trap K's unread bound: the tenth refusal in
+    a row on one connection had it closed as flooded (review of trap Z). Now what
+    arrives for a stream nobody will read is dropped."""
+    server, info = await nodes()
+    client, _ = await nodes()
+    refusal = b"\0\0\0\7REFUSED"
+    size = 1 << 20
+
+    async def refuse(stream: P2PStream) -> None:
+        assert len(await stream.receive_some(4, timeout=5)) == 4
+        await stream.send_all(refusal, timeout=5)
+
+    server.set_stream_handler(REFUSE, refuse)
+    for _ in range(24):  # 24 MiB in all: past trap K's 16 MiB bound if it were kept
+        stream = await client.open_stream(info.peer_id, REFUSE, addrs=info.addrs, timeout=5)
+        await stream.send_all(size.to_bytes(4, "big") + os.urandom(size), timeout=10)
+        got = b""
+        while len(got) < len(refusal):
+            got += await stream.receive_some(64, timeout=5)
+        assert got == refusal
+        await stream.close()
+    stats = server.statistics()
+    assert stats.connections_flooded == 0 and client.statistics().connections_flooded == 0
+    assert stats.unread_bytes < 256 * 1024, stats.unread_bytes
