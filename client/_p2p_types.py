@@ -20,12 +20,13 @@ import trio
 
 from loomnet.protocol._errors import ConfigError, ErrorCode, LoomError, NetworkError, NetworkTimeout
 
+from ._p2p_yamux import WINDOW as _YAMUX_WINDOW  # a stream's receive window (trap Z)
+
 __all__ = ["GossipMessage", "NodeInfo", "P2PConfig", "P2PStatistics", "P2PStream"]
 
 logger = logging.getLogger("loomnet.p2p")
 
 _CLEANUP_TIMEOUT = 2.0  # s; bounds each stream close/reset and the host close
-_YAMUX_WINDOW = 256 * 1024  # bytes; yamux's initial receive window per stream
 
 
 class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,7 +72,7 @@ class P2PConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ValueError("redial times must be positive, redial_initial at most redial_max")
         if self.keepalive_interval <= 0 or self.keepalive_timeout <= 0:
             raise ValueError("keepalive_interval and keepalive_timeout must be positive")
-        # yamux lets an honest peer send one initial window (256 KiB) per stream unasked
+        # an honest peer may send one window (a whole frame, trap Z) per stream unread
         if self.max_unread_bytes_per_connection < _YAMUX_WINDOW:
             raise ValueError(f"max_unread_bytes_per_connection must be at least {_YAMUX_WINDOW} bytes")
         if self.max_unread_bytes < self.max_unread_bytes_per_connection:

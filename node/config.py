@@ -32,6 +32,7 @@ from pathlib import Path
 
 import msgspec
 
+from loomnet.client._p2p_yamux import WINDOW as YAMUX_WINDOW
 from loomnet.protocol import MAX_FRAME_SIZE, ConfigError, LoomError
 
 from ._config_terms import (ModelTerms, NameTaken, OperatorConfig, PoolBackend, _Config, alias_clash,
@@ -193,8 +194,8 @@ class ExecutorConfig(_Config):
             raise ValueError(f"max-request-bytes-per-peer must hold one maximal request ({MAX_FRAME_SIZE + 4} bytes)")
         if self.max_request_bytes < self.max_request_bytes_per_peer:
             raise ValueError("max-request-bytes must be at least max-request-bytes-per-peer")
-        if self.max_unread_bytes_per_connection < 256 * 1024:
-            raise ValueError("max-unread-bytes-per-connection must be at least 262144 (one yamux window)")
+        if self.max_unread_bytes_per_connection < YAMUX_WINDOW:
+            raise ValueError(f"max-unread-bytes-per-connection must be at least {YAMUX_WINDOW} (one yamux window)")
         if self.max_unread_bytes < self.max_unread_bytes_per_connection:
             raise ValueError("max-unread-bytes must be at least max-unread-bytes-per-connection")
         if self.advert_ttl < self.advert_interval:

@@ -132,7 +132,7 @@ async def test_a_peer_is_held_to_its_streams_and_told_why(start_node: Any) -> No
 
 @fail_after(60)
 async def test_a_peer_that_ignores_flow_control_is_cut_off(start_node: Any) -> None:
-    bound = 1 << 20
+    bound = 2 << 20  # at least one window (trap Z)
     server, info = await start_node(P2PConfig(max_unread_bytes_per_connection=bound, max_unread_bytes=2 * bound))
     never_read = trio.Event()
 
@@ -151,7 +151,7 @@ async def test_a_peer_that_ignores_flow_control_is_cut_off(start_node: Any) -> N
 
     hostile, _ = await start_node()
     stream = await hostile.open_stream(server.peer_id, HOLD, addrs=info.addrs, timeout=5)
-    stream._stream.muxed_stream.send_window = 1 << 30  # a peer that ignores the 256 KiB window
+    stream._stream.muxed_stream.send_window = 1 << 30  # a peer that ignores its window
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
         with pytest.raises(LoomError):  # its connection is closed under it

@@ -3,6 +3,7 @@
 import pytest
 
 from loomnet.client import P2PConfig
+from loomnet.client._p2p_yamux import WINDOW as YAMUX_WINDOW
 from loomnet.node.config import ExecutorConfig, load_config
 from loomnet.protocol import MAX_FRAME_SIZE, ConfigError
 
@@ -12,7 +13,7 @@ KEYS = {
     "max-streams-per-peer": 3,
     "max-request-bytes-per-peer": 2 * MAX_FRAME_SIZE,
     "max-request-bytes": 8 * MAX_FRAME_SIZE,
-    "max-unread-bytes-per-connection": 1 << 20,
+    "max-unread-bytes-per-connection": 2 << 20,
     "max-unread-bytes": 4 << 20,
 }
 
@@ -43,7 +44,7 @@ def test_keys_are_kebab_case_in_toml_and_overridable_from_the_environment(tmp_pa
         ("session-idle-timeout", 0, "session-idle-timeout must be positive"),
         ("max-request-bytes-per-peer", MAX_FRAME_SIZE, "must hold one maximal request"),
         ("max-request-bytes", MAX_FRAME_SIZE + 4, "at least max-request-bytes-per-peer"),
-        ("max-unread-bytes-per-connection", 1000, "at least 262144"),
+        ("max-unread-bytes-per-connection", 1000, f"at least {YAMUX_WINDOW}"),
         ("max-unread-bytes", 1 << 20, "at least max-unread-bytes-per-connection"),
         ("max-connection", 3, "unknown field"),
     ],
